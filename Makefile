@@ -1,0 +1,27 @@
+# Two commands: `make figures` (the main job) and `make test`.
+PYTHON ?= python3
+VENV := .venv
+VPY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+TORCH_PIN ?= torch==2.13.0
+
+.PHONY: figures test venv clean
+
+$(STAMP): pyproject.toml
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(VPY) -m pip install -q --upgrade pip
+	# a fast local CPU build where available; any torch >= 2.1 works
+	$(VPY) -m pip install -q "$(TORCH_PIN)" || $(VPY) -m pip install -q torch
+	$(VPY) -m pip install -q -e ".[dev]"
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+figures: $(STAMP)
+	$(VPY) -m paper_figures --scale quick --device cpu
+
+test: $(STAMP)
+	$(VPY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) paper_figures/output paper_figures/cache .pytest_cache .hypothesis

@@ -1,0 +1,338 @@
+"""Exact sequence models with explicit float64 torch parameters.
+
+* :class:`TabularMarkov` — one first-order chain with initial logits ``b`` (V,) and transition
+  logits ``A`` (V, V), shared by all data, so forgetting one component interferes with retaining
+  another (the simulator's stand-in for a shared-parameter LM).
+* :class:`MixtureOfChains` — K latent chains with mixing logits; the likelihood is a log-sum-exp
+  over components and the next-token predictive is the Bayes posterior predictive.
+
+Models are immutable: :meth:`with_parameters` returns a new model. Every likelihood is computed
+from the sufficient statistics of a :class:`~markovsim.data.SequenceSet` (no loop over tokens).
+The *response* log-likelihood (what the unlearning losses use) excludes the prompt ``s_1``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from .chains import MarkovChain
+from .data import Component, SequenceSet
+from .validation import check_int, check_rng
+
+LOG_FLOOR = -700.0  # log of probabilities below ~1e-304 is clamped so logits stay finite
+
+
+def _as_parameter(value, name: str, shape: tuple[int, ...] | None = None) -> torch.Tensor:
+    if isinstance(value, torch.Tensor):
+        tensor = value.to(torch.float64)
+    else:
+        tensor = torch.tensor(np.array(value, dtype=np.float64))
+    if shape is not None and tuple(tensor.shape) != shape:
+        raise ValueError(f"{name} must have shape {shape}, got {tuple(tensor.shape)}")
+    if not torch.isfinite(tensor).all():
+        raise ValueError(f"{name} contains NaN or inf; logits must be finite")
+    return tensor
+
+
+def _logits_from_probs(probs: np.ndarray) -> torch.Tensor:
+    """Finite logits ``log p`` (clamped at ``LOG_FLOOR``) of a probability array."""
+    with np.errstate(divide="ignore"):
+        return torch.as_tensor(np.maximum(np.log(probs), LOG_FLOOR), dtype=torch.float64)
+
+
+def _normalise_rows(counts: np.ndarray) -> np.ndarray:
+    """Divide the last axis by its sum; all-zero rows (never visited) become uniform."""
+    totals = counts.sum(axis=-1, keepdims=True)
+    uniform = np.full_like(counts, 1.0 / counts.shape[-1])
+    return np.where(totals > 0, counts / np.where(totals > 0, totals, 1.0), uniform)
+
+
+def _check_sequences(sequences, num_states: int) -> SequenceSet:
+    if not isinstance(sequences, SequenceSet):
+        raise TypeError(f"sequences must be a SequenceSet, got {type(sequences).__name__}")
+    if sequences.num_states != num_states:
+        raise ValueError(f"sequences have {sequences.num_states} states but the model has {num_states}")
+    return sequences
+
+
+def _gather_positions(sequences: SequenceSet) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Current states (n, T-1), next states (n, T-1) with padding replaced by 0, and the mask."""
+    tokens = torch.as_tensor(np.where(sequences.tokens >= 0, sequences.tokens, 0))  # (n, T)
+    return tokens[:, :-1], tokens[:, 1:], torch.as_tensor(sequences.transition_mask)
+
+
+def expected_counts(chain: MarkovChain, length: int, num_sequences: float) -> tuple[np.ndarray, np.ndarray]:
+    """Expected first-state counts (V,) and transition counts (V, V) of ``num_sequences`` sequences.
+
+    ``E[c] = N mu`` and ``E[C] = N sum_{t=1}^{L-1} diag(q_t) P`` with ``q_t`` the state marginals.
+    """
+    marginals = chain.state_marginals(length)  # (L, V)
+    visits = marginals[:-1].sum(axis=0)  # (V,) expected visits to s at positions 1..L-1
+    return num_sequences * chain.initial_probs, num_sequences * visits[:, None] * chain.transition_matrix
+
+
+@dataclass(frozen=True, eq=False)
+class TabularMarkov:
+    """First-order tabular model ``pi(s_1) = softmax(b)``, ``pi(s'|s) = softmax(A[s])``.
+
+    Attributes:
+        initial_logits: (V,) float64 ``b``.
+        transition_logits: (V, V) float64 ``A``.
+    """
+
+    initial_logits: torch.Tensor
+    transition_logits: torch.Tensor
+
+    def __post_init__(self) -> None:
+        initial = _as_parameter(self.initial_logits, "initial_logits")
+        if initial.ndim != 1 or initial.numel() == 0:
+            raise ValueError(f"initial_logits must have shape (V,), got {tuple(initial.shape)}")
+        size = initial.numel()
+        object.__setattr__(self, "initial_logits", initial)
+        object.__setattr__(self, "transition_logits",
+                           _as_parameter(self.transition_logits, "transition_logits", (size, size)))
+
+    @property
+    def num_states(self) -> int:
+        return self.initial_logits.numel()
+
+    def parameters(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(initial_logits, transition_logits)``, the order used by every gradient."""
+        return (self.initial_logits, self.transition_logits)
+
+    def with_parameters(self, initial_logits, transition_logits) -> "TabularMarkov":
+        return TabularMarkov(initial_logits, transition_logits)
+
+    def initial_log_probs(self) -> torch.Tensor:
+        return torch.log_softmax(self.initial_logits, dim=-1)  # (V,)
+
+    def transition_log_probs(self) -> torch.Tensor:
+        return torch.log_softmax(self.transition_logits, dim=-1)  # (V, V)
+
+    def log_prob(self, sequences: SequenceSet) -> torch.Tensor:
+        """``logp(y) = <c_y, log softmax(b)> + <C_y, log softmax_rows(A)>``, shape (n,)."""
+        onehots, _ = _check_sequences(sequences, self.num_states).statistics_tensors()
+        return onehots @ self.initial_log_probs() + self.response_log_prob(sequences)
+
+    def response_log_prob(self, sequences: SequenceSet) -> torch.Tensor:
+        """Response log-likelihood ``<C_y, log softmax_rows(A)>`` (prompt ``s_1`` excluded), shape (n,)."""
+        _, counts = _check_sequences(sequences, self.num_states).statistics_tensors()  # (n, V*V)
+        return counts @ self.transition_log_probs().reshape(-1)
+
+    def next_token_probs(self, sequences: SequenceSet) -> torch.Tensor:
+        """``pi(. | s_t)`` at every response position, shape (n, T-1, V); zeros where padded."""
+        current, _, mask = _gather_positions(_check_sequences(sequences, self.num_states))
+        probs = torch.softmax(self.transition_logits, dim=-1)[current]  # (n, T-1, V)
+        return probs * mask[..., None]
+
+    def response_log_prob_gradient(self, sequences: SequenceSet, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Closed-form ``sum_y w_y d logp_resp(y) / d(b, A)`` (THEORY.md section 5).
+
+        ``d logp_resp / dA = C_y - diag(n_y) softmax_rows(A)`` and ``d logp_resp / db = 0``.
+
+        Args:
+            weights: (n,) per-sequence weights w_y.
+        Returns:
+            gradients shaped like ``(initial_logits, transition_logits)``.
+        """
+        _, counts = _check_sequences(sequences, self.num_states).statistics_tensors()
+        weighted = (torch.as_tensor(weights, dtype=torch.float64) @ counts).reshape(self.num_states, -1)  # (V, V)
+        visits = weighted.sum(dim=1, keepdim=True)  # (V, 1)
+        return torch.zeros_like(self.initial_logits), weighted - visits * torch.softmax(self.transition_logits, dim=-1)
+
+    def to_chain(self) -> MarkovChain:
+        """The chain with this model's probabilities."""
+        return MarkovChain(torch.softmax(self.initial_logits, -1).numpy(), torch.softmax(self.transition_logits, -1).numpy())
+
+    @classmethod
+    def from_chain(cls, chain: MarkovChain) -> "TabularMarkov":
+        """Logits ``log mu`` and ``log P`` (zero probabilities clamped to ``exp(LOG_FLOOR)``)."""
+        return cls(_logits_from_probs(chain.initial_probs), _logits_from_probs(chain.transition_matrix))
+
+    @classmethod
+    def from_counts(cls, initial_counts: np.ndarray, transition_counts: np.ndarray, smoothing: float = 0.0) -> "TabularMarkov":
+        """MLE (or add-``smoothing`` estimate) from first-state counts (V,) and transition counts (V, V)."""
+        smoothing = float(smoothing)
+        if not smoothing >= 0.0:
+            raise ValueError(f"smoothing must be >= 0, got {smoothing}")
+        initial = _normalise_rows(np.asarray(initial_counts, dtype=np.float64) + smoothing)
+        transition = _normalise_rows(np.asarray(transition_counts, dtype=np.float64) + smoothing)
+        return cls(_logits_from_probs(initial), _logits_from_probs(transition))
+
+    @classmethod
+    def fit(cls, sequences: SequenceSet, smoothing: float = 0.0) -> "TabularMarkov":
+        """Closed-form maximum likelihood: normalised summed counts (rows never visited are uniform)."""
+        if not isinstance(sequences, SequenceSet) or len(sequences) == 0:
+            raise ValueError("fit needs a non-empty SequenceSet")
+        return cls.from_counts(sequences.first_state_onehots.sum(axis=0),
+                               sequences.transition_counts.sum(axis=0), smoothing)
+
+    @classmethod
+    def population_mle(cls, components: Sequence[Component], smoothing: float = 0.0) -> "TabularMarkov":
+        """The MLE on the infinite-data limit of a weighted mixture of chains.
+
+        Component k contributes ``num_train`` sequences of length ``L_k``; the expected counts
+        (:func:`expected_counts`) are summed, so each component is weighted by its token count.
+        """
+        if not components:
+            raise ValueError("population_mle needs at least one component")
+        initial, transition = zip(*(expected_counts(c.chain, c.length, c.num_train) for c in components))
+        return cls.from_counts(sum(initial), sum(transition), smoothing)
+
+
+@dataclass(frozen=True, eq=False)
+class MixtureOfChains:
+    """K latent first-order chains: ``p(y) = sum_k alpha_k mu_k(s_1) prod_t P_k(s_{t+1} | s_t)``.
+
+    Attributes:
+        weight_logits: (K,) float64, ``alpha = softmax(weight_logits)``.
+        initial_logits: (K, V) float64, ``mu_k = softmax(initial_logits[k])``.
+        transition_logits: (K, V, V) float64, ``P_k = softmax_rows(transition_logits[k])``.
+    """
+
+    weight_logits: torch.Tensor
+    initial_logits: torch.Tensor
+    transition_logits: torch.Tensor
+
+    def __post_init__(self) -> None:
+        weights = _as_parameter(self.weight_logits, "weight_logits")
+        initial = _as_parameter(self.initial_logits, "initial_logits")
+        if weights.ndim != 1 or initial.ndim != 2 or initial.shape[0] != weights.numel():
+            raise ValueError(f"weight_logits must have shape (K,) and initial_logits shape (K, V); got "
+                             f"{tuple(weights.shape)} and {tuple(initial.shape)}")
+        shape = (initial.shape[0], initial.shape[1], initial.shape[1])
+        object.__setattr__(self, "weight_logits", weights)
+        object.__setattr__(self, "initial_logits", initial)
+        object.__setattr__(self, "transition_logits", _as_parameter(self.transition_logits, "transition_logits", shape))
+
+    @property
+    def num_components(self) -> int:
+        return self.weight_logits.numel()
+
+    @property
+    def num_states(self) -> int:
+        return self.initial_logits.shape[1]
+
+    def parameters(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return (self.weight_logits, self.initial_logits, self.transition_logits)
+
+    def with_parameters(self, weight_logits, initial_logits, transition_logits) -> "MixtureOfChains":
+        return MixtureOfChains(weight_logits, initial_logits, transition_logits)
+
+    def prompt_log_joint(self, sequences: SequenceSet) -> torch.Tensor:
+        """``log alpha_k + log mu_k(s_1)``, shape (n, K)."""
+        onehots, _ = _check_sequences(sequences, self.num_states).statistics_tensors()
+        return torch.log_softmax(self.weight_logits, -1) + onehots @ torch.log_softmax(self.initial_logits, -1).T
+
+    def component_log_joint(self, sequences: SequenceSet) -> torch.Tensor:
+        """``log alpha_k + log mu_k(s_1) + <C_y, log P_k>``, shape (n, K)."""
+        _, counts = sequences.statistics_tensors()
+        log_transitions = torch.log_softmax(self.transition_logits, -1).reshape(self.num_components, -1)  # (K, V*V)
+        return self.prompt_log_joint(sequences) + counts @ log_transitions.T
+
+    def log_prob(self, sequences: SequenceSet) -> torch.Tensor:
+        """Full log-likelihood ``logsumexp_k`` of :meth:`component_log_joint`, shape (n,)."""
+        return torch.logsumexp(self.component_log_joint(sequences), dim=-1)
+
+    def response_log_prob(self, sequences: SequenceSet) -> torch.Tensor:
+        """``log p(s_2..s_L | s_1) = log p(y) - log sum_k alpha_k mu_k(s_1)``, shape (n,)."""
+        return self.log_prob(sequences) - torch.logsumexp(self.prompt_log_joint(sequences), dim=-1)
+
+    def posterior(self, sequences: SequenceSet) -> torch.Tensor:
+        """Responsibilities ``r_k(y) = p(k | y)``, shape (n, K)."""
+        return torch.softmax(self.component_log_joint(sequences), dim=-1)
+
+    def prefix_posteriors(self, sequences: SequenceSet) -> torch.Tensor:
+        """``r_k(s_1..s_t)`` for every response position t (prefix through the current state), (n, T-1, K)."""
+        current, following, mask = _gather_positions(sequences)
+        log_transitions = torch.log_softmax(self.transition_logits, -1)  # (K, V, V)
+        step = log_transitions[:, current, following].permute(1, 2, 0) * mask[..., None]  # (n, T-1, K)
+        before = torch.cumsum(step, dim=1) - step  # (n, T-1, K) log-likelihood of transitions before t
+        return torch.softmax(self.prompt_log_joint(sequences)[:, None, :] + before, dim=-1)
+
+    def next_token_probs(self, sequences: SequenceSet) -> torch.Tensor:
+        """Bayes posterior predictive ``sum_k r_k(prefix) P_k(. | s_t)``, (n, T-1, V); zeros where padded."""
+        current, _, mask = _gather_positions(_check_sequences(sequences, self.num_states))
+        rows = torch.softmax(self.transition_logits, -1)[:, current]  # (K, n, T-1, V)
+        posteriors = self.prefix_posteriors(sequences)  # (n, T-1, K)
+        return torch.einsum("ntk,kntv->ntv", posteriors, rows) * mask[..., None]
+
+    def response_log_prob_gradient(self, sequences: SequenceSet, weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Closed-form ``sum_y w_y d logp_resp(y) / d(weight_logits, initial_logits, transition_logits)``.
+
+        With full-sequence responsibilities ``r = p(k | y)`` and prompt responsibilities
+        ``r0 = p(k | s_1)``: ``d/dA_k = sum_y w_y r_k (C_y - diag(n_y) P_k)``,
+        ``d/d(weight_logits) = sum_y w_y (r - r0)``, ``d/d(initial_logits_k) = sum_y w_y (r_k - r0_k)(c_y - mu_k)``.
+        """
+        onehots, counts = _check_sequences(sequences, self.num_states).statistics_tensors()
+        weights = torch.as_tensor(weights, dtype=torch.float64)
+        full = torch.softmax(self.component_log_joint(sequences), -1)  # (n, K)
+        prompt = torch.softmax(self.prompt_log_joint(sequences), -1)  # (n, K)
+        delta = weights[:, None] * (full - prompt)  # (n, K)
+        initial_probs = torch.softmax(self.initial_logits, -1)  # (K, V)
+        grad_initial = delta.T @ onehots - delta.sum(0)[:, None] * initial_probs  # (K, V)
+        weighted = ((weights[:, None] * full).T @ counts).reshape(self.num_components, self.num_states, -1)  # (K, V, V)
+        grad_transition = weighted - weighted.sum(-1, keepdim=True) * torch.softmax(self.transition_logits, -1)
+        return delta.sum(0), grad_initial, grad_transition
+
+    @classmethod
+    def from_chains(cls, chains: Sequence[MarkovChain], weights: Sequence[float]) -> "MixtureOfChains":
+        """A mixture with the given chains and mixing weights (normalised)."""
+        weights = np.asarray(weights, dtype=np.float64)
+        if len(chains) == 0 or weights.shape != (len(chains),) or np.any(weights < 0) or weights.sum() <= 0:
+            raise ValueError("from_chains needs one non-negative weight per chain, with a positive sum")
+        return cls(_logits_from_probs(weights / weights.sum()),
+                   _logits_from_probs(np.stack([c.initial_probs for c in chains])),
+                   _logits_from_probs(np.stack([c.transition_matrix for c in chains])))
+
+    @classmethod
+    def from_components(cls, components: Sequence[Component]) -> "MixtureOfChains":
+        """The exact population model: one latent chain per component, weight ∝ its ``num_train``."""
+        if not components:
+            raise ValueError("from_components needs at least one component")
+        return cls.from_chains([c.chain for c in components], [c.num_train for c in components])
+
+    @classmethod
+    def random(cls, num_components: int, num_states: int, rng: np.random.Generator) -> "MixtureOfChains":
+        """Parameters drawn from flat Dirichlet distributions (an EM starting point)."""
+        num_components = check_int(num_components, "num_components", 1)
+        num_states = check_int(num_states, "num_states", 1)
+        rng = check_rng(rng)
+        return cls(_logits_from_probs(rng.dirichlet(np.ones(num_components))),
+                   _logits_from_probs(rng.dirichlet(np.ones(num_states), size=num_components)),
+                   _logits_from_probs(rng.dirichlet(np.ones(num_states), size=(num_components, num_states))))
+
+    @classmethod
+    def fit(cls, sequences: SequenceSet, num_components: int, rng: np.random.Generator, max_iterations: int = 200,
+            tolerance: float = 1e-8, smoothing: float = 0.0, init: "MixtureOfChains | None" = None,
+            ) -> tuple["MixtureOfChains", list[float]]:
+        """Maximum likelihood by EM. Returns the model and the total log-likelihood before each M-step.
+
+        E-step: ``r = softmax_k(component_log_joint)``. M-step: ``alpha ∝ sum_y r``,
+        ``mu_k ∝ sum_y r_k c_y + smoothing``, ``P_k ∝ sum_y r_k C_y + smoothing`` (unvisited rows
+        uniform). Stops when the per-sequence log-likelihood gain is below ``tolerance``.
+        """
+        if not isinstance(sequences, SequenceSet) or len(sequences) == 0:
+            raise ValueError("fit needs a non-empty SequenceSet")
+        model = init if init is not None else cls.random(num_components, sequences.num_states, rng)
+        if model.num_components != num_components or model.num_states != sequences.num_states:
+            raise ValueError("init must have num_components components over the data's num_states states")
+        max_iterations = check_int(max_iterations, "max_iterations", 1)
+        onehots, counts = sequences.statistics_tensors()
+        history: list[float] = []
+        for _ in range(max_iterations):
+            joint = model.component_log_joint(sequences)  # (n, K)
+            history.append(float(torch.logsumexp(joint, -1).sum()))
+            if len(history) > 1 and history[-1] - history[-2] < tolerance * len(sequences):
+                break
+            responsibilities = torch.softmax(joint, -1).numpy()  # (n, K)
+            model = cls(_logits_from_probs(_normalise_rows(responsibilities.sum(0))),
+                        _logits_from_probs(_normalise_rows(responsibilities.T @ onehots.numpy() + smoothing)),
+                        _logits_from_probs(_normalise_rows(
+                            (responsibilities.T @ counts.numpy()).reshape(num_components, sequences.num_states, -1)
+                            + smoothing)))
+        return model, history
