@@ -1,0 +1,11 @@
+"""Regenerate every figure: ``python -m paper_figures [--only NAME ...] [--scale quick|paper]``.
+
+``FIGURES`` maps a figure name to its module; each module has ``TITLE``, ``CONFIGS`` (per scale),
+``compute(config, cache_stem, device) -> cache_stem`` and ``plot(cache_stem, output_stem) -> paths``.
+"""
+
+from . import markov_mixture
+
+FIGURES = {
+    "markov_mixture": markov_mixture,
+}

@@ -1,0 +1,80 @@
+"""Command line: regenerate figures into ``paper_figures/output`` with a manifest."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+from markovsim.results import atomic_write_json, metadata_block
+
+from . import FIGURES
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCALES = ("tiny", "quick", "paper")
+
+
+def resolve_device(device: str) -> str:
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was requested but no CUDA GPU is available; use --device cpu or auto")
+    return device
+
+
+def parse_arguments(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m paper_figures", description=__doc__)
+    parser.add_argument("--only", nargs="+", choices=sorted(FIGURES), metavar="NAME",
+                        help=f"figures to make (default: all of {', '.join(FIGURES)})")
+    parser.add_argument("--scale", choices=SCALES, default="quick",
+                        help="tiny (smoke test), quick (default, minutes on a CPU) or paper (the paper's sizes)")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--recompute", action="store_true", help="ignore cached numbers and recompute them")
+    parser.add_argument("--output", default=os.path.join(HERE, "output"), help="output folder")
+    return parser.parse_args(argv)
+
+
+def make_figure(name: str, scale: str, device: str, output: str, recompute: bool) -> dict:
+    """Compute (or reuse) one figure's cache and plot it; returns its manifest entry."""
+    module = FIGURES[name]
+    config = module.CONFIGS[scale]
+    cache_stem = os.path.join(output, "cache", f"{name}_{scale}")
+    start = time.perf_counter()
+    reused = not recompute and os.path.exists(cache_stem + ".json") and _same_config(cache_stem, config)
+    if not reused:
+        module.compute(config, cache_stem, device=device)
+    paths = module.plot(cache_stem, os.path.join(output, name))
+    return {"name": name, "title": module.TITLE, "scale": scale, "config": metadata_block(config)["config"],
+            "device": device, "runtime_s": round(time.perf_counter() - start, 3), "reused_cache": reused,
+            "cache": cache_stem + ".json", "files": [os.path.relpath(p, output) for p in paths]}
+
+
+def _same_config(cache_stem: str, config) -> bool:
+    from markovsim.results import read_json
+
+    try:
+        return read_json(cache_stem + ".json").get("config") == metadata_block(config)["config"]
+    except ValueError:
+        return False
+
+
+def main(argv=None) -> int:
+    arguments = parse_arguments(argv)
+    device = resolve_device(arguments.device)
+    names = arguments.only or list(FIGURES)
+    entries = []
+    for name in names:
+        print(f"[paper_figures] {name} ({arguments.scale}, {device}) ...", flush=True)
+        entries.append(make_figure(name, arguments.scale, device, arguments.output, arguments.recompute))
+        print(f"[paper_figures]   wrote {', '.join(entries[-1]['files'])} in {entries[-1]['runtime_s']} s", flush=True)
+    atomic_write_json(os.path.join(arguments.output, "manifest.json"),
+                      metadata_block({"scale": arguments.scale, "device": device, "only": names}, figures=entries))
+    print(f"[paper_figures] manifest: {os.path.join(arguments.output, 'manifest.json')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
