@@ -129,6 +129,11 @@ class TabularMarkov:
         probs = torch.softmax(self.transition_logits, dim=-1)[current]  # (n, T-1, V)
         return probs * mask[..., None]
 
+    def next_token_log_probs(self, sequences: SequenceSet) -> torch.Tensor:
+        """``log pi(. | s_t)`` at every response position, (n, T-1, V); zeros where padded."""
+        current, _, mask = _gather_positions(_check_sequences(sequences, self.num_states))
+        return self.transition_log_probs()[current] * mask[..., None]  # (n, T-1, V)
+
     def response_log_prob_gradient(self, sequences: SequenceSet, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Closed-form ``sum_y w_y d logp_resp(y) / d(b, A)`` (THEORY.md section 5).
 
@@ -143,6 +148,24 @@ class TabularMarkov:
         weighted = (torch.as_tensor(weights, dtype=torch.float64) @ counts).reshape(self.num_states, -1)  # (V, V)
         visits = weighted.sum(dim=1, keepdim=True)  # (V, 1)
         return torch.zeros_like(self.initial_logits), weighted - visits * torch.softmax(self.transition_logits, dim=-1)
+
+    def predictive_kl_gradient(self, sequences: SequenceSet, target_probs: torch.Tensor,
+                               token_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Closed-form gradient of ``sum_{i,t} c_{it} KL(p_{it} || pi(. | s_t))`` w.r.t. ``(b, A)``.
+
+        ``d KL(p || softmax(A[s])) / dA[s] = softmax(A[s]) - p``, so row s of the gradient is
+        ``sum_{t : s_t = s} c_t (P[s] - p_t)``.
+
+        Args:
+            target_probs: (n, T-1, V) target distributions p (e.g. the reference predictive).
+            token_weights: (n, T-1) weights c, zero on padding.
+        """
+        current, _, _ = _gather_positions(_check_sequences(sequences, self.num_states))
+        probs = torch.softmax(self.transition_logits, -1)  # (V, V)
+        per_token = token_weights[..., None] * (probs[current] - target_probs)  # (n, T-1, V)
+        gradient = torch.zeros_like(self.transition_logits).index_add_(0, current.reshape(-1),
+                                                                      per_token.reshape(-1, self.num_states))
+        return torch.zeros_like(self.initial_logits), gradient
 
     def to_chain(self) -> MarkovChain:
         """The chain with this model's probabilities."""
@@ -261,6 +284,11 @@ class MixtureOfChains:
         posteriors = self.prefix_posteriors(sequences)  # (n, T-1, K)
         return torch.einsum("ntk,kntv->ntv", posteriors, rows) * mask[..., None]
 
+    def next_token_log_probs(self, sequences: SequenceSet) -> torch.Tensor:
+        """log of :meth:`next_token_probs` (floored at ``LOG_FLOOR``), (n, T-1, V); zeros where padded."""
+        mask = torch.as_tensor(sequences.transition_mask)[..., None]
+        return torch.log(self.next_token_probs(sequences).clamp_min(float(np.exp(LOG_FLOOR)))) * mask
+
     def response_log_prob_gradient(self, sequences: SequenceSet, weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Closed-form ``sum_y w_y d logp_resp(y) / d(weight_logits, initial_logits, transition_logits)``.
 
@@ -278,6 +306,45 @@ class MixtureOfChains:
         weighted = ((weights[:, None] * full).T @ counts).reshape(self.num_components, self.num_states, -1)  # (K, V, V)
         grad_transition = weighted - weighted.sum(-1, keepdim=True) * torch.softmax(self.transition_logits, -1)
         return delta.sum(0), grad_initial, grad_transition
+
+    def predictive_kl_gradient(self, sequences: SequenceSet, target_probs: torch.Tensor,
+                               token_weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Closed-form gradient of ``sum_{i,t} c_{it} KL(p_{it} || q_{it})`` for the Bayes predictive q.
+
+        ``log q_t(v) = log p(prefix_t, v) - log p(prefix_t)``, and ``d log p(z)`` of a (partial)
+        sequence is a posterior-weighted count. With prefix posteriors ``r_tk``, rows
+        ``P_k[s_t]``, ``u_tkv = p_t(v) P_k[s_t, v] / q_t(v)``, ``rho_tk = sum_v u_tkv`` and
+        ``a_tk = c_t r_tk (rho_tk - 1)``, the gradient of ``F = sum c_t sum_v p_t(v) log q_t(v)`` is
+
+            d/d(weight_logits)   = sum_t a_t
+            d/d(initial_logits_k) = sum_t a_tk (c_y - mu_k)
+            d/dA_k = M_k - diag(M_k 1) P_k + sum_t e_{s_t} c_t r_tk (u_tk - rho_tk P_k[s_t])^T
+
+        where ``M_k = sum_j B_jk e_{s_j} e_{s_{j+1}}^T`` over transitions j with
+        ``B_jk = sum_{t > j} a_tk``; the KL gradient is ``-dF`` (``sum p log p`` is constant).
+        """
+        current, following, mask = _gather_positions(_check_sequences(sequences, self.num_states))
+        probs = torch.softmax(self.transition_logits, -1)  # (K, V, V)
+        rows = probs[:, current].permute(1, 2, 0, 3)  # (n, T-1, K, V)
+        posteriors = self.prefix_posteriors(sequences)  # (n, T-1, K)
+        predictive = torch.einsum("ntk,ntkv->ntv", posteriors, rows)  # (n, T-1, V)
+        safe = torch.where(mask[..., None], predictive, 1.0)  # (n, T-1, V)
+        ratio = target_probs[:, :, None, :] * rows / safe[:, :, None, :]  # (n, T-1, K, V)  u
+        rho = ratio.sum(-1)  # (n, T-1, K)
+        weighted = token_weights[..., None] * posteriors  # (n, T-1, K)
+        a = weighted * (rho - 1.0)  # (n, T-1, K)
+        later = a.flip(1).cumsum(1).flip(1) - a  # (n, T-1, K)  B_j = sum_{t > j} a_t
+        onehots, _ = sequences.statistics_tensors()
+        k, v = self.num_components, self.num_states
+        pair = (current * v + following).reshape(-1)  # (n*(T-1),)
+        m = torch.zeros(v * v, k, dtype=torch.float64).index_add_(0, pair, (later * mask[..., None]).reshape(-1, k))
+        m = m.T.reshape(k, v, v)  # (K, V, V)
+        row_terms = weighted[..., None] * (ratio - rho[..., None] * rows)  # (n, T-1, K, V)
+        extra = torch.zeros(v, k, v, dtype=torch.float64).index_add_(0, current.reshape(-1), row_terms.reshape(-1, k, v))
+        grad_transition = m - m.sum(-1, keepdim=True) * probs + extra.permute(1, 0, 2)
+        totals = a.sum(1)  # (n, K)
+        grad_initial = totals.T @ onehots - totals.sum(0)[:, None] * torch.softmax(self.initial_logits, -1)
+        return -totals.sum(0), -grad_initial, -grad_transition
 
     @classmethod
     def from_chains(cls, chains: Sequence[MarkovChain], weights: Sequence[float]) -> "MixtureOfChains":
@@ -329,10 +396,10 @@ class MixtureOfChains:
             history.append(float(torch.logsumexp(joint, -1).sum()))
             if len(history) > 1 and history[-1] - history[-2] < tolerance * len(sequences):
                 break
-            responsibilities = torch.softmax(joint, -1).numpy()  # (n, K)
-            model = cls(_logits_from_probs(_normalise_rows(responsibilities.sum(0))),
-                        _logits_from_probs(_normalise_rows(responsibilities.T @ onehots.numpy() + smoothing)),
-                        _logits_from_probs(_normalise_rows(
-                            (responsibilities.T @ counts.numpy()).reshape(num_components, sequences.num_states, -1)
-                            + smoothing)))
+            responsibilities = torch.softmax(joint, -1)  # (n, K)
+            initial = (responsibilities.T @ onehots).numpy() + smoothing  # (K, V)
+            transition = (responsibilities.T @ counts).reshape(num_components, sequences.num_states, -1).numpy()
+            model = cls(_logits_from_probs(_normalise_rows(responsibilities.sum(0).numpy())),
+                        _logits_from_probs(_normalise_rows(initial)),
+                        _logits_from_probs(_normalise_rows(transition + smoothing)))
         return model, history

@@ -1,14 +1,30 @@
-"""Named scenarios of the simulator (THEORY.md section 5).
+"""Named, documented scenarios of the simulator (THEORY.md sections 5-6) and user-defined ones.
 
-``paper_mixture_spec`` builds the SimNPO paper's retain / forget1 / forget2 mixture of block chains.
+A :class:`Scenario` is a mixture specification (paper scale), the methods to compare with their
+hyperparameters, and default dynamics. :func:`prepare` samples the data and fits, for either model
+class, the reference model on the pre-training components and the retrained model on the retain
+components, and builds the test-set evaluator.
 """
 
 from __future__ import annotations
 
-from .chains import block_chains
-from .data import Component, MixtureSpec
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Mapping
+
+import numpy as np
+
+from .chains import MarkovChain, block_chains
+from .data import Component, MixtureSpec, SequenceSet
+from .dynamics import DynamicsConfig, Evaluator
+from .losses import OBJECTIVES, Objective, get_objective
+from .models import MixtureOfChains, TabularMarkov
+from .runtime import torch_threads
 
 PAPER_COUNTS = {"retain": 10000, "forget1": 5000, "forget2": 5000}
+MODEL_CLASSES = ("tabular", "mixture")
 
 
 def paper_mixture_spec(forget2_length: int = 5, forget2_in_pretraining: bool = True, scale: float = 1.0,
@@ -29,3 +45,210 @@ def paper_mixture_spec(forget2_length: int = 5, forget2_in_pretraining: bool = T
         for name, count in PAPER_COUNTS.items()
     )
     return MixtureSpec(components, seed=seed)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """A question, the data that poses it, and the methods that answer it.
+
+    Attributes:
+        name, question: identification and the question the scenario answers.
+        spec: the mixture at paper scale (use :meth:`scaled` for smaller runs).
+        methods: ``{label: Objective}`` compared by default.
+        dynamics: default optimiser settings.
+    """
+
+    name: str
+    question: str
+    spec: MixtureSpec
+    methods: Mapping[str, Objective]
+    dynamics: DynamicsConfig = field(default_factory=DynamicsConfig)
+
+    def scaled(self, scale: float) -> "Scenario":
+        """The same scenario with every component's train/test counts multiplied by ``scale`` (at least 2 + 1)."""
+        if not scale > 0:
+            raise ValueError(f"scale must be > 0, got {scale}")
+        components = tuple(dataclasses.replace(c, num_train=max(2, int(round(c.num_train * scale))),
+                                               num_test=max(1, int(round(c.num_test * scale))))
+                           for c in self.spec.components)
+        return dataclasses.replace(self, spec=MixtureSpec(components, self.spec.seed))
+
+    def with_methods(self, names, betas=None, gammas=None) -> dict[str, Objective]:
+        """Objectives for method ``names`` (scenario defaults, else the registry), optionally overriding beta/gamma."""
+        result = {}
+        for name in names:
+            base = self.methods.get(name) or get_objective(name)
+            overrides = {}
+            if betas is not None and base.forget in ("npo", "simnpo"):
+                overrides["beta"] = float(betas[name] if isinstance(betas, Mapping) else betas)
+            if gammas is not None and base.forget == "simnpo":
+                overrides["gamma"] = float(gammas)
+            result[name] = dataclasses.replace(base, **overrides)
+        return result
+
+
+@dataclass(frozen=True)
+class Setup:
+    """Sampled data and fitted models of a scenario for one model class."""
+
+    scenario: Scenario
+    model_class: str
+    train: SequenceSet
+    test: SequenceSet
+    forget: SequenceSet
+    retain: SequenceSet
+    reference: object
+    retrained: object
+    true_chains: dict[str, MarkovChain]
+    evaluator: Evaluator
+
+
+def _fit(model_class: str, sequences: SequenceSet, components: tuple[Component, ...]):
+    if model_class == "tabular":
+        return TabularMarkov.fit(sequences)
+    init = MixtureOfChains.from_components(components)
+    model, _ = MixtureOfChains.fit(sequences, len(components), np.random.default_rng(0), max_iterations=30,
+                                   tolerance=1e-6, smoothing=1e-3, init=init)
+    return model
+
+
+def prepare(scenario: Scenario, model_class: str = "tabular") -> Setup:
+    """Sample the scenario's data and fit reference (pre-training components) and retrained (retain) models.
+
+    The mixture model is fitted by EM with one latent chain per component, started at the true chains.
+    """
+    if model_class not in MODEL_CLASSES:
+        raise ValueError(f"model_class must be one of {MODEL_CLASSES}, got {model_class!r}")
+    with torch_threads(1):
+        return _prepare(scenario, model_class)
+
+
+def _prepare(scenario: Scenario, model_class: str) -> Setup:
+    spec = scenario.spec
+    train, test = spec.sample()
+    pretraining = tuple(c for c in spec.components if c.in_pretraining)
+    retain_components = tuple(c for c in spec.components if c.role == "retain")
+    forget_names = spec.names_where(role="forget")
+    if not pretraining or not retain_components or not forget_names:
+        raise ValueError(f"scenario {scenario.name!r} needs pre-training, retain and forget components")
+    reference = _fit(model_class, train.select(*[c.name for c in pretraining]), pretraining)
+    retain = train.select(*[c.name for c in retain_components])
+    retrained = _fit(model_class, retain, retain_components)
+    true_chains = {c.name: c.chain for c in spec.components}
+    return Setup(scenario, model_class, train, test, train.select(*forget_names), retain, reference, retrained,
+                 true_chains, Evaluator(test, reference, retrained, true_chains))
+
+
+_DEFAULT_DYNAMICS = DynamicsConfig(optimizer="adam", learning_rate=0.02, steps=50)
+
+SCENARIOS: dict[str, Scenario] = {
+    "paper_short_forget2": Scenario(
+        "paper_short_forget2",
+        "Forget data of two lengths (forget1: 20, forget2: 5), all of it pre-trained: does NPO's "
+        "reference-relative weight allocate unlearning power unevenly across lengths, and does "
+        "SimNPO's length-normalised weight fix it? (SimNPO paper, Fig. 3 case a)",
+        paper_mixture_spec(forget2_length=5),
+        {"GA": OBJECTIVES["GA"], "NPO": get_objective("NPO", beta=0.2), "SimNPO": get_objective("SimNPO", beta=4.0)},
+        _DEFAULT_DYNAMICS),
+    "paper_unseen_forget2": Scenario(
+        "paper_unseen_forget2",
+        "forget2 never entered pre-training (the reference assigns it low likelihood): does NPO "
+        "still spend full weight on already-unlearned data while forget1 lags? (SimNPO Fig. 3 case b)",
+        paper_mixture_spec(forget2_length=20, forget2_in_pretraining=False),
+        {"GA": OBJECTIVES["GA"], "NPO": get_objective("NPO", beta=1.0), "SimNPO": get_objective("SimNPO", beta=4.0)},
+        _DEFAULT_DYNAMICS),
+    "npo_divergence": Scenario(
+        "npo_divergence",
+        "How fast do GA and NPO drive the forget log-likelihood down under plain gradient descent: "
+        "linearly in the step count (GA) or only logarithmically (NPO, NPO paper Theorem 2), and what "
+        "retain damage does each pay at equal forget progress?",
+        paper_mixture_spec(forget2_length=20),
+        {"GA": OBJECTIVES["GA"], "NPO": get_objective("NPO", beta=1.0)},
+        DynamicsConfig(optimizer="gd", learning_rate=1.0, steps=400, eval_every=4, divergence_logp_per_token=-1e6)),
+}
+
+
+# ---------------------------------------------------------------------------------------------
+# User-defined scenarios from a dict / JSON
+# ---------------------------------------------------------------------------------------------
+
+_SCENARIO_KEYS = {"name", "question", "num_states", "leakage", "seed", "chains", "components", "methods", "dynamics"}
+_COMPONENT_KEYS = {"name", "chain", "length", "num_train", "num_test", "role", "in_pretraining"}
+
+
+def _build_chain(name: str, description, num_states: int, leakage: float) -> MarkovChain:
+    if isinstance(description, str):
+        blocks = block_chains(num_states, leakage)
+        if description not in blocks:
+            raise ValueError(f"chain {name!r}: block name must be one of {list(blocks)}, got {description!r}")
+        return blocks[description]
+    if not isinstance(description, Mapping) or set(description) != {"initial_probs", "transition_matrix"}:
+        raise ValueError(f"chain {name!r} must be a block name ('retain', 'forget1', 'forget2') or "
+                         f"{{'initial_probs': [...], 'transition_matrix': [[...]]}}")
+    chain = MarkovChain(description["initial_probs"], description["transition_matrix"])
+    if chain.num_states != num_states:
+        raise ValueError(f"chain {name!r} has {chain.num_states} states but num_states is {num_states}")
+    return chain
+
+
+def scenario_from_dict(document: Mapping) -> Scenario:
+    """Build a :class:`Scenario` from a JSON-ready dict, validating every field.
+
+    Example::
+
+        {"name": "two_lengths", "question": "...", "num_states": 10, "leakage": 0.2, "seed": 0,
+         "chains": {"r": "retain", "f": "forget1"},
+         "components": [{"name": "retain", "chain": "r", "length": 20, "num_train": 800, "num_test": 200},
+                        {"name": "forget", "chain": "f", "length": 5, "num_train": 400, "num_test": 100,
+                         "role": "forget", "in_pretraining": true}],
+         "methods": {"NPO": {"beta": 0.2}, "SimNPO": {"beta": 4.0}},
+         "dynamics": {"optimizer": "adam", "learning_rate": 0.02, "steps": 50}}
+    """
+    if not isinstance(document, Mapping):
+        raise TypeError(f"a scenario spec must be a dict, got {type(document).__name__}")
+    unknown = set(document) - _SCENARIO_KEYS
+    missing = {"name", "chains", "components", "methods"} - set(document)
+    if unknown or missing:
+        raise ValueError(f"scenario spec: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}; "
+                         f"valid keys are {sorted(_SCENARIO_KEYS)}")
+    num_states, leakage = int(document.get("num_states", 10)), float(document.get("leakage", 0.2))
+    if not isinstance(document["chains"], Mapping) or not document["chains"]:
+        raise ValueError("scenario spec: 'chains' must be a non-empty dict of name -> chain")
+    chains = {name: _build_chain(name, d, num_states, leakage) for name, d in document["chains"].items()}
+    components = []
+    for entry in document["components"]:
+        if not isinstance(entry, Mapping) or set(entry) - _COMPONENT_KEYS or {"name", "chain", "length", "num_train", "num_test"} - set(entry):
+            raise ValueError(f"component spec {entry!r} must have keys name, chain, length, num_train, num_test "
+                             f"(and optionally role, in_pretraining)")
+        if entry["chain"] not in chains:
+            raise ValueError(f"component {entry['name']!r} uses unknown chain {entry['chain']!r}; chains are {list(chains)}")
+        components.append(Component(entry["name"], chains[entry["chain"]], entry["length"], entry["num_train"],
+                                    entry["num_test"], entry.get("role", "retain"), entry.get("in_pretraining", True)))
+    methods = document["methods"]
+    if not isinstance(methods, Mapping) or not methods:
+        raise ValueError(f"scenario spec: 'methods' must be a non-empty dict like {{'NPO': {{'beta': 0.2}}}}; "
+                         f"method names are {list(OBJECTIVES)}")
+    objectives = {name: get_objective(name, **dict(overrides or {})) for name, overrides in methods.items()}
+    try:
+        dynamics = DynamicsConfig(**dict(document.get("dynamics", {})))
+    except TypeError as error:
+        raise ValueError(f"scenario spec: bad 'dynamics': {error}; fields are "
+                         f"{[f.name for f in dataclasses.fields(DynamicsConfig)]}") from error
+    scenario = Scenario(str(document["name"]), str(document.get("question", "")),
+                        MixtureSpec(tuple(components), int(document.get("seed", 0))), objectives, dynamics)
+    if not scenario.spec.names_where(role="forget") or not scenario.spec.names_where(role="retain"):
+        raise ValueError("scenario spec needs at least one component with role 'forget' and one with role 'retain'")
+    return scenario
+
+
+def load_scenario(name_or_path: str) -> Scenario:
+    """A named scenario from ``SCENARIOS`` or a user scenario from a JSON file."""
+    if name_or_path in SCENARIOS:
+        return SCENARIOS[name_or_path]
+    if os.path.isfile(name_or_path):
+        try:
+            with open(name_or_path) as file:
+                return scenario_from_dict(json.load(file))
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{name_or_path} is not valid JSON: {error}") from error
+    raise ValueError(f"unknown scenario {name_or_path!r}: use one of {list(SCENARIOS)} or a path to a JSON spec")

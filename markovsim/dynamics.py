@@ -1,0 +1,378 @@
+"""Exact unlearning dynamics: gradient descent, Adam and gradient flow with closed-form gradients.
+
+``unlearn`` runs an :class:`~markovsim.losses.Objective` on a ``TabularMarkov`` or
+``MixtureOfChains`` and returns a :class:`~markovsim.trajectory.Trajectory` with, at every
+evaluation step and for every component: KL to the true chain, to the retrained and to the
+reference model (test sequences), log-likelihood per token, the mean gradient weight and the
+component's share of the gradient norm ("unlearning power", THEORY.md section 4). A run that
+reaches a non-finite value, or pushes a forget log-likelihood per token below a threshold, stops
+cleanly and records where.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from .chains import MarkovChain
+from .data import SequenceSet
+from .exact_gradients import ExactEvaluation, next_token_logprobs, objective_value, objective_value_and_gradient
+from .losses import Objective
+from .metrics import true_next_token_probs
+from .models import TabularMarkov
+from .runtime import torch_threads
+from .trajectory import Trajectory
+from .validation import check_int
+
+OPTIMIZERS = ("gd", "adam")
+GRADIENTS = ("closed_form", "autograd")
+
+
+@dataclass(frozen=True)
+class DynamicsConfig:
+    """How to run unlearning.
+
+    Attributes:
+        optimizer: ``"gd"`` (theta -= lr g) or ``"adam"`` (AdamW with decoupled ``weight_decay``).
+        learning_rate: step size (> 0).
+        steps: optimisation steps.
+        eval_every: evaluate every this many steps (and always at step 0 and the last step).
+        batch_size: forget (and retain) sequences per step; None = the exact full batch.
+        seed: seeds the minibatch sampler (unused with full batches).
+        adam_betas, adam_eps, weight_decay: Adam's settings.
+        divergence_logp_per_token: stop once the forget batch's mean log-likelihood per token falls
+            below this (the model has put essentially zero mass on forget data).
+        gradient: ``"closed_form"`` (default) or ``"autograd"`` (the oracle; same numbers, slower).
+    """
+
+    optimizer: str = "adam"
+    learning_rate: float = 0.05
+    steps: int = 50
+    eval_every: int = 1
+    batch_size: int | None = None
+    seed: int = 0
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.0
+    divergence_logp_per_token: float = -50.0
+    gradient: str = "closed_form"
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.gradient not in GRADIENTS:
+            raise ValueError(f"gradient must be one of {GRADIENTS}, got {self.gradient!r}")
+        if not (np.isfinite(self.learning_rate) and self.learning_rate > 0):
+            raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
+        check_int(self.steps, "steps", 0)
+        check_int(self.eval_every, "eval_every", 1)
+        if self.batch_size is not None:
+            check_int(self.batch_size, "batch_size", 1)
+        if not (0 <= self.adam_betas[0] < 1 and 0 <= self.adam_betas[1] < 1):
+            raise ValueError(f"adam_betas must lie in [0, 1), got {self.adam_betas}")
+        if not self.weight_decay >= 0:
+            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+
+
+class Evaluator:
+    """Per-component metrics on a fixed test set, with every target predictive computed once.
+
+    ``KL(p || q)`` per token splits into the target's ``sum p log p`` (cached per component) minus
+    the cross term ``sum p log q``, so one evaluation costs one ``log q`` and a product per target.
+
+    Args:
+        test: the evaluation sequences (all components).
+        reference: the model before unlearning.
+        retrained: the retain-only model (optional; its KL column is NaN without it).
+        true_chains: ``{component: MarkovChain}`` (optional; NaN without it).
+    """
+
+    def __init__(self, test: SequenceSet, reference, retrained=None, true_chains: Mapping[str, MarkovChain] | None = None):
+        if not isinstance(test, SequenceSet) or len(test) == 0:
+            raise ValueError("test must be a non-empty SequenceSet")
+        self.test = test
+        self.component_names = test.component_names
+        self.num_tokens = torch.tensor(test.num_tokens, dtype=torch.float64)  # (n,)
+        ids = torch.as_tensor(np.array(test.component_ids))
+        self.membership = (ids[None, :] == torch.arange(len(self.component_names))[:, None]).to(torch.float64)  # (C, n)
+        self.component_tokens = self.membership @ self.num_tokens  # (C,)
+        self.component_sizes = self.membership.sum(1)  # (C,)
+        targets = {"kl_reference": reference.next_token_probs(test)}
+        if retrained is not None:
+            targets["kl_retrained"] = retrained.next_token_probs(test)
+        if true_chains is not None:
+            targets["kl_true"] = true_next_token_probs(test, true_chains)
+        self.targets = {name: probs.detach() for name, probs in targets.items()}  # (n, T-1, V), zero on padding
+        self.neg_entropy = {name: self.membership @ torch.special.xlogy(probs, probs).sum((1, 2))
+                            for name, probs in self.targets.items()}  # (C,)
+        # For a tabular model log q_t = log P[s_t], so the cross term only needs the target mass summed
+        # per (component, current state): by_state[c, s, :] = sum_{t in c, s_t = s} p_t.
+        num_states, current = test.num_states, torch.as_tensor(np.where(test.tokens[:, :-1] >= 0, test.tokens[:, :-1], 0))
+        index = (ids[:, None] * num_states + current).reshape(-1)  # (n*(T-1),)
+        self.by_state = {name: torch.zeros(len(self.component_names) * num_states, num_states, dtype=torch.float64)
+                         .index_add_(0, index, probs.reshape(-1, num_states)).reshape(-1, num_states, num_states)
+                         for name, probs in self.targets.items()}  # (C, V, V)
+
+    def evaluate(self, model) -> dict[str, np.ndarray]:
+        """``{metric: (C,) array}`` for the KL metrics and ``logp_per_token`` (NaN for absent components)."""
+        with torch.no_grad():
+            tabular = isinstance(model, TabularMarkov)
+            log_model = model.transition_log_probs() if tabular else model.next_token_log_probs(self.test)
+            result = {}
+            for metric in ("kl_true", "kl_retrained", "kl_reference"):
+                if metric not in self.targets:
+                    result[metric] = np.full(len(self.component_names), np.nan)
+                    continue
+                if tabular:
+                    cross = torch.einsum("csv,sv->c", self.by_state[metric], log_model)  # (C,)
+                else:
+                    cross = self.membership @ (self.targets[metric] * log_model).sum((1, 2))  # (C,)
+                result[metric] = ((self.neg_entropy[metric] - cross) / self.component_tokens).numpy()
+            per_token = model.response_log_prob(self.test) / self.num_tokens  # (n,)
+            result["logp_per_token"] = ((self.membership @ per_token) / self.component_sizes).numpy()
+        return result
+
+
+@dataclass(frozen=True)
+class Problem:
+    """Everything a run needs besides the model and objective; reference quantities cached once."""
+
+    forget: SequenceSet
+    retain: SequenceSet | None
+    reference: object
+    forget_ref_logps: torch.Tensor | None
+    retain_ref_logprobs: torch.Tensor | None
+
+    @classmethod
+    def build(cls, objective: Objective, forget: SequenceSet, retain: SequenceSet | None, reference) -> "Problem":
+        with torch.no_grad():
+            forget_ref = reference.response_log_prob(forget) if objective.forget == "npo" else None
+            retain_ref = next_token_logprobs(reference, retain) if objective.retain == "kl" else None
+        return cls(forget, retain, reference, forget_ref, retain_ref)
+
+    def batch(self, rng: np.random.Generator | None, batch_size: int | None) -> tuple:
+        """The arguments of ``objective_value_and_gradient`` for a full batch or a sampled minibatch."""
+        if batch_size is None or rng is None:
+            return (self.forget, self.retain, self.forget_ref_logps, self.retain_ref_logprobs)
+        forget_rows = rng.choice(len(self.forget), size=min(batch_size, len(self.forget)), replace=False)
+        forget = self.forget.subset(forget_rows)
+        forget_ref = None if self.forget_ref_logps is None else self.forget_ref_logps[forget_rows]
+        retain, retain_ref = self.retain, None
+        if self.retain is not None:
+            retain_rows = rng.choice(len(self.retain), size=min(batch_size, len(self.retain)), replace=False)
+            retain = self.retain.subset(retain_rows)
+            if self.retain_ref_logprobs is not None:
+                retain_ref = self.retain_ref_logprobs[retain_rows][:, : retain.max_length - 1]
+        return (forget, retain, forget_ref, retain_ref)
+
+
+def autograd_evaluation(model, objective: Objective, *args) -> ExactEvaluation:
+    """Same as ``objective_value_and_gradient`` but with the gradient from autograd (the test oracle)."""
+    params = [p.detach().clone().requires_grad_(True) for p in model.parameters()]
+    value = objective_value(model.with_parameters(*params), objective, *args)
+    grads = torch.autograd.grad(value, params, allow_unused=True)
+    grads = tuple(torch.zeros_like(p) if g is None else g for g, p in zip(grads, params))
+    closed = objective_value_and_gradient(model, objective, *args)
+    return dataclasses.replace(closed, value=value.detach(), gradients=grads)
+
+
+def gradient_diagnostics(model, objective: Objective, problem: Problem, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """Full-batch mean weight per forget component and every component's share of the gradient norm.
+
+    The forget gradient splits exactly by component, ``g_c = (forget_weight / n_f) sum_{y in c} w(y) d logp(y)``;
+    the retain term's gradient is credited to the retain components. ``power_share_c = ||g_c|| / sum ||g||``.
+    """
+    full = objective_value_and_gradient(model, objective, *problem.batch(None, None))
+    ids = problem.forget.component_ids
+    scale = objective.forget_weight / len(problem.forget)
+    norms, weights = np.zeros(len(names)), np.full(len(names), np.nan)
+    forget_total = [torch.zeros_like(p) for p in model.parameters()]
+    for c, name in enumerate(names):
+        if name not in problem.forget.component_names:
+            continue
+        rows = torch.as_tensor(ids == problem.forget.component_names.index(name))
+        if not bool(rows.any()):
+            continue
+        weights[c] = float(full.forget_weights[rows].mean())
+        part = model.response_log_prob_gradient(problem.forget, full.forget_weights * rows * scale)
+        forget_total = [t + g for t, g in zip(forget_total, part)]
+        norms[c] = _norm(part)
+    if problem.retain is not None and objective.retain is not None:
+        retain_norm = _norm([g - f for g, f in zip(full.gradients, forget_total)])
+        retain_names = [n for n in problem.retain.component_names if n in names and n in problem.retain.component_counts()
+                        and problem.retain.component_counts()[n] > 0]
+        for name in retain_names:
+            norms[names.index(name)] += retain_norm / len(retain_names)
+    total = norms.sum()
+    return {"mean_weight": weights, "power_share": norms / total if total > 0 else np.full(len(names), np.nan)}
+
+
+def _norm(tensors) -> float:
+    return float(torch.sqrt(sum((t * t).sum() for t in tensors)))
+
+
+class _Optimizer:
+    """GD or AdamW over a tuple of float64 tensors."""
+
+    def __init__(self, config: DynamicsConfig, params: tuple[torch.Tensor, ...]):
+        self.config = config
+        self.moments = [torch.zeros_like(p) for p in params]
+        self.squares = [torch.zeros_like(p) for p in params]
+        self.count = 0
+
+    def step(self, params, grads) -> tuple[torch.Tensor, ...]:
+        c = self.config
+        if c.optimizer == "gd":
+            return tuple(p - c.learning_rate * g for p, g in zip(params, grads))
+        self.count += 1
+        beta1, beta2 = c.adam_betas
+        updated = []
+        for i, (p, g) in enumerate(zip(params, grads)):
+            self.moments[i] = beta1 * self.moments[i] + (1 - beta1) * g
+            self.squares[i] = beta2 * self.squares[i] + (1 - beta2) * g * g
+            m_hat = self.moments[i] / (1 - beta1 ** self.count)
+            v_hat = self.squares[i] / (1 - beta2 ** self.count)
+            p = p * (1 - c.learning_rate * c.weight_decay)
+            updated.append(p - c.learning_rate * m_hat / (torch.sqrt(v_hat) + c.adam_eps))
+        return tuple(updated)
+
+
+def _divergence(evaluation: ExactEvaluation, params, num_tokens: torch.Tensor, threshold: float) -> str | None:
+    if not bool(torch.isfinite(evaluation.value)):
+        return f"objective is {float(evaluation.value)}"
+    if not all(bool(torch.isfinite(g).all()) for g in evaluation.gradients):
+        return "gradient has NaN/inf"
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        return "parameters have NaN/inf"
+    per_token = float((evaluation.forget_logps / num_tokens).mean())
+    if per_token < threshold:
+        return f"forget log-likelihood per token {per_token:.3g} fell below {threshold}"
+    return None
+
+
+def unlearn(model, objective: Objective, forget: SequenceSet, retain: SequenceSet | None, reference,
+            config: DynamicsConfig = DynamicsConfig(), evaluator: Evaluator | None = None,
+            progress: bool = False) -> Trajectory:
+    """Run ``config.steps`` optimisation steps of ``objective`` from ``model``.
+
+    Args:
+        model: the starting ``TabularMarkov`` / ``MixtureOfChains`` (usually the reference itself).
+        forget, retain: training sequences (retain may be None for forget-only objectives).
+        reference: the model before unlearning (NPO's pi_ref, the KL term's target).
+        evaluator: test-set metrics; default evaluates on ``forget`` and ``retain`` themselves.
+        progress: show a tqdm bar.
+    Returns:
+        a :class:`Trajectory`; ``diverged_at`` is set if the run stopped early.
+    """
+    if not isinstance(config, DynamicsConfig):
+        raise TypeError(f"config must be a DynamicsConfig, got {type(config).__name__}")
+    with torch_threads(1):
+        return _unlearn(model, objective, forget, retain, reference, config, evaluator, progress)
+
+
+def _unlearn(model, objective, forget, retain, reference, config, evaluator, progress) -> Trajectory:
+    problem = Problem.build(objective, forget, retain, reference)
+    if evaluator is None:
+        from .data import concatenate
+
+        evaluator = Evaluator(concatenate([s for s in (forget, retain) if s is not None]), reference)
+    names = evaluator.component_names
+    rng = np.random.default_rng(config.seed) if config.batch_size is not None else None
+    evaluate_gradient = autograd_evaluation if config.gradient == "autograd" else objective_value_and_gradient
+    optimizer, params = _Optimizer(config, model.parameters()), model.parameters()
+    records, steps, losses = [], [], []
+    diverged_at, reason = None, None
+    bar = _progress(config.steps, progress)
+    for step in range(config.steps + 1):
+        model = model.with_parameters(*params)
+        batch = problem.batch(rng, config.batch_size)
+        current = evaluate_gradient(model, objective, *batch)
+        reason = _divergence(current, params, torch.tensor(batch[0].num_tokens, dtype=torch.float64),
+                             config.divergence_logp_per_token)
+        if step % config.eval_every == 0 or step == config.steps or reason is not None:
+            records.append(_record(model, objective, problem, evaluator, names, finite=reason is None))
+            steps.append(step)
+            losses.append(float(current.value))
+        if reason is not None:
+            diverged_at = step
+            break
+        if step < config.steps:
+            params = optimizer.step(params, current.gradients)
+            bar.update(1)
+    bar.close()
+    return _trajectory(steps, names, records, losses, diverged_at, reason,
+                       {"objective": dataclasses.asdict(objective), "dynamics": dataclasses.asdict(config),
+                        "model": type(model).__name__})
+
+
+def _record(model, objective, problem, evaluator, names, finite: bool) -> dict[str, np.ndarray]:
+    if not finite:
+        return {}
+    return evaluator.evaluate(model) | gradient_diagnostics(model, objective, problem, names)
+
+
+def _trajectory(steps, names, records, losses, diverged_at, reason, info) -> Trajectory:
+    metrics = {}
+    for metric in ("kl_true", "kl_retrained", "kl_reference", "logp_per_token", "mean_weight", "power_share"):
+        metrics[metric] = np.array([r.get(metric, np.full(len(names), np.nan)) for r in records]).reshape(len(records), len(names))
+    return Trajectory(np.asarray(steps), tuple(names), metrics, {"loss": np.asarray(losses, dtype=np.float64)},
+                      diverged_at, reason, info)
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, disable=not enabled, desc="unlearning", leave=False)
+
+
+def gradient_flow(model, objective: Objective, forget: SequenceSet, retain: SequenceSet | None, reference,
+                  times, evaluator: Evaluator | None = None, method: str = "RK45", rtol: float = 1e-8,
+                  atol: float = 1e-10) -> Trajectory:
+    """Integrate ``d theta / dt = -grad L(theta)`` with ``scipy.integrate.solve_ivp``; evaluate at ``times``.
+
+    The trajectory's ``steps`` are the (float) times. Gradient descent with step ``eta`` for ``k`` steps
+    approximates the flow at ``t = k eta`` when ``eta`` is small.
+    """
+    with torch_threads(1):
+        return _gradient_flow(model, objective, forget, retain, reference, times, evaluator, method, rtol, atol)
+
+
+def _gradient_flow(model, objective, forget, retain, reference, times, evaluator, method, rtol, atol) -> Trajectory:
+    from scipy.integrate import solve_ivp
+
+    times = np.asarray(times, dtype=np.float64)
+    if times.ndim != 1 or times.size == 0 or times[0] < 0 or np.any(np.diff(times) < 0):
+        raise ValueError("times must be a non-empty, non-decreasing 1-d array of non-negative times")
+    problem = Problem.build(objective, forget, retain, reference)
+    shapes = [p.shape for p in model.parameters()]
+    sizes = [int(np.prod(s)) for s in shapes]
+
+    def unflatten(vector):
+        parts = np.split(np.asarray(vector), np.cumsum(sizes)[:-1])
+        return [torch.as_tensor(part.copy()).reshape(shape) for part, shape in zip(parts, shapes)]
+
+    def velocity(_, vector):
+        gradients = objective_value_and_gradient(model.with_parameters(*unflatten(vector)), objective,
+                                                 *problem.batch(None, None)).gradients
+        return -np.concatenate([g.reshape(-1).numpy() for g in gradients])
+
+    start = np.concatenate([p.reshape(-1).numpy() for p in model.parameters()])
+    solution = solve_ivp(velocity, (0.0, float(times[-1])), start, t_eval=times, method=method, rtol=rtol, atol=atol)
+    if not solution.success:
+        raise RuntimeError(f"solve_ivp failed: {solution.message}")
+    if evaluator is None:
+        from .data import concatenate
+
+        evaluator = Evaluator(concatenate([s for s in (forget, retain) if s is not None]), reference)
+    records, losses = [], []
+    for column in solution.y.T:
+        point = model.with_parameters(*unflatten(column))
+        records.append(_record(point, objective, problem, evaluator, evaluator.component_names, True))
+        losses.append(float(objective_value(point, objective, *problem.batch(None, None))))
+    return _trajectory(times, evaluator.component_names, records, losses, None, None,
+                       {"objective": dataclasses.asdict(objective), "flow": {"method": method, "rtol": rtol, "atol": atol},
+                        "model": type(model).__name__})

@@ -1,0 +1,565 @@
+"""Unlearning losses: the single implementation shared by the simulator and the LLM side.
+
+Everything here is a pure torch function of per-sequence tensors (THEORY.md sections 1-2):
+
+    logps       (B,)  sum of response-token log-probs, logp_theta(y|x)
+    ref_logps   (B,)  the same under the reference model pi_ref (the model before unlearning)
+    num_tokens  (B,)  |y|, the number of response tokens (> 0)
+
+Each forget loss returns per-sequence losses (B,); a batch loss is their mean. Minimising a forget
+loss lowers logps on forget data. Functions never change dtype or device: they compute in the
+input dtype (float64 in the simulator, bf16/fp32 on GPU), following torch type promotion when
+inputs differ (an integer ``num_tokens`` keeps the dtype of ``logps``).
+
+For the sequence-level losses (ga, ga_sum, npo, simnpo) the gradient is a per-sequence weight
+times the gradient of logps, d loss / d theta = w(y) * d logp_theta(y) / d theta, and
+``gradient_weights`` gives w in closed form. No model code here: ``llm`` imports this module.
+
+Naming: ``gamma`` is always SimNPO's reward margin (SimNPO paper). The weights of the forget and
+retain terms are ``forget_weight`` and ``retain_weight`` (open-unlearning calls the forget weight
+"gamma" and the official WMDP code calls the retain weight "gamma"; we do not).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "sequence_logps",
+    "ga",
+    "ga_sum",
+    "npo",
+    "simnpo",
+    "dpo",
+    "wga",
+    "nll",
+    "kl",
+    "gradient_weights",
+    "LOSSES",
+    "RETAIN_TERMS",
+    "Objective",
+    "OBJECTIVES",
+    "get_objective",
+]
+
+
+# ---------------------------------------------------------------------------------------------
+# Input validation (cheap: one reduction per tensor)
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_tensor(name: str, x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor, got {type(x).__name__}; "
+            f"wrap it with torch.as_tensor(...)"
+        )
+    return x
+
+
+def _check_float(name: str, x) -> torch.Tensor:
+    _check_tensor(name, x)
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    return x
+
+
+def _check_per_sequence(name: str, x, like: torch.Tensor | None = None) -> torch.Tensor:
+    """A finite floating (B,) tensor, with the shape of ``like`` if given."""
+    _check_float(name, x)
+    if x.ndim != 1:
+        raise ValueError(f"{name} must have shape (B,) (one value per sequence), got {tuple(x.shape)}")
+    if like is not None and x.shape != like.shape:
+        raise ValueError(
+            f"{name} has shape {tuple(x.shape)} but logps has shape {tuple(like.shape)}; "
+            f"pass one value per sequence for both"
+        )
+    if not torch.isfinite(x).all():
+        raise ValueError(
+            f"{name} contains NaN or inf; sequence log-likelihoods must be finite "
+            f"(very negative is fine). Check for -inf token log-probs at unmasked positions"
+        )
+    return x
+
+
+def _check_num_tokens(num_tokens, logps: torch.Tensor) -> torch.Tensor:
+    """|y| per sequence: a (B,) tensor (integer or floating) of finite values > 0."""
+    _check_tensor("num_tokens", num_tokens)
+    if num_tokens.shape != logps.shape:
+        raise ValueError(
+            f"num_tokens has shape {tuple(num_tokens.shape)} but logps has shape "
+            f"{tuple(logps.shape)}; pass one token count per sequence"
+        )
+    if num_tokens.is_floating_point() and not torch.isfinite(num_tokens).all():
+        raise ValueError("num_tokens contains NaN or inf; pass the response-token counts")
+    if not (num_tokens > 0).all():
+        raise ValueError(
+            "num_tokens must be > 0 for every sequence; drop sequences with no response tokens "
+            "(fully masked) before computing the loss"
+        )
+    return num_tokens
+
+
+def _check_number(name: str, value, *, positive: bool = False, nonnegative: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}; use a small positive value instead")
+    if nonnegative and not value >= 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def _check_beta(beta) -> float:
+    return _check_number("beta", beta, positive=True)
+
+
+def _check_mask(mask, shape: torch.Size) -> torch.Tensor:
+    """A (B, T) mask, bool or 0/1 numbers, returned as bool."""
+    _check_tensor("mask", mask)
+    if mask.shape != shape:
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(shape)} (B, T)")
+    if mask.dtype != torch.bool:
+        if not ((mask == 0) | (mask == 1)).all():
+            raise ValueError("mask must be bool or contain only 0 and 1")
+        mask = mask.bool()
+    return mask
+
+
+def _check_token_values(name: str, x: torch.Tensor, mask: torch.Tensor, *, allow_neg_inf: bool) -> None:
+    """Values at masked-in positions must be finite (or -inf if allowed); padding is ignored."""
+    kept = x[mask]  # (N, ...) masked-in positions only
+    ok = (kept < math.inf).all() if allow_neg_inf else torch.isfinite(kept).all()
+    if not ok:
+        allowed = "finite or -inf (probability 0)" if allow_neg_inf else "finite"
+        raise ValueError(
+            f"{name} has NaN or inf at unmasked positions; values there must be {allowed}. "
+            f"Padding positions (mask False) may hold anything"
+        )
+
+
+def _check_nonempty(mask: torch.Tensor) -> None:
+    if not mask.any(-1).all():
+        raise ValueError("every sequence needs at least one unmasked token; drop empty sequences")
+
+
+# ---------------------------------------------------------------------------------------------
+# Token log-probs -> per-sequence log-likelihood
+# ---------------------------------------------------------------------------------------------
+
+
+def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence log-likelihood and response length from per-token log-probs.
+
+    logps_b = sum_t mask_bt * token_logps_bt = logp_theta(y|x),  num_tokens_b = sum_t mask_bt = |y|.
+
+    Args:
+        token_logps: (B, T) float, log pi_theta(y_t | x, y_<t) at each position.
+        mask: (B, T) bool or 0/1, True on response tokens. Padding (mask False) may hold any value,
+            including -inf or NaN: it is selected away with ``torch.where``, so it reaches neither
+            the result nor the gradient (which is exactly 0 there).
+
+    Returns:
+        logps (B,) and num_tokens (B,), both in the dtype of ``token_logps``. The count is exact
+        in int64 before the cast (bf16 represents integers exactly only up to 256). A row with no
+        response tokens gives logps 0 and num_tokens 0, which the losses reject.
+    """
+    _check_float("token_logps", token_logps)
+    if token_logps.ndim != 2:
+        raise ValueError(f"token_logps must have shape (B, T), got {tuple(token_logps.shape)}")
+    mask = _check_mask(mask, token_logps.shape)
+    _check_token_values("token_logps", token_logps, mask, allow_neg_inf=False)
+    logps = torch.where(mask, token_logps, 0.0).sum(-1)  # (B,)
+    num_tokens = mask.sum(-1).to(token_logps.dtype)  # (B,)
+    return logps, num_tokens
+
+
+# ---------------------------------------------------------------------------------------------
+# Forget losses, per sequence (B,)
+# ---------------------------------------------------------------------------------------------
+
+
+def ga(logps: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
+    """Gradient ascent, token mean (the usual implementation; THEORY.md table row ``ga``).
+
+    L_GA(y) = logp_theta(y) / |y|;  gradient weight w = 1/|y|.
+
+    Args: logps (B,), num_tokens (B,) > 0.  Returns: (B,) per-sequence losses.
+    """
+    _check_per_sequence("logps", logps)
+    _check_num_tokens(num_tokens, logps)
+    return logps / num_tokens  # (B,)
+
+
+def ga_sum(logps: torch.Tensor) -> torch.Tensor:
+    """Gradient ascent on the summed log-likelihood (THEORY.md table row ``ga_sum``).
+
+    L(y) = logp_theta(y);  gradient weight w = 1.
+
+    Args: logps (B,).  Returns: (B,) per-sequence losses.
+    """
+    _check_per_sequence("logps", logps)
+    return logps.clone()  # (B,) a new tensor, so callers may modify it in place
+
+
+def npo(logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tensor:
+    """Negative Preference Optimization (NPO paper, Sec. 3, eq. for L_NPO,beta).
+
+    L_NPO(y) = -(2/beta) log sigma( -beta (logp_theta(y) - logp_ref(y)) )
+    gradient weight w = 2 sigma( beta (logp_theta - logp_ref) )
+                      = 2 pi_theta^beta / (pi_theta^beta + pi_ref^beta),
+    so w = 1 at theta = ref and 0 < w < 2. As beta -> 0, L - (2/beta) log 2 -> logp_theta - logp_ref (GA).
+
+    Args:
+        logps: (B,) sequence log-likelihood under pi_theta (summed over response tokens).
+        ref_logps: (B,) the same under the reference model (no gradient needed).
+        beta: inverse temperature > 0 (official configs: 0.1).
+
+    Returns: (B,) per-sequence losses.
+    """
+    _check_per_sequence("logps", logps)
+    _check_per_sequence("ref_logps", ref_logps, like=logps)
+    beta = _check_beta(beta)
+    log_ratio = logps - ref_logps  # (B,)
+    return -(2.0 / beta) * F.logsigmoid(-beta * log_ratio)  # (B,)
+
+
+def simnpo(logps: torch.Tensor, num_tokens: torch.Tensor, beta: float, gamma: float = 0.0) -> torch.Tensor:
+    """Simple NPO, reference-free and length-normalised (SimNPO paper, Sec. 4, eq. for L_SimNPO).
+
+    L_SimNPO(y) = -(2/beta) log sigma( -(beta/|y|) logp_theta(y) - gamma )
+    gradient weight w = (2/|y|) sigma( (beta/|y|) logp_theta(y) + gamma ), so 0 < |y| w < 2, and with
+    gamma = 0, w -> 1/|y| (length-normalised GA) as beta -> 0.
+
+    Mapping to other code: the official SimNPO code and open-unlearning write
+    -(2/beta) log sigma( beta (NLL/|y| - delta) ) with NLL = -logp_theta(y); their margin ``delta``
+    (called ``gamma`` in the official TOFU code) equals our ``gamma / beta``, i.e.
+    gamma = beta * delta. Our ``gamma`` is the paper's reward margin (>= 0 in the paper; any finite
+    value is accepted). It is NOT open-unlearning's ``gamma`` (the forget weight, our
+    ``forget_weight``) nor the WMDP code's ``gamma`` (the retain weight, our ``retain_weight``).
+
+    Args:
+        logps: (B,) sequence log-likelihood under pi_theta.
+        num_tokens: (B,) response lengths |y| > 0.
+        beta: inverse temperature > 0 (TOFU forget05: 2.5; forget10: 4.5).
+        gamma: reward margin (TOFU: 0).
+
+    Returns: (B,) per-sequence losses.
+    """
+    _check_per_sequence("logps", logps)
+    _check_num_tokens(num_tokens, logps)
+    beta = _check_beta(beta)
+    gamma = _check_number("gamma", gamma)
+    margin = -beta * logps / num_tokens - gamma  # (B,) the reward -(beta/|y|) logp_theta - gamma
+    return -(2.0 / beta) * F.logsigmoid(margin)  # (B,)
+
+
+def dpo(
+    logps_w: torch.Tensor,
+    ref_logps_w: torch.Tensor,
+    logps_l: torch.Tensor,
+    ref_logps_l: torch.Tensor,
+    beta: float,
+) -> torch.Tensor:
+    """DPO for unlearning: a refusal as the preferred answer y_w, the forget answer as y_l.
+
+    L_DPO = -(2/beta) log sigma( beta [ (logp_theta(y_w) - logp_ref(y_w))
+                                       - (logp_theta(y_l) - logp_ref(y_l)) ] )
+    (DPO paper eq. 7, scaled by 2 as in the NPO paper). Not a sequence-level-weight loss (it has two
+    responses per example); used on the LLM side only.
+
+    Args: logps_w, ref_logps_w, logps_l, ref_logps_l: (B,) each; beta > 0.
+    Returns: (B,) per-example losses.
+    """
+    _check_per_sequence("logps_w", logps_w)
+    for name, x in (("ref_logps_w", ref_logps_w), ("logps_l", logps_l), ("ref_logps_l", ref_logps_l)):
+        _check_per_sequence(name, x, like=logps_w)
+    beta = _check_beta(beta)
+    margin = (logps_w - ref_logps_w) - (logps_l - ref_logps_l)  # (B,)
+    return -(2.0 / beta) * F.logsigmoid(beta * margin)  # (B,)
+
+
+def wga(token_logps: torch.Tensor, mask: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    """Weighted gradient ascent (WGA; Wang et al. 2025, "Rethinking LLM Unlearning Objectives").
+
+    L_WGA(y) = (1/|y|) sum_t sg(p_t^alpha) log p_t,  p_t = pi_theta(y_t | x, y_<t),
+    sg = stop-gradient (the weights exp(alpha * token_logps) are detached). Token-level, so it has
+    no sequence-level weight: d L / d token_logps_t = p_t^alpha / |y| on response tokens, 0 on padding.
+
+    Args:
+        token_logps: (B, T) float log p_t; padding (mask False) may hold any value.
+        mask: (B, T) bool or 0/1, True on response tokens; every row needs at least one.
+        alpha: weight exponent >= 0 (alpha = 0 is token-mean GA).
+
+    Returns: (B,) per-sequence losses.
+    """
+    _check_float("token_logps", token_logps)
+    if token_logps.ndim != 2:
+        raise ValueError(f"token_logps must have shape (B, T), got {tuple(token_logps.shape)}")
+    mask = _check_mask(mask, token_logps.shape)
+    _check_token_values("token_logps", token_logps, mask, allow_neg_inf=False)
+    _check_nonempty(mask)
+    alpha = _check_number("alpha", alpha, nonnegative=True)
+    kept = torch.where(mask, token_logps, 0.0)  # (B, T), padding -> 0
+    weights = torch.exp(alpha * kept).detach()  # (B, T) sg(p_t^alpha); 1 on padding, times 0 below
+    num_tokens = mask.sum(-1)  # (B,) int64
+    return (weights * kept).sum(-1) / num_tokens  # (B,)
+
+
+# ---------------------------------------------------------------------------------------------
+# Retain terms, per sequence (B,)
+# ---------------------------------------------------------------------------------------------
+
+
+def nll(logps: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
+    """Retain negative log-likelihood, token mean (THEORY.md section 2, nll_retain).
+
+    nll(y) = -logp_theta(y) / |y|.
+
+    Args: logps (B,), num_tokens (B,) > 0.  Returns: (B,) per-sequence values.
+    """
+    _check_per_sequence("logps", logps)
+    _check_num_tokens(num_tokens, logps)
+    return -logps / num_tokens  # (B,)
+
+
+def kl(ref_logprobs: torch.Tensor, logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Retain KL to the reference, per-sequence mean over response tokens (THEORY.md section 2).
+
+    kl(y) = (1/|y|) sum_{t in response} KL( pi_ref(.|ctx_t) || pi_theta(.|ctx_t) ),
+    KL(p || q) = sum_v p_v (log p_v - log q_v), with 0 log 0 = 0: vocabulary entries where the
+    reference probability is 0 (ref log-prob -inf, or exp underflows) contribute exactly 0. If
+    pi_theta gives probability 0 where pi_ref does not, the KL is +inf (the true value).
+
+    The batch mean of these per-sequence means equals THEORY.md's token mean over all retain
+    tokens only when all sequences have the same length.
+
+    Args:
+        ref_logprobs: (B, T, V) reference log-probabilities over the vocabulary (may hold -inf).
+        logprobs: (B, T, V) current model log-probabilities (e.g. log_softmax of the logits).
+        mask: (B, T) bool or 0/1, True on response tokens; padding may hold any value.
+
+    Returns: (B,) per-sequence mean token KL.
+    """
+    _check_float("ref_logprobs", ref_logprobs)
+    _check_float("logprobs", logprobs)
+    if ref_logprobs.ndim != 3 or logprobs.shape != ref_logprobs.shape:
+        raise ValueError(
+            f"ref_logprobs and logprobs must both have shape (B, T, V), got "
+            f"{tuple(ref_logprobs.shape)} and {tuple(logprobs.shape)}"
+        )
+    mask = _check_mask(mask, ref_logprobs.shape[:2])
+    _check_token_values("ref_logprobs", ref_logprobs, mask, allow_neg_inf=True)
+    _check_token_values("logprobs", logprobs, mask, allow_neg_inf=True)
+    _check_nonempty(mask)
+    ref_probs = ref_logprobs.exp()  # (B, T, V)
+    keep = mask[..., None] & (ref_probs > 0)  # (B, T, V) response tokens x reference support
+    ref_probs = torch.where(keep, ref_probs, 0.0)  # (B, T, V)
+    log_ratio = torch.where(keep, ref_logprobs - logprobs, 0.0)  # (B, T, V)
+    token_kl = (ref_probs * log_ratio).sum(-1)  # (B, T), 0 on padding
+    return token_kl.sum(-1) / mask.sum(-1)  # (B,)
+
+
+# ---------------------------------------------------------------------------------------------
+# Closed-form gradient weights
+# ---------------------------------------------------------------------------------------------
+
+
+def _ga_weights(logps, num_tokens):
+    return torch.ones_like(logps) / num_tokens  # (B,) 1/|y|
+
+
+def _ga_sum_weights(logps):
+    return torch.ones_like(logps)  # (B,) 1
+
+
+def _npo_weights(logps, ref_logps, beta):
+    return 2.0 * torch.sigmoid(beta * (logps - ref_logps))  # (B,)
+
+
+def _simnpo_weights(logps, num_tokens, beta, gamma):
+    return 2.0 * torch.sigmoid(beta * logps / num_tokens + gamma) / num_tokens  # (B,)
+
+
+_WEIGHTS: dict[str, Callable[..., torch.Tensor]] = {
+    "ga": _ga_weights,
+    "ga_sum": _ga_sum_weights,
+    "npo": _npo_weights,
+    "simnpo": _simnpo_weights,
+}
+
+# The arguments (besides logps) each sequence-level loss and its weight take.
+_SEQUENCE_ARGS: dict[str, tuple[str, ...]] = {
+    "ga": ("num_tokens",),
+    "ga_sum": (),
+    "npo": ("ref_logps", "beta"),
+    "simnpo": ("num_tokens", "beta", "gamma"),
+}
+
+
+def _sequence_kwargs(name: str, available: dict) -> dict:
+    """The keyword arguments ``name`` needs, taken from ``available``; missing ones -> ValueError."""
+    if name not in LOSSES:
+        raise ValueError(f"unknown loss {name!r}; valid names: {sorted(LOSSES)}")
+    if name not in _SEQUENCE_ARGS:
+        raise ValueError(
+            f"{name!r} is not a sequence-level-weight loss (dpo takes two responses per example; "
+            f"wga weights each token); it is LLM-side only: call LOSSES[{name!r}] directly. "
+            f"Sequence-level losses: {sorted(_SEQUENCE_ARGS)}"
+        )
+    missing = [arg for arg in _SEQUENCE_ARGS[name] if available.get(arg) is None]
+    if missing:
+        raise ValueError(f"loss {name!r} needs {missing}; pass them (got None)")
+    return {arg: available[arg] for arg in _SEQUENCE_ARGS[name]}
+
+
+def gradient_weights(
+    name: str,
+    logps: torch.Tensor,
+    num_tokens: torch.Tensor | None = None,
+    ref_logps: torch.Tensor | None = None,
+    beta: float | None = None,
+    gamma: float = 0.0,
+) -> torch.Tensor:
+    """Closed-form w(y) with d loss(y) / d theta = w(y) * d logp_theta(y) / d theta (THEORY.md table).
+
+    ga: 1/|y|;  ga_sum: 1;  npo: 2 sigma(beta (logp_theta - logp_ref));
+    simnpo: (2/|y|) sigma((beta/|y|) logp_theta + gamma).
+    dpo and wga have no sequence-level weight (ValueError).
+
+    Args: name (a key of LOSSES); logps (B,); num_tokens (B,) for ga/simnpo; ref_logps (B,) and
+        beta for npo; beta and gamma for simnpo. Arguments a loss does not use are ignored.
+    Returns: (B,) weights, detached from the graph.
+    """
+    kwargs = _sequence_kwargs(
+        name, dict(num_tokens=num_tokens, ref_logps=ref_logps, beta=beta, gamma=gamma)
+    )
+    _check_per_sequence("logps", logps)
+    if "num_tokens" in kwargs:
+        _check_num_tokens(num_tokens, logps)
+    if "ref_logps" in kwargs:
+        _check_per_sequence("ref_logps", ref_logps, like=logps)
+    if "beta" in kwargs:
+        _check_beta(beta)
+    if "gamma" in kwargs:
+        _check_number("gamma", gamma)
+    detached = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    return _WEIGHTS[name](logps.detach(), **detached)
+
+
+# ---------------------------------------------------------------------------------------------
+# Registries and objectives
+# ---------------------------------------------------------------------------------------------
+
+LOSSES: dict[str, Callable[..., torch.Tensor]] = {
+    "ga": ga,
+    "ga_sum": ga_sum,
+    "npo": npo,
+    "simnpo": simnpo,
+    "dpo": dpo,
+    "wga": wga,
+}
+
+RETAIN_TERMS: dict[str, Callable[..., torch.Tensor]] = {"nll": nll, "kl": kl}
+
+
+@dataclasses.dataclass(frozen=True)
+class Objective:
+    """An unlearning objective: forget_weight * forget_loss + retain_weight * retain_term.
+
+    Attributes:
+        forget: a key of LOSSES.
+        retain: a key of RETAIN_TERMS, or None for a forget-only objective.
+        forget_weight, retain_weight: finite, >= 0 (open-unlearning's "gamma" / "alpha";
+            the WMDP code's "gamma" is the retain weight).
+        beta: inverse temperature of npo / simnpo / dpo, > 0.
+        gamma: SimNPO's reward margin (= beta * delta of the official code / open-unlearning).
+        alpha: WGA's weight exponent, >= 0.
+    """
+
+    forget: str
+    retain: str | None = None
+    forget_weight: float = 1.0
+    retain_weight: float = 1.0
+    beta: float = 0.1
+    gamma: float = 0.0
+    alpha: float = 1.0
+
+    def __post_init__(self):
+        if self.forget not in LOSSES:
+            raise ValueError(f"unknown forget loss {self.forget!r}; valid names: {sorted(LOSSES)}")
+        if self.retain is not None and self.retain not in RETAIN_TERMS:
+            raise ValueError(
+                f"unknown retain term {self.retain!r}; valid names: {sorted(RETAIN_TERMS)} or None"
+            )
+        for name in ("forget_weight", "retain_weight", "alpha"):
+            _check_number(name, getattr(self, name), nonnegative=True)
+        _check_beta(self.beta)
+        _check_number("gamma", self.gamma)
+
+    @property
+    def needs_reference(self) -> bool:
+        """Whether the objective needs the reference model (npo, dpo, or a KL retain term)."""
+        return self.forget in ("npo", "dpo") or self.retain == "kl"
+
+    def forget_losses(
+        self, logps: torch.Tensor, num_tokens: torch.Tensor, ref_logps: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Per-sequence forget losses (B,) for ga, ga_sum, npo (needs ref_logps) and simnpo."""
+        available = dict(num_tokens=num_tokens, ref_logps=ref_logps, beta=self.beta, gamma=self.gamma)
+        return LOSSES[self.forget](logps, **_sequence_kwargs(self.forget, available))
+
+    def forget_weights(
+        self, logps: torch.Tensor, num_tokens: torch.Tensor, ref_logps: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Closed-form gradient weights (B,) of the forget loss (see ``gradient_weights``)."""
+        return gradient_weights(
+            self.forget, logps, num_tokens, ref_logps, beta=self.beta, gamma=self.gamma
+        )
+
+    def total(self, forget_loss_mean: torch.Tensor, retain_value: torch.Tensor | None = None) -> torch.Tensor:
+        """forget_weight * forget_loss_mean + retain_weight * retain_value (retain iff self.retain)."""
+        _check_tensor("forget_loss_mean", forget_loss_mean)
+        if self.retain is None:
+            if retain_value is not None:
+                raise ValueError("this objective has no retain term; pass retain_value=None")
+            return self.forget_weight * forget_loss_mean
+        if retain_value is None:
+            raise ValueError(f"objective has retain term {self.retain!r}; pass its value as retain_value")
+        _check_tensor("retain_value", retain_value)
+        return self.forget_weight * forget_loss_mean + self.retain_weight * retain_value
+
+
+# Paper names. NPO: beta 0.1 (official configs). SimNPO: TOFU forget05 (beta 2.5, gamma 0); with a
+# retain term the official forget05 weights (forget 0.1375, retain 1).
+_SIMNPO = dict(beta=2.5, gamma=0.0)
+_SIMNPO_RETAIN = dict(_SIMNPO, forget_weight=0.1375, retain_weight=1.0)
+OBJECTIVES: dict[str, Objective] = {
+    "GA": Objective("ga"),
+    "GradDiff": Objective("ga", "nll"),
+    "NPO": Objective("npo", beta=0.1),
+    "NPO+RT": Objective("npo", "nll", beta=0.1),
+    "NPO+KL": Objective("npo", "kl", beta=0.1),
+    "SimNPO": Objective("simnpo", **_SIMNPO),
+    "SimNPO+RT": Objective("simnpo", "nll", **_SIMNPO_RETAIN),
+    "SimNPO+KL": Objective("simnpo", "kl", **_SIMNPO_RETAIN),
+}
+
+
+def get_objective(name: str, **overrides) -> Objective:
+    """The named objective of OBJECTIVES with fields replaced, e.g. get_objective("NPO", beta=0.2)."""
+    if name not in OBJECTIVES:
+        raise ValueError(f"unknown objective {name!r}; valid names: {list(OBJECTIVES)}")
+    fields = {f.name for f in dataclasses.fields(Objective)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ValueError(f"unknown Objective fields {unknown}; valid fields: {sorted(fields)}")
+    return dataclasses.replace(OBJECTIVES[name], **overrides)

@@ -1,0 +1,86 @@
+"""Plots that accept any :class:`~markovsim.trajectory.Trajectory` (simulator or transformer).
+
+``tradeoff_axes`` draws the paper's Markov figure: forget quality (KL from the true chain, per
+forget component) against retain distance, one trajectory per method, with the initial and
+retrained models marked. ``allocation_axes`` draws mean gradient weight and power share over steps.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from .trajectory import Trajectory  # noqa: E402
+
+METHOD_COLORS = {"GA": "#7f7f7f", "GradDiff": "#2ca02c", "NPO": "#d62728", "NPO+RT": "#ff9896", "NPO+KL": "#e377c2",
+                 "SimNPO": "#1f77b4", "SimNPO+RT": "#aec7e8", "SimNPO+KL": "#17becf"}
+LINESTYLES = ("-", "--", ":", "-.")
+
+
+def method_color(method: str) -> str:
+    return METHOD_COLORS.get(method.split(" ")[0], "#333333")
+
+
+def tradeoff_axes(axis, trajectories: Mapping[str, Trajectory], forget_component: str, retain_component: str = "retain",
+                  metric: str = "kl_true", retrained: Mapping[str, float] | None = None, linestyle: str = "-",
+                  label_suffix: str = "") -> None:
+    """y = ``metric`` on the forget component (higher = more forgotten), x = ``metric`` on retain (lower = better)."""
+    for method, trajectory in trajectories.items():
+        x = trajectory.metric(metric, retain_component)
+        y = trajectory.metric(metric, forget_component)
+        axis.plot(x, y, linestyle, color=method_color(method), label=f"{method}{label_suffix}", lw=1.5)
+        axis.plot(x[-1:], y[-1:], "o", color=method_color(method), ms=3)
+        if trajectory.diverged_at is not None:
+            axis.plot(x[-1:], y[-1:], "x", color=method_color(method), ms=7)
+    first = next(iter(trajectories.values()))
+    axis.plot(first.metric(metric, retain_component)[:1], first.metric(metric, forget_component)[:1], "k*", ms=9,
+              label="initial (reference)" if not label_suffix else None)
+    if retrained is not None:
+        axis.plot([retrained[retain_component]], [retrained[forget_component]], "*", color="#ff7f0e", ms=11,
+                  label="retrained" if not label_suffix else None)
+        axis.axhline(retrained[forget_component], color="#ff7f0e", lw=0.8, ls=":")
+    axis.set_xlabel(f"retain distance: KL on {retain_component}")
+    axis.set_ylabel(f"forget quality: KL on {forget_component}")
+    axis.set_title(forget_component)
+
+
+def allocation_axes(weight_axis, share_axis, trajectories: Mapping[str, Trajectory], components) -> None:
+    """Mean gradient weight (log scale) and power share over steps; one colour per method, one style per component."""
+    for method, trajectory in trajectories.items():
+        for index, name in enumerate(components):
+            style = LINESTYLES[index % len(LINESTYLES)]
+            weight = trajectory.metric("mean_weight", name)
+            if np.any(np.isfinite(weight)):
+                weight_axis.plot(trajectory.steps, weight, style, color=method_color(method), label=f"{method} {name}")
+            share_axis.plot(trajectory.steps, trajectory.metric("power_share", name), style,
+                            color=method_color(method), label=f"{method} {name}")
+    weight_axis.set_yscale("log")
+    weight_axis.set_xlabel("step")
+    weight_axis.set_ylabel("mean gradient weight w(y)")
+    share_axis.set_xlabel("step")
+    share_axis.set_ylabel("share of gradient norm")
+    share_axis.set_ylim(0, 1)
+
+
+def scenario_figure(runs: Mapping[str, Mapping[str, Trajectory]], retrained: Mapping[str, Mapping[str, float]],
+                    forget_components, title: str):
+    """One row per model class: a trade-off panel per forget component, then weights and power share."""
+    figure, axes = plt.subplots(len(runs), len(forget_components) + 2, squeeze=False,
+                                figsize=(4.0 * (len(forget_components) + 2), 3.4 * len(runs)))
+    for row, (model_class, trajectories) in enumerate(runs.items()):
+        for col, component in enumerate(forget_components):
+            tradeoff_axes(axes[row, col], trajectories, component, retrained=retrained.get(model_class))
+            axes[row, col].set_title(f"{model_class}: {component}")
+        allocation_axes(axes[row, -2], axes[row, -1], trajectories, forget_components)
+        axes[row, -2].set_title(f"{model_class}: gradient weight")
+        axes[row, -1].set_title(f"{model_class}: unlearning power")
+    axes[0, 0].legend(fontsize=7)
+    axes[0, -1].legend(fontsize=6, ncol=2)
+    figure.suptitle(title)
+    figure.set_layout_engine("constrained")
+    return figure

@@ -1,0 +1,592 @@
+"""Tests of markovsim.losses against independent references (THEORY.md sections 1-3), float64."""
+
+from __future__ import annotations
+
+import inspect
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from markovsim import losses
+import strategies as S  # tests/strategies.py (tests/ is on sys.path under pytest's rootdir insertion)
+
+DTYPE = torch.float64
+SEQUENCE_LOSSES = ["ga", "ga_sum", "npo", "simnpo"]
+FAST = settings(max_examples=60, deadline=None)
+SLOW = settings(max_examples=25, deadline=None)
+
+
+# ---------------------------------------------------------------------------------------------
+# Helpers: each loss as a function of logps alone, with its explicit arguments (no module dispatch)
+# ---------------------------------------------------------------------------------------------
+
+
+def loss_of_logps(name, ref_logps, num_tokens, beta, gamma):
+    return {
+        "ga": lambda logps: losses.ga(logps, num_tokens),
+        "ga_sum": lambda logps: losses.ga_sum(logps),
+        "npo": lambda logps: losses.npo(logps, ref_logps, beta),
+        "simnpo": lambda logps: losses.simnpo(logps, num_tokens, beta, gamma),
+    }[name]
+
+
+def weights(name, logps, ref_logps, num_tokens, beta, gamma):
+    return losses.gradient_weights(
+        name, logps, num_tokens=num_tokens, ref_logps=ref_logps, beta=beta, gamma=gamma
+    )
+
+
+def autograd_weights(name, logps, ref_logps, num_tokens, beta, gamma):
+    leaf = logps.clone().requires_grad_(True)
+    loss_of_logps(name, ref_logps, num_tokens, beta, gamma)(leaf).sum().backward()
+    return leaf.grad
+
+
+def curvature_scale(name, num_tokens, beta):
+    """The scale of logps over which the loss bends (for finite-difference steps)."""
+    ones = torch.ones_like(num_tokens)
+    return {"ga": ones, "ga_sum": ones, "npo": beta * ones, "simnpo": beta / num_tokens}[name]
+
+
+def unigram_logps(theta, tokens, mask):
+    """logps = sum of log_softmax(theta)[tokens] over the mask, via losses.sequence_logps."""
+    token_logps = torch.log_softmax(theta, -1)[tokens]  # (B, T)
+    return losses.sequence_logps(token_logps, mask)
+
+
+def sigma(z):
+    return 1.0 / (1.0 + math.exp(-z))
+
+
+# ---------------------------------------------------------------------------------------------
+# 1. Gradients: autograd == closed form == finite differences
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", SEQUENCE_LOSSES)
+@FAST
+@given(batch=S.sequence_batches(), beta=S.betas(), gamma=S.gammas())
+def test_autograd_equals_closed_form_weight(name, batch, beta, gamma):
+    logps, ref_logps, num_tokens = batch
+    expected = weights(name, logps, ref_logps, num_tokens, beta, gamma)
+    got = autograd_weights(name, logps, ref_logps, num_tokens, beta, gamma)
+    torch.testing.assert_close(got, expected, rtol=1e-9, atol=1e-300)
+
+
+@pytest.mark.parametrize("name", SEQUENCE_LOSSES)
+@FAST
+@given(batch=S.moderate_sequence_batches(), beta=S.betas(1e-2, 10.0), gamma=S.gammas())
+def test_finite_differences_in_logps_equal_closed_form_weight(name, batch, beta, gamma):
+    logps, ref_logps, num_tokens = batch
+    loss = loss_of_logps(name, ref_logps, num_tokens, beta, gamma)
+    step = 1e-3 / curvature_scale(name, num_tokens, beta)  # (B,) elementwise: losses are per sequence
+    central = (loss(logps + step) - loss(logps - step)) / (2 * step)
+    expected = weights(name, logps, ref_logps, num_tokens, beta, gamma)
+    torch.testing.assert_close(central, expected, rtol=1e-6, atol=1e-300)
+
+
+@pytest.mark.parametrize("name", SEQUENCE_LOSSES)
+@SLOW
+@given(problem=S.unigram_problems(), beta=S.betas(1e-2, 3.0), gamma=S.gammas(2.0))
+def test_chain_rule_through_a_tiny_model(name, problem, beta, gamma):
+    theta, theta_ref, tokens, mask = problem
+    ref_logps, _ = unigram_logps(theta_ref, tokens, mask)
+
+    def total_loss(params):
+        logps, num_tokens = unigram_logps(params, tokens, mask)
+        return loss_of_logps(name, ref_logps, num_tokens, beta, gamma)(logps).sum()
+
+    leaf = theta.clone().requires_grad_(True)
+    total_loss(leaf).backward()
+    # Independent reference: d logps_b / d theta = counts_b - |y_b| softmax(theta).
+    logps, num_tokens = unigram_logps(theta, tokens, mask)
+    counts = (torch.nn.functional.one_hot(tokens, theta.numel()) * mask[..., None]).sum(1).to(DTYPE)
+    dlogps = counts - num_tokens[:, None] * torch.softmax(theta, -1)  # (B, V)
+    w = weights(name, logps, ref_logps, num_tokens, beta, gamma)  # (B,)
+    expected = (w[:, None] * dlogps).sum(0)  # (V,)
+    scale = (w * num_tokens).sum()  # the size of the gradient: |d logps_b / d theta_v| <= |y_b|
+    torch.testing.assert_close(leaf.grad, expected, rtol=1e-9, atol=1e-12 * scale)
+    # Central finite differences on theta.
+    step = 1e-5
+    basis = torch.eye(theta.numel(), dtype=DTYPE)
+    central = torch.stack(
+        [(total_loss(theta + step * e) - total_loss(theta - step * e)) / (2 * step) for e in basis]
+    )
+    torch.testing.assert_close(central, expected, rtol=1e-6, atol=1e-6 * scale)
+
+
+def test_dpo_gradient_closed_form():
+    logps_w = torch.tensor([-3.0, -10.0, -1.0], dtype=DTYPE, requires_grad=True)
+    logps_l = torch.tensor([-5.0, -2.0, -40.0], dtype=DTYPE, requires_grad=True)
+    ref_w = torch.tensor([-4.0, -9.0, -2.0], dtype=DTYPE)
+    ref_l = torch.tensor([-5.5, -1.0, -30.0], dtype=DTYPE)
+    beta = 0.7
+    losses.dpo(logps_w, ref_w, logps_l, ref_l, beta).sum().backward()
+    margin = (logps_w - ref_w) - (logps_l - ref_l)
+    weight = 2 * torch.sigmoid(-beta * margin.detach())  # d L / d logps_l, > 0: lowers logps_l
+    torch.testing.assert_close(logps_l.grad, weight, rtol=1e-12, atol=0)
+    torch.testing.assert_close(logps_w.grad, -weight, rtol=1e-12, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2-5. Invariants from the papers
+# ---------------------------------------------------------------------------------------------
+
+
+@FAST
+@given(batch=S.sequence_batches(), beta=S.betas())
+def test_npo_weight_is_one_at_the_reference(batch, beta):
+    logps, _, _ = batch
+    w = losses.gradient_weights("npo", logps, ref_logps=logps.clone(), beta=beta)
+    assert torch.equal(w, torch.ones_like(logps))
+    got = autograd_weights("npo", logps, logps.clone(), None, beta, 0.0)
+    torch.testing.assert_close(got, torch.ones_like(logps), rtol=1e-12, atol=0)
+    value = losses.npo(logps, logps.clone(), beta)
+    torch.testing.assert_close(value, torch.full_like(logps, 2 * math.log(2) / beta), rtol=1e-12, atol=0)
+
+
+def _log_cosh_sandwich(err, u, scale, tol):
+    """err = scale * log cosh(u), and u^2/2 - u^4/12 <= log cosh(u) <= u^2/2."""
+    upper = scale * u * u / 2
+    lower = scale * (u * u / 2 - u**4 / 12)
+    assert lower - tol <= err <= upper + tol, (err, lower, upper, tol)
+
+
+EPS = torch.finfo(DTYPE).eps
+SMALL_BETAS = [1e-2, 1e-3, 1e-4, 1e-5, 1e-6]
+
+
+@FAST
+@given(ref=st.floats(-1e3, 0.0), diff=st.floats(-50.0, 50.0))
+def test_npo_tends_to_ga_linearly_in_beta(ref, diff):
+    logps, ref_logps = torch.tensor([ref + diff], dtype=DTYPE), torch.tensor([ref], dtype=DTYPE)
+    d = (logps - ref_logps).item()
+    for beta in SMALL_BETAS:
+        u = beta * d / 2
+        # w - 1 = tanh(u), |u| - |u|^3/3 <= |tanh u| <= |u|
+        w_err = abs(losses.gradient_weights("npo", logps, ref_logps=ref_logps, beta=beta).item() - 1)
+        assert abs(u) - abs(u) ** 3 / 3 - 4 * EPS <= w_err <= abs(u) + 4 * EPS
+        # L - (2/beta) log 2 - d = (2/beta) log cosh(u), between beta d^2/4 - O(beta^3) and beta d^2/4
+        loss = losses.npo(logps, ref_logps, beta).item()
+        tol = 8 * EPS * (2 / beta + abs(d))
+        _log_cosh_sandwich(loss - 2 * math.log(2) / beta - d, u, 2 / beta, tol)
+
+
+@FAST
+@given(logp=st.floats(-1e3, 0.0), length=st.integers(1, 4096))
+def test_simnpo_tends_to_length_normalised_ga(logp, length):
+    logps, num_tokens = torch.tensor([logp], dtype=DTYPE), torch.tensor([length], dtype=DTYPE)
+    mean = logp / length
+    for beta in SMALL_BETAS:
+        u = beta * mean / 2
+        w = losses.gradient_weights("simnpo", logps, num_tokens, beta=beta, gamma=0.0).item()
+        assert abs(u) - abs(u) ** 3 / 3 - 4 * EPS <= abs(length * w - 1) <= abs(u) + 4 * EPS
+        loss = losses.simnpo(logps, num_tokens, beta, 0.0).item()
+        tol = 8 * EPS * (2 / beta + abs(mean))
+        _log_cosh_sandwich(loss - 2 * math.log(2) / beta - mean, u, 2 / beta, tol)
+
+
+def test_simnpo_takes_no_reference():
+    params = inspect.signature(losses.simnpo).parameters
+    assert list(params) == ["logps", "num_tokens", "beta", "gamma"]
+    assert not any("ref" in p for p in params)
+    logps, num_tokens = torch.tensor([-3.0, -30.0], dtype=DTYPE), torch.tensor([2.0, 9.0], dtype=DTYPE)
+    objective = losses.Objective("simnpo", beta=2.5, gamma=0.3)
+    assert not objective.needs_reference
+    with_ref = objective.forget_losses(logps, num_tokens, ref_logps=torch.tensor([-1e3, 5.0], dtype=DTYPE))
+    assert torch.equal(with_ref, objective.forget_losses(logps, num_tokens))
+    w_ref = losses.gradient_weights("simnpo", logps, num_tokens, ref_logps=-logps, beta=2.5, gamma=0.3)
+    assert torch.equal(w_ref, losses.gradient_weights("simnpo", logps, num_tokens, beta=2.5, gamma=0.3))
+
+
+@FAST
+@given(batch=S.moderate_sequence_batches(), beta=S.betas(1e-2, 10.0), shift=st.floats(-1e3, 1e3))
+def test_npo_invariant_to_a_common_shift(batch, beta, shift):
+    logps, ref_logps, _ = batch
+    for fn in (losses.npo, lambda l, r, b: losses.gradient_weights("npo", l, ref_logps=r, beta=b)):
+        shifted = fn(logps + shift, ref_logps + shift, beta)
+        torch.testing.assert_close(shifted, fn(logps, ref_logps, beta), rtol=1e-9, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# 6. Bounds and finiteness
+# ---------------------------------------------------------------------------------------------
+
+
+def _scaled_weights(name, logps, ref_logps, num_tokens, beta, gamma):
+    """w_npo and |y| w_simnpo, both in (0, 2)."""
+    w = weights(name, logps, ref_logps, num_tokens, beta, gamma)
+    return w * num_tokens if name == "simnpo" else w
+
+
+@pytest.mark.parametrize("name", ["npo", "simnpo"])
+@FAST
+@given(
+    batch=S.sequence_batches(min_logp=-1e4, max_logp=1e4),
+    beta=S.betas(1e-4, 1e3),
+    gamma=S.gammas(),
+)
+def test_weights_bounded_losses_and_gradients_finite_at_extremes(name, batch, beta, gamma):
+    logps, ref_logps, num_tokens = batch
+    w = _scaled_weights(name, logps, ref_logps, num_tokens, beta, gamma)
+    assert torch.isfinite(w).all() and (w >= 0).all() and (w <= 2).all()
+    loss = loss_of_logps(name, ref_logps, num_tokens, beta, gamma)(logps)
+    assert torch.isfinite(loss).all()
+    assert torch.isfinite(autograd_weights(name, logps, ref_logps, num_tokens, beta, gamma)).all()
+
+
+@pytest.mark.parametrize("name", ["npo", "simnpo"])
+@FAST
+@given(batch=S.moderate_sequence_batches(), beta=S.betas(1e-2, 0.5), gamma=S.gammas())
+def test_weights_strictly_inside_bounds_on_moderate_inputs(name, batch, beta, gamma):
+    logps, ref_logps, num_tokens = batch
+    w = _scaled_weights(name, logps, ref_logps, num_tokens, beta, gamma)
+    assert (w > 0).all() and (w < 2).all()
+
+
+# ---------------------------------------------------------------------------------------------
+# 7. Masking
+# ---------------------------------------------------------------------------------------------
+
+
+@FAST
+@given(batch=S.token_logp_batches(), pad=st.lists(S.padding_values(), min_size=1, max_size=5))
+def test_padding_changes_neither_logps_nor_num_tokens(batch, pad):
+    token_logps, mask = batch
+    logps, num_tokens = losses.sequence_logps(token_logps, mask)
+    padding = torch.tensor(pad, dtype=DTYPE).expand(token_logps.shape[0], -1)
+    padded = torch.cat([token_logps, padding], 1)
+    padded_mask = torch.cat([mask, torch.zeros(padding.shape, dtype=torch.bool)], 1)
+    logps_padded, num_tokens_padded = losses.sequence_logps(padded, padded_mask)
+    torch.testing.assert_close(logps_padded, logps, rtol=1e-14, atol=0)
+    assert torch.equal(num_tokens_padded, num_tokens)
+    # Independent reference: Python sums over the masked-in positions only.
+    rows = zip(token_logps.tolist(), mask.tolist())
+    expected = [math.fsum(v for v, m in zip(vals, ms) if m) for vals, ms in rows]
+    torch.testing.assert_close(logps, torch.tensor(expected, dtype=DTYPE), rtol=1e-12, atol=1e-12)
+    assert num_tokens.tolist() == mask.sum(1).tolist() and num_tokens.dtype == DTYPE
+
+
+@SLOW
+@given(batch=S.token_logp_batches())
+def test_padding_never_leaks_into_gradients(batch):
+    """-inf, +inf and NaN on padding are masked consistently: ignored, gradient exactly 0 there."""
+    token_logps, mask = batch
+    leaf = token_logps.clone().requires_grad_(True)
+    logps, num_tokens = losses.sequence_logps(leaf, mask)
+    (losses.simnpo(logps, num_tokens, 2.5) + losses.ga(logps, num_tokens)).sum().backward()
+    assert torch.isfinite(leaf.grad).all()
+    assert (leaf.grad[~mask] == 0).all()
+
+
+def test_mask_may_be_bool_int_or_float():
+    token_logps = torch.tensor([[-1.0, -2.0, -math.inf], [-0.5, math.nan, -4.0]], dtype=DTYPE)
+    mask = torch.tensor([[True, True, False], [True, False, True]])
+    expected = losses.sequence_logps(token_logps, mask)
+    for other in (mask.long(), mask.to(DTYPE)):
+        got = losses.sequence_logps(token_logps, other)
+        assert all(torch.equal(g, e) for g, e in zip(got, expected))
+    assert expected[0].tolist() == [-3.0, -4.5] and expected[1].tolist() == [2.0, 2.0]
+
+
+# ---------------------------------------------------------------------------------------------
+# 8. Values equal a naive re-implementation of THEORY.md on Python floats
+# ---------------------------------------------------------------------------------------------
+
+
+def naive(name, l, r, n, beta, gamma):
+    if name == "ga":
+        return l / n
+    if name == "ga_sum":
+        return l
+    if name == "npo":
+        return -(2 / beta) * math.log(sigma(-beta * (l - r)))
+    if name == "simnpo":
+        return -(2 / beta) * math.log(sigma(-(beta / n) * l - gamma))
+    raise AssertionError(name)
+
+
+@pytest.mark.parametrize("name", SEQUENCE_LOSSES)
+@FAST
+@given(batch=S.moderate_sequence_batches(), beta=S.betas(5e-2, 5.0), gamma=S.gammas())
+def test_values_equal_naive_formulas(name, batch, beta, gamma):
+    logps, ref_logps, num_tokens = batch
+    got = loss_of_logps(name, ref_logps, num_tokens, beta, gamma)(logps)
+    rows = zip(logps.tolist(), ref_logps.tolist(), num_tokens.tolist())
+    expected = torch.tensor([naive(name, l, r, n, beta, gamma) for l, r, n in rows], dtype=DTYPE)
+    torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
+
+
+@FAST
+@given(batch=S.moderate_sequence_batches(), other=S.moderate_sequence_batches(), beta=S.betas(5e-2, 5.0))
+def test_dpo_and_nll_equal_naive_formulas(batch, other, beta):
+    logps, ref_logps, num_tokens = batch
+    size = min(len(logps), len(other[0]))
+    lw, rw, ll, rl = logps[:size], ref_logps[:size], other[0][:size], other[1][:size]
+    got = losses.dpo(lw, rw, ll, rl, beta)
+    expected = [
+        -(2 / beta) * math.log(sigma(beta * ((a - b) - (c - d))))
+        for a, b, c, d in zip(lw.tolist(), rw.tolist(), ll.tolist(), rl.tolist())
+    ]
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=DTYPE), rtol=1e-10, atol=1e-12)
+    expected_nll = [-l / n for l, n in zip(logps.tolist(), num_tokens.tolist())]
+    torch.testing.assert_close(
+        losses.nll(logps, num_tokens), torch.tensor(expected_nll, dtype=DTYPE), rtol=1e-14, atol=0
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# 9. KL retain term
+# ---------------------------------------------------------------------------------------------
+
+
+def naive_kl(ref_logprobs, logprobs, mask):
+    out = []
+    for ref_rows, rows, ms in zip(ref_logprobs.tolist(), logprobs.tolist(), mask.tolist()):
+        total, count = 0.0, 0
+        for ref_row, row, m in zip(ref_rows, rows, ms):
+            if not m:
+                continue
+            count += 1
+            for r, q in zip(ref_row, row):
+                if r != -math.inf:  # 0 log 0 = 0
+                    total += math.exp(r) * (r - q)
+        out.append(total / count)
+    return torch.tensor(out, dtype=DTYPE)
+
+
+@FAST
+@given(batch=S.vocab_logprob_batches())
+def test_kl_equals_brute_force_and_is_non_negative(batch):
+    ref_logprobs, logits, mask = batch
+    logprobs = torch.log_softmax(logits, -1)
+    got = losses.kl(ref_logprobs, logprobs, mask)
+    torch.testing.assert_close(got, naive_kl(ref_logprobs, logprobs, mask), rtol=1e-12, atol=1e-14)
+    assert (got >= -1e-14).all()
+    assert torch.equal(losses.kl(ref_logprobs, ref_logprobs.clone(), mask), torch.zeros_like(got))
+
+
+@FAST
+@given(batch=S.vocab_logprob_batches())
+def test_kl_gradient_is_softmax_minus_reference(batch):
+    ref_logprobs, logits, mask = batch
+    garbage = torch.full_like(ref_logprobs, math.nan)
+    ref_logprobs = torch.where(mask[..., None], ref_logprobs, garbage)  # padding never leaks
+    leaf = logits.clone().requires_grad_(True)
+    losses.kl(ref_logprobs, torch.log_softmax(leaf, -1), mask).sum().backward()
+    per_token = torch.softmax(logits, -1) - ref_logprobs.exp()  # (B, T, V)
+    expected = per_token / mask.sum(1)[:, None, None]
+    expected = torch.where(mask[..., None], expected, torch.zeros_like(expected))
+    torch.testing.assert_close(leaf.grad, expected, rtol=1e-9, atol=1e-14)
+
+
+# ---------------------------------------------------------------------------------------------
+# 10. WGA
+# ---------------------------------------------------------------------------------------------
+
+
+@FAST
+@given(batch=S.token_logp_batches(), alpha=st.floats(0.0, 3.0))
+def test_wga_gradient_and_value(batch, alpha):
+    token_logps, mask = batch
+    leaf = token_logps.clone().requires_grad_(True)
+    value = losses.wga(leaf, mask, alpha)
+    value.sum().backward()
+    num_tokens = mask.sum(1, keepdim=True).to(DTYPE)
+    kept = torch.where(mask, token_logps, torch.zeros_like(token_logps))
+    expected_grad = torch.where(mask, torch.exp(alpha * kept) / num_tokens, torch.zeros_like(kept))
+    torch.testing.assert_close(leaf.grad, expected_grad, rtol=1e-12, atol=0)
+    rows = zip(token_logps.tolist(), mask.tolist())
+    expected = [
+        math.fsum(math.exp(alpha * v) * v for v, m in zip(vals, ms) if m) / sum(ms) for vals, ms in rows
+    ]
+    torch.testing.assert_close(value, torch.tensor(expected, dtype=DTYPE), rtol=1e-12, atol=1e-14)
+
+
+# ---------------------------------------------------------------------------------------------
+# 11. Bad input
+# ---------------------------------------------------------------------------------------------
+
+T = lambda *values: torch.tensor(values, dtype=DTYPE)  # noqa: E731
+L, R, N = T(-1.0, -2.0), T(-1.5, -2.5), T(1.0, 3.0)
+Z2, ONE, TWO = torch.zeros(1, 1, 2, dtype=DTYPE), torch.tensor([[True]]), torch.tensor([[True, True]])
+
+BAD_CALLS = {
+    "beta zero": (lambda: losses.npo(L, R, 0.0), ValueError, "beta"),
+    "beta negative": (lambda: losses.simnpo(L, N, -1.0), ValueError, "beta"),
+    "beta inf": (lambda: losses.simnpo(L, N, math.inf), ValueError, "beta"),
+    "beta nan": (lambda: losses.dpo(L, R, L, R, math.nan), ValueError, "beta"),
+    "beta not a number": (lambda: losses.npo(L, R, "0.1"), TypeError, "beta"),
+    "gamma inf": (lambda: losses.simnpo(L, N, 1.0, math.inf), ValueError, "gamma"),
+    "logps nan": (lambda: losses.ga(T(math.nan, -1.0), N), ValueError, "logps"),
+    "logps -inf": (lambda: losses.ga_sum(T(-math.inf, -1.0)), ValueError, "logps"),
+    "ref_logps inf": (lambda: losses.npo(L, T(math.inf, 0.0), 0.1), ValueError, "ref_logps"),
+    "ref shape": (lambda: losses.npo(L, T(-1.0), 0.1), ValueError, "ref_logps"),
+    "num_tokens shape": (lambda: losses.simnpo(L, T(1.0, 2.0, 3.0), 1.0), ValueError, "num_tokens"),
+    "logps 2-D": (lambda: losses.ga(L[None], N[None]), ValueError, "logps"),
+    "num_tokens zero": (lambda: losses.ga(L, T(0.0, 1.0)), ValueError, "num_tokens"),
+    "num_tokens negative": (lambda: losses.nll(L, T(2.0, -1.0)), ValueError, "num_tokens"),
+    "num_tokens nan": (lambda: losses.simnpo(L, T(math.nan, 1.0), 1.0), ValueError, "num_tokens"),
+    "logps list": (lambda: losses.ga([-1.0, -2.0], N), TypeError, "logps"),
+    "num_tokens list": (lambda: losses.ga(L, [1, 3]), TypeError, "num_tokens"),
+    "ref float": (lambda: losses.npo(L, -1.0, 0.1), TypeError, "ref_logps"),
+    "logps int": (lambda: losses.ga_sum(torch.tensor([1, 2])), TypeError, "logps"),
+    "token nan unmasked": (
+        lambda: losses.sequence_logps(T(-1.0, math.nan)[None], torch.tensor([[True, True]])),
+        ValueError,
+        "token_logps",
+    ),
+    "token -inf unmasked": (
+        lambda: losses.wga(T(-math.inf, -1.0)[None], torch.tensor([[True, True]])),
+        ValueError,
+        "token_logps",
+    ),
+    "mask shape": (lambda: losses.sequence_logps(L[None], torch.tensor([[True]])), ValueError, "mask"),
+    "mask values": (lambda: losses.sequence_logps(L[None], torch.tensor([[1, 2]])), ValueError, "mask"),
+    "mask list": (lambda: losses.sequence_logps(L[None], [[True, True]]), TypeError, "mask"),
+    "wga empty row": (lambda: losses.wga(L[None], torch.tensor([[False, False]])), ValueError, "unmasked"),
+    "wga alpha negative": (lambda: losses.wga(L[None], TWO, -1.0), ValueError, "alpha"),
+    "kl nan": (lambda: losses.kl(torch.full_like(Z2, math.nan), Z2, ONE), ValueError, "ref_logprobs"),
+    "kl +inf": (lambda: losses.kl(Z2, torch.full_like(Z2, math.inf), ONE), ValueError, "logprobs"),
+    "kl shapes": (lambda: losses.kl(Z2, torch.zeros(1, 1, 3, dtype=DTYPE), ONE), ValueError, "shape"),
+    "kl empty row": (lambda: losses.kl(Z2, Z2, ~ONE), ValueError, "unmasked"),
+    "unknown loss": (lambda: losses.gradient_weights("simpo", L, N, beta=1.0), ValueError, "simnpo"),
+    "dpo weights": (lambda: losses.gradient_weights("dpo", L, N, R, beta=1.0), ValueError, "LLM-side"),
+    "wga weights": (lambda: losses.gradient_weights("wga", L, N), ValueError, "LLM-side"),
+    "npo weights no ref": (lambda: losses.gradient_weights("npo", L, N, beta=1.0), ValueError, "ref_logps"),
+    "simnpo weights no beta": (lambda: losses.gradient_weights("simnpo", L, N), ValueError, "beta"),
+    "unknown objective": (lambda: losses.get_objective("SimPO"), ValueError, "SimNPO\\+KL"),
+    "unknown override": (lambda: losses.get_objective("NPO", temperature=1.0), ValueError, "beta"),
+    "override invalid": (lambda: losses.get_objective("NPO", beta=-0.1), ValueError, "beta"),
+    "objective forget": (lambda: losses.Objective("gd"), ValueError, "simnpo"),
+    "objective retain": (lambda: losses.Objective("ga", "mse"), ValueError, "nll"),
+    "objective beta": (lambda: losses.Objective("npo", beta=0.0), ValueError, "beta"),
+    "objective weight nan": (
+        lambda: losses.Objective("ga", forget_weight=math.nan), ValueError, "forget_weight"
+    ),
+    "objective weight negative": (
+        lambda: losses.Objective("ga", "nll", retain_weight=-1.0), ValueError, "retain_weight"
+    ),
+    "objective npo no ref": (lambda: losses.Objective("npo").forget_losses(L, N), ValueError, "ref_logps"),
+    "objective dpo forget_losses": (
+        lambda: losses.Objective("dpo").forget_losses(L, N, R), ValueError, "dpo"
+    ),
+    "total missing retain": (
+        lambda: losses.get_objective("GradDiff").total(L.mean()), ValueError, "retain_value"
+    ),
+    "total extra retain": (
+        lambda: losses.get_objective("GA").total(L.mean(), L.mean()), ValueError, "retain"
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+def test_bad_input_raises_a_clear_error(case):
+    call, error, message = BAD_CALLS[case]
+    with pytest.raises(error, match=message):
+        call()
+
+
+# ---------------------------------------------------------------------------------------------
+# 12. Objectives, registries, dtypes
+# ---------------------------------------------------------------------------------------------
+
+NEEDS_REFERENCE = {
+    "GA": False,
+    "GradDiff": False,
+    "NPO": True,
+    "NPO+RT": True,
+    "NPO+KL": True,
+    "SimNPO": False,
+    "SimNPO+RT": False,
+    "SimNPO+KL": True,
+}
+
+
+def test_registries():
+    assert set(losses.LOSSES) == {"ga", "ga_sum", "npo", "simnpo", "dpo", "wga"}
+    assert losses.RETAIN_TERMS == {"nll": losses.nll, "kl": losses.kl}
+    assert set(losses.OBJECTIVES) == set(NEEDS_REFERENCE)
+    assert losses.OBJECTIVES["NPO"].beta == 0.1
+    assert (losses.OBJECTIVES["SimNPO"].beta, losses.OBJECTIVES["SimNPO"].gamma) == (2.5, 0.0)
+
+
+@pytest.mark.parametrize("name", list(NEEDS_REFERENCE))
+def test_every_objective_gives_a_finite_scalar_with_gradient(name):
+    objective = losses.get_objective(name)
+    assert objective == losses.OBJECTIVES[name]
+    assert objective.needs_reference is NEEDS_REFERENCE[name]
+    generator = torch.Generator().manual_seed(0)
+    theta = torch.randn(4, 5, dtype=DTYPE, generator=generator, requires_grad=True)  # (T, V) logits
+    theta_ref = theta.detach() + 0.3 * torch.randn(4, 5, dtype=DTYPE, generator=generator)
+    forget_tokens = torch.tensor([[0, 1, 2, 3], [4, 4, 1, 0], [2, 3, 0, 1]])  # (B, T)
+    retain_tokens = torch.tensor([[1, 1, 2, 4], [3, 0, 0, 2]])  # (B', T), distinct from the forget data
+    forget_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [0, 1, 1, 0]], dtype=torch.bool)
+    retain_mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    logprobs = torch.log_softmax(theta, -1)  # (T, V), shared by all sequences
+    ref_logprobs = torch.log_softmax(theta_ref, -1)
+
+    def batch_logps(table, tokens, mask):
+        token_logps = table.expand(len(tokens), -1, -1).gather(-1, tokens[..., None])[..., 0]  # (B, T)
+        return losses.sequence_logps(token_logps, mask)
+
+    logps, num_tokens = batch_logps(logprobs, forget_tokens, forget_mask)
+    ref_logps, _ = batch_logps(ref_logprobs, forget_tokens, forget_mask)
+    forget = objective.forget_losses(logps, num_tokens, ref_logps if objective.needs_reference else None)
+    assert forget.shape == (3,)
+    retain_logps, retain_num_tokens = batch_logps(logprobs, retain_tokens, retain_mask)
+    expand = lambda table: table.expand(2, -1, -1)  # noqa: E731  (B', T, V)
+    retain = {
+        None: None,
+        "nll": lambda: losses.nll(retain_logps, retain_num_tokens).mean(),
+        "kl": lambda: losses.kl(expand(ref_logprobs), expand(logprobs), retain_mask).mean(),
+    }[objective.retain]
+    retain = retain if retain is None else retain()
+    total = objective.total(forget.mean(), retain)
+    assert total.shape == () and torch.isfinite(total)
+    total.backward()
+    assert torch.isfinite(theta.grad).all() and theta.grad.abs().sum() > 0
+    w = objective.forget_weights(logps, num_tokens, ref_logps)
+    expected = losses.gradient_weights(
+        objective.forget, logps, num_tokens, ref_logps, beta=objective.beta, gamma=objective.gamma
+    )
+    assert torch.equal(w, expected)
+
+
+def test_total_weights_the_terms():
+    objective = losses.get_objective("SimNPO+RT", forget_weight=0.25, retain_weight=3.0)
+    assert objective.total(T(2.0)[0], T(5.0)[0]).item() == 0.25 * 2.0 + 3.0 * 5.0
+    assert losses.get_objective("NPO", forget_weight=0.5).total(T(2.0)[0]).item() == 1.0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dtype_is_preserved(dtype):
+    token_logps = torch.tensor([[-1.0, -2.0, -math.inf], [-0.5, -3.0, -4.0]], dtype=dtype)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    logps, num_tokens = losses.sequence_logps(token_logps, mask)
+    assert logps.dtype == num_tokens.dtype == dtype
+    vocab = token_logps[..., None].expand(2, 3, 2)  # (B, T, V); NaN after log_softmax on padding
+    outputs = [
+        losses.ga(logps, num_tokens),
+        losses.ga_sum(logps),
+        losses.npo(logps, logps - 1, 0.1),
+        losses.simnpo(logps, num_tokens, 2.5, 0.5),
+        losses.dpo(logps, logps - 1, logps, logps + 1, 0.1),
+        losses.wga(token_logps, mask, 1.0),
+        losses.nll(logps, num_tokens),
+        losses.kl(vocab.log_softmax(-1), torch.zeros_like(vocab).log_softmax(-1), mask),
+    ] + [losses.gradient_weights(n, logps, num_tokens, logps - 1, beta=0.5) for n in SEQUENCE_LOSSES]
+    assert all(out.dtype == dtype and out.shape == (2,) for out in outputs)
+
+
+def test_integer_num_tokens_keep_float64():
+    logps = T(-3.0, -40.0)
+    for name in ("ga", "simnpo"):
+        as_int = loss_of_logps(name, None, torch.tensor([3, 7]), 2.5, 0.1)(logps)
+        as_float = loss_of_logps(name, None, T(3.0, 7.0), 2.5, 0.1)(logps)
+        assert as_int.dtype == DTYPE and torch.equal(as_int, as_float)
+        w_int = losses.gradient_weights(name, logps, torch.tensor([3, 7]), beta=2.5, gamma=0.1)
+        assert w_int.dtype == DTYPE and torch.equal(w_int, weights(name, logps, None, T(3.0, 7.0), 2.5, 0.1))
