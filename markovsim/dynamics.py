@@ -241,13 +241,22 @@ class _Optimizer:
         return tuple(updated)
 
 
-def _divergence(evaluation: ExactEvaluation, params, num_tokens: torch.Tensor, threshold: float) -> str | None:
+def _non_finite(model, params, forget: SequenceSet) -> str | None:
+    """Why the parameters cannot be evaluated (NaN/inf entries or log-likelihoods), else None."""
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        return "parameters have NaN/inf"
+    with torch.no_grad():
+        logps = model.with_parameters(*params).response_log_prob(forget)
+    if not bool(torch.isfinite(logps).all()):
+        return "forget log-likelihoods are NaN/inf"
+    return None
+
+
+def _divergence(evaluation: ExactEvaluation, num_tokens: torch.Tensor, threshold: float) -> str | None:
     if not bool(torch.isfinite(evaluation.value)):
         return f"objective is {float(evaluation.value)}"
     if not all(bool(torch.isfinite(g).all()) for g in evaluation.gradients):
         return "gradient has NaN/inf"
-    if not all(bool(torch.isfinite(p).all()) for p in params):
-        return "parameters have NaN/inf"
     per_token = float((evaluation.forget_logps / num_tokens).mean())
     if per_token < threshold:
         return f"forget log-likelihood per token {per_token:.3g} fell below {threshold}"
@@ -288,15 +297,18 @@ def _unlearn(model, objective, forget, retain, reference, config, evaluator, pro
     diverged_at, reason = None, None
     bar = _progress(config.steps, progress)
     for step in range(config.steps + 1):
-        model = model.with_parameters(*params)
         batch = problem.batch(rng, config.batch_size)
-        current = evaluate_gradient(model, objective, *batch)
-        reason = _divergence(current, params, torch.tensor(batch[0].num_tokens, dtype=torch.float64),
-                             config.divergence_logp_per_token)
+        reason = _non_finite(model, params, batch[0])
+        current = None
+        if reason is None:
+            model = model.with_parameters(*params)
+            current = evaluate_gradient(model, objective, *batch)
+            reason = _divergence(current, torch.tensor(batch[0].num_tokens, dtype=torch.float64),
+                                 config.divergence_logp_per_token)
         if step % config.eval_every == 0 or step == config.steps or reason is not None:
             records.append(_record(model, objective, problem, evaluator, names, finite=reason is None))
             steps.append(step)
-            losses.append(float(current.value))
+            losses.append(float(current.value) if current is not None else float("nan"))
         if reason is not None:
             diverged_at = step
             break
