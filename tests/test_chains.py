@@ -9,7 +9,7 @@ from hypothesis import given, settings
 from scipy import stats
 
 from markovsim.chains import MarkovChain, block_chains
-from strategies_markov import chains, random_chain
+from strategies import chains, random_chain
 
 
 def enumerate_log_probs(chain: MarkovChain, length: int) -> dict[tuple, float]:

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 
 from markovsim.chains import block_chains
 from markovsim.data import PAD_TOKEN, Component, MixtureSpec, SequenceSet, concatenate
-from strategies_markov import mixture_specs, random_chain
+from strategies import mixture_specs, random_chain
 
 
 def paper_spec(seed=0, scale=1):

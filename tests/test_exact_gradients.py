@@ -11,7 +11,7 @@ from markovsim.data import Component, MixtureSpec
 from markovsim.exact_gradients import next_token_logprobs, objective_value, objective_value_and_gradient
 from markovsim.losses import OBJECTIVES, Objective, get_objective
 from markovsim.models import MixtureOfChains, TabularMarkov
-from strategies_markov import random_chain
+from strategies import random_chain
 
 
 def small_problem(seed: int, num_states: int = 4, retain_length: int = 6, forget_lengths=(6, 3)):

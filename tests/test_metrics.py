@@ -11,7 +11,7 @@ from markovsim.chains import block_chains
 from markovsim.data import Component, MixtureSpec, SequenceSet
 from markovsim.metrics import component_kl, per_token_kl, population_kl
 from markovsim.models import MixtureOfChains, TabularMarkov
-from strategies_markov import random_chain
+from strategies import random_chain
 
 
 def small_sets():

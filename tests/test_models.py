@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from markovsim.chains import MarkovChain, block_chains
 from markovsim.data import Component, MixtureSpec, SequenceSet
 from markovsim.models import MixtureOfChains, TabularMarkov
-from strategies_markov import chains, mixture_specs, random_chain
+from strategies import chains, mixture_specs, random_chain
 
 
 def all_sequences(num_states, length):
