@@ -180,27 +180,27 @@ def autograd_evaluation(model, objective: Objective, *args) -> ExactEvaluation:
     return dataclasses.replace(closed, value=value.detach(), gradients=grads)
 
 
-def gradient_diagnostics(model, objective: Objective, problem: Problem, names: tuple[str, ...]) -> dict[str, np.ndarray]:
+def gradient_diagnostics(model, objective: Objective, problem: Problem, names: tuple[str, ...],
+                         full: ExactEvaluation | None = None) -> dict[str, np.ndarray]:
     """Full-batch mean weight per forget component and every component's share of the gradient norm.
 
     The forget gradient splits exactly by component, ``g_c = (forget_weight / n_f) sum_{y in c} w(y) d logp(y)``;
     the retain term's gradient is credited to the retain components. ``power_share_c = ||g_c|| / sum ||g||``.
+    ``full`` is the full-batch evaluation at ``model`` when the caller already has it.
     """
-    full = objective_value_and_gradient(model, objective, *problem.batch(None, None))
-    ids = problem.forget.component_ids
+    if full is None:
+        full = objective_value_and_gradient(model, objective, *problem.batch(None, None))
+    ids = torch.as_tensor(np.array(problem.forget.component_ids))
     scale = objective.forget_weight / len(problem.forget)
     norms, weights = np.zeros(len(names)), np.full(len(names), np.nan)
-    forget_total = [torch.zeros_like(p) for p in model.parameters()]
-    for c, name in enumerate(names):
-        if name not in problem.forget.component_names:
-            continue
-        rows = torch.as_tensor(ids == problem.forget.component_names.index(name))
-        if not bool(rows.any()):
-            continue
-        weights[c] = float(full.forget_weights[rows].mean())
-        part = model.response_log_prob_gradient(problem.forget, full.forget_weights * rows * scale)
-        forget_total = [t + g for t, g in zip(forget_total, part)]
-        norms[c] = _norm(part)
+    present = [(c, problem.forget.component_names.index(name)) for c, name in enumerate(names)
+               if name in problem.forget.component_names and bool((ids == problem.forget.component_names.index(name)).any())]
+    rows = torch.stack([(ids == index).to(torch.float64) for _, index in present])  # (G, n_f)
+    parts = model.response_log_prob_gradient(problem.forget, rows * full.forget_weights * scale)  # each (G, ...)
+    for group, (c, _) in enumerate(present):
+        weights[c] = float((full.forget_weights * rows[group]).sum() / rows[group].sum())
+        norms[c] = _norm([part[group] for part in parts])
+    forget_total = [part.sum(0) for part in parts]
     if problem.retain is not None and objective.retain is not None:
         retain_norm = _norm([g - f for g, f in zip(full.gradients, forget_total)])
         retain_names = [n for n in problem.retain.component_names if n in names and n in problem.retain.component_counts()
@@ -241,15 +241,18 @@ class _Optimizer:
         return tuple(updated)
 
 
-def _non_finite(model, params, forget: SequenceSet) -> str | None:
-    """Why the parameters cannot be evaluated (NaN/inf entries or log-likelihoods), else None."""
+def _evaluate_step(model, params, objective, batch, evaluate_gradient) -> tuple[ExactEvaluation | None, str | None]:
+    """The step's evaluation, or the reason it cannot be made (NaN/inf parameters or log-likelihoods)."""
     if not all(bool(torch.isfinite(p).all()) for p in params):
-        return "parameters have NaN/inf"
-    with torch.no_grad():
-        logps = model.with_parameters(*params).response_log_prob(forget)
-    if not bool(torch.isfinite(logps).all()):
-        return "forget log-likelihoods are NaN/inf"
-    return None
+        return None, "parameters have NaN/inf"
+    candidate = model.with_parameters(*params)
+    try:
+        return evaluate_gradient(candidate, objective, *batch), None
+    except ValueError:
+        with torch.no_grad():
+            if not bool(torch.isfinite(candidate.response_log_prob(batch[0])).all()):
+                return None, "forget log-likelihoods are NaN/inf"
+        raise
 
 
 def _divergence(evaluation: ExactEvaluation, num_tokens: torch.Tensor, threshold: float) -> str | None:
@@ -296,17 +299,17 @@ def _unlearn(model, objective, forget, retain, reference, config, evaluator, pro
     records, steps, losses = [], [], []
     diverged_at, reason = None, None
     bar = _progress(config.steps, progress)
+    full_batch = config.batch_size is None
     for step in range(config.steps + 1):
         batch = problem.batch(rng, config.batch_size)
-        reason = _non_finite(model, params, batch[0])
-        current = None
+        current, reason = _evaluate_step(model, params, objective, batch, evaluate_gradient)
         if reason is None:
             model = model.with_parameters(*params)
-            current = evaluate_gradient(model, objective, *batch)
             reason = _divergence(current, torch.tensor(batch[0].num_tokens, dtype=torch.float64),
                                  config.divergence_logp_per_token)
         if step % config.eval_every == 0 or step == config.steps or reason is not None:
-            records.append(_record(model, objective, problem, evaluator, names, finite=reason is None))
+            records.append(_record(model, objective, problem, evaluator, names, finite=reason is None,
+                                   full=current if full_batch else None))
             steps.append(step)
             losses.append(float(current.value) if current is not None else float("nan"))
         if reason is not None:
@@ -321,10 +324,10 @@ def _unlearn(model, objective, forget, retain, reference, config, evaluator, pro
                         "model": type(model).__name__})
 
 
-def _record(model, objective, problem, evaluator, names, finite: bool) -> dict[str, np.ndarray]:
+def _record(model, objective, problem, evaluator, names, finite: bool, full: ExactEvaluation | None = None) -> dict:
     if not finite:
         return {}
-    return evaluator.evaluate(model) | gradient_diagnostics(model, objective, problem, names)
+    return evaluator.evaluate(model) | gradient_diagnostics(model, objective, problem, names, full)
 
 
 def _trajectory(steps, names, records, losses, diverged_at, reason, info) -> Trajectory:

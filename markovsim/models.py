@@ -140,14 +140,19 @@ class TabularMarkov:
         ``d logp_resp / dA = C_y - diag(n_y) softmax_rows(A)`` and ``d logp_resp / db = 0``.
 
         Args:
-            weights: (n,) per-sequence weights w_y.
+            weights: (n,) per-sequence weights w_y, or (G, n) for G weightings at once.
         Returns:
-            gradients shaped like ``(initial_logits, transition_logits)``.
+            gradients shaped like ``(initial_logits, transition_logits)``, with a leading G axis
+            when ``weights`` is 2-d.
         """
         _, counts = _check_sequences(sequences, self.num_states).statistics_tensors()
-        weighted = (torch.as_tensor(weights, dtype=torch.float64) @ counts).reshape(self.num_states, -1)  # (V, V)
-        visits = weighted.sum(dim=1, keepdim=True)  # (V, 1)
-        return torch.zeros_like(self.initial_logits), weighted - visits * torch.softmax(self.transition_logits, dim=-1)
+        weights = torch.as_tensor(weights, dtype=torch.float64)
+        grouped = weights.reshape(-1, len(sequences))  # (G, n)
+        weighted = (grouped @ counts).reshape(-1, self.num_states, self.num_states)  # (G, V, V)
+        visits = weighted.sum(dim=-1, keepdim=True)  # (G, V, 1)
+        gradient = weighted - visits * torch.softmax(self.transition_logits, dim=-1)
+        initial = torch.zeros(len(grouped), self.num_states, dtype=torch.float64)
+        return (initial, gradient) if weights.ndim == 2 else (initial[0], gradient[0])
 
     def predictive_kl_gradient(self, sequences: SequenceSet, target_probs: torch.Tensor,
                                token_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -280,9 +285,9 @@ class MixtureOfChains:
     def next_token_probs(self, sequences: SequenceSet) -> torch.Tensor:
         """Bayes posterior predictive ``sum_k r_k(prefix) P_k(. | s_t)``, (n, T-1, V); zeros where padded."""
         current, _, mask = _gather_positions(_check_sequences(sequences, self.num_states))
-        rows = torch.softmax(self.transition_logits, -1)[:, current]  # (K, n, T-1, V)
+        rows = torch.softmax(self.transition_logits, -1).transpose(0, 1)[current]  # (n, T-1, K, V)
         posteriors = self.prefix_posteriors(sequences)  # (n, T-1, K)
-        return torch.einsum("ntk,kntv->ntv", posteriors, rows) * mask[..., None]
+        return (posteriors[..., None, :] @ rows).squeeze(-2) * mask[..., None]  # (n, T-1, V)
 
     def next_token_log_probs(self, sequences: SequenceSet) -> torch.Tensor:
         """log of :meth:`next_token_probs` (floored at ``LOG_FLOOR``), (n, T-1, V); zeros where padded."""
@@ -295,17 +300,21 @@ class MixtureOfChains:
         With full-sequence responsibilities ``r = p(k | y)`` and prompt responsibilities
         ``r0 = p(k | s_1)``: ``d/dA_k = sum_y w_y r_k (C_y - diag(n_y) P_k)``,
         ``d/d(weight_logits) = sum_y w_y (r - r0)``, ``d/d(initial_logits_k) = sum_y w_y (r_k - r0_k)(c_y - mu_k)``.
+        ``weights`` may be (n,) or (G, n) (then every gradient has a leading G axis).
         """
         onehots, counts = _check_sequences(sequences, self.num_states).statistics_tensors()
         weights = torch.as_tensor(weights, dtype=torch.float64)
+        grouped = weights.reshape(-1, len(sequences))  # (G, n)
         full = torch.softmax(self.component_log_joint(sequences), -1)  # (n, K)
         prompt = torch.softmax(self.prompt_log_joint(sequences), -1)  # (n, K)
-        delta = weights[:, None] * (full - prompt)  # (n, K)
+        delta = grouped[:, :, None] * (full - prompt)  # (G, n, K)
         initial_probs = torch.softmax(self.initial_logits, -1)  # (K, V)
-        grad_initial = delta.T @ onehots - delta.sum(0)[:, None] * initial_probs  # (K, V)
-        weighted = ((weights[:, None] * full).T @ counts).reshape(self.num_components, self.num_states, -1)  # (K, V, V)
+        grad_initial = torch.einsum("gnk,nv->gkv", delta, onehots) - delta.sum(1)[..., None] * initial_probs
+        weighted = torch.einsum("gnk,nm->gkm", grouped[:, :, None] * full, counts)  # (G, K, V*V)
+        weighted = weighted.reshape(len(grouped), self.num_components, self.num_states, self.num_states)
         grad_transition = weighted - weighted.sum(-1, keepdim=True) * torch.softmax(self.transition_logits, -1)
-        return delta.sum(0), grad_initial, grad_transition
+        result = (delta.sum(1), grad_initial, grad_transition)  # (G, K), (G, K, V), (G, K, V, V)
+        return result if weights.ndim == 2 else tuple(g[0] for g in result)
 
     def predictive_kl_gradient(self, sequences: SequenceSet, target_probs: torch.Tensor,
                                token_weights: torch.Tensor) -> tuple[torch.Tensor, ...]:

@@ -1,0 +1,80 @@
+"""Per-sequence log-likelihoods of a causal LM: the bridge from logits to ``markovsim.losses``.
+
+    token_logps[b, j] = log softmax(logits[b, j])[labels[b, j + 1]]     (B, T - 1)
+    mask[b, j]        = labels[b, j + 1] != -100
+    (logps, num_tokens) = markovsim.losses.sequence_logps(token_logps, mask)   (THE shared reducer)
+
+Log-softmax runs in float32 (or the logits' dtype if wider), also under bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from markovsim.losses import sequence_logps as reduce_sequence_logps
+
+from .data import IGNORE_INDEX
+
+__all__ = ["NonFiniteLogitsError", "model_logits", "token_log_probs", "sequence_logps", "state_log_probs"]
+
+
+class NonFiniteLogitsError(FloatingPointError):
+    """The model produced NaN/inf logits where a loss applies (the training loop's divergence signal)."""
+
+
+def model_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``model(input_ids, attention_mask).logits``, shape (B, T, vocab)."""
+    output = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
+    return output.logits if hasattr(output, "logits") else output["logits"]
+
+
+def _upcast(logits: torch.Tensor) -> torch.Tensor:
+    return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
+
+
+def token_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of each next label and the loss mask, HF shift convention.
+
+    Args:
+        logits: (B, T, vocab) from the model.
+        labels: (B, T) int64 aligned with input_ids, -100 where no loss.
+    Returns:
+        token_logps (B, T - 1) float32/64 and mask (B, T - 1) bool. Masked positions hold 0.
+    Raises:
+        NonFiniteLogitsError: NaN/inf logits at a labelled position.
+    """
+    if logits.ndim != 3 or labels.shape != logits.shape[:2]:
+        raise ValueError(f"logits must be (B, T, vocab) and labels (B, T); got {tuple(logits.shape)} and {tuple(labels.shape)}")
+    shifted = _upcast(logits[:, :-1])  # (B, T-1, vocab)
+    targets = labels[:, 1:]  # (B, T-1)
+    mask = targets != IGNORE_INDEX  # (B, T-1)
+    safe = torch.where(mask, targets, 0)  # (B, T-1)
+    picked = shifted.gather(-1, safe[..., None]).squeeze(-1)  # (B, T-1)
+    token_logps = picked - torch.logsumexp(shifted, dim=-1)  # (B, T-1)
+    token_logps = torch.where(mask, token_logps, 0.0)
+    if not bool(torch.isfinite(token_logps).all()):
+        raise NonFiniteLogitsError("the model produced NaN/inf log-probabilities at labelled positions")
+    return token_logps, mask
+
+
+def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sequence log-likelihood over labelled tokens and their count (THEORY.md: logps, |y|).
+
+    Args:
+        model: a causal LM (anything returning ``.logits`` of shape (B, T, vocab)).
+        batch: ``{input_ids, attention_mask, labels}`` (B, T) from :mod:`llm.data`.
+    Returns:
+        logps (B,) and num_tokens (B,), float32 (or the logits' dtype if float64).
+    """
+    token_logps, mask = token_log_probs(model_logits(model, batch), batch["labels"])
+    return reduce_sequence_logps(token_logps, mask)
+
+
+def state_log_probs(logits: torch.Tensor, num_states: int) -> torch.Tensor:
+    """Next-state log-predictive: log softmax over the V state tokens only (BOS excluded).
+
+    Args:
+        logits: (..., vocab) with vocab >= num_states.
+    Returns: (..., V) float32/64 log-probabilities.
+    """
+    return torch.log_softmax(_upcast(logits[..., :num_states]), dim=-1)
