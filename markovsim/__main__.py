@@ -93,7 +93,7 @@ def run_command(arguments) -> int:
             summaries[f"{model_class}/{method}"] = _summary(trajectory, setup, retrained[model_class])
             arrays[f"{model_class}/{method}/steps"] = trajectory.steps
             arrays |= {f"{model_class}/{method}/{k}": v for k, v in trajectory.component_metrics.items()}
-            arrays[f"{model_class}/{method}/loss"] = trajectory.step_metrics["loss"]
+            arrays |= {f"{model_class}/{method}/{k}": v for k, v in trajectory.step_metrics.items()}
     os.makedirs(arguments.out, exist_ok=True)
     atomic_save_npz(os.path.join(arguments.out, "trajectories.npz"), arrays)
     config = {"scenario": scenario.name, "question": scenario.question, "spec": scenario.spec.to_dict(),
@@ -119,6 +119,8 @@ def _summary(trajectory, setup, retrained_kls) -> dict:
     if len(trajectory.steps) >= 3:
         forget_logp = np.nanmean([trajectory.metric("logp_per_token", n) for n in forget_names], axis=0)
         summary["forget_logp_rates"] = fit_divergence_rates(trajectory.steps, forget_logp)
+        summary["parameter_distance_rates"] = fit_divergence_rates(trajectory.steps,
+                                                                   trajectory.step_metrics["parameter_distance"])
     return summary
 
 

@@ -296,7 +296,8 @@ def _unlearn(model, objective, forget, retain, reference, config, evaluator, pro
     rng = np.random.default_rng(config.seed) if config.batch_size is not None else None
     evaluate_gradient = autograd_evaluation if config.gradient == "autograd" else objective_value_and_gradient
     optimizer, params = _Optimizer(config, model.parameters()), model.parameters()
-    records, steps, losses = [], [], []
+    records, steps, losses, distances = [], [], [], []
+    start = tuple(p.clone() for p in params)
     diverged_at, reason = None, None
     bar = _progress(config.steps, progress)
     full_batch = config.batch_size is None
@@ -312,6 +313,7 @@ def _unlearn(model, objective, forget, retain, reference, config, evaluator, pro
                                    full=current if full_batch else None))
             steps.append(step)
             losses.append(float(current.value) if current is not None else float("nan"))
+            distances.append(_norm([p - p0 for p, p0 in zip(params, start)]))
         if reason is not None:
             diverged_at = step
             break
@@ -319,7 +321,7 @@ def _unlearn(model, objective, forget, retain, reference, config, evaluator, pro
             params = optimizer.step(params, current.gradients)
             bar.update(1)
     bar.close()
-    return _trajectory(steps, names, records, losses, diverged_at, reason,
+    return _trajectory(steps, names, records, losses, distances, diverged_at, reason,
                        {"objective": dataclasses.asdict(objective), "dynamics": dataclasses.asdict(config),
                         "model": type(model).__name__})
 
@@ -330,11 +332,12 @@ def _record(model, objective, problem, evaluator, names, finite: bool, full: Exa
     return evaluator.evaluate(model) | gradient_diagnostics(model, objective, problem, names, full)
 
 
-def _trajectory(steps, names, records, losses, diverged_at, reason, info) -> Trajectory:
+def _trajectory(steps, names, records, losses, distances, diverged_at, reason, info) -> Trajectory:
     metrics = {}
     for metric in ("kl_true", "kl_retrained", "kl_reference", "logp_per_token", "mean_weight", "power_share"):
         metrics[metric] = np.array([r.get(metric, np.full(len(names), np.nan)) for r in records]).reshape(len(records), len(names))
-    return Trajectory(np.asarray(steps), tuple(names), metrics, {"loss": np.asarray(losses, dtype=np.float64)},
+    step_metrics = {"loss": np.asarray(losses, dtype=np.float64), "parameter_distance": np.asarray(distances, dtype=np.float64)}
+    return Trajectory(np.asarray(steps), tuple(names), metrics, step_metrics,
                       diverged_at, reason, info)
 
 
@@ -383,11 +386,12 @@ def _gradient_flow(model, objective, forget, retain, reference, times, evaluator
         from .data import concatenate
 
         evaluator = Evaluator(concatenate([s for s in (forget, retain) if s is not None]), reference)
-    records, losses = [], []
+    records, losses, distances = [], [], []
     for column in solution.y.T:
         point = model.with_parameters(*unflatten(column))
         records.append(_record(point, objective, problem, evaluator, evaluator.component_names, True))
         losses.append(float(objective_value(point, objective, *problem.batch(None, None))))
-    return _trajectory(times, evaluator.component_names, records, losses, None, None,
+        distances.append(float(np.linalg.norm(column - start)))
+    return _trajectory(times, evaluator.component_names, records, losses, distances, None, None,
                        {"objective": dataclasses.asdict(objective), "flow": {"method": method, "rtol": rtol, "atol": atol},
                         "model": type(model).__name__})

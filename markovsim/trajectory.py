@@ -22,7 +22,10 @@ COMPONENT_METRICS = (
     "mean_weight",    # mean closed-form gradient weight w(y) on the component's forget training sequences
     "power_share",    # the component's share of the summed gradient norms ("unlearning power")
 )
-STEP_METRICS = ("loss",)
+STEP_METRICS = (
+    "loss",                # the objective on the step's batch
+    "parameter_distance",  # ||theta_t - theta_0|| over all parameters (NPO paper, Theorem 2)
+)
 
 
 @dataclass

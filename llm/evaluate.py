@@ -1,0 +1,174 @@
+"""Per-component metrics of a transformer on Markov test data, the same as ``markovsim``'s.
+
+Per component c, on its test sequences, the mean over response tokens of
+``KL( target(. | prefix) || model(. | prefix) )`` (THEORY.md section 5), where the model's
+next-state predictive is the softmax of its logits restricted to the V state tokens, and the
+target is one of
+
+    kl_true            the TRUE transition row of the chain that generated the sequence
+    kl_retrained       the retrained (retain-only) transformer's predictive
+    kl_reference       the reference transformer's predictive (the model before unlearning)
+    kl_exact_<name>    the exact Bayes predictive of a ``markovsim`` model (e.g. the retain chain,
+                       or the pre-training mixture ``MixtureOfChains.from_components``)
+
+Every target predictive is computed once, in float64, and cached. ``logp_per_token`` is the mean
+over the component's sequences of ``logp(y) / |y|`` under the model's full vocabulary.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+
+from markovsim.chains import MarkovChain
+from markovsim.data import SequenceSet
+from markovsim.losses import Objective
+from markovsim.metrics import mean_kl_per_component, true_next_token_probs
+
+from .data import EncodedSequences, encode, evaluation_chunks
+from .logps import model_logits, state_log_probs, token_log_probs
+from .models import check_model_data
+from .runtime import autocast
+
+__all__ = ["model_device", "predict", "next_token_probs", "sequence_logps_batched", "component_means",
+           "forget_weight_means", "Evaluator"]
+
+
+def model_device(model) -> torch.device:
+    """The device of the model's first parameter."""
+    return next(model.parameters()).device
+
+
+def _length_order(encoded: EncodedSequences) -> np.ndarray:
+    """Row order by token length, so each evaluation chunk carries little padding."""
+    return np.argsort(encoded.token_lengths.numpy(), kind="stable")
+
+
+@torch.no_grad()
+def predict(model, encoded: EncodedSequences, batch_size: int = 1024, bf16: bool = False,
+            state_predictive: bool = True) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor]:
+    """One no-grad pass: next-state log-predictive and sequence log-likelihoods, on CPU float64.
+
+    Args:
+        model: a causal LM (its mode is restored afterwards; evaluated in eval mode).
+        encoded: sequences with response labels.
+        batch_size: rows per forward pass.
+        bf16: autocast the forward pass (CUDA only).
+        state_predictive: also return the (n, T-1, V) state log-predictive.
+    Returns:
+        state_logprobs (n, T-1, V) or None (0 on padding), logps (n,), num_tokens (n,).
+    """
+    n, width, num_states = len(encoded), encoded.input_ids.shape[1], encoded.num_states
+    device, was_training = model_device(model), model.training
+    model.eval()
+    states = torch.zeros((n, width - 2, num_states), dtype=torch.float64) if state_predictive else None
+    logps, num_tokens = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+    order = _length_order(encoded)
+    try:
+        for chunk in evaluation_chunks(n, batch_size):
+            rows = order[chunk]
+            batch = encoded.batch(rows, device)
+            with autocast(device.type, bf16):
+                logits = model_logits(model, batch)  # (b, t, vocab)
+            token_logps, mask = token_log_probs(logits, batch["labels"])  # (b, t-1)
+            logps[rows] = token_logps.sum(-1).double().cpu()
+            num_tokens[rows] = mask.sum(-1).double().cpu()
+            if states is not None:
+                t = batch["input_ids"].shape[1]
+                predictive = state_log_probs(logits[:, 1: t - 1], num_states).double().cpu()  # (b, t-2, V)
+                valid = (batch["labels"][:, 2:t] != -100).cpu()[..., None]  # (b, t-2, 1)
+                states[rows, : t - 2] = torch.where(valid, predictive, 0.0)
+    finally:
+        model.train(was_training)
+    return states, logps, num_tokens
+
+
+def next_token_probs(model, sequences: SequenceSet, batch_size: int = 1024, bf16: bool = False) -> torch.Tensor:
+    """The model's next-state predictive at every response position, (n, T-1, V) float64; 0 where padded.
+
+    Same layout as ``markovsim`` models' ``next_token_probs``: entry t predicts ``tokens[:, t + 1]``.
+    """
+    check_model_data(model, sequences)
+    states, _, _ = predict(model, encode(sequences, "response"), batch_size, bf16)
+    mask = torch.as_tensor(sequences.transition_mask)[..., None]
+    return torch.where(mask, states.exp(), 0.0)
+
+
+def sequence_logps_batched(model, encoded: EncodedSequences, batch_size: int = 1024,
+                           bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(logps, num_tokens)`` of every row (CPU float64), without gradients."""
+    _, logps, num_tokens = predict(model, encoded, batch_size, bf16, state_predictive=False)
+    return logps, num_tokens
+
+
+def component_means(values: torch.Tensor, component_ids: np.ndarray, component_names: tuple[str, ...],
+                    names: tuple[str, ...]) -> np.ndarray:
+    """Mean of ``values`` (n,) over each component in ``names`` (NaN where a component has no rows)."""
+    values = np.asarray(values, dtype=np.float64)
+    result = np.full(len(names), np.nan)
+    for c, name in enumerate(names):
+        if name in component_names:
+            rows = component_ids == component_names.index(name)
+            if rows.any():
+                result[c] = values[rows].mean()
+    return result
+
+
+def forget_weight_means(objective: Objective, logps: torch.Tensor, num_tokens: torch.Tensor,
+                        ref_logps: torch.Tensor | None, forget: EncodedSequences,
+                        names: tuple[str, ...]) -> np.ndarray:
+    """Mean closed-form gradient weight w(y) (``Objective.forget_weights``) per forget component.
+
+    NaN for components without forget rows and for losses without a sequence-level weight (dpo, wga).
+    """
+    if objective.forget not in ("ga", "ga_sum", "npo", "simnpo"):
+        return np.full(len(names), np.nan)
+    weights = objective.forget_weights(logps, num_tokens, ref_logps)  # (n_f,)
+    return component_means(weights, forget.component_ids, forget.component_names, names)
+
+
+class Evaluator:
+    """Per-component metrics on a fixed test set; every target predictive computed once (float64).
+
+    Args:
+        test: the evaluation sequences (all components).
+        true_chains: ``{component: MarkovChain}`` for ``kl_true`` (optional).
+        retrained: the retrained transformer for ``kl_retrained`` (optional).
+        reference: the reference transformer for ``kl_reference`` (optional).
+        exact_models: ``{name: markovsim model}`` for ``kl_exact_<name>`` (e.g. the retain chain's
+            ``MixtureOfChains``); any object with ``next_token_probs(sequences)``.
+        batch_size: rows per forward pass.
+        bf16: autocast the transformer forward passes (CUDA only).
+    """
+
+    def __init__(self, test: SequenceSet, true_chains: Mapping[str, MarkovChain] | None = None, retrained=None,
+                 reference=None, exact_models: Mapping[str, object] | None = None, batch_size: int = 1024,
+                 bf16: bool = False):
+        if not isinstance(test, SequenceSet) or len(test) == 0:
+            raise ValueError("test must be a non-empty SequenceSet")
+        self.test, self.batch_size, self.bf16 = test, batch_size, bf16
+        self.encoded = encode(test, "response")
+        self.component_names = test.component_names
+        self.targets: dict[str, torch.Tensor] = {}
+        if true_chains is not None:
+            self.targets["kl_true"] = true_next_token_probs(test, true_chains)
+        for metric, model in (("kl_retrained", retrained), ("kl_reference", reference)):
+            if model is not None:
+                self.targets[metric] = next_token_probs(model, test, batch_size, bf16)
+        for name, model in (exact_models or {}).items():
+            self.targets[f"kl_exact_{name}"] = model.next_token_probs(test).detach().to(torch.float64)
+
+    def evaluate(self, model) -> dict[str, np.ndarray]:
+        """``{metric: (C,) array}``: each cached KL target and ``logp_per_token``."""
+        check_model_data(model, self.test, "test")
+        state_logprobs, logps, num_tokens = predict(model, self.encoded, self.batch_size, self.bf16)
+        model_probs = state_logprobs.exp()  # (n, T-1, V); padding rows are ignored by the KL's mask
+        result = {}
+        for metric, target in self.targets.items():
+            per_component = mean_kl_per_component(target, model_probs, self.test)
+            result[metric] = np.array([per_component.get(name, np.nan) for name in self.component_names])
+        result["logp_per_token"] = component_means(logps / num_tokens, self.test.component_ids,
+                                                   self.component_names, self.component_names)
+        return result

@@ -1,0 +1,74 @@
+"""Devices, precision and the ``accelerate`` state: where and how the transformer runs.
+
+* ``device``: ``"auto"`` (CUDA if available, else CPU), ``"cpu"`` or ``"cuda"``.
+* ``mixed_precision``: ``"auto"`` (bf16 autocast on a CUDA device that supports it, else none),
+  ``"bf16"`` (CUDA only) or ``"no"``. Parameters and optimizer state stay float32; only the
+  forward pass is autocast, and log-softmax is computed in float32 (:mod:`llm.logps`).
+* Data parallelism: launch with ``torchrun --nproc_per_node N`` (or ``accelerate launch``), which
+  sets ``RANK`` / ``WORLD_SIZE`` / ``LOCAL_RANK`` / ``MASTER_ADDR``; on CPU the backend is gloo.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import torch
+
+__all__ = ["DEVICES", "MIXED_PRECISIONS", "resolve_device", "use_bf16", "autocast", "make_accelerator",
+           "is_distributed_launch"]
+
+DEVICES = ("auto", "cpu", "cuda")
+MIXED_PRECISIONS = ("auto", "bf16", "no")
+
+
+def resolve_device(device: str) -> str:
+    """``"cpu"`` or ``"cuda"`` for a requested device (ValueError for CUDA without a GPU)."""
+    if device not in DEVICES:
+        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but torch sees no CUDA GPU; use device='cpu' or 'auto'")
+    return device
+
+
+def use_bf16(device: str, mixed_precision: str) -> bool:
+    """Whether to autocast to bf16: only on CUDA (ValueError for bf16 on CPU)."""
+    if mixed_precision not in MIXED_PRECISIONS:
+        raise ValueError(f"mixed_precision must be one of {MIXED_PRECISIONS}, got {mixed_precision!r}")
+    device = resolve_device(device)
+    if mixed_precision == "bf16" and device != "cuda":
+        raise ValueError("mixed_precision='bf16' is supported on CUDA only; use 'no' (or 'auto') on CPU")
+    if mixed_precision == "auto":
+        return device == "cuda" and torch.cuda.is_bf16_supported()
+    return mixed_precision == "bf16"
+
+
+def autocast(device_type: str, bf16: bool):
+    """``torch.autocast`` to bf16 on CUDA when ``bf16``, else a no-op context."""
+    if bf16 and device_type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def is_distributed_launch() -> bool:
+    """True when a launcher started several processes (``WORLD_SIZE`` > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def make_accelerator(device: str):
+    """An ``accelerate.Accelerator`` for ``device`` (no accelerate-managed mixed precision: we autocast).
+
+    In a single (non-launched) process the accelerate singletons are reset first, so successive
+    runs in one Python process may use different devices.
+    """
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    device = resolve_device(device)
+    if not is_distributed_launch() and not torch.distributed.is_initialized():
+        AcceleratorState._reset_state(reset_partial_state=True)
+    if device == "cpu" and is_distributed_launch():
+        os.environ.setdefault("OMP_NUM_THREADS", str(max(1, torch.get_num_threads())))
+    return Accelerator(cpu=device == "cpu", mixed_precision="no")
