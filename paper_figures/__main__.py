@@ -45,7 +45,7 @@ def make_figure(name: str, scale: str, device: str, output: str, recompute: bool
     start = time.perf_counter()
     reused = not recompute and os.path.exists(cache_stem + ".json") and _same_config(cache_stem, config)
     if not reused:
-        module.compute(config, cache_stem, device=device)
+        module.compute(config, cache_stem, device=device, recompute=recompute)
     paths = module.plot(cache_stem, os.path.join(output, name))
     return {"name": name, "title": module.TITLE, "scale": scale, "config": metadata_block(config)["config"],
             "device": device, "runtime_s": round(time.perf_counter() - start, 3), "reused_cache": reused,

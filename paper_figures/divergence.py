@@ -1,0 +1,100 @@
+"""Figure 5: divergence speed of GA vs NPO (NPO paper, Theorem 2).
+
+Question: under plain gradient descent, does GA move the parameters and the forget
+log-likelihood linearly in the step count while NPO slows to a logarithmic pace, and what retain
+damage does each pay by the end? Fitted linear and logarithmic rates are drawn over the curves.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import numpy as np
+
+from markovsim.analysis import fit_divergence_rates
+from markovsim.data import atomic_save_npz
+from markovsim.results import atomic_write_json, metadata_block, read_json
+
+from .runs import cached_runs, simulator_runs
+from .style import apply_style, save_figure
+
+TITLE = "Divergence speed: GA moves linearly, NPO logarithmically (exact simulator)"
+METHOD_COLORS = {"GA": "#7f7f7f", "NPO": "#d62728"}
+
+
+@dataclass(frozen=True)
+class Config:
+    scale: float = 0.2
+    steps: int = 400
+    eval_every: int = 4
+
+
+CONFIGS = {"tiny": Config(scale=0.005, steps=12, eval_every=3), "quick": Config(), "paper": Config(scale=1.0, steps=1000)}
+
+
+def compute(config: Config, cache_stem: str, device: str = "cpu", recompute: bool = False) -> str:
+    runs, _ = cached_runs(os.path.dirname(cache_stem), f"npo_divergence_{config.scale}_{config.steps}_{config.eval_every}",
+                          {"scenario": "npo_divergence", "scale": config.scale, "steps": config.steps,
+                           "eval_every": config.eval_every},
+                          lambda: simulator_runs("npo_divergence", config.scale, config.steps,
+                                                 dynamics_overrides={"eval_every": config.eval_every}), recompute)
+    arrays, fits = {}, {}
+    for source, trajectories in runs.items():
+        for method, trajectory in trajectories.items():
+            forget_logp = np.nanmean([trajectory.metric("logp_per_token", n) for n in ("forget1", "forget2")], axis=0)
+            key = f"{source}/{method}"
+            arrays[f"{key}/steps"] = trajectory.steps
+            arrays[f"{key}/forget_logp"] = forget_logp
+            arrays[f"{key}/distance"] = trajectory.step_metrics["parameter_distance"]
+            arrays[f"{key}/retain_kl"] = trajectory.metric("kl_true", "retain")
+            fits[key] = {"forget_logp": fit_divergence_rates(trajectory.steps, forget_logp),
+                         "distance": fit_divergence_rates(trajectory.steps, trajectory.step_metrics["parameter_distance"])}
+    atomic_save_npz(cache_stem + ".npz", arrays)
+    atomic_write_json(cache_stem + ".json", metadata_block(config, fits=fits, device=device))
+    return cache_stem
+
+
+def _fitted(fit: dict, steps: np.ndarray) -> np.ndarray:
+    if fit["better"] == "linear":
+        return fit["linear"]["a"] + fit["linear"]["b"] * steps
+    log_fit = fit["logarithmic"]
+    return log_fit["a"] + log_fit["b"] * np.log1p(steps / log_fit["tau"])
+
+
+def plot(cache_stem: str, output_stem: str) -> list[str]:
+    fits = read_json(cache_stem + ".json")["fits"]
+    with np.load(cache_stem + ".npz") as data:
+        arrays = {k: data[k] for k in data.files}
+    apply_style()
+    import matplotlib.pyplot as plt
+
+    sources = sorted({key.split("/")[0] for key in fits})
+    figure, axes = plt.subplots(len(sources), 3, figsize=(13, 3.4 * len(sources)), squeeze=False)
+    for row, source in enumerate(sources):
+        for method, color in METHOD_COLORS.items():
+            key = f"{source}/{method}"
+            if key not in fits:
+                continue
+            steps = arrays[f"{key}/steps"]
+            shown = steps > 0
+            for col, (quantity, label) in enumerate((("forget_logp", "forget log-likelihood per token"),
+                                                     ("distance", "||theta_t - theta_0||"))):
+                fit = fits[key][quantity]
+                axes[row, col].plot(steps[shown], arrays[f"{key}/{quantity}"][shown], color=color, lw=2, alpha=0.6,
+                                    label=f"{method}")
+                axes[row, col].plot(steps[shown], _fitted(fit, steps)[shown], "k:", lw=1,
+                                    label=f"{method} fit: {fit['better']} (R2 {fit[fit['better']]['r2']:.3f})")
+                axes[row, col].set_xscale("log")
+                axes[row, col].set_xlabel("step (log scale)")
+                axes[row, col].set_ylabel(label)
+                axes[row, col].set_title(f"{source}: {label}")
+                axes[row, col].legend(fontsize=7)
+            axes[row, 2].plot(steps, arrays[f"{key}/retain_kl"], color=color, label=method)
+        axes[row, 2].set_xlabel("step")
+        axes[row, 2].set_ylabel("retain KL (true chain || model)")
+        axes[row, 2].set_yscale("log")
+        axes[row, 2].set_title(f"{source}: retain damage")
+        axes[row, 2].legend(fontsize=7)
+    figure.suptitle(TITLE)
+    return save_figure(figure, output_stem)
