@@ -18,7 +18,7 @@ from .analysis import fit_divergence_rates, power_summary, value_at_progress
 from .data import atomic_save_npz
 from .dynamics import unlearn
 from .losses import OBJECTIVES
-from .results import atomic_write_json, metadata_block
+from .results import atomic_output, atomic_write_json, metadata_block
 from .scenarios import MODEL_CLASSES, SCENARIOS, load_scenario, prepare
 
 
@@ -131,10 +131,8 @@ def _plot(runs, retrained, scenario, stem) -> None:
     figure = scenario_figure(runs, retrained, forget_names, textwrap.shorten(f"{scenario.name}: {scenario.question}", 150))
     import matplotlib.pyplot as plt
 
-    path = stem + ".png"
-    temporary = stem + ".tmp.png"
-    figure.savefig(temporary, dpi=120)
-    os.replace(temporary, path)
+    with atomic_output(stem + ".png") as temporary:
+        figure.savefig(temporary, dpi=120, format="png")
     plt.close(figure)
 
 

@@ -10,13 +10,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from .chains import MarkovChain
+from .results import atomic_output
 from .validation import check_int, check_tokens
 
 PAD_TOKEN = -1
@@ -315,21 +315,11 @@ def concatenate(sets: list[SequenceSet]) -> SequenceSet:
 
 
 def atomic_save_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
-    """``numpy.savez`` to a temporary file in the target folder, then ``os.replace``."""
-    path = os.fspath(path)
-    if not path.endswith(".npz"):
-        raise ValueError(f"path must end in .npz, got {path!r}")
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(suffix=".npz", dir=folder)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            np.savez(file, **arrays)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    """``numpy.savez`` atomically (temporary file in the target folder, then rename)."""
+    if not os.fspath(path).endswith(".npz"):
+        raise ValueError(f"path must end in .npz, got {os.fspath(path)!r}")
+    with atomic_output(path) as temporary, open(temporary, "wb") as file:
+        np.savez(file, **arrays)
 
 
 def _check_index_array(value, name: str, size: int) -> np.ndarray:

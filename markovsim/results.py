@@ -5,6 +5,7 @@ Arrays go beside it in an ``.npz`` written with :func:`markovsim.data.atomic_sav
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -59,21 +60,31 @@ def _to_json(value):
     return value
 
 
-def atomic_write_json(path: str | os.PathLike, document: dict) -> None:
-    """Write ``document`` as indented JSON to a temporary file in the target folder, then rename."""
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike):
+    """Yield a temporary path beside ``path``; on success it is renamed to ``path``, on error removed.
+
+    Readers therefore see either the old file or the complete new one, never a half-written file.
+    """
     path = os.fspath(path)
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(suffix=".json", dir=folder)
+    handle, temporary = tempfile.mkstemp(suffix=os.path.splitext(path)[1], dir=folder)
+    os.close(handle)
     try:
-        with os.fdopen(handle, "w") as file:
-            json.dump(_to_json(document), file, indent=2, allow_nan=False)
-            file.write("\n")
+        yield temporary
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
             os.remove(temporary)
         raise
+
+
+def atomic_write_json(path: str | os.PathLike, document: dict) -> None:
+    """Write ``document`` as indented JSON atomically (see :func:`atomic_output`)."""
+    with atomic_output(path) as temporary, open(temporary, "w") as file:
+        json.dump(_to_json(document), file, indent=2, allow_nan=False)
+        file.write("\n")
 
 
 def read_json(path: str | os.PathLike) -> dict:

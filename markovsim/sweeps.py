@@ -12,7 +12,6 @@ import csv
 import dataclasses
 import itertools
 import os
-import tempfile
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ import numpy as np
 
 from .dynamics import unlearn
 from .losses import get_objective
+from .results import atomic_output
 from .runtime import torch_threads
 from .scenarios import Scenario, prepare
 
@@ -126,21 +126,11 @@ def write_csv(rows: list[dict], path: str | os.PathLike) -> None:
     """Write the table as CSV atomically."""
     if not rows:
         raise ValueError("no rows to write")
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
     columns = list(dict.fromkeys(key for row in rows for key in row))
-    handle, temporary = tempfile.mkstemp(suffix=".csv", dir=folder)
-    try:
-        with os.fdopen(handle, "w", newline="") as file:
-            writer = csv.DictWriter(file, fieldnames=columns)
-            writer.writeheader()
-            writer.writerows(rows)
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
+    with atomic_output(path) as temporary, open(temporary, "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def summarize(rows: list[dict], value: str, by=("method", "beta")) -> dict[tuple, tuple[float, float]]:

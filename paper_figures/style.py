@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
-
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from markovsim.results import atomic_output  # noqa: E402
 
 METHOD_COLORS = {"GA": "#7f7f7f", "NPO": "#d62728", "SimNPO": "#1f77b4", "GradDiff": "#2ca02c",
                  "initial": "#000000", "retrained": "#ff7f0e"}
@@ -27,20 +26,11 @@ def apply_style() -> None:
 
 
 def save_figure(figure, stem: str) -> list[str]:
-    """Write ``stem.png`` and ``stem.pdf`` (each via a temporary file and rename); returns the paths."""
-    os.makedirs(os.path.dirname(os.path.abspath(stem)), exist_ok=True)
+    """Write ``stem.png`` and ``stem.pdf`` atomically; returns the paths."""
     paths = []
     for extension in ("png", "pdf"):
-        path = f"{stem}.{extension}"
-        handle, temporary = tempfile.mkstemp(suffix=f".{extension}", dir=os.path.dirname(os.path.abspath(path)))
-        os.close(handle)
-        try:
+        with atomic_output(f"{stem}.{extension}") as temporary:
             figure.savefig(temporary, format=extension)
-            os.replace(temporary, path)
-        except BaseException:
-            if os.path.exists(temporary):
-                os.remove(temporary)
-            raise
-        paths.append(path)
+        paths.append(f"{stem}.{extension}")
     plt.close(figure)
     return paths

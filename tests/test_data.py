@@ -141,3 +141,26 @@ def test_bad_sequence_sets():
     # padding values beyond each length are ignored (not validated as states)
     padded = SequenceSet(np.array([[0, 1, 99]]), np.array([2]), np.array([0]), ("a",), 3)
     assert padded.tokens[0, 2] == PAD_TOKEN and padded.transition_counts.sum() == 1
+
+
+def test_failed_write_leaves_nothing_on_disk(tmp_path):
+    from markovsim.results import atomic_output
+
+    target = tmp_path / "out.npz"
+    with pytest.raises(RuntimeError):
+        with atomic_output(target) as temporary:
+            open(temporary, "wb").write(b"half")
+            raise RuntimeError("interrupted")
+    assert os.listdir(tmp_path) == []
+    train, _ = paper_spec().sample()
+    train.save(target)
+    before = target.read_bytes()
+    class Unconvertible:
+        def __array__(self, *args, **kwargs):
+            raise RuntimeError("cannot convert")
+
+    from markovsim.data import atomic_save_npz
+
+    with pytest.raises(RuntimeError, match="cannot convert"):
+        atomic_save_npz(target, {"tokens": np.zeros(3), "bad": Unconvertible()})
+    assert target.read_bytes() == before and os.listdir(tmp_path) == ["out.npz"]
