@@ -101,9 +101,10 @@ def run_command(arguments) -> int:
               "dynamics": dataclasses.asdict(dynamics), "models": arguments.models}
     atomic_write_json(os.path.join(arguments.out, "results.json"),
                       metadata_block(config, component_names=list(setup.evaluator.component_names),
-                                     retrained_kl_true=retrained, summaries=summaries))
+                                     retrained_kl_true=retrained, summaries=summaries,
+                                     retain_kl_at_equal_forget_logp={m: _equal_progress(r, scenario) for m, r in runs.items()}))
     _plot(runs, retrained, scenario, os.path.join(arguments.out, "plot"))
-    print(f"[markovsim] wrote {arguments.out}/results.json, trajectories.npz, plot.png")
+    print(f"[markovsim] wrote {arguments.out}/results.json, trajectories.npz, plot.png, divergence.png")
     return 0
 
 
@@ -124,16 +125,29 @@ def _summary(trajectory, setup, retrained_kls) -> dict:
     return summary
 
 
-def _plot(runs, retrained, scenario, stem) -> None:
-    from .plotting import scenario_figure
+def _equal_progress(trajectories, scenario) -> dict:
+    """Per forget component: the forget log-likelihood per token every method reached, and each method's retain KL there."""
+    result = {}
+    for name in scenario.spec.names_where(role="forget"):
+        level = max(float(np.nanmin(t.metric("logp_per_token", name))) for t in trajectories.values())
+        result[name] = {"forget_logp_per_token": level} | {
+            method: value_at_progress(t, "logp_per_token", name, level, "kl_true", "retain")
+            for method, t in trajectories.items()}
+    return result
 
-    forget_names = scenario.spec.names_where(role="forget")
-    figure = scenario_figure(runs, retrained, forget_names, textwrap.shorten(f"{scenario.name}: {scenario.question}", 150))
+
+def _plot(runs, retrained, scenario, stem) -> None:
     import matplotlib.pyplot as plt
 
-    with atomic_output(stem + ".png") as temporary:
-        figure.savefig(temporary, dpi=120, format="png")
-    plt.close(figure)
+    from .plotting import divergence_figure, scenario_figure
+
+    forget_names = scenario.spec.names_where(role="forget")
+    title = textwrap.shorten(f"{scenario.name}: {scenario.question}", 150)
+    for figure, path in ((scenario_figure(runs, retrained, forget_names, title), stem + ".png"),
+                         (divergence_figure(runs, forget_names, scenario.name), os.path.join(os.path.dirname(stem), "divergence.png"))):
+        with atomic_output(path) as temporary:
+            figure.savefig(temporary, dpi=120, format="png")
+        plt.close(figure)
 
 
 def list_command() -> int:

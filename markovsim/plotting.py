@@ -15,6 +15,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from .analysis import fit_divergence_rates  # noqa: E402
 from .trajectory import Trajectory  # noqa: E402
 
 METHOD_COLORS = {"GA": "#7f7f7f", "GradDiff": "#2ca02c", "NPO": "#d62728", "NPO+RT": "#ff9896", "NPO+KL": "#e377c2",
@@ -81,6 +82,46 @@ def scenario_figure(runs: Mapping[str, Mapping[str, Trajectory]], retrained: Map
         axes[row, -1].set_title(f"{model_class}: unlearning power")
     axes[0, 0].legend(fontsize=7)
     axes[0, -1].legend(fontsize=6, ncol=2)
+    figure.suptitle(title)
+    figure.set_layout_engine("constrained")
+    return figure
+
+
+def fitted_curve(fit: dict, steps: np.ndarray) -> np.ndarray:
+    """Evaluate the better of the two fits returned by :func:`~markovsim.analysis.fit_divergence_rates`."""
+    if fit["better"] == "linear":
+        return fit["linear"]["a"] + fit["linear"]["b"] * steps
+    logarithmic = fit["logarithmic"]
+    return logarithmic["a"] + logarithmic["b"] * np.log1p(steps / logarithmic["tau"])
+
+
+def rate_axes(axis, steps: np.ndarray, values: np.ndarray, label: str, color: str, fit: dict | None = None) -> dict:
+    """``values`` against steps on a log x-axis with the better linear/logarithmic fit dotted; returns the fit."""
+    fit = fit or fit_divergence_rates(steps, values)
+    shown = steps > 0
+    axis.plot(steps[shown], values[shown], color=color, lw=2, alpha=0.6, label=label)
+    axis.plot(steps[shown], fitted_curve(fit, steps)[shown], "k:", lw=1,
+              label=f"{label} fit: {fit['better']} (R2 {fit[fit['better']]['r2']:.3f})")
+    axis.set_xscale("log")
+    axis.set_xlabel("step (log scale)")
+    return fit
+
+
+def divergence_figure(runs: Mapping[str, Mapping[str, Trajectory]], forget_components, title: str):
+    """Per model class: mean forget log-likelihood per token and parameter distance vs steps, with fitted rates."""
+    figure, axes = plt.subplots(len(runs), 2, squeeze=False, figsize=(10, 3.4 * len(runs)))
+    for row, (model_class, trajectories) in enumerate(runs.items()):
+        for method, trajectory in trajectories.items():
+            forget = np.nanmean([trajectory.metric("logp_per_token", name) for name in forget_components], axis=0)
+            if np.isfinite(forget).sum() >= 3:
+                rate_axes(axes[row, 0], trajectory.steps, forget, method, method_color(method))
+                rate_axes(axes[row, 1], trajectory.steps, trajectory.step_metrics["parameter_distance"], method,
+                          method_color(method))
+        axes[row, 0].set_ylabel("forget log-likelihood per token")
+        axes[row, 1].set_ylabel("||theta_t - theta_0||")
+        for axis in axes[row]:
+            axis.set_title(model_class)
+            axis.legend(fontsize=7)
     figure.suptitle(title)
     figure.set_layout_engine("constrained")
     return figure

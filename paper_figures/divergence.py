@@ -14,6 +14,7 @@ import numpy as np
 
 from markovsim.analysis import fit_divergence_rates
 from markovsim.data import atomic_save_npz
+from markovsim.plotting import rate_axes
 from markovsim.results import atomic_write_json, metadata_block, read_json
 
 from .runs import cached_runs, simulator_runs
@@ -55,13 +56,6 @@ def compute(config: Config, cache_stem: str, device: str = "cpu", recompute: boo
     return cache_stem
 
 
-def _fitted(fit: dict, steps: np.ndarray) -> np.ndarray:
-    if fit["better"] == "linear":
-        return fit["linear"]["a"] + fit["linear"]["b"] * steps
-    log_fit = fit["logarithmic"]
-    return log_fit["a"] + log_fit["b"] * np.log1p(steps / log_fit["tau"])
-
-
 def plot(cache_stem: str, output_stem: str) -> list[str]:
     fits = read_json(cache_stem + ".json")["fits"]
     with np.load(cache_stem + ".npz") as data:
@@ -77,16 +71,9 @@ def plot(cache_stem: str, output_stem: str) -> list[str]:
             if key not in fits:
                 continue
             steps = arrays[f"{key}/steps"]
-            shown = steps > 0
             for col, (quantity, label) in enumerate((("forget_logp", "forget log-likelihood per token"),
                                                      ("distance", "||theta_t - theta_0||"))):
-                fit = fits[key][quantity]
-                axes[row, col].plot(steps[shown], arrays[f"{key}/{quantity}"][shown], color=color, lw=2, alpha=0.6,
-                                    label=f"{method}")
-                axes[row, col].plot(steps[shown], _fitted(fit, steps)[shown], "k:", lw=1,
-                                    label=f"{method} fit: {fit['better']} (R2 {fit[fit['better']]['r2']:.3f})")
-                axes[row, col].set_xscale("log")
-                axes[row, col].set_xlabel("step (log scale)")
+                rate_axes(axes[row, col], steps, arrays[f"{key}/{quantity}"], method, color, fits[key][quantity])
                 axes[row, col].set_ylabel(label)
                 axes[row, col].set_title(f"{source}: {label}")
                 axes[row, col].legend(fontsize=7)

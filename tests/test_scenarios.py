@@ -129,8 +129,10 @@ def test_cli_run_and_list(tmp_path, capsys):
         "tabular/NPO", "tabular/SimNPO", "mixture/NPO", "mixture/SimNPO"}
     with np.load(out / "trajectories.npz") as arrays:
         assert arrays["tabular/NPO/kl_true"].shape == (4, 3)
-    assert (out / "plot.png").stat().st_size > 10000
-    assert sorted(p.name for p in out.iterdir()) == ["plot.png", "results.json", "trajectories.npz"]
+    assert (out / "plot.png").stat().st_size > 10000 and (out / "divergence.png").stat().st_size > 10000
+    assert sorted(p.name for p in out.iterdir()) == ["divergence.png", "plot.png", "results.json", "trajectories.npz"]
+    equal = document["retain_kl_at_equal_forget_logp"]["tabular"]["forget2"]
+    assert set(equal) == {"forget_logp_per_token", "NPO", "SimNPO"} and all(np.isfinite(v) for v in equal.values())
 
 
 def test_cli_rejects_bad_input(tmp_path):
