@@ -11,7 +11,7 @@ NOTEBOOKS = os.path.join(HERE, "..", "notebooks")
 SMALL = {
     "01_markov_mixtures.ipynb": "SCALE = 0.01",
     "02_reference_model_bias.ipynb": "SCALE = 0.01\nSTEPS = 3",
-    "03_theory_vs_practice.ipynb": "SCALE = 0.005\nPRETRAIN_EPOCHS = 1\nSTEPS = 2\nPRESET = 'tiny-gpt2'",
+    "03_theory_vs_practice.ipynb": "SCALE = 0.005\nPRETRAIN_EPOCHS = 1\nSTEPS = 2\nEVAL_EVERY = 1\nPRESET = 'tiny-gpt2'",
 }
 
 
