@@ -1,0 +1,22 @@
+"""llm: the unlearning losses of ``markovsim.losses`` on Hugging Face ``transformers`` causal LMs.
+
+Transformers are pre-trained, retrained and unlearned on the same Markov-mixture data as the
+simulator, on CPU or CUDA (bf16 autocast), single- or multi-process (``accelerate``), and return
+the simulator's ``Trajectory`` so that every plot accepts either side. See DESIGN.md "llm".
+
+    models     PRESETS, build_model, load_model           (configs only, never downloaded)
+    data       SequenceSet -> HF batches (BOS, labels -100), seeded batch order
+    logps      sequence_logps(model, batch) -> (logps, num_tokens), via the shared reducer
+    objective  an Objective on a transformer batch (cached reference log-probs)
+    train      pretrain, retrain, unlearn, TrainConfig
+    evaluate   Evaluator: per-component KL to the true chains / retrained / exact models
+    python -m llm pretrain|retrain|unlearn|evaluate
+"""
+
+from .evaluate import Evaluator, next_token_probs
+from .logps import sequence_logps
+from .models import PRESETS, build_model, load_model
+from .train import PAPER_PRETRAINING, PAPER_UNLEARNING, TrainConfig, TrainingHistory, pretrain, retrain, unlearn
+
+__all__ = ["Evaluator", "next_token_probs", "sequence_logps", "PRESETS", "build_model", "load_model",
+           "PAPER_PRETRAINING", "PAPER_UNLEARNING", "TrainConfig", "TrainingHistory", "pretrain", "retrain", "unlearn"]

@@ -108,7 +108,7 @@ def encode(sequences: SequenceSet, label_scope: str = "response") -> EncodedSequ
         raise ValueError(f"label_scope must be one of {LABEL_SCOPES}, got {label_scope!r}")
     n, width = len(sequences), sequences.max_length + 1
     bos = bos_token_id(sequences.num_states)
-    tokens = torch.as_tensor(np.asarray(sequences.tokens, dtype=np.int64))  # (n, T), PAD_TOKEN = -1 past L
+    tokens = torch.tensor(np.asarray(sequences.tokens, dtype=np.int64))  # (n, T), PAD_TOKEN = -1 past L
     real = tokens >= 0  # (n, T)
     input_ids = torch.full((n, width), bos, dtype=torch.int64)
     input_ids[:, 1:] = torch.where(real, tokens, bos)
@@ -119,7 +119,7 @@ def encode(sequences: SequenceSet, label_scope: str = "response") -> EncodedSequ
     labels[:, 1:] = torch.where(real, tokens, IGNORE_INDEX)
     if label_scope == "response":
         labels[:, 1] = IGNORE_INDEX  # s_1 is the prompt
-    lengths = torch.as_tensor(np.asarray(sequences.lengths, dtype=np.int64))
+    lengths = torch.tensor(np.asarray(sequences.lengths, dtype=np.int64))
     num_label_tokens = lengths - 1 if label_scope == "response" else lengths.clone()
     return EncodedSequences(input_ids, attention_mask, labels, lengths + 1, num_label_tokens,
                             np.asarray(sequences.component_ids, dtype=np.int64), tuple(sequences.component_names),

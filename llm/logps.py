@@ -15,7 +15,7 @@ from markovsim.losses import sequence_logps as reduce_sequence_logps
 
 from .data import IGNORE_INDEX
 
-__all__ = ["NonFiniteLogitsError", "model_logits", "token_log_probs", "sequence_logps", "state_log_probs"]
+__all__ = ["NonFiniteLogitsError", "model_logits", "token_log_probs", "sequence_logps", "state_log_probs", "upcast"]
 
 
 class NonFiniteLogitsError(FloatingPointError):
@@ -28,7 +28,8 @@ def model_logits(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output["logits"]
 
 
-def _upcast(logits: torch.Tensor) -> torch.Tensor:
+def upcast(logits: torch.Tensor) -> torch.Tensor:
+    """float32 for half-precision logits; float32/float64 unchanged."""
     return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
@@ -45,7 +46,7 @@ def token_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     """
     if logits.ndim != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(f"logits must be (B, T, vocab) and labels (B, T); got {tuple(logits.shape)} and {tuple(labels.shape)}")
-    shifted = _upcast(logits[:, :-1])  # (B, T-1, vocab)
+    shifted = upcast(logits[:, :-1])  # (B, T-1, vocab)
     targets = labels[:, 1:]  # (B, T-1)
     mask = targets != IGNORE_INDEX  # (B, T-1)
     safe = torch.where(mask, targets, 0)  # (B, T-1)
@@ -77,4 +78,4 @@ def state_log_probs(logits: torch.Tensor, num_states: int) -> torch.Tensor:
         logits: (..., vocab) with vocab >= num_states.
     Returns: (..., V) float32/64 log-probabilities.
     """
-    return torch.log_softmax(_upcast(logits[..., :num_states]), dim=-1)
+    return torch.log_softmax(upcast(logits[..., :num_states]), dim=-1)

@@ -54,10 +54,10 @@ class MetricsLog:
         self.enabled = enabled and self.path is not None
 
     def start(self, resume_step: int | None) -> None:
-        """Begin a fresh log, or keep the records with ``step < resume_step`` (train) / ``<=`` ... see below.
+        """Begin a fresh log (``resume_step`` None), or cut an existing one back for a resume.
 
-        On resume at step s (s updates done), train records of steps < s and eval records of
-        steps < s are kept: step s itself is recomputed by the resumed run.
+        On resume at step s (s updates done), the records of steps < s are kept: step s itself
+        (its evaluation and its update) is recomputed by the resumed run.
         """
         if not self.enabled:
             return

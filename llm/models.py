@@ -171,6 +171,9 @@ def check_model_data(model, sequences, name: str = "sequences") -> None:
     """
     from markovsim.data import SequenceSet
 
+    if not isinstance(getattr(getattr(model, "config", None), "vocab_size", None), int):
+        raise TypeError(f"model must be a causal LM with a config.vocab_size (e.g. from build_model), "
+                        f"got {type(model).__name__}")
     if not isinstance(sequences, SequenceSet):
         raise TypeError(f"{name} must be a markovsim SequenceSet, got {type(sequences).__name__}")
     expected = sequences.num_states + 1

@@ -24,7 +24,7 @@ from markovsim.losses import LOSSES, Objective, kl
 from markovsim.losses import sequence_logps as reduce_sequence_logps
 
 from .data import merge_batches
-from .logps import model_logits, token_log_probs
+from .logps import model_logits, token_log_probs, upcast
 
 __all__ = ["BatchCounts", "ObjectiveTerms", "UnlearningBatch", "objective_terms", "SEQUENCE_LOSSES"]
 
@@ -111,8 +111,8 @@ def _retain_term(objective: Objective, logits, token_logps, mask, counts: BatchC
         raise ValueError("a kl retain term needs the reference model; pass reference=")
     with torch.no_grad():
         ref_logits = model_logits(reference, retain_batch)  # (b_r, t, vocab)
-    ref_logprobs = torch.log_softmax(ref_logits[:, :-1].float(), -1)  # (b_r, t-1, vocab)
-    logprobs = torch.log_softmax(logits[:, :-1].float(), -1)  # (b_r, t-1, vocab)
+    ref_logprobs = torch.log_softmax(upcast(ref_logits[:, :-1]), -1)  # (b_r, t-1, vocab)
+    logprobs = torch.log_softmax(upcast(logits[:, :-1]), -1)  # (b_r, t-1, vocab)
     per_sequence = kl(ref_logprobs, logprobs, mask)  # (b_r,) token means
     return (per_sequence * num_tokens).sum() / counts.retain_tokens
 

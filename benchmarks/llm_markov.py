@@ -1,0 +1,202 @@
+"""Benchmark: the paper's Markov experiment on a real transformer (``paper_short_forget2``, ``paper-gpt2``).
+
+Stages, each timed: sample the data; pre-train on retain + forget1 + forget2 (5 epochs, batch 128,
+lr 5e-4, token-mean cross-entropy on the full likelihood); retrain on retain only (same settings);
+cache the evaluation targets (true chains, retrained and reference predictives, exact models); then
+unlearn GA, NPO and SimNPO (50 iterations, forget batch 4, AdamW lr 5e-4, the scenario's beta: NPO
+0.2, SimNPO 4, gamma 0), evaluating every iteration on every test component. Prints the wall time
+per stage and the final per-component KLs (to the true chains and to the retrained transformer).
+
+On CUDA it also measures the unlearning step of ``gpt2-small`` (124M, GPT-2 vocabulary, bf16
+autocast, sequence 512, batch 32): tokens/s, achieved TFLOP/s (6 N + 12 L T d FLOPs per token) as a
+fraction of the GPU's dense bf16 peak, and the time of an NPO step with cached reference log-probs
+relative to one that runs a live reference model.
+
+Run: ``python benchmarks/llm_markov.py [--scale 0.1] [--device cpu|cuda|auto] [--eval-every 1]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import platform
+import time
+
+import numpy as np
+import torch
+
+from markovsim.models import MixtureOfChains
+from markovsim.scenarios import SCENARIOS
+
+from llm.evaluate import Evaluator
+from llm.models import build_model, count_parameters
+from llm.runtime import resolve_device, use_bf16
+from llm.train import TrainConfig, pretrain, retrain, unlearn
+
+# Dense bf16 tensor-core peaks (no sparsity), by substring of torch.cuda.get_device_name().
+BF16_PEAK_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
+
+
+def parse_arguments(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", type=float, default=1.0, help="fraction of the paper's 10000/5000/5000 sequences")
+    parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--methods", nargs="+", default=["GA", "NPO", "SimNPO"])
+    parser.add_argument("--epochs", type=float, default=5.0)
+    parser.add_argument("--unlearn-steps", type=int, default=50)
+    parser.add_argument("--eval-every", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for this model)")
+    parser.add_argument("--skip-gpu-parts", action="store_true", help="skip the gpt2-small and reference-ratio timings")
+    parser.add_argument("--output", help="also write the numbers to this JSON file")
+    return parser.parse_args(argv)
+
+
+def timed(function):
+    start = time.perf_counter()
+    result = function()
+    return result, time.perf_counter() - start
+
+
+def scenario_data(scale: float):
+    scenario = SCENARIOS["paper_short_forget2"]
+    scenario = scenario.scaled(scale) if scale != 1.0 else scenario
+    train, test = scenario.spec.sample()
+    return scenario, train, test
+
+
+def markov_experiment(arguments, device: str) -> dict:
+    """Pre-train, retrain and unlearn on the Markov mixture; returns timings and final KLs."""
+    (scenario, train, test), sample_seconds = timed(lambda: scenario_data(arguments.scale))
+    spec, timings = scenario.spec, {"sample data": sample_seconds}
+    print(f"data: {len(train)} train / {len(test)} test sequences {train.component_counts()}")
+    training = TrainConfig(learning_rate=5e-4, batch_size=128, epochs=arguments.epochs, device=device, progress=False)
+    reference = build_model("paper-gpt2", 11, 21, seed=0)
+    history, timings["pre-train"] = timed(lambda: pretrain(reference, train, training))
+    retrained = build_model("paper-gpt2", 11, 21, seed=1)
+    retrain_history, timings["retrain"] = timed(lambda: retrain(retrained, train.select("retain"), training))
+    print(f"paper-gpt2: {count_parameters(reference):,} parameters; pre-train {len(history.losses)} steps, "
+          f"final loss {history.losses[-1]:.4f}; retrain {len(retrain_history.losses)} steps, "
+          f"final loss {retrain_history.losses[-1]:.4f}")
+    exact = {"retrained": MixtureOfChains.from_components([c for c in spec.components if c.role == "retain"])}
+    bf16 = use_bf16(device, "auto")
+    evaluator, timings["evaluation targets"] = timed(lambda: Evaluator(
+        test, {c.name: c.chain for c in spec.components}, retrained=retrained, reference=reference,
+        exact_models=exact, batch_size=1024, bf16=bf16))
+    start_metrics = {"reference": evaluator.evaluate(reference), "retrained": evaluator.evaluate(retrained)}
+    forget, retain = train.select("forget1", "forget2"), train.select("retain")
+    unlearning = TrainConfig(learning_rate=5e-4, batch_size=4, steps=arguments.unlearn_steps,
+                             eval_every=arguments.eval_every, device=device, progress=False)
+    finals = {}
+    for method, objective in scenario.with_methods(arguments.methods).items():
+        trajectory, timings[f"unlearn {method}"] = timed(lambda: unlearn(
+            copy.deepcopy(reference), objective, forget, retain, unlearning, evaluator))
+        finals[method] = {metric: trajectory.component_metrics[metric][-1] for metric in ("kl_true", "kl_retrained")}
+        finals[method]["evaluations"] = len(trajectory.steps)
+    return {"timings": timings, "start": start_metrics, "finals": finals, "names": test.component_names,
+            "sizes": {"train": len(train), "test": len(test), "forget": len(forget)},
+            "pretrain_final_loss": float(history.losses[-1]), "retrain_final_loss": float(retrain_history.losses[-1])}
+
+
+def print_markov_results(results: dict) -> None:
+    names = results["names"]
+    print("\nwall time per stage")
+    for stage, seconds in results["timings"].items():
+        print(f"  {stage:<22s} {seconds:8.1f} s")
+    print(f"  {'total':<22s} {sum(results['timings'].values()):8.1f} s")
+    header = "".join(f"{n:>10s}" for n in names)
+    print(f"\nfinal mean per-token KL on the test set   (columns: {', '.join(names)})")
+    print(f"  {'model':<18s}{'KL(true || model)':>{10 * len(names)}s}   {'KL(retrained || model)':>{10 * len(names)}s}")
+    print(f"  {'':<18s}{header}   {header}")
+    rows = {f"{k} (before)": v for k, v in results["start"].items()}
+    rows |= {f"{k} (after)": v for k, v in results["finals"].items()}
+    for label, metrics in rows.items():
+        true = "".join(f"{x:10.4f}" for x in metrics["kl_true"])
+        retrained = "".join(f"{x:10.4f}" for x in metrics["kl_retrained"])
+        print(f"  {label:<18s}{true}   {retrained}")
+
+
+def step_throughput(device: str, preset: str = "gpt2-small", vocab_size: int = 50257, length: int = 512,
+                    batch_size: int = 32, steps: int = 10, warmup: int = 3, live_reference: bool = False) -> dict:
+    """Time the NPO unlearning step (forward, backward, AdamW) of ``preset`` on random tokens."""
+    from markovsim.losses import get_objective
+
+    from llm.logps import sequence_logps
+    from llm.objective import BatchCounts, UnlearningBatch, objective_terms
+    from llm.runtime import autocast
+
+    model = build_model(preset, vocab_size, length, seed=0).to(device)
+    reference = copy.deepcopy(model).eval().requires_grad_(False) if live_reference else None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, vocab_size - 1, (batch_size, length), generator=generator).to(device)
+    labels = input_ids.clone()
+    labels[:, :2] = -100  # the first token is the prompt
+    batch = {"input_ids": input_ids, "attention_mask": torch.ones_like(input_ids), "labels": labels}
+    cached = torch.full((batch_size,), -float(length) * 10.0, device=device)
+    objective, bf16 = get_objective("NPO", beta=0.1), device == "cuda"
+
+    def step():
+        with autocast(device, bf16):
+            ref = cached
+            if reference is not None:
+                with torch.no_grad():
+                    ref = sequence_logps(reference, batch)[0]
+            terms = objective_terms(model, objective, UnlearningBatch(batch, ref, BatchCounts(batch_size)))
+        terms.total.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if device == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / steps
+    config = model.config
+    parameters = count_parameters(model) - config.n_positions * config.n_embd  # without position embeddings
+    flops_per_token = 6 * parameters + 12 * config.n_layer * length * config.n_embd
+    tokens = batch_size * length
+    return {"seconds_per_step": seconds, "tokens_per_second": tokens / seconds,
+            "flops_per_second": flops_per_token * tokens / seconds, "parameters": parameters}
+
+
+def gpu_measurements(device: str) -> dict:
+    name = torch.cuda.get_device_name()
+    peak = next((value for key, value in BF16_PEAK_FLOPS.items() if key in name), None)
+    cached = step_throughput(device)
+    live = step_throughput(device, live_reference=True)
+    result = {"device_name": name, "bf16_peak_flops": peak, "cached": cached, "live": live,
+              "live_over_cached": live["seconds_per_step"] / cached["seconds_per_step"]}
+    print(f"\n{name}: gpt2-small ({cached['parameters'] / 1e6:.1f}M non-positional parameters), NPO unlearning step, "
+          f"bf16 autocast, batch 32 x 512 tokens")
+    print(f"  cached reference: {cached['seconds_per_step'] * 1e3:8.1f} ms/step, {cached['tokens_per_second']:,.0f} tokens/s, "
+          f"{cached['flops_per_second'] / 1e12:.1f} TFLOP/s"
+          + (f" = {cached['flops_per_second'] / peak:.1%} of the {peak / 1e12:.0f} TFLOP/s bf16 peak" if peak else ""))
+    print(f"  live reference:   {live['seconds_per_step'] * 1e3:8.1f} ms/step; live / cached time = "
+          f"{result['live_over_cached']:.2f}x")
+    return result
+
+
+def main(argv=None) -> None:
+    arguments = parse_arguments(argv)
+    device = resolve_device(arguments.device)
+    torch.set_num_threads(arguments.threads)
+    machine = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+    print(f"device: {device} ({machine}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"scale {arguments.scale}, eval every {arguments.eval_every}")
+    results = markov_experiment(arguments, device)
+    print_markov_results(results)
+    if device == "cuda" and not arguments.skip_gpu_parts:
+        results["gpu"] = gpu_measurements(device)
+    if arguments.output:
+        with open(arguments.output, "w") as file:
+            json.dump(results, file, indent=2, default=lambda x: x.tolist() if isinstance(x, np.ndarray) else str(x))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Data parallelism: 2 CPU processes (accelerate, gloo) give the same losses as 1 at the same global batch.
+
+The two processes are started like ``torchrun`` does (RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR /
+MASTER_PORT in the environment); ``accelerate`` then sets up gloo on CPU.
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def run_pretrain_and_unlearn(output: str, run_dir: str | None = None) -> None:
+    """Pre-train a tiny GPT-2 3 steps, then NPO+KL 3 steps (odd batch sizes: uneven shards); write losses."""
+    import torch
+
+    from markovsim.losses import get_objective
+    from markovsim.scenarios import SCENARIOS
+
+    from llm.models import build_model
+    from llm.train import TrainConfig, pretrain, unlearn
+
+    torch.set_num_threads(1)
+    train, _ = SCENARIOS["paper_short_forget2"].scaled(0.01).spec.sample()
+    model = build_model("tiny-gpt2", 11, 21, seed=0)
+    history = pretrain(model, train, TrainConfig(batch_size=17, steps=3, learning_rate=2e-3, device="cpu", progress=False))
+    trajectory = unlearn(model, get_objective("NPO+KL", beta=0.5), train.select("forget1", "forget2"),
+                         train.select("retain"),
+                         TrainConfig(batch_size=5, retain_batch_size=7, steps=3, eval_every=1, checkpoint_every=2,
+                                     device="cpu", progress=False), run_dir=run_dir)
+    if int(os.environ.get("RANK", "0")) == 0:
+        with open(output, "w") as file:
+            json.dump({"pretrain": history.losses.tolist(), "unlearn": trajectory.step_metrics["loss"].tolist(),
+                       "kl_reference": trajectory.component_metrics["kl_reference"].tolist(),
+                       "num_processes": [history.num_processes, trajectory.info["num_processes"]]}, file)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def launch_two_processes(output: str, run_dir: str) -> None:
+    script = (f"import sys; sys.path[:0] = [{ROOT!r}, {TESTS!r}]; "
+              f"from test_llm_distributed import run_pretrain_and_unlearn as run; run({output!r}, {run_dir!r})")
+    base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
+                OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([ROOT, TESTS]))
+    processes = [subprocess.Popen([sys.executable, "-c", script], env=dict(base, RANK=str(r), LOCAL_RANK=str(r)),
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
+    outputs = []
+    try:
+        for process in processes:
+            outputs.append(process.communicate(timeout=180)[0])
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+    for process, text in zip(processes, outputs):
+        assert process.returncode == 0, text[-3000:]
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_match_one_process(tmp_path):
+    one, two = str(tmp_path / "one.json"), str(tmp_path / "two.json")
+    run_pretrain_and_unlearn(one)
+    launch_two_processes(two, str(tmp_path / "run"))
+    single, double = (json.load(open(path)) for path in (one, two))
+    assert single["num_processes"] == [1, 1] and double["num_processes"] == [2, 2]
+    for key in ("pretrain", "unlearn", "kl_reference"):
+        np.testing.assert_allclose(double[key], single[key], rtol=1e-4, atol=1e-6)
+    steps = [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert steps.count(0) == 2  # one train and one eval record: written once, by process 0
+    assert os.path.isdir(tmp_path / "run" / "checkpoints" / "step-0000002")

@@ -1,0 +1,42 @@
+"""llm.lora: optional LoRA adapters (peft); without peft a clear ImportError, with it unlearning trains adapters only."""
+
+import importlib.util
+
+import pytest
+
+from markovsim.losses import OBJECTIVES
+from markovsim.runtime import torch_threads
+from markovsim.scenarios import SCENARIOS
+
+from llm.lora import LoraSettings, add_lora
+from llm.models import build_model
+from llm.train import TrainConfig, unlearn
+
+HAS_PEFT = importlib.util.find_spec("peft") is not None
+
+
+@pytest.mark.skipif(HAS_PEFT, reason="peft is installed")
+def test_without_peft_the_error_says_how_to_install_it():
+    with pytest.raises(ImportError, match="pip install peft"):
+        add_lora(build_model("tiny-gpt2", 11, 21))
+
+
+def test_settings_are_validated():
+    with pytest.raises(ValueError, match="rank"):
+        LoraSettings(rank=0)
+    with pytest.raises(ValueError, match="alpha"):
+        LoraSettings(alpha=0.0)
+
+
+@pytest.mark.skipif(not HAS_PEFT, reason="needs the optional peft package")
+@pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-llama"])
+def test_unlearning_through_adapters_changes_only_the_adapters(preset):
+    train, _ = SCENARIOS["paper_short_forget2"].scaled(0.01).spec.sample()
+    model = add_lora(build_model(preset, 11, 21, seed=0), LoraSettings(rank=2))
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    with torch_threads(1):
+        trajectory = unlearn(model, OBJECTIVES["NPO"], train.select("forget1", "forget2"), None,
+                             TrainConfig(learning_rate=1e-2, batch_size=8, steps=3, eval_every=3, device="cpu",
+                                         progress=False))
+    assert trajectory.diverged_at is None
+    assert all((p == frozen[n]).all() for n, p in model.named_parameters() if n in frozen)
