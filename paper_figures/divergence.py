@@ -3,6 +3,8 @@
 Question: under plain gradient descent, does GA move the parameters and the forget
 log-likelihood linearly in the step count while NPO slows to a logarithmic pace, and what retain
 damage does each pay by the end? Fitted linear and logarithmic rates are drawn over the curves.
+The transformer row overlays the GA and NPO runs of figure 2 (paper_short_forget2, AdamW, the same
+cached runs), whose forget log-likelihood is fitted the same way.
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ class Config:
     scale: float = 0.2
     steps: int = 400
     eval_every: int = 4
+    transformer_overlay: str | None = "quick"  # which scale's figure-2 transformer runs to overlay
 
 
-CONFIGS = {"tiny": Config(scale=0.005, steps=12, eval_every=3), "quick": Config(), "paper": Config(scale=1.0, steps=1000)}
+CONFIGS = {"tiny": Config(scale=0.005, steps=12, eval_every=3, transformer_overlay="tiny"), "quick": Config(),
+           "paper": Config(scale=1.0, steps=1000, transformer_overlay="paper")}
 
 
 def compute(config: Config, cache_stem: str, device: str = "cpu", recompute: bool = False) -> str:
@@ -40,17 +44,27 @@ def compute(config: Config, cache_stem: str, device: str = "cpu", recompute: boo
                            "eval_every": config.eval_every},
                           lambda: simulator_runs("npo_divergence", config.scale, config.steps,
                                                  dynamics_overrides={"eval_every": config.eval_every}), recompute)
+    runs = dict(runs)
+    if config.transformer_overlay is not None:
+        from .tradeoff import configs, scenario_runs
+
+        shared, _ = scenario_runs(configs("paper_short_forget2")[config.transformer_overlay],
+                                  os.path.dirname(cache_stem), device, recompute)
+        if "transformer" in shared:
+            runs["transformer"] = {m: t for m, t in shared["transformer"].items() if m in METHOD_COLORS}
     arrays, fits = {}, {}
     for source, trajectories in runs.items():
         for method, trajectory in trajectories.items():
             forget_logp = np.nanmean([trajectory.metric("logp_per_token", n) for n in ("forget1", "forget2")], axis=0)
             key = f"{source}/{method}"
             arrays[f"{key}/steps"] = trajectory.steps
-            arrays[f"{key}/forget_logp"] = forget_logp
-            arrays[f"{key}/distance"] = trajectory.step_metrics["parameter_distance"]
             arrays[f"{key}/retain_kl"] = trajectory.metric("kl_true", "retain")
-            fits[key] = {"forget_logp": fit_divergence_rates(trajectory.steps, forget_logp),
-                         "distance": fit_divergence_rates(trajectory.steps, trajectory.step_metrics["parameter_distance"])}
+            fits[key] = {}
+            for quantity, values in (("forget_logp", forget_logp),
+                                     ("distance", trajectory.step_metrics.get("parameter_distance"))):
+                if values is not None and np.isfinite(values).sum() >= 3:
+                    arrays[f"{key}/{quantity}"] = values
+                    fits[key][quantity] = fit_divergence_rates(trajectory.steps, values)
     atomic_save_npz(cache_stem + ".npz", arrays)
     atomic_write_json(cache_stem + ".json", metadata_block(config, fits=fits, device=device))
     return cache_stem
@@ -63,7 +77,7 @@ def plot(cache_stem: str, output_stem: str) -> list[str]:
     apply_style()
     import matplotlib.pyplot as plt
 
-    sources = sorted({key.split("/")[0] for key in fits})
+    sources = [s for s in ("tabular", "mixture", "transformer") if any(key.startswith(s + "/") for key in fits)]
     figure, axes = plt.subplots(len(sources), 3, figsize=(13, 3.4 * len(sources)), squeeze=False)
     for row, source in enumerate(sources):
         for method, color in METHOD_COLORS.items():
@@ -73,6 +87,8 @@ def plot(cache_stem: str, output_stem: str) -> list[str]:
             steps = arrays[f"{key}/steps"]
             for col, (quantity, label) in enumerate((("forget_logp", "forget log-likelihood per token"),
                                                      ("distance", "||theta_t - theta_0||"))):
+                if quantity not in fits[key]:
+                    continue
                 rate_axes(axes[row, col], steps, arrays[f"{key}/{quantity}"], method, color, fits[key][quantity])
                 axes[row, col].set_ylabel(label)
                 axes[row, col].set_title(f"{source}: {label}")
