@@ -26,7 +26,7 @@ from markovsim.losses import sequence_logps as reduce_sequence_logps
 from .data import merge_batches
 from .logps import model_logits, token_log_probs, upcast
 
-__all__ = ["BatchCounts", "ObjectiveTerms", "UnlearningBatch", "objective_terms", "SEQUENCE_LOSSES"]
+__all__ = ["BatchCounts", "ObjectiveTerms", "UnlearningBatch", "objective_terms", "retain_term", "SEQUENCE_LOSSES"]
 
 SEQUENCE_LOSSES = ("ga", "ga_sum", "npo", "simnpo")
 
@@ -161,3 +161,21 @@ def objective_terms(model, objective: Objective, batch: UnlearningBatch, referen
     total = objective.total(forget, retain)
     return ObjectiveTerms(total, forget.detach(), None if retain is None else retain.detach(),
                           logps[f].detach(), num_tokens[f].detach())
+
+
+def retain_term(model, objective: Objective, retain: dict, counts: BatchCounts, reference=None) -> torch.Tensor:
+    """The retain term's share on ``retain`` rows alone (one forward pass), before ``retain_weight``.
+
+    The same value as the retain part of :func:`objective_terms` (normalised by the GLOBAL ``counts``).
+
+    Args:
+        model: the causal LM; retain: a batch ``{input_ids, attention_mask, labels}`` (b_r, t).
+        counts: the normalisers (``retain_sequences`` for nll, ``retain_tokens`` for kl).
+        reference: the frozen reference model, only for a kl retain term.
+    Returns: a differentiable scalar.
+    """
+    if objective.retain is None:
+        raise ValueError("this objective has no retain term")
+    logits = model_logits(model, retain)  # (b_r, t, vocab)
+    token_logps, mask = token_log_probs(logits, retain["labels"])  # (b_r, t-1)
+    return _retain_term(objective, logits, token_logps, mask, counts, reference, retain)
