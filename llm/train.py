@@ -584,6 +584,8 @@ class _Unlearning:
         self.names = tuple(evaluator.component_names)
         self.power_plan = _PowerSharePlan.build(self.names, self.forget, retain, self.retain, config) \
             if config.track_power_share else None
+        # theta_0 for ||theta_t - theta_0|| (NPO paper, Theorem 2): one copy of the trainable parameters
+        self.start_parameters = [p.detach().clone() for p in model.parameters() if p.requires_grad]
 
     def _reference_logps(self, model, objective, batch_size, bf16):
         """Reference log-likelihoods of the forget (and preferred) sets, computed once from the starting model."""
@@ -628,10 +630,19 @@ class _Unlearning:
         if self.session.accelerator.is_main_process:
             metrics = self._metrics() if finite else {}
             record = {"kind": "eval", "step": step, "loss": outcome.values["total"],
+                      "parameter_distance": self.parameter_distance(),
                       "metrics": {k: [float(x) for x in v] for k, v in metrics.items()}}
         if self.session.num_processes > 1:
             record = broadcast_object_list([record], from_process=0)[0]
         return record
+
+    def parameter_distance(self) -> float:
+        """``||theta_t - theta_0||`` over the trainable parameters (the simulator's ``parameter_distance``)."""
+        current = [p.detach() for p in self.session.unwrapped.parameters() if p.requires_grad]
+        with torch.no_grad():
+            squares = sum(float(((c.to(torch.float64) - s.to(c.device, torch.float64)) ** 2).sum())
+                          for c, s in zip(current, self.start_parameters))
+        return math.sqrt(squares)
 
     def _metrics(self) -> dict[str, np.ndarray]:
         model, config = self.session.unwrapped, self.config
@@ -759,7 +770,10 @@ class _Unlearning:
                 "model": type(self.session.unwrapped).__name__, "num_processes": self.session.num_processes,
                 "wall_seconds": time.perf_counter() - self.started, "side": "llm"}
         return Trajectory(np.asarray([r["step"] for r in records], dtype=np.int64), self.names, metrics,
-                          {"loss": np.asarray([r["loss"] for r in records], dtype=np.float64)}, diverged_at, reason, info)
+                          {"loss": np.asarray([r["loss"] for r in records], dtype=np.float64),
+                           "parameter_distance": np.asarray([r.get("parameter_distance", math.nan) for r in records],
+                                                            dtype=np.float64)},
+                          diverged_at, reason, info)
 
     def _write(self, trajectory: Trajectory) -> None:
         session = self.session
