@@ -22,7 +22,8 @@ from markovsim.results import atomic_write_json, metadata_block, read_json
 from .runs import cached_runs, simulator_runs
 from .style import apply_style, save_figure
 
-TITLE = "Divergence speed: GA moves linearly, NPO logarithmically (exact simulator)"
+TITLE = ("Divergence speed of GA vs NPO: exact simulator under gradient descent (rows 1-2); "
+         "transformer under AdamW, the runs of figure 2 (last row)")
 METHOD_COLORS = {"GA": "#7f7f7f", "NPO": "#d62728"}
 
 

@@ -79,6 +79,9 @@ def plot(cache_stem: str, output_stem: str, title: str) -> list[str]:
         for col, source in enumerate(sources):
             tradeoff_axes(axes[row, col], runs[source], name, retrained=retrained[source])
             axes[row, col].set_title(f"{source}: {name}")
+            # log axes: the simulator's gentle runs and the transformer's overshoot share one scale
+            axes[row, col].set_xscale("log")
+            axes[row, col].set_yscale("log")
     axes[0, 0].legend(fontsize=7)
     figure.suptitle(title)
     return save_figure(figure, output_stem)
