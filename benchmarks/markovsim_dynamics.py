@@ -4,7 +4,7 @@
    full-batch iterations; every metric after every iteration), closed-form gradients side by side
    with autograd gradients, for both model classes.
 2. A sweep of 3 methods x 8 betas x 5 seeds (GA ignores beta, so 85 distinct runs), serial and with
-   a 2-process pool.
+   a 2-process pool; and a small mixture-model sweep (slower runs, where the pool pays off).
 
 Run: ``python benchmarks/markovsim_dynamics.py``.
 """
@@ -45,6 +45,13 @@ def main() -> None:
         elapsed = time.perf_counter() - start
         print(f"sweep 3 methods x 8 betas x 5 seeds ({len(points)} runs, {len(rows)} rows), "
               f"{processes} process(es): {elapsed:6.2f} s")
+    mixture_points = grid(["NPO", "SimNPO"], betas=[0.2, 4.0], seeds=range(2))
+    for processes in (1, 2):
+        start = time.perf_counter()
+        run_sweep(SCENARIOS["paper_short_forget2"], mixture_points, model_class="mixture", processes=processes,
+                  progress=False)
+        print(f"mixture-model sweep ({len(mixture_points)} runs), {processes} process(es): "
+              f"{time.perf_counter() - start:6.2f} s")
 
 
 if __name__ == "__main__":
