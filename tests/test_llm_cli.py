@@ -4,17 +4,10 @@ import json
 
 import pytest
 
-from markovsim.runtime import torch_threads
 
 from llm.__main__ import build_parser, main, resolve, run
 
 COMMON = ["--scale", "0.005", "--device", "cpu", "--no-progress", "--num-threads", "1"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")

@@ -6,18 +6,11 @@ import torch
 
 from markovsim.metrics import component_kl
 from markovsim.models import MixtureOfChains, TabularMarkov
-from markovsim.runtime import torch_threads
 from markovsim.scenarios import paper_mixture_spec
 
 from llm.bridge import TabularCausalLM
 from llm.evaluate import Evaluator, next_token_probs
 from llm.models import build_model
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
 
 
 @pytest.fixture(scope="module")

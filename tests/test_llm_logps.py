@@ -6,7 +6,6 @@ import torch
 from hypothesis import given, settings
 
 from markovsim.models import TabularMarkov
-from markovsim.runtime import torch_threads
 from markovsim.scenarios import paper_mixture_spec
 
 from llm.bridge import TabularCausalLM
@@ -14,12 +13,6 @@ from llm.data import encode
 from llm.logps import NonFiniteLogitsError, sequence_logps, token_log_probs
 from llm.models import build_model
 from strategies import mixture_specs, random_chain
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
 
 
 def random_tabular(num_states: int, seed: int) -> TabularMarkov:

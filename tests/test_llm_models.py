@@ -5,16 +5,9 @@ import pytest
 import torch
 
 from markovsim.data import SequenceSet
-from markovsim.runtime import torch_threads
 
 from llm.models import (PRESETS, build_config, build_model, check_model_data, context_length, count_parameters,
                         load_model, vocabulary_size)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
 
 
 def tiny_set(num_states=10, length=5, n=3):

@@ -9,7 +9,6 @@ import torch
 
 from markovsim.dynamics import DynamicsConfig, Evaluator as ExactEvaluator, unlearn as exact_unlearn
 from markovsim.losses import OBJECTIVES
-from markovsim.runtime import torch_threads
 from markovsim.scenarios import SCENARIOS, prepare
 
 from llm.bridge import TabularCausalLM
@@ -20,23 +19,9 @@ from llm.train import TrainConfig, unlearn
 CPU = dict(device="cpu", progress=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
-
-
 @pytest.fixture(scope="module")
 def tabular_setup():
     return prepare(SCENARIOS["paper_short_forget2"].scaled(0.005), "tabular")
-
-
-@pytest.fixture(scope="module")
-def data():
-    scenario = SCENARIOS["paper_short_forget2"].scaled(0.01)
-    train, test = scenario.spec.sample()
-    return {"test": test, "forget": train.select("forget1", "forget2"), "retain": train.select("retain"),
-            "chains": {c.name: c.chain for c in scenario.spec.components}}
 
 
 def dropout_gpt2(seed: int = 0):

@@ -30,20 +30,6 @@ from llm.train import TrainConfig, learning_rate_factor, pretrain, unlearn
 CPU = dict(device="cpu", progress=False)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    with torch_threads(1):
-        yield
-
-
-@pytest.fixture(scope="module")
-def data():
-    scenario = SCENARIOS["paper_short_forget2"].scaled(0.01)
-    train, test = scenario.spec.sample()
-    return {"train": train, "test": test, "forget": train.select("forget1", "forget2"),
-            "retain": train.select("retain"), "chains": {c.name: c.chain for c in scenario.spec.components}}
-
-
 @pytest.fixture(scope="module")
 def pretrained(data):
     with torch_threads(1):
