@@ -193,18 +193,21 @@ def gradient_diagnostics(model, objective: Objective, problem: Problem, names: t
     ids = torch.as_tensor(np.array(problem.forget.component_ids))
     scale = objective.forget_weight / len(problem.forget)
     norms, weights = np.zeros(len(names)), np.full(len(names), np.nan)
+    forget_counts = problem.forget.component_counts()
     present = [(c, problem.forget.component_names.index(name)) for c, name in enumerate(names)
-               if name in problem.forget.component_names and bool((ids == problem.forget.component_names.index(name)).any())]
-    rows = torch.stack([(ids == index).to(torch.float64) for _, index in present])  # (G, n_f)
-    parts = model.response_log_prob_gradient(problem.forget, rows * full.forget_weights * scale)  # each (G, ...)
-    for group, (c, _) in enumerate(present):
-        weights[c] = float((full.forget_weights * rows[group]).sum() / rows[group].sum())
-        norms[c] = _norm([part[group] for part in parts])
-    forget_total = [part.sum(0) for part in parts]
+               if forget_counts.get(name, 0) > 0]
+    forget_total = [torch.zeros_like(p) for p in model.parameters()]
+    if present:
+        rows = torch.stack([(ids == index).to(torch.float64) for _, index in present])  # (G, n_f)
+        parts = model.response_log_prob_gradient(problem.forget, rows * full.forget_weights * scale)  # each (G, ...)
+        for group, (c, _) in enumerate(present):
+            weights[c] = float((full.forget_weights * rows[group]).sum() / rows[group].sum())
+            norms[c] = _norm([part[group] for part in parts])
+        forget_total = [part.sum(0) for part in parts]
     if problem.retain is not None and objective.retain is not None:
         retain_norm = _norm([g - f for g, f in zip(full.gradients, forget_total)])
-        retain_names = [n for n in problem.retain.component_names if n in names and n in problem.retain.component_counts()
-                        and problem.retain.component_counts()[n] > 0]
+        retain_counts = problem.retain.component_counts()
+        retain_names = [name for name in names if retain_counts.get(name, 0) > 0]
         for name in retain_names:
             norms[names.index(name)] += retain_norm / len(retain_names)
     total = norms.sum()
