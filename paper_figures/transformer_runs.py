@@ -44,7 +44,7 @@ def transformer_runs(scenario_name: str, scale: float, settings: TransformerSett
     retain = train.select(*spec.names_where(role="retain"))
     pretraining = train.select(*spec.names_where(in_pretraining=True))
     vocab_size, max_length = spec.num_states + 1, train.max_length + 1
-    common = {"device": device, "progress": False, "num_threads": 1 if device == "cpu" else None}
+    common = {"device": device, "progress": True, "num_threads": 1 if device == "cpu" else None}
     pretraining_config = TrainConfig(learning_rate=settings.pretrain_learning_rate, batch_size=settings.pretrain_batch_size,
                                      epochs=settings.pretrain_epochs, seed=settings.seed, **common)
     reference = build_model(settings.preset, vocab_size, max_length, seed=settings.seed)
