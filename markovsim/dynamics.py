@@ -244,17 +244,17 @@ class _Optimizer:
         return tuple(updated)
 
 
-def _evaluate_step(model, params, objective, batch, evaluate_gradient) -> tuple[ExactEvaluation | None, str | None]:
-    """The step's evaluation, or the reason it cannot be made (NaN/inf parameters or log-likelihoods)."""
+def _evaluate_step(model, params, objective, batch, evaluate_gradient):
+    """``(model at params, its evaluation, None)``, or ``(model, None, reason)`` when it cannot be evaluated."""
     if not all(bool(torch.isfinite(p).all()) for p in params):
-        return None, "parameters have NaN/inf"
+        return model, None, "parameters have NaN/inf"
     candidate = model.with_parameters(*params)
     try:
-        return evaluate_gradient(candidate, objective, *batch), None
+        return candidate, evaluate_gradient(candidate, objective, *batch), None
     except ValueError:
         with torch.no_grad():
             if not bool(torch.isfinite(candidate.response_log_prob(batch[0])).all()):
-                return None, "forget log-likelihoods are NaN/inf"
+                return candidate, None, "forget log-likelihoods are NaN/inf"
         raise
 
 
@@ -306,9 +306,8 @@ def _unlearn(model, objective, forget, retain, reference, config, evaluator, pro
     full_batch = config.batch_size is None
     for step in range(config.steps + 1):
         batch = problem.batch(rng, config.batch_size)
-        current, reason = _evaluate_step(model, params, objective, batch, evaluate_gradient)
+        model, current, reason = _evaluate_step(model, params, objective, batch, evaluate_gradient)
         if reason is None:
-            model = model.with_parameters(*params)
             reason = _divergence(current, torch.tensor(batch[0].num_tokens, dtype=torch.float64),
                                  config.divergence_logp_per_token)
         if step % config.eval_every == 0 or step == config.steps or reason is not None:

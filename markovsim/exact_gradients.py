@@ -19,9 +19,6 @@ import torch
 from .data import SequenceSet
 from .losses import Objective, kl
 
-GRADIENT_FIELDS = {"TabularMarkov": ("initial_logits", "transition_logits"),
-                   "MixtureOfChains": ("weight_logits", "initial_logits", "transition_logits")}
-
 
 @dataclass(frozen=True)
 class ExactEvaluation:

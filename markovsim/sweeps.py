@@ -11,6 +11,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import itertools
+import json
 import os
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -51,10 +52,12 @@ _SETUPS: dict = {}
 
 
 def _setup(scenario: Scenario, model_class: str, seed: int):
-    key = (id(scenario), scenario.name, model_class, seed)
+    """The prepared data and models for one seed, cached per process by the mixture's content."""
+    spec = dataclasses.replace(scenario.spec, seed=seed)
+    key = (json.dumps(spec.to_dict(), sort_keys=True), model_class)
     if key not in _SETUPS:
-        spec = dataclasses.replace(scenario.spec, seed=seed)
-        _SETUPS.clear() if len(_SETUPS) > 16 else None
+        if len(_SETUPS) > 16:
+            _SETUPS.clear()
         _SETUPS[key] = prepare(dataclasses.replace(scenario, spec=spec), model_class)
     return _SETUPS[key]
 
