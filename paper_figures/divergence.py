@@ -15,16 +15,15 @@ from dataclasses import dataclass
 import numpy as np
 
 from markovsim.analysis import fit_divergence_rates
-from markovsim.data import atomic_save_npz
-from markovsim.plotting import rate_axes
-from markovsim.results import atomic_write_json, metadata_block, read_json
+from markovsim.plotting import method_color, rate_axes
 
+from .cache import load_cache, save_cache
 from .runs import cached_runs, simulator_runs
 from .style import apply_style, save_figure
 
 TITLE = ("Divergence speed of GA vs NPO: exact simulator under gradient descent (rows 1-2); "
          "transformer under AdamW, the runs of figure 2 (last row)")
-METHOD_COLORS = {"GA": "#7f7f7f", "NPO": "#d62728"}
+METHODS = ("GA", "NPO")
 
 
 @dataclass(frozen=True)
@@ -52,7 +51,7 @@ def compute(config: Config, cache_stem: str, device: str = "cpu", recompute: boo
         shared, _ = scenario_runs(configs("paper_short_forget2")[config.transformer_overlay],
                                   os.path.dirname(cache_stem), device, recompute)
         if "transformer" in shared:
-            runs["transformer"] = {m: t for m, t in shared["transformer"].items() if m in METHOD_COLORS}
+            runs["transformer"] = {m: t for m, t in shared["transformer"].items() if m in METHODS}
     arrays, fits = {}, {}
     for source, trajectories in runs.items():
         for method, trajectory in trajectories.items():
@@ -66,22 +65,20 @@ def compute(config: Config, cache_stem: str, device: str = "cpu", recompute: boo
                 if values is not None and np.isfinite(values).sum() >= 3:
                     arrays[f"{key}/{quantity}"] = values
                     fits[key][quantity] = fit_divergence_rates(trajectory.steps, values)
-    atomic_save_npz(cache_stem + ".npz", arrays)
-    atomic_write_json(cache_stem + ".json", metadata_block(config, fits=fits, device=device))
-    return cache_stem
+    return save_cache(cache_stem, arrays, config, fits=fits, device=device)
 
 
 def plot(cache_stem: str, output_stem: str) -> list[str]:
-    fits = read_json(cache_stem + ".json")["fits"]
-    with np.load(cache_stem + ".npz") as data:
-        arrays = {k: data[k] for k in data.files}
+    document, arrays = load_cache(cache_stem)
+    fits = document["fits"]
     apply_style()
     import matplotlib.pyplot as plt
 
     sources = [s for s in ("tabular", "mixture", "transformer") if any(key.startswith(s + "/") for key in fits)]
     figure, axes = plt.subplots(len(sources), 3, figsize=(13, 3.4 * len(sources)), squeeze=False)
     for row, source in enumerate(sources):
-        for method, color in METHOD_COLORS.items():
+        for method in METHODS:
+            color = method_color(method)
             key = f"{source}/{method}"
             if key not in fits:
                 continue

@@ -13,10 +13,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from markovsim.data import atomic_save_npz
 from markovsim.losses import gradient_weights
-from markovsim.results import atomic_write_json, metadata_block, read_json
 
+from .cache import load_cache, save_cache
 from .runs import cached_runs, simulator_runs
 from .style import apply_style, save_figure
 
@@ -61,15 +60,12 @@ def compute(config: Config, cache_stem: str, device: str = "cpu", recompute: boo
             arrays[f"{scenario}/{method}/steps"] = trajectory.steps
             for name in ("forget1", "forget2"):
                 arrays[f"{scenario}/{method}/{name}"] = trajectory.metric("mean_weight", name)
-    atomic_save_npz(cache_stem + ".npz", arrays)
-    atomic_write_json(cache_stem + ".json", metadata_block(config, device=device))
-    return cache_stem
+    return save_cache(cache_stem, arrays, config, device=device)
 
 
 def plot(cache_stem: str, output_stem: str) -> list[str]:
-    config = read_json(cache_stem + ".json")["config"]
-    with np.load(cache_stem + ".npz") as data:
-        arrays = {k: data[k] for k in data.files}
+    document, arrays = load_cache(cache_stem)
+    config = document["config"]
     apply_style()
     import matplotlib.pyplot as plt
 

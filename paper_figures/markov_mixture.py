@@ -11,12 +11,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from markovsim.data import atomic_save_npz
 from markovsim.metrics import component_kl
 from markovsim.models import MixtureOfChains, TabularMarkov
-from markovsim.results import atomic_write_json, metadata_block, read_json
 from markovsim.scenarios import paper_mixture_spec
 
+from .cache import load_cache, save_cache
 from .style import COMPONENT_COLORS, apply_style, save_figure
 
 TITLE = "The paper's Markov mixture: true chains, reference and retrained models"
@@ -45,15 +44,11 @@ def compute(config: Config, cache_stem: str, device: str = "cpu", recompute: boo
     arrays = {f"chain_{c.name}": c.chain.transition_matrix for c in spec.components}
     arrays |= {f"model_{name}": torch.softmax(models[name].transition_logits, -1).numpy()
                for name in ("reference", "retrained")}
-    atomic_save_npz(cache_stem + ".npz", arrays)
-    atomic_write_json(cache_stem + ".json", metadata_block(config, kl_to_true_chain=kls, device=device))
-    return cache_stem
+    return save_cache(cache_stem, arrays, config, kl_to_true_chain=kls, device=device)
 
 
 def plot(cache_stem: str, output_stem: str) -> list[str]:
-    document = read_json(cache_stem + ".json")
-    with np.load(cache_stem + ".npz") as data:
-        matrices = {key: data[key] for key in data.files}
+    document, matrices = load_cache(cache_stem)
     apply_style()
     import matplotlib.pyplot as plt
 

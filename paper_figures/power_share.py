@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from markovsim.plotting import method_color
+
 from .runs import load_runs, save_runs
 from .style import apply_style, save_figure
 from .tradeoff import SOURCES, scenario_runs
@@ -20,7 +22,7 @@ from .tradeoff import configs as tradeoff_configs
 
 TITLE = "Unlearning power: share of the gradient norm per forget component, NPO vs SimNPO"
 SCENARIOS = ("paper_short_forget2", "paper_unseen_forget2")
-METHOD_COLORS = {"NPO": "#d62728", "SimNPO": "#1f77b4"}
+METHODS = ("NPO", "SimNPO")
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ def compute(config: Config, cache_stem: str, device: str = "cpu", recompute: boo
         scenario_config = tradeoff_configs(scenario)[config.scale_name]
         more, more_retrained = scenario_runs(scenario_config, os.path.dirname(cache_stem), device, recompute)
         for source, trajectories in more.items():
-            runs[f"{scenario}/{source}"] = {m: t for m, t in trajectories.items() if m in METHOD_COLORS}
+            runs[f"{scenario}/{source}"] = {m: t for m, t in trajectories.items() if m in METHODS}
             retrained[f"{scenario}/{source}"] = more_retrained[source]
     save_runs(cache_stem, runs, retrained, dataclasses.asdict(config))
     return cache_stem
@@ -58,7 +60,7 @@ def plot(cache_stem: str, output_stem: str) -> list[str]:
                 for name, style in (("forget1", "-"), ("forget2", "--")):
                     share = trajectory.metric("power_share", name)
                     if np.any(np.isfinite(share)):
-                        axis.plot(trajectory.steps, share, style, color=METHOD_COLORS[method], label=f"{method} {name}")
+                        axis.plot(trajectory.steps, share, style, color=method_color(method), label=f"{method} {name}")
             if not axis.lines:
                 axis.text(0.5, 0.5, "power share not recorded", ha="center", va="center", transform=axis.transAxes)
             axis.set_ylim(0, 1)

@@ -10,13 +10,13 @@ from __future__ import annotations
 import dataclasses
 import os
 
-import numpy as np
 
-from markovsim.data import atomic_save_npz
 from markovsim.dynamics import unlearn
-from markovsim.results import atomic_write_json, metadata_block, read_json
+from markovsim.results import metadata_block
 from markovsim.scenarios import SCENARIOS, prepare
 from markovsim.trajectory import Trajectory
+
+from .cache import load_cache, save_cache
 
 SIMULATOR_SOURCES = ("tabular", "mixture")
 
@@ -34,23 +34,21 @@ def save_runs(stem: str, runs: dict[str, dict[str, Trajectory]], retrained: dict
             index[source][method] = {"component_names": list(trajectory.component_names),
                                      "diverged_at": trajectory.diverged_at,
                                      "divergence_reason": trajectory.divergence_reason, "info": trajectory.info}
-    atomic_save_npz(stem + ".npz", arrays)
-    atomic_write_json(stem + ".json", metadata_block(config, runs=index, retrained=retrained))
+    save_cache(stem, arrays, config, runs=index, retrained=retrained)
 
 
 def load_runs(stem: str) -> tuple[dict[str, dict[str, Trajectory]], dict, dict]:
     """Read a cache written by :func:`save_runs`: ``(runs, retrained, document)``."""
-    document = read_json(stem + ".json")
+    document, data = load_cache(stem)
     runs = {}
-    with np.load(stem + ".npz", allow_pickle=False) as data:
-        for source, methods in document["runs"].items():
-            runs[source] = {}
-            for method, entry in methods.items():
-                prefix = f"{source}/{method}/"
-                component = {k[len(prefix) + 10:]: data[k] for k in data.files if k.startswith(prefix + "component/")}
-                step = {k[len(prefix) + 5:]: data[k] for k in data.files if k.startswith(prefix + "step/")}
-                runs[source][method] = Trajectory(data[prefix + "steps"], tuple(entry["component_names"]), component,
-                                                  step, entry["diverged_at"], entry["divergence_reason"], entry["info"])
+    for source, methods in document["runs"].items():
+        runs[source] = {}
+        for method, entry in methods.items():
+            prefix = f"{source}/{method}/"
+            component = {k[len(prefix) + 10:]: v for k, v in data.items() if k.startswith(prefix + "component/")}
+            step = {k[len(prefix) + 5:]: v for k, v in data.items() if k.startswith(prefix + "step/")}
+            runs[source][method] = Trajectory(data[prefix + "steps"], tuple(entry["component_names"]), component,
+                                              step, entry["diverged_at"], entry["divergence_reason"], entry["info"])
     return runs, document["retrained"], document
 
 

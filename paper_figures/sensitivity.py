@@ -10,11 +10,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from markovsim.data import atomic_save_npz
-from markovsim.results import atomic_write_json, metadata_block, read_json
 from markovsim.scenarios import SCENARIOS
 from markovsim.sweeps import final_rows, grid, run_sweep
 
+from .cache import load_cache, save_cache
 from .style import apply_style, save_figure
 
 TITLE = "beta and gamma sensitivity on paper_short_forget2 (tabular model, mean +- std over seeds)"
@@ -53,15 +52,11 @@ def compute(config: Config, cache_stem: str, device: str = "cpu", recompute: boo
                               for v in values])  # (values, seeds)
             arrays[f"{method}/{axis_name}/{column}"] = table
         arrays[f"{method}/{axis_name}/values"] = np.asarray(values, dtype=np.float64)
-    atomic_save_npz(cache_stem + ".npz", arrays)
-    atomic_write_json(cache_stem + ".json", metadata_block(config, device=device, num_runs=len(points)))
-    return cache_stem
+    return save_cache(cache_stem, arrays, config, device=device, num_runs=len(points))
 
 
 def plot(cache_stem: str, output_stem: str) -> list[str]:
-    read_json(cache_stem + ".json")
-    with np.load(cache_stem + ".npz") as data:
-        arrays = {k: data[k] for k in data.files}
+    _, arrays = load_cache(cache_stem)
     apply_style()
     import matplotlib.pyplot as plt
 

@@ -9,9 +9,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from markovsim.results import atomic_output  # noqa: E402
 
-METHOD_COLORS = {"GA": "#7f7f7f", "NPO": "#d62728", "SimNPO": "#1f77b4", "GradDiff": "#2ca02c",
-                 "initial": "#000000", "retrained": "#ff7f0e"}
-COMPONENT_STYLES = {"retain": "-", "forget1": "-", "forget2": "--"}
 COMPONENT_COLORS = {"retain": "#2ca02c", "forget1": "#9467bd", "forget2": "#8c564b"}
 
 STYLE = {
