@@ -342,6 +342,14 @@ class _Session:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
 
+    def advance(self, step: int, loss: float, bar, run_state: Callable[[], dict]) -> None:
+        """Apply step ``step``'s update, move the progress bar, and checkpoint if one is due after it."""
+        self.update()
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+        if self.checkpoint_due(step + 1):
+            self.save(step + 1, run_state())
+
 
 def _comparable(value):
     return list(value) if isinstance(value, (list, tuple)) else value
@@ -442,11 +450,7 @@ def _pretrain(model, sequences, config, run_dir, resume) -> TrainingHistory:
         if outcome.reason is not None:
             diverged_at, reason = step, outcome.reason
             break
-        session.update()
-        bar.update(1)
-        bar.set_postfix(loss=f"{record['loss']:.4f}", refresh=False)
-        if session.checkpoint_due(step + 1):
-            session.save(step + 1, {"history": history})
+        session.advance(step, record["loss"], bar, lambda: {"history": history})
     bar.close()
     if run_dir is not None and session.accelerator.is_main_process:
         session.unwrapped.save_pretrained(os.path.join(os.fspath(run_dir), "model"))
@@ -744,11 +748,7 @@ class _Unlearning:
             session.log.append({"kind": "train", "step": step, "loss": values["total"], "forget": values["forget"],
                                 "retain": values["retain"], "forget_logp_per_token": values["logp_per_token"],
                                 "learning_rate": learning_rate, "grad_norm": outcome.grad_norm})
-            session.update()
-            bar.update(1)
-            bar.set_postfix(loss=f"{outcome.values['total']:.4f}", refresh=False)
-            if session.checkpoint_due(step + 1):
-                session.save(step + 1, {"records": records})
+            session.advance(step, values["total"], bar, lambda: {"records": records})
         bar.close()
         trajectory = self._trajectory(records, diverged_at, reason)
         self._write(trajectory)
