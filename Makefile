@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 figures: $(STAMP)
-	$(VPY) -m paper_figures --scale quick --device cpu
+	$(VPY) -m paper_figures --scale quick --device cpu --jobs 2
 
 test: $(STAMP)
 	$(VPY) -m pytest -q

@@ -2,7 +2,7 @@
 
 Transformers are pre-trained, retrained and unlearned on the same Markov-mixture data as the
 simulator, on CPU or CUDA (bf16 autocast), single- or multi-process (``accelerate``), and return
-the simulator's ``Trajectory`` so that every plot accepts either side. See DESIGN.md "llm".
+the simulator's ``Trajectory`` so that every plot accepts either side. See docs/theory.md for the maths.
 
     models     PRESETS, build_model, load_model           (configs only, never downloaded)
     data       SequenceSet -> HF batches (BOS, labels -100), seeded batch order

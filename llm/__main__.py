@@ -15,8 +15,8 @@ Everything of a run goes into its run directory::
 A JSON config has the sections ``data``, ``model``, ``train`` (``llm.train.TrainConfig`` fields),
 ``objective`` (``{"name": "NPO", "beta": 0.2, ...}``) and ``retrained``; flags override it. Example::
 
-    python -m llm pretrain --run-dir runs/pre --preset paper-gpt2 --scale 0.1 --epochs 5
-    python -m llm retrain  --run-dir runs/re  --preset paper-gpt2 --scale 0.1 --epochs 5
+    python -m llm pretrain --run-dir runs/pre --preset paper-synthetic --scale 0.1 --epochs 5
+    python -m llm retrain  --run-dir runs/re  --preset paper-synthetic --scale 0.1 --epochs 5
     python -m llm unlearn  --run-dir runs/npo --model runs/pre/model --retrained runs/re/model --objective NPO
     torchrun --nproc_per_node 2 -m llm unlearn --device cpu ...      (data parallel, gloo on CPU)
 """
@@ -51,7 +51,7 @@ class DataConfig:
 class ModelConfig:
     """A preset (with its initialisation seed) for new models, or a local path for existing ones."""
 
-    preset: str = "paper-gpt2"
+    preset: str = "paper-synthetic"
     seed: int = 0
     path: str | None = None
 
@@ -112,7 +112,7 @@ def build_parser() -> argparse.ArgumentParser:
     model.add_argument("--model", help="local model directory (unlearn/evaluate; pretrain/retrain continue from it)")
     model.add_argument("--retrained", help="retrained model directory, for the kl_retrained metric")
     train = parser.add_argument_group("training (llm.train.TrainConfig)")
-    for flag, kind in (("--learning-rate", float), ("--batch-size", int), ("--retain-batch-size", int),
+    for flag, kind in (("--optimizer", str), ("--adam-eps", float), ("--learning-rate", float), ("--batch-size", int), ("--retain-batch-size", int),
                        ("--epochs", float), ("--steps", int), ("--weight-decay", float), ("--schedule", str),
                        ("--warmup-steps", int), ("--max-grad-norm", float), ("--eval-every", int),
                        ("--eval-batch-size", int), ("--checkpoint-every", int), ("--seed", int), ("--device", str),
@@ -137,7 +137,7 @@ def resolve(arguments: argparse.Namespace) -> RunConfig:
     model = dataclasses.replace(model, **{k: v for k, v in (("preset", arguments.preset), ("seed", arguments.model_seed),
                                                             ("path", arguments.model)) if v is not None})
     train = dict(document.get("train") or {})
-    for name in ("learning_rate", "batch_size", "retain_batch_size", "epochs", "steps", "weight_decay", "schedule",
+    for name in ("optimizer", "adam_eps", "learning_rate", "batch_size", "retain_batch_size", "epochs", "steps", "weight_decay", "schedule",
                  "warmup_steps", "max_grad_norm", "eval_every", "eval_batch_size", "checkpoint_every", "seed",
                  "device", "mixed_precision", "num_threads"):
         if getattr(arguments, name) is not None:

@@ -1,6 +1,6 @@
 """Markov ``SequenceSet`` -> token batches in the Hugging Face convention, and seeded batch order.
 
-A sequence ``s_1..s_L`` (THEORY.md section 5: ``s_1`` is the prompt x, ``s_2..s_L`` the response y)
+A sequence ``s_1..s_L`` (docs/theory.md, "Mixtures of Markov chains": ``s_1`` is the prompt x, ``s_2..s_L`` the response y)
 becomes
 
     input_ids      = [BOS, s_1, s_2, ..., s_L, PAD, ...]     BOS = PAD = V (the number of states)

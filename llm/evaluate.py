@@ -1,7 +1,7 @@
 """Per-component metrics of a transformer on Markov test data, the same as ``markovsim``'s.
 
 Per component c, on its test sequences, the mean over response tokens of
-``KL( target(. | prefix) || model(. | prefix) )`` (THEORY.md section 5), where the model's
+``KL( target(. | prefix) || model(. | prefix) )`` (docs/theory.md, "Mixtures of Markov chains"), where the model's
 next-state predictive is the softmax of its logits restricted to the V state tokens, and the
 target is one of
 

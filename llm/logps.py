@@ -59,7 +59,7 @@ def token_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
 
 
 def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequence log-likelihood over labelled tokens and their count (THEORY.md: logps, |y|).
+    """Sequence log-likelihood over labelled tokens and their count (docs/theory.md: logps, |y|).
 
     Args:
         model: a causal LM (anything returning ``.logits`` of shape (B, T, vocab)).

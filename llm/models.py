@@ -1,6 +1,6 @@
 """Transformer presets for the Markov experiments, built from configs (never downloaded).
 
-Token convention (THEORY.md section 5, DESIGN.md "llm"): state ``s`` is token id ``s`` and the
+Token convention (docs/theory.md, "Notation and conventions"): state ``s`` is token id ``s`` and the
 beginning-of-sequence token is id ``V`` (the number of states), so a model for V states has
 ``vocab_size = V + 1``. Padding reuses the BOS id (attention mask 0, label -100). The model's
 context must hold ``1 + L`` tokens (BOS plus the longest sequence).
@@ -26,7 +26,7 @@ __all__ = [
     "count_parameters",
 ]
 
-ARCHITECTURES = ("gpt2", "llama")
+ARCHITECTURES = ("synthetic", "gpt2", "llama")
 
 
 @dataclass(frozen=True)
@@ -34,9 +34,12 @@ class ModelPreset:
     """A small decoder configuration.
 
     Attributes:
-        architecture: ``"gpt2"`` (learned absolute positions, tied embeddings) or ``"llama"``
+        architecture: ``"synthetic"`` (the SimNPO paper's own model, :mod:`llm.paper_synthetic`:
+            post-LN, one head, MLP width d, N(0, 1) token embeddings, untied output layer),
+            ``"gpt2"`` (learned absolute positions, pre-LN, tied embeddings) or ``"llama"``
             (RoPE, RMSNorm, SwiGLU).
-        num_layers, num_heads, hidden_size: depth, attention heads, model width.
+        num_layers, num_heads, hidden_size: depth, attention heads, model width (``"synthetic"``
+            has one head over the full width: num_heads must be 1).
         intermediate_size: MLP width (llama only; GPT-2 uses 4 * hidden_size).
         num_key_value_heads: grouped-query heads (llama only; None = num_heads).
         dropout: residual, embedding and attention dropout (0 keeps runs deterministic).
@@ -55,6 +58,9 @@ class ModelPreset:
     def __post_init__(self) -> None:
         if self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
+        if self.architecture == "synthetic" and (self.num_heads != 1 or self.dropout != 0):
+            raise ValueError(f"the synthetic architecture has one attention head and no dropout; got "
+                             f"num_heads={self.num_heads}, dropout={self.dropout}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
         if not 0.0 <= self.dropout < 1.0:
@@ -62,8 +68,15 @@ class ModelPreset:
 
 
 PRESETS: dict[str, ModelPreset] = {
-    "paper-gpt2": ModelPreset("gpt2", 4, 4, 128,
-                              description="the SimNPO paper's synthetic model: GPT-2, 4 layers, 4 heads, width 128"),
+    "paper-synthetic": ModelPreset("synthetic", 4, 1, 128,
+                                   description="the SimNPO paper's synthetic model: 4 post-LN blocks of width 128, "
+                                               "one head, MLP width 128, N(0,1) token embeddings (336,267 "
+                                               "parameters for 10 states)"),
+    "gpt2-4x128": ModelPreset("gpt2", 4, 4, 128,
+                              description="Hugging Face GPT-2 (pre-LN, 4 heads, 4x GELU MLP, tied embeddings, "
+                                          "std-0.02 init), 4 layers, width 128: the paper's size, not its model"),
+    "tiny-synthetic": ModelPreset("synthetic", 2, 1, 32, description="the paper's architecture, 2 layers, width 32: "
+                                                                      "unit tests"),
     "tiny-gpt2": ModelPreset("gpt2", 2, 2, 32, description="GPT-2, 2 layers, width 32: unit tests"),
     "tiny-llama": ModelPreset("llama", 2, 2, 32, intermediate_size=64, num_key_value_heads=1,
                               description="Llama, 2 layers, width 32, grouped-query attention: unit tests"),
@@ -71,7 +84,13 @@ PRESETS: dict[str, ModelPreset] = {
 }
 
 
+_RENAMED = {"paper-gpt2": "gpt2-4x128 (the GPT-2 preset of the paper's size; the paper's own model is "
+                          "paper-synthetic)"}
+
+
 def _check_preset(preset: str) -> ModelPreset:
+    if isinstance(preset, str) and preset in _RENAMED:
+        raise ValueError(f"preset {preset!r} was renamed: use {_RENAMED[preset]}")
     if not isinstance(preset, str) or preset not in PRESETS:
         raise ValueError(f"unknown preset {preset!r}; valid presets: {sorted(PRESETS)}")
     return PRESETS[preset]
@@ -94,12 +113,20 @@ def build_config(preset: str, vocab_size: int, max_length: int):
     vocab_size = _check_positive_int(vocab_size, "vocab_size")
     max_length = _check_positive_int(max_length, "max_length")
     special = dict(bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
+    if spec.architecture == "synthetic":
+        from .paper_synthetic import PaperSyntheticConfig
+
+        return PaperSyntheticConfig(vocab_size=vocab_size, n_positions=max_length, n_embd=spec.hidden_size,
+                                    n_layer=spec.num_layers, n_head=spec.num_heads, **special)
     if spec.architecture == "gpt2":
         from transformers import GPT2Config
 
+        # GPT-2's tanh-approximate GELU through PyTorch's fused kernel: the same function as
+        # transformers' default "gelu_new" (to ~2e-7) at a quarter of its CPU time
         return GPT2Config(vocab_size=vocab_size, n_positions=max_length, n_embd=spec.hidden_size,
                           n_layer=spec.num_layers, n_head=spec.num_heads, resid_pdrop=spec.dropout,
-                          embd_pdrop=spec.dropout, attn_pdrop=spec.dropout, use_cache=False, **special)
+                          embd_pdrop=spec.dropout, attn_pdrop=spec.dropout, activation_function="gelu_pytorch_tanh",
+                          use_cache=False, **special)
     from transformers import LlamaConfig
 
     return LlamaConfig(vocab_size=vocab_size, max_position_embeddings=max_length, hidden_size=spec.hidden_size,
@@ -122,6 +149,8 @@ def build_model(preset: str, vocab_size: int, max_length: int, seed: int = 0):
     """
     from transformers import AutoModelForCausalLM
 
+    from . import paper_synthetic  # noqa: F401  (registers the paper's model with AutoModelForCausalLM)
+
     config = build_config(preset, vocab_size, max_length)
     if isinstance(seed, bool) or not isinstance(seed, int):
         raise TypeError(f"seed must be an int, got {type(seed).__name__}")
@@ -138,6 +167,8 @@ def load_model(path: str | os.PathLike, local_files_only: bool = True):
         local_files_only: True (default) never touches the network; pass False to allow a hub id.
     """
     from transformers import AutoModelForCausalLM
+
+    from . import paper_synthetic  # noqa: F401  (registers the paper's model with AutoModelForCausalLM)
 
     path = os.fspath(path)
     if local_files_only and not os.path.isfile(os.path.join(path, "config.json")):

@@ -31,16 +31,18 @@ import torch
 
 from markovsim.data import SequenceSet, concatenate
 from markovsim.losses import Objective
+from markovsim.optimizers import ADAM_RULES, build_torch_optimizer
 from markovsim.runtime import torch_threads
 from markovsim.trajectory import COMPONENT_METRICS, Trajectory
 
 from .checkpoint import latest_checkpoint, load_checkpoint, parameter_fingerprint, save_checkpoint, set_rng_state
-from .data import FORGET_STREAM, RETAIN_STREAM, batch_indices, encode, evaluation_chunks, shard, steps_per_epoch
-from .evaluate import Evaluator, forget_weight_means, model_device, sequence_logps_batched
+from .data import FORGET_STREAM, RETAIN_STREAM, batch_indices, encode, shard, steps_per_epoch
+from .diagnostics import Diagnostics, DiagnosticsPlan
+from .evaluate import Evaluator, sequence_logps_batched
 from .logps import NonFiniteLogitsError, model_logits, token_log_probs
 from .metrics_log import MetricsLog
 from .models import check_model_data
-from .objective import BatchCounts, UnlearningBatch, objective_terms, retain_term
+from .objective import BatchCounts, UnlearningBatch, objective_terms
 from .runtime import DEVICES, MIXED_PRECISIONS, autocast, make_accelerator, use_bf16
 
 __all__ = ["SCHEDULES", "TrainConfig", "PAPER_PRETRAINING", "PAPER_UNLEARNING", "TrainingHistory",
@@ -48,12 +50,10 @@ __all__ = ["SCHEDULES", "TrainConfig", "PAPER_PRETRAINING", "PAPER_UNLEARNING", 
 
 SCHEDULES = ("constant", "linear", "cosine")
 # Fields that change the numbers of a run: a checkpoint only resumes a run with the same values.
-_RESUME_FIELDS = ("learning_rate", "batch_size", "retain_batch_size", "epochs", "steps", "weight_decay",
+_RESUME_FIELDS = ("optimizer", "learning_rate", "batch_size", "retain_batch_size", "epochs", "steps", "weight_decay",
                   "adam_betas", "adam_eps", "schedule", "warmup_steps", "max_grad_norm", "eval_every", "seed",
                   "divergence_logp_per_token", "track_forget_weights", "track_power_share",
-                  "power_share_max_sequences")
-# Seed stream of the fixed power-share subsamples (batch order uses FORGET_STREAM / RETAIN_STREAM).
-_POWER_SHARE_STREAM = 2
+                  "diagnostics_max_sequences")
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,11 @@ class TrainConfig:
     """Optimisation, evaluation and runtime settings of one run.
 
     Attributes:
-        learning_rate: AdamW peak learning rate.
+        optimizer: ``"adamw"`` (``torch.optim.AdamW``) or ``"adamw_legacy"`` (the removed
+            ``transformers.AdamW`` of the paper's code: eps added to the uncorrected sqrt(v); use
+            it with ``adam_eps=1e-6, weight_decay=0`` as ``PAPER_PRETRAINING`` / ``PAPER_UNLEARNING``
+            do). Both rules: :mod:`markovsim.optimizers`.
+        learning_rate: peak learning rate.
         batch_size: global batch in sequences (the forget batch when unlearning).
         retain_batch_size: global retain batch when unlearning (None = batch_size).
         epochs: passes over the training (forget) set; ignored when ``steps`` is set.
@@ -85,17 +89,18 @@ class TrainConfig:
         divergence_logp_per_token: unlearning stops once the forget batch's mean log-likelihood per
             token falls below this (None = only the NaN/inf guard).
         track_forget_weights: unlearning: record the mean closed-form gradient weight per forget
-            component (one extra pass over the forget set per evaluation).
+            component (``mean_weight``; :mod:`llm.diagnostics`).
         track_power_share: unlearning: record each component's share of the gradient norm
-            ("unlearning power", the simulator's ``power_share``; see ``_Unlearning.power_share``).
-            Costs a forward + backward pass over the subsamples below per evaluation; the training
-            numbers are the same with and without it.
-        power_share_max_sequences: the power share uses a fixed, seeded subsample (drawn once per
+            ("unlearning power", the simulator's ``power_share``; :mod:`llm.diagnostics`). Costs a
+            backward pass over the diagnostics subsample per evaluation; the training numbers are
+            the same with and without it.
+        diagnostics_max_sequences: both diagnostics use a fixed, seeded subsample (drawn once per
             run) of at most this many forget sequences per component and this many retain
-            sequences, each component's gradient scaled by (its sequences / subsample size) to
-            estimate the full-set sum (None = every sequence: exact).
+            sequences; the power share scales each component's gradient by (its sequences /
+            subsample size) to estimate the full-set sum (None = every sequence: exact).
     """
 
+    optimizer: str = "adamw"
     learning_rate: float = 5e-4
     batch_size: int = 128
     retain_batch_size: int | None = None
@@ -108,7 +113,7 @@ class TrainConfig:
     warmup_steps: int = 0
     max_grad_norm: float | None = 1.0
     eval_every: int = 10
-    eval_batch_size: int = 1024
+    eval_batch_size: int = 256
     checkpoint_every: int | None = None
     keep_checkpoints: int = 2
     seed: int = 0
@@ -119,7 +124,7 @@ class TrainConfig:
     divergence_logp_per_token: float | None = None
     track_forget_weights: bool = True
     track_power_share: bool = True
-    power_share_max_sequences: int | None = 256
+    diagnostics_max_sequences: int | None = 256
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
@@ -128,7 +133,7 @@ class TrainConfig:
         _check_positive("adam_eps", self.adam_eps)
         for name in ("batch_size", "eval_every", "eval_batch_size"):
             _check_int(name, getattr(self, name), 1)
-        for name in ("retain_batch_size", "steps", "checkpoint_every", "num_threads", "power_share_max_sequences"):
+        for name in ("retain_batch_size", "steps", "checkpoint_every", "num_threads", "diagnostics_max_sequences"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), 1 if name != "steps" else 0)
         for name in ("warmup_steps", "keep_checkpoints", "seed"):
@@ -137,6 +142,8 @@ class TrainConfig:
             raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay}")
         if len(self.adam_betas) != 2 or not all(0 <= b < 1 for b in self.adam_betas):
             raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
+        if self.optimizer not in ADAM_RULES:
+            raise ValueError(f"optimizer must be one of {ADAM_RULES}, got {self.optimizer!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.max_grad_norm is not None:
@@ -169,9 +176,14 @@ def _check_positive(name: str, value) -> None:
         raise ValueError(f"{name} must be a finite number > 0, got {value}")
 
 
-# The paper's synthetic experiment (SimNPO Sec. 5 / App. H; THEORY.md section 5).
-PAPER_PRETRAINING = TrainConfig(learning_rate=5e-4, batch_size=128, epochs=5.0)
-PAPER_UNLEARNING = TrainConfig(learning_rate=5e-4, batch_size=4, steps=50, eval_every=1)
+# The paper's synthetic experiment exactly (SimNPO Sec. 5 / App. H and its official code; docs/theory.md,
+# "The paper's synthetic experiment"): the legacy transformers.AdamW with its defaults (eps 1e-6, no
+# weight decay), no gradient clipping; pre-training 5 epochs of batch 128 at lr 5e-4; unlearning 50
+# steps of 4 forget sequences at lr 5e-4, evaluated after every step. Our TrainConfig defaults differ
+# (torch AdamW, eps 1e-8, weight decay 0.01, clipping at 1.0).
+_PAPER_OPTIMIZER = dict(optimizer="adamw_legacy", adam_eps=1e-6, weight_decay=0.0, max_grad_norm=None)
+PAPER_PRETRAINING = TrainConfig(learning_rate=5e-4, batch_size=128, epochs=5.0, **_PAPER_OPTIMIZER)
+PAPER_UNLEARNING = TrainConfig(learning_rate=5e-4, batch_size=4, steps=50, eval_every=1, **_PAPER_OPTIMIZER)
 
 
 @dataclass(frozen=True)
@@ -208,11 +220,11 @@ def learning_rate_factor(step: int, total_steps: int, schedule: str, warmup_step
     return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def _optimizer(model, config: TrainConfig) -> torch.optim.AdamW:
+def _optimizer(model, config: TrainConfig) -> torch.optim.Optimizer:
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.requires_grad and p.ndim < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=config.adam_betas, eps=config.adam_eps)
+    return build_torch_optimizer(config.optimizer, groups, config.learning_rate, config.adam_betas, config.adam_eps)
 
 
 @dataclass
@@ -514,56 +526,6 @@ def unlearn(model, objective: Objective, forget: SequenceSet, retain: SequenceSe
         return _Unlearning(model, objective, forget, retain, preferred, config, evaluator, run_dir).run(resume)
 
 
-@dataclass(frozen=True)
-class _PowerSharePlan:
-    """The rows behind ``power_share``, drawn once per run (see ``_Unlearning.power_share``).
-
-    Attributes:
-        forget: ``(column, rows, scale)`` per evaluator component with forget rows: the component's
-            (subsampled) forget rows, sorted by length, and ``n_c / len(rows)``.
-        retain_rows, retain_scale: the (subsampled) retain rows and ``n_r / len(rows)`` (None/1 without a retain term).
-        retain_columns: evaluator columns credited with the retain term's gradient norm.
-        present: (C,) bool, the component has forget or retain training sequences (else NaN).
-    """
-
-    forget: tuple[tuple[int, np.ndarray, float], ...]
-    retain_rows: np.ndarray | None
-    retain_scale: float
-    retain_columns: tuple[int, ...]
-    present: np.ndarray
-
-    @classmethod
-    def build(cls, names, forget, retain_set: SequenceSet | None, retain, config: TrainConfig) -> "_PowerSharePlan":
-        """``forget``/``retain``: the encoded training sets (``retain`` None without a retain term);
-        ``retain_set``: the retain sequences as passed (their components count as present)."""
-        limit = config.power_share_max_sequences
-
-        def subsample(rows: np.ndarray, key: int, lengths: torch.Tensor) -> np.ndarray:
-            if limit is not None and len(rows) > limit:
-                rows = np.sort(np.random.default_rng([config.seed, _POWER_SHARE_STREAM, key]).choice(
-                    rows, size=limit, replace=False))
-            return rows[np.argsort(lengths[rows].numpy(), kind="stable")]  # little padding per chunk
-
-        parts, present = [], np.zeros(len(names), dtype=bool)
-        for column, name in enumerate(names):
-            if name in forget.component_names:
-                rows = np.flatnonzero(forget.component_ids == forget.component_names.index(name))
-                if len(rows):
-                    chosen = subsample(rows, column, forget.token_lengths)
-                    parts.append((column, chosen, len(rows) / len(chosen)))
-                    present[column] = True
-        retain_rows, retain_scale, retain_columns = None, 1.0, ()
-        if retain_set is not None:
-            counts = retain_set.component_counts()
-            retain_names = [n for n in retain_set.component_names if n in names and counts.get(n, 0) > 0]
-            present[[names.index(n) for n in retain_names]] = True
-            if retain is not None:
-                retain_columns = tuple(names.index(n) for n in retain_names)
-                retain_rows = subsample(np.arange(len(retain)), len(names), retain.token_lengths)
-                retain_scale = len(retain) / len(retain_rows)
-        return cls(tuple(parts), retain_rows, retain_scale, retain_columns, present)
-
-
 class _Unlearning:
     """The state of one unlearning run (see :func:`unlearn`)."""
 
@@ -586,8 +548,13 @@ class _Unlearning:
             evaluator = Evaluator(concatenate(sets), reference=model, batch_size=size, bf16=bf16)
         self.evaluator = evaluator
         self.names = tuple(evaluator.component_names)
-        self.power_plan = _PowerSharePlan.build(self.names, self.forget, retain, self.retain, config) \
-            if config.track_power_share else None
+        self.diagnostics = None
+        if config.track_forget_weights or config.track_power_share:
+            plan = DiagnosticsPlan.build(self.names, self.forget, retain, self.retain, config.diagnostics_max_sequences,
+                                         config.seed)
+            self.diagnostics = Diagnostics(objective, self.names, plan, self.forget, self.retain, self.preferred,
+                                           self.forget_ref, self.preferred_ref, self.reference, size, bf16,
+                                           config.track_forget_weights, config.track_power_share)
         # theta_0 for ||theta_t - theta_0|| (NPO paper, Theorem 2): one copy of the trainable parameters
         self.start_parameters = [p.detach().clone() for p in model.parameters() if p.requires_grad]
 
@@ -649,81 +616,11 @@ class _Unlearning:
         return math.sqrt(squares)
 
     def _metrics(self) -> dict[str, np.ndarray]:
-        model, config = self.session.unwrapped, self.config
+        model = self.session.unwrapped
         metrics = self.evaluator.evaluate(model)
-        if config.track_forget_weights:
-            logps, num_tokens = sequence_logps_batched(model, self.forget, config.eval_batch_size, self.session.bf16)
-            metrics["mean_weight"] = forget_weight_means(self.objective, logps, num_tokens, self.forget_ref, self.forget,
-                                                         self.names)
-        if self.power_plan is not None:
-            metrics["power_share"] = self.power_share(model)
+        if self.diagnostics is not None:
+            metrics |= self.diagnostics(model)
         return metrics
-
-    def power_share(self, model) -> np.ndarray:
-        """Each component's share of the gradient norm at the current parameters, (C,).
-
-        The definition of ``markovsim.dynamics.gradient_diagnostics``: the forget term's gradient
-        splits exactly by forget component,
-        ``g_c = (forget_weight / n_f) sum_{y in c} d L_f(y) / d theta`` (n_f: the whole forget
-        training set; for sequence-level losses ``= (forget_weight / n_f) sum_y w(y) d logp(y)``),
-        the retain term's gradient ``retain_weight * d R / d theta`` (R on the whole retain training
-        set) is credited in equal parts to the retain set's components, and
-        ``power_share_c = ||g_c|| / sum of all these norms``, norms over all trainable parameters.
-        Components with no forget or retain training sequences are NaN (the simulator gives them 0).
-        With ``power_share_max_sequences`` set, each sum runs over the run's fixed subsample and is
-        scaled by (sequences / subsample size), an unbiased estimate of the full-set gradient (its
-        norm is biased upwards by the sampling noise, most for a term whose per-sequence gradients
-        nearly cancel, such as the retain term near the reference).
-
-        Computed in eval mode with ``torch.autograd.grad`` in chunks of ``eval_batch_size`` rows:
-        the parameters' ``.grad``, the optimizer, the RNG and so the training run are untouched.
-        Under data parallelism it runs on the main process only, like the rest of the evaluation.
-        """
-        plan, config, objective = self.power_plan, self.config, self.objective
-        device, bf16 = model_device(model), self.session.bf16
-        params = [p for p in model.parameters() if p.requires_grad]
-        forget_only = dataclasses.replace(objective, retain=None)
-        forget_counts = BatchCounts(len(self.forget))
-
-        def forget_value(rows: np.ndarray) -> torch.Tensor:
-            batch = UnlearningBatch(
-                self.forget.batch(rows, device), None if self.forget_ref is None else self.forget_ref[rows].to(device),
-                forget_counts, None, None if self.preferred is None else self.preferred.batch(rows, device),
-                None if self.preferred_ref is None else self.preferred_ref[rows].to(device))
-            return objective_terms(model, forget_only, batch).total  # forget_weight * sum_rows L_f / n_f
-
-        def retain_value(rows: np.ndarray) -> torch.Tensor:
-            counts = BatchCounts(len(self.forget), len(self.retain), int(self.retain.num_label_tokens.sum()))
-            return objective.retain_weight * retain_term(model, objective, self.retain.batch(rows, device), counts,
-                                                         self.reference)
-
-        def norm(value: Callable[[np.ndarray], torch.Tensor], rows: np.ndarray, scale: float) -> float:
-            total = [torch.zeros_like(p) for p in params]
-            for chunk in evaluation_chunks(len(rows), config.eval_batch_size):
-                with autocast(device.type, bf16):
-                    loss = value(rows[chunk]) * scale
-                for buffer, grad in zip(total, torch.autograd.grad(loss, params, allow_unused=True)):
-                    if grad is not None:
-                        buffer += grad
-            return math.sqrt(sum(float((g.double() ** 2).sum()) for g in total))
-
-        norms = np.zeros(len(self.names))
-        was_training = model.training
-        model.eval()
-        try:
-            for column, rows, scale in plan.forget:
-                norms[column] = norm(forget_value, rows, scale)
-            if objective.retain is not None and plan.retain_columns:
-                retain_norm = norm(retain_value, plan.retain_rows, plan.retain_scale)
-                for column in plan.retain_columns:
-                    norms[column] += retain_norm / len(plan.retain_columns)
-        except NonFiniteLogitsError:
-            return np.full(len(self.names), np.nan)
-        finally:
-            model.train(was_training)
-        total = norms.sum()
-        shares = norms / total if total > 0 else np.full(len(self.names), np.nan)
-        return np.where(plan.present, shares, np.nan)
 
     def run(self, resume) -> Trajectory:
         session, config = self.session, self.config

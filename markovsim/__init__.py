@@ -2,7 +2,7 @@
 
 Chains generate retain and forget data of different lengths; tabular and mixture sequence models
 have log-likelihoods, gradients and KL divergences computed exactly (float64) from transition
-counts. See THEORY.md for every formula.
+counts. See docs/theory.md for every formula.
 """
 
 from .chains import MarkovChain, block_chains

@@ -16,7 +16,7 @@ import numpy as np
 
 from .analysis import fit_divergence_rates, power_summary, value_at_progress
 from .data import atomic_save_npz
-from .dynamics import unlearn
+from .dynamics import OPTIMIZERS, unlearn
 from .losses import OBJECTIVES
 from .results import atomic_output, atomic_write_json, metadata_block
 from .scenarios import MODEL_CLASSES, SCENARIOS, load_scenario, prepare
@@ -51,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--scale", type=float, default=1.0, help="fraction of the scenario's sequence counts")
     run.add_argument("--steps", type=int)
     run.add_argument("--lr", type=float, help="learning rate")
-    run.add_argument("--optimizer", choices=("gd", "adam"))
+    run.add_argument("--optimizer", choices=OPTIMIZERS,
+                     help="gd, adamw (torch's AdamW) or adamw_legacy (the paper code's transformers.AdamW; "
+                          "its own eps is 1e-6: add --adam-eps 1e-6)")
+    run.add_argument("--adam-eps", type=float, help="Adam's eps (default 1e-8)")
     run.add_argument("--batch-size", type=int, help="minibatch size (default: exact full batch)")
     run.add_argument("--seed", type=int, help="data and minibatch seed")
     run.add_argument("--out", required=True, help="output folder")
@@ -66,7 +69,8 @@ def _configure(arguments):
     if arguments.seed is not None:
         scenario = dataclasses.replace(scenario, spec=dataclasses.replace(scenario.spec, seed=arguments.seed))
     overrides = {k: v for k, v in {"steps": arguments.steps, "learning_rate": arguments.lr,
-                                   "optimizer": arguments.optimizer, "batch_size": arguments.batch_size,
+                                   "optimizer": arguments.optimizer, "adam_eps": arguments.adam_eps,
+                                   "batch_size": arguments.batch_size,
                                    "seed": arguments.seed}.items() if v is not None}
     dynamics = dataclasses.replace(scenario.dynamics, **overrides)
     methods = scenario.with_methods(arguments.methods or list(scenario.methods),
@@ -158,6 +162,9 @@ def list_command() -> int:
 
 
 def main(argv=None) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: the command line never opens a window
     arguments = build_parser().parse_args(argv)
     return list_command() if arguments.command == "list" else run_command(arguments)
 

@@ -1,4 +1,4 @@
-"""Summaries of trajectories: divergence-rate fits (THEORY.md section 6) and comparisons at equal progress."""
+"""Summaries of trajectories: divergence-rate fits (docs/theory.md, "Divergence speed") and comparisons at equal progress."""
 
 from __future__ import annotations
 
@@ -43,24 +43,47 @@ def fit_divergence_rates(steps, values) -> dict[str, dict[str, float]]:
             "better": "logarithmic" if logarithmic["r2"] > r2 else "linear"}
 
 
-def value_at_progress(trajectory: Trajectory, progress_metric: str, progress_component: str, target: float,
-                      outcome_metric: str, outcome_component: str) -> float:
-    """The outcome metric, linearly interpolated at the first evaluation where the progress metric reaches ``target``.
+def crossing(progress, target: float, increasing: bool = True) -> float:
+    """Fractional index at which ``progress`` (E,) first reaches ``target``; NaN if it never does.
 
-    E.g. the retain KL paid when forget2's KL to the truth first reaches the retrained model's value.
-    Progress may be increasing or decreasing; NaN if the target is never reached.
+    ``increasing``: reaching means ``progress >= target`` (else ``<=``). Already reached at index 0
+    gives 0; otherwise the crossing is linearly interpolated between the two evaluations around it.
     """
-    progress = trajectory.metric(progress_metric, progress_component)
-    outcome = trajectory.metric(outcome_metric, outcome_component)
-    direction = np.sign(target - progress[0]) or 1.0
-    reached = np.flatnonzero(direction * (progress - target) >= 0)
+    progress = np.asarray(progress, dtype=np.float64)
+    sign = 1.0 if increasing else -1.0
+    reached = np.flatnonzero(sign * (progress - target) >= 0)
     if reached.size == 0:
         return float("nan")
     i = int(reached[0])
     if i == 0:
-        return float(outcome[0])
-    fraction = (target - progress[i - 1]) / (progress[i] - progress[i - 1])
-    return float(outcome[i - 1] + fraction * (outcome[i] - outcome[i - 1]))
+        return 0.0
+    return float(i - 1 + (target - progress[i - 1]) / (progress[i] - progress[i - 1]))
+
+
+def interpolate_at(values, position: float) -> float:
+    """``values`` (E,) linearly interpolated at a fractional index (NaN stays NaN)."""
+    if not np.isfinite(position):
+        return float("nan")
+    values = np.asarray(values, dtype=np.float64)
+    low = int(np.floor(position))
+    if low >= len(values) - 1:
+        return float(values[-1])
+    return float(values[low] + (position - low) * (values[low + 1] - values[low]))
+
+
+def value_at_progress(trajectory: Trajectory, progress_metric: str, progress_component: str, target: float,
+                      outcome_metric: str, outcome_component: str, increasing: bool | None = None) -> float:
+    """The outcome metric, linearly interpolated at the first evaluation where the progress metric reaches ``target``.
+
+    E.g. the retain KL paid when forget2's KL to the truth first reaches the retrained model's value.
+    ``increasing`` None infers the direction from the start (progress below the target must rise);
+    NaN if the target is never reached.
+    """
+    progress = trajectory.metric(progress_metric, progress_component)
+    if increasing is None:
+        increasing = bool(target >= progress[0])
+    position = crossing(progress, target, increasing)
+    return interpolate_at(trajectory.metric(outcome_metric, outcome_component), position)
 
 
 def power_summary(trajectory: Trajectory, components) -> dict[str, float]:

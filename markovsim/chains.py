@@ -100,7 +100,7 @@ BLOCK_NAMES = ("retain", "forget1", "forget2")
 
 
 def block_chains(num_states: int = 10, leakage: float = 0.2) -> dict[str, MarkovChain]:
-    """The SimNPO paper's retain / forget1 / forget2 chains (THEORY.md section 5).
+    """The SimNPO paper's retain / forget1 / forget2 chains (docs/theory.md, "Mixtures of Markov chains").
 
     With ``m = V // 3`` and blocks ``B_0 = {0..m-1}`` (retain), ``B_1 = {m..2m-1}`` (forget1),
     ``B_2 = {2m..3m-1}`` (forget2), chain k has, for a state s in its block B_k,

@@ -2,7 +2,7 @@
 
 A :class:`SequenceSet` holds padded token arrays together with the statistics every exact
 computation needs, built once: the first-state one-hots ``c_y`` (n, V) and the transition counts
-``C_y`` (n, V, V) of each sequence (THEORY.md section 5). Padded positions hold ``PAD_TOKEN``.
+``C_y`` (n, V, V) of each sequence (docs/theory.md, "Mixtures of Markov chains"). Padded positions hold ``PAD_TOKEN``.
 """
 
 from __future__ import annotations

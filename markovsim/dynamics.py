@@ -4,7 +4,7 @@
 ``MixtureOfChains`` and returns a :class:`~markovsim.trajectory.Trajectory` with, at every
 evaluation step and for every component: KL to the true chain, to the retrained and to the
 reference model (test sequences), log-likelihood per token, the mean gradient weight and the
-component's share of the gradient norm ("unlearning power", THEORY.md section 4). A run that
+component's share of the gradient norm ("unlearning power", docs/theory.md, "Reference-model bias"). A run that
 reaches a non-finite value, or pushes a forget log-likelihood per token below a threshold, stops
 cleanly and records where.
 """
@@ -24,11 +24,12 @@ from .exact_gradients import ExactEvaluation, next_token_logprobs, objective_val
 from .losses import Objective
 from .metrics import true_next_token_probs
 from .models import TabularMarkov
+from .optimizers import ADAM_RULES, AdamState, adam_update
 from .runtime import torch_threads
 from .trajectory import Trajectory
 from .validation import check_int
 
-OPTIMIZERS = ("gd", "adam")
+OPTIMIZERS = ("gd",) + ADAM_RULES
 GRADIENTS = ("closed_form", "autograd")
 
 
@@ -37,7 +38,9 @@ class DynamicsConfig:
     """How to run unlearning.
 
     Attributes:
-        optimizer: ``"gd"`` (theta -= lr g) or ``"adam"`` (AdamW with decoupled ``weight_decay``).
+        optimizer: ``"gd"`` (theta -= lr g), ``"adamw"`` (torch's AdamW formula) or
+            ``"adamw_legacy"`` (the removed ``transformers.AdamW`` of the paper's code); both Adam
+            rules are in :mod:`markovsim.optimizers` (docs/theory.md, "Adam, eps and small gradient weights").
         learning_rate: step size (> 0).
         steps: optimisation steps.
         eval_every: evaluate every this many steps (and always at step 0 and the last step).
@@ -49,7 +52,7 @@ class DynamicsConfig:
         gradient: ``"closed_form"`` (default) or ``"autograd"`` (the oracle; same numbers, slower).
     """
 
-    optimizer: str = "adam"
+    optimizer: str = "adamw"
     learning_rate: float = 0.05
     steps: int = 50
     eval_every: int = 1
@@ -72,6 +75,8 @@ class DynamicsConfig:
         check_int(self.eval_every, "eval_every", 1)
         if self.batch_size is not None:
             check_int(self.batch_size, "batch_size", 1)
+        if not (np.isfinite(self.adam_eps) and self.adam_eps > 0):
+            raise ValueError(f"adam_eps must be a finite number > 0, got {self.adam_eps}")
         if not (0 <= self.adam_betas[0] < 1 and 0 <= self.adam_betas[1] < 1):
             raise ValueError(f"adam_betas must lie in [0, 1), got {self.adam_betas}")
         if not self.weight_decay >= 0:
@@ -219,29 +224,18 @@ def _norm(tensors) -> float:
 
 
 class _Optimizer:
-    """GD or AdamW over a tuple of float64 tensors."""
+    """GD or one of the Adam rules of :mod:`markovsim.optimizers` over a tuple of float64 tensors."""
 
     def __init__(self, config: DynamicsConfig, params: tuple[torch.Tensor, ...]):
         self.config = config
-        self.moments = [torch.zeros_like(p) for p in params]
-        self.squares = [torch.zeros_like(p) for p in params]
-        self.count = 0
+        self.states = [AdamState(p) for p in params]
 
     def step(self, params, grads) -> tuple[torch.Tensor, ...]:
         c = self.config
         if c.optimizer == "gd":
             return tuple(p - c.learning_rate * g for p, g in zip(params, grads))
-        self.count += 1
-        beta1, beta2 = c.adam_betas
-        updated = []
-        for i, (p, g) in enumerate(zip(params, grads)):
-            self.moments[i] = beta1 * self.moments[i] + (1 - beta1) * g
-            self.squares[i] = beta2 * self.squares[i] + (1 - beta2) * g * g
-            m_hat = self.moments[i] / (1 - beta1 ** self.count)
-            v_hat = self.squares[i] / (1 - beta2 ** self.count)
-            p = p * (1 - c.learning_rate * c.weight_decay)
-            updated.append(p - c.learning_rate * m_hat / (torch.sqrt(v_hat) + c.adam_eps))
-        return tuple(updated)
+        return tuple(adam_update(c.optimizer, p, g, state, c.learning_rate, c.adam_betas, c.adam_eps, c.weight_decay)
+                     for p, g, state in zip(params, grads, self.states))
 
 
 def _evaluate_step(model, params, objective, batch, evaluate_gradient):

@@ -1,7 +1,7 @@
 """Full-batch objective values and closed-form gradients on the simulator's exact models.
 
 The gradient of any objective is assembled from the loss library's closed-form weights
-(``Objective.forget_weights``) and the models' count-based derivatives (THEORY.md section 5):
+(``Objective.forget_weights``) and the models' count-based derivatives (docs/theory.md, "Mixtures of Markov chains"):
 
     grad forget  = (1/n_f) sum_y w(y) d logp(y)             (one weighted sum of count matrices)
     grad nll     = -(1/n_r) sum_y (1/|y|) d logp(y)
@@ -51,7 +51,7 @@ def next_token_logprobs(model, sequences: SequenceSet) -> torch.Tensor:
 
 
 def retain_kl_value(model, retain: SequenceSet, reference_logprobs: torch.Tensor) -> torch.Tensor:
-    """Mean over all retain response tokens of ``KL(pi_ref || pi_theta)`` (THEORY.md section 2)."""
+    """Mean over all retain response tokens of ``KL(pi_ref || pi_theta)`` (docs/theory.md, "Retain terms and objectives")."""
     mask = torch.as_tensor(retain.transition_mask)
     per_sequence = kl(reference_logprobs, next_token_logprobs(model, retain), mask)  # (n,) token means
     num_tokens = num_tokens_tensor(retain)

@@ -1,6 +1,6 @@
 """Unlearning losses: the single implementation shared by the simulator and the LLM side.
 
-Everything here is a pure torch function of per-sequence tensors (THEORY.md sections 1-2):
+Everything here is a pure torch function of per-sequence tensors (docs/theory.md, "Forget losses ..." and "Retain terms and objectives"):
 
     logps       (B,)  sum of response-token log-probs, logp_theta(y|x)
     ref_logps   (B,)  the same under the reference model pi_ref (the model before unlearning)
@@ -188,7 +188,7 @@ def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch
 
 
 def ga(logps: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
-    """Gradient ascent, token mean (the usual implementation; THEORY.md table row ``ga``).
+    """Gradient ascent, token mean (the usual implementation; docs/theory.md, loss table, row ``ga``).
 
     L_GA(y) = logp_theta(y) / |y|;  gradient weight w = 1/|y|.
 
@@ -200,7 +200,7 @@ def ga(logps: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
 
 
 def ga_sum(logps: torch.Tensor) -> torch.Tensor:
-    """Gradient ascent on the summed log-likelihood (THEORY.md table row ``ga_sum``).
+    """Gradient ascent on the summed log-likelihood (docs/theory.md, loss table, row ``ga_sum``).
 
     L(y) = logp_theta(y);  gradient weight w = 1.
 
@@ -320,7 +320,7 @@ def wga(token_logps: torch.Tensor, mask: torch.Tensor, alpha: float = 1.0) -> to
 
 
 def nll(logps: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
-    """Retain negative log-likelihood, token mean (THEORY.md section 2, nll_retain).
+    """Retain negative log-likelihood, token mean (docs/theory.md, "Retain terms and objectives", nll_retain).
 
     nll(y) = -logp_theta(y) / |y|.
 
@@ -332,14 +332,14 @@ def nll(logps: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
 
 
 def kl(ref_logprobs: torch.Tensor, logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Retain KL to the reference, per-sequence mean over response tokens (THEORY.md section 2).
+    """Retain KL to the reference, per-sequence mean over response tokens (docs/theory.md, "Retain terms and objectives").
 
     kl(y) = (1/|y|) sum_{t in response} KL( pi_ref(.|ctx_t) || pi_theta(.|ctx_t) ),
     KL(p || q) = sum_v p_v (log p_v - log q_v), with 0 log 0 = 0: vocabulary entries where the
     reference probability is 0 (ref log-prob -inf, or exp underflows) contribute exactly 0. If
     pi_theta gives probability 0 where pi_ref does not, the KL is +inf (the true value).
 
-    The batch mean of these per-sequence means equals THEORY.md's token mean over all retain
+    The batch mean of these per-sequence means equals docs/theory.md's token mean over all retain
     tokens only when all sequences have the same length.
 
     Args:
@@ -429,7 +429,7 @@ def gradient_weights(
     beta: float | None = None,
     gamma: float = 0.0,
 ) -> torch.Tensor:
-    """Closed-form w(y) with d loss(y) / d theta = w(y) * d logp_theta(y) / d theta (THEORY.md table).
+    """Closed-form w(y) with d loss(y) / d theta = w(y) * d logp_theta(y) / d theta (docs/theory.md, loss table).
 
     ga: 1/|y|;  ga_sum: 1;  npo: 2 sigma(beta (logp_theta - logp_ref));
     simnpo: (2/|y|) sigma((beta/|y|) logp_theta + gamma).

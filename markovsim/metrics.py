@@ -1,4 +1,4 @@
-"""Exact per-component KL metrics (THEORY.md section 5, "Metrics of the paper's Markov figure").
+"""Exact per-component KL metrics (docs/theory.md, "Metrics").
 
 Per component c, on its sequences, the mean over response tokens of
 ``KL( target(. | prefix) || model(. | prefix) )`` where the target is either another model's

@@ -135,7 +135,7 @@ class TabularMarkov:
         return self.transition_log_probs()[current] * mask[..., None]  # (n, T-1, V)
 
     def response_log_prob_gradient(self, sequences: SequenceSet, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Closed-form ``sum_y w_y d logp_resp(y) / d(b, A)`` (THEORY.md section 5).
+        """Closed-form ``sum_y w_y d logp_resp(y) / d(b, A)`` (docs/theory.md, "Mixtures of Markov chains").
 
         ``d logp_resp / dA = C_y - diag(n_y) softmax_rows(A)`` and ``d logp_resp / db = 0``.
 

@@ -9,14 +9,11 @@ from __future__ import annotations
 
 from typing import Mapping
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from .analysis import fit_divergence_rates  # noqa: E402
-from .trajectory import Trajectory  # noqa: E402
+from .analysis import fit_divergence_rates
+from .trajectory import Trajectory
 
 METHOD_COLORS = {"GA": "#7f7f7f", "GradDiff": "#2ca02c", "NPO": "#d62728", "NPO+RT": "#ff9896", "NPO+KL": "#e377c2",
                  "SimNPO": "#1f77b4", "SimNPO+RT": "#aec7e8", "SimNPO+KL": "#17becf"}
@@ -48,6 +45,56 @@ def tradeoff_axes(axis, trajectories: Mapping[str, Trajectory], forget_component
     axis.set_xlabel(f"retain distance: KL on {retain_component}")
     axis.set_ylabel(f"forget quality: KL on {forget_component}")
     axis.set_title(forget_component)
+
+
+def stack_seeds(curves) -> np.ndarray:
+    """(S, E) array of per-seed curves of possibly different lengths (runs that stopped early), NaN-padded."""
+    curves = [np.asarray(c, dtype=np.float64) for c in curves]
+    stacked = np.full((len(curves), max(len(c) for c in curves)), np.nan)
+    for row, curve in enumerate(curves):
+        stacked[row, : len(curve)] = curve
+    return stacked
+
+
+def band_polygon(xs: np.ndarray, ys: np.ndarray, scale: tuple[float, float] = (1.0, 1.0)) -> np.ndarray | None:
+    """A band of one standard deviation around the seed-mean of a parametric curve (x(t), y(t)).
+
+    At each step the half-width along the curve's normal n is ``sqrt(n^T Sigma n)``, Sigma the
+    seeds' covariance of (x, y); directions are taken in coordinates divided by ``scale`` (the
+    axes' spans), so the band looks right on axes with different units.
+
+    Args:
+        xs, ys: (S, E) per-seed coordinates (NaN where a seed has stopped).
+    Returns: (2E', 2) polygon vertices (upper edge, then lower edge reversed), or None with < 2 seeds.
+    """
+    keep = np.sum(np.isfinite(xs) & np.isfinite(ys), axis=0) >= 2  # (E,)
+    if xs.shape[0] < 2 or keep.sum() < 2:
+        return None
+    u, w = xs[:, keep] / scale[0], ys[:, keep] / scale[1]  # (S, E') normalised coordinates
+    mean = np.stack([np.nanmean(u, 0), np.nanmean(w, 0)], axis=1)  # (E', 2)
+    tangent = np.gradient(mean, axis=0)  # (E', 2)
+    length = np.linalg.norm(tangent, axis=1, keepdims=True)
+    normal = np.where(length > 0, np.stack([-tangent[:, 1], tangent[:, 0]], 1) / np.where(length > 0, length, 1),
+                      np.array([0.0, 1.0]))  # (E', 2)
+    du, dw = u - mean[:, 0], w - mean[:, 1]  # (S, E')
+    projected = du * normal[:, 0] + dw * normal[:, 1]  # (S, E') deviation along the normal
+    half = np.sqrt(np.nansum(projected ** 2, 0) / np.maximum(np.sum(np.isfinite(projected), 0) - 1, 1))  # (E',)
+    upper, lower = mean + half[:, None] * normal, mean - half[:, None] * normal
+    polygon = np.concatenate([upper, lower[::-1]])
+    return polygon * np.asarray(scale)
+
+
+def seed_band_axes(axis, xs, ys, color: str, linestyle: str = "-", label: str | None = None,
+                   scale: tuple[float, float] = (1.0, 1.0), marker_every: int = 0) -> None:
+    """Seed-mean trajectory of (x, y) with a one-sd band (:func:`band_polygon`); ``xs``/``ys``: lists of per-seed curves."""
+    xs, ys = stack_seeds(xs), stack_seeds(ys)
+    mean_x, mean_y = np.nanmean(xs, 0), np.nanmean(ys, 0)
+    axis.plot(mean_x, mean_y, linestyle, color=color, lw=1.6, label=label)
+    if marker_every:
+        axis.plot(mean_x[::marker_every], mean_y[::marker_every], ".", color=color, ms=3)
+    polygon = band_polygon(xs, ys, scale)
+    if polygon is not None:
+        axis.fill(polygon[:, 0], polygon[:, 1], color=color, alpha=0.18, lw=0)
 
 
 def allocation_axes(weight_axis, share_axis, trajectories: Mapping[str, Trajectory], components) -> None:

@@ -1,4 +1,4 @@
-"""Named, documented scenarios of the simulator (THEORY.md sections 5-6) and user-defined ones.
+"""Named, documented scenarios of the simulator (docs/theory.md, "The paper's synthetic experiment" and "Divergence speed") and user-defined ones.
 
 A :class:`Scenario` is a mixture specification (paper scale), the methods to compare with their
 hyperparameters, and default dynamics. :func:`prepare` samples the data and fits, for either model
@@ -139,7 +139,7 @@ def _prepare(scenario: Scenario, model_class: str) -> Setup:
                  true_chains, Evaluator(test, reference, retrained, true_chains))
 
 
-_DEFAULT_DYNAMICS = DynamicsConfig(optimizer="adam", learning_rate=0.02, steps=50)
+_DEFAULT_DYNAMICS = DynamicsConfig(optimizer="adamw", learning_rate=0.02, steps=50)
 
 SCENARIOS: dict[str, Scenario] = {
     "paper_short_forget2": Scenario(
@@ -202,7 +202,7 @@ def scenario_from_dict(document: Mapping) -> Scenario:
                         {"name": "forget", "chain": "f", "length": 5, "num_train": 400, "num_test": 100,
                          "role": "forget", "in_pretraining": true}],
          "methods": {"NPO": {"beta": 0.2}, "SimNPO": {"beta": 4.0}},
-         "dynamics": {"optimizer": "adam", "learning_rate": 0.02, "steps": 50}}
+         "dynamics": {"optimizer": "adamw", "learning_rate": 0.02, "steps": 50}}
     """
     if not isinstance(document, Mapping):
         raise TypeError(f"a scenario spec must be a dict, got {type(document).__name__}")

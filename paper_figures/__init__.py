@@ -1,17 +1,20 @@
-"""Regenerate every figure: ``python -m paper_figures [--only NAME ...] [--scale quick|paper]``.
+"""Regenerate every figure: ``python -m paper_figures [--only NAME ...] [--scale quick|paper] [--jobs N]``.
 
 ``FIGURES`` maps a figure name to its module; each module has ``TITLE``, ``CONFIGS`` (per scale),
-``compute(config, cache_stem, device, recompute) -> cache_stem`` and ``plot(cache_stem, output_stem) -> paths``.
+``compute(config, cache_stem, device, recompute, jobs) -> cache_stem`` and
+``plot(cache_stem, output_stem) -> paths``.
 """
 
-from . import divergence, gradient_weights, markov_mixture, paper_short, paper_unseen, power_share, sensitivity
+from . import (adam_eps, divergence, first_step, gradient_weights, markov_mixture, markov_tradeoff, power_share,
+               sensitivity)
 
 FIGURES = {
     "markov_mixture": markov_mixture,
     "gradient_weights": gradient_weights,
-    "paper_short": paper_short,
-    "paper_unseen": paper_unseen,
+    "markov_tradeoff": markov_tradeoff,
     "power_share": power_share,
+    "adam_eps": adam_eps,
+    "first_step": first_step,
     "divergence": divergence,
     "sensitivity": sensitivity,
 }

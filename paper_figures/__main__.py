@@ -33,11 +33,13 @@ def parse_arguments(argv=None) -> argparse.Namespace:
                         help="tiny (smoke test), quick (default, minutes on a CPU) or paper (the paper's sizes)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--recompute", action="store_true", help="ignore cached numbers and recompute them")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="worker processes for independent run sets (one torch thread each; default 1)")
     parser.add_argument("--output", default=os.path.join(HERE, "output"), help="output folder")
     return parser.parse_args(argv)
 
 
-def make_figure(name: str, scale: str, device: str, output: str, recompute: bool) -> dict:
+def make_figure(name: str, scale: str, device: str, output: str, recompute: bool, jobs: int = 1) -> dict:
     """Compute (or reuse) one figure's cache and plot it; returns its manifest entry."""
     module = FIGURES[name]
     config = module.CONFIGS[scale]
@@ -45,7 +47,7 @@ def make_figure(name: str, scale: str, device: str, output: str, recompute: bool
     start = time.perf_counter()
     reused = not recompute and os.path.exists(cache_stem + ".json") and _same_config(cache_stem, config)
     if not reused:
-        module.compute(config, cache_stem, device=device, recompute=recompute)
+        module.compute(config, cache_stem, device=device, recompute=recompute, jobs=jobs)
     paths = module.plot(cache_stem, os.path.join(output, name))
     return {"name": name, "title": module.TITLE, "scale": scale, "config": metadata_block(config)["config"],
             "device": device, "runtime_s": round(time.perf_counter() - start, 3), "reused_cache": reused,
@@ -62,13 +64,19 @@ def _same_config(cache_stem: str, config) -> bool:
 
 
 def main(argv=None) -> int:
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only: the command line never opens a window
     arguments = parse_arguments(argv)
     device = resolve_device(arguments.device)
+    if arguments.jobs < 1:
+        raise SystemExit(f"--jobs must be >= 1, got {arguments.jobs}")
     names = arguments.only or list(FIGURES)
     entries = []
     for name in names:
         print(f"[paper_figures] {name} ({arguments.scale}, {device}) ...", flush=True)
-        entries.append(make_figure(name, arguments.scale, device, arguments.output, arguments.recompute))
+        entries.append(make_figure(name, arguments.scale, device, arguments.output, arguments.recompute,
+                                   arguments.jobs))
         print(f"[paper_figures]   wrote {', '.join(entries[-1]['files'])} in {entries[-1]['runtime_s']} s", flush=True)
     atomic_write_json(os.path.join(arguments.output, "manifest.json"),
                       metadata_block({"scale": arguments.scale, "device": device, "only": names}, figures=entries))

@@ -3,12 +3,13 @@
 Question: under plain gradient descent, does GA move the parameters and the forget
 log-likelihood linearly in the step count while NPO slows to a logarithmic pace, and what retain
 damage does each pay by the end? Fitted linear and logarithmic rates are drawn over the curves.
-The transformer row overlays the GA and NPO runs of figure 2 (paper_short_forget2, AdamW, the same
-cached runs), whose forget log-likelihood is fitted the same way.
+The transformer rows overlay the GA and NPO runs (seed 0) of the ``markov_tradeoff`` figure
+(paper_short_forget2, the paper's legacy AdamW, the same cached runs), fitted the same way.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -18,11 +19,11 @@ from markovsim.analysis import fit_divergence_rates
 from markovsim.plotting import method_color, rate_axes
 
 from .cache import load_cache, save_cache
-from .runs import cached_runs, simulator_runs
+from .runs import cached_runs, ordered_sources, scenario_runs, simulator_runs
 from .style import apply_style, save_figure
 
 TITLE = ("Divergence speed of GA vs NPO: exact simulator under gradient descent (rows 1-2); "
-         "transformer under AdamW, the runs of figure 2 (last row)")
+         "transformers under the paper's AdamW, the runs of the markov_tradeoff figure (last rows)")
 METHODS = ("GA", "NPO")
 
 
@@ -31,14 +32,14 @@ class Config:
     scale: float = 0.2
     steps: int = 400
     eval_every: int = 4
-    transformer_overlay: str | None = "quick"  # which scale's figure-2 transformer runs to overlay
+    transformer_overlay: str | None = "quick"  # which scale's markov_tradeoff transformer runs to overlay
 
 
 CONFIGS = {"tiny": Config(scale=0.005, steps=12, eval_every=3, transformer_overlay="tiny"), "quick": Config(),
            "paper": Config(scale=1.0, steps=1000, transformer_overlay="paper")}
 
 
-def compute(config: Config, cache_stem: str, device: str = "cpu", recompute: bool = False) -> str:
+def compute(config: Config, cache_stem: str, device: str = "cpu", recompute: bool = False, jobs: int = 1) -> str:
     runs, _ = cached_runs(os.path.dirname(cache_stem), f"npo_divergence_{config.scale}_{config.steps}_{config.eval_every}",
                           {"scenario": "npo_divergence", "scale": config.scale, "steps": config.steps,
                            "eval_every": config.eval_every},
@@ -46,12 +47,13 @@ def compute(config: Config, cache_stem: str, device: str = "cpu", recompute: boo
                                                  dynamics_overrides={"eval_every": config.eval_every}), recompute)
     runs = dict(runs)
     if config.transformer_overlay is not None:
-        from .tradeoff import configs, scenario_runs
+        from . import markov_tradeoff
 
-        shared, _ = scenario_runs(configs("paper_short_forget2")[config.transformer_overlay],
-                                  os.path.dirname(cache_stem), device, recompute)
-        if "transformer" in shared:
-            runs["transformer"] = {m: t for m, t in shared["transformer"].items() if m in METHODS}
+        tradeoff_config = markov_tradeoff.CONFIGS[config.transformer_overlay]
+        spec = dataclasses.replace(markov_tradeoff.case_runs(tradeoff_config, "paper_short_forget2"), seeds=(0,),
+                                   simulator_sources=())
+        for source, per_seed in scenario_runs(spec, os.path.dirname(cache_stem), device, recompute, jobs).items():
+            runs[source] = {m: t for m, t in per_seed[0][0].items() if m in METHODS}
     arrays, fits = {}, {}
     for source, trajectories in runs.items():
         for method, trajectory in trajectories.items():
@@ -74,7 +76,7 @@ def plot(cache_stem: str, output_stem: str) -> list[str]:
     apply_style()
     import matplotlib.pyplot as plt
 
-    sources = [s for s in ("tabular", "mixture", "transformer") if any(key.startswith(s + "/") for key in fits)]
+    sources = ordered_sources(key.split("/")[0] for key in fits)
     figure, axes = plt.subplots(len(sources), 3, figsize=(13, 3.4 * len(sources)), squeeze=False)
     for row, source in enumerate(sources):
         for method in METHODS:

@@ -2,7 +2,7 @@
 
 Question: how does each method weight a forget sequence as a function of its per-token
 log-likelihood and its length, and how do the weights of the forget components evolve during
-unlearning? (NPO starts at exactly 1 everywhere; THEORY.md section 4.)
+unlearning? (NPO starts at exactly 1 everywhere; docs/theory.md, "Reference-model bias".)
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def weight_curves(config: Config) -> dict[str, np.ndarray]:
     return curves
 
 
-def compute(config: Config, cache_stem: str, device: str = "cpu", recompute: bool = False) -> str:
+def compute(config: Config, cache_stem: str, device: str = "cpu", recompute: bool = False, jobs: int = 1) -> str:
     cache_dir = os.path.dirname(cache_stem)
     arrays = weight_curves(config)
     for scenario, source in (("paper_short_forget2", "tabular"), ("paper_unseen_forget2", "mixture")):

@@ -31,7 +31,7 @@ class Config:
 CONFIGS = {"tiny": Config(scale=0.01), "quick": Config(scale=0.2), "paper": Config(scale=1.0)}
 
 
-def compute(config: Config, cache_stem: str, device: str = "cpu", recompute: bool = False) -> str:
+def compute(config: Config, cache_stem: str, device: str = "cpu", recompute: bool = False, jobs: int = 1) -> str:
     """Fit the reference/retrained models on sampled data and measure exact KLs; writes ``cache_stem.json/.npz``."""
     spec = paper_mixture_spec(forget2_length=config.forget2_length, scale=config.scale, seed=config.seed)
     train, test = spec.sample()

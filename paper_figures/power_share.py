@@ -1,8 +1,9 @@
-"""Figure 4: unlearning power per forget component over the steps, NPO vs SimNPO.
+"""Unlearning power: the share of the gradient norm each forget component receives, NPO vs SimNPO.
 
 Question: which forget component receives the larger share of the gradient norm ("unlearning
-power", THEORY.md section 4) under NPO and under SimNPO, in both paper scenarios, for the exact
-simulator and for the transformer? Reads the same cached runs as figures 2 and 3.
+power", docs/theory.md "Reference-model bias") under NPO and under SimNPO, in both paper
+scenarios, for the exact simulator and for each transformer? Reads the run sets of the
+``markov_tradeoff`` figure at the same scale (seed mean, band = 1 sd over seeds).
 """
 
 from __future__ import annotations
@@ -13,15 +14,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from markovsim.plotting import method_color
+from markovsim.plotting import method_color, stack_seeds
 
-from .runs import load_runs, save_runs
+from . import markov_tradeoff
+from .runs import by_source, flatten_seeds, load_runs, ordered_sources, save_runs, scenario_runs
 from .style import apply_style, save_figure
-from .tradeoff import SOURCES, scenario_runs
-from .tradeoff import configs as tradeoff_configs
 
-TITLE = "Unlearning power: share of the gradient norm per forget component, NPO vs SimNPO"
-SCENARIOS = ("paper_short_forget2", "paper_unseen_forget2")
+TITLE = "Unlearning power: share of the gradient norm per forget component, NPO vs SimNPO (seed mean +- sd)"
 METHODS = ("NPO", "SimNPO")
 
 
@@ -33,38 +32,52 @@ class Config:
 CONFIGS = {name: Config(name) for name in ("tiny", "quick", "paper")}
 
 
-def compute(config: Config, cache_stem: str, device: str = "cpu", recompute: bool = False) -> str:
+def compute(config: Config, cache_stem: str, device: str = "cpu", recompute: bool = False, jobs: int = 1) -> str:
+    tradeoff_config = markov_tradeoff.CONFIGS[config.scale_name]
     runs, retrained = {}, {}
-    for scenario in SCENARIOS:
-        scenario_config = tradeoff_configs(scenario)[config.scale_name]
-        more, more_retrained = scenario_runs(scenario_config, os.path.dirname(cache_stem), device, recompute)
-        for source, trajectories in more.items():
-            runs[f"{scenario}/{source}"] = {m: t for m, t in trajectories.items() if m in METHODS}
-            retrained[f"{scenario}/{source}"] = more_retrained[source]
+    for case in markov_tradeoff.CASES:
+        seeded = scenario_runs(markov_tradeoff.case_runs(tradeoff_config, case), os.path.dirname(cache_stem), device,
+                               recompute, jobs)
+        flat_runs, flat_retrained = flatten_seeds(seeded, tradeoff_config.seeds)
+        for key, trajectories in flat_runs.items():
+            runs[f"{case}:{key}"] = {m: t for m, t in trajectories.items() if m in METHODS}
+            retrained[f"{case}:{key}"] = flat_retrained[key]
     save_runs(cache_stem, runs, retrained, dataclasses.asdict(config))
     return cache_stem
 
 
 def plot(cache_stem: str, output_stem: str) -> list[str]:
-    runs, _, _ = load_runs(cache_stem)
+    runs, retrained, _ = load_runs(cache_stem)
     apply_style()
     import matplotlib.pyplot as plt
 
-    sources = [s for s in SOURCES if any(key.endswith("/" + s) for key in runs)]
-    figure, axes = plt.subplots(len(SCENARIOS), len(sources), figsize=(4.2 * len(sources), 3.4 * len(SCENARIOS)),
+    grouped = by_source(runs, retrained)
+    sources = ordered_sources(key.split(":", 1)[1] for key in grouped)
+    cases = list(markov_tradeoff.CASES)
+    figure, axes = plt.subplots(len(cases), len(sources), figsize=(3.6 * len(sources), 3.2 * len(cases)),
                                 squeeze=False, sharey=True)
-    for row, scenario in enumerate(SCENARIOS):
+    for row, case in enumerate(cases):
         for col, source in enumerate(sources):
-            axis = axes[row, col]
-            for method, trajectory in runs.get(f"{scenario}/{source}", {}).items():
+            axis, per_seed = axes[row, col], grouped.get(f"{case}:{source}", [])
+            for method in METHODS:
                 for name, style in (("forget1", "-"), ("forget2", "--")):
-                    share = trajectory.metric("power_share", name)
-                    if np.any(np.isfinite(share)):
-                        axis.plot(trajectory.steps, share, style, color=method_color(method), label=f"{method} {name}")
+                    trajectories = [runs_[method] for _, runs_, _ in per_seed if method in runs_]
+                    if not trajectories:
+                        continue
+                    shares = stack_seeds([t.metric("power_share", name) for t in trajectories])  # (S, E)
+                    if not np.any(np.isfinite(shares)):
+                        continue
+                    steps = max((t.steps for t in trajectories), key=len)
+                    mean = np.nanmean(shares, 0)
+                    axis.plot(steps, mean, style, color=method_color(method), label=f"{method} {name}")
+                    if shares.shape[0] > 1:
+                        spread = np.nanstd(shares, 0, ddof=1)
+                        axis.fill_between(steps, mean - spread, mean + spread, color=method_color(method), alpha=0.15,
+                                          lw=0)
             if not axis.lines:
                 axis.text(0.5, 0.5, "power share not recorded", ha="center", va="center", transform=axis.transAxes)
             axis.set_ylim(0, 1)
-            axis.set_title(f"{scenario}: {source}")
+            axis.set_title(f"{markov_tradeoff.CASES[case]}\n{source}, {len(per_seed)} seeds", fontsize=8)
             axis.set_xlabel("unlearning step")
             axis.set_ylabel("share of gradient norm")
     axes[0, 0].legend(fontsize=7)

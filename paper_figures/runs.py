@@ -1,60 +1,75 @@
-"""Scenario runs shared by several figures, cached once per (scenario, scale, device).
+"""Scenario runs shared by several figures: every (source, seed) cached once, on disk.
 
-A "runs" cache holds trajectories keyed by source (``"tabular"``, ``"mixture"``, ``"transformer"``)
-and method, plus the retrained model's KL per source, in one JSON + one NPZ file written atomically.
-Figures read these caches; they never recompute silently (``python -m paper_figures --recompute``).
+A *source* is an exact simulator model class (``"tabular"``, ``"mixture"``) or a transformer preset
+(``"paper-synthetic"``, ``"gpt2-4x128"``, ...). For one scenario, scale and seed every source sees
+the same sampled data. Each (scenario, source, seed, settings) run set is one cache pair
+``cache/runs_<scenario>_<source>_seed<k>_<hash>.{json,npz}`` (the hash covers the full settings,
+which the JSON spells out); figures copy what they plot into their own cache, and plots read only
+that. Missing run sets can be computed in parallel worker processes (``jobs > 1``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import os
-
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from multiprocessing import get_context
 
 from markovsim.dynamics import unlearn
 from markovsim.results import metadata_block
+from markovsim.runtime import torch_threads
 from markovsim.scenarios import SCENARIOS, prepare
 from markovsim.trajectory import Trajectory
 
 from .cache import load_cache, save_cache
+from .transformer_runs import TransformerSettings, transformer_runs
 
 SIMULATOR_SOURCES = ("tabular", "mixture")
+# Plot order of every source a figure may hold.
+SOURCE_ORDER = ("tabular", "mixture", "paper-synthetic", "gpt2-4x128", "tiny-synthetic", "tiny-gpt2")
 
 
-def save_runs(stem: str, runs: dict[str, dict[str, Trajectory]], retrained: dict[str, dict[str, float]], config) -> None:
-    """Write ``stem.npz`` (every metric array) and ``stem.json`` (config, names, divergence, retrained KLs)."""
+def save_runs(stem: str, runs: dict[str, dict[str, Trajectory]], retrained: dict[str, dict[str, float]], config,
+              **extra) -> None:
+    """Write ``stem.npz`` (every metric array) and ``stem.json`` (config, names, divergence, retrained KLs, ``extra``).
+
+    ``runs`` maps a key (a source, or ``"source/seed<k>"``) to ``{method: Trajectory}``.
+    """
     arrays, index = {}, {}
-    for source, trajectories in runs.items():
-        index[source] = {}
+    for key, trajectories in runs.items():
+        index[key] = {}
         for method, trajectory in trajectories.items():
-            prefix = f"{source}/{method}"
+            prefix = f"{key}/{method}"
             arrays[f"{prefix}/steps"] = trajectory.steps
             arrays |= {f"{prefix}/component/{k}": v for k, v in trajectory.component_metrics.items()}
             arrays |= {f"{prefix}/step/{k}": v for k, v in trajectory.step_metrics.items()}
-            index[source][method] = {"component_names": list(trajectory.component_names),
-                                     "diverged_at": trajectory.diverged_at,
-                                     "divergence_reason": trajectory.divergence_reason, "info": trajectory.info}
-    save_cache(stem, arrays, config, runs=index, retrained=retrained)
+            index[key][method] = {"component_names": list(trajectory.component_names),
+                                  "diverged_at": trajectory.diverged_at,
+                                  "divergence_reason": trajectory.divergence_reason, "info": trajectory.info}
+    save_cache(stem, arrays, config, runs=index, retrained=retrained, **extra)
 
 
 def load_runs(stem: str) -> tuple[dict[str, dict[str, Trajectory]], dict, dict]:
     """Read a cache written by :func:`save_runs`: ``(runs, retrained, document)``."""
     document, data = load_cache(stem)
     runs = {}
-    for source, methods in document["runs"].items():
-        runs[source] = {}
+    for key, methods in document["runs"].items():
+        runs[key] = {}
         for method, entry in methods.items():
-            prefix = f"{source}/{method}/"
+            prefix = f"{key}/{method}/"
             component = {k[len(prefix) + 10:]: v for k, v in data.items() if k.startswith(prefix + "component/")}
             step = {k[len(prefix) + 5:]: v for k, v in data.items() if k.startswith(prefix + "step/")}
-            runs[source][method] = Trajectory(data[prefix + "steps"], tuple(entry["component_names"]), component,
-                                              step, entry["diverged_at"], entry["divergence_reason"], entry["info"])
+            runs[key][method] = Trajectory(data[prefix + "steps"], tuple(entry["component_names"]), component,
+                                           step, entry["diverged_at"], entry["divergence_reason"], entry["info"])
     return runs, document["retrained"], document
 
 
 def simulator_runs(scenario_name: str, scale: float, steps: int, methods=None, seed: int = 0,
                    sources=SIMULATOR_SOURCES, dynamics_overrides: dict | None = None):
-    """Run the scenario's methods on the exact models; returns ``(runs, retrained_kl_true)``."""
+    """Run the scenario's methods on the exact models; returns ``(runs, retrained_kl_true)`` keyed by source."""
     scenario = SCENARIOS[scenario_name].scaled(scale)
     scenario = dataclasses.replace(scenario, spec=dataclasses.replace(scenario.spec, seed=seed))
     dynamics = dataclasses.replace(scenario.dynamics, steps=steps, **(dynamics_overrides or {}))
@@ -73,6 +88,17 @@ def simulator_runs(scenario_name: str, scale: float, steps: int, methods=None, s
 _RECOMPUTED: set[str] = set()
 
 
+def _load_if_current(stem: str, expected: dict):
+    if os.path.exists(stem + ".json") and os.path.exists(stem + ".npz"):
+        try:
+            runs, retrained, document = load_runs(stem)
+            if document.get("config") == expected:
+                return runs, retrained
+        except (ValueError, KeyError, OSError):
+            pass
+    return None
+
+
 def cached_runs(cache_dir: str, key: str, config, compute, recompute: bool = False) -> tuple[dict, dict]:
     """Load ``cache_dir/runs_{key}`` if it was made with the same config, else ``compute()`` and save it.
 
@@ -80,15 +106,139 @@ def cached_runs(cache_dir: str, key: str, config, compute, recompute: bool = Fal
     """
     stem = os.path.join(cache_dir, f"runs_{key}")
     expected = metadata_block(config)["config"]
-    fresh_needed = recompute and stem not in _RECOMPUTED
-    if not fresh_needed and os.path.exists(stem + ".json") and os.path.exists(stem + ".npz"):
-        try:
-            runs, retrained, document = load_runs(stem)
-            if document.get("config") == expected:
-                return runs, retrained
-        except (ValueError, KeyError, OSError):
-            pass
+    if not (recompute and stem not in _RECOMPUTED):
+        loaded = _load_if_current(stem, expected)
+        if loaded is not None:
+            return loaded
     runs, retrained = compute()
     save_runs(stem, runs, retrained, config)
     _RECOMPUTED.add(stem)
     return runs, retrained
+
+
+# ---------------------------------------------------------------------------------------------
+# Seeded run sets of a scenario over several sources
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ScenarioRuns:
+    """The runs of one scenario a figure needs: every source on the same data, for each seed.
+
+    Attributes:
+        scenario: a ``markovsim.scenarios.SCENARIOS`` name.
+        scale: fraction of the paper's sequence counts (1.0 = paper scale), for every source.
+        seeds: data, initialisation and batch-order seeds.
+        simulator_steps: steps of the exact runs (the scenario's dynamics otherwise).
+        simulator_sources: exact model classes to run.
+        transformers: one :class:`TransformerSettings` per transformer preset (their ``seed`` is
+            replaced by each seed).
+        methods: the methods to run (None = the scenario's).
+    """
+
+    scenario: str
+    scale: float
+    seeds: tuple[int, ...] = (0,)
+    simulator_steps: int = 50
+    simulator_sources: tuple[str, ...] = SIMULATOR_SOURCES
+    transformers: tuple[TransformerSettings, ...] = field(default_factory=lambda: (TransformerSettings(),))
+    methods: tuple[str, ...] | None = None
+
+    def jobs(self, device: str) -> list[dict]:
+        """One JSON-ready description per (source, seed): what is computed and cached as a unit."""
+        methods = None if self.methods is None else list(self.methods)
+        jobs = []
+        for seed in self.seeds:
+            for source in self.simulator_sources:
+                jobs.append({"kind": "simulator", "scenario": self.scenario, "scale": self.scale, "seed": seed,
+                             "source": source, "steps": self.simulator_steps, "methods": methods})
+            for settings in self.transformers:
+                jobs.append({"kind": "transformer", "scenario": self.scenario, "scale": self.scale, "seed": seed,
+                             "source": settings.preset, "device": device, "methods": methods,
+                             "settings": dataclasses.asdict(dataclasses.replace(settings, seed=seed))})
+        return jobs
+
+
+def job_key(job: dict) -> str:
+    """``<scenario>_<source>_seed<k>_<hash of the full settings>``."""
+    digest = hashlib.sha1(json.dumps(job, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{job['scenario']}_{job['source']}_seed{job['seed']}_{digest}"
+
+
+def _execute(job: dict, progress: bool, cache_dir: str, recompute: bool = False):
+    if job["kind"] == "simulator":
+        return simulator_runs(job["scenario"], job["scale"], job["steps"], job["methods"], seed=job["seed"],
+                              sources=(job["source"],))
+    settings = TransformerSettings(**job["settings"])
+    trajectories, retrained = transformer_runs(job["scenario"], job["scale"], settings, job["device"],
+                                               job["methods"], progress, os.path.join(cache_dir, "models"), recompute)
+    return {job["source"]: trajectories}, {job["source"]: retrained}
+
+
+def _run_job(cache_dir: str, job: dict, recompute: bool, progress: bool) -> str:
+    """Compute and cache one job (in this process or a worker); returns its cache stem."""
+    with torch_threads(1):
+        cached_runs(cache_dir, job_key(job), job, lambda: _execute(job, progress, cache_dir, recompute), recompute)
+    return os.path.join(cache_dir, f"runs_{job_key(job)}")
+
+
+def _needs_computing(cache_dir: str, job: dict, recompute: bool) -> bool:
+    stem = os.path.join(cache_dir, f"runs_{job_key(job)}")
+    if recompute and stem not in _RECOMPUTED:
+        return True
+    return _load_if_current(stem, metadata_block(job)["config"]) is None
+
+
+def precompute_runs(specs, cache_dir: str, device: str = "cpu", recompute: bool = False, jobs: int = 1) -> None:
+    """Compute every run set of ``specs`` not cached yet (all once per process with ``recompute``), in
+    ``jobs`` worker processes (one torch thread each, transformers first: they take longest)."""
+    from tqdm.auto import tqdm
+
+    missing = [job for spec in specs for job in spec.jobs(device) if _needs_computing(cache_dir, job, recompute)]
+    if jobs <= 1 or len(missing) <= 1:
+        return  # computed in order by scenario_runs, with progress bars
+    missing.sort(key=lambda job: job["kind"] != "transformer")
+    os.makedirs(cache_dir, exist_ok=True)
+    with ProcessPoolExecutor(min(jobs, len(missing)), mp_context=get_context("spawn")) as pool:
+        futures = [pool.submit(_run_job, cache_dir, job, recompute, False) for job in missing]
+        for future in tqdm(as_completed(futures), total=len(futures), desc="run sets"):
+            _RECOMPUTED.add(future.result())
+
+
+def scenario_runs(spec: ScenarioRuns, cache_dir: str, device: str = "cpu", recompute: bool = False,
+                  jobs: int = 1) -> dict[str, list[tuple[dict[str, Trajectory], dict[str, float]]]]:
+    """``{source: [({method: Trajectory}, {component: retrained kl_true}) for each seed]}``.
+
+    Run sets not cached yet (or all, once per process, with ``recompute``) are computed first, in
+    ``jobs`` worker processes when ``jobs > 1`` (:func:`precompute_runs`).
+    """
+    precompute_runs([spec], cache_dir, device, recompute, jobs)
+    result: dict[str, list] = {}
+    for job in spec.jobs(device):
+        runs, retrained = cached_runs(cache_dir, job_key(job), job,
+                                      lambda job=job: _execute(job, True, cache_dir, recompute), recompute)
+        result.setdefault(job["source"], []).append((runs[job["source"]], retrained[job["source"]]))
+    return result
+
+
+def flatten_seeds(seeded: dict[str, list[tuple[dict, dict]]], seeds) -> tuple[dict, dict]:
+    """``{source: [per seed]}`` -> ``({"source/seed<k>": runs}, {"source/seed<k>": retrained})`` for :func:`save_runs`."""
+    runs, retrained = {}, {}
+    for source, per_seed in seeded.items():
+        for seed, (trajectories, levels) in zip(seeds, per_seed):
+            runs[f"{source}/seed{seed}"], retrained[f"{source}/seed{seed}"] = trajectories, levels
+    return runs, retrained
+
+
+def by_source(runs: dict[str, dict], retrained: dict[str, dict]) -> dict[str, list[tuple[str, dict, dict]]]:
+    """Group ``"[prefix:]source/seed<k>"`` keys back: ``{[prefix:]source: [(seed key, runs, retrained), ...]}``."""
+    grouped: dict[str, list] = {}
+    for key, trajectories in runs.items():
+        grouped.setdefault(key.split("/seed")[0], []).append((key, trajectories, retrained[key]))
+    return grouped
+
+
+def ordered_sources(names) -> list[str]:
+    """Distinct source names in plot order (``SOURCE_ORDER``, unknown ones last)."""
+    order = {name: index for index, name in enumerate(SOURCE_ORDER)}
+    return sorted(dict.fromkeys(names), key=lambda name: order.get(name, len(order)))

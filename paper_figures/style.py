@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import matplotlib
+import matplotlib.pyplot as plt
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-
-from markovsim.results import atomic_output  # noqa: E402
+from markovsim.results import atomic_output
 
 COMPONENT_COLORS = {"retain": "#2ca02c", "forget1": "#9467bd", "forget2": "#8c564b"}
 

@@ -1,27 +1,43 @@
 """The transformer side of the shared figures: the same scenario, data and objectives on a real LM.
 
-For a scenario: sample its data (the simulator's ``MixtureSpec``, same seed), pre-train a
-transformer on the pre-training components, retrain a fresh one on retain only, then unlearn each
-method from a copy of the pre-trained model with ``llm.unlearn``, evaluating on the scenario's test
-sets with the simulator's metrics (KL from the true chains, to the retrained and reference models).
+For a scenario and a seed: sample its data (the simulator's ``MixtureSpec`` with that seed, so the
+simulator sees the same sequences), pre-train a transformer on the pre-training components,
+retrain a fresh one on retain only, then unlearn each method from a copy of the pre-trained model
+with ``llm.unlearn``, evaluating after every step on the scenario's test sets with the simulator's
+metrics (KL from the true chains, to the retrained and reference models).
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 
 import numpy as np
 
 from markovsim.scenarios import SCENARIOS
 
+# Initialisation seed offset of the retrained model (the reference uses the run's seed itself).
+RETRAINED_SEED_OFFSET = 1000
+
 
 @dataclass(frozen=True)
 class TransformerSettings:
-    """Paper setup (THEORY.md section 5): paper-gpt2, 5 epochs batch 128 lr 5e-4; unlearning batch 4, lr 5e-4."""
+    """The paper's synthetic setup (docs/theory.md, "The paper's synthetic experiment") by default.
 
-    preset: str = "paper-gpt2"
+    Pre-training and retraining: 5 epochs, batch 128, lr 5e-4. Unlearning: 50 steps of 4 forget
+    sequences, lr 5e-4, evaluated after every step. Optimiser: the legacy ``transformers.AdamW``
+    (``adamw_legacy``, eps 1e-6, no weight decay), no gradient clipping. ``seed`` sets the data,
+    the initialisations (reference: seed, retrained: seed + 1000) and the batch order.
+    ``diagnostics_max_sequences``: the forget-weight / power-share subsample per component.
+    """
+
+    preset: str = "paper-synthetic"
     pretrain_epochs: float = 5.0
     pretrain_batch_size: int = 128
     pretrain_learning_rate: float = 5e-4
@@ -29,13 +45,74 @@ class TransformerSettings:
     unlearn_batch_size: int = 4
     unlearn_learning_rate: float = 5e-4
     eval_every: int = 1
+    optimizer: str = "adamw_legacy"
+    adam_eps: float = 1e-6
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = None
+    diagnostics_max_sequences: int | None = 256
     seed: int = 0
 
 
-def transformer_runs(scenario_name: str, scale: float, settings: TransformerSettings, device: str = "cpu",
-                     methods=None):
-    """Returns ``({"transformer": {method: Trajectory}}, {"transformer": {component: retrained kl_true}})``."""
-    from llm import Evaluator, TrainConfig, build_model, pretrain, retrain, unlearn
+def _train_configs(settings: TransformerSettings, device: str, progress: bool):
+    from llm import TrainConfig
+
+    common = dict(device=device, progress=progress, num_threads=1 if device == "cpu" else None,
+                  optimizer=settings.optimizer, adam_eps=settings.adam_eps, weight_decay=settings.weight_decay,
+                  max_grad_norm=settings.max_grad_norm, seed=settings.seed)
+    pretraining = TrainConfig(learning_rate=settings.pretrain_learning_rate, batch_size=settings.pretrain_batch_size,
+                              epochs=settings.pretrain_epochs, **common)
+    unlearning = TrainConfig(learning_rate=settings.unlearn_learning_rate, batch_size=settings.unlearn_batch_size,
+                             steps=settings.unlearn_steps, eval_every=settings.eval_every,
+                             diagnostics_max_sequences=settings.diagnostics_max_sequences, **common)
+    return pretraining, unlearning
+
+
+@dataclass(frozen=True)
+class TransformerSetup:
+    """One seed of a scenario on a transformer, ready to unlearn (the transformer's ``scenarios.Setup``)."""
+
+    scenario: object
+    forget: object
+    retain: object
+    reference: object
+    retrained: object
+    evaluator: object
+    retrained_kl: dict
+    unlearning_config: object
+
+
+_FRESH: set[str] = set()  # model folders (re)trained by this process (``recompute`` retrains each once)
+
+
+def _pretrained(preset: str, seed: int, sequences, config, vocab_size: int, max_length: int, folder: str | None,
+                recompute: bool = False):
+    """A model of ``preset`` pre-trained on ``sequences``; kept in ``folder`` (written atomically) and
+    loaded from there next time, unless ``recompute`` (then retrained once per process)."""
+    from llm import build_model, load_model, pretrain
+
+    if folder is not None and os.path.isfile(os.path.join(folder, "config.json")) and \
+            not (recompute and folder not in _FRESH):
+        return load_model(folder)
+    model = build_model(preset, vocab_size, max_length, seed=seed)
+    pretrain(model, sequences, config)
+    if folder is not None:
+        os.makedirs(os.path.dirname(folder), exist_ok=True)
+        temporary = tempfile.mkdtemp(dir=os.path.dirname(folder), prefix=".partial-")
+        model.save_pretrained(temporary)
+        shutil.rmtree(folder, ignore_errors=True)
+        os.replace(temporary, folder)
+        _FRESH.add(folder)
+    return model
+
+
+def prepare_transformer(scenario_name: str, scale: float, settings: TransformerSettings, device: str = "cpu",
+                        progress: bool = True, model_dir: str | None = None, recompute: bool = False) -> TransformerSetup:
+    """Sample the seed's data, pre-train the reference and retrain the retain-only model (or load them).
+
+    ``model_dir``: a folder where both models are kept under a hash of everything that determines
+    them (scenario, scale, preset, seed, pre-training settings, device), so figures share them.
+    """
+    from llm import Evaluator
 
     scenario = SCENARIOS[scenario_name].scaled(scale)
     spec = dataclasses.replace(scenario.spec, seed=settings.seed)
@@ -44,20 +121,32 @@ def transformer_runs(scenario_name: str, scale: float, settings: TransformerSett
     retain = train.select(*spec.names_where(role="retain"))
     pretraining = train.select(*spec.names_where(in_pretraining=True))
     vocab_size, max_length = spec.num_states + 1, train.max_length + 1
-    common = {"device": device, "progress": True, "num_threads": 1 if device == "cpu" else None}
-    pretraining_config = TrainConfig(learning_rate=settings.pretrain_learning_rate, batch_size=settings.pretrain_batch_size,
-                                     epochs=settings.pretrain_epochs, seed=settings.seed, **common)
-    reference = build_model(settings.preset, vocab_size, max_length, seed=settings.seed)
-    pretrain(reference, pretraining, pretraining_config)
-    retrained = build_model(settings.preset, vocab_size, max_length, seed=settings.seed + 1)
-    retrain(retrained, retain, pretraining_config)
+    pretraining_config, unlearning_config = _train_configs(settings, device, progress)
+    folder = None
+    if model_dir is not None:
+        identity = {"scenario": scenario_name, "scale": scale, "device": device, "preset": settings.preset,
+                    "seed": settings.seed, "pretraining": dataclasses.asdict(dataclasses.replace(pretraining_config,
+                                                                                                 progress=True))}
+        folder = os.path.join(model_dir, hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12])
+    reference = _pretrained(settings.preset, settings.seed, pretraining, pretraining_config, vocab_size, max_length,
+                            None if folder is None else os.path.join(folder, "reference"), recompute)
+    retrained = _pretrained(settings.preset, settings.seed + RETRAINED_SEED_OFFSET, retain, pretraining_config,
+                            vocab_size, max_length, None if folder is None else os.path.join(folder, "retrained"),
+                            recompute)
     evaluator = Evaluator(test, true_chains={c.name: c.chain for c in spec.components}, retrained=retrained,
-                          reference=reference)
+                          reference=reference, batch_size=unlearning_config.eval_batch_size)
     retrained_kl = dict(zip(evaluator.component_names, np.asarray(evaluator.evaluate(retrained)["kl_true"]).tolist()))
-    unlearning_config = TrainConfig(learning_rate=settings.unlearn_learning_rate, batch_size=settings.unlearn_batch_size,
-                                    steps=settings.unlearn_steps, eval_every=settings.eval_every, seed=settings.seed,
-                                    **common)
+    return TransformerSetup(scenario, forget, retain, reference, retrained, evaluator, retrained_kl, unlearning_config)
+
+
+def transformer_runs(scenario_name: str, scale: float, settings: TransformerSettings, device: str = "cpu",
+                     methods=None, progress: bool = True, model_dir: str | None = None, recompute: bool = False):
+    """One seed of a scenario on a transformer: ``({method: Trajectory}, {component: retrained kl_true})``."""
+    from llm import unlearn
+
+    setup = prepare_transformer(scenario_name, scale, settings, device, progress, model_dir, recompute)
     runs = {}
-    for method, objective in scenario.with_methods(methods or list(scenario.methods)).items():
-        runs[method] = unlearn(copy.deepcopy(reference), objective, forget, retain, unlearning_config, evaluator)
-    return {"transformer": runs}, {"transformer": retrained_kl}
+    for method, objective in setup.scenario.with_methods(methods or list(setup.scenario.methods)).items():
+        runs[method] = unlearn(copy.deepcopy(setup.reference), objective, setup.forget, setup.retain,
+                               setup.unlearning_config, setup.evaluator)
+    return runs, setup.retrained_kl

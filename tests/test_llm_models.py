@@ -15,7 +15,7 @@ def tiny_set(num_states=10, length=5, n=3):
     return SequenceSet(tokens, np.full(n, length), np.zeros(n, dtype=np.int64), ("c",), num_states)
 
 
-@pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-llama", "paper-gpt2"])
+@pytest.mark.parametrize("preset", ["tiny-gpt2", "tiny-llama", "gpt2-4x128", "paper-synthetic", "tiny-synthetic"])
 def test_preset_builds_and_predicts_every_token(preset):
     model = build_model(preset, vocab_size=11, max_length=21, seed=0)
     logits = model(input_ids=torch.randint(0, 11, (2, 6)), use_cache=False).logits
@@ -23,8 +23,8 @@ def test_preset_builds_and_predicts_every_token(preset):
     assert vocabulary_size(model) == 11 and context_length(model) == 21
 
 
-def test_paper_gpt2_matches_the_paper_architecture():
-    config = build_config("paper-gpt2", 11, 21)
+def test_gpt2_4x128_is_a_gpt2_of_the_papers_size():
+    config = build_config("gpt2-4x128", 11, 21)
     assert (config.n_layer, config.n_head, config.n_embd) == (4, 4, 128)
     assert config.resid_pdrop == config.embd_pdrop == config.attn_pdrop == 0.0
     assert config.bos_token_id == config.pad_token_id == 10
@@ -36,6 +36,11 @@ def test_gpt2_small_config_has_124m_parameters_with_the_gpt2_vocabulary():
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(build_config("gpt2-small", 50257, 1024))
     assert abs(count_parameters(model) - 124.4e6) < 0.5e6
+
+
+def test_the_old_preset_name_says_what_it_became():
+    with pytest.raises(ValueError, match="renamed.*gpt2-4x128.*paper-synthetic"):
+        build_model("paper-gpt2", 11, 21)
 
 
 def test_unknown_preset_lists_the_valid_ones():

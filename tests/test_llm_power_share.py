@@ -40,11 +40,11 @@ def test_power_share_on_the_bridged_tabular_model_equals_the_simulators(tabular_
     setup = tabular_setup
     objective, steps, learning_rate = OBJECTIVES[name], 4, 0.05
     exact = exact_unlearn(setup.reference, objective, setup.forget, setup.retain, setup.reference,
-                          DynamicsConfig(optimizer="adam", learning_rate=learning_rate, steps=steps, eval_every=1),
+                          DynamicsConfig(optimizer="adamw", learning_rate=learning_rate, steps=steps, eval_every=1),
                           evaluator=ExactEvaluator(setup.test, setup.reference, None, setup.true_chains))
     config = TrainConfig(learning_rate=learning_rate, batch_size=len(setup.forget), retain_batch_size=len(setup.retain),
                          steps=steps, eval_every=1, max_grad_norm=None, weight_decay=0.0, eval_batch_size=7,
-                         power_share_max_sequences=None, **CPU)
+                         diagnostics_max_sequences=None, **CPU)
     ours = unlearn(TabularCausalLM(setup.reference), objective, setup.forget, setup.retain, config,
                    evaluator=Evaluator(setup.test, setup.true_chains))
     assert ours.component_names == exact.component_names and np.array_equal(ours.steps, exact.steps)
@@ -62,7 +62,7 @@ def test_tracking_the_power_share_does_not_change_the_run(data, model_builder, n
     for track in (True, False):
         model = copy.deepcopy(start)
         config = TrainConfig(learning_rate=2e-3, batch_size=8, steps=4, eval_every=2, track_power_share=track,
-                             power_share_max_sequences=16, eval_batch_size=10, **CPU)
+                             diagnostics_max_sequences=16, eval_batch_size=10, **CPU)
         runs.append(unlearn(model, OBJECTIVES[name], data["forget"], data["retain"], config,
                             evaluator=Evaluator(data["test"], data["chains"])))
         models.append(model)
@@ -84,7 +84,7 @@ def test_subsampled_power_share_on_a_transformer_is_a_distribution_over_present_
                                                                                           with_retain):
     forget = data["forget"].select(*forget_names)
     retain = data["retain"] if with_retain else None
-    config = TrainConfig(learning_rate=2e-3, batch_size=8, steps=2, eval_every=1, power_share_max_sequences=12,
+    config = TrainConfig(learning_rate=2e-3, batch_size=8, steps=2, eval_every=1, diagnostics_max_sequences=12,
                          eval_batch_size=5, **CPU)
     trajectory = unlearn(build_model("tiny-gpt2", 11, 21, seed=0), OBJECTIVES[name], forget, retain, config,
                          evaluator=Evaluator(data["test"], data["chains"]))
@@ -101,14 +101,14 @@ def test_subsampled_power_share_on_a_transformer_is_a_distribution_over_present_
 def test_a_subsample_at_least_as_large_as_the_data_gives_the_exact_share(data):
     shares = []
     for limit in (None, 10_000):
-        config = TrainConfig(learning_rate=2e-3, batch_size=8, steps=2, eval_every=1, power_share_max_sequences=limit,
+        config = TrainConfig(learning_rate=2e-3, batch_size=8, steps=2, eval_every=1, diagnostics_max_sequences=limit,
                              eval_batch_size=64, **CPU)
         trajectory = unlearn(build_model("tiny-gpt2", 11, 21, seed=0), OBJECTIVES["NPO+RT"], data["forget"],
                              data["retain"], config)
         shares.append(trajectory.component_metrics["power_share"])
     np.testing.assert_allclose(shares[0], shares[1], rtol=1e-5)
-    with pytest.raises(ValueError, match="power_share_max_sequences"):
-        TrainConfig(power_share_max_sequences=0)
+    with pytest.raises(ValueError, match="diagnostics_max_sequences"):
+        TrainConfig(diagnostics_max_sequences=0)
 
 
 def test_subsampled_components_are_scaled_to_estimate_the_full_set_sum(tabular_setup):
@@ -122,7 +122,7 @@ def test_subsampled_components_are_scaled_to_estimate_the_full_set_sum(tabular_s
     assert forget.component_counts()["forget1"] == 20
     shares = {}
     for limit in (None, 8):
-        config = TrainConfig(learning_rate=0.05, batch_size=8, steps=0, power_share_max_sequences=limit, **CPU)
+        config = TrainConfig(learning_rate=0.05, batch_size=8, steps=0, diagnostics_max_sequences=limit, **CPU)
         trajectory = unlearn(TabularCausalLM(setup.reference), OBJECTIVES["GA"], forget, None, config,
                              evaluator=Evaluator(setup.test, setup.true_chains))
         shares[limit] = trajectory.component_metrics["power_share"][0]

@@ -1,4 +1,4 @@
-"""Tests of markovsim.losses against independent references (THEORY.md sections 1-3), float64."""
+"""Tests of markovsim.losses against independent references (docs/theory.md, "Forget losses and their gradient weights"), float64."""
 
 from __future__ import annotations
 
@@ -293,7 +293,7 @@ def test_mask_may_be_bool_int_or_float():
 
 
 # ---------------------------------------------------------------------------------------------
-# 8. Values equal a naive re-implementation of THEORY.md on Python floats
+# 8. Values equal a naive re-implementation of docs/theory.md on Python floats
 # ---------------------------------------------------------------------------------------------
 
 

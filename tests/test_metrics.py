@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from markovsim.chains import block_chains
-from markovsim.data import Component, MixtureSpec, SequenceSet
+from markovsim.data import Component, MixtureSpec
 from markovsim.metrics import component_kl, per_token_kl, population_kl
 from markovsim.models import MixtureOfChains, TabularMarkov
 from strategies import random_chain

@@ -9,10 +9,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from markovsim.chains import MarkovChain, block_chains
+from markovsim.chains import block_chains
 from markovsim.data import Component, MixtureSpec, SequenceSet
 from markovsim.models import MixtureOfChains, TabularMarkov
-from strategies import chains, mixture_specs, random_chain
+from strategies import mixture_specs, random_chain
 
 
 def all_sequences(num_states, length):

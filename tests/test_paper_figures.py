@@ -29,7 +29,7 @@ def test_manifest_lists_exactly_the_figures(tiny_output):
     assert [entry["name"] for entry in manifest["figures"]] == list(FIGURES)
     produced = sorted(p for p in os.listdir(tiny_output) if p.endswith((".png", ".pdf")))
     listed = sorted(f for entry in manifest["figures"] for f in entry["files"])
-    assert produced == listed
+    assert produced == sorted(f for f in listed if f.endswith((".png", ".pdf")))
     assert manifest["package_version"] and all(entry["config"] for entry in manifest["figures"])
 
 
@@ -47,8 +47,8 @@ def without_timings(document):
 
 def test_recompute_with_same_seed_gives_identical_cache(tiny_output, tmp_path):
     assert main(["--scale", "tiny", "--device", "cpu", "--output", str(tmp_path), "--recompute"]) == 0
-    caches = sorted(p.name for p in (tiny_output / "cache").iterdir())
-    assert caches == sorted(p.name for p in (tmp_path / "cache").iterdir())
+    caches = sorted(p.name for p in (tiny_output / "cache").iterdir() if p.is_file())  # models/ holds checkpoints
+    assert caches == sorted(p.name for p in (tmp_path / "cache").iterdir() if p.is_file())
     for name in caches:
         first, second = tiny_output / "cache" / name, tmp_path / "cache" / name
         if name.endswith(".json"):
@@ -74,3 +74,71 @@ def test_cache_is_reused_unless_recompute(tmp_path):
 def test_unknown_figure_is_rejected():
     with pytest.raises(SystemExit):
         main(["--only", "no_such_figure"])
+
+
+def _first_reach(retain, forget, level):
+    """Independent reference: walk the evaluations until forget >= level; interpolate retain there."""
+    for e in range(len(forget)):
+        if forget[e] >= level:
+            if e == 0:
+                return retain[0], 0.0
+            fraction = (level - forget[e - 1]) / (forget[e] - forget[e - 1])
+            return retain[e - 1] + fraction * (retain[e] - retain[e - 1]), e - 1 + fraction
+    return None, None
+
+
+def test_tradeoff_table_holds_the_numbers_the_figure_plots(tiny_output):
+    from paper_figures.markov_tradeoff import table_markdown
+    from paper_figures.runs import by_source, load_runs
+
+    runs, retrained, document = load_runs(str(tiny_output / "cache" / "markov_tradeoff_tiny"))
+    table = {(r["case"], r["source"], r["method"], r["component"]): r for r in document["table"]}
+    grouped = by_source(runs, retrained)
+    assert len(table) == sum(2 * len(per_seed[0][1]) for per_seed in grouped.values())
+    for key, per_seed in grouped.items():
+        case, source = key.split(":")
+        for method in per_seed[0][1]:
+            for component in ("forget1", "forget2"):
+                reached = [_first_reach(t[method].metric("kl_true", "retain"), t[method].metric("kl_true", component),
+                                        levels[component]) for _, t, levels in per_seed]
+                reached = [r for r in reached if r[0] is not None]
+                row = table[(case, source, method, component)]
+                assert row["reached"] == len(reached) and row["seeds"] == len(per_seed)
+                if reached:
+                    assert row["retain_kl_mean"] == pytest.approx(np.mean([r[0] for r in reached]), rel=1e-12)
+                    assert row["step_mean"] == pytest.approx(np.mean([r[1] for r in reached]), rel=1e-12, abs=1e-12)
+                else:
+                    assert row["retain_kl_mean"] is None
+    assert (tiny_output / "markov_tradeoff_table.md").read_text() == table_markdown(document["table"])
+
+
+def test_tradeoff_plot_draws_exactly_the_cached_trajectories(tiny_output, tmp_path, monkeypatch):
+    from paper_figures import markov_tradeoff
+    from paper_figures.runs import load_runs
+
+    stem = str(tiny_output / "cache" / "markov_tradeoff_tiny")
+    runs, _, _ = load_runs(stem)
+    drawn = []
+    original = markov_tradeoff.seed_band_axes
+    monkeypatch.setattr(markov_tradeoff, "seed_band_axes",
+                        lambda axis, xs, ys, *a, **k: drawn.append((xs, ys)) or original(axis, xs, ys, *a, **k))
+    markov_tradeoff.plot(stem, str(tmp_path / "again"))
+    expected = []
+    for key, trajectories in runs.items():
+        for method, trajectory in trajectories.items():
+            for component in ("forget1", "forget2"):
+                expected.append((key.split("/seed")[0], method, component))
+    assert len(drawn) == 2 * len({e for e in expected})  # zoomed and whole panel, per seed group
+    pool = {}
+    for key, trajectories in runs.items():
+        for method, trajectory in trajectories.items():
+            for component in ("forget1", "forget2"):
+                pool.setdefault((key.split("/seed")[0], method, component), []).append(
+                    (trajectory.metric("kl_true", "retain"), trajectory.metric("kl_true", component)))
+    remaining = [pair for pairs in pool.values() for pair in [pairs, pairs]]
+    for xs, ys in drawn:
+        match = next(i for i, pairs in enumerate(remaining)
+                     if len(pairs) == len(xs) and all(np.array_equal(a, x) and np.array_equal(b, y)
+                                                      for (a, b), x, y in zip(pairs, xs, ys)))
+        remaining.pop(match)
+    assert not remaining

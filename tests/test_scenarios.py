@@ -22,7 +22,7 @@ USER_SPEC = {
                    {"name": "forget_new", "chain": "custom", "length": 3, "num_train": 10, "num_test": 4,
                     "role": "forget", "in_pretraining": False}],
     "methods": {"NPO": {"beta": 0.5}, "SimNPO": {"beta": 2.0}},
-    "dynamics": {"optimizer": "adam", "learning_rate": 0.05, "steps": 3},
+    "dynamics": {"optimizer": "adamw", "learning_rate": 0.05, "steps": 3},
 }
 
 
@@ -69,7 +69,7 @@ def test_user_scenario_from_dict_and_json(tmp_path):
     (lambda d: d["components"][0].update(length=1), "length"),
     (lambda d: d.update(methods={"NOPE": {}}), "valid names"),
     (lambda d: d.update(methods={"NPO": {"beta": -1}}), "beta"),
-    (lambda d: d.update(dynamics={"optimiser": "adam"}), "dynamics"),
+    (lambda d: d.update(dynamics={"optimiser": "adamw"}), "dynamics"),
     (lambda d: d.update(dynamics={"optimizer": "lbfgs"}), "optimizer"),
 ])
 def test_bad_user_specs_raise_value_error(mutate, match):

@@ -1,0 +1,123 @@
+"""The two Adam update rules that unlearning results depend on, shared by the simulator and ``llm``.
+
+With gradient g_t, moments m_t = b1 m_{t-1} + (1 - b1) g_t and v_t = b2 v_{t-1} + (1 - b2) g_t^2,
+learning rate lr, decoupled weight decay wd (docs/theory.md, "Adam, eps and small gradient weights"):
+
+``adamw`` (``torch.optim.AdamW``, eps = 1e-8 by default)::
+
+    p <- p (1 - lr wd)
+    p <- p - lr * (m_t / (1 - b1^t)) / (sqrt(v_t / (1 - b2^t)) + eps)
+
+``adamw_legacy`` (the ``transformers.AdamW`` class that transformers 5 removed, imported by the
+official SimNPO synthetic code; eps = 1e-6 and wd = 0 by default)::
+
+    p <- p - lr * sqrt(1 - b2^t) / (1 - b1^t) * m_t / (sqrt(v_t) + eps)
+    p <- p (1 - lr wd)                               (after the step, on the updated p)
+
+The two agree except where eps enters: the legacy rule adds eps to the UNcorrected sqrt(v_t), which
+in the ``adamw`` formula is an effective eps of ``eps / sqrt(1 - b2^t)`` (:func:`effective_eps`):
+about 3.2e-5 at t = 1 and 4.5e-6 at t = 50 for eps = 1e-6, b2 = 0.999. Gradients comparable to
+that (SimNPO's weights in the sigmoid's tail) are damped by the legacy rule and not by ``adamw``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+__all__ = ["ADAM_RULES", "ADAM_DEFAULTS", "AdamState", "adam_update", "effective_eps", "LegacyAdamW",
+           "build_torch_optimizer"]
+
+ADAM_RULES = ("adamw", "adamw_legacy")
+# Each rule's own defaults (eps, weight_decay), for settings that reproduce a published setup.
+ADAM_DEFAULTS = {"adamw": {"eps": 1e-8, "weight_decay": 0.01}, "adamw_legacy": {"eps": 1e-6, "weight_decay": 0.0}}
+
+
+class AdamState:
+    """First and second moments of one tensor and the step count (the rule's whole state)."""
+
+    __slots__ = ("exp_avg", "exp_avg_sq", "step")
+
+    def __init__(self, like: torch.Tensor):
+        self.exp_avg = torch.zeros_like(like)
+        self.exp_avg_sq = torch.zeros_like(like)
+        self.step = 0
+
+
+def _check_rule(rule: str) -> str:
+    if rule not in ADAM_RULES:
+        raise ValueError(f"Adam rule must be one of {ADAM_RULES}, got {rule!r}")
+    return rule
+
+
+def adam_update(rule: str, param: torch.Tensor, grad: torch.Tensor, state: AdamState, learning_rate: float,
+                betas: tuple[float, float], eps: float, weight_decay: float) -> torch.Tensor:
+    """One step of ``rule`` on ``param`` (any shape); updates ``state`` in place, returns the new parameter.
+
+    ``param`` itself is not modified (the simulator keeps parameters immutable); see the module
+    docstring for both formulas.
+    """
+    beta1, beta2 = betas
+    state.step += 1
+    state.exp_avg = beta1 * state.exp_avg + (1 - beta1) * grad
+    state.exp_avg_sq = beta2 * state.exp_avg_sq + (1 - beta2) * grad * grad
+    correction1, correction2 = 1 - beta1 ** state.step, 1 - beta2 ** state.step
+    if _check_rule(rule) == "adamw":
+        decayed = param * (1 - learning_rate * weight_decay)
+        return decayed - learning_rate * (state.exp_avg / correction1) / (torch.sqrt(state.exp_avg_sq / correction2) + eps)
+    step_size = learning_rate * math.sqrt(correction2) / correction1
+    stepped = param - step_size * state.exp_avg / (torch.sqrt(state.exp_avg_sq) + eps)
+    return stepped * (1 - learning_rate * weight_decay)
+
+
+def effective_eps(rule: str, eps: float, beta2: float, step: int) -> float:
+    """The eps of the ``adamw`` formula that reproduces ``rule`` at ``step`` (1-based): eps or eps / sqrt(1 - b2^t)."""
+    return eps if _check_rule(rule) == "adamw" else eps / math.sqrt(1 - beta2 ** step)
+
+
+class LegacyAdamW(torch.optim.Optimizer):
+    """``adamw_legacy`` as a ``torch.optim.Optimizer`` (the removed ``transformers.AdamW``, correct_bias=True).
+
+    Args:
+        params: parameters or parameter groups.
+        lr, betas, eps, weight_decay: as in ``transformers.AdamW`` (defaults 1e-3, (0.9, 0.999), 1e-6, 0).
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-6,
+                 weight_decay: float = 0.0):
+        if not (lr >= 0 and eps >= 0 and weight_decay >= 0 and all(0 <= b < 1 for b in betas)):
+            raise ValueError(f"LegacyAdamW needs lr, eps, weight_decay >= 0 and betas in [0, 1); got lr={lr}, "
+                             f"eps={eps}, weight_decay={weight_decay}, betas={betas}")
+        super().__init__(params, {"lr": lr, "betas": tuple(betas), "eps": eps, "weight_decay": weight_decay})
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], torch.Tensor] | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is None:
+                    continue
+                saved = self.state[param]
+                state = AdamState(param)
+                if saved:
+                    state.exp_avg, state.exp_avg_sq, state.step = saved["exp_avg"], saved["exp_avg_sq"], saved["step"]
+                param.copy_(adam_update("adamw_legacy", param, param.grad, state, group["lr"], group["betas"],
+                                        group["eps"], group["weight_decay"]))
+                saved.update(exp_avg=state.exp_avg, exp_avg_sq=state.exp_avg_sq, step=state.step)
+        return loss
+
+
+def build_torch_optimizer(rule: str, groups, learning_rate: float, betas: tuple[float, float], eps: float):
+    """A ``torch.optim`` optimizer for ``rule`` over parameter ``groups`` (each with its ``weight_decay``).
+
+    ``adamw`` is ``torch.optim.AdamW`` (its fused/foreach kernels; the tests check it equals
+    :func:`adam_update`), ``adamw_legacy`` is :class:`LegacyAdamW`.
+    """
+    if _check_rule(rule) == "adamw":
+        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps)
+    return LegacyAdamW(groups, lr=learning_rate, betas=betas, eps=eps)
