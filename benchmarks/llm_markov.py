@@ -1,10 +1,12 @@
-"""Benchmark: the paper's Markov experiment on a real transformer (``paper_short_forget2``, ``paper-gpt2``).
+"""Benchmark: the paper's Markov experiment on a transformer (``paper_short_forget2``, ``paper-synthetic``).
 
-Stages, each timed: sample the data; pre-train on retain + forget1 + forget2 (5 epochs, batch 128,
-lr 5e-4, token-mean cross-entropy on the full likelihood); retrain on retain only (same settings);
-cache the evaluation targets (true chains, retrained and reference predictives, exact models); then
-unlearn GA, NPO and SimNPO (50 iterations, forget batch 4, AdamW lr 5e-4, the scenario's beta: NPO
-0.2, SimNPO 4, gamma 0), evaluating every iteration on every test component. Prints the wall time
+Stages, each timed: sample the data; pre-train on retain + forget1 + forget2 (``llm.PAPER_PRETRAINING``:
+5 epochs, batch 128, lr 5e-4, the legacy transformers.AdamW, token-mean cross-entropy on the full
+likelihood); retrain on retain only (same settings); cache the evaluation targets (true chains,
+retrained and reference predictives, exact models); then unlearn GA, NPO and SimNPO
+(``llm.PAPER_UNLEARNING``: 50 iterations, forget batch 4, lr 5e-4; the scenario's beta: NPO 0.2,
+SimNPO 4, gamma 0), evaluating every iteration on every test component (``--preset gpt2-4x128`` for
+the GPT-2 of the same size). Prints the wall time
 per stage and the final per-component KLs (to the true chains and to the retrained transformer).
 
 On CUDA it also measures the unlearning step of ``gpt2-small`` (124M, GPT-2 vocabulary, bf16
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import platform
 import time
@@ -32,7 +35,7 @@ from markovsim.scenarios import SCENARIOS
 from llm.evaluate import Evaluator
 from llm.models import build_model, count_parameters
 from llm.runtime import resolve_device, use_bf16
-from llm.train import TrainConfig, pretrain, retrain, unlearn
+from llm.train import PAPER_PRETRAINING, PAPER_UNLEARNING, pretrain, retrain, unlearn
 
 # Dense bf16 tensor-core peaks (no sparsity), by substring of torch.cuda.get_device_name().
 BF16_PEAK_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
@@ -41,6 +44,7 @@ BF16_PEAK_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 3
 def parse_arguments(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--scale", type=float, default=1.0, help="fraction of the paper's 10000/5000/5000 sequences")
+    parser.add_argument("--preset", default="paper-synthetic", help="model preset (llm.models.PRESETS)")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     parser.add_argument("--methods", nargs="+", default=["GA", "NPO", "SimNPO"])
     parser.add_argument("--epochs", type=float, default=5.0)
@@ -70,23 +74,23 @@ def markov_experiment(arguments, device: str) -> dict:
     (scenario, train, test), sample_seconds = timed(lambda: scenario_data(arguments.scale))
     spec, timings = scenario.spec, {"sample data": sample_seconds}
     print(f"data: {len(train)} train / {len(test)} test sequences {train.component_counts()}")
-    training = TrainConfig(learning_rate=5e-4, batch_size=128, epochs=arguments.epochs, device=device, progress=False)
-    reference = build_model("paper-gpt2", 11, 21, seed=0)
+    training = dataclasses.replace(PAPER_PRETRAINING, epochs=arguments.epochs, device=device, progress=False)
+    reference = build_model(arguments.preset, 11, 21, seed=0)
     history, timings["pre-train"] = timed(lambda: pretrain(reference, train, training))
-    retrained = build_model("paper-gpt2", 11, 21, seed=1)
+    retrained = build_model(arguments.preset, 11, 21, seed=1)
     retrain_history, timings["retrain"] = timed(lambda: retrain(retrained, train.select("retain"), training))
-    print(f"paper-gpt2: {count_parameters(reference):,} parameters; pre-train {len(history.losses)} steps, "
+    print(f"{arguments.preset}: {count_parameters(reference):,} parameters; pre-train {len(history.losses)} steps, "
           f"final loss {history.losses[-1]:.4f}; retrain {len(retrain_history.losses)} steps, "
           f"final loss {retrain_history.losses[-1]:.4f}")
     exact = {"retrained": MixtureOfChains.from_components([c for c in spec.components if c.role == "retain"])}
     bf16 = use_bf16(device, "auto")
     evaluator, timings["evaluation targets"] = timed(lambda: Evaluator(
         test, {c.name: c.chain for c in spec.components}, retrained=retrained, reference=reference,
-        exact_models=exact, batch_size=1024, bf16=bf16))
+        exact_models=exact, bf16=bf16))
     start_metrics = {"reference": evaluator.evaluate(reference), "retrained": evaluator.evaluate(retrained)}
     forget, retain = train.select("forget1", "forget2"), train.select("retain")
-    unlearning = TrainConfig(learning_rate=5e-4, batch_size=4, steps=arguments.unlearn_steps,
-                             eval_every=arguments.eval_every, device=device, progress=False)
+    unlearning = dataclasses.replace(PAPER_UNLEARNING, steps=arguments.unlearn_steps, eval_every=arguments.eval_every,
+                                     device=device, progress=False)
     finals = {}
     for method, objective in scenario.with_methods(arguments.methods).items():
         trajectory, timings[f"unlearn {method}"] = timed(lambda: unlearn(

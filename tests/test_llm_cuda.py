@@ -25,7 +25,7 @@ GPU = dict(device="cuda", mixed_precision="bf16", progress=False)
 @pytest.fixture(scope="module")
 def setup():
     train, test = SCENARIOS["paper_short_forget2"].scaled(0.05).spec.sample()
-    model = build_model("paper-gpt2", 11, 21, seed=0)
+    model = build_model("paper-synthetic", 11, 21, seed=0)
     history = pretrain(model, train, TrainConfig(learning_rate=3e-3, batch_size=64, epochs=3, **GPU))
     return model, history, train
 
