@@ -87,11 +87,13 @@ def _first_reach(retain, forget, level):
     return None, None
 
 
-def test_tradeoff_table_holds_the_numbers_the_figure_plots(tiny_output):
+def _check_table_against_cache(stem: str, table_path) -> int:
+    """Recompute every reach row of a markov_tradeoff cache from its trajectories; compare with the cached
+    table and the written markdown. Returns the number of rows checked."""
     from paper_figures.markov_tradeoff import table_markdown
     from paper_figures.runs import by_source, load_runs
 
-    runs, retrained, document = load_runs(str(tiny_output / "cache" / "markov_tradeoff_tiny"))
+    runs, retrained, document = load_runs(stem)
     table = {(r["case"], r["source"], r["method"], r["component"]): r for r in document["table"]}
     grouped = by_source(runs, retrained)
     assert len(table) == sum(2 * len(per_seed[0][1]) for per_seed in grouped.values())
@@ -109,7 +111,21 @@ def test_tradeoff_table_holds_the_numbers_the_figure_plots(tiny_output):
                     assert row["step_mean"] == pytest.approx(np.mean([r[1] for r in reached]), rel=1e-12, abs=1e-12)
                 else:
                     assert row["retain_kl_mean"] is None
-    assert (tiny_output / "markov_tradeoff_table.md").read_text() == table_markdown(document["table"])
+    assert open(table_path).read() == table_markdown(document["table"])
+    return len(table)
+
+
+def test_tradeoff_table_holds_the_numbers_the_figure_plots(tiny_output):
+    _check_table_against_cache(str(tiny_output / "cache" / "markov_tradeoff_tiny"),
+                               tiny_output / "markov_tradeoff_table.md")
+
+
+def test_committed_paper_scale_table_holds_the_numbers_of_its_committed_cache():
+    """docs/figures/markov_tradeoff_table.md (the README's Fig. 5 table) against the paper-scale cache it came from."""
+    docs = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "figures")
+    rows = _check_table_against_cache(os.path.join(docs, "cache", "markov_tradeoff_paper"),
+                                      os.path.join(docs, "markov_tradeoff_table.md"))
+    assert rows == 2 * 4 * 3 * 2  # cases x sources x methods x forget components
 
 
 def test_tradeoff_plot_draws_exactly_the_cached_trajectories(tiny_output, tmp_path, monkeypatch):
