@@ -17,7 +17,7 @@ import numpy as np
 from .analysis import fit_divergence_rates, power_summary, value_at_progress
 from .data import atomic_save_npz
 from .dynamics import OPTIMIZERS, unlearn
-from .losses import OBJECTIVES
+from .objectives import OBJECTIVES
 from .results import atomic_output, atomic_write_json, metadata_block
 from .scenarios import MODEL_CLASSES, SCENARIOS, load_scenario, prepare
 

@@ -21,9 +21,9 @@ import torch
 from .chains import MarkovChain
 from .data import SequenceSet
 from .exact_gradients import ExactEvaluation, next_token_logprobs, objective_value, objective_value_and_gradient
-from .losses import Objective
+from .objectives import Objective
 from .metrics import true_next_token_probs
-from .models import TabularMarkov
+from .tabular import TabularMarkov
 from .optimizers import ADAM_RULES, AdamState, adam_update
 from .runtime import torch_threads
 from .trajectory import Trajectory

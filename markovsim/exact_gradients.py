@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from .data import SequenceSet
-from .losses import Objective, kl
+from .losses import kl
+from .objectives import Objective
 
 
 @dataclass(frozen=True)

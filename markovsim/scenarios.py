@@ -19,8 +19,9 @@ import numpy as np
 from .chains import MarkovChain, block_chains
 from .data import Component, MixtureSpec, SequenceSet
 from .dynamics import DynamicsConfig, Evaluator
-from .losses import OBJECTIVES, Objective, get_objective
-from .models import MixtureOfChains, TabularMarkov
+from .objectives import OBJECTIVES, Objective, get_objective
+from .mixture import MixtureOfChains
+from .tabular import TabularMarkov
 from .runtime import torch_threads
 
 PAPER_COUNTS = {"retain": 10000, "forget1": 5000, "forget2": 5000}

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .dynamics import unlearn
-from .losses import get_objective
+from .objectives import get_objective
 from .results import atomic_output
 from .runtime import torch_threads
 from .scenarios import Scenario, prepare

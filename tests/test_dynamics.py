@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from markovsim.dynamics import DynamicsConfig, gradient_flow, unlearn
-from markovsim.losses import OBJECTIVES, get_objective
+from markovsim.objectives import OBJECTIVES, get_objective
 from markovsim.metrics import component_kl
 from markovsim.scenarios import SCENARIOS, prepare
 from markovsim.trajectory import Trajectory

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from markovsim.chains import block_chains
 from markovsim.data import Component, MixtureSpec
 from markovsim.exact_gradients import next_token_logprobs, objective_value, objective_value_and_gradient
-from markovsim.losses import OBJECTIVES, Objective, get_objective
+from markovsim.objectives import OBJECTIVES, Objective, get_objective
 from markovsim.models import MixtureOfChains, TabularMarkov
 from strategies import random_chain
 

@@ -590,3 +590,15 @@ def test_integer_num_tokens_keep_float64():
         assert as_int.dtype == DTYPE and torch.equal(as_int, as_float)
         w_int = losses.gradient_weights(name, logps, torch.tensor([3, 7]), beta=2.5, gamma=0.1)
         assert w_int.dtype == DTYPE and torch.equal(w_int, weights(name, logps, None, T(3.0, 7.0), 2.5, 0.1))
+
+
+def test_moved_names_are_still_importable_from_their_old_modules():
+    """llm/ imports these from markovsim.losses and markovsim.models: the re-exports must stay."""
+    from markovsim import mixture, models, objectives, tabular
+    from markovsim.losses import OBJECTIVES, Objective, get_objective
+
+    assert (Objective, OBJECTIVES, get_objective) == (objectives.Objective, objectives.OBJECTIVES,
+                                                      objectives.get_objective)
+    assert (models.TabularMarkov, models.MixtureOfChains) == (tabular.TabularMarkov, mixture.MixtureOfChains)
+    with pytest.raises(AttributeError):
+        losses.no_such_name
