@@ -17,6 +17,7 @@ import numpy as np
 from .analysis import fit_divergence_rates, power_summary, value_at_progress
 from .data import atomic_save_npz
 from .dynamics import OPTIMIZERS, unlearn
+from .losses import USES_BETA
 from .objectives import OBJECTIVES
 from .results import atomic_output, atomic_write_json, metadata_block
 from .scenarios import MODEL_CLASSES, SCENARIOS, load_scenario, prepare
@@ -156,7 +157,7 @@ def _plot(runs, retrained, scenario, stem) -> None:
 
 def list_command() -> int:
     for name, scenario in SCENARIOS.items():
-        methods = ", ".join(f"{k} (beta {v.beta})" if v.forget in ("npo", "simnpo") else k for k, v in scenario.methods.items())
+        methods = ", ".join(f"{k} (beta {v.beta})" if v.forget in USES_BETA else k for k, v in scenario.methods.items())
         print(f"{name}\n  {textwrap.fill(scenario.question, 96, subsequent_indent='  ')}\n  methods: {methods}\n")
     return 0
 

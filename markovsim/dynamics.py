@@ -21,6 +21,7 @@ import torch
 from .chains import MarkovChain
 from .data import SequenceSet
 from .exact_gradients import ExactEvaluation, next_token_logprobs, objective_value, objective_value_and_gradient
+from .losses import NEEDS_REFERENCE
 from .objectives import Objective
 from .metrics import true_next_token_probs
 from .tabular import TabularMarkov
@@ -155,8 +156,8 @@ class Problem:
     @classmethod
     def build(cls, objective: Objective, forget: SequenceSet, retain: SequenceSet | None, reference) -> "Problem":
         with torch.no_grad():
-            forget_ref = reference.response_log_prob(forget) if objective.forget == "npo" else None
-            retain_ref = next_token_logprobs(reference, retain) if objective.retain == "kl" else None
+            forget_ref = reference.response_log_prob(forget) if objective.forget in NEEDS_REFERENCE else None
+            retain_ref = next_token_logprobs(reference, retain) if objective.retain in NEEDS_REFERENCE else None
         return cls(forget, retain, reference, forget_ref, retain_ref)
 
     def batch(self, rng: np.random.Generator | None, batch_size: int | None) -> tuple:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from .data import SequenceSet
-from .losses import kl
+from .losses import NEEDS_REFERENCE, kl
 from .objectives import Objective
 
 
@@ -66,10 +66,10 @@ def _check_inputs(objective: Objective, forget: SequenceSet, retain, forget_ref_
         raise ValueError("forget must be a non-empty SequenceSet")
     if objective.retain is not None and (not isinstance(retain, SequenceSet) or len(retain) == 0):
         raise ValueError(f"objective has retain term {objective.retain!r}: pass a non-empty retain SequenceSet")
-    if objective.forget == "npo" and forget_ref_logps is None:
-        raise ValueError("npo needs forget_ref_logps (the reference model's response_log_prob on the forget set)")
-    if objective.retain == "kl" and retain_ref_logprobs is None:
-        raise ValueError("a kl retain term needs retain_ref_logprobs (next_token_logprobs(reference, retain))")
+    if objective.forget in NEEDS_REFERENCE and forget_ref_logps is None:
+        raise ValueError(f"{objective.forget} needs forget_ref_logps (the reference model's response_log_prob on the forget set)")
+    if objective.retain in NEEDS_REFERENCE and retain_ref_logprobs is None:
+        raise ValueError(f"a {objective.retain} retain term needs retain_ref_logprobs (next_token_logprobs(reference, retain))")
 
 
 def objective_value(model, objective: Objective, forget: SequenceSet, retain: SequenceSet | None = None,

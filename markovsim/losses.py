@@ -51,6 +51,11 @@ __all__ = [
     "gradient_weights",
     "LOSSES",
     "RETAIN_TERMS",
+    "SEQUENCE_LOSSES",
+    "NEEDS_REFERENCE",
+    "USES_BETA",
+    "USES_GAMMA",
+    "USES_ALPHA",
     "Objective",
     "OBJECTIVES",
     "get_objective",
@@ -316,11 +321,11 @@ def _sequence_kwargs(name: str, available: dict) -> dict:
     """The keyword arguments ``name`` needs, taken from ``available``; missing ones -> ValueError."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; valid names: {sorted(LOSSES)}")
-    if name not in _SEQUENCE_ARGS:
+    if name not in SEQUENCE_LOSSES:
         raise ValueError(
             f"{name!r} is not a sequence-level-weight loss (dpo takes two responses per example; "
             f"wga weights each token); it is LLM-side only: call LOSSES[{name!r}] directly. "
-            f"Sequence-level losses: {sorted(_SEQUENCE_ARGS)}"
+            f"Sequence-level losses: {sorted(SEQUENCE_LOSSES)}"
         )
     missing = [arg for arg in _SEQUENCE_ARGS[name] if available.get(arg) is None]
     if missing:
@@ -376,6 +381,27 @@ LOSSES: dict[str, Callable[..., torch.Tensor]] = {
 }
 
 RETAIN_TERMS: dict[str, Callable[..., torch.Tensor]] = {"nll": nll, "kl": kl}
+
+# Loss traits: the one place that says which loss has which property (names of LOSSES / RETAIN_TERMS).
+# tests/test_losses.py checks each against the functions' behaviour.
+
+SEQUENCE_LOSSES: frozenset[str] = frozenset({"ga", "ga_sum", "npo", "simnpo"})
+"""Losses whose gradient is a per-sequence weight times d logp(y): d L / d theta = w(y) d logp_theta(y) / d theta.
+
+``gradient_weights`` accepts exactly these; dpo (two responses) and wga (a weight per token) have none."""
+
+NEEDS_REFERENCE: frozenset[str] = frozenset({"npo", "dpo", "kl"})
+"""Forget losses and retain terms that need the reference model pi_ref (its logps, or for kl its
+next-token log_probs)."""
+
+USES_BETA: frozenset[str] = frozenset({"npo", "simnpo", "dpo"})
+"""Losses with an inverse temperature ``beta`` (their value changes with it)."""
+
+USES_GAMMA: frozenset[str] = frozenset({"simnpo"})
+"""Losses with SimNPO's reward margin ``gamma``."""
+
+USES_ALPHA: frozenset[str] = frozenset({"wga"})
+"""Losses with WGA's weight exponent ``alpha``."""
 
 
 _MOVED_TO_OBJECTIVES = ("Objective", "OBJECTIVES", "get_objective")

@@ -11,7 +11,7 @@ import dataclasses
 
 import torch
 
-from .losses import LOSSES, RETAIN_TERMS, _sequence_kwargs, gradient_weights
+from .losses import LOSSES, NEEDS_REFERENCE, RETAIN_TERMS, _sequence_kwargs, gradient_weights
 from .tensor_checks import check_beta, check_number, check_tensor
 
 __all__ = ["Objective", "OBJECTIVES", "get_objective"]
@@ -53,8 +53,8 @@ class Objective:
 
     @property
     def needs_reference(self) -> bool:
-        """Whether the objective needs the reference model (npo, dpo, or a KL retain term)."""
-        return self.forget in ("npo", "dpo") or self.retain == "kl"
+        """Whether the objective needs the reference model (a forget loss or retain term in NEEDS_REFERENCE)."""
+        return self.forget in NEEDS_REFERENCE or self.retain in NEEDS_REFERENCE
 
     def forget_losses(
         self, logps: torch.Tensor, num_tokens: torch.Tensor, ref_logps: torch.Tensor | None = None

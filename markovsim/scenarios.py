@@ -19,6 +19,7 @@ import numpy as np
 from .chains import MarkovChain, block_chains
 from .data import Component, MixtureSpec, SequenceSet
 from .dynamics import DynamicsConfig, Evaluator
+from .losses import USES_BETA, USES_GAMMA
 from .objectives import OBJECTIVES, Objective, get_objective
 from .mixture import MixtureOfChains
 from .tabular import TabularMarkov
@@ -80,9 +81,9 @@ class Scenario:
         for name in names:
             base = self.methods.get(name) or get_objective(name)
             overrides = {}
-            if betas is not None and base.forget in ("npo", "simnpo"):
+            if betas is not None and base.forget in USES_BETA:
                 overrides["beta"] = float(betas[name] if isinstance(betas, Mapping) else betas)
-            if gammas is not None and base.forget == "simnpo":
+            if gammas is not None and base.forget in USES_GAMMA:
                 overrides["gamma"] = float(gammas)
             result[name] = dataclasses.replace(base, **overrides)
         return result

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from markovsim.losses import NEEDS_REFERENCE
 from markovsim.runtime import torch_threads
 
 from .cache import load_cache, save_cache
@@ -112,7 +113,7 @@ def _analyse(config: Config, preset: str, device: str, cache_dir: str, recompute
     model = setup.reference.cpu().eval()
     objective = setup.scenario.methods[config.method]
     forget = encode(setup.forget, "response")
-    reference_logps = sequence_logps_batched(model, forget)[0] if objective.forget == "npo" else None
+    reference_logps = sequence_logps_batched(model, forget)[0] if objective.forget in NEEDS_REFERENCE else None
     columns = list(evaluator.component_names)
     retain, forget2 = columns.index("retain"), columns.index("forget2")
     base = evaluator.evaluate(model)["kl_true"]

@@ -14,7 +14,7 @@ from markovsim import losses
 import strategies as S  # tests/strategies.py (tests/ is on sys.path under pytest's rootdir insertion)
 
 DTYPE = torch.float64
-SEQUENCE_LOSSES = ["ga", "ga_sum", "npo", "simnpo"]
+SEQUENCE_LOSSES = sorted(losses.SEQUENCE_LOSSES)
 FAST = settings(max_examples=60, deadline=None)
 SLOW = settings(max_examples=25, deadline=None)
 
@@ -602,3 +602,66 @@ def test_moved_names_are_still_importable_from_their_old_modules():
     assert (models.TabularMarkov, models.MixtureOfChains) == (tabular.TabularMarkov, mixture.MixtureOfChains)
     with pytest.raises(AttributeError):
         losses.no_such_name
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss traits (SEQUENCE_LOSSES, NEEDS_REFERENCE, USES_BETA, USES_GAMMA, USES_ALPHA) against behaviour
+# ---------------------------------------------------------------------------------------------
+
+ALL_TERMS = {**losses.LOSSES, **losses.RETAIN_TERMS}
+
+
+def _trait_inputs(reference_changed: bool) -> dict:
+    """Every argument any loss or retain term takes, by parameter name; B = 3, T = 4, V = 5."""
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 4, 5, dtype=DTYPE, generator=generator)  # (B, T, V)
+    ref_logits = logits + (torch.randn(3, 4, 5, dtype=DTYPE, generator=generator) if reference_changed else 0.0)
+    logps = -torch.rand(3, dtype=DTYPE, generator=generator) * 5 - 1  # (B,)
+    shift = 0.7 if reference_changed else 0.0
+    return {
+        "logps": logps, "logps_w": logps - 0.5, "logps_l": logps,
+        "ref_logps": logps + shift, "ref_logps_w": logps - 0.5 - shift, "ref_logps_l": logps + shift,
+        "num_tokens": T(2.0, 3.0, 4.0),
+        "token_logps": torch.log_softmax(logits, -1)[..., 0],  # (B, T)
+        "mask": torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool),
+        "logprobs": torch.log_softmax(logits, -1), "ref_logprobs": torch.log_softmax(ref_logits, -1),
+        "beta": 0.5, "gamma": 0.3, "alpha": 0.5,
+    }
+
+
+def _call_term(name: str, reference_changed: bool = False, **hyperparameters) -> torch.Tensor:
+    """ALL_TERMS[name] called with the arguments its signature names (hyperparameters override)."""
+    function = ALL_TERMS[name]
+    available = _trait_inputs(reference_changed) | hyperparameters
+    return function(**{p: available[p] for p in inspect.signature(function).parameters})
+
+
+@pytest.mark.parametrize("name", sorted(ALL_TERMS))
+def test_needs_reference_matches_the_signature_and_the_value(name):
+    takes_reference = any(p.startswith("ref_") for p in inspect.signature(ALL_TERMS[name]).parameters)
+    assert takes_reference is (name in losses.NEEDS_REFERENCE)
+    if takes_reference:
+        assert not torch.allclose(_call_term(name), _call_term(name, reference_changed=True))
+
+
+@pytest.mark.parametrize("trait,hyperparameter,values", [
+    ("USES_BETA", "beta", (0.5, 2.0)), ("USES_GAMMA", "gamma", (0.0, 1.0)), ("USES_ALPHA", "alpha", (0.0, 2.0))])
+@pytest.mark.parametrize("name", sorted(ALL_TERMS))
+def test_hyperparameter_traits_match_the_value(name, trait, hyperparameter, values):
+    uses = name in getattr(losses, trait)
+    assert (hyperparameter in inspect.signature(ALL_TERMS[name]).parameters) is uses
+    if uses:
+        low, high = (_call_term(name, **{hyperparameter: v}) for v in values)
+        assert not torch.allclose(low, high)
+
+
+@pytest.mark.parametrize("name", sorted(ALL_TERMS))
+def test_sequence_losses_are_exactly_those_with_a_gradient_weight(name):
+    inputs = _trait_inputs(reference_changed=True)
+    arguments = dict(num_tokens=inputs["num_tokens"], ref_logps=inputs["ref_logps"], beta=0.5, gamma=0.3)
+    if name not in losses.SEQUENCE_LOSSES:
+        with pytest.raises(ValueError):
+            losses.gradient_weights(name, inputs["logps"], **arguments)
+        return
+    expected = autograd_weights(name, inputs["logps"], inputs["ref_logps"], inputs["num_tokens"], 0.5, 0.3)
+    assert torch.allclose(losses.gradient_weights(name, inputs["logps"], **arguments), expected)
