@@ -20,7 +20,7 @@ import torch
 
 from .chains import MarkovChain
 from .data import SequenceSet
-from .exact_gradients import ExactEvaluation, next_token_logprobs, objective_value, objective_value_and_gradient
+from .exact_gradients import ExactEvaluation, next_token_log_probs, objective_value, objective_value_and_gradient
 from .losses import NEEDS_REFERENCE
 from .objectives import Objective
 from .metrics import true_next_token_probs
@@ -138,7 +138,7 @@ class Evaluator:
                 else:
                     cross = self.membership @ (self.targets[metric] * log_model).sum((1, 2))  # (C,)
                 result[metric] = ((self.neg_entropy[metric] - cross) / self.component_tokens).numpy()
-            per_token = model.response_log_prob(self.test) / self.num_tokens  # (n,)
+            per_token = model.response_logps(self.test) / self.num_tokens  # (n,)
             result["logp_per_token"] = ((self.membership @ per_token) / self.component_sizes).numpy()
         return result
 
@@ -151,19 +151,19 @@ class Problem:
     retain: SequenceSet | None
     reference: object
     forget_ref_logps: torch.Tensor | None
-    retain_ref_logprobs: torch.Tensor | None
+    retain_ref_log_probs: torch.Tensor | None
 
     @classmethod
     def build(cls, objective: Objective, forget: SequenceSet, retain: SequenceSet | None, reference) -> "Problem":
         with torch.no_grad():
-            forget_ref = reference.response_log_prob(forget) if objective.forget in NEEDS_REFERENCE else None
-            retain_ref = next_token_logprobs(reference, retain) if objective.retain in NEEDS_REFERENCE else None
+            forget_ref = reference.response_logps(forget) if objective.forget in NEEDS_REFERENCE else None
+            retain_ref = next_token_log_probs(reference, retain) if objective.retain in NEEDS_REFERENCE else None
         return cls(forget, retain, reference, forget_ref, retain_ref)
 
     def batch(self, rng: np.random.Generator | None, batch_size: int | None) -> tuple:
         """The arguments of ``objective_value_and_gradient`` for a full batch or a sampled minibatch."""
         if batch_size is None or rng is None:
-            return (self.forget, self.retain, self.forget_ref_logps, self.retain_ref_logprobs)
+            return (self.forget, self.retain, self.forget_ref_logps, self.retain_ref_log_probs)
         forget_rows = rng.choice(len(self.forget), size=min(batch_size, len(self.forget)), replace=False)
         forget = self.forget.subset(forget_rows)
         forget_ref = None if self.forget_ref_logps is None else self.forget_ref_logps[forget_rows]
@@ -171,8 +171,8 @@ class Problem:
         if self.retain is not None:
             retain_rows = rng.choice(len(self.retain), size=min(batch_size, len(self.retain)), replace=False)
             retain = self.retain.subset(retain_rows)
-            if self.retain_ref_logprobs is not None:
-                retain_ref = self.retain_ref_logprobs[retain_rows][:, : retain.max_length - 1]
+            if self.retain_ref_log_probs is not None:
+                retain_ref = self.retain_ref_log_probs[retain_rows][:, : retain.max_length - 1]
         return (forget, retain, forget_ref, retain_ref)
 
 
@@ -205,7 +205,7 @@ def gradient_diagnostics(model, objective: Objective, problem: Problem, names: t
     forget_total = [torch.zeros_like(p) for p in model.parameters()]
     if present:
         rows = torch.stack([(ids == index).to(torch.float64) for _, index in present])  # (G, n_f)
-        parts = model.response_log_prob_gradient(problem.forget, rows * full.forget_weights * scale)  # each (G, ...)
+        parts = model.response_logps_gradient(problem.forget, rows * full.forget_weights * scale)  # each (G, ...)
         for group, (c, _) in enumerate(present):
             weights[c] = float((full.forget_weights * rows[group]).sum() / rows[group].sum())
             norms[c] = _norm([part[group] for part in parts])
@@ -248,7 +248,7 @@ def _evaluate_step(model, params, objective, batch, evaluate_gradient):
         return candidate, evaluate_gradient(candidate, objective, *batch), None
     except ValueError:
         with torch.no_grad():
-            if not bool(torch.isfinite(candidate.response_log_prob(batch[0])).all()):
+            if not bool(torch.isfinite(candidate.response_logps(batch[0])).all()):
                 return candidate, None, "forget log-likelihoods are NaN/inf"
         raise
 

@@ -39,6 +39,7 @@ from .tensor_checks import (
 )
 
 __all__ = [
+    "reduce_token_logps",
     "sequence_logps",
     "ga",
     "ga_sum",
@@ -68,8 +69,8 @@ __all__ = [
 # ---------------------------------------------------------------------------------------------
 
 
-def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequence log-likelihood and response length from per-token log-probs.
+def reduce_token_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence logps and response length from per-token logps (docs/theory.md, "Names").
 
     logps_b = sum_t mask_bt * token_logps_bt = logp_theta(y|x),  num_tokens_b = sum_t mask_bt = |y|.
 
@@ -92,6 +93,10 @@ def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch
     logps = torch.where(mask, token_logps, 0.0).sum(-1)  # (B,)
     num_tokens = mask.sum(-1).to(token_logps.dtype)  # (B,)
     return logps, num_tokens
+
+
+# Deprecated alias: llm/ imports it under this name (it collides with llm.logps.sequence_logps(model, batch)).
+sequence_logps = reduce_token_logps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,7 +248,7 @@ def nll(logps: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
     return -logps / num_tokens  # (B,)
 
 
-def kl(ref_logprobs: torch.Tensor, logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def kl(ref_log_probs: torch.Tensor, log_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Retain KL to the reference, per-sequence mean over response tokens (docs/theory.md, "Retain terms and objectives").
 
     kl(y) = (1/|y|) sum_{t in response} KL( pi_ref(.|ctx_t) || pi_theta(.|ctx_t) ),
@@ -255,27 +260,27 @@ def kl(ref_logprobs: torch.Tensor, logprobs: torch.Tensor, mask: torch.Tensor) -
     tokens only when all sequences have the same length.
 
     Args:
-        ref_logprobs: (B, T, V) reference log-probabilities over the vocabulary (may hold -inf).
-        logprobs: (B, T, V) current model log-probabilities (e.g. log_softmax of the logits).
+        ref_log_probs: (B, T, V) reference log-probabilities over the vocabulary (may hold -inf).
+        log_probs: (B, T, V) current model log-probabilities (e.g. log_softmax of the logits).
         mask: (B, T) bool or 0/1, True on response tokens; padding may hold any value.
 
     Returns: (B,) per-sequence mean token KL.
     """
-    check_float("ref_logprobs", ref_logprobs)
-    check_float("logprobs", logprobs)
-    if ref_logprobs.ndim != 3 or logprobs.shape != ref_logprobs.shape:
+    check_float("ref_log_probs", ref_log_probs)
+    check_float("log_probs", log_probs)
+    if ref_log_probs.ndim != 3 or log_probs.shape != ref_log_probs.shape:
         raise ValueError(
-            f"ref_logprobs and logprobs must both have shape (B, T, V), got "
-            f"{tuple(ref_logprobs.shape)} and {tuple(logprobs.shape)}"
+            f"ref_log_probs and log_probs must both have shape (B, T, V), got "
+            f"{tuple(ref_log_probs.shape)} and {tuple(log_probs.shape)}"
         )
-    mask = check_mask(mask, ref_logprobs.shape[:2])
-    check_token_values("ref_logprobs", ref_logprobs, mask, allow_neg_inf=True)
-    check_token_values("logprobs", logprobs, mask, allow_neg_inf=True)
+    mask = check_mask(mask, ref_log_probs.shape[:2])
+    check_token_values("ref_log_probs", ref_log_probs, mask, allow_neg_inf=True)
+    check_token_values("log_probs", log_probs, mask, allow_neg_inf=True)
     check_nonempty(mask)
-    ref_probs = ref_logprobs.exp()  # (B, T, V)
+    ref_probs = ref_log_probs.exp()  # (B, T, V)
     keep = mask[..., None] & (ref_probs > 0)  # (B, T, V) response tokens x reference support
     ref_probs = torch.where(keep, ref_probs, 0.0)  # (B, T, V)
-    log_ratio = torch.where(keep, ref_logprobs - logprobs, 0.0)  # (B, T, V)
+    log_ratio = torch.where(keep, ref_log_probs - log_probs, 0.0)  # (B, T, V)
     token_kl = (ref_probs * log_ratio).sum(-1)  # (B, T), 0 on padding
     return token_kl.sum(-1) / mask.sum(-1)  # (B,)
 

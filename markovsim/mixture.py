@@ -70,13 +70,13 @@ class MixtureOfChains:
         log_transitions = torch.log_softmax(self.transition_logits, -1).reshape(self.num_components, -1)  # (K, V*V)
         return self.prompt_log_joint(sequences) + counts @ log_transitions.T
 
-    def log_prob(self, sequences: SequenceSet) -> torch.Tensor:
+    def logps(self, sequences: SequenceSet) -> torch.Tensor:
         """Full log-likelihood ``logsumexp_k`` of :meth:`component_log_joint`, shape (n,)."""
         return torch.logsumexp(self.component_log_joint(sequences), dim=-1)
 
-    def response_log_prob(self, sequences: SequenceSet) -> torch.Tensor:
+    def response_logps(self, sequences: SequenceSet) -> torch.Tensor:
         """``log p(s_2..s_L | s_1) = log p(y) - log sum_k alpha_k mu_k(s_1)``, shape (n,)."""
-        return self.log_prob(sequences) - torch.logsumexp(self.prompt_log_joint(sequences), dim=-1)
+        return self.logps(sequences) - torch.logsumexp(self.prompt_log_joint(sequences), dim=-1)
 
     def posterior(self, sequences: SequenceSet) -> torch.Tensor:
         """Responsibilities ``r_k(y) = p(k | y)``, shape (n, K)."""
@@ -102,7 +102,7 @@ class MixtureOfChains:
         mask = torch.as_tensor(sequences.transition_mask)[..., None]
         return torch.log(self.next_token_probs(sequences).clamp_min(float(np.exp(LOG_FLOOR)))) * mask
 
-    def response_log_prob_gradient(self, sequences: SequenceSet, weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def response_logps_gradient(self, sequences: SequenceSet, weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Closed-form ``sum_y w_y d logp_resp(y) / d(weight_logits, initial_logits, transition_logits)``.
 
         With full-sequence responsibilities ``r = p(k | y)`` and prompt responsibilities
@@ -123,6 +123,11 @@ class MixtureOfChains:
         grad_transition = weighted - weighted.sum(-1, keepdim=True) * torch.softmax(self.transition_logits, -1)
         result = (delta.sum(1), grad_initial, grad_transition)  # (G, K), (G, K, V), (G, K, V, V)
         return result if weights.ndim == 2 else tuple(g[0] for g in result)
+
+    # Deprecated names (before the docs/theory.md "Names" glossary); kept so existing callers work.
+    log_prob = logps
+    response_log_prob = response_logps
+    response_log_prob_gradient = response_logps_gradient
 
     def predictive_kl_gradient(self, sequences: SequenceSet, target_probs: torch.Tensor,
                                token_weights: torch.Tensor) -> tuple[torch.Tensor, ...]:

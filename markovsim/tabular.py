@@ -109,12 +109,12 @@ class TabularMarkov:
     def transition_log_probs(self) -> torch.Tensor:
         return torch.log_softmax(self.transition_logits, dim=-1)  # (V, V)
 
-    def log_prob(self, sequences: SequenceSet) -> torch.Tensor:
+    def logps(self, sequences: SequenceSet) -> torch.Tensor:
         """``logp(y) = <c_y, log softmax(b)> + <C_y, log softmax_rows(A)>``, shape (n,)."""
         onehots, _ = _check_sequences(sequences, self.num_states).statistics_tensors()
-        return onehots @ self.initial_log_probs() + self.response_log_prob(sequences)
+        return onehots @ self.initial_log_probs() + self.response_logps(sequences)
 
-    def response_log_prob(self, sequences: SequenceSet) -> torch.Tensor:
+    def response_logps(self, sequences: SequenceSet) -> torch.Tensor:
         """Response log-likelihood ``<C_y, log softmax_rows(A)>`` (prompt ``s_1`` excluded), shape (n,)."""
         _, counts = _check_sequences(sequences, self.num_states).statistics_tensors()  # (n, V*V)
         return counts @ self.transition_log_probs().reshape(-1)
@@ -130,7 +130,7 @@ class TabularMarkov:
         current, _, mask = _gather_positions(_check_sequences(sequences, self.num_states))
         return self.transition_log_probs()[current] * mask[..., None]  # (n, T-1, V)
 
-    def response_log_prob_gradient(self, sequences: SequenceSet, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def response_logps_gradient(self, sequences: SequenceSet, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Closed-form ``sum_y w_y d logp_resp(y) / d(b, A)`` (docs/theory.md, "Mixtures of Markov chains").
 
         ``d logp_resp / dA = C_y - diag(n_y) softmax_rows(A)`` and ``d logp_resp / db = 0``.
@@ -149,6 +149,11 @@ class TabularMarkov:
         gradient = weighted - visits * torch.softmax(self.transition_logits, dim=-1)
         initial = torch.zeros(len(grouped), self.num_states, dtype=torch.float64)
         return (initial, gradient) if weights.ndim == 2 else (initial[0], gradient[0])
+
+    # Deprecated names (before the docs/theory.md "Names" glossary); kept so existing callers work.
+    log_prob = logps
+    response_log_prob = response_logps
+    response_log_prob_gradient = response_logps_gradient
 
     def predictive_kl_gradient(self, sequences: SequenceSet, target_probs: torch.Tensor,
                                token_weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,10 +27,10 @@ def test_sequence_logps_of_the_wrapped_tabular_model_is_its_exact_likelihood(spe
     model = TabularCausalLM(tabular)
     everything = np.arange(len(train))
     logps, num_tokens = sequence_logps(model, encode(train, "response").batch(everything))
-    torch.testing.assert_close(logps, tabular.response_log_prob(train), rtol=0, atol=1e-12)
+    torch.testing.assert_close(logps, tabular.response_logps(train), rtol=0, atol=1e-12)
     assert np.array_equal(num_tokens.numpy(), train.num_tokens)
     full, _ = sequence_logps(model, encode(train, "all").batch(everything))
-    torch.testing.assert_close(full, tabular.log_prob(train), rtol=0, atol=1e-12)
+    torch.testing.assert_close(full, tabular.logps(train), rtol=0, atol=1e-12)
 
 
 def test_gradients_of_the_bridge_equal_the_closed_form():
@@ -40,7 +40,7 @@ def test_gradients_of_the_bridge_equal_the_closed_form():
     weights = torch.linspace(0.1, 1.0, len(train), dtype=torch.float64)
     logps, _ = sequence_logps(model, encode(train).batch(np.arange(len(train))))
     (weights * logps).sum().backward()
-    _, expected = tabular.response_log_prob_gradient(train, weights)
+    _, expected = tabular.response_logps_gradient(train, weights)
     torch.testing.assert_close(model.transition_logits.grad, expected, rtol=1e-10, atol=1e-12)
 
 
