@@ -19,69 +19,43 @@ import numpy as np
 import torch
 
 from .chains import MarkovChain
+from .config import OPTIMIZERS as OPTIMIZERS  # re-exported: the simulator's optimizer names
+from .config import RunSettings, check_integer, divergence_reason, setting
 from .data import SequenceSet
 from .exact_gradients import ExactEvaluation, next_token_log_probs, objective_value, objective_value_and_gradient
 from .losses import NEEDS_REFERENCE
 from .objectives import Objective
 from .metrics import true_next_token_probs
 from .tabular import TabularMarkov
-from .optimizers import ADAM_RULES, AdamState, adam_update
+from .optimizers import AdamState, adam_update
 from .runtime import torch_threads
 from .trajectory import Trajectory
-from .validation import check_int
 
-OPTIMIZERS = ("gd",) + ADAM_RULES
 GRADIENTS = ("closed_form", "autograd")
 
 
 @dataclass(frozen=True)
-class DynamicsConfig:
-    """How to run unlearning.
+class DynamicsConfig(RunSettings):
+    """How to run unlearning in the simulator: the shared :class:`~markovsim.config.RunSettings`
+    (optimizer, learning_rate, adam_betas, adam_eps, weight_decay, max_grad_norm, seed, progress,
+    divergence_logp_per_token) plus the fields below. Keyword construction only.
 
-    Attributes:
-        optimizer: ``"gd"`` (theta -= lr g), ``"adamw"`` (torch's AdamW formula) or
-            ``"adamw_legacy"`` (the removed ``transformers.AdamW`` of the paper's code); both Adam
-            rules are in :mod:`markovsim.optimizers` (docs/theory.md, "Adam, eps and small gradient weights").
-        learning_rate: step size (> 0).
-        steps: optimisation steps.
-        eval_every: evaluate every this many steps (and always at step 0 and the last step).
-        batch_size: forget (and retain) sequences per step; None = the exact full batch.
-        seed: seeds the minibatch sampler (unused with full batches).
-        adam_betas, adam_eps, weight_decay: Adam's settings.
-        divergence_logp_per_token: stop once the forget batch's mean log-likelihood per token falls
-            below this (the model has put essentially zero mass on forget data).
-        gradient: ``"closed_form"`` (default) or ``"autograd"`` (the oracle; same numbers, slower).
+    The Adam rules are in :mod:`markovsim.optimizers` (docs/theory.md, "Adam, eps and small gradient
+    weights"); ``seed`` seeds the minibatch sampler (unused with full batches).
     """
 
-    optimizer: str = "adamw"
-    learning_rate: float = 0.05
-    steps: int = 50
-    eval_every: int = 1
-    batch_size: int | None = None
-    seed: int = 0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    weight_decay: float = 0.0
-    divergence_logp_per_token: float = -50.0
-    gradient: str = "closed_form"
+    steps: int = setting(50, "optimisation steps, >= 0")
+    eval_every: int = setting(1, "evaluate every this many steps (and always at step 0 and the last step)")
+    batch_size: int | None = setting(None, "forget (and retain) sequences per step; None = the exact full batch")
+    gradient: str = setting("closed_form", "closed_form (default) or autograd (the oracle: same numbers, slower)")
 
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        super().__post_init__()
         if self.gradient not in GRADIENTS:
             raise ValueError(f"gradient must be one of {GRADIENTS}, got {self.gradient!r}")
-        if not (np.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
-        check_int(self.steps, "steps", 0)
-        check_int(self.eval_every, "eval_every", 1)
-        if self.batch_size is not None:
-            check_int(self.batch_size, "batch_size", 1)
-        if not (np.isfinite(self.adam_eps) and self.adam_eps > 0):
-            raise ValueError(f"adam_eps must be a finite number > 0, got {self.adam_eps}")
-        if not (0 <= self.adam_betas[0] < 1 and 0 <= self.adam_betas[1] < 1):
-            raise ValueError(f"adam_betas must lie in [0, 1), got {self.adam_betas}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
+        check_integer("steps", self.steps, 0)
+        check_integer("eval_every", self.eval_every, 1)
+        check_integer("batch_size", self.batch_size, 1, allow_none=True)
 
 
 class Evaluator:
@@ -233,10 +207,20 @@ class _Optimizer:
 
     def step(self, params, grads) -> tuple[torch.Tensor, ...]:
         c = self.config
+        grads = clip_by_global_norm(grads, c.max_grad_norm)
         if c.optimizer == "gd":
             return tuple(p - c.learning_rate * g for p, g in zip(params, grads))
         return tuple(adam_update(c.optimizer, p, g, state, c.learning_rate, c.adam_betas, c.adam_eps, c.weight_decay)
                      for p, g, state in zip(params, grads, self.states))
+
+
+def clip_by_global_norm(grads: tuple[torch.Tensor, ...], max_norm: float | None) -> tuple[torch.Tensor, ...]:
+    """``g * min(1, max_norm / ||g||)`` with ||g|| the norm over all tensors (torch's ``clip_grad_norm_``
+    rule, without its 1e-6 in the denominator); unchanged when ``max_norm`` is None."""
+    if max_norm is None:
+        return grads
+    norm = _norm(grads)
+    return grads if norm <= max_norm else tuple(g * (max_norm / norm) for g in grads)
 
 
 def _evaluate_step(model, params, objective, batch, evaluate_gradient):
@@ -253,20 +237,16 @@ def _evaluate_step(model, params, objective, batch, evaluate_gradient):
         raise
 
 
-def _divergence(evaluation: ExactEvaluation, num_tokens: torch.Tensor, threshold: float) -> str | None:
-    if not bool(torch.isfinite(evaluation.value)):
-        return f"objective is {float(evaluation.value)}"
-    if not all(bool(torch.isfinite(g).all()) for g in evaluation.gradients):
-        return "gradient has NaN/inf"
-    per_token = float((evaluation.forget_logps / num_tokens).mean())
-    if per_token < threshold:
-        return f"forget log-likelihood per token {per_token:.3g} fell below {threshold}"
-    return None
+def _divergence(evaluation: ExactEvaluation, num_tokens: torch.Tensor, threshold: float | None) -> str | None:
+    """:func:`markovsim.config.divergence_reason` of one step: the objective, ||g|| and the forget batch's
+    mean of logps / num_tokens."""
+    logp_per_token = float((evaluation.forget_logps / num_tokens).mean())
+    return divergence_reason(float(evaluation.value), logp_per_token, _norm(evaluation.gradients), threshold)
 
 
 def unlearn(model, objective: Objective, forget: SequenceSet, retain: SequenceSet | None, reference,
             config: DynamicsConfig = DynamicsConfig(), evaluator: Evaluator | None = None,
-            progress: bool = False) -> Trajectory:
+            progress: bool | None = None) -> Trajectory:
     """Run ``config.steps`` optimisation steps of ``objective`` from ``model``.
 
     Args:
@@ -274,13 +254,14 @@ def unlearn(model, objective: Objective, forget: SequenceSet, retain: SequenceSe
         forget, retain: training sequences (retain may be None for forget-only objectives).
         reference: the model before unlearning (NPO's pi_ref, the KL term's target).
         evaluator: test-set metrics; default evaluates on ``forget`` and ``retain`` themselves.
-        progress: show a tqdm bar.
+        progress: show progress; None = ``config.progress``.
     Returns:
         a :class:`Trajectory`; ``diverged_at`` is set if the run stopped early.
     """
     if not isinstance(config, DynamicsConfig):
         raise TypeError(f"config must be a DynamicsConfig, got {type(config).__name__}")
     with torch_threads(1):
+        progress = config.progress if progress is None else progress
         return _unlearn(model, objective, forget, retain, reference, config, evaluator, progress)
 
 
