@@ -13,23 +13,24 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 import torch
 
-from .chains import MarkovChain
 from .config import OPTIMIZERS as OPTIMIZERS  # re-exported: the simulator's optimizer names
 from .config import RunSettings, check_integer, divergence_reason, setting
 from .data import SequenceSet
+from .diagnostics import global_norm
+from .diagnostics import gradient_diagnostics as gradient_diagnostics  # re-exported (moved to diagnostics)
+from .evaluation import ExactEvaluator
 from .exact_gradients import ExactEvaluation, next_token_log_probs, objective_value, objective_value_and_gradient
 from .losses import NEEDS_REFERENCE
 from .objectives import Objective
-from .metrics import true_next_token_probs
-from .tabular import TabularMarkov
 from .optimizers import AdamState, adam_update
 from .runtime import torch_threads
 from .trajectory import Trajectory
+
+Evaluator = ExactEvaluator  # the old name of markovsim.evaluation.ExactEvaluator (evaluation.Evaluator is the protocol)
 
 GRADIENTS = ("closed_form", "autograd")
 
@@ -56,65 +57,6 @@ class DynamicsConfig(RunSettings):
         check_integer("steps", self.steps, 0)
         check_integer("eval_every", self.eval_every, 1)
         check_integer("batch_size", self.batch_size, 1, allow_none=True)
-
-
-class Evaluator:
-    """Per-component metrics on a fixed test set, with every target predictive computed once.
-
-    ``KL(p || q)`` per token splits into the target's ``sum p log p`` (cached per component) minus
-    the cross term ``sum p log q``, so one evaluation costs one ``log q`` and a product per target.
-
-    Args:
-        test: the evaluation sequences (all components).
-        reference: the model before unlearning.
-        retrained: the retain-only model (optional; its KL column is NaN without it).
-        true_chains: ``{component: MarkovChain}`` (optional; NaN without it).
-    """
-
-    def __init__(self, test: SequenceSet, reference, retrained=None, true_chains: Mapping[str, MarkovChain] | None = None):
-        if not isinstance(test, SequenceSet) or len(test) == 0:
-            raise ValueError("test must be a non-empty SequenceSet")
-        self.test = test
-        self.component_names = test.component_names
-        self.num_tokens = torch.tensor(test.num_tokens, dtype=torch.float64)  # (n,)
-        ids = torch.as_tensor(np.array(test.component_ids))
-        self.membership = (ids[None, :] == torch.arange(len(self.component_names))[:, None]).to(torch.float64)  # (C, n)
-        self.component_tokens = self.membership @ self.num_tokens  # (C,)
-        self.component_sizes = self.membership.sum(1)  # (C,)
-        targets = {"kl_reference": reference.next_token_probs(test)}
-        if retrained is not None:
-            targets["kl_retrained"] = retrained.next_token_probs(test)
-        if true_chains is not None:
-            targets["kl_true"] = true_next_token_probs(test, true_chains)
-        self.targets = {name: probs.detach() for name, probs in targets.items()}  # (n, T-1, V), zero on padding
-        self.neg_entropy = {name: self.membership @ torch.special.xlogy(probs, probs).sum((1, 2))
-                            for name, probs in self.targets.items()}  # (C,)
-        # For a tabular model log q_t = log P[s_t], so the cross term only needs the target mass summed
-        # per (component, current state): by_state[c, s, :] = sum_{t in c, s_t = s} p_t.
-        num_states, current = test.num_states, torch.as_tensor(np.where(test.tokens[:, :-1] >= 0, test.tokens[:, :-1], 0))
-        index = (ids[:, None] * num_states + current).reshape(-1)  # (n*(T-1),)
-        self.by_state = {name: torch.zeros(len(self.component_names) * num_states, num_states, dtype=torch.float64)
-                         .index_add_(0, index, probs.reshape(-1, num_states)).reshape(-1, num_states, num_states)
-                         for name, probs in self.targets.items()}  # (C, V, V)
-
-    def evaluate(self, model) -> dict[str, np.ndarray]:
-        """``{metric: (C,) array}`` for the KL metrics and ``logp_per_token`` (NaN for absent components)."""
-        with torch.no_grad():
-            tabular = isinstance(model, TabularMarkov)
-            log_model = model.transition_log_probs() if tabular else model.next_token_log_probs(self.test)
-            result = {}
-            for metric in ("kl_true", "kl_retrained", "kl_reference"):
-                if metric not in self.targets:
-                    result[metric] = np.full(len(self.component_names), np.nan)
-                    continue
-                if tabular:
-                    cross = torch.einsum("csv,sv->c", self.by_state[metric], log_model)  # (C,)
-                else:
-                    cross = self.membership @ (self.targets[metric] * log_model).sum((1, 2))  # (C,)
-                result[metric] = ((self.neg_entropy[metric] - cross) / self.component_tokens).numpy()
-            per_token = model.response_logps(self.test) / self.num_tokens  # (n,)
-            result["logp_per_token"] = ((self.membership @ per_token) / self.component_sizes).numpy()
-        return result
 
 
 @dataclass(frozen=True)
@@ -160,44 +102,6 @@ def autograd_evaluation(model, objective: Objective, *args) -> ExactEvaluation:
     return dataclasses.replace(closed, value=value.detach(), gradients=grads)
 
 
-def gradient_diagnostics(model, objective: Objective, problem: Problem, names: tuple[str, ...],
-                         full: ExactEvaluation | None = None) -> dict[str, np.ndarray]:
-    """Full-batch mean weight per forget component and every component's share of the gradient norm.
-
-    The forget gradient splits exactly by component, ``g_c = (forget_weight / n_f) sum_{y in c} w(y) d logp(y)``;
-    the retain term's gradient is credited to the retain components. ``power_share_c = ||g_c|| / sum ||g||``.
-    ``full`` is the full-batch evaluation at ``model`` when the caller already has it.
-    """
-    if full is None:
-        full = objective_value_and_gradient(model, objective, *problem.batch(None, None))
-    ids = torch.as_tensor(np.array(problem.forget.component_ids))
-    scale = objective.forget_weight / len(problem.forget)
-    norms, weights = np.zeros(len(names)), np.full(len(names), np.nan)
-    forget_counts = problem.forget.component_counts()
-    present = [(c, problem.forget.component_names.index(name)) for c, name in enumerate(names)
-               if forget_counts.get(name, 0) > 0]
-    forget_total = [torch.zeros_like(p) for p in model.parameters()]
-    if present:
-        rows = torch.stack([(ids == index).to(torch.float64) for _, index in present])  # (G, n_f)
-        parts = model.response_logps_gradient(problem.forget, rows * full.forget_weights * scale)  # each (G, ...)
-        for group, (c, _) in enumerate(present):
-            weights[c] = float((full.forget_weights * rows[group]).sum() / rows[group].sum())
-            norms[c] = _norm([part[group] for part in parts])
-        forget_total = [part.sum(0) for part in parts]
-    if problem.retain is not None and objective.retain is not None:
-        retain_norm = _norm([g - f for g, f in zip(full.gradients, forget_total)])
-        retain_counts = problem.retain.component_counts()
-        retain_names = [name for name in names if retain_counts.get(name, 0) > 0]
-        for name in retain_names:
-            norms[names.index(name)] += retain_norm / len(retain_names)
-    total = norms.sum()
-    return {"mean_weight": weights, "power_share": norms / total if total > 0 else np.full(len(names), np.nan)}
-
-
-def _norm(tensors) -> float:
-    return float(torch.sqrt(sum((t * t).sum() for t in tensors)))
-
-
 class _Optimizer:
     """GD or one of the Adam rules of :mod:`markovsim.optimizers` over a tuple of float64 tensors."""
 
@@ -219,7 +123,7 @@ def clip_by_global_norm(grads: tuple[torch.Tensor, ...], max_norm: float | None)
     rule, without its 1e-6 in the denominator); unchanged when ``max_norm`` is None."""
     if max_norm is None:
         return grads
-    norm = _norm(grads)
+    norm = global_norm(grads)
     return grads if norm <= max_norm else tuple(g * (max_norm / norm) for g in grads)
 
 
@@ -241,11 +145,11 @@ def _divergence(evaluation: ExactEvaluation, num_tokens: torch.Tensor, threshold
     """:func:`markovsim.config.divergence_reason` of one step: the objective, ||g|| and the forget batch's
     mean of logps / num_tokens."""
     logp_per_token = float((evaluation.forget_logps / num_tokens).mean())
-    return divergence_reason(float(evaluation.value), logp_per_token, _norm(evaluation.gradients), threshold)
+    return divergence_reason(float(evaluation.value), logp_per_token, global_norm(evaluation.gradients), threshold)
 
 
 def unlearn(model, objective: Objective, forget: SequenceSet, retain: SequenceSet | None, reference,
-            config: DynamicsConfig = DynamicsConfig(), evaluator: Evaluator | None = None,
+            config: DynamicsConfig = DynamicsConfig(), evaluator: ExactEvaluator | None = None,
             progress: bool | None = None) -> Trajectory:
     """Run ``config.steps`` optimisation steps of ``objective`` from ``model``.
 
@@ -270,7 +174,7 @@ def _unlearn(model, objective, forget, retain, reference, config, evaluator, pro
     if evaluator is None:
         from .data import concatenate
 
-        evaluator = Evaluator(concatenate([s for s in (forget, retain) if s is not None]), reference)
+        evaluator = ExactEvaluator(concatenate([s for s in (forget, retain) if s is not None]), reference=reference)
     names = evaluator.component_names
     rng = np.random.default_rng(config.seed) if config.batch_size is not None else None
     evaluate_gradient = autograd_evaluation if config.gradient == "autograd" else objective_value_and_gradient
@@ -291,7 +195,7 @@ def _unlearn(model, objective, forget, retain, reference, config, evaluator, pro
                                    full=current if full_batch else None))
             steps.append(step)
             losses.append(float(current.value) if current is not None else float("nan"))
-            distances.append(_norm([p - p0 for p, p0 in zip(params, start)]))
+            distances.append(global_norm([p - p0 for p, p0 in zip(params, start)]))
         if reason is not None:
             diverged_at = step
             break
@@ -326,7 +230,7 @@ def _progress(total: int, enabled: bool):
 
 
 def gradient_flow(model, objective: Objective, forget: SequenceSet, retain: SequenceSet | None, reference,
-                  times, evaluator: Evaluator | None = None, method: str = "RK45", rtol: float = 1e-8,
+                  times, evaluator: ExactEvaluator | None = None, method: str = "RK45", rtol: float = 1e-8,
                   atol: float = 1e-10) -> Trajectory:
     """Integrate ``d theta / dt = -grad L(theta)`` with ``scipy.integrate.solve_ivp``; evaluate at ``times``.
 
@@ -363,7 +267,7 @@ def _gradient_flow(model, objective, forget, retain, reference, times, evaluator
     if evaluator is None:
         from .data import concatenate
 
-        evaluator = Evaluator(concatenate([s for s in (forget, retain) if s is not None]), reference)
+        evaluator = ExactEvaluator(concatenate([s for s in (forget, retain) if s is not None]), reference=reference)
     records, losses, distances = [], [], []
     for column in solution.y.T:
         point = model.with_parameters(*unflatten(column))

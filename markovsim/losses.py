@@ -387,26 +387,16 @@ LOSSES: dict[str, Callable[..., torch.Tensor]] = {
 
 RETAIN_TERMS: dict[str, Callable[..., torch.Tensor]] = {"nll": nll, "kl": kl}
 
-# Loss traits: the one place that says which loss has which property (names of LOSSES / RETAIN_TERMS).
+# Loss traits, the one place that says which loss (a name of LOSSES or RETAIN_TERMS) has which property;
 # tests/test_losses.py checks each against the functions' behaviour.
-
+# SEQUENCE_LOSSES: gradient = a per-sequence weight w(y) times d logp(y) (``gradient_weights`` takes exactly
+#   these; dpo has two responses, wga a weight per token). NEEDS_REFERENCE: needs pi_ref (its logps, or for
+#   kl its next-token log_probs). USES_BETA / USES_GAMMA / USES_ALPHA: takes that hyperparameter.
 SEQUENCE_LOSSES: frozenset[str] = frozenset({"ga", "ga_sum", "npo", "simnpo"})
-"""Losses whose gradient is a per-sequence weight times d logp(y): d L / d theta = w(y) d logp_theta(y) / d theta.
-
-``gradient_weights`` accepts exactly these; dpo (two responses) and wga (a weight per token) have none."""
-
 NEEDS_REFERENCE: frozenset[str] = frozenset({"npo", "dpo", "kl"})
-"""Forget losses and retain terms that need the reference model pi_ref (its logps, or for kl its
-next-token log_probs)."""
-
 USES_BETA: frozenset[str] = frozenset({"npo", "simnpo", "dpo"})
-"""Losses with an inverse temperature ``beta`` (their value changes with it)."""
-
 USES_GAMMA: frozenset[str] = frozenset({"simnpo"})
-"""Losses with SimNPO's reward margin ``gamma``."""
-
 USES_ALPHA: frozenset[str] = frozenset({"wga"})
-"""Losses with WGA's weight exponent ``alpha``."""
 
 
 _MOVED_TO_OBJECTIVES = ("Objective", "OBJECTIVES", "get_objective")

@@ -18,7 +18,8 @@ import numpy as np
 
 from .chains import MarkovChain, block_chains
 from .data import Component, MixtureSpec, SequenceSet
-from .dynamics import DynamicsConfig, Evaluator
+from .dynamics import DynamicsConfig
+from .evaluation import ExactEvaluator
 from .losses import USES_BETA, USES_GAMMA
 from .objectives import OBJECTIVES, Objective, get_objective
 from .mixture import MixtureOfChains
@@ -138,7 +139,7 @@ def _prepare(scenario: Scenario, model_class: str) -> Setup:
     retrained = _fit(model_class, retain, retain_components)
     true_chains = {c.name: c.chain for c in spec.components}
     return Setup(scenario, model_class, train, test, train.select(*forget_names), retain, reference, retrained,
-                 true_chains, Evaluator(test, reference, retrained, true_chains))
+                 true_chains, ExactEvaluator(test, true_chains, retrained, reference))
 
 
 _DEFAULT_DYNAMICS = DynamicsConfig(optimizer="adamw", learning_rate=0.02, steps=50)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from markovsim.dynamics import DynamicsConfig, Evaluator as ExactEvaluator, unlearn as exact_unlearn
+from markovsim.dynamics import DynamicsConfig, unlearn as exact_unlearn
+from markovsim.evaluation import ExactEvaluator
 from markovsim.losses import OBJECTIVES, Objective, get_objective
 from markovsim.runtime import torch_threads
 from markovsim.scenarios import SCENARIOS, prepare
@@ -108,7 +109,7 @@ def test_transformer_loop_on_the_bridged_tabular_model_follows_the_exact_simulat
     exact = exact_unlearn(setup.reference, objective, setup.forget, setup.retain, setup.reference,
                           DynamicsConfig(optimizer=optimizer, adam_eps=eps, learning_rate=learning_rate, steps=steps,
                                          eval_every=1),
-                          evaluator=ExactEvaluator(setup.test, setup.reference, None, setup.true_chains))
+                          evaluator=ExactEvaluator(setup.test, setup.true_chains, reference=setup.reference))
     config = TrainConfig(optimizer=optimizer, adam_eps=eps, learning_rate=learning_rate, batch_size=len(setup.forget),
                          retain_batch_size=len(setup.retain), steps=steps, eval_every=1, max_grad_norm=None,
                          weight_decay=0.0, **CPU)
