@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from markovsim.__main__ import main
 from markovsim.analysis import fit_divergence_rates, value_at_progress
 from markovsim.dynamics import unlearn
+from markovsim.results import read_json
 from markovsim.scenarios import SCENARIOS, load_scenario, prepare, scenario_from_dict
 from markovsim.sweeps import final_rows, grid, run_sweep, summarize, write_csv
 from markovsim.trajectory import Trajectory
@@ -140,3 +142,24 @@ def test_cli_rejects_bad_input(tmp_path):
         main(["run", "no_such_scenario", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):
         main(["run", "paper_short_forget2", "--methods", "NOPE", "--out", str(tmp_path)])
+
+
+def _raise_on_constant(name):
+    raise ValueError(f"non-strict JSON constant {name}")
+
+
+def test_a_diverged_run_writes_strict_json_with_null_and_the_reason(tmp_path):
+    out = tmp_path / "diverged"
+    assert main(["run", "paper_short_forget2", "--scale", "0.005", "--steps", "20", "--methods", "GA",
+                 "--models", "tabular", "--optimizer", "gd", "--lr", "1e4", "--out", str(out), "--no-progress"]) == 0
+    text = (out / "results.json").read_text()
+    document = json.loads(text, parse_constant=_raise_on_constant)
+    summary = document["summaries"]["tabular/GA"]
+    assert summary["diverged_at"] is not None and "fell below" in summary["divergence_reason"]
+    non_finite = document["non_finite_values"]
+    assert non_finite and set(non_finite.values()) <= {"nan", "inf", "-inf"}
+    pointer = "/summaries/tabular~1GA/final/kl_true/forget1"
+    assert summary["final"]["kl_true"]["forget1"] is None and non_finite[pointer] == "nan"
+    restored = read_json(out / "results.json")  # read_json puts the floats back
+    assert math.isnan(restored["summaries"]["tabular/GA"]["final"]["kl_true"]["forget1"])
+    assert "non_finite_values" not in restored
