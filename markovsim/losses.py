@@ -57,11 +57,8 @@ __all__ = [
     "USES_BETA",
     "USES_GAMMA",
     "USES_ALPHA",
-    "Objective",
-    "OBJECTIVES",
-    "get_objective",
 ]
-# Objective, OBJECTIVES and get_objective live in markovsim.objectives; re-exported lazily below.
+# Objective, OBJECTIVES and get_objective live in markovsim.objectives; re-exported lazily (module __getattr__).
 
 
 # ---------------------------------------------------------------------------------------------

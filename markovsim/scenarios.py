@@ -21,10 +21,10 @@ from .data import Component, MixtureSpec, SequenceSet
 from .dynamics import DynamicsConfig
 from .evaluation import ExactEvaluator
 from .losses import USES_BETA, USES_GAMMA
-from .objectives import OBJECTIVES, Objective, get_objective
 from .mixture import MixtureOfChains
-from .tabular import TabularMarkov
+from .objectives import OBJECTIVES, Objective, get_objective
 from .runtime import torch_threads
+from .tabular import TabularMarkov
 
 PAPER_COUNTS = {"retain": 10000, "forget1": 5000, "forget2": 5000}
 MODEL_CLASSES = ("tabular", "mixture")
@@ -103,7 +103,7 @@ class Setup:
     reference: object
     retrained: object
     true_chains: dict[str, MarkovChain]
-    evaluator: Evaluator
+    evaluator: ExactEvaluator
 
 
 def _fit(model_class: str, sequences: SequenceSet, components: tuple[Component, ...]):

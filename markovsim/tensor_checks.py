@@ -12,7 +12,6 @@ import numbers
 import torch
 
 
-
 def check_tensor(name: str, x) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise TypeError(

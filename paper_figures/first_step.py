@@ -73,10 +73,9 @@ def group_of(name: str) -> str:
 def _first_step(model, objective, forget, reference_logps, rule: str, eps: float, learning_rate: float,
                 batch_seed: int) -> dict[str, torch.Tensor]:
     """The parameter update of the paper's first unlearning step (batch of 4) on a copy of ``model``."""
-    from markovsim.optimizers import build_torch_optimizer
-
     from llm.data import batch_indices
     from llm.objective import BatchCounts, UnlearningBatch, objective_terms
+    from markovsim.optimizers import build_torch_optimizer
 
     stepped = copy.deepcopy(model).train()
     optimizer = build_torch_optimizer(rule, [{"params": list(stepped.parameters()), "weight_decay": 0.0}],

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from scipy import stats
+from strategies import chains, random_chain
 
 from markovsim.chains import MarkovChain, block_chains
-from strategies import chains, random_chain
 
 
 def enumerate_log_probs(chain: MarkovChain, length: int) -> dict[tuple, float]:

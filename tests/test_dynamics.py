@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from markovsim.dynamics import DynamicsConfig, gradient_flow, unlearn
-from markovsim.objectives import OBJECTIVES, get_objective
 from markovsim.metrics import component_kl
+from markovsim.objectives import OBJECTIVES, get_objective
 from markovsim.scenarios import SCENARIOS, prepare
 from markovsim.trajectory import Trajectory
 

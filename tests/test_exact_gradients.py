@@ -5,13 +5,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import random_chain
 
 from markovsim.chains import block_chains
 from markovsim.data import Component, MixtureSpec
 from markovsim.exact_gradients import next_token_log_probs, objective_value, objective_value_and_gradient
-from markovsim.objectives import OBJECTIVES, Objective, get_objective
 from markovsim.models import MixtureOfChains, TabularMarkov
-from strategies import random_chain
+from markovsim.objectives import OBJECTIVES, Objective, get_objective
 
 
 def small_problem(seed: int, num_states: int = 4, retain_length: int = 6, forget_lengths=(6, 3)):

@@ -4,13 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from markovsim.metrics import component_kl
-from markovsim.models import MixtureOfChains, TabularMarkov
-from markovsim.scenarios import paper_mixture_spec
-
 from llm.bridge import TabularCausalLM
 from llm.evaluate import Evaluator, next_token_probs
 from llm.models import build_model
+from markovsim.metrics import component_kl
+from markovsim.models import MixtureOfChains, TabularMarkov
+from markovsim.scenarios import paper_mixture_spec
 
 
 @pytest.fixture(scope="module")

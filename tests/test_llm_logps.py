@@ -4,15 +4,14 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
-
-from markovsim.models import TabularMarkov
-from markovsim.scenarios import paper_mixture_spec
+from strategies import mixture_specs, random_chain
 
 from llm.bridge import TabularCausalLM
 from llm.data import encode
 from llm.logps import NonFiniteLogitsError, sequence_logps, token_log_probs
 from llm.models import build_model
-from strategies import mixture_specs, random_chain
+from markovsim.models import TabularMarkov
+from markovsim.scenarios import paper_mixture_spec
 
 
 def random_tabular(num_states: int, seed: int) -> TabularMarkov:

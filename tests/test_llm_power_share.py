@@ -7,15 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from markovsim.dynamics import DynamicsConfig, unlearn as exact_unlearn
-from markovsim.evaluation import ExactEvaluator
-from markovsim.losses import OBJECTIVES
-from markovsim.scenarios import SCENARIOS, prepare
-
 from llm.bridge import TabularCausalLM
 from llm.evaluate import Evaluator
 from llm.models import build_config, build_model
 from llm.train import TrainConfig, unlearn
+from markovsim.dynamics import DynamicsConfig
+from markovsim.dynamics import unlearn as exact_unlearn
+from markovsim.evaluation import ExactEvaluator
+from markovsim.losses import OBJECTIVES
+from markovsim.scenarios import SCENARIOS, prepare
 
 CPU = dict(device="cpu", progress=False)
 

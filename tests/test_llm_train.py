@@ -12,13 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from markovsim.dynamics import DynamicsConfig, unlearn as exact_unlearn
-from markovsim.evaluation import ExactEvaluator
-from markovsim.losses import OBJECTIVES, Objective, get_objective
-from markovsim.runtime import torch_threads
-from markovsim.scenarios import SCENARIOS, prepare
-from markovsim.trajectory import Trajectory
-
 from llm.bridge import TabularCausalLM
 from llm.data import encode
 from llm.evaluate import Evaluator, sequence_logps_batched
@@ -27,6 +20,13 @@ from llm.metrics_log import read_jsonl
 from llm.models import build_model
 from llm.objective import BatchCounts, UnlearningBatch, objective_terms
 from llm.train import TrainConfig, learning_rate_factor, pretrain, unlearn
+from markovsim.dynamics import DynamicsConfig
+from markovsim.dynamics import unlearn as exact_unlearn
+from markovsim.evaluation import ExactEvaluator
+from markovsim.losses import OBJECTIVES, Objective, get_objective
+from markovsim.runtime import torch_threads
+from markovsim.scenarios import SCENARIOS, prepare
+from markovsim.trajectory import Trajectory
 
 CPU = dict(device="cpu", progress=False)
 

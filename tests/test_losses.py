@@ -6,12 +6,12 @@ import inspect
 import math
 
 import pytest
+import strategies as S  # tests/strategies.py (tests/ is on sys.path under pytest's rootdir insertion)
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from markovsim import losses
-import strategies as S  # tests/strategies.py (tests/ is on sys.path under pytest's rootdir insertion)
 
 DTYPE = torch.float64
 SEQUENCE_LOSSES = sorted(losses.SEQUENCE_LOSSES)
@@ -206,7 +206,7 @@ def test_simnpo_takes_no_reference():
 @given(batch=S.moderate_sequence_batches(), beta=S.betas(1e-2, 10.0), shift=st.floats(-1e3, 1e3))
 def test_npo_invariant_to_a_common_shift(batch, beta, shift):
     logps, ref_logps, _ = batch
-    for fn in (losses.npo, lambda l, r, b: losses.gradient_weights("npo", l, ref_logps=r, beta=b)):
+    for fn in (losses.npo, lambda lp, r, b: losses.gradient_weights("npo", lp, ref_logps=r, beta=b)):
         shifted = fn(logps + shift, ref_logps + shift, beta)
         torch.testing.assert_close(shifted, fn(logps, ref_logps, beta), rtol=1e-9, atol=0)
 
@@ -297,15 +297,15 @@ def test_mask_may_be_bool_int_or_float():
 # ---------------------------------------------------------------------------------------------
 
 
-def naive(name, l, r, n, beta, gamma):
+def naive(name, lp, r, n, beta, gamma):
     if name == "ga":
-        return l / n
+        return lp / n
     if name == "ga_sum":
-        return l
+        return lp
     if name == "npo":
-        return -(2 / beta) * math.log(sigma(-beta * (l - r)))
+        return -(2 / beta) * math.log(sigma(-beta * (lp - r)))
     if name == "simnpo":
-        return -(2 / beta) * math.log(sigma(-(beta / n) * l - gamma))
+        return -(2 / beta) * math.log(sigma(-(beta / n) * lp - gamma))
     raise AssertionError(name)
 
 
@@ -316,7 +316,7 @@ def test_values_equal_naive_formulas(name, batch, beta, gamma):
     logps, ref_logps, num_tokens = batch
     got = loss_of_logps(name, ref_logps, num_tokens, beta, gamma)(logps)
     rows = zip(logps.tolist(), ref_logps.tolist(), num_tokens.tolist())
-    expected = torch.tensor([naive(name, l, r, n, beta, gamma) for l, r, n in rows], dtype=DTYPE)
+    expected = torch.tensor([naive(name, lp, r, n, beta, gamma) for lp, r, n in rows], dtype=DTYPE)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
@@ -332,7 +332,7 @@ def test_dpo_and_nll_equal_naive_formulas(batch, other, beta):
         for a, b, c, d in zip(lw.tolist(), rw.tolist(), ll.tolist(), rl.tolist())
     ]
     torch.testing.assert_close(got, torch.tensor(expected, dtype=DTYPE), rtol=1e-10, atol=1e-12)
-    expected_nll = [-l / n for l, n in zip(logps.tolist(), num_tokens.tolist())]
+    expected_nll = [-lp / n for lp, n in zip(logps.tolist(), num_tokens.tolist())]
     torch.testing.assert_close(
         losses.nll(logps, num_tokens), torch.tensor(expected_nll, dtype=DTYPE), rtol=1e-14, atol=0
     )

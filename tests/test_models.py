@@ -8,11 +8,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import mixture_specs, random_chain
 
 from markovsim.chains import block_chains
 from markovsim.data import Component, MixtureSpec, SequenceSet
 from markovsim.models import MixtureOfChains, TabularMarkov
-from strategies import mixture_specs, random_chain
 
 
 def all_sequences(num_states, length):

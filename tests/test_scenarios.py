@@ -94,7 +94,9 @@ def test_sweep_table_is_tidy_and_reproducible(tmp_path):
     assert len(rows) == len(points) * 3
     assert len(final_rows(rows)) == len(points)
     assert {"kl_true/forget1", "power_share/forget2", "step", "beta", "seed"} <= set(rows[0])
-    same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # NaN-aware equality
+    def same(a, b):  # NaN-aware equality
+        return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
     assert same(run_sweep(scenario, points[:3], steps=2, progress=False), rows[:9])
     assert same(run_sweep(scenario, points[:4], steps=2, processes=2, progress=False), rows[:12])
     summary = summarize(rows, "kl_true/forget2")
