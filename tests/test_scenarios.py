@@ -139,11 +139,19 @@ def test_cli_run_and_list(tmp_path, capsys):
     assert set(equal) == {"forget_logp_per_token", "NPO", "SimNPO"} and all(np.isfinite(v) for v in equal.values())
 
 
-def test_cli_rejects_bad_input(tmp_path):
-    with pytest.raises(SystemExit):
-        main(["run", "no_such_scenario", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit):
-        main(["run", "paper_short_forget2", "--methods", "NOPE", "--out", str(tmp_path)])
+def test_cli_rejects_bad_input_with_status_2_and_one_error_line(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for argv, named in ((["run", "no_such_scenario", "--out", str(tmp_path)], "no_such_scenario"),
+                        (["run", "paper_short_forget2", "--methods", "NOPE", "--out", str(tmp_path)], "NOPE"),
+                        (["run", "paper_short_forget2", "--betas", "NPO=x", "--out", str(tmp_path)], "--betas"),
+                        (["run", "paper_short_forget2", "--lr", "-1", "--out", str(tmp_path)], "learning_rate"),
+                        (["run", "paper_short_forget2", "--out", str(a_file)], "--out")):
+        assert main(argv) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and error.count("\n") == 1 and named in error, error
+    with pytest.raises(ValueError):
+        main(["--debug", "run", "no_such_scenario", "--out", str(tmp_path)])
 
 
 def _raise_on_constant(name):
