@@ -21,6 +21,7 @@ figures: $(STAMP)
 	$(VPY) -m paper_figures --scale quick --device cpu --jobs 2
 
 test: $(STAMP)
+	$(VPY) -m ruff check .
 	$(VPY) -m pytest -q
 
 clean:

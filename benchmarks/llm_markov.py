@@ -29,13 +29,12 @@ import time
 import numpy as np
 import torch
 
-from markovsim.models import MixtureOfChains
-from markovsim.scenarios import SCENARIOS
-
 from llm.evaluate import Evaluator
 from llm.models import build_model, count_parameters
 from llm.runtime import resolve_device, use_bf16
 from llm.train import PAPER_PRETRAINING, PAPER_UNLEARNING, pretrain, retrain, unlearn
+from markovsim.models import MixtureOfChains
+from markovsim.scenarios import SCENARIOS
 
 # Dense bf16 tensor-core peaks (no sparsity), by substring of torch.cuda.get_device_name().
 BF16_PEAK_FLOPS = {"H200": 989.4e12, "H100": 989.4e12, "A100": 312e12, "L40S": 362e12, "A10G": 70e12}
@@ -123,11 +122,10 @@ def print_markov_results(results: dict) -> None:
 def step_throughput(device: str, preset: str = "gpt2-small", vocab_size: int = 50257, length: int = 512,
                     batch_size: int = 32, steps: int = 10, warmup: int = 3, live_reference: bool = False) -> dict:
     """Time the NPO unlearning step (forward, backward, AdamW) of ``preset`` on random tokens."""
-    from markovsim.losses import get_objective
-
     from llm.logps import sequence_logps
     from llm.objective import BatchCounts, UnlearningBatch, objective_terms
     from llm.runtime import autocast
+    from markovsim.losses import get_objective
 
     model = build_model(preset, vocab_size, length, seed=0).to(device)
     reference = copy.deepcopy(model).eval().requires_grad_(False) if live_reference else None

@@ -8,8 +8,9 @@ counts. See docs/theory.md for every formula.
 from .chains import MarkovChain, block_chains
 from .data import PAD_TOKEN, Component, MixtureSpec, SequenceSet, concatenate
 from .metrics import component_kl, mean_kl_per_component, per_token_kl, population_kl, true_next_token_probs
-from .models import MixtureOfChains, TabularMarkov
+from .mixture import MixtureOfChains
 from .results import package_version
+from .tabular import TabularMarkov
 
 __all__ = [
     "MarkovChain", "block_chains", "PAD_TOKEN", "Component", "MixtureSpec", "SequenceSet", "concatenate",

@@ -17,7 +17,8 @@ import numpy as np
 from .analysis import fit_divergence_rates, power_summary, value_at_progress
 from .data import atomic_save_npz
 from .dynamics import OPTIMIZERS, unlearn
-from .losses import OBJECTIVES
+from .losses import USES_BETA
+from .objectives import OBJECTIVES
 from .results import atomic_output, atomic_write_json, metadata_block
 from .scenarios import MODEL_CLASSES, SCENARIOS, load_scenario, prepare
 
@@ -27,13 +28,17 @@ def _parse_named_floats(values, name: str):
     if not values:
         return None
     if len(values) == 1 and "=" not in values[0]:
-        return float(values[0])
+        try:
+            return float(values[0])
+        except ValueError:
+            raise ValueError(f"--{name}: give one number, or METHOD=NUMBER pairs; got {values[0]!r}") from None
     result = {}
     for value in values:
         method, _, number = value.partition("=")
-        if not number:
-            raise SystemExit(f"--{name}: give one number, or METHOD=NUMBER pairs; got {value!r}")
-        result[method] = float(number)
+        try:
+            result[method] = float(number)
+        except ValueError:
+            raise ValueError(f"--{name}: give one number, or METHOD=NUMBER pairs; got {value!r}") from None
     return result
 
 
@@ -59,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int, help="data and minibatch seed")
     run.add_argument("--out", required=True, help="output folder")
     run.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     return parser
 
 
@@ -78,11 +84,21 @@ def _configure(arguments):
     return scenario, dynamics, methods
 
 
-def run_command(arguments) -> int:
+def check_output_folder(path: str) -> None:
+    """Create ``path`` if needed; ValueError naming ``--out`` if it is a file or not writable (checked before any work)."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--out {path!r} is an existing file, not a folder")
     try:
-        scenario, dynamics, methods = _configure(arguments)
-    except ValueError as error:
-        raise SystemExit(f"error: {error}")
+        os.makedirs(path, exist_ok=True)
+    except OSError as error:
+        raise ValueError(f"--out {path!r} cannot be created: {error.strerror}") from error
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"--out {path!r} is not writable")
+
+
+def run_command(arguments) -> int:
+    check_output_folder(arguments.out)
+    scenario, dynamics, methods = _configure(arguments)
     runs, retrained, summaries, arrays = {}, {}, {}, {}
     for model_class in arguments.models:
         setup = prepare(scenario, model_class)
@@ -156,7 +172,7 @@ def _plot(runs, retrained, scenario, stem) -> None:
 
 def list_command() -> int:
     for name, scenario in SCENARIOS.items():
-        methods = ", ".join(f"{k} (beta {v.beta})" if v.forget in ("npo", "simnpo") else k for k, v in scenario.methods.items())
+        methods = ", ".join(f"{k} (beta {v.beta})" if v.forget in USES_BETA else k for k, v in scenario.methods.items())
         print(f"{name}\n  {textwrap.fill(scenario.question, 96, subsequent_indent='  ')}\n  methods: {methods}\n")
     return 0
 
@@ -166,7 +182,14 @@ def main(argv=None) -> int:
 
     matplotlib.use("Agg")  # files only: the command line never opens a window
     arguments = build_parser().parse_args(argv)
-    return list_command() if arguments.command == "list" else run_command(arguments)
+    try:
+        return list_command() if arguments.command == "list" else run_command(arguments)
+    except (ValueError, TypeError) as error:
+        if arguments.debug:
+            raise
+        message = " ".join(str(error).split())  # one line
+        print(f"error: {message}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

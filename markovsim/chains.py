@@ -57,7 +57,7 @@ class MarkovChain:
             tokens[:, t] = _inverse_cdf(cumulative[tokens[:, t - 1]], uniforms[:, t])
         return tokens
 
-    def log_prob(self, tokens) -> np.ndarray:
+    def logps(self, tokens) -> np.ndarray:
         """Exact log-probability ``log mu(s_1) + sum_t log P(s_{t+1} | s_t)`` of each sequence.
 
         Args:
@@ -75,6 +75,9 @@ class MarkovChain:
             log_transition = np.log(self.transition_matrix)
         result = log_initial[tokens[:, 0]] + log_transition[tokens[:, :-1], tokens[:, 1:]].sum(axis=1)
         return result[0] if single else result
+
+
+    log_prob = logps  # deprecated name (before the docs/theory.md "Names" glossary)
 
     def state_marginals(self, length: int) -> np.ndarray:
         """Marginal state distributions ``q_1 = mu``, ``q_{t+1} = q_t P``.

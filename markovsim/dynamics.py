@@ -13,133 +13,50 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Mapping
 
 import numpy as np
 import torch
 
-from .chains import MarkovChain
+from .config import OPTIMIZERS as OPTIMIZERS  # re-exported: the simulator's optimizer names
+from .config import RunSettings, check_integer, divergence_reason, setting
 from .data import SequenceSet
-from .exact_gradients import ExactEvaluation, next_token_logprobs, objective_value, objective_value_and_gradient
-from .losses import Objective
-from .metrics import true_next_token_probs
-from .models import TabularMarkov
-from .optimizers import ADAM_RULES, AdamState, adam_update
+from .diagnostics import global_norm
+from .diagnostics import gradient_diagnostics as gradient_diagnostics  # re-exported (moved to diagnostics)
+from .evaluation import ExactEvaluator
+from .exact_gradients import ExactEvaluation, next_token_log_probs, objective_value, objective_value_and_gradient
+from .losses import NEEDS_REFERENCE
+from .objectives import Objective
+from .optimizers import AdamState, adam_update
 from .runtime import torch_threads
 from .trajectory import Trajectory
-from .validation import check_int
 
-OPTIMIZERS = ("gd",) + ADAM_RULES
+Evaluator = ExactEvaluator  # the old name of markovsim.evaluation.ExactEvaluator (evaluation.Evaluator is the protocol)
+
 GRADIENTS = ("closed_form", "autograd")
 
 
 @dataclass(frozen=True)
-class DynamicsConfig:
-    """How to run unlearning.
+class DynamicsConfig(RunSettings):
+    """How to run unlearning in the simulator: the shared :class:`~markovsim.config.RunSettings`
+    (optimizer, learning_rate, adam_betas, adam_eps, weight_decay, max_grad_norm, seed, progress,
+    divergence_logp_per_token) plus the fields below. Keyword construction only.
 
-    Attributes:
-        optimizer: ``"gd"`` (theta -= lr g), ``"adamw"`` (torch's AdamW formula) or
-            ``"adamw_legacy"`` (the removed ``transformers.AdamW`` of the paper's code); both Adam
-            rules are in :mod:`markovsim.optimizers` (docs/theory.md, "Adam, eps and small gradient weights").
-        learning_rate: step size (> 0).
-        steps: optimisation steps.
-        eval_every: evaluate every this many steps (and always at step 0 and the last step).
-        batch_size: forget (and retain) sequences per step; None = the exact full batch.
-        seed: seeds the minibatch sampler (unused with full batches).
-        adam_betas, adam_eps, weight_decay: Adam's settings.
-        divergence_logp_per_token: stop once the forget batch's mean log-likelihood per token falls
-            below this (the model has put essentially zero mass on forget data).
-        gradient: ``"closed_form"`` (default) or ``"autograd"`` (the oracle; same numbers, slower).
+    The Adam rules are in :mod:`markovsim.optimizers` (docs/theory.md, "Adam, eps and small gradient
+    weights"); ``seed`` seeds the minibatch sampler (unused with full batches).
     """
 
-    optimizer: str = "adamw"
-    learning_rate: float = 0.05
-    steps: int = 50
-    eval_every: int = 1
-    batch_size: int | None = None
-    seed: int = 0
-    adam_betas: tuple[float, float] = (0.9, 0.999)
-    adam_eps: float = 1e-8
-    weight_decay: float = 0.0
-    divergence_logp_per_token: float = -50.0
-    gradient: str = "closed_form"
+    steps: int = setting(50, "optimisation steps, >= 0")
+    eval_every: int = setting(1, "evaluate every this many steps (and always at step 0 and the last step)")
+    batch_size: int | None = setting(None, "forget (and retain) sequences per step; None = the exact full batch")
+    gradient: str = setting("closed_form", "closed_form (default) or autograd (the oracle: same numbers, slower)")
 
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        super().__post_init__()
         if self.gradient not in GRADIENTS:
             raise ValueError(f"gradient must be one of {GRADIENTS}, got {self.gradient!r}")
-        if not (np.isfinite(self.learning_rate) and self.learning_rate > 0):
-            raise ValueError(f"learning_rate must be a finite number > 0, got {self.learning_rate}")
-        check_int(self.steps, "steps", 0)
-        check_int(self.eval_every, "eval_every", 1)
-        if self.batch_size is not None:
-            check_int(self.batch_size, "batch_size", 1)
-        if not (np.isfinite(self.adam_eps) and self.adam_eps > 0):
-            raise ValueError(f"adam_eps must be a finite number > 0, got {self.adam_eps}")
-        if not (0 <= self.adam_betas[0] < 1 and 0 <= self.adam_betas[1] < 1):
-            raise ValueError(f"adam_betas must lie in [0, 1), got {self.adam_betas}")
-        if not self.weight_decay >= 0:
-            raise ValueError(f"weight_decay must be >= 0, got {self.weight_decay}")
-
-
-class Evaluator:
-    """Per-component metrics on a fixed test set, with every target predictive computed once.
-
-    ``KL(p || q)`` per token splits into the target's ``sum p log p`` (cached per component) minus
-    the cross term ``sum p log q``, so one evaluation costs one ``log q`` and a product per target.
-
-    Args:
-        test: the evaluation sequences (all components).
-        reference: the model before unlearning.
-        retrained: the retain-only model (optional; its KL column is NaN without it).
-        true_chains: ``{component: MarkovChain}`` (optional; NaN without it).
-    """
-
-    def __init__(self, test: SequenceSet, reference, retrained=None, true_chains: Mapping[str, MarkovChain] | None = None):
-        if not isinstance(test, SequenceSet) or len(test) == 0:
-            raise ValueError("test must be a non-empty SequenceSet")
-        self.test = test
-        self.component_names = test.component_names
-        self.num_tokens = torch.tensor(test.num_tokens, dtype=torch.float64)  # (n,)
-        ids = torch.as_tensor(np.array(test.component_ids))
-        self.membership = (ids[None, :] == torch.arange(len(self.component_names))[:, None]).to(torch.float64)  # (C, n)
-        self.component_tokens = self.membership @ self.num_tokens  # (C,)
-        self.component_sizes = self.membership.sum(1)  # (C,)
-        targets = {"kl_reference": reference.next_token_probs(test)}
-        if retrained is not None:
-            targets["kl_retrained"] = retrained.next_token_probs(test)
-        if true_chains is not None:
-            targets["kl_true"] = true_next_token_probs(test, true_chains)
-        self.targets = {name: probs.detach() for name, probs in targets.items()}  # (n, T-1, V), zero on padding
-        self.neg_entropy = {name: self.membership @ torch.special.xlogy(probs, probs).sum((1, 2))
-                            for name, probs in self.targets.items()}  # (C,)
-        # For a tabular model log q_t = log P[s_t], so the cross term only needs the target mass summed
-        # per (component, current state): by_state[c, s, :] = sum_{t in c, s_t = s} p_t.
-        num_states, current = test.num_states, torch.as_tensor(np.where(test.tokens[:, :-1] >= 0, test.tokens[:, :-1], 0))
-        index = (ids[:, None] * num_states + current).reshape(-1)  # (n*(T-1),)
-        self.by_state = {name: torch.zeros(len(self.component_names) * num_states, num_states, dtype=torch.float64)
-                         .index_add_(0, index, probs.reshape(-1, num_states)).reshape(-1, num_states, num_states)
-                         for name, probs in self.targets.items()}  # (C, V, V)
-
-    def evaluate(self, model) -> dict[str, np.ndarray]:
-        """``{metric: (C,) array}`` for the KL metrics and ``logp_per_token`` (NaN for absent components)."""
-        with torch.no_grad():
-            tabular = isinstance(model, TabularMarkov)
-            log_model = model.transition_log_probs() if tabular else model.next_token_log_probs(self.test)
-            result = {}
-            for metric in ("kl_true", "kl_retrained", "kl_reference"):
-                if metric not in self.targets:
-                    result[metric] = np.full(len(self.component_names), np.nan)
-                    continue
-                if tabular:
-                    cross = torch.einsum("csv,sv->c", self.by_state[metric], log_model)  # (C,)
-                else:
-                    cross = self.membership @ (self.targets[metric] * log_model).sum((1, 2))  # (C,)
-                result[metric] = ((self.neg_entropy[metric] - cross) / self.component_tokens).numpy()
-            per_token = model.response_log_prob(self.test) / self.num_tokens  # (n,)
-            result["logp_per_token"] = ((self.membership @ per_token) / self.component_sizes).numpy()
-        return result
+        check_integer("steps", self.steps, 0)
+        check_integer("eval_every", self.eval_every, 1)
+        check_integer("batch_size", self.batch_size, 1, allow_none=True)
 
 
 @dataclass(frozen=True)
@@ -150,19 +67,19 @@ class Problem:
     retain: SequenceSet | None
     reference: object
     forget_ref_logps: torch.Tensor | None
-    retain_ref_logprobs: torch.Tensor | None
+    retain_ref_log_probs: torch.Tensor | None
 
     @classmethod
     def build(cls, objective: Objective, forget: SequenceSet, retain: SequenceSet | None, reference) -> "Problem":
         with torch.no_grad():
-            forget_ref = reference.response_log_prob(forget) if objective.forget == "npo" else None
-            retain_ref = next_token_logprobs(reference, retain) if objective.retain == "kl" else None
+            forget_ref = reference.response_logps(forget) if objective.forget in NEEDS_REFERENCE else None
+            retain_ref = next_token_log_probs(reference, retain) if objective.retain in NEEDS_REFERENCE else None
         return cls(forget, retain, reference, forget_ref, retain_ref)
 
     def batch(self, rng: np.random.Generator | None, batch_size: int | None) -> tuple:
         """The arguments of ``objective_value_and_gradient`` for a full batch or a sampled minibatch."""
         if batch_size is None or rng is None:
-            return (self.forget, self.retain, self.forget_ref_logps, self.retain_ref_logprobs)
+            return (self.forget, self.retain, self.forget_ref_logps, self.retain_ref_log_probs)
         forget_rows = rng.choice(len(self.forget), size=min(batch_size, len(self.forget)), replace=False)
         forget = self.forget.subset(forget_rows)
         forget_ref = None if self.forget_ref_logps is None else self.forget_ref_logps[forget_rows]
@@ -170,8 +87,8 @@ class Problem:
         if self.retain is not None:
             retain_rows = rng.choice(len(self.retain), size=min(batch_size, len(self.retain)), replace=False)
             retain = self.retain.subset(retain_rows)
-            if self.retain_ref_logprobs is not None:
-                retain_ref = self.retain_ref_logprobs[retain_rows][:, : retain.max_length - 1]
+            if self.retain_ref_log_probs is not None:
+                retain_ref = self.retain_ref_log_probs[retain_rows][:, : retain.max_length - 1]
         return (forget, retain, forget_ref, retain_ref)
 
 
@@ -185,44 +102,6 @@ def autograd_evaluation(model, objective: Objective, *args) -> ExactEvaluation:
     return dataclasses.replace(closed, value=value.detach(), gradients=grads)
 
 
-def gradient_diagnostics(model, objective: Objective, problem: Problem, names: tuple[str, ...],
-                         full: ExactEvaluation | None = None) -> dict[str, np.ndarray]:
-    """Full-batch mean weight per forget component and every component's share of the gradient norm.
-
-    The forget gradient splits exactly by component, ``g_c = (forget_weight / n_f) sum_{y in c} w(y) d logp(y)``;
-    the retain term's gradient is credited to the retain components. ``power_share_c = ||g_c|| / sum ||g||``.
-    ``full`` is the full-batch evaluation at ``model`` when the caller already has it.
-    """
-    if full is None:
-        full = objective_value_and_gradient(model, objective, *problem.batch(None, None))
-    ids = torch.as_tensor(np.array(problem.forget.component_ids))
-    scale = objective.forget_weight / len(problem.forget)
-    norms, weights = np.zeros(len(names)), np.full(len(names), np.nan)
-    forget_counts = problem.forget.component_counts()
-    present = [(c, problem.forget.component_names.index(name)) for c, name in enumerate(names)
-               if forget_counts.get(name, 0) > 0]
-    forget_total = [torch.zeros_like(p) for p in model.parameters()]
-    if present:
-        rows = torch.stack([(ids == index).to(torch.float64) for _, index in present])  # (G, n_f)
-        parts = model.response_log_prob_gradient(problem.forget, rows * full.forget_weights * scale)  # each (G, ...)
-        for group, (c, _) in enumerate(present):
-            weights[c] = float((full.forget_weights * rows[group]).sum() / rows[group].sum())
-            norms[c] = _norm([part[group] for part in parts])
-        forget_total = [part.sum(0) for part in parts]
-    if problem.retain is not None and objective.retain is not None:
-        retain_norm = _norm([g - f for g, f in zip(full.gradients, forget_total)])
-        retain_counts = problem.retain.component_counts()
-        retain_names = [name for name in names if retain_counts.get(name, 0) > 0]
-        for name in retain_names:
-            norms[names.index(name)] += retain_norm / len(retain_names)
-    total = norms.sum()
-    return {"mean_weight": weights, "power_share": norms / total if total > 0 else np.full(len(names), np.nan)}
-
-
-def _norm(tensors) -> float:
-    return float(torch.sqrt(sum((t * t).sum() for t in tensors)))
-
-
 class _Optimizer:
     """GD or one of the Adam rules of :mod:`markovsim.optimizers` over a tuple of float64 tensors."""
 
@@ -232,10 +111,20 @@ class _Optimizer:
 
     def step(self, params, grads) -> tuple[torch.Tensor, ...]:
         c = self.config
+        grads = clip_by_global_norm(grads, c.max_grad_norm)
         if c.optimizer == "gd":
             return tuple(p - c.learning_rate * g for p, g in zip(params, grads))
         return tuple(adam_update(c.optimizer, p, g, state, c.learning_rate, c.adam_betas, c.adam_eps, c.weight_decay)
                      for p, g, state in zip(params, grads, self.states))
+
+
+def clip_by_global_norm(grads: tuple[torch.Tensor, ...], max_norm: float | None) -> tuple[torch.Tensor, ...]:
+    """``g * min(1, max_norm / ||g||)`` with ||g|| the norm over all tensors (torch's ``clip_grad_norm_``
+    rule, without its 1e-6 in the denominator); unchanged when ``max_norm`` is None."""
+    if max_norm is None:
+        return grads
+    norm = global_norm(grads)
+    return grads if norm <= max_norm else tuple(g * (max_norm / norm) for g in grads)
 
 
 def _evaluate_step(model, params, objective, batch, evaluate_gradient):
@@ -247,25 +136,21 @@ def _evaluate_step(model, params, objective, batch, evaluate_gradient):
         return candidate, evaluate_gradient(candidate, objective, *batch), None
     except ValueError:
         with torch.no_grad():
-            if not bool(torch.isfinite(candidate.response_log_prob(batch[0])).all()):
+            if not bool(torch.isfinite(candidate.response_logps(batch[0])).all()):
                 return candidate, None, "forget log-likelihoods are NaN/inf"
         raise
 
 
-def _divergence(evaluation: ExactEvaluation, num_tokens: torch.Tensor, threshold: float) -> str | None:
-    if not bool(torch.isfinite(evaluation.value)):
-        return f"objective is {float(evaluation.value)}"
-    if not all(bool(torch.isfinite(g).all()) for g in evaluation.gradients):
-        return "gradient has NaN/inf"
-    per_token = float((evaluation.forget_logps / num_tokens).mean())
-    if per_token < threshold:
-        return f"forget log-likelihood per token {per_token:.3g} fell below {threshold}"
-    return None
+def _divergence(evaluation: ExactEvaluation, num_tokens: torch.Tensor, threshold: float | None) -> str | None:
+    """:func:`markovsim.config.divergence_reason` of one step: the objective, ||g|| and the forget batch's
+    mean of logps / num_tokens."""
+    logp_per_token = float((evaluation.forget_logps / num_tokens).mean())
+    return divergence_reason(float(evaluation.value), logp_per_token, global_norm(evaluation.gradients), threshold)
 
 
 def unlearn(model, objective: Objective, forget: SequenceSet, retain: SequenceSet | None, reference,
-            config: DynamicsConfig = DynamicsConfig(), evaluator: Evaluator | None = None,
-            progress: bool = False) -> Trajectory:
+            config: DynamicsConfig = DynamicsConfig(), evaluator: ExactEvaluator | None = None,
+            progress: bool | None = None) -> Trajectory:
     """Run ``config.steps`` optimisation steps of ``objective`` from ``model``.
 
     Args:
@@ -273,13 +158,14 @@ def unlearn(model, objective: Objective, forget: SequenceSet, retain: SequenceSe
         forget, retain: training sequences (retain may be None for forget-only objectives).
         reference: the model before unlearning (NPO's pi_ref, the KL term's target).
         evaluator: test-set metrics; default evaluates on ``forget`` and ``retain`` themselves.
-        progress: show a tqdm bar.
+        progress: show progress; None = ``config.progress``.
     Returns:
         a :class:`Trajectory`; ``diverged_at`` is set if the run stopped early.
     """
     if not isinstance(config, DynamicsConfig):
         raise TypeError(f"config must be a DynamicsConfig, got {type(config).__name__}")
     with torch_threads(1):
+        progress = config.progress if progress is None else progress
         return _unlearn(model, objective, forget, retain, reference, config, evaluator, progress)
 
 
@@ -288,7 +174,7 @@ def _unlearn(model, objective, forget, retain, reference, config, evaluator, pro
     if evaluator is None:
         from .data import concatenate
 
-        evaluator = Evaluator(concatenate([s for s in (forget, retain) if s is not None]), reference)
+        evaluator = ExactEvaluator(concatenate([s for s in (forget, retain) if s is not None]), reference=reference)
     names = evaluator.component_names
     rng = np.random.default_rng(config.seed) if config.batch_size is not None else None
     evaluate_gradient = autograd_evaluation if config.gradient == "autograd" else objective_value_and_gradient
@@ -309,7 +195,7 @@ def _unlearn(model, objective, forget, retain, reference, config, evaluator, pro
                                    full=current if full_batch else None))
             steps.append(step)
             losses.append(float(current.value) if current is not None else float("nan"))
-            distances.append(_norm([p - p0 for p, p0 in zip(params, start)]))
+            distances.append(global_norm([p - p0 for p, p0 in zip(params, start)]))
         if reason is not None:
             diverged_at = step
             break
@@ -344,7 +230,7 @@ def _progress(total: int, enabled: bool):
 
 
 def gradient_flow(model, objective: Objective, forget: SequenceSet, retain: SequenceSet | None, reference,
-                  times, evaluator: Evaluator | None = None, method: str = "RK45", rtol: float = 1e-8,
+                  times, evaluator: ExactEvaluator | None = None, method: str = "RK45", rtol: float = 1e-8,
                   atol: float = 1e-10) -> Trajectory:
     """Integrate ``d theta / dt = -grad L(theta)`` with ``scipy.integrate.solve_ivp``; evaluate at ``times``.
 
@@ -381,7 +267,7 @@ def _gradient_flow(model, objective, forget, retain, reference, times, evaluator
     if evaluator is None:
         from .data import concatenate
 
-        evaluator = Evaluator(concatenate([s for s in (forget, retain) if s is not None]), reference)
+        evaluator = ExactEvaluator(concatenate([s for s in (forget, retain) if s is not None]), reference=reference)
     records, losses, distances = [], [], []
     for column in solution.y.T:
         point = model.with_parameters(*unflatten(column))

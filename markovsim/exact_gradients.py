@@ -17,7 +17,8 @@ from dataclasses import dataclass
 import torch
 
 from .data import SequenceSet
-from .losses import Objective, kl
+from .losses import NEEDS_REFERENCE, kl
+from .objectives import Objective
 
 
 @dataclass(frozen=True)
@@ -45,70 +46,70 @@ def num_tokens_tensor(sequences: SequenceSet) -> torch.Tensor:
     return torch.tensor(sequences.num_tokens, dtype=torch.float64)
 
 
-def next_token_logprobs(model, sequences: SequenceSet) -> torch.Tensor:
+def next_token_log_probs(model, sequences: SequenceSet) -> torch.Tensor:
     """log of the model's next-token predictive, (n, T-1, V), with 0 on padding so gradients stay finite."""
     return model.next_token_log_probs(sequences)
 
 
-def retain_kl_value(model, retain: SequenceSet, reference_logprobs: torch.Tensor) -> torch.Tensor:
+def retain_kl_value(model, retain: SequenceSet, reference_log_probs: torch.Tensor) -> torch.Tensor:
     """Mean over all retain response tokens of ``KL(pi_ref || pi_theta)`` (docs/theory.md, "Retain terms and objectives")."""
     mask = torch.as_tensor(retain.transition_mask)
-    per_sequence = kl(reference_logprobs, next_token_logprobs(model, retain), mask)  # (n,) token means
+    per_sequence = kl(reference_log_probs, next_token_log_probs(model, retain), mask)  # (n,) token means
     num_tokens = num_tokens_tensor(retain)
     return (per_sequence * num_tokens).sum() / num_tokens.sum()
 
 
-def _check_inputs(objective: Objective, forget: SequenceSet, retain, forget_ref_logps, retain_ref_logprobs) -> None:
+def _check_inputs(objective: Objective, forget: SequenceSet, retain, forget_ref_logps, retain_ref_log_probs) -> None:
     if not isinstance(objective, Objective):
         raise TypeError(f"objective must be a markovsim.losses.Objective, got {type(objective).__name__}")
     if not isinstance(forget, SequenceSet) or len(forget) == 0:
         raise ValueError("forget must be a non-empty SequenceSet")
     if objective.retain is not None and (not isinstance(retain, SequenceSet) or len(retain) == 0):
         raise ValueError(f"objective has retain term {objective.retain!r}: pass a non-empty retain SequenceSet")
-    if objective.forget == "npo" and forget_ref_logps is None:
-        raise ValueError("npo needs forget_ref_logps (the reference model's response_log_prob on the forget set)")
-    if objective.retain == "kl" and retain_ref_logprobs is None:
-        raise ValueError("a kl retain term needs retain_ref_logprobs (next_token_logprobs(reference, retain))")
+    if objective.forget in NEEDS_REFERENCE and forget_ref_logps is None:
+        raise ValueError(f"{objective.forget} needs forget_ref_logps (the reference model's response_logps on the forget set)")
+    if objective.retain in NEEDS_REFERENCE and retain_ref_log_probs is None:
+        raise ValueError(f"a {objective.retain} retain term needs retain_ref_log_probs (next_token_log_probs(reference, retain))")
 
 
 def objective_value(model, objective: Objective, forget: SequenceSet, retain: SequenceSet | None = None,
                     forget_ref_logps: torch.Tensor | None = None,
-                    retain_ref_logprobs: torch.Tensor | None = None) -> torch.Tensor:
+                    retain_ref_log_probs: torch.Tensor | None = None) -> torch.Tensor:
     """The scalar objective ``forget_weight * mean_y L_f(y) + retain_weight * retain_term`` (autograd-able)."""
-    _check_inputs(objective, forget, retain, forget_ref_logps, retain_ref_logprobs)
-    forget_value = objective.forget_losses(model.response_log_prob(forget), num_tokens_tensor(forget),
+    _check_inputs(objective, forget, retain, forget_ref_logps, retain_ref_log_probs)
+    forget_value = objective.forget_losses(model.response_logps(forget), num_tokens_tensor(forget),
                                            forget_ref_logps).mean()
     if objective.retain is None:
         return objective.total(forget_value)
     if objective.retain == "nll":
-        retain_value = (-model.response_log_prob(retain) / num_tokens_tensor(retain)).mean()
+        retain_value = (-model.response_logps(retain) / num_tokens_tensor(retain)).mean()
     else:
-        retain_value = retain_kl_value(model, retain, retain_ref_logprobs)
+        retain_value = retain_kl_value(model, retain, retain_ref_log_probs)
     return objective.total(forget_value, retain_value)
 
 
 def objective_value_and_gradient(model, objective: Objective, forget: SequenceSet, retain: SequenceSet | None = None,
                                  forget_ref_logps: torch.Tensor | None = None,
-                                 retain_ref_logprobs: torch.Tensor | None = None) -> ExactEvaluation:
+                                 retain_ref_log_probs: torch.Tensor | None = None) -> ExactEvaluation:
     """Value and closed-form gradient of the objective on ``TabularMarkov`` or ``MixtureOfChains``."""
-    _check_inputs(objective, forget, retain, forget_ref_logps, retain_ref_logprobs)
+    _check_inputs(objective, forget, retain, forget_ref_logps, retain_ref_log_probs)
     with torch.no_grad():
-        logps = model.response_log_prob(forget)  # (n_f,)
+        logps = model.response_logps(forget)  # (n_f,)
         num_tokens = num_tokens_tensor(forget)
         forget_value = objective.forget_losses(logps, num_tokens, forget_ref_logps).mean()
         weights = objective.forget_weights(logps, num_tokens, forget_ref_logps)  # (n_f,)
         forget_scale = objective.forget_weight / len(forget)
-        gradients = model.response_log_prob_gradient(forget, weights * forget_scale)
+        gradients = model.response_logps_gradient(forget, weights * forget_scale)
         retain_value = None
         if objective.retain == "nll":
             retain_tokens = num_tokens_tensor(retain)
-            retain_value = (-model.response_log_prob(retain) / retain_tokens).mean()
-            retain_gradients = model.response_log_prob_gradient(retain, -objective.retain_weight / (len(retain) * retain_tokens))
+            retain_value = (-model.response_logps(retain) / retain_tokens).mean()
+            retain_gradients = model.response_logps_gradient(retain, -objective.retain_weight / (len(retain) * retain_tokens))
         elif objective.retain == "kl":
-            retain_value = retain_kl_value(model, retain, retain_ref_logprobs)
+            retain_value = retain_kl_value(model, retain, retain_ref_log_probs)
             mask = torch.as_tensor(retain.transition_mask)
             token_weights = mask.to(torch.float64) * (objective.retain_weight / float(mask.sum()))
-            retain_gradients = model.predictive_kl_gradient(retain, torch.exp(retain_ref_logprobs) * mask[..., None], token_weights)
+            retain_gradients = model.predictive_kl_gradient(retain, torch.exp(retain_ref_log_probs) * mask[..., None], token_weights)
         if objective.retain is not None:
             gradients = tuple(g + h for g, h in zip(gradients, retain_gradients))
         value = objective.total(forget_value, retain_value)

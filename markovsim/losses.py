@@ -22,15 +22,24 @@ retain terms are ``forget_weight`` and ``retain_weight`` (open-unlearning calls 
 
 from __future__ import annotations
 
-import dataclasses
-import math
-import numbers
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
+from .tensor_checks import (
+    check_beta,
+    check_float,
+    check_mask,
+    check_nonempty,
+    check_num_tokens,
+    check_number,
+    check_per_sequence,
+    check_token_values,
+)
+
 __all__ = [
+    "reduce_token_logps",
     "sequence_logps",
     "ga",
     "ga_sum",
@@ -43,112 +52,13 @@ __all__ = [
     "gradient_weights",
     "LOSSES",
     "RETAIN_TERMS",
-    "Objective",
-    "OBJECTIVES",
-    "get_objective",
+    "SEQUENCE_LOSSES",
+    "NEEDS_REFERENCE",
+    "USES_BETA",
+    "USES_GAMMA",
+    "USES_ALPHA",
 ]
-
-
-# ---------------------------------------------------------------------------------------------
-# Input validation (cheap: one reduction per tensor)
-# ---------------------------------------------------------------------------------------------
-
-
-def _check_tensor(name: str, x) -> torch.Tensor:
-    if not isinstance(x, torch.Tensor):
-        raise TypeError(
-            f"{name} must be a torch.Tensor, got {type(x).__name__}; "
-            f"wrap it with torch.as_tensor(...)"
-        )
-    return x
-
-
-def _check_float(name: str, x) -> torch.Tensor:
-    _check_tensor(name, x)
-    if not x.is_floating_point():
-        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
-    return x
-
-
-def _check_per_sequence(name: str, x, like: torch.Tensor | None = None) -> torch.Tensor:
-    """A finite floating (B,) tensor, with the shape of ``like`` if given."""
-    _check_float(name, x)
-    if x.ndim != 1:
-        raise ValueError(f"{name} must have shape (B,) (one value per sequence), got {tuple(x.shape)}")
-    if like is not None and x.shape != like.shape:
-        raise ValueError(
-            f"{name} has shape {tuple(x.shape)} but logps has shape {tuple(like.shape)}; "
-            f"pass one value per sequence for both"
-        )
-    if not torch.isfinite(x).all():
-        raise ValueError(
-            f"{name} contains NaN or inf; sequence log-likelihoods must be finite "
-            f"(very negative is fine). Check for -inf token log-probs at unmasked positions"
-        )
-    return x
-
-
-def _check_num_tokens(num_tokens, logps: torch.Tensor) -> torch.Tensor:
-    """|y| per sequence: a (B,) tensor (integer or floating) of finite values > 0."""
-    _check_tensor("num_tokens", num_tokens)
-    if num_tokens.shape != logps.shape:
-        raise ValueError(
-            f"num_tokens has shape {tuple(num_tokens.shape)} but logps has shape "
-            f"{tuple(logps.shape)}; pass one token count per sequence"
-        )
-    if num_tokens.is_floating_point() and not torch.isfinite(num_tokens).all():
-        raise ValueError("num_tokens contains NaN or inf; pass the response-token counts")
-    if not (num_tokens > 0).all():
-        raise ValueError(
-            "num_tokens must be > 0 for every sequence; drop sequences with no response tokens "
-            "(fully masked) before computing the loss"
-        )
-    return num_tokens
-
-
-def _check_number(name: str, value, *, positive: bool = False, nonnegative: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-    if not math.isfinite(value):
-        raise ValueError(f"{name} must be finite, got {value}")
-    if positive and not value > 0:
-        raise ValueError(f"{name} must be > 0, got {value}; use a small positive value instead")
-    if nonnegative and not value >= 0:
-        raise ValueError(f"{name} must be >= 0, got {value}")
-    return value
-
-
-def _check_beta(beta) -> float:
-    return _check_number("beta", beta, positive=True)
-
-
-def _check_mask(mask, shape: torch.Size) -> torch.Tensor:
-    """A (B, T) mask, bool or 0/1 numbers, returned as bool."""
-    _check_tensor("mask", mask)
-    if mask.shape != shape:
-        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(shape)} (B, T)")
-    if mask.dtype != torch.bool:
-        if not ((mask == 0) | (mask == 1)).all():
-            raise ValueError("mask must be bool or contain only 0 and 1")
-        mask = mask.bool()
-    return mask
-
-
-def _check_token_values(name: str, x: torch.Tensor, mask: torch.Tensor, *, allow_neg_inf: bool) -> None:
-    """Values at masked-in positions must be finite (or -inf if allowed); padding is ignored."""
-    kept = x[mask]  # (N, ...) masked-in positions only
-    ok = (kept < math.inf).all() if allow_neg_inf else torch.isfinite(kept).all()
-    if not ok:
-        allowed = "finite or -inf (probability 0)" if allow_neg_inf else "finite"
-        raise ValueError(
-            f"{name} has NaN or inf at unmasked positions; values there must be {allowed}. "
-            f"Padding positions (mask False) may hold anything"
-        )
-
-
-def _check_nonempty(mask: torch.Tensor) -> None:
-    if not mask.any(-1).all():
-        raise ValueError("every sequence needs at least one unmasked token; drop empty sequences")
+# Objective, OBJECTIVES and get_objective live in markovsim.objectives; re-exported lazily (module __getattr__).
 
 
 # ---------------------------------------------------------------------------------------------
@@ -156,8 +66,8 @@ def _check_nonempty(mask: torch.Tensor) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sequence log-likelihood and response length from per-token log-probs.
+def reduce_token_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence logps and response length from per-token logps (docs/theory.md, "Names").
 
     logps_b = sum_t mask_bt * token_logps_bt = logp_theta(y|x),  num_tokens_b = sum_t mask_bt = |y|.
 
@@ -172,14 +82,18 @@ def sequence_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch
         in int64 before the cast (bf16 represents integers exactly only up to 256). A row with no
         response tokens gives logps 0 and num_tokens 0, which the losses reject.
     """
-    _check_float("token_logps", token_logps)
+    check_float("token_logps", token_logps)
     if token_logps.ndim != 2:
         raise ValueError(f"token_logps must have shape (B, T), got {tuple(token_logps.shape)}")
-    mask = _check_mask(mask, token_logps.shape)
-    _check_token_values("token_logps", token_logps, mask, allow_neg_inf=False)
+    mask = check_mask(mask, token_logps.shape)
+    check_token_values("token_logps", token_logps, mask, allow_neg_inf=False)
     logps = torch.where(mask, token_logps, 0.0).sum(-1)  # (B,)
     num_tokens = mask.sum(-1).to(token_logps.dtype)  # (B,)
     return logps, num_tokens
+
+
+# Deprecated alias: llm/ imports it under this name (it collides with llm.logps.sequence_logps(model, batch)).
+sequence_logps = reduce_token_logps
 
 
 # ---------------------------------------------------------------------------------------------
@@ -194,8 +108,8 @@ def ga(logps: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
 
     Args: logps (B,), num_tokens (B,) > 0.  Returns: (B,) per-sequence losses.
     """
-    _check_per_sequence("logps", logps)
-    _check_num_tokens(num_tokens, logps)
+    check_per_sequence("logps", logps)
+    check_num_tokens(num_tokens, logps)
     return logps / num_tokens  # (B,)
 
 
@@ -206,7 +120,7 @@ def ga_sum(logps: torch.Tensor) -> torch.Tensor:
 
     Args: logps (B,).  Returns: (B,) per-sequence losses.
     """
-    _check_per_sequence("logps", logps)
+    check_per_sequence("logps", logps)
     return logps.clone()  # (B,) a new tensor, so callers may modify it in place
 
 
@@ -225,9 +139,9 @@ def npo(logps: torch.Tensor, ref_logps: torch.Tensor, beta: float) -> torch.Tens
 
     Returns: (B,) per-sequence losses.
     """
-    _check_per_sequence("logps", logps)
-    _check_per_sequence("ref_logps", ref_logps, like=logps)
-    beta = _check_beta(beta)
+    check_per_sequence("logps", logps)
+    check_per_sequence("ref_logps", ref_logps, like=logps)
+    beta = check_beta(beta)
     log_ratio = logps - ref_logps  # (B,)
     return -(2.0 / beta) * F.logsigmoid(-beta * log_ratio)  # (B,)
 
@@ -254,10 +168,10 @@ def simnpo(logps: torch.Tensor, num_tokens: torch.Tensor, beta: float, gamma: fl
 
     Returns: (B,) per-sequence losses.
     """
-    _check_per_sequence("logps", logps)
-    _check_num_tokens(num_tokens, logps)
-    beta = _check_beta(beta)
-    gamma = _check_number("gamma", gamma)
+    check_per_sequence("logps", logps)
+    check_num_tokens(num_tokens, logps)
+    beta = check_beta(beta)
+    gamma = check_number("gamma", gamma)
     margin = -beta * logps / num_tokens - gamma  # (B,) the reward -(beta/|y|) logp_theta - gamma
     return -(2.0 / beta) * F.logsigmoid(margin)  # (B,)
 
@@ -279,10 +193,10 @@ def dpo(
     Args: logps_w, ref_logps_w, logps_l, ref_logps_l: (B,) each; beta > 0.
     Returns: (B,) per-example losses.
     """
-    _check_per_sequence("logps_w", logps_w)
+    check_per_sequence("logps_w", logps_w)
     for name, x in (("ref_logps_w", ref_logps_w), ("logps_l", logps_l), ("ref_logps_l", ref_logps_l)):
-        _check_per_sequence(name, x, like=logps_w)
-    beta = _check_beta(beta)
+        check_per_sequence(name, x, like=logps_w)
+    beta = check_beta(beta)
     margin = (logps_w - ref_logps_w) - (logps_l - ref_logps_l)  # (B,)
     return -(2.0 / beta) * F.logsigmoid(beta * margin)  # (B,)
 
@@ -301,13 +215,13 @@ def wga(token_logps: torch.Tensor, mask: torch.Tensor, alpha: float = 1.0) -> to
 
     Returns: (B,) per-sequence losses.
     """
-    _check_float("token_logps", token_logps)
+    check_float("token_logps", token_logps)
     if token_logps.ndim != 2:
         raise ValueError(f"token_logps must have shape (B, T), got {tuple(token_logps.shape)}")
-    mask = _check_mask(mask, token_logps.shape)
-    _check_token_values("token_logps", token_logps, mask, allow_neg_inf=False)
-    _check_nonempty(mask)
-    alpha = _check_number("alpha", alpha, nonnegative=True)
+    mask = check_mask(mask, token_logps.shape)
+    check_token_values("token_logps", token_logps, mask, allow_neg_inf=False)
+    check_nonempty(mask)
+    alpha = check_number("alpha", alpha, nonnegative=True)
     kept = torch.where(mask, token_logps, 0.0)  # (B, T), padding -> 0
     weights = torch.exp(alpha * kept).detach()  # (B, T) sg(p_t^alpha); 1 on padding, times 0 below
     num_tokens = mask.sum(-1)  # (B,) int64
@@ -326,12 +240,12 @@ def nll(logps: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
 
     Args: logps (B,), num_tokens (B,) > 0.  Returns: (B,) per-sequence values.
     """
-    _check_per_sequence("logps", logps)
-    _check_num_tokens(num_tokens, logps)
+    check_per_sequence("logps", logps)
+    check_num_tokens(num_tokens, logps)
     return -logps / num_tokens  # (B,)
 
 
-def kl(ref_logprobs: torch.Tensor, logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def kl(ref_log_probs: torch.Tensor, log_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Retain KL to the reference, per-sequence mean over response tokens (docs/theory.md, "Retain terms and objectives").
 
     kl(y) = (1/|y|) sum_{t in response} KL( pi_ref(.|ctx_t) || pi_theta(.|ctx_t) ),
@@ -343,27 +257,27 @@ def kl(ref_logprobs: torch.Tensor, logprobs: torch.Tensor, mask: torch.Tensor) -
     tokens only when all sequences have the same length.
 
     Args:
-        ref_logprobs: (B, T, V) reference log-probabilities over the vocabulary (may hold -inf).
-        logprobs: (B, T, V) current model log-probabilities (e.g. log_softmax of the logits).
+        ref_log_probs: (B, T, V) reference log-probabilities over the vocabulary (may hold -inf).
+        log_probs: (B, T, V) current model log-probabilities (e.g. log_softmax of the logits).
         mask: (B, T) bool or 0/1, True on response tokens; padding may hold any value.
 
     Returns: (B,) per-sequence mean token KL.
     """
-    _check_float("ref_logprobs", ref_logprobs)
-    _check_float("logprobs", logprobs)
-    if ref_logprobs.ndim != 3 or logprobs.shape != ref_logprobs.shape:
+    check_float("ref_log_probs", ref_log_probs)
+    check_float("log_probs", log_probs)
+    if ref_log_probs.ndim != 3 or log_probs.shape != ref_log_probs.shape:
         raise ValueError(
-            f"ref_logprobs and logprobs must both have shape (B, T, V), got "
-            f"{tuple(ref_logprobs.shape)} and {tuple(logprobs.shape)}"
+            f"ref_log_probs and log_probs must both have shape (B, T, V), got "
+            f"{tuple(ref_log_probs.shape)} and {tuple(log_probs.shape)}"
         )
-    mask = _check_mask(mask, ref_logprobs.shape[:2])
-    _check_token_values("ref_logprobs", ref_logprobs, mask, allow_neg_inf=True)
-    _check_token_values("logprobs", logprobs, mask, allow_neg_inf=True)
-    _check_nonempty(mask)
-    ref_probs = ref_logprobs.exp()  # (B, T, V)
+    mask = check_mask(mask, ref_log_probs.shape[:2])
+    check_token_values("ref_log_probs", ref_log_probs, mask, allow_neg_inf=True)
+    check_token_values("log_probs", log_probs, mask, allow_neg_inf=True)
+    check_nonempty(mask)
+    ref_probs = ref_log_probs.exp()  # (B, T, V)
     keep = mask[..., None] & (ref_probs > 0)  # (B, T, V) response tokens x reference support
     ref_probs = torch.where(keep, ref_probs, 0.0)  # (B, T, V)
-    log_ratio = torch.where(keep, ref_logprobs - logprobs, 0.0)  # (B, T, V)
+    log_ratio = torch.where(keep, ref_log_probs - log_probs, 0.0)  # (B, T, V)
     token_kl = (ref_probs * log_ratio).sum(-1)  # (B, T), 0 on padding
     return token_kl.sum(-1) / mask.sum(-1)  # (B,)
 
@@ -409,11 +323,11 @@ def _sequence_kwargs(name: str, available: dict) -> dict:
     """The keyword arguments ``name`` needs, taken from ``available``; missing ones -> ValueError."""
     if name not in LOSSES:
         raise ValueError(f"unknown loss {name!r}; valid names: {sorted(LOSSES)}")
-    if name not in _SEQUENCE_ARGS:
+    if name not in SEQUENCE_LOSSES:
         raise ValueError(
             f"{name!r} is not a sequence-level-weight loss (dpo takes two responses per example; "
             f"wga weights each token); it is LLM-side only: call LOSSES[{name!r}] directly. "
-            f"Sequence-level losses: {sorted(_SEQUENCE_ARGS)}"
+            f"Sequence-level losses: {sorted(SEQUENCE_LOSSES)}"
         )
     missing = [arg for arg in _SEQUENCE_ARGS[name] if available.get(arg) is None]
     if missing:
@@ -442,21 +356,21 @@ def gradient_weights(
     kwargs = _sequence_kwargs(
         name, dict(num_tokens=num_tokens, ref_logps=ref_logps, beta=beta, gamma=gamma)
     )
-    _check_per_sequence("logps", logps)
+    check_per_sequence("logps", logps)
     if "num_tokens" in kwargs:
-        _check_num_tokens(num_tokens, logps)
+        check_num_tokens(num_tokens, logps)
     if "ref_logps" in kwargs:
-        _check_per_sequence("ref_logps", ref_logps, like=logps)
+        check_per_sequence("ref_logps", ref_logps, like=logps)
     if "beta" in kwargs:
-        _check_beta(beta)
+        check_beta(beta)
     if "gamma" in kwargs:
-        _check_number("gamma", gamma)
+        check_number("gamma", gamma)
     detached = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
     return _WEIGHTS[name](logps.detach(), **detached)
 
 
 # ---------------------------------------------------------------------------------------------
-# Registries and objectives
+# Registries
 # ---------------------------------------------------------------------------------------------
 
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {
@@ -470,96 +384,28 @@ LOSSES: dict[str, Callable[..., torch.Tensor]] = {
 
 RETAIN_TERMS: dict[str, Callable[..., torch.Tensor]] = {"nll": nll, "kl": kl}
 
+# Loss traits, the one place that says which loss (a name of LOSSES or RETAIN_TERMS) has which property;
+# tests/test_losses.py checks each against the functions' behaviour.
+# SEQUENCE_LOSSES: gradient = a per-sequence weight w(y) times d logp(y) (``gradient_weights`` takes exactly
+#   these; dpo has two responses, wga a weight per token). NEEDS_REFERENCE: needs pi_ref (its logps, or for
+#   kl its next-token log_probs). USES_BETA / USES_GAMMA / USES_ALPHA: takes that hyperparameter.
+SEQUENCE_LOSSES: frozenset[str] = frozenset({"ga", "ga_sum", "npo", "simnpo"})
+NEEDS_REFERENCE: frozenset[str] = frozenset({"npo", "dpo", "kl"})
+USES_BETA: frozenset[str] = frozenset({"npo", "simnpo", "dpo"})
+USES_GAMMA: frozenset[str] = frozenset({"simnpo"})
+USES_ALPHA: frozenset[str] = frozenset({"wga"})
 
-@dataclasses.dataclass(frozen=True)
-class Objective:
-    """An unlearning objective: forget_weight * forget_loss + retain_weight * retain_term.
 
-    Attributes:
-        forget: a key of LOSSES.
-        retain: a key of RETAIN_TERMS, or None for a forget-only objective.
-        forget_weight, retain_weight: finite, >= 0 (open-unlearning's "gamma" / "alpha";
-            the WMDP code's "gamma" is the retain weight).
-        beta: inverse temperature of npo / simnpo / dpo, > 0.
-        gamma: SimNPO's reward margin (= beta * delta of the official code / open-unlearning).
-        alpha: WGA's weight exponent, >= 0.
+_MOVED_TO_OBJECTIVES = ("Objective", "OBJECTIVES", "get_objective")
+
+
+def __getattr__(name: str):
+    """Backwards-compatible re-export of the objective API, now in :mod:`markovsim.objectives`.
+
+    Lazy (PEP 562) because ``markovsim.objectives`` imports this module.
     """
+    if name in _MOVED_TO_OBJECTIVES:
+        from . import objectives
 
-    forget: str
-    retain: str | None = None
-    forget_weight: float = 1.0
-    retain_weight: float = 1.0
-    beta: float = 0.1
-    gamma: float = 0.0
-    alpha: float = 1.0
-
-    def __post_init__(self):
-        if self.forget not in LOSSES:
-            raise ValueError(f"unknown forget loss {self.forget!r}; valid names: {sorted(LOSSES)}")
-        if self.retain is not None and self.retain not in RETAIN_TERMS:
-            raise ValueError(
-                f"unknown retain term {self.retain!r}; valid names: {sorted(RETAIN_TERMS)} or None"
-            )
-        for name in ("forget_weight", "retain_weight", "alpha"):
-            _check_number(name, getattr(self, name), nonnegative=True)
-        _check_beta(self.beta)
-        _check_number("gamma", self.gamma)
-
-    @property
-    def needs_reference(self) -> bool:
-        """Whether the objective needs the reference model (npo, dpo, or a KL retain term)."""
-        return self.forget in ("npo", "dpo") or self.retain == "kl"
-
-    def forget_losses(
-        self, logps: torch.Tensor, num_tokens: torch.Tensor, ref_logps: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Per-sequence forget losses (B,) for ga, ga_sum, npo (needs ref_logps) and simnpo."""
-        available = dict(num_tokens=num_tokens, ref_logps=ref_logps, beta=self.beta, gamma=self.gamma)
-        return LOSSES[self.forget](logps, **_sequence_kwargs(self.forget, available))
-
-    def forget_weights(
-        self, logps: torch.Tensor, num_tokens: torch.Tensor, ref_logps: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        """Closed-form gradient weights (B,) of the forget loss (see ``gradient_weights``)."""
-        return gradient_weights(
-            self.forget, logps, num_tokens, ref_logps, beta=self.beta, gamma=self.gamma
-        )
-
-    def total(self, forget_loss_mean: torch.Tensor, retain_value: torch.Tensor | None = None) -> torch.Tensor:
-        """forget_weight * forget_loss_mean + retain_weight * retain_value (retain iff self.retain)."""
-        _check_tensor("forget_loss_mean", forget_loss_mean)
-        if self.retain is None:
-            if retain_value is not None:
-                raise ValueError("this objective has no retain term; pass retain_value=None")
-            return self.forget_weight * forget_loss_mean
-        if retain_value is None:
-            raise ValueError(f"objective has retain term {self.retain!r}; pass its value as retain_value")
-        _check_tensor("retain_value", retain_value)
-        return self.forget_weight * forget_loss_mean + self.retain_weight * retain_value
-
-
-# Paper names. NPO: beta 0.1 (official configs). SimNPO: TOFU forget05 (beta 2.5, gamma 0); with a
-# retain term the official forget05 weights (forget 0.1375, retain 1).
-_SIMNPO = dict(beta=2.5, gamma=0.0)
-_SIMNPO_RETAIN = dict(_SIMNPO, forget_weight=0.1375, retain_weight=1.0)
-OBJECTIVES: dict[str, Objective] = {
-    "GA": Objective("ga"),
-    "GradDiff": Objective("ga", "nll"),
-    "NPO": Objective("npo", beta=0.1),
-    "NPO+RT": Objective("npo", "nll", beta=0.1),
-    "NPO+KL": Objective("npo", "kl", beta=0.1),
-    "SimNPO": Objective("simnpo", **_SIMNPO),
-    "SimNPO+RT": Objective("simnpo", "nll", **_SIMNPO_RETAIN),
-    "SimNPO+KL": Objective("simnpo", "kl", **_SIMNPO_RETAIN),
-}
-
-
-def get_objective(name: str, **overrides) -> Objective:
-    """The named objective of OBJECTIVES with fields replaced, e.g. get_objective("NPO", beta=0.2)."""
-    if name not in OBJECTIVES:
-        raise ValueError(f"unknown objective {name!r}; valid names: {list(OBJECTIVES)}")
-    fields = {f.name for f in dataclasses.fields(Objective)}
-    unknown = sorted(set(overrides) - fields)
-    if unknown:
-        raise ValueError(f"unknown Objective fields {unknown}; valid fields: {sorted(fields)}")
-    return dataclasses.replace(OBJECTIVES[name], **overrides)
+        return getattr(objectives, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -15,7 +15,7 @@ import torch
 
 from .chains import MarkovChain
 from .data import SequenceSet
-from .models import TabularMarkov
+from .tabular import TabularMarkov
 
 
 def per_token_kl(target_probs: torch.Tensor, model_probs: torch.Tensor) -> torch.Tensor:

@@ -44,20 +44,61 @@ def metadata_block(config=None, **extra) -> dict:
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), **extra}
 
 
-def _to_json(value):
-    """Convert numpy scalars/arrays and non-finite floats to JSON-safe values (inf/nan become strings)."""
+NON_FINITE_KEY = "non_finite_values"
+
+
+def _pointer_token(key) -> str:
+    """One JSON Pointer (RFC 6901) reference token: ``~`` -> ``~0``, ``/`` -> ``~1``."""
+    return str(key).replace("~", "~0").replace("/", "~1")
+
+
+def to_strict_json(value, pointer: str = "", non_finite: dict | None = None):
+    """``value`` as strict-JSON-ready data, and ``{JSON Pointer: "nan" | "inf" | "-inf"}`` for what became null.
+
+    numpy scalars/arrays become Python numbers/lists; a NaN/inf float becomes ``None`` (JSON null) and
+    its location is recorded, e.g. ``{"/summaries/NPO/final/0": "nan"}`` (RFC 6901 pointers: ``/``
+    in a key is written ``~1``). Returns ``(converted, non_finite)``.
+    """
+    non_finite = {} if non_finite is None else non_finite
     if isinstance(value, dict):
-        return {str(k): _to_json(v) for k, v in value.items()}
+        return {str(k): to_strict_json(v, f"{pointer}/{_pointer_token(k)}", non_finite)[0]
+                for k, v in value.items()}, non_finite
     if isinstance(value, (list, tuple)):
-        return [_to_json(v) for v in value]
+        return [to_strict_json(v, f"{pointer}/{i}", non_finite)[0] for i, v in enumerate(value)], non_finite
     if isinstance(value, np.ndarray):
-        return _to_json(value.tolist())
+        return to_strict_json(value.tolist(), pointer, non_finite)
     if isinstance(value, (np.integer,)):
-        return int(value)
+        return int(value), non_finite
+    if isinstance(value, (np.bool_,)):
+        return bool(value), non_finite
     if isinstance(value, (float, np.floating)):
         value = float(value)
-        return value if math.isfinite(value) else str(value)
-    return value
+        if math.isfinite(value):
+            return value, non_finite
+        non_finite[pointer] = str(value)
+        return None, non_finite
+    return value, non_finite
+
+
+def strict_json_text(document: dict) -> str:
+    """Indented strict JSON (no NaN/Infinity tokens): non-finite numbers are null, listed under
+    ``"non_finite_values"`` (see :func:`to_strict_json`); :func:`read_json` restores them."""
+    converted, non_finite = to_strict_json(document)
+    if non_finite:
+        converted[NON_FINITE_KEY] = non_finite
+    return json.dumps(converted, indent=2, allow_nan=False) + "\n"
+
+
+def _restore_non_finite(document: dict) -> dict:
+    """Put the floats listed under ``non_finite_values`` back at their JSON Pointers."""
+    for pointer, text in document.pop(NON_FINITE_KEY, {}).items():
+        tokens = [t.replace("~1", "/").replace("~0", "~") for t in pointer.split("/")[1:]]
+        container = document
+        for token in tokens[:-1]:
+            container = container[int(token) if isinstance(container, list) else token]
+        last = tokens[-1]
+        container[int(last) if isinstance(container, list) else last] = float(text)
+    return document
 
 
 @contextlib.contextmanager
@@ -81,16 +122,20 @@ def atomic_output(path: str | os.PathLike):
 
 
 def atomic_write_json(path: str | os.PathLike, document: dict) -> None:
-    """Write ``document`` as indented JSON atomically (see :func:`atomic_output`)."""
+    """Write ``document`` as indented strict JSON (:func:`strict_json_text`) atomically (:func:`atomic_output`)."""
+    text = strict_json_text(document)
     with atomic_output(path) as temporary, open(temporary, "w") as file:
-        json.dump(_to_json(document), file, indent=2, allow_nan=False)
-        file.write("\n")
+        file.write(text)
 
 
 def read_json(path: str | os.PathLike) -> dict:
-    """Read a results JSON; a missing or malformed file raises ValueError naming the path."""
+    """Read a results JSON, with the non-finite numbers that were written as null restored as floats.
+
+    A missing or malformed file raises ValueError naming the path.
+    """
     try:
         with open(path) as file:
-            return json.load(file)
+            document = json.load(file)
     except (OSError, json.JSONDecodeError) as error:
         raise ValueError(f"cannot read results file {os.fspath(path)!r}: {error}") from error
+    return _restore_non_finite(document) if isinstance(document, dict) else document

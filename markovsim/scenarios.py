@@ -18,10 +18,13 @@ import numpy as np
 
 from .chains import MarkovChain, block_chains
 from .data import Component, MixtureSpec, SequenceSet
-from .dynamics import DynamicsConfig, Evaluator
-from .losses import OBJECTIVES, Objective, get_objective
-from .models import MixtureOfChains, TabularMarkov
+from .dynamics import DynamicsConfig
+from .evaluation import ExactEvaluator
+from .losses import USES_BETA, USES_GAMMA
+from .mixture import MixtureOfChains
+from .objectives import OBJECTIVES, Objective, get_objective
 from .runtime import torch_threads
+from .tabular import TabularMarkov
 
 PAPER_COUNTS = {"retain": 10000, "forget1": 5000, "forget2": 5000}
 MODEL_CLASSES = ("tabular", "mixture")
@@ -79,9 +82,9 @@ class Scenario:
         for name in names:
             base = self.methods.get(name) or get_objective(name)
             overrides = {}
-            if betas is not None and base.forget in ("npo", "simnpo"):
+            if betas is not None and base.forget in USES_BETA:
                 overrides["beta"] = float(betas[name] if isinstance(betas, Mapping) else betas)
-            if gammas is not None and base.forget == "simnpo":
+            if gammas is not None and base.forget in USES_GAMMA:
                 overrides["gamma"] = float(gammas)
             result[name] = dataclasses.replace(base, **overrides)
         return result
@@ -100,7 +103,7 @@ class Setup:
     reference: object
     retrained: object
     true_chains: dict[str, MarkovChain]
-    evaluator: Evaluator
+    evaluator: ExactEvaluator
 
 
 def _fit(model_class: str, sequences: SequenceSet, components: tuple[Component, ...]):
@@ -136,7 +139,7 @@ def _prepare(scenario: Scenario, model_class: str) -> Setup:
     retrained = _fit(model_class, retain, retain_components)
     true_chains = {c.name: c.chain for c in spec.components}
     return Setup(scenario, model_class, train, test, train.select(*forget_names), retain, reference, retrained,
-                 true_chains, Evaluator(test, reference, retrained, true_chains))
+                 true_chains, ExactEvaluator(test, true_chains, retrained, reference))
 
 
 _DEFAULT_DYNAMICS = DynamicsConfig(optimizer="adamw", learning_rate=0.02, steps=50)

@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from .dynamics import unlearn
-from .losses import get_objective
+from .losses import USES_BETA, USES_GAMMA
+from .objectives import get_objective
 from .results import atomic_output
 from .runtime import torch_threads
 from .scenarios import Scenario, prepare
@@ -41,8 +42,8 @@ def grid(methods, betas=(None,), gammas=(None,), learning_rates=(0.02,), seeds=(
     points = []
     for method, beta, gamma, lr, seed in itertools.product(methods, betas, gammas, learning_rates, seeds):
         forget = get_objective(method).forget
-        point = SweepPoint(method, beta if forget in ("npo", "simnpo") else None,
-                           gamma if forget == "simnpo" else None, float(lr), int(seed))
+        point = SweepPoint(method, beta if forget in USES_BETA else None,
+                           gamma if forget in USES_GAMMA else None, float(lr), int(seed))
         if point not in points:
             points.append(point)
     return points

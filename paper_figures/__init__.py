@@ -5,8 +5,16 @@
 ``plot(cache_stem, output_stem) -> paths``.
 """
 
-from . import (adam_eps, divergence, first_step, gradient_weights, markov_mixture, markov_tradeoff, power_share,
-               sensitivity)
+from . import (
+               adam_eps,
+               divergence,
+               first_step,
+               gradient_weights,
+               markov_mixture,
+               markov_tradeoff,
+               power_share,
+               sensitivity,
+)
 
 FIGURES = {
     "markov_mixture": markov_mixture,

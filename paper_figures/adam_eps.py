@@ -22,9 +22,8 @@ import numpy as np
 from markovsim.dynamics import unlearn as exact_unlearn
 from markovsim.optimizers import effective_eps
 from markovsim.plotting import method_color
-from markovsim.scenarios import SCENARIOS, prepare
-
 from markovsim.runtime import torch_threads
+from markovsim.scenarios import SCENARIOS, prepare
 
 from .cache import load_cache, save_cache
 from .runs import ordered_sources

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from markovsim.losses import NEEDS_REFERENCE
 from markovsim.runtime import torch_threads
 
 from .cache import load_cache, save_cache
@@ -72,10 +73,9 @@ def group_of(name: str) -> str:
 def _first_step(model, objective, forget, reference_logps, rule: str, eps: float, learning_rate: float,
                 batch_seed: int) -> dict[str, torch.Tensor]:
     """The parameter update of the paper's first unlearning step (batch of 4) on a copy of ``model``."""
-    from markovsim.optimizers import build_torch_optimizer
-
     from llm.data import batch_indices
     from llm.objective import BatchCounts, UnlearningBatch, objective_terms
+    from markovsim.optimizers import build_torch_optimizer
 
     stepped = copy.deepcopy(model).train()
     optimizer = build_torch_optimizer(rule, [{"params": list(stepped.parameters()), "weight_decay": 0.0}],
@@ -112,7 +112,7 @@ def _analyse(config: Config, preset: str, device: str, cache_dir: str, recompute
     model = setup.reference.cpu().eval()
     objective = setup.scenario.methods[config.method]
     forget = encode(setup.forget, "response")
-    reference_logps = sequence_logps_batched(model, forget)[0] if objective.forget == "npo" else None
+    reference_logps = sequence_logps_batched(model, forget)[0] if objective.forget in NEEDS_REFERENCE else None
     columns = list(evaluator.component_names)
     retain, forget2 = columns.index("retain"), columns.index("forget2")
     base = evaluator.evaluate(model)["kl_true"]

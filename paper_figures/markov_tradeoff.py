@@ -25,8 +25,16 @@ from markovsim.analysis import crossing, interpolate_at
 from markovsim.plotting import method_color, seed_band_axes
 from markovsim.results import atomic_output
 
-from .runs import (ScenarioRuns, by_source, flatten_seeds, load_runs, ordered_sources, precompute_runs, save_runs,
-                   scenario_runs)
+from .runs import (
+    ScenarioRuns,
+    by_source,
+    flatten_seeds,
+    load_runs,
+    ordered_sources,
+    precompute_runs,
+    save_runs,
+    scenario_runs,
+)
 from .style import apply_style, save_figure
 from .transformer_runs import TransformerSettings
 

@@ -97,7 +97,7 @@ def unigram_problems(draw, max_vocab=5, max_batch=4, max_length=8):
 
 @st.composite
 def vocab_logprob_batches(draw, max_batch=3, max_length=5, max_vocab=5):
-    """(ref_logprobs (B, T, V), logits (B, T, V), mask (B, T)), float64. The reference is a
+    """(ref_log_probs (B, T, V), logits (B, T, V), mask (B, T)), float64. The reference is a
     log_softmax with some entries at -inf (probability 0, never all of a row); logits are finite."""
     batch, length = draw(st.integers(1, max_batch)), draw(st.integers(1, max_length))
     vocab = draw(st.integers(2, max_vocab))

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from hypothesis import given, settings
 from scipy import stats
+from strategies import chains, random_chain
 
 from markovsim.chains import MarkovChain, block_chains
-from strategies import chains, random_chain
 
 
 def enumerate_log_probs(chain: MarkovChain, length: int) -> dict[tuple, float]:
@@ -30,7 +30,7 @@ def test_enumerated_probabilities_sum_to_one_and_match_log_prob(chain):
         brute = enumerate_log_probs(chain, length)
         assert math.isclose(sum(math.exp(v) for v in brute.values()), 1.0, rel_tol=1e-10)
         tokens = np.array(list(brute))
-        np.testing.assert_allclose(chain.log_prob(tokens), list(brute.values()), rtol=1e-12)
+        np.testing.assert_allclose(chain.logps(tokens), list(brute.values()), rtol=1e-12)
 
 
 def test_sampled_frequencies_pass_chi_square():
@@ -110,11 +110,11 @@ def test_malformed_chains_raise_value_error(initial, transition, match):
 def test_bad_tokens_and_arguments():
     chain = random_chain(np.random.default_rng(0), 3)
     with pytest.raises(ValueError, match="out of range"):
-        chain.log_prob([[0, 1, 3]])
+        chain.logps([[0, 1, 3]])
     with pytest.raises(ValueError, match="out of range"):
-        chain.log_prob([[0, -1, 2]])
+        chain.logps([[0, -1, 2]])
     with pytest.raises(ValueError, match="integer"):
-        chain.log_prob([[0.5, 1.0]])
+        chain.logps([[0.5, 1.0]])
     with pytest.raises(TypeError, match="Generator"):
         chain.sample(3, 4, rng=0)
     with pytest.raises(ValueError, match="length"):

@@ -5,10 +5,10 @@ import os
 import numpy as np
 import pytest
 from hypothesis import given, settings
+from strategies import mixture_specs, random_chain
 
 from markovsim.chains import block_chains
 from markovsim.data import PAD_TOKEN, Component, MixtureSpec, SequenceSet, concatenate
-from strategies import mixture_specs, random_chain
 
 
 def paper_spec(seed=0, scale=1):

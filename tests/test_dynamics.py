@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 from markovsim.dynamics import DynamicsConfig, gradient_flow, unlearn
-from markovsim.losses import OBJECTIVES, get_objective
 from markovsim.metrics import component_kl
+from markovsim.objectives import OBJECTIVES, get_objective
 from markovsim.scenarios import SCENARIOS, prepare
 from markovsim.trajectory import Trajectory
 
@@ -95,7 +95,7 @@ def test_divergent_run_stops_and_records_the_step(setup):
 
 def test_overflow_to_inf_or_nan_is_reported_not_raised(setup):
     trajectory = run(setup, OBJECTIVES["GA"], optimizer="gd", learning_rate=1e307, steps=40,
-                     divergence_logp_per_token=-float("inf"))
+                     divergence_logp_per_token=None)
     assert trajectory.diverged_at is not None and trajectory.diverged_at < 40
     assert "inf" in trajectory.divergence_reason.lower() or "nan" in trajectory.divergence_reason.lower()
     assert np.all(np.isnan(trajectory.component_metrics["kl_true"][-1]))

@@ -5,13 +5,13 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import random_chain
 
 from markovsim.chains import block_chains
 from markovsim.data import Component, MixtureSpec
-from markovsim.exact_gradients import next_token_logprobs, objective_value, objective_value_and_gradient
-from markovsim.losses import OBJECTIVES, Objective, get_objective
+from markovsim.exact_gradients import next_token_log_probs, objective_value, objective_value_and_gradient
 from markovsim.models import MixtureOfChains, TabularMarkov
-from strategies import random_chain
+from markovsim.objectives import OBJECTIVES, Objective, get_objective
 
 
 def small_problem(seed: int, num_states: int = 4, retain_length: int = 6, forget_lengths=(6, 3)):
@@ -48,7 +48,7 @@ def directional_finite_difference(model, objective, direction, args, step=1e-5):
 def test_closed_form_equals_autograd_equals_finite_differences(seed, model_name):
     forget, retain, models, reference = small_problem(seed)
     model = models[model_name]
-    args = (forget, retain, reference.response_log_prob(forget), next_token_logprobs(reference, retain))
+    args = (forget, retain, reference.response_logps(forget), next_token_log_probs(reference, retain))
     rng = np.random.default_rng(seed + 1)
     for name in OBJECTIVES:
         objective = get_objective(name, beta=0.7) if "NPO" in name else OBJECTIVES[name]
@@ -73,7 +73,7 @@ def test_paper_chains_with_variable_lengths_and_padding():
     forget, retain = train.select("forget1", "forget2"), train.select("retain")
     reference = MixtureOfChains.from_components(components)
     model = TabularMarkov.fit(train)
-    args = (forget, retain, reference.response_log_prob(forget), next_token_logprobs(reference, retain))
+    args = (forget, retain, reference.response_logps(forget), next_token_log_probs(reference, retain))
     for objective in (OBJECTIVES["NPO+KL"], OBJECTIVES["SimNPO+KL"], Objective("ga_sum", "nll", 0.3, 2.0)):
         evaluation = objective_value_and_gradient(model, objective, *args)
         _, autograd = autograd_gradients(model, objective, *args)
@@ -83,7 +83,7 @@ def test_paper_chains_with_variable_lengths_and_padding():
 
 def test_npo_weights_are_one_at_the_reference():
     forget, retain, _, reference = small_problem(3)
-    ref_logps = reference.response_log_prob(forget)
+    ref_logps = reference.response_logps(forget)
     evaluation = objective_value_and_gradient(reference, OBJECTIVES["NPO"], forget, retain, ref_logps)
     torch.testing.assert_close(evaluation.forget_weights, torch.ones(len(forget), dtype=torch.float64))
 
@@ -94,7 +94,7 @@ def test_missing_inputs_raise_clear_errors():
         objective_value_and_gradient(models["tabular"], OBJECTIVES["NPO"], forget)
     with pytest.raises(ValueError, match="retain SequenceSet"):
         objective_value_and_gradient(models["tabular"], OBJECTIVES["GradDiff"], forget)
-    with pytest.raises(ValueError, match="retain_ref_logprobs"):
+    with pytest.raises(ValueError, match="retain_ref_log_probs"):
         objective_value_and_gradient(models["tabular"], OBJECTIVES["SimNPO+KL"], forget, retain)
     with pytest.raises(TypeError, match="Objective"):
         objective_value_and_gradient(models["tabular"], "NPO", forget)

@@ -4,7 +4,6 @@ import json
 
 import pytest
 
-
 from llm.__main__ import build_parser, main, resolve, run
 
 COMMON = ["--scale", "0.005", "--device", "cpu", "--no-progress", "--num-threads", "1"]

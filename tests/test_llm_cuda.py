@@ -6,9 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from markovsim.losses import OBJECTIVES, get_objective
-from markovsim.scenarios import SCENARIOS
-
 from llm.data import encode
 from llm.evaluate import sequence_logps_batched
 from llm.logps import sequence_logps
@@ -16,6 +13,8 @@ from llm.models import build_model
 from llm.objective import BatchCounts, UnlearningBatch, objective_terms
 from llm.runtime import autocast
 from llm.train import TrainConfig, pretrain, unlearn
+from markovsim.losses import OBJECTIVES, get_objective
+from markovsim.scenarios import SCENARIOS
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 

@@ -3,10 +3,8 @@
 import numpy as np
 import pytest
 
+from llm.data import IGNORE_INDEX, batch_indices, encode, evaluation_chunks, merge_batches, shard, steps_per_epoch
 from markovsim.data import SequenceSet
-
-from llm.data import (IGNORE_INDEX, batch_indices, encode, evaluation_chunks, merge_batches, shard,
-                      steps_per_epoch)
 
 I = IGNORE_INDEX
 

@@ -21,11 +21,10 @@ def run_pretrain_and_unlearn(output: str, run_dir: str | None = None) -> None:
     """Pre-train a tiny GPT-2 3 steps, then NPO+KL 3 steps (odd batch sizes: uneven shards); write losses."""
     import torch
 
-    from markovsim.losses import get_objective
-    from markovsim.scenarios import SCENARIOS
-
     from llm.models import build_model
     from llm.train import TrainConfig, pretrain, unlearn
+    from markovsim.losses import get_objective
+    from markovsim.scenarios import SCENARIOS
 
     torch.set_num_threads(1)
     train, _ = SCENARIOS["paper_short_forget2"].scaled(0.01).spec.sample()

@@ -4,13 +4,12 @@ import numpy as np
 import pytest
 import torch
 
-from markovsim.metrics import component_kl
-from markovsim.models import MixtureOfChains, TabularMarkov
-from markovsim.scenarios import paper_mixture_spec
-
 from llm.bridge import TabularCausalLM
 from llm.evaluate import Evaluator, next_token_probs
 from llm.models import build_model
+from markovsim.metrics import component_kl
+from markovsim.models import MixtureOfChains, TabularMarkov
+from markovsim.scenarios import paper_mixture_spec
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +38,7 @@ def test_evaluator_reproduces_the_exact_kls_and_likelihoods(mixture):
         expected = component_kl(target, tabular, test)
         np.testing.assert_allclose(metrics[metric], [expected[n] for n in names], rtol=1e-10, atol=1e-12)
     np.testing.assert_allclose(metrics["kl_reference"], 0.0, atol=1e-12)
-    per_token = (tabular.response_log_prob(test) / torch.tensor(test.num_tokens)).numpy()
+    per_token = (tabular.response_logps(test) / torch.tensor(test.num_tokens)).numpy()
     expected = [per_token[test.component_ids == c].mean() for c in range(len(names))]
     np.testing.assert_allclose(metrics["logp_per_token"], expected, rtol=1e-10)
 

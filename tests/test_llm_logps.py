@@ -4,15 +4,14 @@ import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings
-
-from markovsim.models import TabularMarkov
-from markovsim.scenarios import paper_mixture_spec
+from strategies import mixture_specs, random_chain
 
 from llm.bridge import TabularCausalLM
 from llm.data import encode
 from llm.logps import NonFiniteLogitsError, sequence_logps, token_log_probs
 from llm.models import build_model
-from strategies import mixture_specs, random_chain
+from markovsim.models import TabularMarkov
+from markovsim.scenarios import paper_mixture_spec
 
 
 def random_tabular(num_states: int, seed: int) -> TabularMarkov:
@@ -27,10 +26,10 @@ def test_sequence_logps_of_the_wrapped_tabular_model_is_its_exact_likelihood(spe
     model = TabularCausalLM(tabular)
     everything = np.arange(len(train))
     logps, num_tokens = sequence_logps(model, encode(train, "response").batch(everything))
-    torch.testing.assert_close(logps, tabular.response_log_prob(train), rtol=0, atol=1e-12)
+    torch.testing.assert_close(logps, tabular.response_logps(train), rtol=0, atol=1e-12)
     assert np.array_equal(num_tokens.numpy(), train.num_tokens)
     full, _ = sequence_logps(model, encode(train, "all").batch(everything))
-    torch.testing.assert_close(full, tabular.log_prob(train), rtol=0, atol=1e-12)
+    torch.testing.assert_close(full, tabular.logps(train), rtol=0, atol=1e-12)
 
 
 def test_gradients_of_the_bridge_equal_the_closed_form():
@@ -40,7 +39,7 @@ def test_gradients_of_the_bridge_equal_the_closed_form():
     weights = torch.linspace(0.1, 1.0, len(train), dtype=torch.float64)
     logps, _ = sequence_logps(model, encode(train).batch(np.arange(len(train))))
     (weights * logps).sum().backward()
-    _, expected = tabular.response_log_prob_gradient(train, weights)
+    _, expected = tabular.response_logps_gradient(train, weights)
     torch.testing.assert_close(model.transition_logits.grad, expected, rtol=1e-10, atol=1e-12)
 
 

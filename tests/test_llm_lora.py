@@ -4,13 +4,12 @@ import importlib.util
 
 import pytest
 
-from markovsim.losses import OBJECTIVES
-from markovsim.runtime import torch_threads
-from markovsim.scenarios import SCENARIOS
-
 from llm.lora import LoraSettings, add_lora
 from llm.models import build_model
 from llm.train import TrainConfig, unlearn
+from markovsim.losses import OBJECTIVES
+from markovsim.runtime import torch_threads
+from markovsim.scenarios import SCENARIOS
 
 HAS_PEFT = importlib.util.find_spec("peft") is not None
 

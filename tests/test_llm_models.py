@@ -4,10 +4,17 @@ import numpy as np
 import pytest
 import torch
 
+from llm.models import (
+    PRESETS,
+    build_config,
+    build_model,
+    check_model_data,
+    context_length,
+    count_parameters,
+    load_model,
+    vocabulary_size,
+)
 from markovsim.data import SequenceSet
-
-from llm.models import (PRESETS, build_config, build_model, check_model_data, context_length, count_parameters,
-                        load_model, vocabulary_size)
 
 
 def tiny_set(num_states=10, length=5, n=3):

@@ -121,8 +121,8 @@ def test_loss_is_the_token_mean_next_token_cross_entropy(model):
     labels = x.clone()
     labels[:, :2] = -100
     out = model(input_ids=x, labels=labels)
-    logprobs = torch.log_softmax(out.logits[:, :-1], -1)
-    picked = logprobs.gather(-1, x[:, 1:, None])[..., 0][:, 1:]  # labels 2..7
+    log_probs = torch.log_softmax(out.logits[:, :-1], -1)
+    picked = log_probs.gather(-1, x[:, 1:, None])[..., 0][:, 1:]  # labels 2..7
     torch.testing.assert_close(out.loss, -picked.mean())
 
 

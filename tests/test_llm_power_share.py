@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from markovsim.dynamics import DynamicsConfig, Evaluator as ExactEvaluator, unlearn as exact_unlearn
-from markovsim.losses import OBJECTIVES
-from markovsim.scenarios import SCENARIOS, prepare
-
 from llm.bridge import TabularCausalLM
 from llm.evaluate import Evaluator
 from llm.models import build_config, build_model
 from llm.train import TrainConfig, unlearn
+from markovsim.dynamics import DynamicsConfig
+from markovsim.dynamics import unlearn as exact_unlearn
+from markovsim.evaluation import ExactEvaluator
+from markovsim.losses import OBJECTIVES
+from markovsim.scenarios import SCENARIOS, prepare
 
 CPU = dict(device="cpu", progress=False)
 
@@ -41,7 +42,7 @@ def test_power_share_on_the_bridged_tabular_model_equals_the_simulators(tabular_
     objective, steps, learning_rate = OBJECTIVES[name], 4, 0.05
     exact = exact_unlearn(setup.reference, objective, setup.forget, setup.retain, setup.reference,
                           DynamicsConfig(optimizer="adamw", learning_rate=learning_rate, steps=steps, eval_every=1),
-                          evaluator=ExactEvaluator(setup.test, setup.reference, None, setup.true_chains))
+                          evaluator=ExactEvaluator(setup.test, setup.true_chains, reference=setup.reference))
     config = TrainConfig(learning_rate=learning_rate, batch_size=len(setup.forget), retain_batch_size=len(setup.retain),
                          steps=steps, eval_every=1, max_grad_norm=None, weight_decay=0.0, eval_batch_size=7,
                          diagnostics_max_sequences=None, **CPU)

@@ -12,12 +12,6 @@ import numpy as np
 import pytest
 import torch
 
-from markovsim.dynamics import DynamicsConfig, Evaluator as ExactEvaluator, unlearn as exact_unlearn
-from markovsim.losses import OBJECTIVES, Objective, get_objective
-from markovsim.runtime import torch_threads
-from markovsim.scenarios import SCENARIOS, prepare
-from markovsim.trajectory import Trajectory
-
 from llm.bridge import TabularCausalLM
 from llm.data import encode
 from llm.evaluate import Evaluator, sequence_logps_batched
@@ -26,6 +20,13 @@ from llm.metrics_log import read_jsonl
 from llm.models import build_model
 from llm.objective import BatchCounts, UnlearningBatch, objective_terms
 from llm.train import TrainConfig, learning_rate_factor, pretrain, unlearn
+from markovsim.dynamics import DynamicsConfig
+from markovsim.dynamics import unlearn as exact_unlearn
+from markovsim.evaluation import ExactEvaluator
+from markovsim.losses import OBJECTIVES, Objective, get_objective
+from markovsim.runtime import torch_threads
+from markovsim.scenarios import SCENARIOS, prepare
+from markovsim.trajectory import Trajectory
 
 CPU = dict(device="cpu", progress=False)
 
@@ -108,7 +109,7 @@ def test_transformer_loop_on_the_bridged_tabular_model_follows_the_exact_simulat
     exact = exact_unlearn(setup.reference, objective, setup.forget, setup.retain, setup.reference,
                           DynamicsConfig(optimizer=optimizer, adam_eps=eps, learning_rate=learning_rate, steps=steps,
                                          eval_every=1),
-                          evaluator=ExactEvaluator(setup.test, setup.reference, None, setup.true_chains))
+                          evaluator=ExactEvaluator(setup.test, setup.true_chains, reference=setup.reference))
     config = TrainConfig(optimizer=optimizer, adam_eps=eps, learning_rate=learning_rate, batch_size=len(setup.forget),
                          retain_batch_size=len(setup.retain), steps=steps, eval_every=1, max_grad_norm=None,
                          weight_decay=0.0, **CPU)

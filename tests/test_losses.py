@@ -6,15 +6,15 @@ import inspect
 import math
 
 import pytest
+import strategies as S  # tests/strategies.py (tests/ is on sys.path under pytest's rootdir insertion)
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from markovsim import losses
-import strategies as S  # tests/strategies.py (tests/ is on sys.path under pytest's rootdir insertion)
 
 DTYPE = torch.float64
-SEQUENCE_LOSSES = ["ga", "ga_sum", "npo", "simnpo"]
+SEQUENCE_LOSSES = sorted(losses.SEQUENCE_LOSSES)
 FAST = settings(max_examples=60, deadline=None)
 SLOW = settings(max_examples=25, deadline=None)
 
@@ -52,9 +52,9 @@ def curvature_scale(name, num_tokens, beta):
 
 
 def unigram_logps(theta, tokens, mask):
-    """logps = sum of log_softmax(theta)[tokens] over the mask, via losses.sequence_logps."""
+    """logps = sum of log_softmax(theta)[tokens] over the mask, via losses.reduce_token_logps."""
     token_logps = torch.log_softmax(theta, -1)[tokens]  # (B, T)
-    return losses.sequence_logps(token_logps, mask)
+    return losses.reduce_token_logps(token_logps, mask)
 
 
 def sigma(z):
@@ -206,7 +206,7 @@ def test_simnpo_takes_no_reference():
 @given(batch=S.moderate_sequence_batches(), beta=S.betas(1e-2, 10.0), shift=st.floats(-1e3, 1e3))
 def test_npo_invariant_to_a_common_shift(batch, beta, shift):
     logps, ref_logps, _ = batch
-    for fn in (losses.npo, lambda l, r, b: losses.gradient_weights("npo", l, ref_logps=r, beta=b)):
+    for fn in (losses.npo, lambda lp, r, b: losses.gradient_weights("npo", lp, ref_logps=r, beta=b)):
         shifted = fn(logps + shift, ref_logps + shift, beta)
         torch.testing.assert_close(shifted, fn(logps, ref_logps, beta), rtol=1e-9, atol=0)
 
@@ -256,11 +256,11 @@ def test_weights_strictly_inside_bounds_on_moderate_inputs(name, batch, beta, ga
 @given(batch=S.token_logp_batches(), pad=st.lists(S.padding_values(), min_size=1, max_size=5))
 def test_padding_changes_neither_logps_nor_num_tokens(batch, pad):
     token_logps, mask = batch
-    logps, num_tokens = losses.sequence_logps(token_logps, mask)
+    logps, num_tokens = losses.reduce_token_logps(token_logps, mask)
     padding = torch.tensor(pad, dtype=DTYPE).expand(token_logps.shape[0], -1)
     padded = torch.cat([token_logps, padding], 1)
     padded_mask = torch.cat([mask, torch.zeros(padding.shape, dtype=torch.bool)], 1)
-    logps_padded, num_tokens_padded = losses.sequence_logps(padded, padded_mask)
+    logps_padded, num_tokens_padded = losses.reduce_token_logps(padded, padded_mask)
     torch.testing.assert_close(logps_padded, logps, rtol=1e-14, atol=0)
     assert torch.equal(num_tokens_padded, num_tokens)
     # Independent reference: Python sums over the masked-in positions only.
@@ -276,7 +276,7 @@ def test_padding_never_leaks_into_gradients(batch):
     """-inf, +inf and NaN on padding are masked consistently: ignored, gradient exactly 0 there."""
     token_logps, mask = batch
     leaf = token_logps.clone().requires_grad_(True)
-    logps, num_tokens = losses.sequence_logps(leaf, mask)
+    logps, num_tokens = losses.reduce_token_logps(leaf, mask)
     (losses.simnpo(logps, num_tokens, 2.5) + losses.ga(logps, num_tokens)).sum().backward()
     assert torch.isfinite(leaf.grad).all()
     assert (leaf.grad[~mask] == 0).all()
@@ -285,9 +285,9 @@ def test_padding_never_leaks_into_gradients(batch):
 def test_mask_may_be_bool_int_or_float():
     token_logps = torch.tensor([[-1.0, -2.0, -math.inf], [-0.5, math.nan, -4.0]], dtype=DTYPE)
     mask = torch.tensor([[True, True, False], [True, False, True]])
-    expected = losses.sequence_logps(token_logps, mask)
+    expected = losses.reduce_token_logps(token_logps, mask)
     for other in (mask.long(), mask.to(DTYPE)):
-        got = losses.sequence_logps(token_logps, other)
+        got = losses.reduce_token_logps(token_logps, other)
         assert all(torch.equal(g, e) for g, e in zip(got, expected))
     assert expected[0].tolist() == [-3.0, -4.5] and expected[1].tolist() == [2.0, 2.0]
 
@@ -297,15 +297,15 @@ def test_mask_may_be_bool_int_or_float():
 # ---------------------------------------------------------------------------------------------
 
 
-def naive(name, l, r, n, beta, gamma):
+def naive(name, lp, r, n, beta, gamma):
     if name == "ga":
-        return l / n
+        return lp / n
     if name == "ga_sum":
-        return l
+        return lp
     if name == "npo":
-        return -(2 / beta) * math.log(sigma(-beta * (l - r)))
+        return -(2 / beta) * math.log(sigma(-beta * (lp - r)))
     if name == "simnpo":
-        return -(2 / beta) * math.log(sigma(-(beta / n) * l - gamma))
+        return -(2 / beta) * math.log(sigma(-(beta / n) * lp - gamma))
     raise AssertionError(name)
 
 
@@ -316,7 +316,7 @@ def test_values_equal_naive_formulas(name, batch, beta, gamma):
     logps, ref_logps, num_tokens = batch
     got = loss_of_logps(name, ref_logps, num_tokens, beta, gamma)(logps)
     rows = zip(logps.tolist(), ref_logps.tolist(), num_tokens.tolist())
-    expected = torch.tensor([naive(name, l, r, n, beta, gamma) for l, r, n in rows], dtype=DTYPE)
+    expected = torch.tensor([naive(name, lp, r, n, beta, gamma) for lp, r, n in rows], dtype=DTYPE)
     torch.testing.assert_close(got, expected, rtol=1e-10, atol=1e-12)
 
 
@@ -332,7 +332,7 @@ def test_dpo_and_nll_equal_naive_formulas(batch, other, beta):
         for a, b, c, d in zip(lw.tolist(), rw.tolist(), ll.tolist(), rl.tolist())
     ]
     torch.testing.assert_close(got, torch.tensor(expected, dtype=DTYPE), rtol=1e-10, atol=1e-12)
-    expected_nll = [-l / n for l, n in zip(logps.tolist(), num_tokens.tolist())]
+    expected_nll = [-lp / n for lp, n in zip(logps.tolist(), num_tokens.tolist())]
     torch.testing.assert_close(
         losses.nll(logps, num_tokens), torch.tensor(expected_nll, dtype=DTYPE), rtol=1e-14, atol=0
     )
@@ -343,9 +343,9 @@ def test_dpo_and_nll_equal_naive_formulas(batch, other, beta):
 # ---------------------------------------------------------------------------------------------
 
 
-def naive_kl(ref_logprobs, logprobs, mask):
+def naive_kl(ref_log_probs, log_probs, mask):
     out = []
-    for ref_rows, rows, ms in zip(ref_logprobs.tolist(), logprobs.tolist(), mask.tolist()):
+    for ref_rows, rows, ms in zip(ref_log_probs.tolist(), log_probs.tolist(), mask.tolist()):
         total, count = 0.0, 0
         for ref_row, row, m in zip(ref_rows, rows, ms):
             if not m:
@@ -361,23 +361,23 @@ def naive_kl(ref_logprobs, logprobs, mask):
 @FAST
 @given(batch=S.vocab_logprob_batches())
 def test_kl_equals_brute_force_and_is_non_negative(batch):
-    ref_logprobs, logits, mask = batch
-    logprobs = torch.log_softmax(logits, -1)
-    got = losses.kl(ref_logprobs, logprobs, mask)
-    torch.testing.assert_close(got, naive_kl(ref_logprobs, logprobs, mask), rtol=1e-12, atol=1e-14)
+    ref_log_probs, logits, mask = batch
+    log_probs = torch.log_softmax(logits, -1)
+    got = losses.kl(ref_log_probs, log_probs, mask)
+    torch.testing.assert_close(got, naive_kl(ref_log_probs, log_probs, mask), rtol=1e-12, atol=1e-14)
     assert (got >= -1e-14).all()
-    assert torch.equal(losses.kl(ref_logprobs, ref_logprobs.clone(), mask), torch.zeros_like(got))
+    assert torch.equal(losses.kl(ref_log_probs, ref_log_probs.clone(), mask), torch.zeros_like(got))
 
 
 @FAST
 @given(batch=S.vocab_logprob_batches())
 def test_kl_gradient_is_softmax_minus_reference(batch):
-    ref_logprobs, logits, mask = batch
-    garbage = torch.full_like(ref_logprobs, math.nan)
-    ref_logprobs = torch.where(mask[..., None], ref_logprobs, garbage)  # padding never leaks
+    ref_log_probs, logits, mask = batch
+    garbage = torch.full_like(ref_log_probs, math.nan)
+    ref_log_probs = torch.where(mask[..., None], ref_log_probs, garbage)  # padding never leaks
     leaf = logits.clone().requires_grad_(True)
-    losses.kl(ref_logprobs, torch.log_softmax(leaf, -1), mask).sum().backward()
-    per_token = torch.softmax(logits, -1) - ref_logprobs.exp()  # (B, T, V)
+    losses.kl(ref_log_probs, torch.log_softmax(leaf, -1), mask).sum().backward()
+    per_token = torch.softmax(logits, -1) - ref_log_probs.exp()  # (B, T, V)
     expected = per_token / mask.sum(1)[:, None, None]
     expected = torch.where(mask[..., None], expected, torch.zeros_like(expected))
     torch.testing.assert_close(leaf.grad, expected, rtol=1e-9, atol=1e-14)
@@ -435,7 +435,7 @@ BAD_CALLS = {
     "ref float": (lambda: losses.npo(L, -1.0, 0.1), TypeError, "ref_logps"),
     "logps int": (lambda: losses.ga_sum(torch.tensor([1, 2])), TypeError, "logps"),
     "token nan unmasked": (
-        lambda: losses.sequence_logps(T(-1.0, math.nan)[None], torch.tensor([[True, True]])),
+        lambda: losses.reduce_token_logps(T(-1.0, math.nan)[None], torch.tensor([[True, True]])),
         ValueError,
         "token_logps",
     ),
@@ -444,13 +444,13 @@ BAD_CALLS = {
         ValueError,
         "token_logps",
     ),
-    "mask shape": (lambda: losses.sequence_logps(L[None], torch.tensor([[True]])), ValueError, "mask"),
-    "mask values": (lambda: losses.sequence_logps(L[None], torch.tensor([[1, 2]])), ValueError, "mask"),
-    "mask list": (lambda: losses.sequence_logps(L[None], [[True, True]]), TypeError, "mask"),
+    "mask shape": (lambda: losses.reduce_token_logps(L[None], torch.tensor([[True]])), ValueError, "mask"),
+    "mask values": (lambda: losses.reduce_token_logps(L[None], torch.tensor([[1, 2]])), ValueError, "mask"),
+    "mask list": (lambda: losses.reduce_token_logps(L[None], [[True, True]]), TypeError, "mask"),
     "wga empty row": (lambda: losses.wga(L[None], torch.tensor([[False, False]])), ValueError, "unmasked"),
     "wga alpha negative": (lambda: losses.wga(L[None], TWO, -1.0), ValueError, "alpha"),
-    "kl nan": (lambda: losses.kl(torch.full_like(Z2, math.nan), Z2, ONE), ValueError, "ref_logprobs"),
-    "kl +inf": (lambda: losses.kl(Z2, torch.full_like(Z2, math.inf), ONE), ValueError, "logprobs"),
+    "kl nan": (lambda: losses.kl(torch.full_like(Z2, math.nan), Z2, ONE), ValueError, "ref_log_probs"),
+    "kl +inf": (lambda: losses.kl(Z2, torch.full_like(Z2, math.inf), ONE), ValueError, "log_probs"),
     "kl shapes": (lambda: losses.kl(Z2, torch.zeros(1, 1, 3, dtype=DTYPE), ONE), ValueError, "shape"),
     "kl empty row": (lambda: losses.kl(Z2, Z2, ~ONE), ValueError, "unmasked"),
     "unknown loss": (lambda: losses.gradient_weights("simpo", L, N, beta=1.0), ValueError, "simnpo"),
@@ -526,23 +526,23 @@ def test_every_objective_gives_a_finite_scalar_with_gradient(name):
     retain_tokens = torch.tensor([[1, 1, 2, 4], [3, 0, 0, 2]])  # (B', T), distinct from the forget data
     forget_mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [0, 1, 1, 0]], dtype=torch.bool)
     retain_mask = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
-    logprobs = torch.log_softmax(theta, -1)  # (T, V), shared by all sequences
-    ref_logprobs = torch.log_softmax(theta_ref, -1)
+    log_probs = torch.log_softmax(theta, -1)  # (T, V), shared by all sequences
+    ref_log_probs = torch.log_softmax(theta_ref, -1)
 
     def batch_logps(table, tokens, mask):
         token_logps = table.expand(len(tokens), -1, -1).gather(-1, tokens[..., None])[..., 0]  # (B, T)
-        return losses.sequence_logps(token_logps, mask)
+        return losses.reduce_token_logps(token_logps, mask)
 
-    logps, num_tokens = batch_logps(logprobs, forget_tokens, forget_mask)
-    ref_logps, _ = batch_logps(ref_logprobs, forget_tokens, forget_mask)
+    logps, num_tokens = batch_logps(log_probs, forget_tokens, forget_mask)
+    ref_logps, _ = batch_logps(ref_log_probs, forget_tokens, forget_mask)
     forget = objective.forget_losses(logps, num_tokens, ref_logps if objective.needs_reference else None)
     assert forget.shape == (3,)
-    retain_logps, retain_num_tokens = batch_logps(logprobs, retain_tokens, retain_mask)
+    retain_logps, retain_num_tokens = batch_logps(log_probs, retain_tokens, retain_mask)
     expand = lambda table: table.expand(2, -1, -1)  # noqa: E731  (B', T, V)
     retain = {
         None: None,
         "nll": lambda: losses.nll(retain_logps, retain_num_tokens).mean(),
-        "kl": lambda: losses.kl(expand(ref_logprobs), expand(logprobs), retain_mask).mean(),
+        "kl": lambda: losses.kl(expand(ref_log_probs), expand(log_probs), retain_mask).mean(),
     }[objective.retain]
     retain = retain if retain is None else retain()
     total = objective.total(forget.mean(), retain)
@@ -566,7 +566,7 @@ def test_total_weights_the_terms():
 def test_dtype_is_preserved(dtype):
     token_logps = torch.tensor([[-1.0, -2.0, -math.inf], [-0.5, -3.0, -4.0]], dtype=dtype)
     mask = torch.tensor([[True, True, False], [True, True, True]])
-    logps, num_tokens = losses.sequence_logps(token_logps, mask)
+    logps, num_tokens = losses.reduce_token_logps(token_logps, mask)
     assert logps.dtype == num_tokens.dtype == dtype
     vocab = token_logps[..., None].expand(2, 3, 2)  # (B, T, V); NaN after log_softmax on padding
     outputs = [
@@ -590,3 +590,78 @@ def test_integer_num_tokens_keep_float64():
         assert as_int.dtype == DTYPE and torch.equal(as_int, as_float)
         w_int = losses.gradient_weights(name, logps, torch.tensor([3, 7]), beta=2.5, gamma=0.1)
         assert w_int.dtype == DTYPE and torch.equal(w_int, weights(name, logps, None, T(3.0, 7.0), 2.5, 0.1))
+
+
+def test_moved_names_are_still_importable_from_their_old_modules():
+    """llm/ imports these from markovsim.losses and markovsim.models: the re-exports must stay."""
+    from markovsim import mixture, models, objectives, tabular
+    from markovsim.losses import OBJECTIVES, Objective, get_objective
+
+    assert (Objective, OBJECTIVES, get_objective) == (objectives.Objective, objectives.OBJECTIVES,
+                                                      objectives.get_objective)
+    assert (models.TabularMarkov, models.MixtureOfChains) == (tabular.TabularMarkov, mixture.MixtureOfChains)
+    with pytest.raises(AttributeError):
+        losses.no_such_name
+
+
+# ---------------------------------------------------------------------------------------------
+# Loss traits (SEQUENCE_LOSSES, NEEDS_REFERENCE, USES_BETA, USES_GAMMA, USES_ALPHA) against behaviour
+# ---------------------------------------------------------------------------------------------
+
+ALL_TERMS = {**losses.LOSSES, **losses.RETAIN_TERMS}
+
+
+def _trait_inputs(reference_changed: bool) -> dict:
+    """Every argument any loss or retain term takes, by parameter name; B = 3, T = 4, V = 5."""
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(3, 4, 5, dtype=DTYPE, generator=generator)  # (B, T, V)
+    ref_logits = logits + (torch.randn(3, 4, 5, dtype=DTYPE, generator=generator) if reference_changed else 0.0)
+    logps = -torch.rand(3, dtype=DTYPE, generator=generator) * 5 - 1  # (B,)
+    shift = 0.7 if reference_changed else 0.0
+    return {
+        "logps": logps, "logps_w": logps - 0.5, "logps_l": logps,
+        "ref_logps": logps + shift, "ref_logps_w": logps - 0.5 - shift, "ref_logps_l": logps + shift,
+        "num_tokens": T(2.0, 3.0, 4.0),
+        "token_logps": torch.log_softmax(logits, -1)[..., 0],  # (B, T)
+        "mask": torch.tensor([[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool),
+        "log_probs": torch.log_softmax(logits, -1), "ref_log_probs": torch.log_softmax(ref_logits, -1),
+        "beta": 0.5, "gamma": 0.3, "alpha": 0.5,
+    }
+
+
+def _call_term(name: str, reference_changed: bool = False, **hyperparameters) -> torch.Tensor:
+    """ALL_TERMS[name] called with the arguments its signature names (hyperparameters override)."""
+    function = ALL_TERMS[name]
+    available = _trait_inputs(reference_changed) | hyperparameters
+    return function(**{p: available[p] for p in inspect.signature(function).parameters})
+
+
+@pytest.mark.parametrize("name", sorted(ALL_TERMS))
+def test_needs_reference_matches_the_signature_and_the_value(name):
+    takes_reference = any(p.startswith("ref_") for p in inspect.signature(ALL_TERMS[name]).parameters)
+    assert takes_reference is (name in losses.NEEDS_REFERENCE)
+    if takes_reference:
+        assert not torch.allclose(_call_term(name), _call_term(name, reference_changed=True))
+
+
+@pytest.mark.parametrize("trait,hyperparameter,values", [
+    ("USES_BETA", "beta", (0.5, 2.0)), ("USES_GAMMA", "gamma", (0.0, 1.0)), ("USES_ALPHA", "alpha", (0.0, 2.0))])
+@pytest.mark.parametrize("name", sorted(ALL_TERMS))
+def test_hyperparameter_traits_match_the_value(name, trait, hyperparameter, values):
+    uses = name in getattr(losses, trait)
+    assert (hyperparameter in inspect.signature(ALL_TERMS[name]).parameters) is uses
+    if uses:
+        low, high = (_call_term(name, **{hyperparameter: v}) for v in values)
+        assert not torch.allclose(low, high)
+
+
+@pytest.mark.parametrize("name", sorted(ALL_TERMS))
+def test_sequence_losses_are_exactly_those_with_a_gradient_weight(name):
+    inputs = _trait_inputs(reference_changed=True)
+    arguments = dict(num_tokens=inputs["num_tokens"], ref_logps=inputs["ref_logps"], beta=0.5, gamma=0.3)
+    if name not in losses.SEQUENCE_LOSSES:
+        with pytest.raises(ValueError):
+            losses.gradient_weights(name, inputs["logps"], **arguments)
+        return
+    expected = autograd_weights(name, inputs["logps"], inputs["ref_logps"], inputs["num_tokens"], 0.5, 0.3)
+    assert torch.allclose(losses.gradient_weights(name, inputs["logps"], **arguments), expected)

@@ -6,12 +6,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from strategies import random_chain
 
 from markovsim.chains import block_chains
 from markovsim.data import Component, MixtureSpec
 from markovsim.metrics import component_kl, per_token_kl, population_kl
 from markovsim.models import MixtureOfChains, TabularMarkov
-from strategies import random_chain
 
 
 def small_sets():

@@ -8,11 +8,11 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import mixture_specs, random_chain
 
 from markovsim.chains import block_chains
 from markovsim.data import Component, MixtureSpec, SequenceSet
 from markovsim.models import MixtureOfChains, TabularMarkov
-from strategies import mixture_specs, random_chain
 
 
 def all_sequences(num_states, length):
@@ -55,7 +55,7 @@ def test_enumeration_sums_to_one_and_matches_loops(num_states, length, num_compo
     sequences = all_sequences(num_states, length)
     for model, loop in ((random_tabular(rng, num_states), loop_log_prob_tabular),
                         (random_mixture(rng, num_components, num_states), loop_log_prob_mixture)):
-        log_probs = model.log_prob(sequences).numpy()
+        log_probs = model.logps(sequences).numpy()
         assert math.isclose(np.exp(log_probs).sum(), 1.0, rel_tol=1e-10)
         expected = [loop(model, row) for row in sequences.tokens]
         np.testing.assert_allclose(log_probs, expected, rtol=1e-10)
@@ -69,7 +69,7 @@ def test_log_prob_from_counts_equals_per_token_loop_on_variable_lengths(spec, se
     tabular, mixture = random_tabular(rng, spec.num_states), random_mixture(rng, 2, spec.num_states)
     for model, loop in ((tabular, loop_log_prob_tabular), (mixture, loop_log_prob_mixture)):
         expected = [loop(model, train.tokens[i, : train.lengths[i]]) for i in range(len(train))]
-        np.testing.assert_allclose(model.log_prob(train).numpy(), expected, rtol=1e-10)
+        np.testing.assert_allclose(model.logps(train).numpy(), expected, rtol=1e-10)
 
 
 def test_response_log_prob_excludes_the_prompt():
@@ -77,10 +77,10 @@ def test_response_log_prob_excludes_the_prompt():
     sequences = all_sequences(3, 4)
     tabular = random_tabular(rng, 3)
     initial = torch.log_softmax(tabular.initial_logits, -1)[np.array(sequences.tokens[:, 0])]
-    torch.testing.assert_close(tabular.response_log_prob(sequences), tabular.log_prob(sequences) - initial)
+    torch.testing.assert_close(tabular.response_logps(sequences), tabular.logps(sequences) - initial)
     mixture = random_mixture(rng, 2, 3)
     # conditional on the prompt, response probabilities sum to one for every prompt
-    conditional = torch.exp(mixture.response_log_prob(sequences))
+    conditional = torch.exp(mixture.response_logps(sequences))
     for state in range(3):
         assert conditional[sequences.tokens[:, 0] == state].sum().item() == pytest.approx(1.0, rel=1e-12)
 
@@ -90,7 +90,7 @@ def test_response_log_prob_excludes_the_prompt():
 def test_mixture_next_token_predictive_equals_enumerated_conditionals(num_states, length, num_components, seed):
     model = random_mixture(np.random.default_rng(seed), num_components, num_states)
     sequences = all_sequences(num_states, length)
-    joint = np.exp(model.log_prob(sequences).numpy())
+    joint = np.exp(model.logps(sequences).numpy())
     predictive = model.next_token_probs(sequences).numpy()  # (n, L-1, V)
     for i, row in enumerate(sequences.tokens):
         for t in range(length - 1):
@@ -166,7 +166,7 @@ def test_em_recovers_well_separated_chains():
     model, history = MixtureOfChains.fit(train, 3, np.random.default_rng(0), max_iterations=200)
     truth = MixtureOfChains.from_components(components)
     # the fitted likelihood is at least the true model's (it is the MLE), and close to it
-    true_ll = float(truth.log_prob(train).sum())
+    true_ll = float(truth.logps(train).sum())
     assert history[-1] >= true_ll - 1e-6 * abs(true_ll)
     assert history[-1] - true_ll < 0.02 * abs(true_ll)
 
@@ -180,9 +180,9 @@ def test_model_input_validation():
         MixtureOfChains(np.zeros(2), np.zeros((3, 4)), np.zeros((3, 4, 4)))
     model = TabularMarkov(np.zeros(3), np.zeros((3, 3)))
     with pytest.raises(ValueError, match="states"):
-        model.log_prob(all_sequences(2, 3))
+        model.logps(all_sequences(2, 3))
     with pytest.raises(TypeError, match="SequenceSet"):
-        model.log_prob(np.zeros((2, 3), dtype=int))
+        model.logps(np.zeros((2, 3), dtype=int))
     with pytest.raises(ValueError, match="smoothing"):
         TabularMarkov.from_counts(np.ones(3), np.ones((3, 3)), smoothing=-1)
     with pytest.raises(ValueError, match="non-empty"):

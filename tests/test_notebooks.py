@@ -33,6 +33,9 @@ def test_notebook_executes(name, tmp_path, monkeypatch):
     notebook.cells.insert(index + 1, nbformat.v4.new_code_cell(SMALL[name]))
     # the kernel must draw inline as Jupyter does, even where the shell (CI) sets a file-only backend
     monkeypatch.setenv("MPLBACKEND", "module://matplotlib_inline.backend_inline")
+    # the kernel imports this checkout's packages, not whichever checkout the environment installed
+    repository = os.path.dirname(HERE)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [repository, os.environ.get("PYTHONPATH")])))
     NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
     errors = [output for cell in notebook.cells for output in cell.get("outputs", []) if output.output_type == "error"]
     assert not errors

@@ -5,7 +5,8 @@ import math
 import numpy as np
 import pytest
 import torch
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from markovsim.optimizers import ADAM_RULES, AdamState, LegacyAdamW, adam_update, build_torch_optimizer, effective_eps
 

@@ -2,6 +2,7 @@
 
 import copy
 import json
+import math
 
 import numpy as np
 import pytest
@@ -9,6 +10,7 @@ import pytest
 from markovsim.__main__ import main
 from markovsim.analysis import fit_divergence_rates, value_at_progress
 from markovsim.dynamics import unlearn
+from markovsim.results import read_json
 from markovsim.scenarios import SCENARIOS, load_scenario, prepare, scenario_from_dict
 from markovsim.sweeps import final_rows, grid, run_sweep, summarize, write_csv
 from markovsim.trajectory import Trajectory
@@ -92,7 +94,9 @@ def test_sweep_table_is_tidy_and_reproducible(tmp_path):
     assert len(rows) == len(points) * 3
     assert len(final_rows(rows)) == len(points)
     assert {"kl_true/forget1", "power_share/forget2", "step", "beta", "seed"} <= set(rows[0])
-    same = lambda a, b: json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)  # NaN-aware equality
+    def same(a, b):  # NaN-aware equality
+        return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
     assert same(run_sweep(scenario, points[:3], steps=2, progress=False), rows[:9])
     assert same(run_sweep(scenario, points[:4], steps=2, processes=2, progress=False), rows[:12])
     summary = summarize(rows, "kl_true/forget2")
@@ -135,8 +139,37 @@ def test_cli_run_and_list(tmp_path, capsys):
     assert set(equal) == {"forget_logp_per_token", "NPO", "SimNPO"} and all(np.isfinite(v) for v in equal.values())
 
 
-def test_cli_rejects_bad_input(tmp_path):
-    with pytest.raises(SystemExit):
-        main(["run", "no_such_scenario", "--out", str(tmp_path)])
-    with pytest.raises(SystemExit):
-        main(["run", "paper_short_forget2", "--methods", "NOPE", "--out", str(tmp_path)])
+def test_cli_rejects_bad_input_with_status_2_and_one_error_line(tmp_path, capsys):
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    for argv, named in ((["run", "no_such_scenario", "--out", str(tmp_path)], "no_such_scenario"),
+                        (["run", "paper_short_forget2", "--methods", "NOPE", "--out", str(tmp_path)], "NOPE"),
+                        (["run", "paper_short_forget2", "--betas", "NPO=x", "--out", str(tmp_path)], "--betas"),
+                        (["run", "paper_short_forget2", "--lr", "-1", "--out", str(tmp_path)], "learning_rate"),
+                        (["run", "paper_short_forget2", "--out", str(a_file)], "--out")):
+        assert main(argv) == 2
+        error = capsys.readouterr().err
+        assert error.startswith("error: ") and error.count("\n") == 1 and named in error, error
+    with pytest.raises(ValueError):
+        main(["--debug", "run", "no_such_scenario", "--out", str(tmp_path)])
+
+
+def _raise_on_constant(name):
+    raise ValueError(f"non-strict JSON constant {name}")
+
+
+def test_a_diverged_run_writes_strict_json_with_null_and_the_reason(tmp_path):
+    out = tmp_path / "diverged"
+    assert main(["run", "paper_short_forget2", "--scale", "0.005", "--steps", "20", "--methods", "GA",
+                 "--models", "tabular", "--optimizer", "gd", "--lr", "1e4", "--out", str(out), "--no-progress"]) == 0
+    text = (out / "results.json").read_text()
+    document = json.loads(text, parse_constant=_raise_on_constant)
+    summary = document["summaries"]["tabular/GA"]
+    assert summary["diverged_at"] is not None and "fell below" in summary["divergence_reason"]
+    non_finite = document["non_finite_values"]
+    assert non_finite and set(non_finite.values()) <= {"nan", "inf", "-inf"}
+    pointer = "/summaries/tabular~1GA/final/kl_true/forget1"
+    assert summary["final"]["kl_true"]["forget1"] is None and non_finite[pointer] == "nan"
+    restored = read_json(out / "results.json")  # read_json puts the floats back
+    assert math.isnan(restored["summaries"]["tabular/GA"]["final"]["kl_true"]["forget1"])
+    assert "non_finite_values" not in restored

@@ -1,0 +1,109 @@
+"""Input checks for the loss functions: per-sequence tensors, masks, token values and scalars.
+
+Cheap (one reduction per tensor); each error names the argument and says how to fix it. Used by
+:mod:`markovsim.losses` and :mod:`markovsim.objectives`.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+
+def check_tensor(name: str, x) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(
+            f"{name} must be a torch.Tensor, got {type(x).__name__}; "
+            f"wrap it with torch.as_tensor(...)"
+        )
+    return x
+
+
+def check_float(name: str, x) -> torch.Tensor:
+    check_tensor(name, x)
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+    return x
+
+
+def check_per_sequence(name: str, x, like: torch.Tensor | None = None) -> torch.Tensor:
+    """A finite floating (B,) tensor, with the shape of ``like`` if given."""
+    check_float(name, x)
+    if x.ndim != 1:
+        raise ValueError(f"{name} must have shape (B,) (one value per sequence), got {tuple(x.shape)}")
+    if like is not None and x.shape != like.shape:
+        raise ValueError(
+            f"{name} has shape {tuple(x.shape)} but logps has shape {tuple(like.shape)}; "
+            f"pass one value per sequence for both"
+        )
+    if not torch.isfinite(x).all():
+        raise ValueError(
+            f"{name} contains NaN or inf; sequence log-likelihoods must be finite "
+            f"(very negative is fine). Check for -inf token log-probs at unmasked positions"
+        )
+    return x
+
+
+def check_num_tokens(num_tokens, logps: torch.Tensor) -> torch.Tensor:
+    """|y| per sequence: a (B,) tensor (integer or floating) of finite values > 0."""
+    check_tensor("num_tokens", num_tokens)
+    if num_tokens.shape != logps.shape:
+        raise ValueError(
+            f"num_tokens has shape {tuple(num_tokens.shape)} but logps has shape "
+            f"{tuple(logps.shape)}; pass one token count per sequence"
+        )
+    if num_tokens.is_floating_point() and not torch.isfinite(num_tokens).all():
+        raise ValueError("num_tokens contains NaN or inf; pass the response-token counts")
+    if not (num_tokens > 0).all():
+        raise ValueError(
+            "num_tokens must be > 0 for every sequence; drop sequences with no response tokens "
+            "(fully masked) before computing the loss"
+        )
+    return num_tokens
+
+
+def check_number(name: str, value, *, positive: bool = False, nonnegative: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    if positive and not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}; use a small positive value instead")
+    if nonnegative and not value >= 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def check_beta(beta) -> float:
+    return check_number("beta", beta, positive=True)
+
+
+def check_mask(mask, shape: torch.Size) -> torch.Tensor:
+    """A (B, T) mask, bool or 0/1 numbers, returned as bool."""
+    check_tensor("mask", mask)
+    if mask.shape != shape:
+        raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(shape)} (B, T)")
+    if mask.dtype != torch.bool:
+        if not ((mask == 0) | (mask == 1)).all():
+            raise ValueError("mask must be bool or contain only 0 and 1")
+        mask = mask.bool()
+    return mask
+
+
+def check_token_values(name: str, x: torch.Tensor, mask: torch.Tensor, *, allow_neg_inf: bool) -> None:
+    """Values at masked-in positions must be finite (or -inf if allowed); padding is ignored."""
+    kept = x[mask]  # (N, ...) masked-in positions only
+    ok = (kept < math.inf).all() if allow_neg_inf else torch.isfinite(kept).all()
+    if not ok:
+        allowed = "finite or -inf (probability 0)" if allow_neg_inf else "finite"
+        raise ValueError(
+            f"{name} has NaN or inf at unmasked positions; values there must be {allowed}. "
+            f"Padding positions (mask False) may hold anything"
+        )
+
+
+def check_nonempty(mask: torch.Tensor) -> None:
+    if not mask.any(-1).all():
+        raise ValueError("every sequence needs at least one unmasked token; drop empty sequences")
