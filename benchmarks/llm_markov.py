@@ -125,7 +125,7 @@ def step_throughput(device: str, preset: str = "gpt2-small", vocab_size: int = 5
     """Time the NPO unlearning step (forward, backward, AdamW) of ``preset`` on random tokens."""
     from markovsim.losses import get_objective
 
-    from llm.logps import sequence_logps
+    from llm.logps import model_sequence_logps
     from llm.objective import BatchCounts, UnlearningBatch, objective_terms
     from llm.runtime import autocast
 
@@ -145,7 +145,7 @@ def step_throughput(device: str, preset: str = "gpt2-small", vocab_size: int = 5
             ref = cached
             if reference is not None:
                 with torch.no_grad():
-                    ref = sequence_logps(reference, batch)[0]
+                    ref = model_sequence_logps(reference, batch)[0]
             terms = objective_terms(model, objective, UnlearningBatch(batch, ref, BatchCounts(batch_size)))
         terms.total.backward()
         optimizer.step()

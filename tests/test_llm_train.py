@@ -20,8 +20,8 @@ from markovsim.trajectory import Trajectory
 
 from llm.bridge import TabularCausalLM
 from llm.data import encode
-from llm.evaluate import Evaluator, sequence_logps_batched
-from llm.logps import sequence_logps
+from llm.evaluate import Evaluator, model_sequence_logps_batched
+from llm.logps import model_sequence_logps
 from llm.metrics_log import read_jsonl
 from llm.models import build_model
 from llm.objective import BatchCounts, UnlearningBatch, objective_terms
@@ -82,13 +82,13 @@ def test_cached_reference_gives_the_live_reference_losses_and_gradients(pretrain
     model = copy.deepcopy(pretrained[0])
     reference = copy.deepcopy(model).eval()
     forget = encode(data["forget"])
-    cached, _ = sequence_logps_batched(model, forget, batch_size=64)  # once, for the whole forget set
+    cached, _ = model_sequence_logps_batched(model, forget, batch_size=64)  # once, for the whole forget set
     objective = get_objective("NPO", beta=0.5)
     results = []
     for rows in (np.array([3, 50, 70, 1]), np.array([60, 2, 5, 77])):  # mixed lengths 20 and 5
         batch = forget.batch(rows)
         with torch.no_grad():
-            live, _ = sequence_logps(reference, batch)
+            live, _ = model_sequence_logps(reference, batch)
         for ref in (cached[rows], live):
             model.zero_grad()
             terms = objective_terms(model, objective, UnlearningBatch(batch, ref, BatchCounts(len(rows))))
