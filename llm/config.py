@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import types
 import typing
 from dataclasses import dataclass
 
@@ -21,6 +20,7 @@ import numpy as np
 from markovsim.optimizers import ADAM_RULES
 
 from .data import steps_per_epoch
+from .flags import optional_inner
 from .runtime import DEVICES, MIXED_PRECISIONS
 
 __all__ = ["SCHEDULES", "TrainConfig", "PAPER_PRETRAINING", "PAPER_UNLEARNING", "setting", "check_setting",
@@ -118,18 +118,9 @@ def setting_types() -> dict[str, object]:
     return typing.get_type_hints(TrainConfig)
 
 
-def _optional_inner(hint) -> tuple[object, bool]:
-    """``(T, True)`` for ``T | None``, else ``(hint, False)``."""
-    arguments = typing.get_args(hint)
-    if isinstance(hint, types.UnionType) and type(None) in arguments:
-        inner = [a for a in arguments if a is not type(None)]
-        return inner[0], True
-    return hint, False
-
-
 def check_setting(name: str, value, hint, metadata) -> None:
     """TypeError/ValueError naming ``name`` unless ``value`` fits ``hint`` and the ``metadata`` constraints."""
-    hint, optional = _optional_inner(hint)
+    hint, optional = optional_inner(hint)
     if value is None:
         if not optional:
             raise TypeError(f"{name} must not be None")

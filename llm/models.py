@@ -222,6 +222,9 @@ def save_model(model, path: str | os.PathLike, progress: bool = True) -> None:
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
     temporary = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o777 & ~umask)  # mkdtemp's folder is private (0700); a model folder is not
     try:
         with transformers_output(progress):
             model.save_pretrained(temporary)
