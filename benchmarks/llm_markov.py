@@ -122,7 +122,7 @@ def print_markov_results(results: dict) -> None:
 def step_throughput(device: str, preset: str = "gpt2-small", vocab_size: int = 50257, length: int = 512,
                     batch_size: int = 32, steps: int = 10, warmup: int = 3, live_reference: bool = False) -> dict:
     """Time the NPO unlearning step (forward, backward, AdamW) of ``preset`` on random tokens."""
-    from llm.logps import sequence_logps
+    from llm.logps import model_sequence_logps
     from llm.objective import BatchCounts, UnlearningBatch, objective_terms
     from llm.runtime import autocast
     from markovsim.losses import get_objective
@@ -143,7 +143,7 @@ def step_throughput(device: str, preset: str = "gpt2-small", vocab_size: int = 5
             ref = cached
             if reference is not None:
                 with torch.no_grad():
-                    ref = sequence_logps(reference, batch)[0]
+                    ref = model_sequence_logps(reference, batch)[0]
             terms = objective_terms(model, objective, UnlearningBatch(batch, ref, BatchCounts(batch_size)))
         terms.total.backward()
         optimizer.step()

@@ -6,7 +6,7 @@ the simulator's ``Trajectory`` so that every plot accepts either side. See docs/
 
     models     PRESETS, build_model, load_model           (configs only, never downloaded)
     data       SequenceSet -> HF batches (BOS, labels -100), seeded batch order
-    logps      sequence_logps(model, batch) -> (logps, num_tokens), via the shared reducer
+    logps      model_sequence_logps(model, batch) -> (logps, num_tokens), via the shared reducer
     objective  an Objective on a transformer batch (cached reference log-probs)
     train      pretrain, retrain, unlearn, TrainConfig
     evaluate   Evaluator: per-component KL to the true chains / retrained / exact models
@@ -14,9 +14,9 @@ the simulator's ``Trajectory`` so that every plot accepts either side. See docs/
 """
 
 from .evaluate import Evaluator, next_token_probs
-from .logps import sequence_logps
+from .logps import model_sequence_logps
 from .models import PRESETS, build_model, load_model
 from .train import PAPER_PRETRAINING, PAPER_UNLEARNING, TrainConfig, TrainingHistory, pretrain, retrain, unlearn
 
-__all__ = ["Evaluator", "next_token_probs", "sequence_logps", "PRESETS", "build_model", "load_model",
+__all__ = ["Evaluator", "next_token_probs", "model_sequence_logps", "PRESETS", "build_model", "load_model",
            "PAPER_PRETRAINING", "PAPER_UNLEARNING", "TrainConfig", "TrainingHistory", "pretrain", "retrain", "unlearn"]

@@ -1,23 +1,27 @@
-"""Command line: ``python -m llm pretrain|retrain|unlearn|evaluate --run-dir DIR [--config JSON] [flags]``.
+"""Command line: ``python -m llm pretrain|retrain|unlearn|evaluate --out DIR [--config JSON] [flags]``.
 
 Data come from a ``markovsim`` scenario (``--scenario``, ``--scale``, ``--data-seed``): ``pretrain``
 trains on the components in pre-training, ``retrain`` on the retain components only, ``unlearn``
 forgets the forget components' training split, ``evaluate`` measures a model on the test split.
-Everything of a run goes into its run directory::
+Everything of a run goes into its output folder (checked before any computing)::
 
     DIR/config.json      the resolved configuration (written first)
     DIR/metrics.jsonl    training and evaluation records
     DIR/checkpoints/     resumable checkpoints (--checkpoint-every; --resume continues)
     DIR/model/           the final model (save_pretrained; load with llm.models.load_model)
     DIR/trajectory.*     unlearning: the markovsim Trajectory (json + npz)
-    DIR/results.json     summary with config, package version, git commit, device (written last)
+    DIR/results.json     summary with config, package version, git commit, device (written last;
+                         strict JSON: a NaN/inf is null, listed under "non_finite" with the reason)
 
-A JSON config has the sections ``data``, ``model``, ``train`` (``llm.train.TrainConfig`` fields),
-``objective`` (``{"name": "NPO", "beta": 0.2, ...}``) and ``retrained``; flags override it. Example::
+A JSON config has the sections ``data``, ``model``, ``train`` (``llm.config.TrainConfig`` fields),
+``objective`` (``{"name": "NPO", "beta": 0.2, ...}``) and ``retrained``; flags override it. Every
+``TrainConfig`` field has a flag (``--learning-rate``, ``--progress/--no-progress``, ``--steps none``
+...), generated from the dataclass. Bad input exits with status 2 and one ``error:`` line
+(``--debug`` shows the traceback). ``--run-dir`` is a deprecated spelling of ``--out``. Example::
 
-    python -m llm pretrain --run-dir runs/pre --preset paper-synthetic --scale 0.1 --epochs 5
-    python -m llm retrain  --run-dir runs/re  --preset paper-synthetic --scale 0.1 --epochs 5
-    python -m llm unlearn  --run-dir runs/npo --model runs/pre/model --retrained runs/re/model --objective NPO
+    python -m llm pretrain --out runs/pre --preset paper-synthetic --scale 0.1 --epochs 5
+    python -m llm retrain  --out runs/re  --preset paper-synthetic --scale 0.1 --epochs 5
+    python -m llm unlearn  --out runs/npo --model runs/pre/model --retrained runs/re/model --objective NPO
     torchrun --nproc_per_node 2 -m llm unlearn --device cpu ...      (data parallel, gloo on CPU)
 """
 
@@ -28,40 +32,59 @@ import dataclasses
 import json
 import os
 import sys
+import tempfile
+import typing
 from dataclasses import dataclass, field
 
 from markovsim.losses import OBJECTIVES, Objective
 
-__all__ = ["DataConfig", "ModelConfig", "RunConfig", "load_run_config", "main"]
+from llm.config import TrainConfig
+from llm.flags import add_dataclass_flags, given_values
 
-COMMANDS = ("pretrain", "retrain", "unlearn", "evaluate")
-_OBJECTIVE_FIELDS = ("beta", "gamma", "alpha", "forget_weight", "retain_weight")
+__all__ = ["DataConfig", "ModelConfig", "RunConfig", "UsageError", "build_parser", "check_output_folder",
+           "load_run_config", "resolve", "run", "main"]
+
+COMMANDS = {"pretrain": "pre-train a new (or --model) transformer on the pre-training components",
+            "retrain": "train the retrained baseline: the retain components only",
+            "unlearn": "unlearn the forget components from --model",
+            "evaluate": "measure --model on the test split"}
+SECTIONS = ("data", "model", "train", "objective", "retrained")
+
+
+def _is_float(hint) -> bool:
+    return hint is float
+
+
+# The objective's numeric settings (beta, gamma, alpha, forget_weight, retain_weight): its float fields.
+OBJECTIVE_SETTINGS = tuple(name for name, hint in typing.get_type_hints(Objective).items() if _is_float(hint))
 
 
 @dataclass(frozen=True)
 class DataConfig:
     """Which Markov data: a scenario name (or JSON spec path), a scale, and an optional seed override."""
 
-    scenario: str = "paper_short_forget2"
-    scale: float = 1.0
-    seed: int | None = None
+    scenario: str = field(default="paper_short_forget2", metadata={"help": "markovsim scenario name or JSON spec path"})
+    scale: float = field(default=1.0, metadata={"help": "fraction of the scenario's sequence counts"})
+    seed: int | None = field(default=None, metadata={"help": "override the scenario's sampling seed"})
 
 
 @dataclass(frozen=True)
 class ModelConfig:
     """A preset (with its initialisation seed) for new models, or a local path for existing ones."""
 
-    preset: str = "paper-synthetic"
-    seed: int = 0
-    path: str | None = None
+    preset: str = field(default="paper-synthetic", metadata={"help": "model preset for pretrain/retrain "
+                                                                     "(llm.models.PRESETS)"})
+    seed: int = field(default=0, metadata={"help": "initialisation seed"})
+    path: str | None = field(default=None, metadata={"help": "local model directory (unlearn/evaluate; "
+                                                             "pretrain/retrain continue from it)"})
 
 
 @dataclass(frozen=True)
 class RunConfig:
-    """Everything a command needs; serialised to ``config.json`` in the run directory."""
+    """Everything a command needs; serialised to ``config.json`` in the output folder."""
 
     command: str
-    run_dir: str
+    out: str
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: dict = field(default_factory=dict)
@@ -70,10 +93,19 @@ class RunConfig:
     resume: bool = False
 
 
+class UsageError(ValueError):
+    """Bad command-line input (reported as one ``error:`` line, exit status 2)."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose usage errors raise :class:`UsageError` instead of printing usage and exiting."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
 def _section(document: dict, name: str, cls):
     values = document.get(name) or {}
-    if not isinstance(values, dict):
-        raise ValueError(f"config section {name!r} must be an object")
     valid = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - valid)
     if unknown:
@@ -82,79 +114,93 @@ def _section(document: dict, name: str, cls):
 
 
 def load_run_config(path: str | None) -> dict:
-    """The JSON config at ``path`` as a dict of sections ({} without a path)."""
+    """The JSON config at ``path`` as a dict of sections ({} without a path); ValueError naming the bad key."""
     if path is None:
         return {}
     try:
         with open(path) as file:
             document = json.load(file)
-    except (OSError, json.JSONDecodeError) as error:
-        raise ValueError(f"cannot read config {path!r}: {error}") from error
-    valid = {"data", "model", "train", "objective", "retrained"}
-    if not isinstance(document, dict) or set(document) - valid:
-        raise ValueError(f"config {path!r} must be an object with sections {sorted(valid)}")
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"--config: cannot read {path!r}: {error}") from error
+    if not isinstance(document, dict):
+        raise ValueError(f"--config {path!r} must hold a JSON object with sections {list(SECTIONS)}")
+    unknown = sorted(set(document) - set(SECTIONS))
+    if unknown:
+        raise ValueError(f"--config {path!r} has unknown sections {unknown}; valid: {list(SECTIONS)}")
+    for name in ("data", "model", "train", "objective"):
+        if document.get(name) is not None and not isinstance(document[name], dict):
+            raise ValueError(f"--config {path!r}: section {name!r} must be an object (a mapping of settings), "
+                             f"got {type(document[name]).__name__} {document[name]!r}")
+    if document.get("retrained") is not None and not isinstance(document["retrained"], str):
+        raise ValueError(f"--config {path!r}: 'retrained' must be a model directory path (a string)")
     return document
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m llm", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=COMMANDS)
-    parser.add_argument("--run-dir", required=True, help="the run directory (created)")
-    parser.add_argument("--config", help="JSON config (sections data, model, train, objective, retrained)")
-    data = parser.add_argument_group("data")
-    data.add_argument("--scenario", help="markovsim scenario name or JSON spec path")
-    data.add_argument("--scale", type=float, help="fraction of the scenario's sequence counts")
-    data.add_argument("--data-seed", type=int, help="override the scenario's sampling seed")
-    model = parser.add_argument_group("model")
-    model.add_argument("--preset", help="model preset for pretrain/retrain (llm.models.PRESETS)")
-    model.add_argument("--model-seed", type=int, help="initialisation seed")
-    model.add_argument("--model", help="local model directory (unlearn/evaluate; pretrain/retrain continue from it)")
+def _common_flags() -> argparse.ArgumentParser:
+    """The flags every command takes (a parent parser)."""
+    common = _Parser(add_help=False)
+    common.add_argument("--out", help="the output folder (created; must not hold another run unless --resume)")
+    common.add_argument("--run-dir", dest="out", help=argparse.SUPPRESS)  # deprecated spelling of --out
+    common.add_argument("--config", help=f"JSON config (sections {', '.join(SECTIONS)})")
+    common.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --out")
+    common.add_argument("--debug", action="store_true", help="show the traceback of an error")
+    add_dataclass_flags(common.add_argument_group("data"), DataConfig, "data", {"seed": "--data-seed"})
+    model = common.add_argument_group("model")
+    add_dataclass_flags(model, ModelConfig, "model", {"seed": "--model-seed", "path": "--model"})
     model.add_argument("--retrained", help="retrained model directory, for the kl_retrained metric")
-    train = parser.add_argument_group("training (llm.train.TrainConfig)")
-    for flag, kind in (("--optimizer", str), ("--adam-eps", float), ("--learning-rate", float), ("--batch-size", int), ("--retain-batch-size", int),
-                       ("--epochs", float), ("--steps", int), ("--weight-decay", float), ("--schedule", str),
-                       ("--warmup-steps", int), ("--max-grad-norm", float), ("--eval-every", int),
-                       ("--eval-batch-size", int), ("--checkpoint-every", int), ("--seed", int), ("--device", str),
-                       ("--mixed-precision", str), ("--num-threads", int)):
-        train.add_argument(flag, type=kind)
-    train.add_argument("--no-progress", action="store_true")
-    train.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in --run-dir")
-    objective = parser.add_argument_group("unlearning objective")
-    objective.add_argument("--objective", help=f"one of {list(OBJECTIVES)} (scenario defaults for beta/gamma)")
-    for name in _OBJECTIVE_FIELDS:
-        objective.add_argument("--" + name.replace("_", "-"), type=float)
+    add_dataclass_flags(common.add_argument_group("training (llm.config.TrainConfig)"), TrainConfig, "train")
+    return common
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """``python -m llm COMMAND [flags]``: one subcommand per entry of ``COMMANDS``."""
+    parser = _Parser(prog="python -m llm", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = _common_flags()
+    for name, summary in COMMANDS.items():
+        command = commands.add_parser(name, parents=[common], help=summary, description=summary)
+        if name == "unlearn":
+            objective = command.add_argument_group("unlearning objective (markovsim.losses.Objective)")
+            objective.add_argument("--objective", help=f"one of {list(OBJECTIVES)} (scenario defaults for beta/gamma)")
+            add_dataclass_flags(objective, Objective, "objective", only=_is_float)
     return parser
 
 
 def resolve(arguments: argparse.Namespace) -> RunConfig:
     """Merge the JSON config and the flags (flags win) into a :class:`RunConfig`."""
+    if arguments.out is None:
+        raise UsageError("--out DIR is required (the output folder)")
     document = load_run_config(arguments.config)
-    data = _section(document, "data", DataConfig)
-    data = dataclasses.replace(data, **{k: v for k, v in (("scenario", arguments.scenario), ("scale", arguments.scale),
-                                                          ("seed", arguments.data_seed)) if v is not None})
-    model = _section(document, "model", ModelConfig)
-    model = dataclasses.replace(model, **{k: v for k, v in (("preset", arguments.preset), ("seed", arguments.model_seed),
-                                                            ("path", arguments.model)) if v is not None})
-    train = dict(document.get("train") or {})
-    for name in ("optimizer", "adam_eps", "learning_rate", "batch_size", "retain_batch_size", "epochs", "steps", "weight_decay", "schedule",
-                 "warmup_steps", "max_grad_norm", "eval_every", "eval_batch_size", "checkpoint_every", "seed",
-                 "device", "mixed_precision", "num_threads"):
-        if getattr(arguments, name) is not None:
-            train[name] = getattr(arguments, name)
-    if arguments.no_progress:
-        train["progress"] = False
+    data = dataclasses.replace(_section(document, "data", DataConfig), **given_values(arguments, "data"))
+    model = dataclasses.replace(_section(document, "model", ModelConfig), **given_values(arguments, "model"))
+    train = dict(document.get("train") or {}) | given_values(arguments, "train")
     objective = dict(document.get("objective") or {"name": "NPO"})
-    if arguments.objective is not None:
+    if getattr(arguments, "objective", None) is not None:
         objective["name"] = arguments.objective
-    objective |= {k: getattr(arguments, k) for k in _OBJECTIVE_FIELDS if getattr(arguments, k) is not None}
+    objective |= given_values(arguments, "objective")
     retrained = arguments.retrained if arguments.retrained is not None else document.get("retrained")
-    return RunConfig(arguments.command, arguments.run_dir, data, model, train, objective, retrained, arguments.resume)
+    return RunConfig(arguments.command, arguments.out, data, model, train, objective, retrained, arguments.resume)
+
+
+def check_output_folder(path: str, resume: bool) -> None:
+    """Create the output folder ``path`` if needed; ValueError naming ``--out`` if it cannot hold a new run.
+
+    Checked before any computing: a path that is a file, a folder where files cannot be created,
+    or (without ``resume``) a folder that already holds a run.
+    """
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"--out {path!r} exists and is not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as error:
+        raise ValueError(f"--out {path!r} is not a writable folder: {error.strerror or error}") from error
+    if not resume and os.path.isfile(os.path.join(path, "metrics.jsonl")):
+        raise ValueError(f"--out {path!r} already holds a run; pass --resume or choose a new folder")
 
 
 def _train_config(config: RunConfig, defaults):
-    from llm.train import TrainConfig
-
     valid = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(config.train) - valid)
     if unknown:
@@ -179,9 +225,9 @@ def _objective(config: RunConfig, scenario) -> Objective:
     name = settings.pop("name", None)
     if name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; valid names: {list(OBJECTIVES)}")
-    unknown = sorted(set(settings) - set(_OBJECTIVE_FIELDS))
+    unknown = sorted(set(settings) - set(OBJECTIVE_SETTINGS))
     if unknown:
-        raise ValueError(f"objective settings {unknown} are unknown; valid: {list(_OBJECTIVE_FIELDS)}")
+        raise ValueError(f"objective settings {unknown} are unknown; valid: {list(OBJECTIVE_SETTINGS)}")
     base = scenario.with_methods([name])[name]
     return dataclasses.replace(base, **settings)
 
@@ -195,11 +241,11 @@ def _data(scenario):
             "forget": train.select(*spec.names_where(role="forget"))}
 
 
-def _model(config: RunConfig, num_states: int, max_length: int):
+def _model(config: RunConfig, num_states: int, max_length: int, progress: bool):
     from llm.models import build_model, load_model
 
     if config.model.path is not None:
-        return load_model(config.model.path)
+        return load_model(config.model.path, progress=progress)
     if config.command in ("unlearn", "evaluate"):
         raise ValueError(f"{config.command} needs --model (a local model directory, e.g. a pretrain run's model/)")
     return build_model(config.model.preset, num_states + 1, max_length + 1, config.model.seed)
@@ -215,7 +261,7 @@ def _evaluator(scenario, data, reference, retrained_path, train_config, device: 
     spec = scenario.spec
     retain_components = [c for c in spec.components if c.role == "retain"]
     pretraining_components = [c for c in spec.components if c.in_pretraining]
-    retrained = load_model(retrained_path).to(device) if retrained_path else None
+    retrained = load_model(retrained_path, progress=train_config.progress).to(device) if retrained_path else None
     exact = {"retrained": MixtureOfChains.from_components(retain_components),
              "reference": MixtureOfChains.from_components(pretraining_components)}
     return Evaluator(data["test"], {c.name: c.chain for c in spec.components}, retrained=retrained, reference=reference,
@@ -228,27 +274,27 @@ def _is_main_process() -> bool:
 
 
 def run(config: RunConfig) -> dict:
-    """Execute one command; returns the results document (also written to ``run_dir/results.json``)."""
+    """Execute one command; returns the results document (also written to ``out/results.json``)."""
     from markovsim.results import atomic_write_json, metadata_block
 
     from llm import train as training
+    from llm.results import strict_json
     from llm.runtime import resolve_device
 
-    scenario = _scenario(config)
-    data = _data(scenario)
     defaults = training.PAPER_UNLEARNING if config.command == "unlearn" else training.PAPER_PRETRAINING
     train_config = _train_config(config, defaults)
-    if not config.resume and os.path.isfile(os.path.join(config.run_dir, "metrics.jsonl")):
-        raise ValueError(f"run directory {config.run_dir!r} already holds a run; pass --resume or choose a new one")
+    check_output_folder(config.out, config.resume)
+    scenario = _scenario(config)
+    data = _data(scenario)
     if _is_main_process():
-        os.makedirs(config.run_dir, exist_ok=True)
-        atomic_write_json(os.path.join(config.run_dir, "config.json"), metadata_block(config))
-    model = _model(config, data["train"].num_states, data["train"].max_length)
+        atomic_write_json(os.path.join(config.out, "config.json"), metadata_block(config))
+    model = _model(config, data["train"].num_states, data["train"].max_length, train_config.progress)
     summary = _COMMANDS[config.command](config, scenario, data, model, train_config)
     document = metadata_block(config, command=config.command, device=resolve_device(train_config.device),
                               train_config=dataclasses.asdict(train_config), **summary)
+    document = strict_json(document, summary.get("divergence_reason"))
     if _is_main_process():
-        atomic_write_json(os.path.join(config.run_dir, "results.json"), document)
+        atomic_write_json(os.path.join(config.out, "results.json"), document)
     return document
 
 
@@ -256,7 +302,7 @@ def _pretrain(config, scenario, data, model, train_config) -> dict:
     from llm.train import pretrain
 
     sequences = data["retain"] if config.command == "retrain" else data["pretraining"]
-    history = pretrain(model, sequences, train_config, config.run_dir, config.resume)
+    history = pretrain(model, sequences, train_config, config.out, config.resume)
     return {"steps": int(len(history.steps)), "final_loss": float(history.losses[-1]) if len(history.losses) else None,
             "diverged_at": history.diverged_at, "divergence_reason": history.divergence_reason,
             "wall_seconds": history.wall_seconds, "num_processes": history.num_processes,
@@ -277,7 +323,7 @@ def _unlearn(config, scenario, data, model, train_config) -> dict:
     model.to(device)
     evaluator = _evaluator(scenario, data, model, config.retrained, train_config, device)
     trajectory = unlearn(model, objective, data["forget"], data["retain"], train_config, evaluator,
-                         config.run_dir, config.resume)
+                         config.out, config.resume)
     return {"objective": dataclasses.asdict(objective), "diverged_at": trajectory.diverged_at,
             "divergence_reason": trajectory.divergence_reason, "final": _final_metrics(trajectory),
             "final_loss": float(trajectory.step_metrics["loss"][-1]), "wall_seconds": trajectory.info["wall_seconds"],
@@ -298,11 +344,14 @@ _COMMANDS = {"pretrain": _pretrain, "retrain": _pretrain, "unlearn": _unlearn, "
 
 
 def main(argv: list[str] | None = None) -> int:
-    arguments = build_parser().parse_args(argv)
+    """Run the command line; 0 on success, 2 (one ``error:`` line on stderr) on bad input."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     try:
-        document = run(resolve(arguments))
-    except (ValueError, TypeError) as error:
-        print(f"error: {error}", file=sys.stderr)
+        document = run(resolve(build_parser().parse_args(argv)))
+    except (ValueError, TypeError, OSError) as error:
+        if "--debug" in argv:
+            raise
+        print("error: " + " ".join(str(error).split()), file=sys.stderr)
         return 2
     if _is_main_process():
         summary = {k: document[k] for k in ("command", "device", "wall_seconds", "final_loss", "diverged_at")

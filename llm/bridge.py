@@ -7,8 +7,8 @@
     logits[b, j]  = [transition_logits[input_ids[b, j]], -1e9]   after state s: pi(. | s) = softmax(A[s])
 
 (the last column is the BOS token, given probability exp(-1e9) = 0 exactly in float64). Every
-``llm`` function (``sequence_logps``, ``unlearn``, ``Evaluator``) therefore runs on it and must
-reproduce ``markovsim`` exactly: ``sequence_logps`` equals ``TabularMarkov.response_log_prob``,
+``llm`` function (``model_sequence_logps``, ``unlearn``, ``Evaluator``) therefore runs on it and must
+reproduce ``markovsim`` exactly: ``model_sequence_logps`` equals ``TabularMarkov.response_log_prob``,
 and ``llm.train.unlearn`` with full batches and Adam follows ``markovsim.dynamics.unlearn``.
 """
 

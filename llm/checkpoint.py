@@ -14,13 +14,14 @@ run state must contain only tensors, numbers, strings, None, lists, tuples and d
 from __future__ import annotations
 
 import os
+import pickle
 import re
 import shutil
 
 import torch
 
 __all__ = ["CHECKPOINT_FORMAT", "checkpoint_path", "latest_checkpoint", "save_checkpoint", "load_checkpoint",
-           "rng_state", "set_rng_state", "parameter_fingerprint"]
+           "rng_state", "set_rng_state", "parameter_fingerprint", "CHECKPOINT_KEYS"]
 
 CHECKPOINT_FORMAT = 1
 _PATTERN = re.compile(r"^step-(\d+)$")
@@ -109,15 +110,36 @@ def _prune(run_dir, keep: int) -> None:
         shutil.rmtree(checkpoint_path(run_dir, step), ignore_errors=True)
 
 
+CHECKPOINT_KEYS = ("format", "step", "model", "optimizer", "scheduler", "run")
+
+
+def _load_file(path: str) -> object:
+    """``torch.load`` of a checkpoint file; ValueError naming the file when it is truncated or corrupt."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError) as error:
+        raise ValueError(f"checkpoint file {path!r} is unreadable (truncated or corrupt): {error}") from error
+
+
 def load_checkpoint(path: str | os.PathLike, process_index: int = 0) -> tuple[dict, dict | None]:
-    """``(state, rng)`` of a checkpoint folder; ``rng`` is None if this process saved none."""
+    """``(state, rng)`` of a checkpoint folder; ``rng`` is None if this process saved none.
+
+    Raises:
+        ValueError: naming the file when state.pt is missing, unreadable, of another format or
+            lacks one of ``CHECKPOINT_KEYS``, or when rng-<i>.pt is unreadable.
+    """
     path = os.fspath(path)
     state_file = os.path.join(path, "state.pt")
     if not os.path.isfile(state_file):
         raise ValueError(f"{path!r} is not a checkpoint folder (no state.pt)")
-    state = torch.load(state_file, map_location="cpu", weights_only=True)
+    state = _load_file(state_file)
+    if not isinstance(state, dict):
+        raise ValueError(f"checkpoint file {state_file!r} does not hold a checkpoint dict")
     if state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"checkpoint {path!r} has format {state.get('format')}, expected {CHECKPOINT_FORMAT}")
+    missing = [key for key in CHECKPOINT_KEYS if key not in state]
+    if missing:
+        raise ValueError(f"checkpoint file {state_file!r} misses the keys {missing}")
     rng_file = os.path.join(path, f"rng-{process_index}.pt")
-    rng = torch.load(rng_file, map_location="cpu", weights_only=True) if os.path.isfile(rng_file) else None
+    rng = _load_file(rng_file) if os.path.isfile(rng_file) else None
     return state, rng

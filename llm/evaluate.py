@@ -28,11 +28,11 @@ from markovsim.losses import Objective
 from markovsim.metrics import mean_kl_per_component, true_next_token_probs
 
 from .data import EncodedSequences, encode, evaluation_chunks
-from .logps import model_logits, state_log_probs, token_log_probs
+from .logps import model_logits, state_log_probs, labelled_token_logps
 from .models import check_model_data
 from .runtime import autocast
 
-__all__ = ["model_device", "predict", "next_token_probs", "sequence_logps_batched", "component_means",
+__all__ = ["model_device", "predict", "next_token_probs", "model_sequence_logps_batched", "component_means",
            "forget_weight_means", "Evaluator"]
 
 
@@ -72,7 +72,7 @@ def predict(model, encoded: EncodedSequences, batch_size: int = 1024, bf16: bool
             batch = encoded.batch(rows, device)
             with autocast(device.type, bf16):
                 logits = model_logits(model, batch)  # (b, t, vocab)
-            token_logps, mask = token_log_probs(logits, batch["labels"])  # (b, t-1)
+            token_logps, mask = labelled_token_logps(logits, batch["labels"])  # (b, t-1)
             logps[rows] = token_logps.sum(-1).double().cpu()
             num_tokens[rows] = mask.sum(-1).double().cpu()
             if states is not None:
@@ -96,7 +96,7 @@ def next_token_probs(model, sequences: SequenceSet, batch_size: int = 1024, bf16
     return torch.where(mask, states.exp(), 0.0)
 
 
-def sequence_logps_batched(model, encoded: EncodedSequences, batch_size: int = 1024,
+def model_sequence_logps_batched(model, encoded: EncodedSequences, batch_size: int = 1024,
                            bf16: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logps, num_tokens)`` of every row (CPU float64), without gradients."""
     _, logps, num_tokens = predict(model, encoded, batch_size, bf16, state_predictive=False)
@@ -172,3 +172,7 @@ class Evaluator:
         result["logp_per_token"] = component_means(logps / num_tokens, self.test.component_ids,
                                                    self.component_names, self.component_names)
         return result
+
+
+# Former name, kept for existing code.
+sequence_logps_batched = model_sequence_logps_batched

@@ -4,6 +4,12 @@
     mask[b, j]        = labels[b, j + 1] != -100
     (logps, num_tokens) = markovsim.losses.sequence_logps(token_logps, mask)   (THE shared reducer)
 
+Naming glossary (the whole package): ``logps`` = per-sequence summed log-probabilities (N,),
+``token_logps`` = per-token log-probabilities of the labels (N, T), ``log_probs`` = log of full
+next-token distributions (..., V), ``logp_per_token`` = logps / num_tokens. Hence
+:func:`labelled_token_logps` (logits -> token_logps) and :func:`model_sequence_logps`
+(model, batch -> logps); ``markovsim.losses.sequence_logps`` reduces token_logps to logps.
+
 Log-softmax runs in float32 (or the logits' dtype if wider), also under bf16 autocast.
 """
 
@@ -11,11 +17,12 @@ from __future__ import annotations
 
 import torch
 
-from markovsim.losses import sequence_logps as reduce_sequence_logps
+from markovsim import losses
 
 from .data import IGNORE_INDEX
 
-__all__ = ["NonFiniteLogitsError", "model_logits", "token_log_probs", "sequence_logps", "state_log_probs", "upcast"]
+__all__ = ["NonFiniteLogitsError", "model_logits", "labelled_token_logps", "model_sequence_logps", "state_log_probs",
+           "upcast"]
 
 
 class NonFiniteLogitsError(FloatingPointError):
@@ -33,7 +40,7 @@ def upcast(logits: torch.Tensor) -> torch.Tensor:
     return logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
 
 
-def token_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def labelled_token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each next label and the loss mask, HF shift convention.
 
     Args:
@@ -58,7 +65,7 @@ def token_log_probs(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.T
     return token_logps, mask
 
 
-def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def model_sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Sequence log-likelihood over labelled tokens and their count (docs/theory.md: logps, |y|).
 
     Args:
@@ -67,8 +74,8 @@ def sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor,
     Returns:
         logps (B,) and num_tokens (B,), float32 (or the logits' dtype if float64).
     """
-    token_logps, mask = token_log_probs(model_logits(model, batch), batch["labels"])
-    return reduce_sequence_logps(token_logps, mask)
+    token_logps, mask = labelled_token_logps(model_logits(model, batch), batch["labels"])  # (B, T-1)
+    return losses.sequence_logps(token_logps, mask)
 
 
 def state_log_probs(logits: torch.Tensor, num_states: int) -> torch.Tensor:
@@ -79,3 +86,8 @@ def state_log_probs(logits: torch.Tensor, num_states: int) -> torch.Tensor:
     Returns: (..., V) float32/64 log-probabilities.
     """
     return torch.log_softmax(upcast(logits[..., :num_states]), dim=-1)
+
+
+# Former names, kept for existing code: ``sequence_logps`` collided with markovsim.losses.sequence_logps.
+sequence_logps = model_sequence_logps
+token_log_probs = labelled_token_logps

@@ -9,7 +9,10 @@ context must hold ``1 + L`` tokens (BOS plus the longest sequence).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +23,7 @@ __all__ = [
     "build_config",
     "build_model",
     "load_model",
+    "save_model",
     "context_length",
     "vocabulary_size",
     "check_model_data",
@@ -159,22 +163,77 @@ def build_model(preset: str, vocab_size: int, max_length: int, seed: int = 0):
         return AutoModelForCausalLM.from_config(config)
 
 
-def load_model(path: str | os.PathLike, local_files_only: bool = True):
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _check_model_folder(path: str) -> None:
+    """ValueError naming ``path`` and the file unless it holds a readable config.json and a weights file."""
+    config_file = os.path.join(path, "config.json")
+    if not os.path.isfile(config_file):
+        raise ValueError(f"path {path!r} is not a local model directory (no config.json); "
+                         f"save one with model.save_pretrained(path), or pass local_files_only=False for a hub id")
+    try:
+        with open(config_file) as file:
+            json.load(file)
+    except (OSError, json.JSONDecodeError) as error:
+        raise ValueError(f"model directory {path!r}: config.json is unreadable: {error}") from error
+    if not any(os.path.isfile(os.path.join(path, name)) for name in WEIGHT_FILES):
+        raise ValueError(f"model directory {path!r} has no weights file (expected one of {list(WEIGHT_FILES)})")
+
+
+def load_model(path: str | os.PathLike, local_files_only: bool = True, progress: bool = True):
     """Any causal-LM checkpoint saved with ``save_pretrained`` (``AutoModelForCausalLM``).
 
     Args:
         path: a local directory holding ``config.json`` and the weights.
         local_files_only: True (default) never touches the network; pass False to allow a hub id.
+        progress: False silences transformers' "Loading weights" bar and notices.
+    Raises:
+        ValueError: naming the folder and the file when config.json or the weights are missing or
+            unreadable (the underlying error chained as the cause).
     """
+    from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
 
     from . import paper_synthetic  # noqa: F401  (registers the paper's model with AutoModelForCausalLM)
+    from .runtime import transformers_output
 
     path = os.fspath(path)
-    if local_files_only and not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"path {path!r} is not a local model directory (no config.json); "
-                         f"save one with model.save_pretrained(path), or pass local_files_only=False for a hub id")
-    return AutoModelForCausalLM.from_pretrained(path, local_files_only=local_files_only)
+    if local_files_only:
+        _check_model_folder(path)
+    try:
+        with transformers_output(progress):
+            return AutoModelForCausalLM.from_pretrained(path, local_files_only=local_files_only)
+    except (OSError, ValueError, RuntimeError, EOFError, SafetensorError) as error:
+        weights = [name for name in WEIGHT_FILES if os.path.isfile(os.path.join(path, name))]
+        raise ValueError(f"cannot load the model in {path!r} (weights file {weights[0] if weights else 'missing'}): "
+                         f"{error}") from error
+
+
+def save_model(model, path: str | os.PathLike, progress: bool = True) -> None:
+    """``model.save_pretrained(path)`` atomically: written into a temporary sibling folder, then renamed.
+
+    Readers therefore see the old folder or the complete new one, never a half-written model.
+    ``progress=False`` silences transformers' "Writing model shards" bar.
+    """
+    from .runtime import transformers_output
+
+    path = os.path.abspath(os.fspath(path))
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    temporary = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o777 & ~umask)  # mkdtemp's folder is private (0700); a model folder is not
+    try:
+        with transformers_output(progress):
+            model.save_pretrained(temporary)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        os.replace(temporary, path)
+    except BaseException:
+        shutil.rmtree(temporary, ignore_errors=True)
+        raise
 
 
 def context_length(model) -> int:

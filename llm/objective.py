@@ -20,11 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-from markovsim.losses import LOSSES, Objective, kl
-from markovsim.losses import sequence_logps as reduce_sequence_logps
+from markovsim.losses import LOSSES, Objective, kl, sequence_logps
 
 from .data import merge_batches
-from .logps import model_logits, token_log_probs, upcast
+from .logps import model_logits, labelled_token_logps, upcast
 
 __all__ = ["BatchCounts", "ObjectiveTerms", "UnlearningBatch", "objective_terms", "retain_term", "SEQUENCE_LOSSES"]
 
@@ -104,7 +103,7 @@ def _retain_term(objective: Objective, logits, token_logps, mask, counts: BatchC
 
     Args: logits (b_r, t, vocab), token_logps and mask (b_r, t-1), trimmed to the retain batch's width t.
     """
-    logps, num_tokens = reduce_sequence_logps(token_logps, mask)  # (b_r,)
+    logps, num_tokens = sequence_logps(token_logps, mask)  # (b_r,)
     if objective.retain == "nll":
         return (-logps / num_tokens).sum() / counts.retain_sequences
     if reference is None:
@@ -146,8 +145,8 @@ def objective_terms(model, objective: Objective, batch: UnlearningBatch, referen
     merged, row_slices = merge_batches(list(parts.values()), pad)
     rows = dict(zip(parts, row_slices))
     logits = model_logits(model, merged)  # (B, t, vocab)
-    token_logps, mask = token_log_probs(logits, merged["labels"])  # (B, t-1)
-    logps, num_tokens = reduce_sequence_logps(token_logps, mask)  # (B,)
+    token_logps, mask = labelled_token_logps(logits, merged["labels"])  # (B, t-1)
+    logps, num_tokens = sequence_logps(token_logps, mask)  # (B,)
     f = rows["forget"]
     preferred_logps = logps[rows["preferred"]] if "preferred" in rows else None
     losses = _forget_losses(objective, token_logps[f], mask[f], logps[f], num_tokens[f], batch,
@@ -177,5 +176,5 @@ def retain_term(model, objective: Objective, retain: dict, counts: BatchCounts, 
     if objective.retain is None:
         raise ValueError("this objective has no retain term")
     logits = model_logits(model, retain)  # (b_r, t, vocab)
-    token_logps, mask = token_log_probs(logits, retain["labels"])  # (b_r, t-1)
+    token_logps, mask = labelled_token_logps(logits, retain["labels"])  # (b_r, t-1)
     return _retain_term(objective, logits, token_logps, mask, counts, reference, retain)

@@ -16,7 +16,7 @@ import os
 import torch
 
 __all__ = ["DEVICES", "MIXED_PRECISIONS", "resolve_device", "use_bf16", "autocast", "make_accelerator",
-           "is_distributed_launch"]
+           "is_distributed_launch", "transformers_output"]
 
 DEVICES = ("auto", "cpu", "cuda")
 MIXED_PRECISIONS = ("auto", "bf16", "no")
@@ -72,3 +72,27 @@ def make_accelerator(device: str):
     if device == "cpu" and is_distributed_launch():
         os.environ.setdefault("OMP_NUM_THREADS", str(max(1, torch.get_num_threads())))
     return Accelerator(cpu=device == "cpu", mixed_precision="no")
+
+
+@contextlib.contextmanager
+def transformers_output(progress: bool):
+    """Inside, ``transformers`` prints its own bars and notices only when ``progress``.
+
+    With ``progress=False`` the "Loading weights" / "Writing model shards" bars are disabled and
+    its log level raised to errors; both settings are restored on exit (also after an error).
+    """
+    if progress:
+        yield
+        return
+    from transformers.utils import logging as transformers_logging
+
+    bars_were_enabled = transformers_logging.is_progress_bar_enabled()
+    verbosity = transformers_logging.get_verbosity()
+    transformers_logging.disable_progress_bar()
+    transformers_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        transformers_logging.set_verbosity(verbosity)
+        if bars_were_enabled:
+            transformers_logging.enable_progress_bar()

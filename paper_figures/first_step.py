@@ -100,7 +100,7 @@ def _apply(model, delta: dict[str, torch.Tensor], groups=None):
 def _analyse(config: Config, preset: str, device: str, cache_dir: str, recompute: bool) -> tuple[dict, dict]:
     from llm import Evaluator
     from llm.data import encode
-    from llm.evaluate import sequence_logps_batched
+    from llm.evaluate import model_sequence_logps_batched
 
     settings = dataclasses.replace(config.transformer, preset=preset, seed=0)
     setup = prepare_transformer(SCENARIO, config.scale, settings, device, True, os.path.join(cache_dir, "models"),
@@ -112,7 +112,7 @@ def _analyse(config: Config, preset: str, device: str, cache_dir: str, recompute
     model = setup.reference.cpu().eval()
     objective = setup.scenario.methods[config.method]
     forget = encode(setup.forget, "response")
-    reference_logps = sequence_logps_batched(model, forget)[0] if objective.forget in NEEDS_REFERENCE else None
+    reference_logps = model_sequence_logps_batched(model, forget)[0] if objective.forget in NEEDS_REFERENCE else None
     columns = list(evaluator.component_names)
     retain, forget2 = columns.index("retain"), columns.index("forget2")
     base = evaluator.evaluate(model)["kl_true"]

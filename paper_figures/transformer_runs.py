@@ -14,8 +14,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -89,6 +87,7 @@ def _pretrained(preset: str, seed: int, sequences, config, vocab_size: int, max_
     """A model of ``preset`` pre-trained on ``sequences``; kept in ``folder`` (written atomically) and
     loaded from there next time, unless ``recompute`` (then retrained once per process)."""
     from llm import build_model, load_model, pretrain
+    from llm.models import save_model
 
     if folder is not None and os.path.isfile(os.path.join(folder, "config.json")) and \
             not (recompute and folder not in _FRESH):
@@ -96,11 +95,7 @@ def _pretrained(preset: str, seed: int, sequences, config, vocab_size: int, max_
     model = build_model(preset, vocab_size, max_length, seed=seed)
     pretrain(model, sequences, config)
     if folder is not None:
-        os.makedirs(os.path.dirname(folder), exist_ok=True)
-        temporary = tempfile.mkdtemp(dir=os.path.dirname(folder), prefix=".partial-")
-        model.save_pretrained(temporary)
-        shutil.rmtree(folder, ignore_errors=True)
-        os.replace(temporary, folder)
+        save_model(model, folder, progress=config.progress)  # atomic: temporary folder + rename
         _FRESH.add(folder)
     return model
 

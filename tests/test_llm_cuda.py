@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from llm.data import encode
-from llm.evaluate import sequence_logps_batched
-from llm.logps import sequence_logps
+from llm.evaluate import model_sequence_logps_batched
+from llm.logps import model_sequence_logps
 from llm.models import build_model
 from llm.objective import BatchCounts, UnlearningBatch, objective_terms
 from llm.runtime import autocast
@@ -51,11 +51,11 @@ def test_bf16_cached_reference_matches_the_live_reference(setup):
     model = copy.deepcopy(model)
     reference = copy.deepcopy(model).eval()
     forget = encode(train.select("forget1", "forget2"))
-    cached, _ = sequence_logps_batched(model, forget, batch_size=256, bf16=True)
+    cached, _ = model_sequence_logps_batched(model, forget, batch_size=256, bf16=True)
     rows = np.arange(0, len(forget), max(1, len(forget) // 16))
     batch = forget.batch(rows, "cuda")
     with torch.no_grad(), autocast("cuda", True):
-        live, _ = sequence_logps(reference, batch)
+        live, _ = model_sequence_logps(reference, batch)
     torch.testing.assert_close(cached[rows].float(), live.float().cpu(), rtol=2e-2, atol=5e-2)
     objective = get_objective("NPO", beta=0.2)
     with autocast("cuda", True):

@@ -1,5 +1,8 @@
 """llm.models: presets built from configs (no network), loading local checkpoints, data/model checks."""
 
+import io
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -105,3 +108,72 @@ def test_sequence_longer_than_the_context_is_a_clear_error():
 def test_check_model_data_rejects_other_types():
     with pytest.raises(TypeError, match="sequences must be a markovsim SequenceSet"):
         check_model_data(build_model("tiny-gpt2", 11, 6), np.zeros((2, 3)))
+
+
+def test_save_model_writes_atomically_and_replaces_an_older_model(tmp_path, monkeypatch):
+    from llm.models import save_model
+
+    first, second = build_model("tiny-gpt2", 11, 21, seed=1), build_model("tiny-gpt2", 11, 21, seed=2)
+    save_model(first, tmp_path / "model", progress=False)
+    save_model(second, tmp_path / "model", progress=False)
+    assert os.listdir(tmp_path) == ["model"]  # no temporary folder left behind
+    x = torch.randint(0, 11, (2, 7))
+    assert torch.equal(load_model(tmp_path / "model").eval()(input_ids=x).logits, second.eval()(input_ids=x).logits)
+
+    def crash(self, path, **kwargs):
+        open(os.path.join(path, "config.json"), "w").close()
+        raise OSError("disk full")
+
+    monkeypatch.setattr(type(first), "save_pretrained", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_model(first, tmp_path / "model", progress=False)
+    assert os.listdir(tmp_path) == ["model"]  # the complete older model is untouched
+    assert torch.equal(load_model(tmp_path / "model")(input_ids=x).logits, second(input_ids=x).logits)
+
+
+@pytest.mark.parametrize("damage, file", [("truncate config.json", "config.json"),
+                                          ("remove weights", "model.safetensors"),
+                                          ("truncate weights", "model.safetensors")])
+def test_a_damaged_model_folder_is_a_value_error_naming_the_folder_and_the_file(tmp_path, damage, file):
+    folder = tmp_path / "model"
+    build_model("tiny-gpt2", 11, 21).save_pretrained(folder)
+    target = folder / file
+    if damage.startswith("remove"):
+        target.unlink()
+    else:
+        target.write_bytes(target.read_bytes()[: len(target.read_bytes()) // 2])
+    with pytest.raises(ValueError) as raised:
+        load_model(folder)
+    assert str(folder) in str(raised.value) and file in str(raised.value)
+    assert damage.startswith("remove") or raised.value.__cause__ is not None
+
+
+def test_without_progress_transformers_prints_no_bars(tmp_path, capfd):
+    from llm.models import save_model
+
+    model = build_model("tiny-gpt2", 11, 21)
+    save_model(model, tmp_path / "model", progress=False)
+    load_model(tmp_path / "model", progress=False)
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == "", captured
+    save_model(model, tmp_path / "model", progress=True)  # the bars this switches off (a test that can fail)
+    load_model(tmp_path / "model", progress=True)
+    assert "Loading weights" in capfd.readouterr().err
+
+
+def test_progress_off_a_terminal_is_a_few_plain_lines():
+    from llm.progress import PlainProgress, progress_bar
+
+    stream = io.StringIO()
+    bar = progress_bar(50, 0, "unlearn npo", enabled=True, stream=stream)
+    assert isinstance(bar, PlainProgress)
+    for _ in range(50):
+        bar.update(1)
+        bar.set_postfix(loss="1.2345", refresh=False)
+    bar.close()
+    lines = stream.getvalue().splitlines()
+    assert "\r" not in stream.getvalue() and 5 <= len(lines) <= 11
+    assert lines[-1] == "unlearn npo: step 50/50 loss=1.2345"
+    silent = io.StringIO()
+    progress_bar(50, 0, "x", enabled=False, stream=silent).update(50)
+    assert silent.getvalue() == ""

@@ -5,7 +5,9 @@ The strongest check: ``llm.train.unlearn`` on the bridged TabularMarkov (full ba
 """
 
 import copy
+import dataclasses
 import json
+import math
 import os
 
 import numpy as np
@@ -14,8 +16,8 @@ import torch
 
 from llm.bridge import TabularCausalLM
 from llm.data import encode
-from llm.evaluate import Evaluator, sequence_logps_batched
-from llm.logps import sequence_logps
+from llm.evaluate import Evaluator, model_sequence_logps_batched
+from llm.logps import model_sequence_logps
 from llm.metrics_log import read_jsonl
 from llm.models import build_model
 from llm.objective import BatchCounts, UnlearningBatch, objective_terms
@@ -83,13 +85,13 @@ def test_cached_reference_gives_the_live_reference_losses_and_gradients(pretrain
     model = copy.deepcopy(pretrained[0])
     reference = copy.deepcopy(model).eval()
     forget = encode(data["forget"])
-    cached, _ = sequence_logps_batched(model, forget, batch_size=64)  # once, for the whole forget set
+    cached, _ = model_sequence_logps_batched(model, forget, batch_size=64)  # once, for the whole forget set
     objective = get_objective("NPO", beta=0.5)
     results = []
     for rows in (np.array([3, 50, 70, 1]), np.array([60, 2, 5, 77])):  # mixed lengths 20 and 5
         batch = forget.batch(rows)
         with torch.no_grad():
-            live, _ = sequence_logps(reference, batch)
+            live, _ = model_sequence_logps(reference, batch)
         for ref in (cached[rows], live):
             model.zero_grad()
             terms = objective_terms(model, objective, UnlearningBatch(batch, ref, BatchCounts(len(rows))))
@@ -251,13 +253,40 @@ def test_clear_errors_for_bad_inputs(pretrained, data):
                 TrainConfig(batch_size=4, steps=1, device="cpu", mixed_precision="bf16", progress=False))
 
 
-@pytest.mark.parametrize("field, value, exception", [
-    ("batch_size", 0, ValueError), ("batch_size", 2.5, TypeError), ("learning_rate", -1.0, ValueError),
-    ("learning_rate", "0.1", TypeError), ("schedule", "step", ValueError), ("device", "tpu", ValueError),
-    ("adam_betas", (0.9, 1.0), ValueError), ("max_grad_norm", 0.0, ValueError), ("steps", -1, ValueError)])
+INVALID_SETTINGS = [  # (field, bad value, exception): every TrainConfig field at least once
+    ("optimizer", "sgd", ValueError), ("optimizer", 1, TypeError),
+    ("learning_rate", -1.0, ValueError), ("learning_rate", "0.1", TypeError), ("learning_rate", math.inf, ValueError),
+    ("batch_size", 0, ValueError), ("batch_size", 2.5, TypeError), ("batch_size", 2.0, TypeError),
+    ("batch_size", True, TypeError), ("retain_batch_size", 0, ValueError), ("retain_batch_size", 1.5, TypeError),
+    ("epochs", 0.0, ValueError), ("epochs", math.nan, ValueError), ("steps", -1, ValueError),
+    ("steps", 3.0, TypeError), ("weight_decay", -0.1, ValueError), ("weight_decay", math.nan, ValueError),
+    ("adam_betas", (0.9, 1.0), ValueError), ("adam_betas", (0.9,), ValueError), ("adam_betas", (-0.1, 0.9), ValueError),
+    ("adam_betas", ("0.9", 0.9), TypeError), ("adam_eps", 0.0, ValueError), ("schedule", "step", ValueError),
+    ("warmup_steps", -1, ValueError), ("warmup_steps", 1.5, TypeError), ("max_grad_norm", 0.0, ValueError),
+    ("max_grad_norm", math.inf, ValueError), ("eval_every", 0, ValueError), ("eval_batch_size", 0, ValueError),
+    ("checkpoint_every", 0, ValueError), ("keep_checkpoints", -1, ValueError), ("seed", -1, ValueError),
+    ("seed", 1.5, TypeError), ("device", "tpu", ValueError), ("mixed_precision", "fp16", ValueError),
+    ("progress", "no", TypeError), ("progress", 0, TypeError), ("num_threads", 0, ValueError),
+    ("divergence_logp_per_token", math.nan, ValueError), ("divergence_logp_per_token", "-5", TypeError),
+    ("track_forget_weights", 1, TypeError), ("track_power_share", "yes", TypeError),
+    ("diagnostics_max_sequences", 0, ValueError), ("diagnostics_max_sequences", 2.5, TypeError),
+    ("learning_rate", None, TypeError), ("batch_size", None, TypeError)]
+
+
+@pytest.mark.parametrize("field, value, exception", INVALID_SETTINGS)
 def test_train_config_validates_every_field(field, value, exception):
     with pytest.raises(exception, match=field):
         TrainConfig(**{field: value})
+
+
+def test_the_validation_cases_cover_every_field():
+    assert {f.name for f in dataclasses.fields(TrainConfig)} == {field for field, _, _ in INVALID_SETTINGS}
+
+
+def test_valid_settings_are_kept_unchanged():
+    config = TrainConfig(learning_rate=1, steps=0, retain_batch_size=None, adam_betas=[0.8, 0.9],
+                         divergence_logp_per_token=-50, progress=False)
+    assert config.learning_rate == 1 and config.steps == 0 and config.adam_betas == (0.8, 0.9)
 
 
 def test_learning_rate_schedules():
@@ -265,3 +294,40 @@ def test_learning_rate_schedules():
     assert learning_rate_factor(5, 10, "linear", 0) == pytest.approx(0.5)
     assert learning_rate_factor(5, 10, "cosine", 0) == pytest.approx(0.5)
     assert learning_rate_factor(10, 10, "cosine", 0) == pytest.approx(0.0)
+
+
+def _checkpoint_of_a_short_run(pretrained, data, tmp_path) -> str:
+    config = TrainConfig(batch_size=4, steps=2, checkpoint_every=1, **CPU)
+    unlearn(copy.deepcopy(pretrained[0]), OBJECTIVES["GA"], data["forget"], None, config, run_dir=tmp_path / "run")
+    return os.path.join(tmp_path, "run", "checkpoints", "step-0000001")
+
+
+def test_a_truncated_or_incomplete_checkpoint_is_a_value_error_naming_the_file(pretrained, data, tmp_path):
+    from llm.checkpoint import load_checkpoint
+
+    folder = _checkpoint_of_a_short_run(pretrained, data, tmp_path)
+    state_file = os.path.join(folder, "state.pt")
+    complete = open(state_file, "rb").read()
+    state = torch.load(state_file, weights_only=True)
+    del state["optimizer"]
+    torch.save(state, state_file)
+    with pytest.raises(ValueError, match=r"state\.pt.*misses the keys \['optimizer'\]"):
+        load_checkpoint(folder)
+    with open(state_file, "wb") as file:
+        file.write(complete[: len(complete) // 2])
+    with pytest.raises(ValueError, match=r"state\.pt.*unreadable") as raised:
+        load_checkpoint(folder)
+    assert raised.value.__cause__ is not None
+    with pytest.raises(ValueError, match=r"state\.pt"):  # through resume, too
+        unlearn(copy.deepcopy(pretrained[0]), OBJECTIVES["GA"], data["forget"], None,
+                TrainConfig(batch_size=4, steps=2, checkpoint_every=1, **CPU), run_dir=tmp_path / "other",
+                resume=folder)
+
+
+def test_final_model_is_written_quietly_without_progress(pretrained, data, tmp_path, capfd):
+    config = TrainConfig(batch_size=4, steps=1, eval_every=1, **CPU)  # CPU holds progress=False
+    unlearn(copy.deepcopy(pretrained[0]), OBJECTIVES["GA"], data["forget"], None, config, run_dir=tmp_path / "run")
+    captured = capfd.readouterr()
+    assert captured.out == "" and captured.err == "", captured
+    assert (tmp_path / "run" / "model" / "config.json").is_file()
+    assert not [p for p in os.listdir(tmp_path / "run") if p.endswith(".tmp")]

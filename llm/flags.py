@@ -1,0 +1,90 @@
+"""Command-line flags generated from a frozen dataclass's fields, so no flag list is typed out by hand.
+
+One flag per field, ``--field-name`` (or a renamed flag), its argparse type from the annotation:
+
+    bool            --x / --no-x (argparse.BooleanOptionalAction)
+    int, float      type=int / float; a ``T | None`` field also takes the word ``none``
+    str             type=str, choices from the field's metadata when given
+    tuple[T, ...]   nargs = the tuple's length
+
+Help text comes from ``field.metadata["help"]`` (see :func:`llm.config.setting`). Flags default to
+"not given" (``argparse.SUPPRESS``), so :func:`given_values` returns exactly what the user set and
+a JSON config's values survive unless a flag overrides them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import types
+import typing
+
+__all__ = ["add_dataclass_flags", "given_values", "flag_name", "optional_inner"]
+
+
+def flag_name(field_name: str) -> str:
+    """``learning_rate`` -> ``--learning-rate``."""
+    return "--" + field_name.replace("_", "-")
+
+
+def optional_inner(hint) -> tuple[object, bool]:
+    """``(T, True)`` for ``T | None``, else ``(hint, False)``."""
+    arguments = typing.get_args(hint)
+    if isinstance(hint, types.UnionType) and type(None) in arguments:
+        return next(a for a in arguments if a is not type(None)), True
+    return hint, False
+
+
+def _parser(kind: type, optional: bool):
+    """A string -> value converter named for argparse's "invalid <name> value" message."""
+
+    def convert(text: str):
+        if optional and text.lower() == "none":
+            return None
+        return kind(text)
+
+    convert.__name__ = f"{kind.__name__}{' or none' if optional else ''}"
+    return convert
+
+
+def argparse_options(hint, metadata) -> dict:
+    """``add_argument`` keyword arguments for a field annotated ``hint`` with ``metadata``."""
+    inner, optional = optional_inner(hint)
+    if inner is bool:
+        return {"action": argparse.BooleanOptionalAction}
+    if typing.get_origin(inner) is tuple:
+        items = typing.get_args(inner)
+        return {"nargs": len(items), "type": _parser(items[0], False), "metavar": items[0].__name__.upper()}
+    options = {"type": _parser(inner, optional)}
+    if metadata.get("choices"):
+        options["choices"] = list(metadata["choices"]) + ([None] if optional else [])
+    return options
+
+
+def add_dataclass_flags(group, cls, prefix: str, renamed: dict[str, str] | None = None,
+                        only: typing.Callable[[object], bool] | None = None) -> None:
+    """Add one flag per field of ``cls`` to ``group`` (an argparse parser or argument group).
+
+    Args:
+        cls: the dataclass.  prefix: the destination prefix (``"train"`` stores ``train:seed``).
+        renamed: flag names that differ from :func:`flag_name` (``{"seed": "--data-seed"}``).
+        only: keep the fields whose type annotation passes this test (None = every field).
+    """
+    hints = typing.get_type_hints(cls)
+    for field in dataclasses.fields(cls):
+        if only is not None and not only(hints[field.name]):
+            continue
+        default = field.default if field.default is not dataclasses.MISSING else None
+        help_text = field.metadata.get("help", f"{cls.__name__}.{field.name}")
+        options = argparse_options(hints[field.name], field.metadata)
+        if options.get("action") is None and "choices" not in options:
+            options.setdefault("metavar", field.name.upper())
+        group.add_argument((renamed or {}).get(field.name, flag_name(field.name)), dest=f"{prefix}:{field.name}",
+                           default=argparse.SUPPRESS, help=f"{help_text} (default: {default})", **options)
+
+
+def given_values(arguments: argparse.Namespace, prefix: str) -> dict:
+    """The fields set on the command line under ``prefix`` (see :func:`add_dataclass_flags`)."""
+    start = prefix + ":"
+    values = {name[len(start):]: value for name, value in vars(arguments).items() if name.startswith(start)}
+    return {name: tuple(value) if isinstance(value, list) else value for name, value in values.items()}
