@@ -101,7 +101,8 @@ def _pretrained(preset: str, seed: int, sequences, config, vocab_size: int, max_
 
 
 def prepare_transformer(scenario_name: str, scale: float, settings: TransformerSettings, device: str = "cpu",
-                        progress: bool = True, model_dir: str | None = None, recompute: bool = False) -> TransformerSetup:
+                        progress: bool = True, model_dir: str | None = None,
+                        recompute: bool = False) -> TransformerSetup:
     """Sample the seed's data, pre-train the reference and retrain the retain-only model (or load them).
 
     ``model_dir``: a folder where both models are kept under a hash of everything that determines
