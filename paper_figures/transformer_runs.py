@@ -56,7 +56,8 @@ def _train_configs(settings: TransformerSettings, device: str, progress: bool):
 
     common = dict(device=device, progress=progress, num_threads=1 if device == "cpu" else None,
                   optimizer=settings.optimizer, adam_eps=settings.adam_eps, weight_decay=settings.weight_decay,
-                  max_grad_norm=settings.max_grad_norm, seed=settings.seed)
+                  max_grad_norm=settings.max_grad_norm, seed=settings.seed,
+                  divergence_logp_per_token=None)  # the paper's runs never stop early (cached numbers rely on it)
     pretraining = TrainConfig(learning_rate=settings.pretrain_learning_rate, batch_size=settings.pretrain_batch_size,
                               epochs=settings.pretrain_epochs, **common)
     unlearning = TrainConfig(learning_rate=settings.unlearn_learning_rate, batch_size=settings.unlearn_batch_size,
