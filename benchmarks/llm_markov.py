@@ -176,7 +176,8 @@ def gpu_measurements(device: str) -> dict:
               "live_over_cached": live["seconds_per_step"] / cached["seconds_per_step"]}
     print(f"\n{name}: gpt2-small ({cached['parameters'] / 1e6:.1f}M non-positional parameters), NPO unlearning step, "
           f"bf16 autocast, batch 32 x 512 tokens")
-    print(f"  cached reference: {cached['seconds_per_step'] * 1e3:8.1f} ms/step, {cached['tokens_per_second']:,.0f} tokens/s, "
+    print(f"  cached reference: {cached['seconds_per_step'] * 1e3:8.1f} ms/step, "
+          f"{cached['tokens_per_second']:,.0f} tokens/s, "
           f"{cached['flops_per_second'] / 1e12:.1f} TFLOP/s"
           + (f" = {cached['flops_per_second'] / peak:.1%} of the {peak / 1e12:.0f} TFLOP/s bf16 peak" if peak else ""))
     print(f"  live reference:   {live['seconds_per_step'] * 1e3:8.1f} ms/step; live / cached time = "

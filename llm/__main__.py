@@ -36,10 +36,9 @@ import tempfile
 import typing
 from dataclasses import dataclass, field
 
-from markovsim.losses import OBJECTIVES, Objective
-
 from llm.config import TrainConfig
 from llm.flags import add_dataclass_flags, given_values
+from markovsim.losses import OBJECTIVES, Objective
 
 __all__ = ["DataConfig", "ModelConfig", "RunConfig", "UsageError", "build_parser", "check_output_folder",
            "load_run_config", "resolve", "run", "main"]
@@ -252,11 +251,10 @@ def _model(config: RunConfig, num_states: int, max_length: int, progress: bool):
 
 
 def _evaluator(scenario, data, reference, retrained_path, train_config, device: str):
-    from markovsim.models import MixtureOfChains
-
     from llm.evaluate import Evaluator
     from llm.models import load_model
     from llm.runtime import use_bf16
+    from markovsim.models import MixtureOfChains
 
     spec = scenario.spec
     retain_components = [c for c in spec.components if c.role == "retain"]
@@ -275,11 +273,10 @@ def _is_main_process() -> bool:
 
 def run(config: RunConfig) -> dict:
     """Execute one command; returns the results document (also written to ``out/results.json``)."""
-    from markovsim.results import atomic_write_json, metadata_block
-
     from llm import train as training
     from llm.results import strict_json
     from llm.runtime import resolve_device
+    from markovsim.results import atomic_write_json, metadata_block
 
     defaults = training.PAPER_UNLEARNING if config.command == "unlearn" else training.PAPER_PRETRAINING
     train_config = _train_config(config, defaults)
@@ -337,7 +334,8 @@ def _evaluate(config, scenario, data, model, train_config) -> dict:
     model.to(device)
     evaluator = _evaluator(scenario, data, None, config.retrained, train_config, device)
     metrics = evaluator.evaluate(model)
-    return {"metrics": {name: dict(zip(evaluator.component_names, values.tolist())) for name, values in metrics.items()}}
+    names = evaluator.component_names
+    return {"metrics": {name: dict(zip(names, values.tolist())) for name, values in metrics.items()}}
 
 
 _COMMANDS = {"pretrain": _pretrain, "retrain": _pretrain, "unlearn": _unlearn, "evaluate": _evaluate}

@@ -10,8 +10,9 @@ log-likelihoods behind the closed-form weights.
 * ``power_share[c] = ||g_c|| / sum_c' ||g_c'||``: the forget term's gradient splits exactly by
   component, ``g_c = (forget_weight / n_f) sum_{y in c} d L_f(y) / d theta`` (n_f: the whole forget
   training set); the retain term's gradient ``retain_weight * d R / d theta`` is credited in equal
-  parts to the retain set's components. Norms over all trainable parameters. Components with no
-  training sequences are NaN.
+  parts to the retain set's components. Norms over all trainable parameters; the shares are
+  :func:`markovsim.diagnostics.power_shares` (the simulator's rule: NaN for a component with no
+  training sequences).
 
 With ``max_sequences`` set, each component's sum runs over at most that many rows and is scaled by
 (rows / subsample size), an unbiased estimate of the full-set gradient (its norm is biased upwards
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 
 from markovsim.data import SequenceSet
+from markovsim.diagnostics import power_shares
 from markovsim.losses import Objective
 
 from .data import EncodedSequences, evaluation_chunks
@@ -153,9 +155,7 @@ class Diagnostics:
         if self.weights:
             result["mean_weight"] = weights
         if self.power:
-            total = norms.sum()
-            shares = norms / total if total > 0 else np.full(len(self.names), np.nan)
-            result["power_share"] = np.where(self.plan.present, shares, np.nan)
+            result["power_share"] = power_shares(norms, self.plan.present)
         return result
 
     def _forget_pass(self, model, params, rows: np.ndarray, scale: float) -> tuple[float, float]:

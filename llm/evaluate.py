@@ -28,7 +28,7 @@ from markovsim.losses import Objective
 from markovsim.metrics import mean_kl_per_component, true_next_token_probs
 
 from .data import EncodedSequences, encode, evaluation_chunks
-from .logps import model_logits, state_log_probs, labelled_token_logps
+from .logps import labelled_token_logps, model_logits, state_log_probs
 from .models import check_model_data
 from .runtime import autocast
 

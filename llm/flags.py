@@ -7,7 +7,7 @@ One flag per field, ``--field-name`` (or a renamed flag), its argparse type from
     str             type=str, choices from the field's metadata when given
     tuple[T, ...]   nargs = the tuple's length
 
-Help text comes from ``field.metadata["help"]`` (see :func:`llm.config.setting`). Flags default to
+Help text comes from ``field.metadata["help"]`` (see :func:`markovsim.config.setting`). Flags default to
 "not given" (``argparse.SUPPRESS``), so :func:`given_values` returns exactly what the user set and
 a JSON config's values survive unless a flag overrides them.
 """

@@ -2,13 +2,13 @@
 
     token_logps[b, j] = log softmax(logits[b, j])[labels[b, j + 1]]     (B, T - 1)
     mask[b, j]        = labels[b, j + 1] != -100
-    (logps, num_tokens) = markovsim.losses.sequence_logps(token_logps, mask)   (THE shared reducer)
+    (logps, num_tokens) = markovsim.losses.reduce_token_logps(token_logps, mask)   (THE shared reducer)
 
 Naming glossary (the whole package): ``logps`` = per-sequence summed log-probabilities (N,),
 ``token_logps`` = per-token log-probabilities of the labels (N, T), ``log_probs`` = log of full
 next-token distributions (..., V), ``logp_per_token`` = logps / num_tokens. Hence
 :func:`labelled_token_logps` (logits -> token_logps) and :func:`model_sequence_logps`
-(model, batch -> logps); ``markovsim.losses.sequence_logps`` reduces token_logps to logps.
+(model, batch -> logps); ``markovsim.losses.reduce_token_logps`` reduces token_logps to logps.
 
 Log-softmax runs in float32 (or the logits' dtype if wider), also under bf16 autocast.
 """
@@ -52,7 +52,8 @@ def labelled_token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[to
         NonFiniteLogitsError: NaN/inf logits at a labelled position.
     """
     if logits.ndim != 3 or labels.shape != logits.shape[:2]:
-        raise ValueError(f"logits must be (B, T, vocab) and labels (B, T); got {tuple(logits.shape)} and {tuple(labels.shape)}")
+        raise ValueError(f"logits must be (B, T, vocab) and labels (B, T); got {tuple(logits.shape)} and "
+                         f"{tuple(labels.shape)}")
     shifted = upcast(logits[:, :-1])  # (B, T-1, vocab)
     targets = labels[:, 1:]  # (B, T-1)
     mask = targets != IGNORE_INDEX  # (B, T-1)
@@ -75,7 +76,7 @@ def model_sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.T
         logps (B,) and num_tokens (B,), float32 (or the logits' dtype if float64).
     """
     token_logps, mask = labelled_token_logps(model_logits(model, batch), batch["labels"])  # (B, T-1)
-    return losses.sequence_logps(token_logps, mask)
+    return losses.reduce_token_logps(token_logps, mask)
 
 
 def state_log_probs(logits: torch.Tensor, num_states: int) -> torch.Tensor:
@@ -88,6 +89,7 @@ def state_log_probs(logits: torch.Tensor, num_states: int) -> torch.Tensor:
     return torch.log_softmax(upcast(logits[..., :num_states]), dim=-1)
 
 
-# Former names, kept for existing code: ``sequence_logps`` collided with markovsim.losses.sequence_logps.
+# Former names, kept for existing code: ``sequence_logps`` (its old name) collided with
+# markovsim.losses.reduce_token_logps's old name.
 sequence_logps = model_sequence_logps
 token_log_probs = labelled_token_logps

@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-from markovsim.losses import LOSSES, Objective, kl, sequence_logps
+from markovsim.losses import LOSSES, Objective, kl, reduce_token_logps
 
 from .data import merge_batches
-from .logps import model_logits, labelled_token_logps, upcast
+from .logps import labelled_token_logps, model_logits, upcast
 
 __all__ = ["BatchCounts", "ObjectiveTerms", "UnlearningBatch", "objective_terms", "retain_term", "SEQUENCE_LOSSES"]
 
@@ -103,7 +103,7 @@ def _retain_term(objective: Objective, logits, token_logps, mask, counts: BatchC
 
     Args: logits (b_r, t, vocab), token_logps and mask (b_r, t-1), trimmed to the retain batch's width t.
     """
-    logps, num_tokens = sequence_logps(token_logps, mask)  # (b_r,)
+    logps, num_tokens = reduce_token_logps(token_logps, mask)  # (b_r,)
     if objective.retain == "nll":
         return (-logps / num_tokens).sum() / counts.retain_sequences
     if reference is None:
@@ -146,7 +146,7 @@ def objective_terms(model, objective: Objective, batch: UnlearningBatch, referen
     rows = dict(zip(parts, row_slices))
     logits = model_logits(model, merged)  # (B, t, vocab)
     token_logps, mask = labelled_token_logps(logits, merged["labels"])  # (B, t-1)
-    logps, num_tokens = sequence_logps(token_logps, mask)  # (B,)
+    logps, num_tokens = reduce_token_logps(token_logps, mask)  # (B,)
     f = rows["forget"]
     preferred_logps = logps[rows["preferred"]] if "preferred" in rows else None
     losses = _forget_losses(objective, token_logps[f], mask[f], logps[f], num_tokens[f], batch,

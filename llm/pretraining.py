@@ -77,7 +77,8 @@ def _pretrain(model, sequences, config, run_dir, resume) -> TrainingHistory:
     started = time.perf_counter()
     encoded = encode(sequences, "all")
     session = Session(model, config, config.total_steps(len(sequences)), run_dir, "pretrain")
-    history = session.begin(resume).get("history") or {"steps": [], "losses": [], "learning_rates": [], "grad_norms": []}
+    empty = {"steps": [], "losses": [], "learning_rates": [], "grad_norms": []}
+    history = session.begin(resume).get("history") or empty
 
     def forward(step: int) -> dict:
         rows = batch_indices(len(encoded), config.batch_size, step, config.seed)

@@ -15,22 +15,12 @@ import os
 
 import torch
 
+from markovsim.runtime import DEVICES, resolve_device  # the one device rule, shared with the simulator
+
 __all__ = ["DEVICES", "MIXED_PRECISIONS", "resolve_device", "use_bf16", "autocast", "make_accelerator",
            "is_distributed_launch", "transformers_output"]
 
-DEVICES = ("auto", "cpu", "cuda")
 MIXED_PRECISIONS = ("auto", "bf16", "no")
-
-
-def resolve_device(device: str) -> str:
-    """``"cpu"`` or ``"cuda"`` for a requested device (ValueError for CUDA without a GPU)."""
-    if device not in DEVICES:
-        raise ValueError(f"device must be one of {DEVICES}, got {device!r}")
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was requested but torch sees no CUDA GPU; use device='cpu' or 'auto'")
-    return device
 
 
 def use_bf16(device: str, mixed_precision: str) -> bool:

@@ -17,6 +17,7 @@ from typing import Callable
 
 import torch
 
+from markovsim.config import divergence_reason
 from markovsim.data import SequenceSet
 from markovsim.optimizers import build_torch_optimizer
 from markovsim.runtime import torch_threads
@@ -179,7 +180,8 @@ class Session:
             self.accelerator.backward(local["total"] * self.num_processes)
             limit = self.config.max_grad_norm if self.config.max_grad_norm is not None else math.inf
             grad_norm = float(self.accelerator.clip_grad_norm_(self.model.parameters(), limit))
-        return StepOutcome(values, grad_norm, _divergence(values, grad_norm, backward))
+        reason = divergence_reason(values["total"], grad_norm=grad_norm if backward else None)
+        return StepOutcome(values, grad_norm, reason)
 
     def update(self) -> None:
         self.optimizer.step()
@@ -197,14 +199,6 @@ class Session:
 
 def _comparable(value):
     return list(value) if isinstance(value, (list, tuple)) else value
-
-
-def _divergence(values: dict[str, float], grad_norm: float, backward: bool) -> str | None:
-    if not math.isfinite(values["total"]):
-        return f"loss is {values['total']}"
-    if backward and not math.isfinite(grad_norm):
-        return f"gradient norm is {grad_norm}"
-    return None
 
 
 @contextlib.contextmanager

@@ -18,6 +18,7 @@ import time
 import numpy as np
 import torch
 
+from markovsim.config import divergence_reason
 from markovsim.data import SequenceSet, concatenate
 from markovsim.losses import Objective
 from markovsim.trajectory import COMPONENT_METRICS, Trajectory
@@ -139,7 +140,8 @@ class _Unlearning:
             retain_rows = batch_indices(len(self.retain), config.retain_batch_size or config.batch_size, step,
                                         config.seed, RETAIN_STREAM)
             retain_batch = self.retain.batch(shard(retain_rows, rank, world), device)
-            counts = BatchCounts(len(forget_rows), len(retain_rows), int(self.retain.num_label_tokens[retain_rows].sum()))
+            retain_tokens = int(self.retain.num_label_tokens[retain_rows].sum())
+            counts = BatchCounts(len(forget_rows), len(retain_rows), retain_tokens)
         batch = UnlearningBatch(
             self.forget.batch(local, device), None if self.forget_ref is None else self.forget_ref[local].to(device),
             counts, retain_batch,
@@ -209,10 +211,10 @@ class _Unlearning:
         return trajectory
 
     def _threshold(self, outcome: StepOutcome) -> str | None:
-        threshold, value = self.config.divergence_logp_per_token, outcome.values["logp_per_token"]
-        if threshold is not None and value < threshold:
-            return f"forget log-likelihood per token {value:.3g} fell below {threshold}"
-        return None
+        """:func:`markovsim.config.divergence_reason` on the forget batch's log-likelihood per token."""
+        values = outcome.values
+        return divergence_reason(values["total"], values["logp_per_token"],
+                                 threshold=self.config.divergence_logp_per_token)
 
     def _trajectory(self, records: list[dict], diverged_at, reason) -> Trajectory:
         extra = sorted({k for r in records for k in r["metrics"]} - set(COMPONENT_METRICS))

@@ -1,4 +1,5 @@
-"""Summaries of trajectories: divergence-rate fits (docs/theory.md, "Divergence speed") and comparisons at equal progress."""
+"""Summaries of trajectories: divergence-rate fits (docs/theory.md, "Divergence speed") and comparisons at
+equal progress."""
 
 from __future__ import annotations
 

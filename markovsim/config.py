@@ -28,9 +28,17 @@ the parameters run off to infinity (docs/theory.md, "Divergence speed"). Far bel
 useful run visits (a uniform model over V = 10 states has -2.3)."""
 
 
-def setting(default, help: str, **kwargs):
-    """A dataclass field with its help text in ``metadata["help"]`` (read by :func:`field_help`)."""
-    return dataclasses.field(default=default, metadata={"help": help}, **kwargs)
+def setting(default, help: str, *, minimum: float | None = None, above: float | None = None,
+            choices: tuple | None = None, finite: bool = True, **kwargs):
+    """A dataclass field with its help text and constraints in ``metadata``.
+
+    ``metadata["help"]`` is read by :func:`field_help` and the command lines' flag generators;
+    ``choices`` also becomes the flag's choices. The constraints (numbers >= ``minimum``, > ``above``,
+    finite; strings in ``choices``) are for generic validators such as ``llm.config.check_setting``;
+    :class:`RunSettings` checks its own fields explicitly in ``__post_init__``.
+    """
+    metadata = {"help": help, "minimum": minimum, "above": above, "choices": choices, "finite": finite}
+    return dataclasses.field(default=default, metadata=metadata, **kwargs)
 
 
 def field_help(field: dataclasses.Field) -> str:
@@ -86,8 +94,9 @@ class RunSettings:
     family may override that one default (and says why).
     """
 
-    optimizer: str = setting("adamw", "gd (theta -= lr g), adamw (torch's AdamW) or adamw_legacy (the paper "
-                                      "code's transformers.AdamW: eps added to the uncorrected sqrt(v))")
+    optimizer: str = setting("adamw", "gd (theta -= lr g; no weight decay), adamw (torch's AdamW) or adamw_legacy "
+                                      "(the paper code's transformers.AdamW: eps added to the uncorrected sqrt(v))",
+                             choices=OPTIMIZERS)
     learning_rate: float = setting(0.05, "step size (peak learning rate), > 0")
     adam_betas: tuple[float, float] = setting((0.9, 0.999), "Adam's (beta1, beta2), each in [0, 1)")
     adam_eps: float = setting(1e-8, "Adam's eps, > 0 (the paper's transformers.AdamW used 1e-6)")
@@ -101,7 +110,9 @@ class RunSettings:
         "None = stop only on NaN/inf")
 
     def __post_init__(self) -> None:
-        if not isinstance(self.optimizer, str) or self.optimizer not in OPTIMIZERS:
+        if not isinstance(self.optimizer, str):
+            raise TypeError(f"optimizer must be a string, one of {OPTIMIZERS}, got {type(self.optimizer).__name__}")
+        if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         check_real("learning_rate", self.learning_rate, minimum=0.0, exclusive=True)
         if isinstance(self.adam_betas, (str, bytes)) or not hasattr(self.adam_betas, "__len__") \
@@ -112,6 +123,9 @@ class RunSettings:
         object.__setattr__(self, "adam_betas", tuple(self.adam_betas))
         check_real("adam_eps", self.adam_eps, minimum=0.0, exclusive=True)
         check_real("weight_decay", self.weight_decay, minimum=0.0)
+        if self.optimizer == "gd" and self.weight_decay > 0:
+            raise ValueError(f"weight_decay applies to the Adam rules only; optimizer='gd' needs weight_decay=0, "
+                             f"got {self.weight_decay}")
         check_real("max_grad_norm", self.max_grad_norm, minimum=0.0, exclusive=True, allow_none=True)
         check_integer("seed", self.seed, 0)
         check_boolean("progress", self.progress)

@@ -27,6 +27,7 @@ from .exact_gradients import ExactEvaluation, next_token_log_probs, objective_va
 from .losses import NEEDS_REFERENCE
 from .objectives import Objective
 from .optimizers import AdamState, adam_update
+from .progress import progress_bar
 from .runtime import torch_threads
 from .trajectory import Trajectory
 
@@ -217,16 +218,16 @@ def _record(model, objective, problem, evaluator, names, finite: bool, full: Exa
 def _trajectory(steps, names, records, losses, distances, diverged_at, reason, info) -> Trajectory:
     metrics = {}
     for metric in ("kl_true", "kl_retrained", "kl_reference", "logp_per_token", "mean_weight", "power_share"):
-        metrics[metric] = np.array([r.get(metric, np.full(len(names), np.nan)) for r in records]).reshape(len(records), len(names))
-    step_metrics = {"loss": np.asarray(losses, dtype=np.float64), "parameter_distance": np.asarray(distances, dtype=np.float64)}
+        rows = [r.get(metric, np.full(len(names), np.nan)) for r in records]
+        metrics[metric] = np.array(rows).reshape(len(records), len(names))
+    step_metrics = {"loss": np.asarray(losses, dtype=np.float64),
+                    "parameter_distance": np.asarray(distances, dtype=np.float64)}
     return Trajectory(np.asarray(steps), tuple(names), metrics, step_metrics,
                       diverged_at, reason, info)
 
 
 def _progress(total: int, enabled: bool):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, disable=not enabled, desc="unlearning", leave=False)
+    return progress_bar(total, 0, "unlearning", enabled)
 
 
 def gradient_flow(model, objective: Objective, forget: SequenceSet, retain: SequenceSet | None, reference,
@@ -275,5 +276,6 @@ def _gradient_flow(model, objective, forget, retain, reference, times, evaluator
         losses.append(float(objective_value(point, objective, *problem.batch(None, None))))
         distances.append(float(np.linalg.norm(column - start)))
     return _trajectory(times, evaluator.component_names, records, losses, distances, None, None,
-                       {"objective": dataclasses.asdict(objective), "flow": {"method": method, "rtol": rtol, "atol": atol},
+                       {"objective": dataclasses.asdict(objective),
+                        "flow": {"method": method, "rtol": rtol, "atol": atol},
                         "model": type(model).__name__})

@@ -74,7 +74,8 @@ class ExactEvaluator:
                             for name, probs in self.targets.items()}  # (C,)
         # For a tabular model log q_t = log P[s_t], so the cross term only needs the target mass summed
         # per (component, current state): by_state[c, s, :] = sum_{t in c, s_t = s} p_t.
-        num_states, current = test.num_states, torch.as_tensor(np.where(test.tokens[:, :-1] >= 0, test.tokens[:, :-1], 0))
+        num_states = test.num_states
+        current = torch.as_tensor(np.where(test.tokens[:, :-1] >= 0, test.tokens[:, :-1], 0))
         index = (ids[:, None] * num_states + current).reshape(-1)  # (n*(T-1),)
         self.by_state = {name: torch.zeros(len(self.component_names) * num_states, num_states, dtype=torch.float64)
                          .index_add_(0, index, probs.reshape(-1, num_states)).reshape(-1, num_states, num_states)

@@ -52,7 +52,8 @@ def next_token_log_probs(model, sequences: SequenceSet) -> torch.Tensor:
 
 
 def retain_kl_value(model, retain: SequenceSet, reference_log_probs: torch.Tensor) -> torch.Tensor:
-    """Mean over all retain response tokens of ``KL(pi_ref || pi_theta)`` (docs/theory.md, "Retain terms and objectives")."""
+    """Mean over all retain response tokens of ``KL(pi_ref || pi_theta)`` (docs/theory.md, "Retain terms and
+    objectives")."""
     mask = torch.as_tensor(retain.transition_mask)
     per_sequence = kl(reference_log_probs, next_token_log_probs(model, retain), mask)  # (n,) token means
     num_tokens = num_tokens_tensor(retain)
@@ -67,9 +68,11 @@ def _check_inputs(objective: Objective, forget: SequenceSet, retain, forget_ref_
     if objective.retain is not None and (not isinstance(retain, SequenceSet) or len(retain) == 0):
         raise ValueError(f"objective has retain term {objective.retain!r}: pass a non-empty retain SequenceSet")
     if objective.forget in NEEDS_REFERENCE and forget_ref_logps is None:
-        raise ValueError(f"{objective.forget} needs forget_ref_logps (the reference model's response_logps on the forget set)")
+        raise ValueError(f"{objective.forget} needs forget_ref_logps (the reference model's response_logps on the "
+                         f"forget set)")
     if objective.retain in NEEDS_REFERENCE and retain_ref_log_probs is None:
-        raise ValueError(f"a {objective.retain} retain term needs retain_ref_log_probs (next_token_log_probs(reference, retain))")
+        raise ValueError(f"a {objective.retain} retain term needs retain_ref_log_probs "
+                         f"(next_token_log_probs(reference, retain))")
 
 
 def objective_value(model, objective: Objective, forget: SequenceSet, retain: SequenceSet | None = None,
@@ -104,12 +107,14 @@ def objective_value_and_gradient(model, objective: Objective, forget: SequenceSe
         if objective.retain == "nll":
             retain_tokens = num_tokens_tensor(retain)
             retain_value = (-model.response_logps(retain) / retain_tokens).mean()
-            retain_gradients = model.response_logps_gradient(retain, -objective.retain_weight / (len(retain) * retain_tokens))
+            scale = -objective.retain_weight / (len(retain) * retain_tokens)
+            retain_gradients = model.response_logps_gradient(retain, scale)
         elif objective.retain == "kl":
             retain_value = retain_kl_value(model, retain, retain_ref_log_probs)
             mask = torch.as_tensor(retain.transition_mask)
             token_weights = mask.to(torch.float64) * (objective.retain_weight / float(mask.sum()))
-            retain_gradients = model.predictive_kl_gradient(retain, torch.exp(retain_ref_log_probs) * mask[..., None], token_weights)
+            reference_probs = torch.exp(retain_ref_log_probs) * mask[..., None]
+            retain_gradients = model.predictive_kl_gradient(retain, reference_probs, token_weights)
         if objective.retain is not None:
             gradients = tuple(g + h for g, h in zip(gradients, retain_gradients))
         value = objective.total(forget_value, retain_value)

@@ -1,6 +1,7 @@
 """Unlearning losses: the single implementation shared by the simulator and the LLM side.
 
-Everything here is a pure torch function of per-sequence tensors (docs/theory.md, "Forget losses ..." and "Retain terms and objectives"):
+Everything here is a pure torch function of per-sequence tensors (docs/theory.md, "Forget losses ..." and
+"Retain terms and objectives"):
 
     logps       (B,)  sum of response-token log-probs, logp_theta(y|x)
     ref_logps   (B,)  the same under the reference model pi_ref (the model before unlearning)
@@ -40,7 +41,6 @@ from .tensor_checks import (
 
 __all__ = [
     "reduce_token_logps",
-    "sequence_logps",
     "ga",
     "ga_sum",
     "npo",
@@ -61,9 +61,7 @@ __all__ = [
 # Objective, OBJECTIVES and get_objective live in markovsim.objectives; re-exported lazily (module __getattr__).
 
 
-# ---------------------------------------------------------------------------------------------
-# Token log-probs -> per-sequence log-likelihood
-# ---------------------------------------------------------------------------------------------
+# --- Token log-probs -> per-sequence log-likelihood ------------------------------------------------------
 
 
 def reduce_token_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -92,13 +90,7 @@ def reduce_token_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> tuple[t
     return logps, num_tokens
 
 
-# Deprecated alias: llm/ imports it under this name (it collides with llm.logps.sequence_logps(model, batch)).
-sequence_logps = reduce_token_logps
-
-
-# ---------------------------------------------------------------------------------------------
-# Forget losses, per sequence (B,)
-# ---------------------------------------------------------------------------------------------
+# --- Forget losses, per sequence (B,) --------------------------------------------------------------------
 
 
 def ga(logps: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
@@ -228,9 +220,7 @@ def wga(token_logps: torch.Tensor, mask: torch.Tensor, alpha: float = 1.0) -> to
     return (weights * kept).sum(-1) / num_tokens  # (B,)
 
 
-# ---------------------------------------------------------------------------------------------
-# Retain terms, per sequence (B,)
-# ---------------------------------------------------------------------------------------------
+# --- Retain terms, per sequence (B,) ---------------------------------------------------------------------
 
 
 def nll(logps: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
@@ -246,7 +236,8 @@ def nll(logps: torch.Tensor, num_tokens: torch.Tensor) -> torch.Tensor:
 
 
 def kl(ref_log_probs: torch.Tensor, log_probs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Retain KL to the reference, per-sequence mean over response tokens (docs/theory.md, "Retain terms and objectives").
+    """Retain KL to the reference, per-sequence mean over response tokens (docs/theory.md, "Retain terms and
+    objectives").
 
     kl(y) = (1/|y|) sum_{t in response} KL( pi_ref(.|ctx_t) || pi_theta(.|ctx_t) ),
     KL(p || q) = sum_v p_v (log p_v - log q_v), with 0 log 0 = 0: vocabulary entries where the
@@ -282,9 +273,7 @@ def kl(ref_log_probs: torch.Tensor, log_probs: torch.Tensor, mask: torch.Tensor)
     return token_kl.sum(-1) / mask.sum(-1)  # (B,)
 
 
-# ---------------------------------------------------------------------------------------------
-# Closed-form gradient weights
-# ---------------------------------------------------------------------------------------------
+# --- Closed-form gradient weights ------------------------------------------------------------------------
 
 
 def _ga_weights(logps, num_tokens):
@@ -369,9 +358,7 @@ def gradient_weights(
     return _WEIGHTS[name](logps.detach(), **detached)
 
 
-# ---------------------------------------------------------------------------------------------
-# Registries
-# ---------------------------------------------------------------------------------------------
+# --- Registries ------------------------------------------------------------------------------------------
 
 LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "ga": ga,

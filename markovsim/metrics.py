@@ -26,7 +26,8 @@ def per_token_kl(target_probs: torch.Tensor, model_probs: torch.Tensor) -> torch
     Returns:
         (...) KL values; ``inf`` where q is 0 and p is not.
     """
-    ratio = torch.where(target_probs > 0, target_probs / model_probs.clamp_min(torch.finfo(model_probs.dtype).tiny), 1.0)
+    safe_model_probs = model_probs.clamp_min(torch.finfo(model_probs.dtype).tiny)
+    ratio = torch.where(target_probs > 0, target_probs / safe_model_probs, 1.0)
     return torch.where(target_probs > 0, target_probs * torch.log(ratio), 0.0).sum(-1)
 
 
@@ -39,13 +40,15 @@ def true_next_token_probs(sequences: SequenceSet, chains: Mapping[str, MarkovCha
     missing = [name for name in sequences.component_names if name not in chains]
     if missing:
         raise ValueError(f"chains has no entry for components {missing}")
-    stacked = torch.as_tensor(np.stack([chains[name].transition_matrix for name in sequences.component_names]))  # (C, V, V)
+    stacked = torch.as_tensor(np.stack([chains[name].transition_matrix
+                                        for name in sequences.component_names]))  # (C, V, V)
     current = torch.as_tensor(np.where(sequences.tokens[:, :-1] >= 0, sequences.tokens[:, :-1], 0))  # (n, T-1)
     component_ids = torch.tensor(sequences.component_ids)[:, None]  # (n, 1)
     return stacked[component_ids, current] * torch.as_tensor(sequences.transition_mask)[..., None]
 
 
-def mean_kl_per_component(target_probs: torch.Tensor, model_probs: torch.Tensor, sequences: SequenceSet) -> dict[str, float]:
+def mean_kl_per_component(target_probs: torch.Tensor, model_probs: torch.Tensor,
+                          sequences: SequenceSet) -> dict[str, float]:
     """Mean per-token KL(target || model) over each component's response tokens.
 
     Args:

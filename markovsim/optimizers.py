@@ -66,7 +66,8 @@ def adam_update(rule: str, param: torch.Tensor, grad: torch.Tensor, state: AdamS
     correction1, correction2 = 1 - beta1 ** state.step, 1 - beta2 ** state.step
     if _check_rule(rule) == "adamw":
         decayed = param * (1 - learning_rate * weight_decay)
-        return decayed - learning_rate * (state.exp_avg / correction1) / (torch.sqrt(state.exp_avg_sq / correction2) + eps)
+        denominator = torch.sqrt(state.exp_avg_sq / correction2) + eps
+        return decayed - learning_rate * (state.exp_avg / correction1) / denominator
     step_size = learning_rate * math.sqrt(correction2) / correction1
     stepped = param - step_size * state.exp_avg / (torch.sqrt(state.exp_avg_sq) + eps)
     return stepped * (1 - learning_rate * weight_decay)
@@ -116,8 +117,15 @@ def build_torch_optimizer(rule: str, groups, learning_rate: float, betas: tuple[
     """A ``torch.optim`` optimizer for ``rule`` over parameter ``groups`` (each with its ``weight_decay``).
 
     ``adamw`` is ``torch.optim.AdamW`` (its fused/foreach kernels; the tests check it equals
-    :func:`adam_update`), ``adamw_legacy`` is :class:`LegacyAdamW`.
+    :func:`adam_update`), ``adamw_legacy`` is :class:`LegacyAdamW`; ``gd`` (plain gradient descent,
+    theta -= lr g, as the simulator's ``gd``) is ``torch.optim.SGD`` without momentum, and takes no
+    weight decay (``markovsim.config.RunSettings`` rejects one).
     """
+    if rule == "gd":
+        groups = list(groups)
+        if any(isinstance(group, dict) and group.get("weight_decay", 0.0) for group in groups):
+            raise ValueError("optimizer 'gd' takes no weight decay")
+        return torch.optim.SGD(groups, lr=learning_rate)
     if _check_rule(rule) == "adamw":
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps)
     return LegacyAdamW(groups, lr=learning_rate, betas=betas, eps=eps)

@@ -86,7 +86,8 @@ def band_polygon(xs: np.ndarray, ys: np.ndarray, scale: tuple[float, float] = (1
 
 def seed_band_axes(axis, xs, ys, color: str, linestyle: str = "-", label: str | None = None,
                    scale: tuple[float, float] = (1.0, 1.0), marker_every: int = 0) -> None:
-    """Seed-mean trajectory of (x, y) with a one-sd band (:func:`band_polygon`); ``xs``/``ys``: lists of per-seed curves."""
+    """Seed-mean trajectory of (x, y) with a one-sd band (:func:`band_polygon`); ``xs``/``ys``: lists of
+    per-seed curves."""
     xs, ys = stack_seeds(xs), stack_seeds(ys)
     mean_x, mean_y = np.nanmean(xs, 0), np.nanmean(ys, 0)
     axis.plot(mean_x, mean_y, linestyle, color=color, lw=1.6, label=label)

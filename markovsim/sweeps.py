@@ -1,9 +1,9 @@
 """Sweeps: many (method, beta, gamma, learning rate, seed) configurations in one call.
 
 Each seed re-samples the scenario's data (``MixtureSpec.seed``) and seeds the minibatch sampler.
-Runs go through a process pool when ``processes > 1`` (one torch thread per worker), with a tqdm
-progress bar, and come back as a tidy table: one row per configuration and evaluation step, with a
-column ``"{metric}/{component}"`` for every component metric.
+Runs go through a process pool when ``processes > 1`` (one torch thread per worker), with a progress
+display (:mod:`markovsim.progress`), and come back as a tidy table: one row per configuration and
+evaluation step, with a column ``"{metric}/{component}"`` for every component metric.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ import numpy as np
 from .dynamics import unlearn
 from .losses import USES_BETA, USES_GAMMA
 from .objectives import get_objective
+from .progress import progress_bar
 from .results import atomic_output
 from .runtime import torch_threads
 from .scenarios import Scenario, prepare
@@ -93,10 +94,8 @@ def run_sweep(scenario: Scenario, points: list[SweepPoint], model_class: str = "
     """Run every point; rows are returned in the order of ``points``."""
     if not points:
         raise ValueError("run_sweep needs at least one SweepPoint (see grid())")
-    from tqdm.auto import tqdm
-
     jobs = [(scenario, model_class, point, steps) for point in points]
-    bar = tqdm(total=len(jobs), desc=f"sweep {scenario.name}", disable=not progress)
+    bar = progress_bar(len(jobs), 0, f"sweep {scenario.name}", progress, unit="run")
     results = []
     if processes > 1:
         with ProcessPoolExecutor(max_workers=processes, initializer=_init_worker) as pool:
@@ -121,7 +120,8 @@ def final_rows(rows: list[dict]) -> list[dict]:
     """The last evaluation of each configuration."""
     last = {}
     for row in rows:
-        key = (row["scenario"], row["model_class"], row["method"], row["beta"], row["gamma"], row["learning_rate"], row["seed"])
+        key = tuple(row[name] for name in ("scenario", "model_class", "method", "beta", "gamma", "learning_rate",
+                                           "seed"))
         last[key] = row
     return list(last.values())
 

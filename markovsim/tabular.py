@@ -130,7 +130,8 @@ class TabularMarkov:
         current, _, mask = _gather_positions(_check_sequences(sequences, self.num_states))
         return self.transition_log_probs()[current] * mask[..., None]  # (n, T-1, V)
 
-    def response_logps_gradient(self, sequences: SequenceSet, weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def response_logps_gradient(self, sequences: SequenceSet,
+                                weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Closed-form ``sum_y w_y d logp_resp(y) / d(b, A)`` (docs/theory.md, "Mixtures of Markov chains").
 
         ``d logp_resp / dA = C_y - diag(n_y) softmax_rows(A)`` and ``d logp_resp / db = 0``.
@@ -175,7 +176,8 @@ class TabularMarkov:
 
     def to_chain(self) -> MarkovChain:
         """The chain with this model's probabilities."""
-        return MarkovChain(torch.softmax(self.initial_logits, -1).numpy(), torch.softmax(self.transition_logits, -1).numpy())
+        return MarkovChain(torch.softmax(self.initial_logits, -1).numpy(),
+                           torch.softmax(self.transition_logits, -1).numpy())
 
     @classmethod
     def from_chain(cls, chain: MarkovChain) -> "TabularMarkov":
@@ -183,7 +185,8 @@ class TabularMarkov:
         return cls(_logits_from_probs(chain.initial_probs), _logits_from_probs(chain.transition_matrix))
 
     @classmethod
-    def from_counts(cls, initial_counts: np.ndarray, transition_counts: np.ndarray, smoothing: float = 0.0) -> "TabularMarkov":
+    def from_counts(cls, initial_counts: np.ndarray, transition_counts: np.ndarray,
+                    smoothing: float = 0.0) -> "TabularMarkov":
         """MLE (or add-``smoothing`` estimate) from first-state counts (V,) and transition counts (V, V)."""
         smoothing = float(smoothing)
         if not smoothing >= 0.0:

@@ -55,7 +55,8 @@ class Trajectory:
         if name in self.step_metrics:
             return self.step_metrics[name]
         if name not in self.component_metrics:
-            raise ValueError(f"unknown metric {name!r}; available: {sorted(self.component_metrics) + sorted(self.step_metrics)}")
+            available = sorted(self.component_metrics) + sorted(self.step_metrics)
+            raise ValueError(f"unknown metric {name!r}; available: {available}")
         if component not in self.component_names:
             raise ValueError(f"component must be one of {list(self.component_names)}, got {component!r}")
         return self.component_metrics[name][:, self.component_names.index(component)]

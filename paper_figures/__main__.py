@@ -8,6 +8,7 @@ import sys
 import time
 
 from markovsim.results import atomic_write_json, metadata_block
+from markovsim.runtime import DEVICES
 
 from . import FIGURES
 
@@ -16,13 +17,13 @@ SCALES = ("tiny", "quick", "paper")
 
 
 def resolve_device(device: str) -> str:
-    import torch
+    """:func:`markovsim.runtime.resolve_device`, its ValueError as the command line's exit message."""
+    from markovsim.runtime import resolve_device as resolve
 
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda was requested but no CUDA GPU is available; use --device cpu or auto")
-    return device
+    try:
+        return resolve(device)
+    except ValueError as error:
+        raise SystemExit(f"--device: {error}") from None
 
 
 def parse_arguments(argv=None) -> argparse.Namespace:
@@ -31,7 +32,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
                         help=f"figures to make (default: all of {', '.join(FIGURES)})")
     parser.add_argument("--scale", choices=SCALES, default="quick",
                         help="tiny (smoke test), quick (default, minutes on a CPU) or paper (the paper's sizes)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="auto (CUDA if available, default), cpu or cuda")
     parser.add_argument("--recompute", action="store_true", help="ignore cached numbers and recompute them")
     parser.add_argument("--jobs", type=int, default=1,
                         help="worker processes for independent run sets (one torch thread each; default 1)")

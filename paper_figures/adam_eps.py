@@ -90,7 +90,8 @@ def _transformer(config: Config, device: str, cache_dir: str, recompute: bool, a
         for label, (rule, eps) in SETTINGS.items():
             train = dataclasses.replace(setup.unlearning_config, optimizer=rule, adam_eps=eps)
             _store(arrays, f"{source}/{method}/{label}",
-                   unlearn(copy.deepcopy(setup.reference), objective, setup.forget, setup.retain, train, setup.evaluator))
+                   unlearn(copy.deepcopy(setup.reference), objective, setup.forget, setup.retain, train,
+                           setup.evaluator))
         for rule in ("adamw", "adamw_legacy"):
             values = []
             for eps in config.sweep_eps:

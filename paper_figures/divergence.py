@@ -40,7 +40,8 @@ CONFIGS = {"tiny": Config(scale=0.005, steps=12, eval_every=3, transformer_overl
 
 
 def compute(config: Config, cache_stem: str, device: str = "cpu", recompute: bool = False, jobs: int = 1) -> str:
-    runs, _ = cached_runs(os.path.dirname(cache_stem), f"npo_divergence_{config.scale}_{config.steps}_{config.eval_every}",
+    runs, _ = cached_runs(os.path.dirname(cache_stem),
+                          f"npo_divergence_{config.scale}_{config.steps}_{config.eval_every}",
                           {"scenario": "npo_divergence", "scale": config.scale, "steps": config.steps,
                            "eval_every": config.eval_every},
                           lambda: simulator_runs("npo_divergence", config.scale, config.steps,

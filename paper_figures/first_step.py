@@ -138,7 +138,8 @@ def _analyse(config: Config, preset: str, device: str, cache_dir: str, recompute
             for k, group in enumerate(groups):
                 moved = float(np.sqrt(sum(float((d ** 2).sum()) for n, d in delta.items() if group_of(n) == group)))
                 relative[i, k] = moved / norms[group]
-                attribution[i, k] = evaluator.evaluate(_apply(model, delta, {group}))["kl_true"][forget2] - base[forget2]
+                kl = evaluator.evaluate(_apply(model, delta, {group}))["kl_true"]
+                attribution[i, k] = kl[forget2] - base[forget2]
         arrays |= {f"{preset}/{rule}/relative": relative, f"{preset}/{rule}/attribution": attribution,
                    f"{preset}/{rule}/full": full, f"{preset}/{rule}/sweep": sweep}
     return arrays, summary

@@ -73,7 +73,8 @@ def plot(cache_stem: str, output_stem: str) -> list[str]:
     grid = arrays["logp_per_token"]
     for style, length in zip(("--", "-"), config["lengths"]):
         axes[0].plot(grid, arrays[f"npo/{length}"], style, color="#d62728", label=f"NPO, |y| = {length}")
-        axes[0].plot(grid, arrays[f"simnpo/{length}"] * length, style, color="#1f77b4", label=f"SimNPO x |y|, |y| = {length}")
+        axes[0].plot(grid, arrays[f"simnpo/{length}"] * length, style, color="#1f77b4",
+                     label=f"SimNPO x |y|, |y| = {length}")
     axes[0].axvline(config["reference_logp_per_token"], color="k", lw=0.8, ls=":")
     axes[0].set_yscale("log")
     axes[0].set_xlabel("per-token log-likelihood logp / |y|")

@@ -129,7 +129,8 @@ def format_value(mean: float | None, sd: float | None) -> str:
 
 def table_markdown(table: list[dict]) -> str:
     """The reach table as Markdown (what the README and benchmarks/RESULTS.md quote)."""
-    lines = ["| case | source | method | component | retrained KL | retain KL at reach | step at reach | seeds reached |",
+    lines = ["| case | source | method | component | retrained KL | retain KL at reach | step at reach "
+             "| seeds reached |",
              "|---|---|---|---|---|---|---|---|"]
     for row in table:
         lines.append(f"| {CASES[row['case']].split(' ')[0]} | {row['source']} | {row['method']} | {row['component']} | "

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from multiprocessing import get_context
 
 from markovsim.dynamics import unlearn
+from markovsim.progress import progress_iter
 from markovsim.results import metadata_block
 from markovsim.runtime import torch_threads
 from markovsim.scenarios import SCENARIOS, prepare
@@ -192,8 +193,6 @@ def _needs_computing(cache_dir: str, job: dict, recompute: bool) -> bool:
 def precompute_runs(specs, cache_dir: str, device: str = "cpu", recompute: bool = False, jobs: int = 1) -> None:
     """Compute every run set of ``specs`` not cached yet (all once per process with ``recompute``), in
     ``jobs`` worker processes (one torch thread each, transformers first: they take longest)."""
-    from tqdm.auto import tqdm
-
     missing = [job for spec in specs for job in spec.jobs(device) if _needs_computing(cache_dir, job, recompute)]
     if jobs <= 1 or len(missing) <= 1:
         return  # computed in order by scenario_runs, with progress bars
@@ -201,7 +200,7 @@ def precompute_runs(specs, cache_dir: str, device: str = "cpu", recompute: bool 
     os.makedirs(cache_dir, exist_ok=True)
     with ProcessPoolExecutor(min(jobs, len(missing)), mp_context=get_context("spawn")) as pool:
         futures = [pool.submit(_run_job, cache_dir, job, recompute, False) for job in missing]
-        for future in tqdm(as_completed(futures), total=len(futures), desc="run sets"):
+        for future in progress_iter(as_completed(futures), len(futures), "run sets", unit="run set"):
             _RECOMPUTED.add(future.result())
 
 
@@ -222,7 +221,8 @@ def scenario_runs(spec: ScenarioRuns, cache_dir: str, device: str = "cpu", recom
 
 
 def flatten_seeds(seeded: dict[str, list[tuple[dict, dict]]], seeds) -> tuple[dict, dict]:
-    """``{source: [per seed]}`` -> ``({"source/seed<k>": runs}, {"source/seed<k>": retrained})`` for :func:`save_runs`."""
+    """``{source: [per seed]}`` -> ``({"source/seed<k>": runs}, {"source/seed<k>": retrained})`` for
+    :func:`save_runs`."""
     runs, retrained = {}, {}
     for source, per_seed in seeded.items():
         for seed, (trajectories, levels) in zip(seeds, per_seed):

@@ -42,7 +42,8 @@ def compute(config: Config, cache_stem: str, device: str = "cpu", recompute: boo
     scenario = SCENARIOS["paper_short_forget2"].scaled(config.scale)
     points = grid(["NPO", "SimNPO"], betas=config.betas, seeds=config.seeds)
     points += [p for p in grid(["SimNPO"], betas=(4.0,), gammas=config.gammas, seeds=config.seeds) if p not in points]
-    rows = final_rows(run_sweep(scenario, points, steps=config.steps, processes=max(config.processes, jobs), progress=True))
+    processes = max(config.processes, jobs)
+    rows = final_rows(run_sweep(scenario, points, steps=config.steps, processes=processes, progress=True))
     arrays = {}
     for method, values, axis_name in (("NPO", config.betas, "beta"), ("SimNPO", config.betas, "beta"),
                                       ("SimNPO", config.gammas, "gamma")):

@@ -56,7 +56,8 @@ def _train_configs(settings: TransformerSettings, device: str, progress: bool):
 
     common = dict(device=device, progress=progress, num_threads=1 if device == "cpu" else None,
                   optimizer=settings.optimizer, adam_eps=settings.adam_eps, weight_decay=settings.weight_decay,
-                  max_grad_norm=settings.max_grad_norm, seed=settings.seed)
+                  max_grad_norm=settings.max_grad_norm, seed=settings.seed,
+                  divergence_logp_per_token=None)  # the paper's runs never stop early (cached numbers rely on it)
     pretraining = TrainConfig(learning_rate=settings.pretrain_learning_rate, batch_size=settings.pretrain_batch_size,
                               epochs=settings.pretrain_epochs, **common)
     unlearning = TrainConfig(learning_rate=settings.unlearn_learning_rate, batch_size=settings.unlearn_batch_size,
@@ -101,7 +102,8 @@ def _pretrained(preset: str, seed: int, sequences, config, vocab_size: int, max_
 
 
 def prepare_transformer(scenario_name: str, scale: float, settings: TransformerSettings, device: str = "cpu",
-                        progress: bool = True, model_dir: str | None = None, recompute: bool = False) -> TransformerSetup:
+                        progress: bool = True, model_dir: str | None = None,
+                        recompute: bool = False) -> TransformerSetup:
     """Sample the seed's data, pre-train the reference and retrain the retain-only model (or load them).
 
     ``model_dir``: a folder where both models are kept under a hash of everything that determines

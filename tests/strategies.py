@@ -21,7 +21,8 @@ def log_uniform(min_value: float, max_value: float):
 
 
 def betas(min_value: float = 1e-4, max_value: float = 1e3):
-    """Inverse temperatures, log-uniform in [min_value, max_value] (docs/theory.md: losses finite for beta in 1e-4 to 1e3)."""
+    """Inverse temperatures, log-uniform in [min_value, max_value] (docs/theory.md: losses finite for beta in
+    1e-4 to 1e3)."""
     return log_uniform(min_value, max_value)
 
 

@@ -8,12 +8,13 @@ import math
 import pytest
 import torch
 
+from llm.config import TrainConfig
 from markovsim.config import DEFAULT_DIVERGENCE_LOGP_PER_TOKEN, RunSettings, divergence_reason, field_help
 from markovsim.dynamics import DynamicsConfig, clip_by_global_norm
 
 BAD_VALUES = [
     ("optimizer", "sgd", ValueError),
-    ("optimizer", 3, ValueError),
+    ("optimizer", 3, TypeError),
     ("learning_rate", 0.0, ValueError),
     ("learning_rate", -1.0, ValueError),
     ("learning_rate", math.nan, ValueError),
@@ -42,7 +43,7 @@ BAD_VALUES = [
 ]
 
 
-@pytest.mark.parametrize("cls", [RunSettings, DynamicsConfig])
+@pytest.mark.parametrize("cls", [RunSettings, DynamicsConfig, TrainConfig])
 @pytest.mark.parametrize("name,value,error", BAD_VALUES)
 def test_every_shared_field_is_validated_with_an_error_naming_it(cls, name, value, error):
     with pytest.raises(error, match=name):
@@ -58,6 +59,20 @@ def test_dynamics_config_is_run_settings_with_the_same_defaults():
     assert (defaults.weight_decay, defaults.max_grad_norm, defaults.divergence_logp_per_token) == \
            (0.0, None, DEFAULT_DIVERGENCE_LOGP_PER_TOKEN)
     assert all(field_help(f) for f in dataclasses.fields(DynamicsConfig)), "every field documents itself"
+
+
+def test_train_config_is_run_settings_with_one_default_per_field_but_the_learning_rate():
+    shared = {f.name for f in dataclasses.fields(RunSettings)}
+    assert issubclass(TrainConfig, RunSettings)
+    differing = {f.name for f in dataclasses.fields(TrainConfig)
+                 if f.name in shared and f.default != RunSettings.__dataclass_fields__[f.name].default}
+    assert differing == {"learning_rate"}  # 5e-4 for a transformer, documented in the field's help
+    assert all(field_help(f) for f in dataclasses.fields(TrainConfig)), "every field documents itself"
+
+
+def test_gd_takes_no_weight_decay():
+    with pytest.raises(ValueError, match="weight_decay"):
+        RunSettings(optimizer="gd", weight_decay=0.1)
 
 
 def test_keyword_construction_and_normalisation():

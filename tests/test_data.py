@@ -40,7 +40,8 @@ def test_sampling_is_deterministic_and_components_independent():
     assert not np.array_equal(first_train.tokens, other.tokens)
     # adding a component leaves the existing components' data unchanged
     spec = paper_spec(seed=3)
-    extended = MixtureSpec(spec.components + (Component("extra", random_chain(np.random.default_rng(0), 10), 7, 5, 5),), seed=3)
+    extra = Component("extra", random_chain(np.random.default_rng(0), 10), 7, 5, 5)
+    extended = MixtureSpec(spec.components + (extra,), seed=3)
     extended_train, _ = extended.sample()
     np.testing.assert_array_equal(extended_train.select("forget2").tokens, first_train.select("forget2").tokens)
 
@@ -122,7 +123,8 @@ def test_bad_components_and_specs():
     with pytest.raises(ValueError, match="at least one"):
         MixtureSpec(())
     with pytest.raises(ValueError, match="same number of states"):
-        MixtureSpec((Component("a", chain, 5, 5, 5), Component("b", random_chain(np.random.default_rng(0), 3), 5, 5, 5)))
+        MixtureSpec((Component("a", chain, 5, 5, 5),
+                     Component("b", random_chain(np.random.default_rng(0), 3), 5, 5, 5)))
 
 
 def test_bad_sequence_sets():

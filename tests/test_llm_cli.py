@@ -15,7 +15,8 @@ COMMON = ["--scale", "0.005", "--device", "cpu", "--no-progress", "--num-threads
 def models(tmp_path_factory):
     root = tmp_path_factory.mktemp("runs")
     config = root / "pretrain.json"
-    config.write_text(json.dumps({"model": {"preset": "tiny-gpt2", "seed": 1}, "train": {"batch_size": 16, "epochs": 2}}))
+    config.write_text(json.dumps({"model": {"preset": "tiny-gpt2", "seed": 1},
+                                  "train": {"batch_size": 16, "epochs": 2}}))
     assert main(["pretrain", "--out", str(root / "pre"), "--config", str(config)] + COMMON) == 0
     assert main(["retrain", "--out", str(root / "re"), "--preset", "tiny-gpt2", "--batch-size", "16",
                  "--epochs", "2"] + COMMON) == 0

@@ -39,7 +39,8 @@ def test_bf16_pretraining_lowers_the_loss_on_cuda(setup):
 @pytest.mark.parametrize("name", list(OBJECTIVES))
 def test_bf16_unlearning_with_each_objective_lowers_the_forget_likelihood(setup, name):
     model, _, train = setup
-    trajectory = unlearn(copy.deepcopy(model), OBJECTIVES[name], train.select("forget1", "forget2"), train.select("retain"),
+    trajectory = unlearn(copy.deepcopy(model), OBJECTIVES[name], train.select("forget1", "forget2"),
+                         train.select("retain"),
                          TrainConfig(learning_rate=2e-3, batch_size=16, steps=8, eval_every=8, **GPU))
     columns = [trajectory.component_names.index(n) for n in ("forget1", "forget2")]
     logp = trajectory.component_metrics["logp_per_token"][:, columns].mean(1)
@@ -59,6 +60,7 @@ def test_bf16_cached_reference_matches_the_live_reference(setup):
     torch.testing.assert_close(cached[rows].float(), live.float().cpu(), rtol=2e-2, atol=5e-2)
     objective = get_objective("NPO", beta=0.2)
     with autocast("cuda", True):
-        losses = [objective_terms(model, objective, UnlearningBatch(batch, ref.to("cuda"), BatchCounts(len(rows)))).total
+        losses = [objective_terms(model, objective,
+                                  UnlearningBatch(batch, ref.to("cuda"), BatchCounts(len(rows)))).total
                   for ref in (cached[rows], live)]
     torch.testing.assert_close(losses[0].float(), losses[1].float(), rtol=2e-2, atol=2e-2)

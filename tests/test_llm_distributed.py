@@ -29,7 +29,8 @@ def run_pretrain_and_unlearn(output: str, run_dir: str | None = None) -> None:
     torch.set_num_threads(1)
     train, _ = SCENARIOS["paper_short_forget2"].scaled(0.01).spec.sample()
     model = build_model("tiny-gpt2", 11, 21, seed=0)
-    history = pretrain(model, train, TrainConfig(batch_size=17, steps=3, learning_rate=2e-3, device="cpu", progress=False))
+    history = pretrain(model, train,
+                       TrainConfig(batch_size=17, steps=3, learning_rate=2e-3, device="cpu", progress=False))
     trajectory = unlearn(model, get_objective("NPO+KL", beta=0.5), train.select("forget1", "forget2"),
                          train.select("retain"),
                          TrainConfig(batch_size=5, retain_batch_size=7, steps=3, eval_every=1, checkpoint_every=2,

@@ -1,4 +1,5 @@
-"""llm.lora: optional LoRA adapters (peft); without peft a clear ImportError, with it unlearning trains adapters only."""
+"""llm.lora: optional LoRA adapters (peft); without peft a clear ImportError, with it unlearning trains adapters
+only."""
 
 import importlib.util
 
@@ -44,5 +45,6 @@ def test_unlearning_through_adapters_changes_the_adapters_and_only_them(preset):
     after = dict(model.named_parameters())
     changed = {name for name in before if not torch.equal(before[name], after[name].detach())}
     assert changed == adapters  # every adapter moved (lora_B starts at zero, so both A and B must train) ...
-    assert all(torch.equal(before[name], after[name].detach()) for name in before if name not in adapters)  # ... the base is bit-identical
+    # ... and the base is bit-identical
+    assert all(torch.equal(before[name], after[name].detach()) for name in before if name not in adapters)
     assert trajectory.step_metrics["parameter_distance"][-1] > 0

@@ -1,6 +1,5 @@
 """llm.models: presets built from configs (no network), loading local checkpoints, data/model checks."""
 
-import io
 import os
 
 import numpy as np
@@ -60,7 +59,8 @@ def test_unknown_preset_lists_the_valid_ones():
         assert name in str(error.value)
 
 
-@pytest.mark.parametrize("arguments, exception", [(("tiny-gpt2", 11.0, 21), TypeError), (("tiny-gpt2", 0, 21), ValueError),
+@pytest.mark.parametrize("arguments, exception", [(("tiny-gpt2", 11.0, 21), TypeError),
+                                                  (("tiny-gpt2", 0, 21), ValueError),
                                                   (("tiny-gpt2", 11, -1), ValueError)])
 def test_bad_sizes_name_the_argument(arguments, exception):
     with pytest.raises(exception, match="vocab_size|max_length"):
@@ -159,21 +159,3 @@ def test_without_progress_transformers_prints_no_bars(tmp_path, capfd):
     save_model(model, tmp_path / "model", progress=True)  # the bars this switches off (a test that can fail)
     load_model(tmp_path / "model", progress=True)
     assert "Loading weights" in capfd.readouterr().err
-
-
-def test_progress_off_a_terminal_is_a_few_plain_lines():
-    from llm.progress import PlainProgress, progress_bar
-
-    stream = io.StringIO()
-    bar = progress_bar(50, 0, "unlearn npo", enabled=True, stream=stream)
-    assert isinstance(bar, PlainProgress)
-    for _ in range(50):
-        bar.update(1)
-        bar.set_postfix(loss="1.2345", refresh=False)
-    bar.close()
-    lines = stream.getvalue().splitlines()
-    assert "\r" not in stream.getvalue() and 5 <= len(lines) <= 11
-    assert lines[-1] == "unlearn npo: step 50/50 loss=1.2345"
-    silent = io.StringIO()
-    progress_bar(50, 0, "x", enabled=False, stream=silent).update(50)
-    assert silent.getvalue() == ""

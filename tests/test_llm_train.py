@@ -119,14 +119,16 @@ def test_transformer_loop_on_the_bridged_tabular_model_follows_the_exact_simulat
                    evaluator=Evaluator(setup.test, setup.true_chains))
     assert np.array_equal(ours.steps, exact.steps)
     for metric in ("kl_true", "logp_per_token", "mean_weight"):
-        np.testing.assert_allclose(ours.component_metrics[metric], exact.component_metrics[metric], rtol=1e-8, atol=1e-10)
+        np.testing.assert_allclose(ours.component_metrics[metric], exact.component_metrics[metric],
+                                   rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(ours.step_metrics["loss"], exact.step_metrics["loss"], rtol=1e-8, atol=1e-10)
     np.testing.assert_allclose(ours.step_metrics["parameter_distance"], exact.step_metrics["parameter_distance"],
                                rtol=1e-8, atol=1e-12)
 
 
 def test_resuming_unlearning_from_a_checkpoint_reproduces_the_uninterrupted_run(pretrained, data, tmp_path):
-    config = TrainConfig(learning_rate=1e-3, batch_size=6, steps=4, eval_every=1, checkpoint_every=2, keep_checkpoints=5,
+    config = TrainConfig(learning_rate=1e-3, batch_size=6, steps=4, eval_every=1, checkpoint_every=2,
+                         keep_checkpoints=5,
                          weight_decay=0.01, schedule="cosine", warmup_steps=1, **CPU)
     objective = get_objective("NPO+KL", beta=0.5)
     start = pretrained[0]
@@ -176,7 +178,8 @@ def test_resume_checks_the_starting_model_and_the_settings(pretrained, data, tmp
 
 def test_run_directory_holds_metrics_trajectory_and_model(pretrained, data, tmp_path):
     config = TrainConfig(batch_size=4, steps=3, eval_every=2, **CPU)
-    trajectory = unlearn(copy.deepcopy(pretrained[0]), get_objective("SimNPO", beta=4.0), data["forget"], data["retain"],
+    trajectory = unlearn(copy.deepcopy(pretrained[0]), get_objective("SimNPO", beta=4.0), data["forget"],
+                         data["retain"],
                          config, evaluator=Evaluator(data["test"], data["chains"]), run_dir=tmp_path)
     assert list(trajectory.steps) == [0, 2, 3]
     loaded = Trajectory.load(tmp_path / "trajectory")

@@ -1,4 +1,5 @@
-"""Tests of markovsim.losses against independent references (docs/theory.md, "Forget losses and their gradient weights"), float64."""
+"""Tests of markovsim.losses against independent references (docs/theory.md, "Forget losses and their gradient
+weights"), float64."""
 
 from __future__ import annotations
 

@@ -154,7 +154,8 @@ def test_mixture_from_components_weights_by_sequence_count():
 @given(mixture_specs(max_sequences=30), st.integers(1, 3), st.integers(0, 10**6))
 def test_em_never_decreases_the_log_likelihood(spec, num_components, seed):
     train, _ = spec.sample()
-    _, history = MixtureOfChains.fit(train, num_components, np.random.default_rng(seed), max_iterations=30, tolerance=0.0)
+    _, history = MixtureOfChains.fit(train, num_components, np.random.default_rng(seed), max_iterations=30,
+                                     tolerance=0.0)
     assert all(np.isfinite(history))
     assert np.all(np.diff(history) >= -1e-8 * np.abs(history[:-1]).max())
 

@@ -11,7 +11,8 @@ NOTEBOOKS = os.path.join(HERE, "..", "notebooks")
 SMALL = {
     "01_markov_mixtures.ipynb": "SCALE = 0.01",
     "02_reference_model_bias.ipynb": "SCALE = 0.01\nSTEPS = 3",
-    "03_theory_vs_practice.ipynb": "SCALE = 0.005\nPRETRAIN_EPOCHS = 1\nSTEPS = 2\nPRESETS = ('tiny-synthetic', 'tiny-gpt2')",
+    "03_theory_vs_practice.ipynb": "SCALE = 0.005\nPRETRAIN_EPOCHS = 1\nSTEPS = 2\n"
+                                   "PRESETS = ('tiny-synthetic', 'tiny-gpt2')",
 }
 
 
@@ -36,7 +37,8 @@ def test_notebook_executes(name, tmp_path, monkeypatch):
     # the kernel imports this checkout's packages, not whichever checkout the environment installed
     repository = os.path.dirname(HERE)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [repository, os.environ.get("PYTHONPATH")])))
-    NotebookClient(notebook, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    resources = {"metadata": {"path": str(tmp_path)}}
+    NotebookClient(notebook, timeout=300, kernel_name="python3", resources=resources).execute()
     errors = [output for cell in notebook.cells for output in cell.get("outputs", []) if output.output_type == "error"]
     assert not errors
     plotting = [cell for cell in notebook.cells if cell.cell_type == "code" and "plt.show()" in cell.source]

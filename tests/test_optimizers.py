@@ -124,3 +124,13 @@ def test_unknown_rule_is_a_clear_error():
     with pytest.raises(ValueError, match="adamw_legacy"):
         adam_update("adam", torch.ones(1), torch.ones(1), AdamState(torch.ones(1)), 0.1, (0.9, 0.999), 1e-8, 0.0)
     assert np.isfinite(effective_eps("adamw", 1e-8, 0.999, 1))
+
+
+def test_gd_is_plain_gradient_descent_in_torch_too():
+    param = torch.nn.Parameter(torch.tensor([1.0, -2.0], dtype=torch.float64))
+    optimizer = build_torch_optimizer("gd", [{"params": [param], "weight_decay": 0.0}], 0.5, (0.9, 0.999), 1e-8)
+    param.grad = torch.tensor([0.2, 0.4], dtype=torch.float64)
+    optimizer.step()
+    torch.testing.assert_close(param.detach(), torch.tensor([0.9, -2.2], dtype=torch.float64))
+    with pytest.raises(ValueError, match="weight decay"):
+        build_torch_optimizer("gd", [{"params": [param], "weight_decay": 0.1}], 0.5, (0.9, 0.999), 1e-8)
