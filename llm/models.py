@@ -60,15 +60,25 @@ class ModelPreset:
     description: str = ""
 
     def __post_init__(self) -> None:
-        if self.architecture not in ARCHITECTURES:
+        from markovsim.config import check_integer, check_real
+
+        if not isinstance(self.architecture, str) or self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
+        for name in ("num_layers", "num_heads", "hidden_size"):
+            check_integer(name, getattr(self, name), 1)
+        check_integer("intermediate_size", self.intermediate_size, 1, allow_none=True)
+        check_integer("num_key_value_heads", self.num_key_value_heads, 1, allow_none=True)
+        check_real("dropout", self.dropout, minimum=0.0, maximum=1.0)
+        if not isinstance(self.description, str):
+            raise TypeError(f"description must be a string, got {type(self.description).__name__}")
+        if self.num_key_value_heads is not None and self.num_heads % self.num_key_value_heads:
+            raise ValueError(f"num_heads {self.num_heads} must be divisible by num_key_value_heads "
+                             f"{self.num_key_value_heads}")
         if self.architecture == "synthetic" and (self.num_heads != 1 or self.dropout != 0):
             raise ValueError(f"the synthetic architecture has one attention head and no dropout; got "
                              f"num_heads={self.num_heads}, dropout={self.dropout}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
 
 
 PRESETS: dict[str, ModelPreset] = {

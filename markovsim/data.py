@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -289,10 +290,12 @@ class SequenceSet:
             with np.load(path, allow_pickle=False) as data:
                 return cls(data["tokens"], data["lengths"], data["component_ids"],
                            tuple(json.loads(str(data["component_names"]))), int(data["num_states"]))
-        except (KeyError, json.JSONDecodeError, OSError, ValueError) as error:
-            if isinstance(error, FileNotFoundError):
-                raise
-            raise ValueError(f"{path} is not a valid SequenceSet file: {error}") from error
+        except FileNotFoundError:
+            raise
+        except (KeyError, OSError, ValueError, TypeError, EOFError, zipfile.BadZipFile) as error:
+            # json.JSONDecodeError is a ValueError; a truncated zip is BadZipFile, an empty file EOFError
+            raise ValueError(f"{os.fspath(path)} is not a valid SequenceSet file (written by SequenceSet.save): "
+                             f"{type(error).__name__}: {error}") from error
 
 
 def concatenate(sets: list[SequenceSet]) -> SequenceSet:

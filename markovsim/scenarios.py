@@ -17,6 +17,7 @@ from typing import Mapping
 import numpy as np
 
 from .chains import MarkovChain, block_chains
+from .config import check_integer, check_real
 from .data import Component, MixtureSpec, SequenceSet
 from .dynamics import DynamicsConfig
 from .evaluation import ExactEvaluator
@@ -188,16 +189,68 @@ def _build_chain(name: str, description, num_states: int, leakage: float) -> Mar
     if not isinstance(description, Mapping) or set(description) != {"initial_probs", "transition_matrix"}:
         raise ValueError(f"chain {name!r} must be a block name ('retain', 'forget1', 'forget2') or "
                          f"{{'initial_probs': [...], 'transition_matrix': [[...]]}}")
-    chain = MarkovChain(description["initial_probs"], description["transition_matrix"])
+    chain = _keyed(f"chain {name!r}", MarkovChain, description["initial_probs"], description["transition_matrix"])
     if chain.num_states != num_states:
         raise ValueError(f"chain {name!r} has {chain.num_states} states but num_states is {num_states}")
     return chain
 
 
+def _keyed(where: str, build, *args, **kwargs):
+    """``build(*args, **kwargs)``; a ValueError / TypeError is re-raised (same type) prefixed with ``where``."""
+    try:
+        return build(*args, **kwargs)
+    except (ValueError, TypeError) as error:
+        raise type(error)(f"scenario spec: {where}: {error}") from error
+
+
+def _check_keys(where: str, entry, required: set, allowed: set) -> None:
+    if not isinstance(entry, Mapping):
+        raise TypeError(f"scenario spec: {where} must be a dict, got {type(entry).__name__}")
+    unknown, missing = sorted(map(str, set(entry) - allowed)), sorted(required - set(entry))
+    if unknown or missing:
+        raise ValueError(f"scenario spec: {where} must have keys {sorted(required)} (optional: "
+                         f"{sorted(allowed - required)}); unknown keys {unknown}, missing keys {missing}")
+
+
+def _string(where: str, value) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"scenario spec: {where} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _component(entry, chains: dict) -> Component:
+    _check_keys("component", entry, {"name", "chain", "length", "num_train", "num_test"}, _COMPONENT_KEYS)
+    name = _string("component 'name'", entry["name"])
+    chain = _string(f"component {name!r}: 'chain'", entry["chain"])
+    if chain not in chains:
+        raise ValueError(f"scenario spec: component {name!r} uses unknown chain {chain!r}; chains are {list(chains)}")
+    return _keyed(f"component {name!r}", Component, name, chains[chain], entry["length"], entry["num_train"],
+                  entry["num_test"], entry.get("role", "retain"), entry.get("in_pretraining", True))
+
+
+def _objectives(methods) -> dict[str, Objective]:
+    if not isinstance(methods, Mapping) or not methods:
+        raise ValueError(f"scenario spec: 'methods' must be a non-empty dict like {{'NPO': {{'beta': 0.2}}}}; "
+                         f"method names are {list(OBJECTIVES)}")
+    objectives = {}
+    for name, overrides in methods.items():
+        if overrides is not None and not isinstance(overrides, Mapping):
+            raise TypeError(f"scenario spec: method {name!r} must map to a dict of settings like {{'beta': 0.2}} "
+                            f"(or null for the defaults), got {type(overrides).__name__}")
+        objectives[name] = _keyed(f"method {name!r}", get_objective, name, **{str(k): v for k, v in (overrides or {}).items()})
+    return objectives
+
+
+def _dynamics(settings) -> DynamicsConfig:
+    valid = {f.name for f in dataclasses.fields(DynamicsConfig)}
+    _check_keys("'dynamics'", settings, set(), valid)
+    return _keyed("'dynamics'", DynamicsConfig, **settings)
+
+
 def scenario_from_dict(document: Mapping) -> Scenario:
     """Build a :class:`Scenario` from a JSON-ready dict, validating every field.
 
-    Example::
+    Every error is a ValueError (bad value) or TypeError (wrong type) naming the key. Example::
 
         {"name": "two_lengths", "question": "...", "num_states": 10, "leakage": 0.2, "seed": 0,
          "chains": {"r": "retain", "f": "forget1"},
@@ -209,36 +262,24 @@ def scenario_from_dict(document: Mapping) -> Scenario:
     """
     if not isinstance(document, Mapping):
         raise TypeError(f"a scenario spec must be a dict, got {type(document).__name__}")
-    unknown = set(document) - _SCENARIO_KEYS
-    missing = {"name", "chains", "components", "methods"} - set(document)
-    if unknown or missing:
-        raise ValueError(f"scenario spec: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}; "
-                         f"valid keys are {sorted(_SCENARIO_KEYS)}")
-    num_states, leakage = int(document.get("num_states", 10)), float(document.get("leakage", 0.2))
+    _check_keys("the document", document, {"name", "chains", "components", "methods"}, _SCENARIO_KEYS)
+    name, question = _string("'name'", document["name"]), _string("'question'", document.get("question", ""))
+    num_states = _keyed("'num_states'", check_integer, "num_states", document.get("num_states", 10), 3)
+    leakage = _keyed("'leakage'", check_real, "leakage", document.get("leakage", 0.2), minimum=0.0)
+    if leakage > 1:
+        raise ValueError(f"scenario spec: 'leakage' must lie in [0, 1], got {leakage}")
+    seed = _keyed("'seed'", check_integer, "seed", document.get("seed", 0), 0)
     if not isinstance(document["chains"], Mapping) or not document["chains"]:
         raise ValueError("scenario spec: 'chains' must be a non-empty dict of name -> chain")
-    chains = {name: _build_chain(name, d, num_states, leakage) for name, d in document["chains"].items()}
-    components = []
-    for entry in document["components"]:
-        if not isinstance(entry, Mapping) or set(entry) - _COMPONENT_KEYS or {"name", "chain", "length", "num_train", "num_test"} - set(entry):
-            raise ValueError(f"component spec {entry!r} must have keys name, chain, length, num_train, num_test "
-                             f"(and optionally role, in_pretraining)")
-        if entry["chain"] not in chains:
-            raise ValueError(f"component {entry['name']!r} uses unknown chain {entry['chain']!r}; chains are {list(chains)}")
-        components.append(Component(entry["name"], chains[entry["chain"]], entry["length"], entry["num_train"],
-                                    entry["num_test"], entry.get("role", "retain"), entry.get("in_pretraining", True)))
-    methods = document["methods"]
-    if not isinstance(methods, Mapping) or not methods:
-        raise ValueError(f"scenario spec: 'methods' must be a non-empty dict like {{'NPO': {{'beta': 0.2}}}}; "
-                         f"method names are {list(OBJECTIVES)}")
-    objectives = {name: get_objective(name, **dict(overrides or {})) for name, overrides in methods.items()}
-    try:
-        dynamics = DynamicsConfig(**dict(document.get("dynamics", {})))
-    except TypeError as error:
-        raise ValueError(f"scenario spec: bad 'dynamics': {error}; fields are "
-                         f"{[f.name for f in dataclasses.fields(DynamicsConfig)]}") from error
-    scenario = Scenario(str(document["name"]), str(document.get("question", "")),
-                        MixtureSpec(tuple(components), int(document.get("seed", 0))), objectives, dynamics)
+    chains = {str(k): _build_chain(str(k), d, num_states, leakage) for k, d in document["chains"].items()}
+    if not isinstance(document["components"], (list, tuple)):
+        raise TypeError(f"scenario spec: 'components' must be a list, got {type(document['components']).__name__}")
+    if not document["components"]:
+        raise ValueError("scenario spec: 'components' must list at least one retain and one forget component")
+    components = tuple(_component(entry, chains) for entry in document["components"])
+    spec = _keyed("'components'", MixtureSpec, components, seed)
+    scenario = Scenario(name, question, spec, _objectives(document["methods"]),
+                        _dynamics(document.get("dynamics", {})))
     if not scenario.spec.names_where(role="forget") or not scenario.spec.names_where(role="retain"):
         raise ValueError("scenario spec needs at least one component with role 'forget' and one with role 'retain'")
     return scenario

@@ -33,6 +33,8 @@ def check_per_sequence(name: str, x, like: torch.Tensor | None = None) -> torch.
     check_float(name, x)
     if x.ndim != 1:
         raise ValueError(f"{name} must have shape (B,) (one value per sequence), got {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty (a batch of 0 sequences): the mean loss would be NaN; pass B >= 1")
     if like is not None and x.shape != like.shape:
         raise ValueError(
             f"{name} has shape {tuple(x.shape)} but logps has shape {tuple(like.shape)}; "
@@ -49,6 +51,8 @@ def check_per_sequence(name: str, x, like: torch.Tensor | None = None) -> torch.
 def check_num_tokens(num_tokens, logps: torch.Tensor) -> torch.Tensor:
     """|y| per sequence: a (B,) tensor (integer or floating) of finite values > 0."""
     check_tensor("num_tokens", num_tokens)
+    if num_tokens.dtype == torch.bool or num_tokens.is_complex():
+        raise TypeError(f"num_tokens must hold integer or floating token counts, got dtype {num_tokens.dtype}")
     if num_tokens.shape != logps.shape:
         raise ValueError(
             f"num_tokens has shape {tuple(num_tokens.shape)} but logps has shape "
