@@ -78,17 +78,40 @@ class Scenario:
         return dataclasses.replace(self, spec=MixtureSpec(components, self.spec.seed))
 
     def with_methods(self, names, betas=None, gammas=None) -> dict[str, Objective]:
-        """Objectives for method ``names`` (scenario defaults, else the registry), optionally overriding beta/gamma."""
+        """Objectives for method ``names`` (scenario defaults, else the registry), optionally overriding beta/gamma.
+
+        ``betas``: one number for every method that has a beta, or ``{method: beta}`` (methods left
+        out keep their beta; naming a method not run, or one without a beta, is a ValueError).
+        """
+        if isinstance(names, str) or not all(isinstance(name, str) for name in names):
+            raise TypeError(f"method names must be a list of strings, got {names!r}")
+        bases = {name: self.methods.get(name) or get_objective(name) for name in names}
+        if isinstance(betas, Mapping):
+            wrong = [m for m in betas if m not in bases or bases[m].forget not in USES_BETA]
+            if wrong:
+                raise ValueError(f"betas given for {wrong}, which are not among the methods run or have no beta; "
+                                 f"methods with a beta: {[m for m, o in bases.items() if o.forget in USES_BETA]}")
         result = {}
-        for name in names:
-            base = self.methods.get(name) or get_objective(name)
+        for name, base in bases.items():
             overrides = {}
-            if betas is not None and base.forget in USES_BETA:
-                overrides["beta"] = float(betas[name] if isinstance(betas, Mapping) else betas)
+            beta = betas.get(name) if isinstance(betas, Mapping) else betas
+            if beta is not None and base.forget in USES_BETA:
+                overrides["beta"] = beta
             if gammas is not None and base.forget in USES_GAMMA:
-                overrides["gamma"] = float(gammas)
+                overrides["gamma"] = gammas
             result[name] = dataclasses.replace(base, **overrides)
         return result
+
+
+def data_memory_bytes(spec: MixtureSpec) -> int:
+    """Rough bytes :func:`prepare` holds for ``spec``'s data (checked before sampling an absurd size).
+
+    Per sequence: tokens (8 max_len), the first-state one-hot (8 V) and the transition counts
+    (8 V^2), held about twice (the train/test sets plus the forget/retain subsets).
+    """
+    sequences = sum(c.num_train + c.num_test for c in spec.components)
+    max_len, num_states = max(c.length for c in spec.components), spec.num_states
+    return 2 * sequences * 8 * (max_len + num_states + num_states * num_states + 2)
 
 
 @dataclass(frozen=True)
