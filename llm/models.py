@@ -183,10 +183,13 @@ def _check_model_folder(path: str) -> None:
         raise ValueError(f"path {path!r} is not a local model directory (no config.json); "
                          f"save one with model.save_pretrained(path), or pass local_files_only=False for a hub id")
     try:
-        with open(config_file) as file:
-            json.load(file)
-    except (OSError, json.JSONDecodeError) as error:
+        with open(config_file, encoding="utf-8") as file:
+            document = json.load(file)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"model directory {path!r}: config.json is unreadable: {error}") from error
+    if not isinstance(document, dict) or not isinstance(document.get("model_type"), str):
+        raise ValueError(f"model directory {path!r}: config.json must hold a JSON object with a 'model_type' "
+                         f"(as written by save_pretrained)")
     if not any(os.path.isfile(os.path.join(path, name)) for name in WEIGHT_FILES):
         raise ValueError(f"model directory {path!r} has no weights file (expected one of {list(WEIGHT_FILES)})")
 
@@ -214,7 +217,7 @@ def load_model(path: str | os.PathLike, local_files_only: bool = True, progress:
     try:
         with transformers_output(progress):
             return AutoModelForCausalLM.from_pretrained(path, local_files_only=local_files_only)
-    except (OSError, ValueError, RuntimeError, EOFError, SafetensorError) as error:
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError, EOFError, SafetensorError) as error:
         weights = [name for name in WEIGHT_FILES if os.path.isfile(os.path.join(path, name))]
         raise ValueError(f"cannot load the model in {path!r} (weights file {weights[0] if weights else 'missing'}): "
                          f"{error}") from error

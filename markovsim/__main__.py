@@ -28,7 +28,7 @@ from .dynamics import DynamicsConfig, unlearn
 from .losses import USES_BETA
 from .objectives import OBJECTIVES
 from .results import atomic_output, atomic_write_json, metadata_block
-from .scenarios import MODEL_CLASSES, SCENARIOS, data_memory_bytes, load_scenario, prepare
+from .scenarios import MODEL_CLASSES, SCENARIOS, check_data_memory, load_scenario, prepare
 
 OUTPUT_FILES = ("results.json", "trajectories.npz", "plot.png", "divergence.png")
 
@@ -109,10 +109,7 @@ def _scenario(arguments):
     if arguments.seed is not None:
         spec = _flagged("--seed", MixtureSpec, scenario.spec.components, arguments.seed)
         scenario = dataclasses.replace(scenario, spec=spec)
-    needed, available = data_memory_bytes(scenario.spec), _physical_memory()
-    if available and needed > available // 2:
-        raise UsageError(f"--scale {arguments.scale:g}: the data would need about {_size(needed)} of memory "
-                         f"(more than half of this machine's {_size(available)}); use a smaller --scale")
+    check_data_memory(scenario.spec, f"--scale {arguments.scale:g}")
     return scenario
 
 
@@ -131,21 +128,6 @@ def _configure(arguments):
     if arguments.gamma is not None:
         methods = _flagged("--gamma", scenario.with_methods, names, betas=betas, gammas=arguments.gamma)
     return scenario, dynamics, methods, progress
-
-
-def _physical_memory() -> int:
-    try:
-        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (AttributeError, ValueError, OSError):
-        return 0
-
-
-def _size(num_bytes: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if num_bytes < 1024 or unit == "TiB":
-            return f"{num_bytes:.1f} {unit}"
-        num_bytes /= 1024
-    return ""
 
 
 def check_output_folder(path: str) -> None:

@@ -180,6 +180,9 @@ class SequenceSet:
 
     def __post_init__(self) -> None:
         num_states = check_int(self.num_states, "num_states", 1)
+        if not isinstance(self.component_names, (list, tuple)) or \
+                not all(isinstance(name, str) and name for name in self.component_names):
+            raise TypeError(f"component_names must be a tuple of non-empty strings, got {self.component_names!r}")
         names = tuple(self.component_names)
         if len(set(names)) != len(names):
             raise ValueError(f"component_names must be unique, got {list(names)}")

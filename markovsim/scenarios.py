@@ -38,8 +38,9 @@ def paper_mixture_spec(forget2_length: int = 5, forget2_in_pretraining: bool = T
     Each component has ``scale * PAPER_COUNTS[name]`` sequences (paper: 10000 / 5000 / 5000), split
     80/20 into train/test. ``forget2_in_pretraining=False`` gives case (b) of the paper.
     """
-    if not scale > 0:
-        raise ValueError(f"scale must be > 0, got {scale}")
+    check_real("scale", scale, minimum=0.0, exclusive=True)
+    check_integer("forget2_length", forget2_length, 2)
+    check_integer("length", length, 2)
     chains = block_chains(num_states, leakage)
     lengths = {"retain": length, "forget1": length, "forget2": forget2_length}
     components = tuple(
@@ -70,8 +71,7 @@ class Scenario:
 
     def scaled(self, scale: float) -> "Scenario":
         """The same scenario with every component's train/test counts multiplied by ``scale`` (at least 2 + 1)."""
-        if not scale > 0:
-            raise ValueError(f"scale must be > 0, got {scale}")
+        check_real("scale", scale, minimum=0.0, exclusive=True)
         components = tuple(dataclasses.replace(c, num_train=max(2, int(round(c.num_train * scale))),
                                                num_test=max(1, int(round(c.num_test * scale))))
                            for c in self.spec.components)
@@ -112,6 +112,31 @@ def data_memory_bytes(spec: MixtureSpec) -> int:
     sequences = sum(c.num_train + c.num_test for c in spec.components)
     max_len, num_states = max(c.length for c in spec.components), spec.num_states
     return 2 * sequences * 8 * (max_len + num_states + num_states * num_states + 2)
+
+
+def check_data_memory(spec: MixtureSpec, what: str) -> None:
+    """ValueError naming ``what`` (e.g. ``"--scale 1e7"``) when :func:`data_memory_bytes` exceeds half the machine's memory."""
+    needed, available = data_memory_bytes(spec), physical_memory()
+    if available and needed > available // 2:
+        raise ValueError(f"{what}: the data would need about {format_bytes(needed)} of memory (more than half of "
+                         f"this machine's {format_bytes(available)}); use a smaller scale")
+
+
+def physical_memory() -> int:
+    """Bytes of RAM (0 where the platform does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
+def format_bytes(num_bytes: float) -> str:
+    """``1.5e12`` -> ``"1.4 TiB"``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if num_bytes < 1024:
+            return f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1024
+    return f"{num_bytes:.1f} TiB"
 
 
 @dataclass(frozen=True)
@@ -207,14 +232,14 @@ def _build_chain(name: str, description, num_states: int, leakage: float) -> Mar
     if isinstance(description, str):
         blocks = block_chains(num_states, leakage)
         if description not in blocks:
-            raise ValueError(f"chain {name!r}: block name must be one of {list(blocks)}, got {description!r}")
+            raise ValueError(f"'chains': chain {name!r}: block name must be one of {list(blocks)}, got {description!r}")
         return blocks[description]
     if not isinstance(description, Mapping) or set(description) != {"initial_probs", "transition_matrix"}:
-        raise ValueError(f"chain {name!r} must be a block name ('retain', 'forget1', 'forget2') or "
+        raise ValueError(f"'chains': chain {name!r} must be a block name ('retain', 'forget1', 'forget2') or "
                          f"{{'initial_probs': [...], 'transition_matrix': [[...]]}}")
-    chain = _keyed(f"chain {name!r}", MarkovChain, description["initial_probs"], description["transition_matrix"])
+    chain = _keyed(f"'chains': chain {name!r}", MarkovChain, description["initial_probs"], description["transition_matrix"])
     if chain.num_states != num_states:
-        raise ValueError(f"chain {name!r} has {chain.num_states} states but num_states is {num_states}")
+        raise ValueError(f"'chains': chain {name!r} has {chain.num_states} states but num_states is {num_states}")
     return chain
 
 
@@ -242,8 +267,8 @@ def _string(where: str, value) -> str:
 
 
 def _component(entry, chains: dict) -> Component:
-    _check_keys("component", entry, {"name", "chain", "length", "num_train", "num_test"}, _COMPONENT_KEYS)
-    name = _string("component 'name'", entry["name"])
+    _check_keys("a 'components' entry", entry, {"name", "chain", "length", "num_train", "num_test"}, _COMPONENT_KEYS)
+    name = _string("a 'components' entry's 'name'", entry["name"])
     chain = _string(f"component {name!r}: 'chain'", entry["chain"])
     if chain not in chains:
         raise ValueError(f"scenario spec: component {name!r} uses unknown chain {chain!r}; chains are {list(chains)}")
@@ -258,9 +283,9 @@ def _objectives(methods) -> dict[str, Objective]:
     objectives = {}
     for name, overrides in methods.items():
         if overrides is not None and not isinstance(overrides, Mapping):
-            raise TypeError(f"scenario spec: method {name!r} must map to a dict of settings like {{'beta': 0.2}} "
+            raise TypeError(f"scenario spec: 'methods': {name!r} must map to a dict of settings like {{'beta': 0.2}} "
                             f"(or null for the defaults), got {type(overrides).__name__}")
-        objectives[name] = _keyed(f"method {name!r}", get_objective, name, **{str(k): v for k, v in (overrides or {}).items()})
+        objectives[name] = _keyed(f"'methods': {name!r}", get_objective, name, **{str(k): v for k, v in (overrides or {}).items()})
     return objectives
 
 
@@ -309,13 +334,19 @@ def scenario_from_dict(document: Mapping) -> Scenario:
 
 
 def load_scenario(name_or_path: str) -> Scenario:
-    """A named scenario from ``SCENARIOS`` or a user scenario from a JSON file."""
+    """A named scenario from ``SCENARIOS`` or a user scenario from a JSON file (errors name the file)."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"scenario must be a name or a path, got {type(name_or_path).__name__}")
     if name_or_path in SCENARIOS:
         return SCENARIOS[name_or_path]
     if os.path.isfile(name_or_path):
         try:
-            with open(name_or_path) as file:
-                return scenario_from_dict(json.load(file))
-        except json.JSONDecodeError as error:
+            with open(name_or_path, encoding="utf-8") as file:
+                document = json.load(file)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{name_or_path} is not valid JSON: {error}") from error
+        try:
+            return scenario_from_dict(document)
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"{name_or_path}: {error}") from error
     raise ValueError(f"unknown scenario {name_or_path!r}: use one of {list(SCENARIOS)} or a path to a JSON spec")

@@ -71,6 +71,10 @@ def check_num_tokens(num_tokens, logps: torch.Tensor) -> torch.Tensor:
 def check_number(name: str, value, *, positive: bool = False, nonnegative: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    try:
+        value = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} is too large for a float, got {value}") from None
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     if positive and not value > 0:
@@ -109,5 +113,7 @@ def check_token_values(name: str, x: torch.Tensor, mask: torch.Tensor, *, allow_
 
 
 def check_nonempty(mask: torch.Tensor) -> None:
+    if mask.shape[0] == 0:
+        raise ValueError("mask has no sequences (a batch of 0): the mean loss would be NaN; pass B >= 1")
     if not mask.any(-1).all():
         raise ValueError("every sequence needs at least one unmasked token; drop empty sequences")
