@@ -209,13 +209,14 @@ def _train_config(config: RunConfig, defaults):
 
 def _scenario(config: RunConfig):
     from markovsim.data import MixtureSpec
-    from markovsim.scenarios import load_scenario
+    from markovsim.scenarios import check_data_memory, load_scenario
 
     scenario = load_scenario(config.data.scenario)
     if config.data.scale != 1.0:
         scenario = scenario.scaled(config.data.scale)
     if config.data.seed is not None:
         scenario = dataclasses.replace(scenario, spec=MixtureSpec(scenario.spec.components, config.data.seed))
+    check_data_memory(scenario.spec, f"--scale {config.data.scale:g}")  # refused before sampling
     return scenario
 
 

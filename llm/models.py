@@ -60,15 +60,25 @@ class ModelPreset:
     description: str = ""
 
     def __post_init__(self) -> None:
-        if self.architecture not in ARCHITECTURES:
+        from markovsim.config import check_integer, check_real
+
+        if not isinstance(self.architecture, str) or self.architecture not in ARCHITECTURES:
             raise ValueError(f"architecture must be one of {ARCHITECTURES}, got {self.architecture!r}")
+        for name in ("num_layers", "num_heads", "hidden_size"):
+            check_integer(name, getattr(self, name), 1)
+        check_integer("intermediate_size", self.intermediate_size, 1, allow_none=True)
+        check_integer("num_key_value_heads", self.num_key_value_heads, 1, allow_none=True)
+        check_real("dropout", self.dropout, minimum=0.0, maximum=1.0)
+        if not isinstance(self.description, str):
+            raise TypeError(f"description must be a string, got {type(self.description).__name__}")
+        if self.num_key_value_heads is not None and self.num_heads % self.num_key_value_heads:
+            raise ValueError(f"num_heads {self.num_heads} must be divisible by num_key_value_heads "
+                             f"{self.num_key_value_heads}")
         if self.architecture == "synthetic" and (self.num_heads != 1 or self.dropout != 0):
             raise ValueError(f"the synthetic architecture has one attention head and no dropout; got "
                              f"num_heads={self.num_heads}, dropout={self.dropout}")
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} must be divisible by num_heads {self.num_heads}")
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"dropout must lie in [0, 1), got {self.dropout}")
 
 
 PRESETS: dict[str, ModelPreset] = {
@@ -173,10 +183,13 @@ def _check_model_folder(path: str) -> None:
         raise ValueError(f"path {path!r} is not a local model directory (no config.json); "
                          f"save one with model.save_pretrained(path), or pass local_files_only=False for a hub id")
     try:
-        with open(config_file) as file:
-            json.load(file)
-    except (OSError, json.JSONDecodeError) as error:
+        with open(config_file, encoding="utf-8") as file:
+            document = json.load(file)
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as error:
         raise ValueError(f"model directory {path!r}: config.json is unreadable: {error}") from error
+    if not isinstance(document, dict) or not isinstance(document.get("model_type"), str):
+        raise ValueError(f"model directory {path!r}: config.json must hold a JSON object with a 'model_type' "
+                         f"(as written by save_pretrained)")
     if not any(os.path.isfile(os.path.join(path, name)) for name in WEIGHT_FILES):
         raise ValueError(f"model directory {path!r} has no weights file (expected one of {list(WEIGHT_FILES)})")
 
@@ -204,7 +217,7 @@ def load_model(path: str | os.PathLike, local_files_only: bool = True, progress:
     try:
         with transformers_output(progress):
             return AutoModelForCausalLM.from_pretrained(path, local_files_only=local_files_only)
-    except (OSError, ValueError, RuntimeError, EOFError, SafetensorError) as error:
+    except (OSError, ValueError, TypeError, KeyError, RuntimeError, EOFError, SafetensorError) as error:
         weights = [name for name in WEIGHT_FILES if os.path.isfile(os.path.join(path, name))]
         raise ValueError(f"cannot load the model in {path!r} (weights file {weights[0] if weights else 'missing'}): "
                          f"{error}") from error

@@ -10,7 +10,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .config import check_real
 from .validation import check_int, check_probability_vector, check_rng, check_stochastic_matrix, check_tokens
+
+MAX_BLOCK_STATES = 10_000
+"""The largest V :func:`block_chains` builds (three dense V x V float64 matrices: 2.4 GB at the limit)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -120,8 +124,11 @@ def block_chains(num_states: int = 10, leakage: float = 0.2) -> dict[str, Markov
         ``{"retain": chain, "forget1": chain, "forget2": chain}``.
     """
     num_states = check_int(num_states, "num_states", 3)
-    leakage = float(leakage)
-    if not 0.0 <= leakage <= 1.0:
+    if num_states > MAX_BLOCK_STATES:
+        raise ValueError(f"num_states must be <= {MAX_BLOCK_STATES} for block chains (each is a dense V x V "
+                         f"matrix), got {num_states}")
+    leakage = check_real("leakage", leakage, minimum=0.0)
+    if leakage > 1.0:
         raise ValueError(f"leakage must lie in [0, 1], got {leakage}")
     block_size = num_states // 3
     chains = {}

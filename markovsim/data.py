@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import zipfile
 from dataclasses import dataclass
 
 import numpy as np
@@ -179,6 +180,9 @@ class SequenceSet:
 
     def __post_init__(self) -> None:
         num_states = check_int(self.num_states, "num_states", 1)
+        if not isinstance(self.component_names, (list, tuple)) or \
+                not all(isinstance(name, str) and name for name in self.component_names):
+            raise TypeError(f"component_names must be a tuple of non-empty strings, got {self.component_names!r}")
         names = tuple(self.component_names)
         if len(set(names)) != len(names):
             raise ValueError(f"component_names must be unique, got {list(names)}")
@@ -289,10 +293,12 @@ class SequenceSet:
             with np.load(path, allow_pickle=False) as data:
                 return cls(data["tokens"], data["lengths"], data["component_ids"],
                            tuple(json.loads(str(data["component_names"]))), int(data["num_states"]))
-        except (KeyError, json.JSONDecodeError, OSError, ValueError) as error:
-            if isinstance(error, FileNotFoundError):
-                raise
-            raise ValueError(f"{path} is not a valid SequenceSet file: {error}") from error
+        except FileNotFoundError:
+            raise
+        except (KeyError, OSError, ValueError, TypeError, EOFError, zipfile.BadZipFile) as error:
+            # json.JSONDecodeError is a ValueError; a truncated zip is BadZipFile, an empty file EOFError
+            raise ValueError(f"{os.fspath(path)} is not a valid SequenceSet file (written by SequenceSet.save): "
+                             f"{type(error).__name__}: {error}") from error
 
 
 def concatenate(sets: list[SequenceSet]) -> SequenceSet:

@@ -40,9 +40,9 @@ class Objective:
     alpha: float = 1.0
 
     def __post_init__(self):
-        if self.forget not in LOSSES:
+        if not isinstance(self.forget, str) or self.forget not in LOSSES:
             raise ValueError(f"unknown forget loss {self.forget!r}; valid names: {sorted(LOSSES)}")
-        if self.retain is not None and self.retain not in RETAIN_TERMS:
+        if self.retain is not None and (not isinstance(self.retain, str) or self.retain not in RETAIN_TERMS):
             raise ValueError(
                 f"unknown retain term {self.retain!r}; valid names: {sorted(RETAIN_TERMS)} or None"
             )
@@ -102,7 +102,7 @@ OBJECTIVES: dict[str, Objective] = {
 
 def get_objective(name: str, **overrides) -> Objective:
     """The named objective of OBJECTIVES with fields replaced, e.g. get_objective("NPO", beta=0.2)."""
-    if name not in OBJECTIVES:
+    if not isinstance(name, str) or name not in OBJECTIVES:
         raise ValueError(f"unknown objective {name!r}; valid names: {list(OBJECTIVES)}")
     fields = {f.name for f in dataclasses.fields(Objective)}
     unknown = sorted(set(overrides) - fields)

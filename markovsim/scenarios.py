@@ -17,6 +17,7 @@ from typing import Mapping
 import numpy as np
 
 from .chains import MarkovChain, block_chains
+from .config import check_integer, check_real
 from .data import Component, MixtureSpec, SequenceSet
 from .dynamics import DynamicsConfig
 from .evaluation import ExactEvaluator
@@ -37,8 +38,9 @@ def paper_mixture_spec(forget2_length: int = 5, forget2_in_pretraining: bool = T
     Each component has ``scale * PAPER_COUNTS[name]`` sequences (paper: 10000 / 5000 / 5000), split
     80/20 into train/test. ``forget2_in_pretraining=False`` gives case (b) of the paper.
     """
-    if not scale > 0:
-        raise ValueError(f"scale must be > 0, got {scale}")
+    check_real("scale", scale, minimum=0.0, exclusive=True)
+    check_integer("forget2_length", forget2_length, 2)
+    check_integer("length", length, 2)
     chains = block_chains(num_states, leakage)
     lengths = {"retain": length, "forget1": length, "forget2": forget2_length}
     components = tuple(
@@ -69,25 +71,72 @@ class Scenario:
 
     def scaled(self, scale: float) -> "Scenario":
         """The same scenario with every component's train/test counts multiplied by ``scale`` (at least 2 + 1)."""
-        if not scale > 0:
-            raise ValueError(f"scale must be > 0, got {scale}")
+        check_real("scale", scale, minimum=0.0, exclusive=True)
         components = tuple(dataclasses.replace(c, num_train=max(2, int(round(c.num_train * scale))),
                                                num_test=max(1, int(round(c.num_test * scale))))
                            for c in self.spec.components)
         return dataclasses.replace(self, spec=MixtureSpec(components, self.spec.seed))
 
     def with_methods(self, names, betas=None, gammas=None) -> dict[str, Objective]:
-        """Objectives for method ``names`` (scenario defaults, else the registry), optionally overriding beta/gamma."""
+        """Objectives for method ``names`` (scenario defaults, else the registry), optionally overriding beta/gamma.
+
+        ``betas``: one number for every method that has a beta, or ``{method: beta}`` (methods left
+        out keep their beta; naming a method not run, or one without a beta, is a ValueError).
+        """
+        if isinstance(names, str) or not all(isinstance(name, str) for name in names):
+            raise TypeError(f"method names must be a list of strings, got {names!r}")
+        bases = {name: self.methods.get(name) or get_objective(name) for name in names}
+        if isinstance(betas, Mapping):
+            wrong = [m for m in betas if m not in bases or bases[m].forget not in USES_BETA]
+            if wrong:
+                raise ValueError(f"betas given for {wrong}, which are not among the methods run or have no beta; "
+                                 f"methods with a beta: {[m for m, o in bases.items() if o.forget in USES_BETA]}")
         result = {}
-        for name in names:
-            base = self.methods.get(name) or get_objective(name)
+        for name, base in bases.items():
             overrides = {}
-            if betas is not None and base.forget in USES_BETA:
-                overrides["beta"] = float(betas[name] if isinstance(betas, Mapping) else betas)
+            beta = betas.get(name) if isinstance(betas, Mapping) else betas
+            if beta is not None and base.forget in USES_BETA:
+                overrides["beta"] = beta
             if gammas is not None and base.forget in USES_GAMMA:
-                overrides["gamma"] = float(gammas)
+                overrides["gamma"] = gammas
             result[name] = dataclasses.replace(base, **overrides)
         return result
+
+
+def data_memory_bytes(spec: MixtureSpec) -> int:
+    """Rough bytes :func:`prepare` holds for ``spec``'s data (checked before sampling an absurd size).
+
+    Per sequence: tokens (8 max_len), the first-state one-hot (8 V) and the transition counts
+    (8 V^2), held about twice (the train/test sets plus the forget/retain subsets).
+    """
+    sequences = sum(c.num_train + c.num_test for c in spec.components)
+    max_len, num_states = max(c.length for c in spec.components), spec.num_states
+    return 2 * sequences * 8 * (max_len + num_states + num_states * num_states + 2)
+
+
+def check_data_memory(spec: MixtureSpec, what: str) -> None:
+    """ValueError naming ``what`` (e.g. ``"--scale 1e7"``) when :func:`data_memory_bytes` exceeds half the machine's memory."""
+    needed, available = data_memory_bytes(spec), physical_memory()
+    if available and needed > available // 2:
+        raise ValueError(f"{what}: the data would need about {format_bytes(needed)} of memory (more than half of "
+                         f"this machine's {format_bytes(available)}); use a smaller scale")
+
+
+def physical_memory() -> int:
+    """Bytes of RAM (0 where the platform does not say)."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return 0
+
+
+def format_bytes(num_bytes: float) -> str:
+    """``1.5e12`` -> ``"1.4 TiB"``."""
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if num_bytes < 1024:
+            return f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1024
+    return f"{num_bytes:.1f} TiB"
 
 
 @dataclass(frozen=True)
@@ -183,21 +232,73 @@ def _build_chain(name: str, description, num_states: int, leakage: float) -> Mar
     if isinstance(description, str):
         blocks = block_chains(num_states, leakage)
         if description not in blocks:
-            raise ValueError(f"chain {name!r}: block name must be one of {list(blocks)}, got {description!r}")
+            raise ValueError(f"'chains': chain {name!r}: block name must be one of {list(blocks)}, got {description!r}")
         return blocks[description]
     if not isinstance(description, Mapping) or set(description) != {"initial_probs", "transition_matrix"}:
-        raise ValueError(f"chain {name!r} must be a block name ('retain', 'forget1', 'forget2') or "
+        raise ValueError(f"'chains': chain {name!r} must be a block name ('retain', 'forget1', 'forget2') or "
                          f"{{'initial_probs': [...], 'transition_matrix': [[...]]}}")
-    chain = MarkovChain(description["initial_probs"], description["transition_matrix"])
+    chain = _keyed(f"'chains': chain {name!r}", MarkovChain, description["initial_probs"], description["transition_matrix"])
     if chain.num_states != num_states:
-        raise ValueError(f"chain {name!r} has {chain.num_states} states but num_states is {num_states}")
+        raise ValueError(f"'chains': chain {name!r} has {chain.num_states} states but num_states is {num_states}")
     return chain
+
+
+def _keyed(where: str, build, *args, **kwargs):
+    """``build(*args, **kwargs)``; a ValueError / TypeError is re-raised (same type) prefixed with ``where``."""
+    try:
+        return build(*args, **kwargs)
+    except (ValueError, TypeError) as error:
+        raise type(error)(f"scenario spec: {where}: {error}") from error
+
+
+def _check_keys(where: str, entry, required: set, allowed: set) -> None:
+    if not isinstance(entry, Mapping):
+        raise TypeError(f"scenario spec: {where} must be a dict, got {type(entry).__name__}")
+    unknown, missing = sorted(map(str, set(entry) - allowed)), sorted(required - set(entry))
+    if unknown or missing:
+        raise ValueError(f"scenario spec: {where} must have keys {sorted(required)} (optional: "
+                         f"{sorted(allowed - required)}); unknown keys {unknown}, missing keys {missing}")
+
+
+def _string(where: str, value) -> str:
+    if not isinstance(value, str):
+        raise TypeError(f"scenario spec: {where} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _component(entry, chains: dict) -> Component:
+    _check_keys("a 'components' entry", entry, {"name", "chain", "length", "num_train", "num_test"}, _COMPONENT_KEYS)
+    name = _string("a 'components' entry's 'name'", entry["name"])
+    chain = _string(f"component {name!r}: 'chain'", entry["chain"])
+    if chain not in chains:
+        raise ValueError(f"scenario spec: component {name!r} uses unknown chain {chain!r}; chains are {list(chains)}")
+    return _keyed(f"component {name!r}", Component, name, chains[chain], entry["length"], entry["num_train"],
+                  entry["num_test"], entry.get("role", "retain"), entry.get("in_pretraining", True))
+
+
+def _objectives(methods) -> dict[str, Objective]:
+    if not isinstance(methods, Mapping) or not methods:
+        raise ValueError(f"scenario spec: 'methods' must be a non-empty dict like {{'NPO': {{'beta': 0.2}}}}; "
+                         f"method names are {list(OBJECTIVES)}")
+    objectives = {}
+    for name, overrides in methods.items():
+        if overrides is not None and not isinstance(overrides, Mapping):
+            raise TypeError(f"scenario spec: 'methods': {name!r} must map to a dict of settings like {{'beta': 0.2}} "
+                            f"(or null for the defaults), got {type(overrides).__name__}")
+        objectives[name] = _keyed(f"'methods': {name!r}", get_objective, name, **{str(k): v for k, v in (overrides or {}).items()})
+    return objectives
+
+
+def _dynamics(settings) -> DynamicsConfig:
+    valid = {f.name for f in dataclasses.fields(DynamicsConfig)}
+    _check_keys("'dynamics'", settings, set(), valid)
+    return _keyed("'dynamics'", DynamicsConfig, **settings)
 
 
 def scenario_from_dict(document: Mapping) -> Scenario:
     """Build a :class:`Scenario` from a JSON-ready dict, validating every field.
 
-    Example::
+    Every error is a ValueError (bad value) or TypeError (wrong type) naming the key. Example::
 
         {"name": "two_lengths", "question": "...", "num_states": 10, "leakage": 0.2, "seed": 0,
          "chains": {"r": "retain", "f": "forget1"},
@@ -209,49 +310,43 @@ def scenario_from_dict(document: Mapping) -> Scenario:
     """
     if not isinstance(document, Mapping):
         raise TypeError(f"a scenario spec must be a dict, got {type(document).__name__}")
-    unknown = set(document) - _SCENARIO_KEYS
-    missing = {"name", "chains", "components", "methods"} - set(document)
-    if unknown or missing:
-        raise ValueError(f"scenario spec: unknown keys {sorted(unknown)}, missing keys {sorted(missing)}; "
-                         f"valid keys are {sorted(_SCENARIO_KEYS)}")
-    num_states, leakage = int(document.get("num_states", 10)), float(document.get("leakage", 0.2))
+    _check_keys("the document", document, {"name", "chains", "components", "methods"}, _SCENARIO_KEYS)
+    name, question = _string("'name'", document["name"]), _string("'question'", document.get("question", ""))
+    num_states = _keyed("'num_states'", check_integer, "num_states", document.get("num_states", 10), 3)
+    leakage = _keyed("'leakage'", check_real, "leakage", document.get("leakage", 0.2), minimum=0.0)
+    if leakage > 1:
+        raise ValueError(f"scenario spec: 'leakage' must lie in [0, 1], got {leakage}")
+    seed = _keyed("'seed'", check_integer, "seed", document.get("seed", 0), 0)
     if not isinstance(document["chains"], Mapping) or not document["chains"]:
         raise ValueError("scenario spec: 'chains' must be a non-empty dict of name -> chain")
-    chains = {name: _build_chain(name, d, num_states, leakage) for name, d in document["chains"].items()}
-    components = []
-    for entry in document["components"]:
-        if not isinstance(entry, Mapping) or set(entry) - _COMPONENT_KEYS or {"name", "chain", "length", "num_train", "num_test"} - set(entry):
-            raise ValueError(f"component spec {entry!r} must have keys name, chain, length, num_train, num_test "
-                             f"(and optionally role, in_pretraining)")
-        if entry["chain"] not in chains:
-            raise ValueError(f"component {entry['name']!r} uses unknown chain {entry['chain']!r}; chains are {list(chains)}")
-        components.append(Component(entry["name"], chains[entry["chain"]], entry["length"], entry["num_train"],
-                                    entry["num_test"], entry.get("role", "retain"), entry.get("in_pretraining", True)))
-    methods = document["methods"]
-    if not isinstance(methods, Mapping) or not methods:
-        raise ValueError(f"scenario spec: 'methods' must be a non-empty dict like {{'NPO': {{'beta': 0.2}}}}; "
-                         f"method names are {list(OBJECTIVES)}")
-    objectives = {name: get_objective(name, **dict(overrides or {})) for name, overrides in methods.items()}
-    try:
-        dynamics = DynamicsConfig(**dict(document.get("dynamics", {})))
-    except TypeError as error:
-        raise ValueError(f"scenario spec: bad 'dynamics': {error}; fields are "
-                         f"{[f.name for f in dataclasses.fields(DynamicsConfig)]}") from error
-    scenario = Scenario(str(document["name"]), str(document.get("question", "")),
-                        MixtureSpec(tuple(components), int(document.get("seed", 0))), objectives, dynamics)
+    chains = {str(k): _build_chain(str(k), d, num_states, leakage) for k, d in document["chains"].items()}
+    if not isinstance(document["components"], (list, tuple)):
+        raise TypeError(f"scenario spec: 'components' must be a list, got {type(document['components']).__name__}")
+    if not document["components"]:
+        raise ValueError("scenario spec: 'components' must list at least one retain and one forget component")
+    components = tuple(_component(entry, chains) for entry in document["components"])
+    spec = _keyed("'components'", MixtureSpec, components, seed)
+    scenario = Scenario(name, question, spec, _objectives(document["methods"]),
+                        _dynamics(document.get("dynamics", {})))
     if not scenario.spec.names_where(role="forget") or not scenario.spec.names_where(role="retain"):
         raise ValueError("scenario spec needs at least one component with role 'forget' and one with role 'retain'")
     return scenario
 
 
 def load_scenario(name_or_path: str) -> Scenario:
-    """A named scenario from ``SCENARIOS`` or a user scenario from a JSON file."""
+    """A named scenario from ``SCENARIOS`` or a user scenario from a JSON file (errors name the file)."""
+    if not isinstance(name_or_path, (str, os.PathLike)):
+        raise TypeError(f"scenario must be a name or a path, got {type(name_or_path).__name__}")
     if name_or_path in SCENARIOS:
         return SCENARIOS[name_or_path]
     if os.path.isfile(name_or_path):
         try:
-            with open(name_or_path) as file:
-                return scenario_from_dict(json.load(file))
-        except json.JSONDecodeError as error:
+            with open(name_or_path, encoding="utf-8") as file:
+                document = json.load(file)
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
             raise ValueError(f"{name_or_path} is not valid JSON: {error}") from error
+        try:
+            return scenario_from_dict(document)
+        except (ValueError, TypeError) as error:
+            raise type(error)(f"{name_or_path}: {error}") from error
     raise ValueError(f"unknown scenario {name_or_path!r}: use one of {list(SCENARIOS)} or a path to a JSON spec")

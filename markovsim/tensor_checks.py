@@ -33,6 +33,8 @@ def check_per_sequence(name: str, x, like: torch.Tensor | None = None) -> torch.
     check_float(name, x)
     if x.ndim != 1:
         raise ValueError(f"{name} must have shape (B,) (one value per sequence), got {tuple(x.shape)}")
+    if x.numel() == 0:
+        raise ValueError(f"{name} is empty (a batch of 0 sequences): the mean loss would be NaN; pass B >= 1")
     if like is not None and x.shape != like.shape:
         raise ValueError(
             f"{name} has shape {tuple(x.shape)} but logps has shape {tuple(like.shape)}; "
@@ -49,6 +51,8 @@ def check_per_sequence(name: str, x, like: torch.Tensor | None = None) -> torch.
 def check_num_tokens(num_tokens, logps: torch.Tensor) -> torch.Tensor:
     """|y| per sequence: a (B,) tensor (integer or floating) of finite values > 0."""
     check_tensor("num_tokens", num_tokens)
+    if num_tokens.dtype == torch.bool or num_tokens.is_complex():
+        raise TypeError(f"num_tokens must hold integer or floating token counts, got dtype {num_tokens.dtype}")
     if num_tokens.shape != logps.shape:
         raise ValueError(
             f"num_tokens has shape {tuple(num_tokens.shape)} but logps has shape "
@@ -67,6 +71,10 @@ def check_num_tokens(num_tokens, logps: torch.Tensor) -> torch.Tensor:
 def check_number(name: str, value, *, positive: bool = False, nonnegative: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    try:
+        value = float(value)
+    except OverflowError:
+        raise ValueError(f"{name} is too large for a float, got {value}") from None
     if not math.isfinite(value):
         raise ValueError(f"{name} must be finite, got {value}")
     if positive and not value > 0:
@@ -105,5 +113,7 @@ def check_token_values(name: str, x: torch.Tensor, mask: torch.Tensor, *, allow_
 
 
 def check_nonempty(mask: torch.Tensor) -> None:
+    if mask.shape[0] == 0:
+        raise ValueError("mask has no sequences (a batch of 0): the mean loss would be NaN; pass B >= 1")
     if not mask.any(-1).all():
         raise ValueError("every sequence needs at least one unmasked token; drop empty sequences")
