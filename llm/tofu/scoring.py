@@ -1,0 +1,84 @@
+"""Per-item answer log-likelihoods and greedy answers from a causal LM, in batches.
+
+    logps[i]      = sum_{t in answer_i + EOS} log p(token_t | prompt_i, answer_i,<t)     (N,)
+    num_tokens[i] = |answer_i| + 1                                                        (N,)
+
+Scoring batches are right-padded (:func:`llm.tofu.format.collate`): real tokens keep their positions,
+so a batch gives the same numbers as items scored one at a time. Generation left-pads the prompts
+(the model continues from the last real token) and passes the attention mask, from which the model
+derives the position ids.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from llm.logps import model_sequence_logps
+
+from .format import collate, format_example, prompt_ids
+
+__all__ = ["answer_logps", "perturbed_logps", "generate_answers"]
+
+
+def _pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+
+
+@torch.no_grad()
+def answer_logps(model, tokenizer, questions: Sequence[str], answers: Sequence[str],
+                 batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """Summed log-likelihood of each answer (+ EOS) given its question, and its token count; (N,), (N,)."""
+    if len(questions) != len(answers):
+        raise ValueError(f"{len(questions)} questions for {len(answers)} answers")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    logps, counts = [], []
+    for start in range(0, len(questions), batch_size):
+        examples = [format_example(tokenizer, q, a) for q, a in
+                    zip(questions[start:start + batch_size], answers[start:start + batch_size])]
+        batch = {k: v.to(device) for k, v in collate(examples, _pad_id(tokenizer)).items()}  # (B, T)
+        lp, n = model_sequence_logps(model, batch)  # (B,), (B,)
+        logps.append(lp.double().cpu().numpy())
+        counts.append(n.cpu().numpy())
+    model.train(was_training)
+    return np.concatenate(logps), np.concatenate(counts).astype(np.int64)
+
+
+def perturbed_logps(model, tokenizer, questions: Sequence[str], perturbed: Sequence[Sequence[str]],
+                    batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`answer_logps` of K wrong answers per question, (N, K) each (K equal for all items)."""
+    widths = {len(p) for p in perturbed}
+    if len(widths) != 1:
+        raise ValueError(f"every item needs the same number of perturbed answers; got counts {sorted(widths)}")
+    k = widths.pop()
+    flat_q = [q for q in questions for _ in range(k)]
+    flat_a = [a for answers in perturbed for a in answers]
+    logps, counts = answer_logps(model, tokenizer, flat_q, flat_a, batch_size)
+    return logps.reshape(-1, k), counts.reshape(-1, k)
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, questions: Sequence[str], max_new_tokens: int = 200,
+                     batch_size: int = 16) -> list[str]:
+    """Greedy answers (no sampling), cut at EOS, special tokens dropped, whitespace stripped."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    for start in range(0, len(questions), batch_size):
+        prompts = [prompt_ids(tokenizer, q) for q in questions[start:start + batch_size]]
+        width = max(len(p) for p in prompts)
+        ids = torch.tensor([[_pad_id(tokenizer)] * (width - len(p)) + list(p) for p in prompts], device=device)  # (B, T)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)  # (B, T)
+        generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                   eos_token_id=tokenizer.eos_token_id, pad_token_id=_pad_id(tokenizer))
+        for row in generated[:, width:].tolist():  # new tokens only
+            if tokenizer.eos_token_id in row:
+                row = row[:row.index(tokenizer.eos_token_id)]
+            out.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    model.train(was_training)
+    return out
