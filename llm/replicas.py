@@ -118,20 +118,22 @@ class ReplicaStack:
         """Every replica's logits on its own batch.
 
         Args:
-            batches: N dicts ``{input_ids, attention_mask, ...}`` of (b, t_i) int64 tensors, the same
-                number of rows b in each (widths t_i may differ).
-        Returns: N tensors (b, t_i, vocab), differentiable with respect to :attr:`parameters`.
+            batches: N dicts ``{input_ids, attention_mask, ...}`` of (b_i, t_i) int64 tensors (the vmap
+                route pads them to a common (b, t) and trims the logits back).
+        Returns: N tensors (b_i, t_i, vocab), differentiable with respect to :attr:`parameters`.
         """
         if len(batches) != self.num_replicas:
             raise ValueError(f"expected {self.num_replicas} batches (one per replica), got {len(batches)}")
         if self.route == "loop":
             return [self._replica_logits(self.replica_parameters(i), self._buffers(i), batch)
                     for i, batch in enumerate(batches)]
-        widths = [batch["input_ids"].shape[1] for batch in batches]
-        input_ids, attention_mask = _stack_padded(batches, max(widths))  # (N, b, t) each
+        shapes = [tuple(batch["input_ids"].shape) for batch in batches]  # (b_i, t_i)
+        rows, width = max(b for b, _ in shapes), max(t for _, t in shapes)
+        input_ids, attention_mask = _stack_padded(batches, rows, width)  # (N, b, t) each
+        # the one call that makes the replicas one computation: batched matmuls over the replica axis
         logits = vmap(self._replica_logits_from_tensors)(self.parameters, self.buffers, input_ids,
                                                          attention_mask)  # (N, b, t, vocab)
-        return [logits[i, :, :width] for i, width in enumerate(widths)]
+        return [logits[i, :b, :t] for i, (b, t) in enumerate(shapes)]
 
     def _buffers(self, index: int) -> dict[str, torch.Tensor]:
         return {name: value[index] for name, value in self.buffers.items()}
@@ -145,17 +147,19 @@ class ReplicaStack:
         return output.logits if hasattr(output, "logits") else output["logits"]
 
 
-def _stack_padded(batches: list[dict[str, torch.Tensor]], width: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(N, b, width) input_ids and attention_mask, right-padded with each batch's own pad (its BOS) and 0."""
-    rows = {batch["input_ids"].shape[0] for batch in batches}
-    if len(rows) != 1:
-        raise ValueError(f"the vmap route needs the same number of rows in every replica's batch, got {sorted(rows)}")
+def _stack_padded(batches: list[dict[str, torch.Tensor]], rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, rows, width) input_ids and attention_mask: each batch padded at the bottom and on the right
+    with its own pad id (its BOS, ``llm.data``) and attention 0.
+
+    Padding changes no real position's logits: rows are independent, attention is causal and padded
+    keys are masked (a padded query still sees itself, so no softmax row is empty).
+    """
     input_ids, attention_mask = [], []
     for batch in batches:
-        missing = width - batch["input_ids"].shape[1]
-        pad = int(batch["input_ids"][0, 0])  # the BOS id, also the padding id (llm.data)
-        input_ids.append(torch.nn.functional.pad(batch["input_ids"], (0, missing), value=pad))
-        attention_mask.append(torch.nn.functional.pad(batch["attention_mask"], (0, missing), value=0))
+        missing_rows, missing_width = rows - batch["input_ids"].shape[0], width - batch["input_ids"].shape[1]
+        pad = int(batch["input_ids"][0, 0])
+        input_ids.append(torch.nn.functional.pad(batch["input_ids"], (0, missing_width, 0, missing_rows), value=pad))
+        attention_mask.append(torch.nn.functional.pad(batch["attention_mask"], (0, missing_width, 0, missing_rows)))
     return torch.stack(input_ids), torch.stack(attention_mask)
 
 
