@@ -244,18 +244,19 @@ class StackedAdamW:
             raise ValueError(f"need {self.num_replicas} learning rates and active flags")
         self.steps = [t + 1 if a else t for t, a in zip(self.steps, active)]
         factors = self._factors(learning_rates)
-        mask = torch.tensor(active, device=next(iter(self.parameters.values())).device)  # (N,)
+        decays = any(wd != 0 for wd in self.settings.weight_decays)
+        frozen = [i for i, a in enumerate(active) if not a]
         for name, param in self.parameters.items():
             if param.grad is None:
                 continue
+            state = (param, self.exp_avg[name], self.exp_avg_sq[name])
+            saved = [tensor[frozen].clone() for tensor in state] if frozen else None  # inactive rows, restored below
             shaped = {key: value.to(param.device).view(-1, *([1] * (param.ndim - 1))) for key, value in factors.items()}
-            decay = shaped["decay"] if param.ndim >= 3 else torch.ones_like(shaped["decay"])
-            new_param, new_m, new_v = self._update(param.detach(), param.grad, self.exp_avg[name],
-                                                   self.exp_avg_sq[name], shaped, decay)
-            keep = mask.view(-1, *([1] * (param.ndim - 1)))
-            param.copy_(torch.where(keep, new_param, param))
-            self.exp_avg[name] = torch.where(keep, new_m, self.exp_avg[name])
-            self.exp_avg_sq[name] = torch.where(keep, new_v, self.exp_avg_sq[name])
+            # in place, element by element as the single-run optimizers: this loop is memory-bound
+            self._update(*state, param.grad, shaped, decays and param.ndim >= 3)
+            if frozen:
+                for tensor, rows in zip(state, saved):
+                    tensor[frozen] = rows
 
     def _factors(self, learning_rates) -> dict[str, torch.Tensor]:
         """Per-replica scalars (N,) computed in float64 as the single-run optimizers do, then float32."""
@@ -274,14 +275,18 @@ class StackedAdamW:
         table = torch.tensor(rows, dtype=torch.float64).to(torch.float32)  # (N, 8)
         return {name: table[:, k] for k, name in enumerate(names)}
 
-    def _update(self, param, grad, m, v, f, decay):
+    def _update(self, param, m, v, grad, f, decay: bool) -> None:
+        """One in-place step of the rule on (N, ...) tensors; ``f``: per-replica factors shaped (N, 1, ...)."""
         if self.settings.rule == "adamw":
-            param = param * decay
-            m = torch.lerp(m, grad, f["one_minus_beta1"])
-            v = torch.addcmul(v * f["beta2"], grad * f["one_minus_beta2"], grad)
-            denominator = torch.sqrt(v) / f["correction2_sqrt"] + f["eps"]
-            return torch.addcdiv(param, f["step_size"] * m, denominator), m, v
-        m = f["beta1"] * m + f["one_minus_beta1"] * grad
-        v = f["beta2"] * v + f["one_minus_beta2"] * grad * grad
-        stepped = param - f["step_size"] * m / (torch.sqrt(v) + f["eps"])
-        return stepped * decay, m, v
+            if decay:
+                param.mul_(f["decay"])
+            m.lerp_(grad, f["one_minus_beta1"])
+            v.mul_(f["beta2"]).addcmul_(grad * f["one_minus_beta2"], grad)
+            denominator = v.sqrt().div_(f["correction2_sqrt"]).add_(f["eps"])
+            param.addcdiv_(m * f["step_size"], denominator)
+            return
+        m.mul_(f["beta1"]).add_(grad * f["one_minus_beta1"])
+        v.mul_(f["beta2"]).add_(grad * f["one_minus_beta2"] * grad)
+        param.sub_(m * f["step_size"] / v.sqrt().add_(f["eps"]))
+        if decay:
+            param.mul_(f["decay"])
