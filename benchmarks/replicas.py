@@ -5,8 +5,11 @@ unlearning run on ``paper-synthetic`` (``llm.PAPER_UNLEARNING``: 50 steps, forge
 legacy AdamW; replica i starts from a model initialised with seed i and draws batches with seed i),
 measured side by side in one process:
 
-* ``full``: evaluation after every step (test-set KLs to the true chains and the reference, forget
-  weights, power share); ``train``: evaluation only at steps 0 and 50 (the training steps alone).
+* every-step evaluation: after every step the test-set KLs (to the true chains and the reference),
+  forget weights and power share, per replica (evaluation is not batched yet);
+* training steps: evaluation only at steps 0 and 50, on 8 test sequences, without the forget-weight
+  and power-share diagnostics (the training steps alone, what the batching speeds up);
+* the cost of one evaluation of one model, by part (test-set KLs, forget weights, power share).
 * time of ``llm.replica_training.unlearn_replicas`` with N replicas relative to N x the time of one
   ``llm.train.unlearn`` run (< 1 = faster than running them one after another; the issue's CPU
   target is 16 replicas <= 4x one run, i.e. a ratio <= 0.25 at N = 16);
@@ -73,28 +76,44 @@ def setup(scale: float) -> dict:
     evaluator = Evaluator(test, {c.name: c.chain for c in scenario.spec.components}, reference=reference)
     objective = scenario.with_methods(["SimNPO"])["SimNPO"]
     tokens = 4 * float(forget.lengths.mean() + 1)  # real tokens of a forget batch of 4 (BOS + states)
-    return {"forget": forget, "retain": retain, "evaluator": evaluator, "objective": objective, "tokens": tokens,
-            "sizes": (len(train), len(test))}
+    small = Evaluator(test.subset(range(8)), {c.name: c.chain for c in scenario.spec.components}, reference=reference)
+    return {"forget": forget, "retain": retain, "evaluator": evaluator, "small_evaluator": small,
+            "objective": objective, "tokens": tokens, "sizes": (len(train), len(test))}
 
 
 def configs(steps: int, every_step: bool):
-    config = dataclasses.replace(PAPER_UNLEARNING, steps=steps, device="cpu", progress=False,
-                                 eval_every=1 if every_step else steps)
-    return config
+    """``PAPER_UNLEARNING`` with ``steps``; every-step evaluation with diagnostics, or neither."""
+    if every_step:
+        return dataclasses.replace(PAPER_UNLEARNING, steps=steps, device="cpu", progress=False, eval_every=1)
+    return dataclasses.replace(PAPER_UNLEARNING, steps=steps, device="cpu", progress=False, eval_every=steps,
+                               track_forget_weights=False, track_power_share=False)
 
 
-def time_single(data: dict, config) -> float:
+def evaluation_parts(data: dict) -> dict[str, float]:
+    """Seconds of one evaluation of one model: test-set KLs, + forget weights, + power share (1-step runs)."""
     model = build_model("paper-synthetic", 11, 21, seed=0)
-    return timed(lambda: unlearn(model, data["objective"], data["forget"], data["retain"], config,
-                                 data["evaluator"]))[1]
+    seconds = {"test-set KLs": timed(lambda: data["evaluator"].evaluate(model))[1]}
+    base = configs(1, True)
+    for label, weights, power in (("forget weights", True, False), ("power share", False, True)):
+        config = dataclasses.replace(base, track_forget_weights=weights, track_power_share=power, eval_every=1)
+        plain = dataclasses.replace(base, track_forget_weights=False, track_power_share=False)
+        with_part = min(time_single(data, config, data["evaluator"]) for _ in range(2))
+        without = min(time_single(data, plain, data["evaluator"]) for _ in range(2))
+        seconds[label] = (with_part - without) / 2  # two evaluations per 1-step run
+    return seconds
 
 
-def time_replicas(data: dict, config, num_replicas: int) -> float:
+def time_single(data: dict, config, evaluator) -> float:
+    model = build_model("paper-synthetic", 11, 21, seed=0)
+    return timed(lambda: unlearn(model, data["objective"], data["forget"], data["retain"], config, evaluator))[1]
+
+
+def time_replicas(data: dict, config, num_replicas: int, evaluator) -> float:
     models = [build_model("paper-synthetic", 11, 21, seed=seed) for seed in range(num_replicas)]
     replica_configs = [dataclasses.replace(config, seed=seed) for seed in range(num_replicas)]
     objectives = [data["objective"]] * num_replicas
     return timed(lambda: unlearn_replicas(models, objectives, data["forget"], data["retain"], replica_configs,
-                                          data["evaluator"]))[1]
+                                          evaluator))[1]
 
 
 def main(argv=None) -> None:
@@ -107,16 +126,19 @@ def main(argv=None) -> None:
           f"{torch.get_num_threads()}; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
     print(f"paper_short_forget2 at scale {arguments.scale}: {data['sizes'][0]} train / {data['sizes'][1]} test "
           f"sequences; paper-synthetic, {parameters:,} parameters; SimNPO, {arguments.steps} steps, batch 4")
+    parts = evaluation_parts(data)
+    print("one evaluation of one model: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in parts.items()))
     counts = (1, 4, 16, 64) if arguments.with_64 else (1, 4, 16)
     for every_step in (False, True):
         config = configs(arguments.steps, every_step)
-        single = time_single(data, config)
-        label = "every-step evaluation" if every_step else "training steps (evaluation at 0 and end only)"
+        evaluator = data["evaluator"] if every_step else data["small_evaluator"]
+        single = time_single(data, config, evaluator)
+        label = "every-step evaluation" if every_step else "training steps (8-sequence evaluation at 0 and end, no diagnostics)"
         print(f"\n{label}: one llm.train.unlearn run {single:.2f} s")
         print(f"  {'N':>4s} {'batched s':>10s} {'N x single s':>13s} {'batched / (N x single)':>23s} {'batched / single':>17s}"
               + ("" if every_step else f" {'GFLOP/s':>8s} {'of peak':>8s}"))
         for count in counts:
-            seconds = time_replicas(data, config, count)
+            seconds = time_replicas(data, config, count, evaluator)
             line = (f"  {count:4d} {seconds:10.2f} {count * single:13.2f} {seconds / (count * single):23.3f} "
                     f"{seconds / single:17.2f}")
             if not every_step:
