@@ -30,7 +30,7 @@ import copy
 import dataclasses
 import math
 import time
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -26,7 +26,7 @@ from llm.replica_training import pretrain_replicas, replica_configs, unlearn_rep
 from llm.replicas import ReplicaStack, StackedAdamSettings, StackedAdamW
 from llm.train import TrainConfig, pretrain, unlearn
 
-CPU = dict(device="cpu", progress=False)
+CPU = {"device": "cpu", "progress": False}
 RTOL, ATOL = 1e-5, 1e-7
 UNLEARNING = TrainConfig(optimizer="adamw_legacy", adam_eps=1e-6, weight_decay=0.0, max_grad_norm=None,
                          learning_rate=5e-4, batch_size=4, steps=4, eval_every=1, diagnostics_max_sequences=8, **CPU)
@@ -35,7 +35,7 @@ UNLEARNING = TrainConfig(optimizer="adamw_legacy", adam_eps=1e-6, weight_decay=0
 @pytest.fixture(scope="module")
 def tiny():
     """paper_short_forget2 at 0.5% scale: 80 training sequences (40 retain, 20 + 20 forget)."""
-    train, test = SCENARIOS["paper_short_forget2"].scaled(0.005).spec.sample()
+    train, _ = SCENARIOS["paper_short_forget2"].scaled(0.005).spec.sample()
     return {"train": train, "forget": train.select("forget1", "forget2"), "retain": train.select("retain")}
 
 
