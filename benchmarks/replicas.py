@@ -18,7 +18,9 @@ measured side by side in one process:
 
 The starting models are not pre-trained: the time of a step does not depend on the weights.
 
-Run: ``python benchmarks/replicas.py [--scale 0.1] [--threads 2] [--with-64]``.
+Timings are best-of-several, single and batched runs interleaved (the machine may be shared).
+
+Run: ``python benchmarks/replicas.py [--scale 0.1] [--threads 2] [--with-64] [--repeats 3]``.
 """
 
 from __future__ import annotations
@@ -43,7 +45,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--scale", type=float, default=0.1, help="fraction of the paper's 10000/5000/5000 sequences")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--steps", type=int, default=50, help="unlearning steps")
-    parser.add_argument("--with-64", action="store_true", help="also N = 64")
+    parser.add_argument("--with-64", action="store_true", help="also N = 64 (training steps only)")
+    parser.add_argument("--repeats", type=int, default=3, help="best of this many timings (training steps)")
     return parser.parse_args(argv)
 
 
@@ -126,17 +129,17 @@ def main(argv=None) -> None:
           f"sequences; paper-synthetic, {parameters:,} parameters; SimNPO, {arguments.steps} steps, batch 4")
     parts = evaluation_parts(data)
     print("one evaluation of one model: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in parts.items()))
-    counts = (1, 4, 16, 64) if arguments.with_64 else (1, 4, 16)
     for every_step in (False, True):
+        counts = (1, 4, 16, 64) if arguments.with_64 and not every_step else (1, 4, 16)
         config = configs(arguments.steps, every_step)
         evaluator = data["evaluator"] if every_step else data["small_evaluator"]
-        single = time_single(data, config, evaluator)
+        repeats = 1 if every_step else arguments.repeats
+        single, batched = compare(data, config, evaluator, counts, repeats)
         label = "every-step evaluation" if every_step else "training steps (8-sequence evaluation at 0 and end, no diagnostics)"
-        print(f"\n{label}: one llm.train.unlearn run {single:.2f} s")
+        print(f"\n{label}: one llm.train.unlearn run {single:.2f} s (best of {repeats + 1})")
         print(f"  {'N':>4s} {'batched s':>10s} {'N x single s':>13s} {'batched / (N x single)':>23s} {'batched / single':>17s}"
               + ("" if every_step else f" {'GFLOP/s':>8s} {'of peak':>8s}"))
-        for count in counts:
-            seconds = time_replicas(data, config, count, evaluator)
+        for count, seconds in batched.items():
             line = (f"  {count:4d} {seconds:10.2f} {count * single:13.2f} {seconds / (count * single):23.3f} "
                     f"{seconds / single:17.2f}")
             if not every_step:
@@ -144,6 +147,16 @@ def main(argv=None) -> None:
                 line += f" {flops / seconds / 1e9:8.2f} {flops / seconds / peak:8.1%}"
             print(line, flush=True)
 
+
+def compare(data: dict, config, evaluator, counts, repeats: int) -> tuple[float, dict[int, float]]:
+    """Best-of-``repeats`` seconds of N batched replicas for each N, interleaved with single runs
+    (best of ``repeats + 1``) so that load from other work on a shared machine hits both alike."""
+    singles, batched = [time_single(data, config, evaluator)], {count: [] for count in counts}
+    for _ in range(repeats):
+        for count in counts:
+            batched[count].append(time_replicas(data, config, count, evaluator))
+        singles.append(time_single(data, config, evaluator))
+    return min(singles), {count: min(times) for count, times in batched.items()}
 
 if __name__ == "__main__":
     main()
