@@ -1,0 +1,162 @@
+"""Benchmark: N batched replicas of the paper-synthetic unlearning run vs N single runs (issue 11).
+
+For N = 1, 4, 16 (and 64 with ``--with-64``) replicas of the ``paper_short_forget2`` SimNPO
+unlearning run on ``paper-synthetic`` (``llm.PAPER_UNLEARNING``: 50 steps, forget batch 4, lr 5e-4,
+legacy AdamW; replica i starts from a model initialised with seed i and draws batches with seed i),
+measured side by side in one process:
+
+* every-step evaluation: after every step the test-set KLs (to the true chains and the reference),
+  forget weights and power share, per replica (evaluation is not batched yet);
+* training steps: evaluation only at steps 0 and 50, on 8 test sequences, without the forget-weight
+  and power-share diagnostics (the training steps alone, what the batching speeds up);
+* the cost of one evaluation of one model, by part (test-set KLs, forget weights, power share).
+* time of ``llm.replica_training.unlearn_replicas`` with N replicas relative to N x the time of one
+  ``llm.train.unlearn`` run (< 1 = faster than running them one after another; the issue's CPU
+  target is 16 replicas <= 4x one run, i.e. a ratio <= 0.25 at N = 16);
+* training-step GFLOP/s, counted as 6 N D tokens (D = parameters, tokens = the forget batch's real
+  tokens), against the machine's fp32 matmul peak (best of a few 2048^3 ``torch.matmul``).
+
+The starting models are not pre-trained: the time of a step does not depend on the weights.
+
+Timings are best-of-several, single and batched runs interleaved (the machine may be shared).
+
+Run: ``python benchmarks/replicas.py [--scale 0.1] [--threads 2] [--with-64] [--repeats 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import platform
+import time
+
+import torch
+
+from markovsim.scenarios import SCENARIOS
+
+from llm.evaluate import Evaluator
+from llm.models import build_model
+from llm.replica_training import unlearn_replicas
+from llm.train import PAPER_UNLEARNING, unlearn
+
+
+def parse_arguments(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scale", type=float, default=0.1, help="fraction of the paper's 10000/5000/5000 sequences")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument("--steps", type=int, default=50, help="unlearning steps")
+    parser.add_argument("--with-64", action="store_true", help="also N = 64 (training steps only)")
+    parser.add_argument("--repeats", type=int, default=3, help="best of this many timings (training steps)")
+    return parser.parse_args(argv)
+
+
+def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:
+    """Best fp32 FLOP/s of ``torch.matmul`` on two (size, size) matrices (2 size^3 FLOPs)."""
+    generator = torch.Generator().manual_seed(0)
+    a, b = torch.randn(size, size, generator=generator), torch.randn(size, size, generator=generator)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size ** 3 / best
+
+
+def timed(function) -> tuple[object, float]:
+    start = time.perf_counter()
+    result = function()
+    return result, time.perf_counter() - start
+
+
+def setup(scale: float) -> dict:
+    scenario = SCENARIOS["paper_short_forget2"]
+    scenario = scenario.scaled(scale) if scale != 1.0 else scenario
+    train, test = scenario.spec.sample()
+    forget, retain = train.select("forget1", "forget2"), train.select("retain")
+    reference = build_model("paper-synthetic", 11, 21, seed=0)
+    evaluator = Evaluator(test, {c.name: c.chain for c in scenario.spec.components}, reference=reference)
+    objective = scenario.with_methods(["SimNPO"])["SimNPO"]
+    tokens = 4 * float(forget.lengths.mean() + 1)  # real tokens of a forget batch of 4 (BOS + states)
+    small = Evaluator(test.subset(range(8)), {c.name: c.chain for c in scenario.spec.components}, reference=reference)
+    return {"forget": forget, "retain": retain, "evaluator": evaluator, "small_evaluator": small,
+            "objective": objective, "tokens": tokens, "sizes": (len(train), len(test))}
+
+
+def configs(steps: int, every_step: bool):
+    """``PAPER_UNLEARNING`` with ``steps``; every-step evaluation with diagnostics, or neither."""
+    if every_step:
+        return dataclasses.replace(PAPER_UNLEARNING, steps=steps, device="cpu", progress=False, eval_every=1)
+    return dataclasses.replace(PAPER_UNLEARNING, steps=steps, device="cpu", progress=False, eval_every=steps,
+                               track_forget_weights=False, track_power_share=False)
+
+
+def evaluation_parts(data: dict, repeats: int = 3) -> dict[str, float]:
+    """Seconds of one evaluation of one model (best of ``repeats``): test-set KLs, forget weights, power share."""
+    model = build_model("paper-synthetic", 11, 21, seed=0)
+    seconds = {"test-set KLs": min(timed(lambda: data["evaluator"].evaluate(model))[1] for _ in range(repeats))}
+    base = dataclasses.replace(configs(1, True), track_forget_weights=False, track_power_share=False)
+    without = min(time_single(data, base, data["evaluator"]) for _ in range(repeats))
+    for label, weights, power in (("forget weights", True, False), ("power share", False, True)):
+        config = dataclasses.replace(base, track_forget_weights=weights, track_power_share=power)
+        with_part = min(time_single(data, config, data["evaluator"]) for _ in range(repeats))
+        seconds[label] = (with_part - without) / 2  # a 1-step run evaluates twice
+    return seconds
+
+
+def time_single(data: dict, config, evaluator) -> float:
+    model = build_model("paper-synthetic", 11, 21, seed=0)
+    return timed(lambda: unlearn(model, data["objective"], data["forget"], data["retain"], config, evaluator))[1]
+
+
+def time_replicas(data: dict, config, num_replicas: int, evaluator) -> float:
+    models = [build_model("paper-synthetic", 11, 21, seed=seed) for seed in range(num_replicas)]
+    replica_configs = [dataclasses.replace(config, seed=seed) for seed in range(num_replicas)]
+    objectives = [data["objective"]] * num_replicas
+    return timed(lambda: unlearn_replicas(models, objectives, data["forget"], data["retain"], replica_configs,
+                                          evaluator))[1]
+
+
+def main(argv=None) -> None:
+    arguments = parse_arguments(argv)
+    torch.set_num_threads(arguments.threads)
+    peak = matmul_peak_flops()
+    data = setup(arguments.scale)
+    parameters = sum(p.numel() for p in build_model("paper-synthetic", 11, 21).parameters())
+    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads "
+          f"{torch.get_num_threads()}; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
+    print(f"paper_short_forget2 at scale {arguments.scale}: {data['sizes'][0]} train / {data['sizes'][1]} test "
+          f"sequences; paper-synthetic, {parameters:,} parameters; SimNPO, {arguments.steps} steps, batch 4")
+    parts = evaluation_parts(data)
+    print("one evaluation of one model: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in parts.items()))
+    for every_step in (False, True):
+        counts = (1, 4, 16, 64) if arguments.with_64 and not every_step else (1, 4, 16)
+        config = configs(arguments.steps, every_step)
+        evaluator = data["evaluator"] if every_step else data["small_evaluator"]
+        repeats = 1 if every_step else arguments.repeats
+        single, batched = compare(data, config, evaluator, counts, repeats)
+        label = "every-step evaluation" if every_step else "training steps (8-sequence evaluation at 0 and end, no diagnostics)"
+        print(f"\n{label}: one llm.train.unlearn run {single:.2f} s (best of {repeats + 1})")
+        print(f"  {'N':>4s} {'batched s':>10s} {'N x single s':>13s} {'batched / (N x single)':>23s} {'batched / single':>17s}"
+              + ("" if every_step else f" {'GFLOP/s':>8s} {'of peak':>8s}"))
+        for count, seconds in batched.items():
+            line = (f"  {count:4d} {seconds:10.2f} {count * single:13.2f} {seconds / (count * single):23.3f} "
+                    f"{seconds / single:17.2f}")
+            if not every_step:
+                flops = 6 * count * parameters * data["tokens"] * arguments.steps
+                line += f" {flops / seconds / 1e9:8.2f} {flops / seconds / peak:8.1%}"
+            print(line, flush=True)
+
+
+def compare(data: dict, config, evaluator, counts, repeats: int) -> tuple[float, dict[int, float]]:
+    """Best-of-``repeats`` seconds of N batched replicas for each N, interleaved with single runs
+    (best of ``repeats + 1``) so that load from other work on a shared machine hits both alike."""
+    singles, batched = [time_single(data, config, evaluator)], {count: [] for count in counts}
+    for _ in range(repeats):
+        for count in counts:
+            batched[count].append(time_replicas(data, config, count, evaluator))
+        singles.append(time_single(data, config, evaluator))
+    return min(singles), {count: min(times) for count, times in batched.items()}
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,292 @@
+"""N replicas of one architecture as one computation: stacked parameters and a stacked AdamW.
+
+A :class:`ReplicaStack` holds the parameters of N models that share an architecture (different
+seeds, starting points, learning rates, objectives...) as stacked leaf tensors::
+
+    parameters[name]: (N, *shape of the parameter in one model)
+
+and computes every replica's logits on its own batch in one call (:meth:`ReplicaStack.logits`).
+Gradients come from ordinary autograd on the sum of the replicas' losses: the replicas share no
+computation, so ``d(sum_i loss_i) / d parameters[name][i] = d loss_i / d theta_i`` exactly.
+
+Two routes (:attr:`ReplicaStack.route`):
+
+* ``"vmap"``: ``torch.func.vmap`` of ``functional_call`` over the stacked parameters, for
+  architectures whose forward pass has no data-dependent Python control flow. Our own
+  ``PaperSyntheticForCausalLM`` (presets ``paper-synthetic``, ``tiny-synthetic``) is such a model:
+  vmap runs its unmodified forward (tested equal to N separate forwards). Batches of different
+  widths are right-padded to a common width (padding is masked and causal attention never looks
+  ahead, so the real positions' logits are unchanged) and trimmed back afterwards.
+* ``"loop"``: an honest sequential loop of ``functional_call`` per replica on views of the same
+  stacked parameters, for Hugging Face models that vmap cannot trace (GPT-2's attention-mask
+  handling has data-dependent control flow). Same API, same optimizer; no speed-up.
+
+:class:`StackedAdamW` applies ``torch.optim.AdamW``'s or the legacy ``transformers.AdamW`` rule
+(:mod:`markovsim.optimizers`) to stacked tensors with per-replica learning rates, betas, eps and
+weight decay, in the same per-element order of operations as the single-run optimizers, and
+freezes replicas that are no longer active (diverged).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from dataclasses import dataclass
+
+import torch
+from torch.func import functional_call, stack_module_state, vmap
+
+from .data import IGNORE_INDEX
+from .paper_synthetic import PaperSyntheticForCausalLM
+
+__all__ = ["ROUTES", "VMAP_ARCHITECTURES", "ReplicaStack", "StackedAdamW", "StackedAdamSettings",
+           "clip_replica_grads", "replica_grad_norms"]
+
+ROUTES = ("vmap", "loop")
+# Architectures whose forward pass vmap can trace (no data-dependent Python control flow).
+VMAP_ARCHITECTURES = (PaperSyntheticForCausalLM,)
+_PAD_VALUES = {"input_ids": None, "attention_mask": 0, "labels": IGNORE_INDEX}
+
+
+def _architecture(model) -> tuple:
+    """What two models must share to be stacked: class, config and parameter names/shapes/dtypes."""
+    config = model.config.to_dict() if hasattr(model, "config") else None
+    if isinstance(config, dict):
+        config = {k: v for k, v in config.items() if k not in ("_name_or_path", "transformers_version")}
+    shapes = tuple((name, tuple(p.shape), p.dtype) for name, p in model.named_parameters())
+    return type(model), repr(config), shapes
+
+
+def _default_route(model) -> str:
+    return "vmap" if isinstance(model, VMAP_ARCHITECTURES) else "loop"
+
+
+class ReplicaStack:
+    """The parameters of N same-architecture models, stacked, and their logits in one call.
+
+    Args:
+        models: N >= 1 causal LMs of one architecture (same class, config and parameter shapes).
+            They are not modified; :meth:`write_into` copies a replica back into a model.
+        route: ``"vmap"`` or ``"loop"``; None = ``"vmap"`` for ``VMAP_ARCHITECTURES``, else ``"loop"``.
+        device: where the stacked tensors live (default: the first model's device).
+    Attributes:
+        parameters: ``{name: (N, *shape)}`` float leaf tensors with ``requires_grad``.
+        buffers: ``{name: (N, *shape)}`` stacked buffers.
+        route: the route used.
+    """
+
+    def __init__(self, models, route: str | None = None, device: torch.device | str | None = None):
+        models = list(models)
+        if len(models) < 1:
+            raise ValueError("a ReplicaStack needs at least one model (N >= 1)")
+        reference = _architecture(models[0])
+        for index, model in enumerate(models[1:], start=1):
+            if _architecture(model) != reference:
+                raise ValueError(f"model {index} has a different architecture from model 0 (class, config or "
+                                 f"parameter shapes differ); replicas must share one architecture")
+        route = _default_route(models[0]) if route is None else route
+        if route not in ROUTES:
+            raise ValueError(f"route must be one of {ROUTES} or None, got {route!r}")
+        if route == "vmap" and not isinstance(models[0], VMAP_ARCHITECTURES):
+            raise ValueError(f"the vmap route supports {[c.__name__ for c in VMAP_ARCHITECTURES]}, not "
+                             f"{type(models[0]).__name__}; use route='loop'")
+        self.route, self.num_replicas = route, len(models)
+        self.device = torch.device(device) if device is not None else next(models[0].parameters()).device
+        parameters, buffers = stack_module_state([m.to(self.device) for m in models])
+        self.parameters = {k: v.detach().clone().requires_grad_(True) for k, v in parameters.items()}
+        self.buffers = {k: v.detach().clone() for k, v in buffers.items()}
+        self._skeleton = copy.deepcopy(models[0]).to("meta") if route == "vmap" else copy.deepcopy(models[0])
+        self._skeleton.train(models[0].training)
+
+    def replica_parameters(self, index: int) -> dict[str, torch.Tensor]:
+        """Views ``{name: (*shape)}`` of replica ``index`` (gradients flow into the stacked tensors)."""
+        return {name: value[index] for name, value in self.parameters.items()}
+
+    def write_into(self, model, index: int) -> None:
+        """Copy replica ``index``'s parameters and buffers into ``model`` (same architecture)."""
+        state = {name: value[index].detach() for name, value in {**self.parameters, **self.buffers}.items()}
+        with torch.no_grad():
+            for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
+                if name in state:
+                    tensor.copy_(state[name])
+
+    def zero_grad(self) -> None:
+        for value in self.parameters.values():
+            value.grad = None
+
+    def logits(self, batches: list[dict[str, torch.Tensor]]) -> list[torch.Tensor]:
+        """Every replica's logits on its own batch.
+
+        Args:
+            batches: N dicts ``{input_ids, attention_mask, ...}`` of (b_i, t_i) int64 tensors (the vmap
+                route pads them to a common (b, t) and trims the logits back).
+        Returns: N tensors (b_i, t_i, vocab), differentiable with respect to :attr:`parameters`.
+        """
+        if len(batches) != self.num_replicas:
+            raise ValueError(f"expected {self.num_replicas} batches (one per replica), got {len(batches)}")
+        if self.route == "loop":
+            return [self._replica_logits(self.replica_parameters(i), self._buffers(i), batch)
+                    for i, batch in enumerate(batches)]
+        shapes = [tuple(batch["input_ids"].shape) for batch in batches]  # (b_i, t_i)
+        rows, width = max(b for b, _ in shapes), max(t for _, t in shapes)
+        input_ids, attention_mask = _stack_padded(batches, rows, width)  # (N, b, t) each
+        # the one call that makes the replicas one computation: batched matmuls over the replica axis
+        logits = vmap(self._replica_logits_from_tensors)(self.parameters, self.buffers, input_ids,
+                                                         attention_mask)  # (N, b, t, vocab)
+        return [logits[i, :b, :t] for i, (b, t) in enumerate(shapes)]
+
+    def _buffers(self, index: int) -> dict[str, torch.Tensor]:
+        return {name: value[index] for name, value in self.buffers.items()}
+
+    def _replica_logits(self, parameters, buffers, batch) -> torch.Tensor:
+        return self._replica_logits_from_tensors(parameters, buffers, batch["input_ids"], batch["attention_mask"])
+
+    def _replica_logits_from_tensors(self, parameters, buffers, input_ids, attention_mask) -> torch.Tensor:
+        output = functional_call(self._skeleton, (parameters, buffers), (),
+                                 {"input_ids": input_ids, "attention_mask": attention_mask, "use_cache": False})
+        return output.logits if hasattr(output, "logits") else output["logits"]
+
+
+def _stack_padded(batches: list[dict[str, torch.Tensor]], rows: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, rows, width) input_ids and attention_mask: each batch padded at the bottom and on the right
+    with its own pad id (its BOS, ``llm.data``) and attention 0.
+
+    Padding changes no real position's logits: rows are independent, attention is causal and padded
+    keys are masked (a padded query still sees itself, so no softmax row is empty).
+    """
+    input_ids, attention_mask = [], []
+    for batch in batches:
+        missing_rows, missing_width = rows - batch["input_ids"].shape[0], width - batch["input_ids"].shape[1]
+        pad = int(batch["input_ids"][0, 0])
+        input_ids.append(torch.nn.functional.pad(batch["input_ids"], (0, missing_width, 0, missing_rows), value=pad))
+        attention_mask.append(torch.nn.functional.pad(batch["attention_mask"], (0, missing_width, 0, missing_rows)))
+    return torch.stack(input_ids), torch.stack(attention_mask)
+
+
+def replica_grad_norms(parameters: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(N,) float32 global gradient norm of each replica, as ``torch.nn.utils.clip_grad_norm_`` computes it.
+
+    Per parameter the 2-norm of its (N, ...) gradient over all but the replica axis, then the 2-norm
+    over parameters. Missing gradients count as zero.
+    """
+    norms = [torch.linalg.vector_norm(p.grad.flatten(1), 2, dim=1) for p in parameters.values() if p.grad is not None]
+    return torch.linalg.vector_norm(torch.stack(norms, dim=1), 2, dim=1)  # (N,)
+
+
+def clip_replica_grads(parameters: dict[str, torch.Tensor], max_norm: float | None) -> torch.Tensor:
+    """Clip each replica's gradient to ``max_norm`` (None = no clipping) like ``clip_grad_norm_``; return (N,) norms.
+
+    coefficient_i = min(1, max_norm / (norm_i + 1e-6)), gradients of replica i multiplied by it.
+    """
+    norms = replica_grad_norms(parameters)  # (N,)
+    if max_norm is not None:
+        coefficients = torch.clamp(max_norm / (norms + 1e-6), max=1.0)  # (N,)
+        for value in parameters.values():
+            if value.grad is not None:
+                value.grad.mul_(coefficients.view(-1, *([1] * (value.ndim - 1))))
+    return norms
+
+
+@dataclass(frozen=True)
+class StackedAdamSettings:
+    """Per-replica Adam settings, one entry per replica.
+
+    Attributes:
+        rule: ``"adamw"`` (``torch.optim.AdamW``) or ``"adamw_legacy"`` (``markovsim.optimizers.LegacyAdamW``).
+        betas: N pairs (beta1, beta2).
+        eps: N numbers.
+        weight_decays: N numbers, applied to parameters with ndim >= 2 in ONE model (as ``llm.train``).
+    """
+
+    rule: str
+    betas: tuple[tuple[float, float], ...]
+    eps: tuple[float, ...]
+    weight_decays: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if self.rule not in ("adamw", "adamw_legacy"):
+            raise ValueError(f"rule must be 'adamw' or 'adamw_legacy', got {self.rule!r}")
+        if not (len(self.betas) == len(self.eps) == len(self.weight_decays)) or not self.betas:
+            raise ValueError("betas, eps and weight_decays need one entry per replica (N >= 1)")
+
+
+class StackedAdamW:
+    """One Adam step on every active replica of stacked parameters (see the module docstring).
+
+    ``torch.optim.AdamW`` (single-tensor CPU path), per element, with lr, b1, b2, eps, wd of replica i::
+
+        p <- p * (1 - lr wd);  m <- lerp(m, g, 1 - b1);  v <- v * b2 + ((1 - b2) g) g
+        p <- p + (-(lr / (1 - b1^t)) m) / (sqrt(v) / sqrt(1 - b2^t) + eps)
+
+    legacy ``transformers.AdamW`` (``markovsim.optimizers.adam_update``)::
+
+        m <- b1 m + (1 - b1) g;  v <- b2 v + ((1 - b2) g) g
+        p <- (p - (lr sqrt(1 - b2^t) / (1 - b1^t)) m / (sqrt(v) + eps)) * (1 - lr wd)
+
+    Each replica keeps its own step count t; inactive replicas are left untouched.
+    """
+
+    def __init__(self, parameters: dict[str, torch.Tensor], settings: StackedAdamSettings):
+        self.parameters, self.settings = parameters, settings
+        self.num_replicas = len(settings.betas)
+        for name, value in parameters.items():
+            if value.shape[0] != self.num_replicas:
+                raise ValueError(f"parameter {name!r} stacks {value.shape[0]} replicas, settings have {self.num_replicas}")
+        self.exp_avg = {name: torch.zeros_like(value) for name, value in parameters.items()}
+        self.exp_avg_sq = {name: torch.zeros_like(value) for name, value in parameters.items()}
+        self.steps = [0] * self.num_replicas
+
+    @torch.no_grad()
+    def step(self, learning_rates, active=None) -> None:
+        """Update the replicas with ``active[i]`` (default all) at learning rate ``learning_rates[i]``."""
+        active = [True] * self.num_replicas if active is None else [bool(a) for a in active]
+        if len(learning_rates) != self.num_replicas or len(active) != self.num_replicas:
+            raise ValueError(f"need {self.num_replicas} learning rates and active flags")
+        self.steps = [t + 1 if a else t for t, a in zip(self.steps, active)]
+        factors = self._factors(learning_rates)
+        decays = any(wd != 0 for wd in self.settings.weight_decays)
+        frozen = [i for i, a in enumerate(active) if not a]
+        for name, param in self.parameters.items():
+            if param.grad is None:
+                continue
+            state = (param, self.exp_avg[name], self.exp_avg_sq[name])
+            saved = [tensor[frozen].clone() for tensor in state] if frozen else None  # inactive rows, restored below
+            shaped = {key: value.to(param.device).view(-1, *([1] * (param.ndim - 1))) for key, value in factors.items()}
+            # in place, element by element as the single-run optimizers: this loop is memory-bound
+            self._update(*state, param.grad, shaped, decays and param.ndim >= 3)
+            if frozen:
+                for tensor, rows in zip(state, saved):
+                    tensor[frozen] = rows
+
+    def _factors(self, learning_rates) -> dict[str, torch.Tensor]:
+        """Per-replica scalars (N,) computed in float64 as the single-run optimizers do, then float32."""
+        s, rows = self.settings, []
+        for i, lr in enumerate(learning_rates):
+            beta1, beta2 = s.betas[i]
+            t = max(self.steps[i], 1)
+            correction1, correction2 = 1 - beta1 ** t, 1 - beta2 ** t
+            if s.rule == "adamw":
+                step_size = -(lr / correction1)
+            else:
+                step_size = lr * math.sqrt(correction2) / correction1  # as markovsim.optimizers.adam_update
+            rows.append((1 - beta1, beta1, beta2, 1 - beta2, correction2 ** 0.5, s.eps[i], step_size,
+                         1 - lr * s.weight_decays[i]))
+        names = ("one_minus_beta1", "beta1", "beta2", "one_minus_beta2", "correction2_sqrt", "eps", "step_size", "decay")
+        table = torch.tensor(rows, dtype=torch.float64).to(torch.float32)  # (N, 8)
+        return {name: table[:, k] for k, name in enumerate(names)}
+
+    def _update(self, param, m, v, grad, f, decay: bool) -> None:
+        """One in-place step of the rule on (N, ...) tensors; ``f``: per-replica factors shaped (N, 1, ...)."""
+        if self.settings.rule == "adamw":
+            if decay:
+                param.mul_(f["decay"])
+            m.lerp_(grad, f["one_minus_beta1"])
+            v.mul_(f["beta2"]).addcmul_(grad * f["one_minus_beta2"], grad)
+            denominator = v.sqrt().div_(f["correction2_sqrt"]).add_(f["eps"])
+            param.addcdiv_(m * f["step_size"], denominator)
+            return
+        m.mul_(f["beta1"]).add_(grad * f["one_minus_beta1"])
+        v.mul_(f["beta2"]).add_(grad * f["one_minus_beta2"] * grad)
+        param.sub_(m * f["step_size"] / v.sqrt().add_(f["eps"]))
+        if decay:
+            param.mul_(f["decay"])

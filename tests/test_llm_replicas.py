@@ -1,0 +1,195 @@
+"""llm.replicas / llm.replica_training: every replica equals its own single run (issue 11).
+
+References: ``llm.train.pretrain`` / ``llm.train.unlearn`` run once per replica with that replica's
+seed, objective and learning rate (float32, CPU, rtol 1e-5); ``torch.optim.AdamW`` and
+``markovsim.optimizers.LegacyAdamW`` step by step for the stacked optimizer; N separate forward
+passes for the vmap route.
+"""
+
+import copy
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from markovsim.data import concatenate
+from markovsim.losses import get_objective
+from markovsim.optimizers import LegacyAdamW
+from markovsim.scenarios import SCENARIOS
+
+from llm.data import encode
+from llm.evaluate import Evaluator
+from llm.models import build_model
+from llm.replica_training import pretrain_replicas, replica_configs, unlearn_replicas
+from llm.replicas import ReplicaStack, StackedAdamSettings, StackedAdamW
+from llm.train import TrainConfig, pretrain, unlearn
+
+CPU = {"device": "cpu", "progress": False}
+RTOL, ATOL = 1e-5, 1e-7
+UNLEARNING = TrainConfig(optimizer="adamw_legacy", adam_eps=1e-6, weight_decay=0.0, max_grad_norm=None,
+                         learning_rate=5e-4, batch_size=4, steps=4, eval_every=1, diagnostics_max_sequences=8, **CPU)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    """paper_short_forget2 at 0.5% scale: 80 training sequences (40 retain, 20 + 20 forget)."""
+    train, _ = SCENARIOS["paper_short_forget2"].scaled(0.005).spec.sample()
+    return {"train": train, "forget": train.select("forget1", "forget2"), "retain": train.select("retain")}
+
+
+def three_models(preset: str) -> list:
+    return [build_model(preset, 11, 21, seed=seed) for seed in (0, 1, 2)]
+
+
+def assert_same_trajectory(batched, single) -> None:
+    assert list(batched.steps) == list(single.steps)
+    assert batched.diverged_at == single.diverged_at and batched.divergence_reason == single.divergence_reason
+    assert batched.component_names == single.component_names
+    assert set(batched.component_metrics) == set(single.component_metrics)
+    for name, values in single.component_metrics.items():
+        np.testing.assert_allclose(batched.component_metrics[name], values, rtol=RTOL, atol=ATOL, err_msg=name)
+    for name, values in single.step_metrics.items():
+        np.testing.assert_allclose(batched.step_metrics[name], values, rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+def assert_same_parameters(model, other) -> None:
+    for (name, p), q in zip(model.named_parameters(), other.parameters()):
+        torch.testing.assert_close(p, q, rtol=RTOL, atol=1e-6, msg=name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stack and its optimizer
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset, route", [("tiny-synthetic", "vmap"), ("tiny-gpt2", "loop")])
+def test_stack_logits_equal_each_models_forward(tiny, preset, route):
+    models = three_models(preset)
+    stack = ReplicaStack(models)
+    assert stack.route == route and stack.num_replicas == 3
+    encoded = encode(tiny["forget"], "response")
+    batches = [encoded.batch(rows) for rows in ([0, 1, 2], [3, 4, 5], [6, 7, 8])]  # widths may differ
+    for logits, model, batch in zip(stack.logits(batches), models, batches):
+        expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-6)
+
+
+def stacked_and_single(rule: str):
+    """3 replicas of a (5, 4) matrix and a (4,) vector with different lr, betas, eps, weight decay."""
+    generator = torch.Generator().manual_seed(0)
+    matrix, vector = torch.randn(3, 5, 4, generator=generator), torch.randn(3, 4, generator=generator)
+    settings = StackedAdamSettings(rule, ((0.9, 0.999), (0.8, 0.99), (0.95, 0.9)), (1e-8, 1e-6, 1e-3), (0.01, 0.0, 0.1))
+    stacked = {"matrix": matrix.clone().requires_grad_(True), "vector": vector.clone().requires_grad_(True)}
+    singles, optimizers = [], []
+    for i in range(3):
+        params = [matrix[i].clone().requires_grad_(True), vector[i].clone().requires_grad_(True)]
+        groups = [{"params": [params[0]], "weight_decay": settings.weight_decays[i]},
+                  {"params": [params[1]], "weight_decay": 0.0}]
+        kind = torch.optim.AdamW if rule == "adamw" else LegacyAdamW
+        optimizers.append(kind(groups, lr=1.0, betas=settings.betas[i], eps=settings.eps[i]))
+        singles.append(params)
+    return stacked, StackedAdamW(stacked, settings), singles, optimizers
+
+
+@pytest.mark.parametrize("rule", ["adamw", "adamw_legacy"])
+def test_stacked_adamw_equals_the_single_run_optimizer_step_by_step(rule):
+    stacked, optimizer, singles, optimizers = stacked_and_single(rule)
+    generator = torch.Generator().manual_seed(1)
+    learning_rates = [1e-3, 5e-2, 2e-4]
+    for step in range(6):
+        active = [True, step < 3, True]  # replica 1 stops after 3 steps (as a diverged replica)
+        grads = {name: torch.randn(value.shape, generator=generator) * 10.0 ** -step for name, value in stacked.items()}
+        for name, value in stacked.items():
+            value.grad = grads[name].clone()
+        optimizer.step(learning_rates, active)
+        for i in range(3):
+            if not active[i]:
+                continue
+            for group in optimizers[i].param_groups:
+                group["lr"] = learning_rates[i]
+            for param, grad in zip(singles[i], (grads["matrix"][i], grads["vector"][i])):
+                param.grad = grad.clone()
+            optimizers[i].step()
+        for i in range(3):
+            torch.testing.assert_close(stacked["matrix"][i].detach(), singles[i][0].detach(), rtol=1e-6, atol=0)
+            torch.testing.assert_close(stacked["vector"][i].detach(), singles[i][1].detach(), rtol=1e-6, atol=0)
+    assert optimizer.steps == [6, 3, 6]
+
+
+def test_bad_input_raises_clear_errors(tiny):
+    with pytest.raises(ValueError, match="at least one"):
+        ReplicaStack([])
+    with pytest.raises(ValueError, match="different architecture"):
+        ReplicaStack([build_model("tiny-synthetic", 11, 21), build_model("tiny-synthetic", 11, 31)])
+    with pytest.raises(ValueError, match="vmap route"):
+        ReplicaStack([build_model("tiny-gpt2", 11, 21)], route="vmap")
+    with pytest.raises(ValueError, match="objectives for 3 replicas"):
+        unlearn_replicas(three_models("tiny-synthetic"), [get_objective("GA")] * 2, tiny["forget"], None, UNLEARNING)
+    with pytest.raises(ValueError, match="N >= 1"):
+        replica_configs(UNLEARNING, 0)
+    with pytest.raises(ValueError, match="must share"):
+        replica_configs([UNLEARNING, dataclasses.replace(UNLEARNING, steps=5)], 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every replica equals its own single run
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", ["tiny-synthetic", "tiny-gpt2"])
+def test_pretrain_replicas_equal_single_runs(tiny, preset):
+    configs = [TrainConfig(learning_rate=lr, batch_size=16, steps=5, seed=seed, **CPU)
+               for seed, lr in ((0, 3e-3), (1, 1e-3), (2, 5e-3))]
+    models = three_models(preset)
+    singles = [copy.deepcopy(m) for m in models]
+    histories = pretrain_replicas(models, tiny["train"], configs)
+    for model, single, config, history in zip(models, singles, configs, histories):
+        expected = pretrain(single, tiny["train"], config)
+        assert history.diverged_at is None and list(history.steps) == list(expected.steps)
+        for key in ("losses", "learning_rates", "grad_norms"):
+            np.testing.assert_allclose(getattr(history, key), getattr(expected, key), rtol=RTOL, err_msg=key)
+        assert_same_parameters(model, single)
+
+
+@pytest.mark.parametrize("preset, optimizer", [("tiny-synthetic", "adamw_legacy"), ("tiny-gpt2", "adamw")])
+def test_unlearn_replicas_equal_single_runs(tiny, preset, optimizer):
+    objectives = ([get_objective("GA"), get_objective("NPO+RT", beta=0.2), get_objective("SimNPO", beta=2.5)]
+                  if preset == "tiny-synthetic" else  # the loop route also with a live KL reference
+                  [get_objective("GradDiff"), get_objective("NPO+KL", beta=0.2), get_objective("SimNPO", beta=2.5)])
+    configs = [dataclasses.replace(UNLEARNING, optimizer=optimizer, seed=seed, learning_rate=lr,
+                                   max_grad_norm=1.0 if optimizer == "adamw" else None)
+               for seed, lr in ((0, 1e-3), (1, 5e-4), (2, 2e-3))]
+    models = three_models(preset)
+    singles = [copy.deepcopy(m) for m in models]
+    trajectories = unlearn_replicas(models, objectives, tiny["forget"], tiny["retain"], configs)
+    for i, trajectory in enumerate(trajectories):
+        expected = unlearn(singles[i], objectives[i], tiny["forget"], tiny["retain"], configs[i])
+        assert trajectory.info["route"] == ("vmap" if preset == "tiny-synthetic" else "loop")
+        assert_same_trajectory(trajectory, expected)
+        assert_same_parameters(models[i], singles[i])
+
+
+def test_a_diverged_replica_stops_and_the_others_go_on(tiny):
+    objectives = [get_objective("NPO"), get_objective("GA"), get_objective("SimNPO")]
+    configs = [dataclasses.replace(UNLEARNING, seed=0),
+               dataclasses.replace(UNLEARNING, seed=1),
+               dataclasses.replace(UNLEARNING, seed=2, divergence_logp_per_token=-1e-3)]  # crossed at step 0
+    models = three_models("tiny-synthetic")
+    with torch.no_grad():
+        models[1].output.bias.fill_(math.nan)  # NaN logits from the start
+    singles = [copy.deepcopy(m) for m in models]
+    starts = [copy.deepcopy(m) for m in models]
+    # a NaN model cannot be the default evaluator's reference: one shared evaluator for every run
+    evaluator = Evaluator(concatenate([tiny["forget"], tiny["retain"]]), reference=starts[0])
+    trajectories = unlearn_replicas(models, objectives, tiny["forget"], tiny["retain"], configs, evaluator)
+    assert trajectories[1].diverged_at == 0 and "NaN/inf logits" in trajectories[1].divergence_reason
+    assert trajectories[2].diverged_at == 0 and "fell below" in trajectories[2].divergence_reason
+    assert trajectories[0].diverged_at is None and list(trajectories[0].steps) == [0, 1, 2, 3, 4]
+    for i in (0, 2):
+        assert_same_trajectory(trajectories[i], unlearn(singles[i], objectives[i], tiny["forget"], tiny["retain"],
+                                                        configs[i], evaluator))
+    for i in (1, 2):  # diverged replicas never update
+        for p, q in zip(models[i].parameters(), starts[i].parameters()):
+            assert torch.equal(p, q) or (torch.isnan(p).all() and torch.isnan(q).all())
