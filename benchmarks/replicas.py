@@ -32,12 +32,11 @@ import time
 
 import torch
 
-from markovsim.scenarios import SCENARIOS
-
 from llm.evaluate import Evaluator
 from llm.models import build_model
 from llm.replica_training import unlearn_replicas
 from llm.train import PAPER_UNLEARNING, unlearn
+from markovsim.scenarios import SCENARIOS
 
 
 def parse_arguments(argv=None) -> argparse.Namespace:
@@ -135,9 +134,11 @@ def main(argv=None) -> None:
         evaluator = data["evaluator"] if every_step else data["small_evaluator"]
         repeats = 1 if every_step else arguments.repeats
         single, batched = compare(data, config, evaluator, counts, repeats)
-        label = "every-step evaluation" if every_step else "training steps (8-sequence evaluation at 0 and end, no diagnostics)"
+        label = ("every-step evaluation" if every_step
+                 else "training steps (8-sequence evaluation at 0 and end, no diagnostics)")
         print(f"\n{label}: one llm.train.unlearn run {single:.2f} s (best of {repeats + 1})")
-        print(f"  {'N':>4s} {'batched s':>10s} {'N x single s':>13s} {'batched / (N x single)':>23s} {'batched / single':>17s}"
+        print(f"  {'N':>4s} {'batched s':>10s} {'N x single s':>13s} {'batched / (N x single)':>23s}"
+              f" {'batched / single':>17s}"
               + ("" if every_step else f" {'GFLOP/s':>8s} {'of peak':>8s}"))
         for count, seconds in batched.items():
             line = (f"  {count:4d} {seconds:10.2f} {count * single:13.2f} {seconds / (count * single):23.3f} "

@@ -1,7 +1,7 @@
 """Markov ``SequenceSet`` -> token batches in the Hugging Face convention, and seeded batch order.
 
-A sequence ``s_1..s_L`` (docs/theory.md, "Mixtures of Markov chains": ``s_1`` is the prompt x, ``s_2..s_L`` the response y)
-becomes
+A sequence ``s_1..s_L`` (docs/theory.md, "Mixtures of Markov chains": ``s_1`` is the prompt x, ``s_2..s_L``
+the response y) becomes
 
     input_ids      = [BOS, s_1, s_2, ..., s_L, PAD, ...]     BOS = PAD = V (the number of states)
     attention_mask = [1,   1,   1,   ..., 1,   0,   ...]
@@ -164,7 +164,8 @@ def shard(indices: np.ndarray, process_index: int, num_processes: int) -> np.nda
     return np.array_split(np.asarray(indices), num_processes)[process_index]
 
 
-def merge_batches(batches: list[dict[str, torch.Tensor]], pad_token_id: int) -> tuple[dict[str, torch.Tensor], list[slice]]:
+def merge_batches(batches: list[dict[str, torch.Tensor]],
+                  pad_token_id: int) -> tuple[dict[str, torch.Tensor], list[slice]]:
     """Stack batches of different widths into one (right padding), for a single forward pass.
 
     Returns:

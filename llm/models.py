@@ -94,7 +94,8 @@ PRESETS: dict[str, ModelPreset] = {
     "tiny-gpt2": ModelPreset("gpt2", 2, 2, 32, description="GPT-2, 2 layers, width 32: unit tests"),
     "tiny-llama": ModelPreset("llama", 2, 2, 32, intermediate_size=64, num_key_value_heads=1,
                               description="Llama, 2 layers, width 32, grouped-query attention: unit tests"),
-    "gpt2-small": ModelPreset("gpt2", 12, 12, 768, description="GPT-2 small (124M with the GPT-2 vocabulary): GPU benchmarks"),
+    "gpt2-small": ModelPreset("gpt2", 12, 12, 768,
+                              description="GPT-2 small (124M with the GPT-2 vocabulary): GPU benchmarks"),
 }
 
 
@@ -173,7 +174,8 @@ def build_model(preset: str, vocab_size: int, max_length: int, seed: int = 0):
         return AutoModelForCausalLM.from_config(config)
 
 
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 def _check_model_folder(path: str) -> None:

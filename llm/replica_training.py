@@ -227,7 +227,8 @@ class _ReplayLogits:
 
     def __call__(self, input_ids, attention_mask=None, **kwargs):
         if input_ids.shape != self.logits.shape[:2]:
-            raise RuntimeError(f"replayed logits {tuple(self.logits.shape)} do not match the batch {tuple(input_ids.shape)}")
+            raise RuntimeError(f"replayed logits {tuple(self.logits.shape)} do not match the batch "
+                               f"{tuple(input_ids.shape)}")
         return self
 
 
@@ -257,7 +258,8 @@ def unlearn_replicas(models, objectives: Sequence[Objective], forget: SequenceSe
         if not isinstance(objective, Objective):
             raise TypeError(f"objectives must be markovsim.losses.Objective, got {type(objective).__name__}")
         if objective.forget == "dpo":
-            raise ValueError("dpo (preferred responses) is not supported by unlearn_replicas yet; use llm.train.unlearn")
+            raise ValueError("dpo (preferred responses) is not supported by unlearn_replicas yet; "
+                             "use llm.train.unlearn")
         if objective.retain is not None and retain is None:
             raise ValueError(f"objective {objective} has a retain term: pass a retain SequenceSet")
     if evaluators is None or isinstance(evaluators, Evaluator):
@@ -323,7 +325,8 @@ class _Unlearning:
             retain_rows = batch_indices(len(self.retain), config.retain_batch_size or config.batch_size, step,
                                         config.seed, RETAIN_STREAM)
             retain_batch = self.retain.batch(retain_rows, device)
-            counts = BatchCounts(len(forget_rows), len(retain_rows), int(self.retain.num_label_tokens[retain_rows].sum()))
+            retain_tokens = int(self.retain.num_label_tokens[retain_rows].sum())
+            counts = BatchCounts(len(forget_rows), len(retain_rows), retain_tokens)
         reference = None if replica.forget_ref is None else replica.forget_ref[forget_rows].to(device)
         return UnlearningBatch(self.forget.batch(forget_rows, device), reference, counts, retain_batch)
 
@@ -413,14 +416,16 @@ class _Unlearning:
         for name in tuple(COMPONENT_METRICS) + tuple(extra):
             rows = [r["metrics"].get(name, [math.nan] * len(names)) for r in records]
             metrics[name] = np.asarray(rows, dtype=np.float64).reshape(len(records), len(names))
-        config_state = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(replica.config).items()}
+        config_state = {k: list(v) if isinstance(v, tuple) else v
+                        for k, v in dataclasses.asdict(replica.config).items()}
         info = {"objective": dataclasses.asdict(replica.objective), "config": config_state,
                 "model": type(self.scratch).__name__, "num_processes": 1,
                 "wall_seconds": time.perf_counter() - self.started, "side": "llm", "replica": index,
                 "route": self.stack.route, "num_replicas": len(self.replicas)}
         return Trajectory(np.asarray([r["step"] for r in records], dtype=np.int64), names, metrics,
                           {"loss": np.asarray([r["loss"] for r in records], dtype=np.float64),
-                           "parameter_distance": np.asarray([r["parameter_distance"] for r in records], dtype=np.float64)},
+                           "parameter_distance": np.asarray([r["parameter_distance"] for r in records],
+                                                             dtype=np.float64)},
                           replica.diverged_at, replica.reason, info)
 
 

@@ -231,7 +231,8 @@ class StackedAdamW:
         self.num_replicas = len(settings.betas)
         for name, value in parameters.items():
             if value.shape[0] != self.num_replicas:
-                raise ValueError(f"parameter {name!r} stacks {value.shape[0]} replicas, settings have {self.num_replicas}")
+                raise ValueError(f"parameter {name!r} stacks {value.shape[0]} replicas, "
+                                 f"settings have {self.num_replicas}")
         self.exp_avg = {name: torch.zeros_like(value) for name, value in parameters.items()}
         self.exp_avg_sq = {name: torch.zeros_like(value) for name, value in parameters.items()}
         self.steps = [0] * self.num_replicas
@@ -271,7 +272,8 @@ class StackedAdamW:
                 step_size = lr * math.sqrt(correction2) / correction1  # as markovsim.optimizers.adam_update
             rows.append((1 - beta1, beta1, beta2, 1 - beta2, correction2 ** 0.5, s.eps[i], step_size,
                          1 - lr * s.weight_decays[i]))
-        names = ("one_minus_beta1", "beta1", "beta2", "one_minus_beta2", "correction2_sqrt", "eps", "step_size", "decay")
+        names = ("one_minus_beta1", "beta1", "beta2", "one_minus_beta2", "correction2_sqrt", "eps", "step_size",
+                 "decay")
         table = torch.tensor(rows, dtype=torch.float64).to(torch.float32)  # (N, 8)
         return {name: table[:, k] for k, name in enumerate(names)}
 

@@ -230,7 +230,8 @@ def _summary(trajectory, setup, retrained_kls) -> dict:
 
 
 def _equal_progress(trajectories, scenario) -> dict:
-    """Per forget component: the forget log-likelihood per token every method reached, and each method's retain KL there."""
+    """Per forget component: the forget log-likelihood per token every method reached, and each method's retain KL
+    there."""
     result = {}
     for name in scenario.spec.names_where(role="forget"):
         level = max(float(np.nanmin(t.metric("logp_per_token", name))) for t in trajectories.values())
@@ -248,7 +249,8 @@ def _plot(runs, retrained, scenario, stem) -> None:
     forget_names = scenario.spec.names_where(role="forget")
     title = textwrap.shorten(f"{scenario.name}: {scenario.question}", 150)
     for figure, path in ((scenario_figure(runs, retrained, forget_names, title), stem + ".png"),
-                         (divergence_figure(runs, forget_names, scenario.name), os.path.join(os.path.dirname(stem), "divergence.png"))):
+                         (divergence_figure(runs, forget_names, scenario.name),
+                          os.path.join(os.path.dirname(stem), "divergence.png"))):
         with atomic_output(path) as temporary:
             figure.savefig(temporary, dpi=120, format="png")
         plt.close(figure)

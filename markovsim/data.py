@@ -192,7 +192,8 @@ class SequenceSet:
         lengths = _check_index_array(self.lengths, "lengths", tokens.shape[0])
         component_ids = _check_index_array(self.component_ids, "component_ids", tokens.shape[0])
         if tokens.shape[0] and (lengths.min() < 2 or lengths.max() > tokens.shape[1]):
-            raise ValueError(f"lengths must lie in [2, {tokens.shape[1]}] (max_len), got [{lengths.min()}, {lengths.max()}]")
+            raise ValueError(f"lengths must lie in [2, {tokens.shape[1]}] (max_len), "
+                             f"got [{lengths.min()}, {lengths.max()}]")
         if component_ids.size and (component_ids.min() < 0 or component_ids.max() >= len(names)):
             raise ValueError(f"component_ids must index component_names (0..{len(names) - 1})")
         valid = np.arange(tokens.shape[1])[None, :] < lengths[:, None]  # (n, max_len)
@@ -314,8 +315,8 @@ def concatenate(sets: list[SequenceSet]) -> SequenceSet:
     max_len = max(s.max_length for s in sets)
     tokens = np.concatenate([np.pad(s.tokens, ((0, 0), (0, max_len - s.max_length)), constant_values=PAD_TOKEN)
                              for s in sets])
-    component_ids = np.concatenate([np.asarray([names.index(n) for n in s.component_names], dtype=np.int64)[s.component_ids]
-                                    for s in sets])
+    component_ids = np.concatenate([
+        np.asarray([names.index(n) for n in s.component_names], dtype=np.int64)[s.component_ids] for s in sets])
     lengths = np.concatenate([s.lengths for s in sets])
     return SequenceSet(tokens, lengths, component_ids, tuple(names), sets[0].num_states)
 

@@ -1,4 +1,6 @@
-"""Named, documented scenarios of the simulator (docs/theory.md, "The paper's synthetic experiment" and "Divergence speed") and user-defined ones.
+"""Named, documented scenarios of the simulator and user-defined ones.
+
+Theory: docs/theory.md, "The paper's synthetic experiment" and "Divergence speed".
 
 A :class:`Scenario` is a mixture specification (paper scale), the methods to compare with their
 hyperparameters, and default dynamics. :func:`prepare` samples the data and fits, for either model
@@ -115,7 +117,8 @@ def data_memory_bytes(spec: MixtureSpec) -> int:
 
 
 def check_data_memory(spec: MixtureSpec, what: str) -> None:
-    """ValueError naming ``what`` (e.g. ``"--scale 1e7"``) when :func:`data_memory_bytes` exceeds half the machine's memory."""
+    """ValueError naming ``what`` (e.g. ``"--scale 1e7"``) when :func:`data_memory_bytes` exceeds half the machine's
+    memory."""
     needed, available = data_memory_bytes(spec), physical_memory()
     if available and needed > available // 2:
         raise ValueError(f"{what}: the data would need about {format_bytes(needed)} of memory (more than half of "
@@ -237,7 +240,8 @@ def _build_chain(name: str, description, num_states: int, leakage: float) -> Mar
     if not isinstance(description, Mapping) or set(description) != {"initial_probs", "transition_matrix"}:
         raise ValueError(f"'chains': chain {name!r} must be a block name ('retain', 'forget1', 'forget2') or "
                          f"{{'initial_probs': [...], 'transition_matrix': [[...]]}}")
-    chain = _keyed(f"'chains': chain {name!r}", MarkovChain, description["initial_probs"], description["transition_matrix"])
+    chain = _keyed(f"'chains': chain {name!r}", MarkovChain, description["initial_probs"],
+                   description["transition_matrix"])
     if chain.num_states != num_states:
         raise ValueError(f"'chains': chain {name!r} has {chain.num_states} states but num_states is {num_states}")
     return chain
@@ -285,7 +289,8 @@ def _objectives(methods) -> dict[str, Objective]:
         if overrides is not None and not isinstance(overrides, Mapping):
             raise TypeError(f"scenario spec: 'methods': {name!r} must map to a dict of settings like {{'beta': 0.2}} "
                             f"(or null for the defaults), got {type(overrides).__name__}")
-        objectives[name] = _keyed(f"'methods': {name!r}", get_objective, name, **{str(k): v for k, v in (overrides or {}).items()})
+        keyword_overrides = {str(k): v for k, v in (overrides or {}).items()}
+        objectives[name] = _keyed(f"'methods': {name!r}", get_objective, name, **keyword_overrides)
     return objectives
 
 

@@ -45,7 +45,8 @@ def bad_values():
     """Values of the wrong type or out of range: None, bools, huge/negative/zero ints, NaN/inf, strings, containers."""
     return st.one_of(
         st.none(), st.booleans(), st.integers(-10**12, 10**12), st.sampled_from([0, -1, 1, 2, 10**30]),
-        st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([math.nan, math.inf, -math.inf, 0.0, -0.0, 1.5]),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.sampled_from([math.nan, math.inf, -math.inf, 0.0, -0.0, 1.5]),
         st.text(max_size=6), st.sampled_from(["", "0.1", "none", "adamw", "gd", "cpu"]),
         st.lists(st.floats(-2, 2), max_size=3), st.tuples(st.floats(allow_nan=True), st.floats(allow_nan=True)),
         st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
@@ -97,7 +98,8 @@ def test_model_preset_fields(data):
 
     fields = [f.name for f in dataclasses.fields(ModelPreset)]
     field = data.draw(st.sampled_from(fields))
-    arguments = {"architecture": "gpt2", "num_layers": 2, "num_heads": 2, "hidden_size": 32} | {field: data.draw(bad_values())}
+    arguments = ({"architecture": "gpt2", "num_layers": 2, "num_heads": 2, "hidden_size": 32}
+                 | {field: data.draw(bad_values())})
     preset, _ = expect_clear(lambda: ModelPreset(**arguments), field, "num_heads", "architecture")
     if preset is not None:
         _finite_fields(preset)
@@ -107,7 +109,8 @@ def test_model_preset_fields(data):
 def tensors(max_batch: int = 4):
     """(B,) or odd-shaped tensors of assorted dtypes, with NaN/inf sometimes."""
     values = st.one_of(st.floats(-50, 50), st.sampled_from([math.nan, math.inf, -math.inf, 0.0, 1.0, -1.0]))
-    shapes = st.one_of(st.tuples(st.integers(0, max_batch)), st.tuples(st.integers(0, 3), st.integers(0, 3)), st.just(()))
+    shapes = st.one_of(st.tuples(st.integers(0, max_batch)), st.tuples(st.integers(0, 3), st.integers(0, 3)),
+                       st.just(()))
     dtypes = st.sampled_from([torch.float64, torch.float32, torch.int64, torch.bool])
 
     def build(shape, dtype, fill):
@@ -180,7 +183,8 @@ def test_sequence_set_construction(tokens, lengths, ids, names, num_states):
 
 
 @fuzz("mixture_spec")
-@given(field=st.sampled_from(["forget2_length", "scale", "num_states", "leakage", "length", "seed"]), value=bad_values())
+@given(field=st.sampled_from(["forget2_length", "scale", "num_states", "leakage", "length", "seed"]),
+       value=bad_values())
 def test_paper_mixture_spec_arguments(field, value):
     # a huge scale is not an error here (the command lines estimate memory); only build, never sample
     spec, _ = expect_clear(lambda: paper_mixture_spec(**{field: value}), field, "length", "num_sequences",

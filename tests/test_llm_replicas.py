@@ -14,17 +14,16 @@ import numpy as np
 import pytest
 import torch
 
-from markovsim.data import concatenate
-from markovsim.losses import get_objective
-from markovsim.optimizers import LegacyAdamW
-from markovsim.scenarios import SCENARIOS
-
 from llm.data import encode
 from llm.evaluate import Evaluator
 from llm.models import build_model
 from llm.replica_training import pretrain_replicas, replica_configs, unlearn_replicas
 from llm.replicas import ReplicaStack, StackedAdamSettings, StackedAdamW
 from llm.train import TrainConfig, pretrain, unlearn
+from markovsim.data import concatenate
+from markovsim.losses import get_objective
+from markovsim.optimizers import LegacyAdamW
+from markovsim.scenarios import SCENARIOS
 
 CPU = {"device": "cpu", "progress": False}
 RTOL, ATOL = 1e-5, 1e-7

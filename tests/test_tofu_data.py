@@ -54,9 +54,12 @@ GOOD = json.dumps({"question": "q", "answer": "a", "perturbed_answer": ["x", "y"
     ('{"question": "q", "answer": ', "line 2: not valid JSON"),
     (json.dumps({"question": "q", "perturbed_answer": ["x"]}), "line 2: missing field 'answer'"),
     (json.dumps({"question": "q", "answer": 3, "perturbed_answer": ["x"]}), "line 2: field 'answer' must be a string"),
-    (json.dumps({"question": "q", "answer": "a", "perturbed_answer": []}), "line 2: field 'perturbed_answer' must be a non-empty list"),
-    (json.dumps({"question": "q", "answer": "a", "perturbed_answer": "x"}), "line 2: field 'perturbed_answer' must be a non-empty list"),
-    (json.dumps({"question": "q", "answer": "a", "perturbed_answer": ["x", None]}), "line 2: field 'perturbed_answer' holds a non-string"),
+    (json.dumps({"question": "q", "answer": "a", "perturbed_answer": []}),
+     "line 2: field 'perturbed_answer' must be a non-empty list"),
+    (json.dumps({"question": "q", "answer": "a", "perturbed_answer": "x"}),
+     "line 2: field 'perturbed_answer' must be a non-empty list"),
+    (json.dumps({"question": "q", "answer": "a", "perturbed_answer": ["x", None]}),
+     "line 2: field 'perturbed_answer' holds a non-string"),
     ("[1, 2]", "line 2: expected a JSON object"),
 ])
 def test_malformed_lines_name_file_line_and_field(tmp_path, bad, message):
@@ -81,7 +84,8 @@ def test_format_example_labels_only_the_answer_and_eos(chat):
     ids, labels = example["input_ids"], example["labels"]
     n_prompt = sum(label == IGNORE_INDEX for label in labels)
     assert len(ids) == len(labels) and labels[:n_prompt] == [IGNORE_INDEX] * n_prompt
-    assert labels[n_prompt:] == ids[n_prompt:] == tok("paris .", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    answer_ids = tok("paris .", add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    assert labels[n_prompt:] == ids[n_prompt:] == answer_ids
     prompt = tok.decode(ids[:n_prompt])
     if chat:
         assert prompt == "<|user|> what is the capital of france ? <|assistant|>"  # the template, no extra BOS
@@ -93,12 +97,14 @@ def test_format_example_labels_only_the_answer_and_eos(chat):
 
 def test_collate_right_pads():
     tok = tiny_tokenizer(chat=True)
-    examples = [format_example(tok, "who wrote a book ?", "she"), format_example(tok, "who ?", "an author born in paris")]
+    examples = [format_example(tok, "who wrote a book ?", "she"),
+                format_example(tok, "who ?", "an author born in paris")]
     batch = collate(examples, tok.pad_token_id)
     width = max(len(e["input_ids"]) for e in examples)
     assert batch["input_ids"].shape == batch["labels"].shape == batch["attention_mask"].shape == (2, width)
     for row, e in enumerate(examples):
         n = len(e["input_ids"])
-        assert batch["input_ids"][row, :n].tolist() == e["input_ids"] and batch["labels"][row, :n].tolist() == e["labels"]
+        assert batch["input_ids"][row, :n].tolist() == e["input_ids"]
+        assert batch["labels"][row, :n].tolist() == e["labels"]
         assert batch["attention_mask"][row].tolist() == [1] * n + [0] * (width - n)
         assert set(batch["labels"][row, n:].tolist()) <= {IGNORE_INDEX}

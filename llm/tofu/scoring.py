@@ -72,7 +72,8 @@ def generate_answers(model, tokenizer, questions: Sequence[str], max_new_tokens:
     for start in range(0, len(questions), batch_size):
         prompts = [prompt_ids(tokenizer, q) for q in questions[start:start + batch_size]]
         width = max(len(p) for p in prompts)
-        ids = torch.tensor([[_pad_id(tokenizer)] * (width - len(p)) + list(p) for p in prompts], device=device)  # (B, T)
+        ids = torch.tensor([[_pad_id(tokenizer)] * (width - len(p)) + list(p) for p in prompts],
+                           device=device)  # (B, T)
         mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)  # (B, T)
         generated = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                                    eos_token_id=tokenizer.eos_token_id, pad_token_id=_pad_id(tokenizer))
