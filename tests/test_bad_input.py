@@ -400,3 +400,20 @@ def test_llm_out_that_is_a_file_is_one_error_line(tmp_path, capsys):
     _one_error_line(capsys, "--out")
     assert main(["pretrain", "--run-dir", str(a_file)] + LLM_COMMON) == 2
     _one_error_line(capsys, "--out")
+
+
+def test_out_under_an_unwritable_folder_is_refused_before_computing_as_any_user(tmp_path, capsys, monkeypatch):
+    """The same check where the permission bits cannot bite (root in CI): the folder reports itself unwritable."""
+    import markovsim.__main__ as cli
+
+    monkeypatch.setattr(cli, "prepare", lambda *a, **k: pytest.fail("computed before checking --out"))
+    folder = tmp_path / "ro"
+    folder.mkdir()
+    real_access = os.access
+    monkeypatch.setattr(cli.os, "access",
+                        lambda path, mode: False if str(path).startswith(str(folder)) else real_access(path, mode))
+    assert markovsim_main(["run", "paper_short_forget2", "--out", str(folder / "run")] + TINY) == 2
+    _one_error_line(capsys, "--out")
+    assert markovsim_main(["run", "paper_short_forget2", "--out", str(folder)] + TINY) == 2
+    _one_error_line(capsys, "--out")
+    assert list(folder.iterdir()) == []
