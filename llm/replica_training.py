@@ -35,184 +35,32 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from markovsim.config import divergence_reason
 from markovsim.data import SequenceSet, concatenate
 from markovsim.losses import Objective
 from markovsim.trajectory import COMPONENT_METRICS, Trajectory
 
+from .config import PAPER_UNLEARNING, TrainConfig
 from .data import FORGET_STREAM, RETAIN_STREAM, batch_indices, encode, merge_batches
 from .diagnostics import Diagnostics, DiagnosticsPlan
-from .evaluate import Evaluator, sequence_logps_batched
-from .logps import NonFiniteLogitsError, token_log_probs
+from .evaluate import Evaluator, model_sequence_logps_batched
+from .logps import NonFiniteLogitsError
 from .objective import BatchCounts, UnlearningBatch, objective_terms
-from .replicas import ReplicaStack, StackedAdamSettings, StackedAdamW, clip_replica_grads
-from .train import PAPER_PRETRAINING, PAPER_UNLEARNING, TrainConfig, TrainingHistory
+from .replica_common import (
+    LOGITS_FAILURE,
+    PER_REPLICA_FIELDS,
+    SHARED_FIELDS,
+    check_models,
+    replica_configs,
+    replica_device,
+    replica_learning_rates,
+    stacked_optimizer,
+)
+from .replica_pretraining import pretrain_replicas
+from .replicas import ReplicaStack, clip_replica_grads
+from .session import threads
 
-__all__ = ["SHARED_FIELDS", "replica_configs", "pretrain_replicas", "unlearn_replicas"]
-
-# TrainConfig fields that may differ between replicas; every other field must be equal.
-PER_REPLICA_FIELDS = ("seed", "learning_rate", "adam_betas", "adam_eps", "weight_decay", "divergence_logp_per_token")
-SHARED_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in PER_REPLICA_FIELDS)
-_LOGITS_FAILURE = "the model produced NaN/inf logits"
-
-
-def replica_configs(configs: TrainConfig | Sequence[TrainConfig], num_replicas: int) -> tuple[TrainConfig, ...]:
-    """One ``TrainConfig`` per replica (a single config is repeated); checks the shared fields agree."""
-    if num_replicas < 1:
-        raise ValueError(f"need at least one replica (N >= 1), got {num_replicas}")
-    configs = (configs,) * num_replicas if isinstance(configs, TrainConfig) else tuple(configs)
-    if len(configs) != num_replicas:
-        raise ValueError(f"got {len(configs)} configs for {num_replicas} replicas; pass one or one per replica")
-    for config in configs:
-        if not isinstance(config, TrainConfig):
-            raise TypeError(f"configs must be llm.train.TrainConfig, got {type(config).__name__}")
-    differing = [f for f in SHARED_FIELDS if len({repr(getattr(c, f)) for c in configs}) > 1]
-    if differing:
-        raise ValueError(f"replicas must share {differing}; only {PER_REPLICA_FIELDS} may differ")
-    if configs[0].mixed_precision == "bf16":
-        raise ValueError("replicas run in float32; bf16 autocast is not supported yet (use mixed_precision='no')")
-    return configs
-
-
-def _device(config: TrainConfig) -> torch.device:
-    wants_cuda = config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available())
-    return torch.device("cuda" if wants_cuda else "cpu")
-
-
-@contextlib.contextmanager
-def _threads(num_threads: int | None):
-    previous = torch.get_num_threads()
-    if num_threads is not None:
-        torch.set_num_threads(num_threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-def _optimizer(stack: ReplicaStack, configs: tuple[TrainConfig, ...]) -> StackedAdamW:
-    settings = StackedAdamSettings(configs[0].optimizer, tuple(tuple(c.adam_betas) for c in configs),
-                                   tuple(c.adam_eps for c in configs), tuple(c.weight_decay for c in configs))
-    return StackedAdamW(stack.parameters, settings)
-
-
-def _learning_rate_factor(step: int, total_steps: int, schedule: str, warmup_steps: int) -> float:
-    """The single run's schedule (``llm.train.learning_rate_factor``, restated so that only the names of
-    ``llm.train`` that survive its split are imported): linear warm-up, then constant/linear/cosine."""
-    if step < warmup_steps:
-        return (step + 1) / (warmup_steps + 1)
-    if schedule == "constant":
-        return 1.0
-    progress = min(max((step - warmup_steps) / max(1, total_steps - warmup_steps), 0.0), 1.0)
-    return 1.0 - progress if schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def _learning_rates(configs: tuple[TrainConfig, ...], step: int, total_steps: int) -> list[float]:
-    """Each replica's learning rate at ``step``: peak x the schedule's factor (as the single run's LambdaLR)."""
-    config = configs[0]
-    factor = _learning_rate_factor(step, total_steps, config.schedule, config.warmup_steps)
-    return [c.learning_rate * factor for c in configs]
-
-
-def _check_models(models, name: str = "models") -> list:
-    models = list(models)
-    if not models:
-        raise ValueError(f"{name} is empty: need at least one replica (N >= 1)")
-    return models
-
-
-def _divergence(total: float, grad_norm: float, backward: bool) -> str | None:
-    if not math.isfinite(total):
-        return f"loss is {total}"
-    if backward and not math.isfinite(grad_norm):
-        return f"gradient norm is {grad_norm}"
-    return None
-
-
-# ---------------------------------------------------------------------------------------------
-# Pre-training / retraining
-# ---------------------------------------------------------------------------------------------
-
-
-def pretrain_replicas(models, sequences: SequenceSet, configs: TrainConfig | Sequence[TrainConfig] = PAPER_PRETRAINING,
-                      route: str | None = None) -> list[TrainingHistory]:
-    """:func:`llm.train.pretrain` of every model in ``models`` (in place), as one computation.
-
-    Args:
-        models: N >= 1 freshly initialised causal LMs of one architecture (e.g. ``build_model(preset,
-            V + 1, L + 1, seed=s)`` for seeds s).
-        sequences: the training sequences (the same for every replica).
-        configs: one ``TrainConfig`` or N (differing only in ``PER_REPLICA_FIELDS``).
-        route: ``ReplicaStack`` route (None = the architecture's default).
-    Returns: N ``TrainingHistory``, replica i equal to ``pretrain(models[i], sequences, configs[i])``.
-    """
-    models = _check_models(models)
-    configs = replica_configs(configs, len(models))
-    with _threads(configs[0].num_threads):
-        return _PreTraining(models, sequences, configs, route).run()
-
-
-class _PreTraining:
-    """The state of N pre-training runs (see :func:`pretrain_replicas`)."""
-
-    def __init__(self, models, sequences, configs, route):
-        self.models, self.configs, self.started = models, configs, time.perf_counter()
-        self.encoded = encode(sequences, "all")
-        self.total_steps = configs[0].total_steps(len(sequences))
-        self.stack = ReplicaStack(models, route, _device(configs[0]))
-        self.optimizer = _optimizer(self.stack, configs)
-        self.history = [{"steps": [], "losses": [], "learning_rates": [], "grad_norms": []} for _ in models]
-        self.diverged = [None] * len(models)
-
-    def losses(self, step: int) -> list[torch.Tensor | None]:
-        """Each replica's token-mean cross-entropy on its step-``step`` batch (None: NaN/inf logits)."""
-        rows = [batch_indices(len(self.encoded), c.batch_size, step, c.seed) for c in self.configs]
-        batches = [self.encoded.batch(r, self.stack.device) for r in rows]
-        losses = []
-        for logits, batch, replica_rows in zip(self.stack.logits(batches), batches, rows):
-            try:
-                token_logps, _ = token_log_probs(logits, batch["labels"])  # (b, t-1)
-            except NonFiniteLogitsError:
-                losses.append(None)
-                continue
-            losses.append(-token_logps.sum() / int(self.encoded.num_label_tokens[replica_rows].sum()))
-        return losses
-
-    def run(self) -> list[TrainingHistory]:
-        for step in range(self.total_steps):
-            active = [d is None for d in self.diverged]
-            if not any(active):
-                break
-            learning_rates = _learning_rates(self.configs, step, self.total_steps)
-            losses = self.losses(step)
-            finite = [loss for loss, a in zip(losses, active) if a and loss is not None and torch.isfinite(loss)]
-            self.stack.zero_grad()
-            if finite:
-                torch.stack(finite).sum().backward()
-            grad_norms = clip_replica_grads(self.stack.parameters, self.configs[0].max_grad_norm).tolist()
-            for i, loss in enumerate(losses):
-                if active[i]:
-                    self._record(i, step, loss, learning_rates[i], grad_norms[i])
-            self.optimizer.step(learning_rates, [d is None for d in self.diverged])
-        self.stack.zero_grad()
-        for i, model in enumerate(self.models):
-            self.stack.write_into(model, i)
-        seconds = time.perf_counter() - self.started
-        return [TrainingHistory(np.asarray(h["steps"], dtype=np.int64), np.asarray(h["losses"]),
-                                np.asarray(h["learning_rates"]), np.asarray(h["grad_norms"]), d,
-                                None if d is None else h["reason"], seconds, 1)
-                for h, d in zip(self.history, self.diverged)]
-
-    def _record(self, index: int, step: int, loss, learning_rate: float, grad_norm: float) -> None:
-        history = self.history[index]
-        value = math.nan if loss is None else float(loss.detach().double())
-        reason = _LOGITS_FAILURE if loss is None else _divergence(value, grad_norm, True)
-        grad_norm = math.nan if loss is None else grad_norm
-        for key, item in (("steps", step), ("losses", value), ("learning_rates", learning_rate),
-                          ("grad_norms", grad_norm)):
-            history[key].append(item)
-        if reason is not None:
-            self.diverged[index], history["reason"] = step, reason
-
+__all__ = ["PER_REPLICA_FIELDS", "SHARED_FIELDS", "replica_configs", "pretrain_replicas", "unlearn_replicas"]
 
 # ---------------------------------------------------------------------------------------------
 # Unlearning
@@ -249,7 +97,7 @@ def unlearn_replicas(models, objectives: Sequence[Objective], forget: SequenceSe
     Returns: N ``Trajectory``; replica i has the content of ``unlearn(models[i], objectives[i],
         forget, retain, configs[i], evaluators[i])`` (``info`` adds ``replica`` and ``route``).
     """
-    models = _check_models(models)
+    models = check_models(models)
     configs = replica_configs(configs, len(models))
     objectives = list(objectives)
     if len(objectives) != len(models):
@@ -266,7 +114,7 @@ def unlearn_replicas(models, objectives: Sequence[Objective], forget: SequenceSe
         evaluators = [evaluators] * len(models)
     if len(evaluators) != len(models):
         raise ValueError(f"got {len(evaluators)} evaluators for {len(models)} replicas; pass one, N or None")
-    with _threads(configs[0].num_threads):
+    with threads(configs[0].num_threads):
         return _Unlearning(models, objectives, forget, retain, configs, list(evaluators), route).run()
 
 
@@ -276,7 +124,7 @@ class _Replica:
     def __init__(self, model, objective, config, evaluator, forget, retain, encoded_forget, encoded_retain, device):
         self.objective, self.config = objective, config
         size = config.eval_batch_size
-        self.forget_ref = (sequence_logps_batched(model, encoded_forget, size)[0]
+        self.forget_ref = (model_sequence_logps_batched(model, encoded_forget, size)[0]
                            if objective.forget == "npo" else None)  # (n_f,) float64
         self.reference = copy.deepcopy(model).eval().requires_grad_(False) if objective.retain == "kl" else None
         if evaluator is None:
@@ -309,8 +157,8 @@ class _Unlearning:
         self.forget = encode(forget, "response")
         self.retain = encode(retain, "response") if retain is not None else None
         self.total_steps = configs[0].total_steps(len(forget))
-        self.stack = ReplicaStack(models, route, _device(configs[0]))
-        self.optimizer = _optimizer(self.stack, configs)
+        self.stack = ReplicaStack(models, route, replica_device(configs[0]))
+        self.optimizer = stacked_optimizer(self.stack, configs)
         self.replicas = [_Replica(m, o, c, e, forget, retain, self.forget, self.retain, self.stack.device)
                          for m, o, c, e in zip(models, objectives, configs, evaluators)]
         self.scratch = copy.deepcopy(models[0]).to(self.stack.device).train()
@@ -367,7 +215,7 @@ class _Unlearning:
             if all(r.diverged_at is not None for r in self.replicas):
                 break
             final = step == self.total_steps
-            learning_rates = _learning_rates(self.configs, step, self.total_steps)
+            learning_rates = replica_learning_rates(self.configs, step, self.total_steps)
             values = self.step_values(step, backward=not final)
             grad_norms = [math.nan] * len(self.replicas)
             if not final:
@@ -387,10 +235,11 @@ class _Unlearning:
         """The single run's bookkeeping of one step: divergence check, evaluation record."""
         replica = self.replicas[index]
         logits_failed = math.isnan(values["total"]) and math.isnan(values["logp_per_token"])
-        reason = _LOGITS_FAILURE if logits_failed else _divergence(values["total"], grad_norm, not final)
-        threshold = replica.config.divergence_logp_per_token
-        if reason is None and threshold is not None and values["logp_per_token"] < threshold:
-            reason = f"forget log-likelihood per token {values['logp_per_token']:.3g} fell below {threshold}"
+        # the single run's two checks (llm.session, llm.unlearning), both markovsim.config.divergence_reason
+        reason = LOGITS_FAILURE if logits_failed else (
+            divergence_reason(values["total"], grad_norm=None if final else grad_norm)
+            or divergence_reason(values["total"], values["logp_per_token"],
+                                 threshold=replica.config.divergence_logp_per_token))
         if step % replica.config.eval_every == 0 or final or reason is not None:
             replica.records.append(self._evaluate(index, step, values["total"], finite=not logits_failed))
         if reason is not None:

@@ -1,0 +1,65 @@
+"""What pre-training and unlearning replicas share: per-replica configs, device, optimizer, schedule."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import torch
+
+from markovsim.runtime import resolve_device
+
+from .config import TrainConfig
+from .replicas import ReplicaStack, StackedAdamSettings, StackedAdamW
+from .session import learning_rate_factor
+
+__all__ = ["PER_REPLICA_FIELDS", "SHARED_FIELDS", "LOGITS_FAILURE", "replica_configs", "replica_device",
+           "stacked_optimizer", "replica_learning_rates", "check_models"]
+
+# TrainConfig fields that may differ between replicas; every other field must be equal.
+PER_REPLICA_FIELDS = ("seed", "learning_rate", "adam_betas", "adam_eps", "weight_decay", "divergence_logp_per_token")
+SHARED_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name not in PER_REPLICA_FIELDS)
+LOGITS_FAILURE = "the model produced NaN/inf logits"
+
+
+def replica_configs(configs: TrainConfig | Sequence[TrainConfig], num_replicas: int) -> tuple[TrainConfig, ...]:
+    """One ``TrainConfig`` per replica (a single config is repeated); checks the shared fields agree."""
+    if num_replicas < 1:
+        raise ValueError(f"need at least one replica (N >= 1), got {num_replicas}")
+    configs = (configs,) * num_replicas if isinstance(configs, TrainConfig) else tuple(configs)
+    if len(configs) != num_replicas:
+        raise ValueError(f"got {len(configs)} configs for {num_replicas} replicas; pass one or one per replica")
+    for config in configs:
+        if not isinstance(config, TrainConfig):
+            raise TypeError(f"configs must be llm.train.TrainConfig, got {type(config).__name__}")
+    differing = [f for f in SHARED_FIELDS if len({repr(getattr(c, f)) for c in configs}) > 1]
+    if differing:
+        raise ValueError(f"replicas must share {differing}; only {PER_REPLICA_FIELDS} may differ")
+    if configs[0].mixed_precision == "bf16":
+        raise ValueError("replicas run in float32; bf16 autocast is not supported yet (use mixed_precision='no')")
+    return configs
+
+
+def replica_device(config: TrainConfig) -> torch.device:
+    """The device every replica runs on (:func:`markovsim.runtime.resolve_device` of ``config.device``)."""
+    return torch.device(resolve_device(config.device))
+
+
+def stacked_optimizer(stack: ReplicaStack, configs: tuple[TrainConfig, ...]) -> StackedAdamW:
+    settings = StackedAdamSettings(configs[0].optimizer, tuple(tuple(c.adam_betas) for c in configs),
+                                   tuple(c.adam_eps for c in configs), tuple(c.weight_decay for c in configs))
+    return StackedAdamW(stack.parameters, settings)
+
+
+def replica_learning_rates(configs: tuple[TrainConfig, ...], step: int, total_steps: int) -> list[float]:
+    """Each replica's learning rate at ``step``: peak x the schedule's factor (as the single run's LambdaLR)."""
+    config = configs[0]
+    factor = learning_rate_factor(step, total_steps, config.schedule, config.warmup_steps)
+    return [c.learning_rate * factor for c in configs]
+
+
+def check_models(models, name: str = "models") -> list:
+    models = list(models)
+    if not models:
+        raise ValueError(f"{name} is empty: need at least one replica (N >= 1)")
+    return models
