@@ -9,8 +9,7 @@ One flag per field, ``--field-name`` (or a renamed flag), its argparse type from
 
 Help text comes from the field's ``metadata["help"]`` (:func:`markovsim.config.setting`). Flags
 default to "not given" (``argparse.SUPPRESS``), so :func:`given_values` returns exactly what the
-user set. ``llm.flags`` holds the same generator for ``llm``'s command line (markovsim never imports
-llm; llm.flags could import this module instead of keeping its copy).
+user set. Both command lines use this one generator (``llm.flags`` re-exports it).
 """
 
 from __future__ import annotations
@@ -65,16 +64,18 @@ def argparse_options(hint, metadata) -> dict:
 
 
 def add_dataclass_flags(group, cls, prefix: str, renamed: dict[str, str] | None = None,
-                        skip: typing.Collection[str] = ()) -> dict[str, str]:
+                        skip: typing.Collection[str] = (),
+                        only: typing.Callable[[object], bool] | None = None) -> dict[str, str]:
     """Add one flag per field of ``cls`` (except ``skip``) to ``group``; returns ``{field: flag}``.
 
     Args:
         cls: the dataclass.  prefix: the destination prefix (``"dynamics"`` stores ``dynamics:steps``).
         renamed: flag names that differ from :func:`flag_name` (``{"seed": "--data-seed"}``).
+        only: keep the fields whose type annotation passes this test (None = every field).
     """
     hints, flags = typing.get_type_hints(cls), {}
     for field in dataclasses.fields(cls):
-        if field.name in skip or not field.init:
+        if field.name in skip or not field.init or (only is not None and not only(hints[field.name])):
             continue
         default = field.default if field.default is not dataclasses.MISSING else None
         options = argparse_options(hints[field.name], field.metadata)
