@@ -100,5 +100,5 @@ def plot(cache_stem: str, output_stem: str) -> list[str]:
         axes[row, 2].set_yscale("log")
         axes[row, 2].set_title(f"{source}: retain damage")
         axes[row, 2].legend(fontsize=7)
-    figure.suptitle(TITLE)
+    figure.suptitle(TITLE.replace("; ", ";\n"))
     return save_figure(figure, output_stem)
