@@ -225,8 +225,9 @@ def load_model(path: str | os.PathLike, local_files_only: bool = True, progress:
                          f"{error}") from error
 
 
-def save_model(model, path: str | os.PathLike, progress: bool = True) -> None:
-    """``model.save_pretrained(path)`` atomically: written into a temporary sibling folder, then renamed.
+def save_model(model, path: str | os.PathLike, progress: bool = True, tokenizer=None) -> None:
+    """``model.save_pretrained(path)`` (and ``tokenizer.save_pretrained(path)`` when given) atomically:
+    written into a temporary sibling folder, then renamed.
 
     Readers therefore see the old folder or the complete new one, never a half-written model.
     ``progress=False`` silences transformers' "Writing model shards" bar.
@@ -243,6 +244,8 @@ def save_model(model, path: str | os.PathLike, progress: bool = True) -> None:
     try:
         with transformers_output(progress):
             model.save_pretrained(temporary)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(temporary)
         if os.path.isdir(path):
             shutil.rmtree(path)
         os.replace(temporary, path)

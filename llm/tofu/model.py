@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -69,22 +67,10 @@ def convert_gguf(gguf_path: str | os.PathLike, progress: bool = False):
 
 
 def _save_atomically(model, tokenizer, path: Path, progress: bool) -> None:
-    """Model + tokenizer into ``path`` via a temporary sibling folder and one rename."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temporary, 0o777 & ~umask)  # mkdtemp's folder is private (0700); a model cache is not
-    try:
-        with transformers_output(progress):
-            model.save_pretrained(temporary)
-            tokenizer.save_pretrained(temporary)
-        if path.exists():
-            shutil.rmtree(path)
-        os.replace(temporary, path)
-    except BaseException:
-        shutil.rmtree(temporary, ignore_errors=True)
-        raise
+    """Model + tokenizer into ``path`` atomically (:func:`llm.models.save_model`)."""
+    from llm.models import save_model
+
+    save_model(model, path, progress=progress, tokenizer=tokenizer)
 
 
 def load_causal_lm(path_or_name: str | os.PathLike, dtype: torch.dtype = torch.float32, progress: bool = False):
