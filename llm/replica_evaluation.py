@@ -15,10 +15,14 @@ and ``llm.diagnostics.Diagnostics`` (forget weights, power share). Here all repl
   term's share likewise (``retain_term``). Replica i's norm is the 2-norm of the i-th slice of the
   stacked gradient.
 
-On the vmap route this makes the evaluation one computation; on the loop route ``ReplicaStack.logits``
-loops, so it costs what N single evaluations cost. Replicas whose diagnostics differ in layout
-(component names, per-component row counts, retain rows) are evaluated one by one on a scratch
-model with the single run's ``Diagnostics`` (exact, not batched).
+On the vmap route this makes the evaluation one computation per chunk (chunks of at most
+``PASS_ROWS`` rows over all replicas; a different chunking from the single run's only reorders float
+sums); on the loop route ``ReplicaStack.logits`` loops, so it costs what N single evaluations cost.
+On a CPU the evaluation is compute-bound (one test-set pass of one paper-synthetic model is ~8k
+tokens), so batching saves nothing there (benchmarks/RESULTS.md, "Batched replicas"); what it
+removes is per-call overhead, expected to dominate on a GPU (not measured yet). Replicas whose
+diagnostics differ in layout (component names, per-component row counts, retain rows) are
+evaluated one by one on a scratch model with the single run's ``Diagnostics`` (exact, not batched).
 """
 
 from __future__ import annotations
@@ -43,9 +47,15 @@ from .replicas import ReplicaStack
 __all__ = ["replica_predictions", "replica_test_metrics", "replica_diagnostics"]
 
 
+# Rows of ALL replicas in one vmap pass. The pass holds N x rows activations (and, for the power
+# share, their graph) at once; past ~1024 rows they leave the CPU caches and a 16-replica pass got
+# 1.5x slower than 16 single passes (measured, paper-synthetic, 2 threads).
+PASS_ROWS = 1024
+
+
 def _rows_per_pass(stack: ReplicaStack, batch_size: int) -> int:
-    """Rows of one chunk: the vmap route holds N x rows activations at once, so it takes batch_size / N."""
-    return batch_size if stack.route == "loop" else max(1, batch_size // stack.num_replicas)
+    """Rows per replica of one chunk: ``batch_size`` on the loop route, at most PASS_ROWS / N on vmap."""
+    return batch_size if stack.route == "loop" else max(1, min(batch_size, PASS_ROWS // stack.num_replicas))
 
 
 @torch.no_grad()
@@ -118,7 +128,7 @@ def _forget_pass(stack, diagnostics: dict[int, Diagnostics], k: int, size: int, 
     first, device = next(iter(diagnostics.values())), stack.device
     power, gradients = first.power, None
     weight_sums = dict.fromkeys(diagnostics, 0.0)
-    for chunk in evaluation_chunks(size, first.batch_size):
+    for chunk in evaluation_chunks(size, _rows_per_pass(stack, first.batch_size)):
         batches = {}
         for i, d in diagnostics.items():
             picked = d.plan.forget[k][1][chunk]
@@ -156,7 +166,7 @@ def _add_retain_norms(stack, diagnostics: dict[int, Diagnostics], norms: dict, f
         return
     device, gradients = stack.device, None
     first = next(iter(with_retain.values()))
-    for chunk in evaluation_chunks(len(first.plan.retain_rows), first.batch_size):
+    for chunk in evaluation_chunks(len(first.plan.retain_rows), _rows_per_pass(stack, first.batch_size)):
         batches = {i: d.retain.batch(d.plan.retain_rows[chunk], device) for i, d in with_retain.items()}
         all_logits = _logits(stack, batches)
         values = []
