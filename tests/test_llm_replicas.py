@@ -227,3 +227,10 @@ def test_unlearn_replicas_evaluates_through_the_batched_path(tiny, monkeypatch):
     for trajectory, single in zip(trajectories, expected):
         assert {"power_share", "mean_weight", "kl_reference"} <= set(trajectory.component_metrics)
         assert_same_trajectory(trajectory, single)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="evaluation must be"):
+        unlearn_replicas(models, objectives, tiny["forget"], tiny["retain"], configs, evaluation="vmap")
+    sequential = unlearn_replicas(three_models("tiny-synthetic"), objectives, tiny["forget"], tiny["retain"], configs,
+                                  evaluation="sequential")
+    for trajectory, single in zip(sequential, expected):  # the sequential evaluation gives the same
+        assert_same_trajectory(trajectory, single)
