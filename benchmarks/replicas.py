@@ -6,7 +6,9 @@ legacy AdamW; replica i starts from a model initialised with seed i and draws ba
 measured side by side in one process:
 
 * every-step evaluation: after every step the test-set KLs (to the true chains and the reference),
-  forget weights and power share, per replica (evaluation is not batched yet);
+  forget weights and power share, of all replicas in batched passes (``llm.replica_evaluation``);
+* the same on a fixed subsample: ``Evaluator(..., evaluation_subsample=64)`` test sequences and
+  ``diagnostics_max_sequences=32`` per component (``--subsample``, ``--diagnostics-subsample``);
 * training steps: evaluation only at steps 0 and 50, on 8 test sequences, without the forget-weight
   and power-share diagnostics (the training steps alone, what the batching speeds up);
 * the cost of one evaluation of one model, by part (test-set KLs, forget weights, power share).
@@ -46,6 +48,9 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=50, help="unlearning steps")
     parser.add_argument("--with-64", action="store_true", help="also N = 64 (training steps only)")
     parser.add_argument("--repeats", type=int, default=3, help="best of this many timings (training steps)")
+    parser.add_argument("--subsample", type=int, default=64, help="test sequences of the subsampled evaluation")
+    parser.add_argument("--diagnostics-subsample", type=int, default=32,
+                        help="diagnostics sequences per component of the subsampled evaluation")
     return parser.parse_args(argv)
 
 
@@ -68,7 +73,7 @@ def timed(function) -> tuple[object, float]:
     return result, time.perf_counter() - start
 
 
-def setup(scale: float) -> dict:
+def setup(scale: float, subsample: int = 64) -> dict:
     scenario = SCENARIOS["paper_short_forget2"]
     scenario = scenario.scaled(scale) if scale != 1.0 else scenario
     train, test = scenario.spec.sample()
@@ -77,8 +82,11 @@ def setup(scale: float) -> dict:
     evaluator = Evaluator(test, {c.name: c.chain for c in scenario.spec.components}, reference=reference)
     objective = scenario.with_methods(["SimNPO"])["SimNPO"]
     tokens = 4 * float(forget.lengths.mean() + 1)  # real tokens of a forget batch of 4 (BOS + states)
-    small = Evaluator(test.subset(range(8)), {c.name: c.chain for c in scenario.spec.components}, reference=reference)
+    chains = {c.name: c.chain for c in scenario.spec.components}
+    small = Evaluator(test.subset(range(8)), chains, reference=reference)
+    subsampled = Evaluator(test, chains, reference=reference, evaluation_subsample=subsample)
     return {"forget": forget, "retain": retain, "evaluator": evaluator, "small_evaluator": small,
+            "subsampled_evaluator": subsampled,
             "objective": objective, "tokens": tokens, "sizes": (len(train), len(test))}
 
 
@@ -120,7 +128,7 @@ def main(argv=None) -> None:
     arguments = parse_arguments(argv)
     torch.set_num_threads(arguments.threads)
     peak = matmul_peak_flops()
-    data = setup(arguments.scale)
+    data = setup(arguments.scale, arguments.subsample)
     parameters = sum(p.numel() for p in build_model("paper-synthetic", 11, 21).parameters())
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads "
           f"{torch.get_num_threads()}; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
@@ -128,14 +136,20 @@ def main(argv=None) -> None:
           f"sequences; paper-synthetic, {parameters:,} parameters; SimNPO, {arguments.steps} steps, batch 4")
     parts = evaluation_parts(data)
     print("one evaluation of one model: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in parts.items()))
-    for every_step in (False, True):
+    modes = {"training steps (8-sequence evaluation at 0 and end, no diagnostics)":
+             (configs(arguments.steps, False), data["small_evaluator"]),
+             "every-step evaluation (full test set, diagnostics on up to 256 sequences per component)":
+             (configs(arguments.steps, True), data["evaluator"]),
+             f"every-step evaluation on a fixed subsample ({arguments.subsample} test sequences, diagnostics on "
+             f"{arguments.diagnostics_subsample} per component)":
+             (dataclasses.replace(configs(arguments.steps, True),
+                                  diagnostics_max_sequences=arguments.diagnostics_subsample),
+              data["subsampled_evaluator"])}
+    for label, (config, evaluator) in modes.items():
+        every_step = config.eval_every == 1
         counts = (1, 4, 16, 64) if arguments.with_64 and not every_step else (1, 4, 16)
-        config = configs(arguments.steps, every_step)
-        evaluator = data["evaluator"] if every_step else data["small_evaluator"]
         repeats = 1 if every_step else arguments.repeats
         single, batched = compare(data, config, evaluator, counts, repeats)
-        label = ("every-step evaluation" if every_step
-                 else "training steps (8-sequence evaluation at 0 and end, no diagnostics)")
         print(f"\n{label}: one llm.train.unlearn run {single:.2f} s (best of {repeats + 1})")
         print(f"  {'N':>4s} {'batched s':>10s} {'N x single s':>13s} {'batched / (N x single)':>23s}"
               f" {'batched / single':>17s}"

@@ -23,6 +23,10 @@ A JSON config has the sections ``data``, ``model``, ``train`` (``llm.config.Trai
     python -m llm retrain  --out runs/re  --preset paper-synthetic --scale 0.1 --epochs 5
     python -m llm unlearn  --out runs/npo --model runs/pre/model --retrained runs/re/model --objective NPO
     torchrun --nproc_per_node 2 -m llm unlearn --device cpu ...      (data parallel, gloo on CPU)
+    python -m llm unlearn  --out runs/grid --model runs/pre/model --objective NPO --seeds 0 1 2 --betas 0.1 0.2
+
+``unlearn --seeds/--betas`` (or a ``replicas`` config section) runs the grid seeds x betas as batched
+replicas, one ``DIR/replica-NNN/`` folder each (:mod:`llm.cli_replicas`).
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ import tempfile
 import typing
 from dataclasses import dataclass, field
 
+from llm.cli_replicas import ReplicaGrid, check_grid, unlearn_grid
 from llm.config import TrainConfig
 from llm.flags import add_dataclass_flags, given_values
 from markovsim.losses import OBJECTIVES, Objective
@@ -47,7 +52,7 @@ COMMANDS = {"pretrain": "pre-train a new (or --model) transformer on the pre-tra
             "retrain": "train the retrained baseline: the retain components only",
             "unlearn": "unlearn the forget components from --model",
             "evaluate": "measure --model on the test split"}
-SECTIONS = ("data", "model", "train", "objective", "retrained")
+SECTIONS = ("data", "model", "train", "objective", "retrained", "replicas")
 
 
 def _is_float(hint) -> bool:
@@ -90,6 +95,7 @@ class RunConfig:
     objective: dict = field(default_factory=lambda: {"name": "NPO"})
     retrained: str | None = None
     resume: bool = False
+    replicas: ReplicaGrid = field(default_factory=ReplicaGrid)
 
 
 class UsageError(ValueError):
@@ -126,7 +132,7 @@ def load_run_config(path: str | None) -> dict:
     unknown = sorted(set(document) - set(SECTIONS))
     if unknown:
         raise ValueError(f"--config {path!r} has unknown sections {unknown}; valid: {list(SECTIONS)}")
-    for name in ("data", "model", "train", "objective"):
+    for name in ("data", "model", "train", "objective", "replicas"):
         if document.get(name) is not None and not isinstance(document[name], dict):
             raise ValueError(f"--config {path!r}: section {name!r} must be an object (a mapping of settings), "
                              f"got {type(document[name]).__name__} {document[name]!r}")
@@ -162,6 +168,7 @@ def build_parser() -> argparse.ArgumentParser:
             objective = command.add_argument_group("unlearning objective (markovsim.losses.Objective)")
             objective.add_argument("--objective", help=f"one of {list(OBJECTIVES)} (scenario defaults for beta/gamma)")
             add_dataclass_flags(objective, Objective, "objective", only=_is_float)
+            add_dataclass_flags(command.add_argument_group("replicas (llm.cli_replicas)"), ReplicaGrid, "replicas")
     return parser
 
 
@@ -178,7 +185,9 @@ def resolve(arguments: argparse.Namespace) -> RunConfig:
         objective["name"] = arguments.objective
     objective |= given_values(arguments, "objective")
     retrained = arguments.retrained if arguments.retrained is not None else document.get("retrained")
-    return RunConfig(arguments.command, arguments.out, data, model, train, objective, retrained, arguments.resume)
+    replicas = dataclasses.replace(_section(document, "replicas", ReplicaGrid), **given_values(arguments, "replicas"))
+    return RunConfig(arguments.command, arguments.out, data, model, train, objective, retrained, arguments.resume,
+                     replicas)
 
 
 def check_output_folder(path: str, resume: bool) -> None:
@@ -281,6 +290,8 @@ def run(config: RunConfig) -> dict:
 
     defaults = training.PAPER_UNLEARNING if config.command == "unlearn" else training.PAPER_PRETRAINING
     train_config = _train_config(config, defaults)
+    if config.replicas.active:
+        check_grid(config, train_config, _objective(config, _scenario(config)))
     check_output_folder(config.out, config.resume)
     scenario = _scenario(config)
     data = _data(scenario)
@@ -320,6 +331,8 @@ def _unlearn(config, scenario, data, model, train_config) -> dict:
     device = resolve_device(train_config.device)
     model.to(device)
     evaluator = _evaluator(scenario, data, model, config.retrained, train_config, device)
+    if config.replicas.active:
+        return unlearn_grid(config, data, model, train_config, objective, evaluator)
     trajectory = unlearn(model, objective, data["forget"], data["retain"], train_config, evaluator,
                          config.out, config.resume)
     return {"objective": dataclasses.asdict(objective), "diverged_at": trajectory.diverged_at,

@@ -32,8 +32,13 @@ from .logps import labelled_token_logps, model_logits, state_log_probs
 from .models import check_model_data
 from .runtime import autocast
 
-__all__ = ["model_device", "predict", "next_token_probs", "model_sequence_logps_batched", "component_means",
-           "forget_weight_means", "Evaluator"]
+__all__ = ["model_device", "predict", "empty_predictions", "store_predictions", "length_order", "next_token_probs",
+           "model_sequence_logps_batched", "component_means", "evaluation_subsample_of", "forget_weight_means",
+           "Evaluator"]
+
+
+# Seed stream of the evaluation subsample (batch order and diagnostics use streams 0-2).
+SUBSAMPLE_STREAM = 3
 
 
 def model_device(model) -> torch.device:
@@ -41,7 +46,7 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def _length_order(encoded: EncodedSequences) -> np.ndarray:
+def length_order(encoded: EncodedSequences) -> np.ndarray:
     """Row order by token length, so each evaluation chunk carries little padding."""
     return np.argsort(encoded.token_lengths.numpy(), kind="stable")
 
@@ -60,29 +65,47 @@ def predict(model, encoded: EncodedSequences, batch_size: int = 1024, bf16: bool
     Returns:
         state_logprobs (n, T-1, V) or None (0 on padding), logps (n,), num_tokens (n,).
     """
-    n, width, num_states = len(encoded), encoded.input_ids.shape[1], encoded.num_states
-    device, was_training = model_device(model), model.training
+    n, device, was_training = len(encoded), model_device(model), model.training
     model.eval()
-    states = torch.zeros((n, width - 2, num_states), dtype=torch.float64) if state_predictive else None
-    logps, num_tokens = torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
-    order = _length_order(encoded)
+    states, logps, num_tokens = empty_predictions(encoded, state_predictive)
+    order = length_order(encoded)
     try:
         for chunk in evaluation_chunks(n, batch_size):
             rows = order[chunk]
             batch = encoded.batch(rows, device)
             with autocast(device.type, bf16):
                 logits = model_logits(model, batch)  # (b, t, vocab)
-            token_logps, mask = labelled_token_logps(logits, batch["labels"])  # (b, t-1)
-            logps[rows] = token_logps.sum(-1).double().cpu()
-            num_tokens[rows] = mask.sum(-1).double().cpu()
-            if states is not None:
-                t = batch["input_ids"].shape[1]
-                predictive = state_log_probs(logits[:, 1: t - 1], num_states).double().cpu()  # (b, t-2, V)
-                valid = (batch["labels"][:, 2:t] != -100).cpu()[..., None]  # (b, t-2, 1)
-                states[rows, : t - 2] = torch.where(valid, predictive, 0.0)
+            store_predictions(logits, batch, rows, (states, logps, num_tokens))
     finally:
         model.train(was_training)
     return states, logps, num_tokens
+
+
+def empty_predictions(encoded: EncodedSequences, state_predictive: bool = True) -> tuple:
+    """Zeroed ``(states (n, T-1, V) or None, logps (n,), num_tokens (n,))`` CPU float64, filled by
+    :func:`store_predictions`."""
+    n, width = len(encoded), encoded.input_ids.shape[1]
+    states = torch.zeros((n, width - 2, encoded.num_states), dtype=torch.float64) if state_predictive else None
+    return states, torch.zeros(n, dtype=torch.float64), torch.zeros(n, dtype=torch.float64)
+
+
+def store_predictions(logits: torch.Tensor, batch: dict, rows: np.ndarray, predictions: tuple) -> None:
+    """Write one chunk's predictions into ``predictions = (states, logps, num_tokens)`` at ``rows``.
+
+    Args:
+        logits: (b, t, vocab) of the chunk ``batch`` (rows ``rows`` of the encoded set).
+    Raises:
+        NonFiniteLogitsError: NaN/inf logits at a labelled position.
+    """
+    states, logps, num_tokens = predictions
+    token_logps, mask = labelled_token_logps(logits, batch["labels"])  # (b, t-1)
+    logps[rows] = token_logps.sum(-1).double().cpu()
+    num_tokens[rows] = mask.sum(-1).double().cpu()
+    if states is not None:
+        t = batch["input_ids"].shape[1]
+        predictive = state_log_probs(logits[:, 1: t - 1], states.shape[-1]).double().cpu()  # (b, t-2, V)
+        valid = (batch["labels"][:, 2:t] != -100).cpu()[..., None]  # (b, t-2, 1)
+        states[rows, : t - 2] = torch.where(valid, predictive, 0.0)
 
 
 def next_token_probs(model, sequences: SequenceSet, batch_size: int = 1024, bf16: bool = False) -> torch.Tensor:
@@ -129,6 +152,17 @@ def forget_weight_means(objective: Objective, logps: torch.Tensor, num_tokens: t
     return component_means(weights, forget.component_ids, forget.component_names, names)
 
 
+def evaluation_subsample_of(test: SequenceSet, size: int | None, seed: int = 0) -> SequenceSet:
+    """``test`` itself (``size`` None or >= len(test)), else the fixed subset of ``size`` rows drawn
+    without replacement by ``numpy.random.default_rng([seed, SUBSAMPLE_STREAM])``, in their original order."""
+    if size is None or size >= len(test):
+        return test
+    if size < 1:
+        raise ValueError(f"evaluation_subsample must be None or >= 1, got {size}")
+    rows = np.random.default_rng([seed, SUBSAMPLE_STREAM]).choice(len(test), size=size, replace=False)
+    return test.subset(np.sort(rows))
+
+
 class Evaluator:
     """Per-component metrics on a fixed test set; every target predictive computed once (float64).
 
@@ -141,13 +175,18 @@ class Evaluator:
             ``MixtureOfChains``); any object with ``next_token_probs(sequences)``.
         batch_size: rows per forward pass.
         bf16: autocast the transformer forward passes (CUDA only).
+        evaluation_subsample: None (default) = every test sequence; k = a fixed subset of k sequences
+            (:func:`evaluation_subsample`, seeded by ``subsample_seed``) for runs whose figure does not
+            need the full set (cheaper every-step evaluation; the metrics are then estimates).
+        subsample_seed: seed of that subset.
     """
 
     def __init__(self, test: SequenceSet, true_chains: Mapping[str, MarkovChain] | None = None, retrained=None,
                  reference=None, exact_models: Mapping[str, object] | None = None, batch_size: int = 1024,
-                 bf16: bool = False):
+                 bf16: bool = False, evaluation_subsample: int | None = None, subsample_seed: int = 0):
         if not isinstance(test, SequenceSet) or len(test) == 0:
             raise ValueError("test must be a non-empty SequenceSet")
+        test = evaluation_subsample_of(test, evaluation_subsample, subsample_seed)
         self.test, self.batch_size, self.bf16 = test, batch_size, bf16
         self.encoded = encode(test, "response")
         self.component_names = test.component_names
@@ -163,7 +202,18 @@ class Evaluator:
     def evaluate(self, model) -> dict[str, np.ndarray]:
         """``{metric: (C,) array}``: each cached KL target and ``logp_per_token``."""
         check_model_data(model, self.test, "test")
-        state_logprobs, logps, num_tokens = predict(model, self.encoded, self.batch_size, self.bf16)
+        return self.metrics(*predict(model, self.encoded, self.batch_size, self.bf16))
+
+    def metrics(self, state_logprobs: torch.Tensor, logps: torch.Tensor,
+                num_tokens: torch.Tensor) -> dict[str, np.ndarray]:
+        """The metrics of :meth:`evaluate` from one model's :func:`predict` output on ``self.encoded``
+        (pure: shared by the single run and the batched replicas, ``llm.replica_evaluation``).
+
+        Args:
+            state_logprobs: (n, T-1, V) float64 next-state log-predictive (0 on padding).
+            logps, num_tokens: (n,) float64 sequence log-likelihoods and response lengths.
+        Returns: ``{metric: (C,) array}``.
+        """
         model_probs = state_logprobs.exp()  # (n, T-1, V); padding rows are ignored by the KL's mask
         result = {}
         for metric, target in self.targets.items():

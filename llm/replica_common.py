@@ -14,7 +14,7 @@ from .replicas import ReplicaStack, StackedAdamSettings, StackedAdamW
 from .session import learning_rate_factor
 
 __all__ = ["PER_REPLICA_FIELDS", "SHARED_FIELDS", "LOGITS_FAILURE", "replica_configs", "replica_device",
-           "stacked_optimizer", "replica_learning_rates", "check_models"]
+           "stacked_optimizer", "replica_learning_rates", "check_models", "ReplayLogits"]
 
 # TrainConfig fields that may differ between replicas; every other field must be equal.
 PER_REPLICA_FIELDS = ("seed", "learning_rate", "adam_betas", "adam_eps", "weight_decay", "divergence_logp_per_token")
@@ -63,3 +63,17 @@ def check_models(models, name: str = "models") -> list:
     if not models:
         raise ValueError(f"{name} is empty: need at least one replica (N >= 1)")
     return models
+
+
+class ReplayLogits:
+    """A stand-in model for ``objective_terms`` / ``retain_term``: returns one replica's precomputed
+    logits (b, t, vocab) from ``ReplicaStack.logits``, so the single run's loss code runs unchanged."""
+
+    def __init__(self, logits: torch.Tensor):
+        self.logits = logits
+
+    def __call__(self, input_ids, attention_mask=None, **kwargs):
+        if input_ids.shape != self.logits.shape[:2]:
+            raise RuntimeError(f"replayed logits {tuple(self.logits.shape)} do not match the batch "
+                               f"{tuple(input_ids.shape)}")
+        return self

@@ -29,6 +29,7 @@ freezes replicas that are no longer active (diverged).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from dataclasses import dataclass
@@ -109,6 +110,16 @@ class ReplicaStack:
             for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
                 if name in state:
                     tensor.copy_(state[name])
+
+    @contextlib.contextmanager
+    def eval_mode(self):
+        """Within the block, :meth:`logits` runs the model in eval mode (as ``llm.evaluate.predict``)."""
+        was_training = self._skeleton.training
+        self._skeleton.eval()
+        try:
+            yield self
+        finally:
+            self._skeleton.train(was_training)
 
     def zero_grad(self) -> None:
         for value in self.parameters.values():

@@ -5,7 +5,8 @@ One flag per field, ``--field-name`` (or a renamed flag), its argparse type from
     bool            --x / --no-x (argparse.BooleanOptionalAction)
     int, float      type=int / float; a ``T | None`` field also takes the word ``none``
     str             type=str, choices from the field's metadata when given
-    tuple[T, ...]   nargs = the tuple's length
+    tuple[T, T]     nargs = the tuple's length
+    tuple[T, ...]   nargs = "+" (one or more values)
 
 Help text comes from the field's ``metadata["help"]`` (:func:`markovsim.config.setting`). Flags
 default to "not given" (``argparse.SUPPRESS``), so :func:`given_values` returns exactly what the
@@ -56,7 +57,8 @@ def argparse_options(hint, metadata) -> dict:
         return {"action": argparse.BooleanOptionalAction}
     if typing.get_origin(inner) is tuple:
         items = typing.get_args(inner)
-        return {"nargs": len(items), "type": _parser(items[0], False), "metavar": items[0].__name__.upper()}
+        count = "+" if len(items) == 2 and items[1] is Ellipsis else len(items)
+        return {"nargs": count, "type": _parser(items[0], False), "metavar": items[0].__name__.upper()}
     options = {"type": _parser(inner, optional)}
     if metadata.get("choices"):
         options["choices"] = list(metadata["choices"]) + ([None] if optional else [])

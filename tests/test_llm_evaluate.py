@@ -58,3 +58,20 @@ def test_evaluator_rejects_empty_or_mismatched_data(mixture):
         Evaluator(test.subset(np.array([], dtype=np.int64)))
     with pytest.raises(ValueError, match="vocabulary mismatch"):
         Evaluator(test).evaluate(build_model("tiny-gpt2", 12, 21))
+
+
+def test_evaluation_subsample_is_a_fixed_seeded_subset_and_off_by_default(mixture):
+    _, _, test, chains = mixture
+    model = build_model("tiny-gpt2", 11, 21, seed=0)
+    assert Evaluator(test).test is test and Evaluator(test, evaluation_subsample=len(test) + 5).test is test
+    small = Evaluator(test, chains, evaluation_subsample=10, subsample_seed=3)
+    again = Evaluator(test, chains, evaluation_subsample=10, subsample_seed=3)
+    other = Evaluator(test, chains, evaluation_subsample=10, subsample_seed=4)
+    assert len(small.test) == 10 and np.array_equal(small.test.tokens, again.test.tokens)
+    assert not np.array_equal(small.test.tokens, other.test.tokens)
+    rows = [i for i in range(len(test)) if any(np.array_equal(test.tokens[i], t) for t in small.test.tokens)]
+    expected = Evaluator(test.subset(np.array(rows)), chains).evaluate(model)
+    for name, values in small.evaluate(model).items():
+        np.testing.assert_allclose(values, expected[name], rtol=1e-12, err_msg=name)
+    with pytest.raises(ValueError, match="evaluation_subsample"):
+        Evaluator(test, evaluation_subsample=0)

@@ -15,8 +15,10 @@ import pytest
 import torch
 
 from llm.data import encode
+from llm.diagnostics import Diagnostics
 from llm.evaluate import Evaluator
 from llm.models import build_model
+from llm.replica_evaluation import replica_test_metrics
 from llm.replica_training import pretrain_replicas, replica_configs, unlearn_replicas
 from llm.replicas import ReplicaStack, StackedAdamSettings, StackedAdamW
 from llm.train import TrainConfig, pretrain, unlearn
@@ -192,3 +194,43 @@ def test_a_diverged_replica_stops_and_the_others_go_on(tiny):
     for i in (1, 2):  # diverged replicas never update
         for p, q in zip(models[i].parameters(), starts[i].parameters()):
             assert torch.equal(p, q) or (torch.isnan(p).all() and torch.isnan(q).all())
+
+
+@pytest.mark.parametrize("preset", ["tiny-synthetic", "tiny-gpt2"])
+def test_batched_test_metrics_equal_each_models_evaluation(tiny, preset):
+    chains = {c.name: c.chain for c in SCENARIOS["paper_short_forget2"].spec.components}
+    test = concatenate([tiny["forget"], tiny["retain"]])
+    models = three_models(preset)
+    evaluator = Evaluator(test, chains, reference=models[0], batch_size=16)  # several chunks
+    metrics = replica_test_metrics(ReplicaStack(models), [evaluator] * 3, [0, 2], models[0])
+    assert set(metrics) == {0, 2}
+    for i in (0, 2):
+        expected = evaluator.evaluate(models[i])
+        for name, values in expected.items():
+            np.testing.assert_allclose(metrics[i][name], values, rtol=1e-6, atol=1e-9, err_msg=name)
+
+
+def test_unlearn_replicas_evaluates_through_the_batched_path(tiny, monkeypatch):
+    """Every-step metrics (KLs, forget weights, power share) never call the per-model evaluation."""
+    objectives = [get_objective("GA"), get_objective("NPO+RT", beta=0.2), get_objective("SimNPO", beta=2.5)]
+    configs = [dataclasses.replace(UNLEARNING, seed=seed, steps=2) for seed in (0, 1, 2)]
+    models = three_models("tiny-synthetic")
+    singles = [copy.deepcopy(m) for m in models]
+    expected = [unlearn(s, o, tiny["forget"], tiny["retain"], c) for s, o, c in zip(singles, objectives, configs)]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("per-model evaluation called")
+
+    monkeypatch.setattr(Evaluator, "evaluate", refuse)
+    monkeypatch.setattr(Diagnostics, "__call__", refuse)
+    trajectories = unlearn_replicas(models, objectives, tiny["forget"], tiny["retain"], configs)
+    for trajectory, single in zip(trajectories, expected):
+        assert {"power_share", "mean_weight", "kl_reference"} <= set(trajectory.component_metrics)
+        assert_same_trajectory(trajectory, single)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match="evaluation must be"):
+        unlearn_replicas(models, objectives, tiny["forget"], tiny["retain"], configs, evaluation="vmap")
+    sequential = unlearn_replicas(three_models("tiny-synthetic"), objectives, tiny["forget"], tiny["retain"], configs,
+                                  evaluation="sequential")
+    for trajectory, single in zip(sequential, expected):  # the sequential evaluation gives the same
+        assert_same_trajectory(trajectory, single)
