@@ -24,10 +24,13 @@ import dataclasses
 import os
 from dataclasses import dataclass, field
 
+from markovsim.losses import USES_BETA
+
 __all__ = ["ReplicaGrid", "check_grid", "unlearn_grid"]
 
-# Forget losses with a beta (markovsim.losses): --betas needs one of them.
-BETA_LOSSES = ("npo", "simnpo")
+# Forget losses with a beta that replicas can run (markovsim.losses.USES_BETA without dpo, whose
+# preferred responses unlearn_replicas does not take): --betas needs one of them.
+BETA_LOSSES = tuple(sorted(USES_BETA - {"dpo"}))
 
 
 @dataclass(frozen=True)

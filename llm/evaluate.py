@@ -24,7 +24,7 @@ import torch
 
 from markovsim.chains import MarkovChain
 from markovsim.data import SequenceSet
-from markovsim.losses import Objective
+from markovsim.losses import SEQUENCE_LOSSES, Objective
 from markovsim.metrics import mean_kl_per_component, true_next_token_probs
 
 from .data import EncodedSequences, encode, evaluation_chunks
@@ -146,7 +146,7 @@ def forget_weight_means(objective: Objective, logps: torch.Tensor, num_tokens: t
 
     NaN for components without forget rows and for losses without a sequence-level weight (dpo, wga).
     """
-    if objective.forget not in ("ga", "ga_sum", "npo", "simnpo"):
+    if objective.forget not in SEQUENCE_LOSSES:
         return np.full(len(names), np.nan)
     weights = objective.forget_weights(logps, num_tokens, ref_logps)  # (n_f,)
     return component_means(weights, forget.component_ids, forget.component_names, names)

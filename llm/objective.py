@@ -20,14 +20,12 @@ from dataclasses import dataclass
 
 import torch
 
-from markovsim.losses import LOSSES, Objective, kl, reduce_token_logps
+from markovsim.losses import LOSSES, SEQUENCE_LOSSES, Objective, kl, reduce_token_logps
 
 from .data import merge_batches
 from .logps import labelled_token_logps, model_logits, upcast
 
 __all__ = ["BatchCounts", "ObjectiveTerms", "UnlearningBatch", "objective_terms", "retain_term", "SEQUENCE_LOSSES"]
-
-SEQUENCE_LOSSES = ("ga", "ga_sum", "npo", "simnpo")
 
 
 @dataclass(frozen=True)

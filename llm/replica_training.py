@@ -41,7 +41,7 @@ import torch
 
 from markovsim.config import divergence_reason
 from markovsim.data import SequenceSet, concatenate
-from markovsim.losses import Objective
+from markovsim.losses import NEEDS_REFERENCE, Objective
 from markovsim.trajectory import COMPONENT_METRICS, Trajectory
 
 from .config import PAPER_UNLEARNING, TrainConfig
@@ -129,7 +129,7 @@ class _Replica:
         self.objective, self.config = objective, config
         size = config.eval_batch_size
         self.forget_ref = (model_sequence_logps_batched(model, encoded_forget, size)[0]
-                           if objective.forget == "npo" else None)  # (n_f,) float64
+                           if objective.forget in NEEDS_REFERENCE else None)  # (n_f,) float64
         self.reference = copy.deepcopy(model).eval().requires_grad_(False) if objective.retain == "kl" else None
         if evaluator is None:  # the single run's default; one shared test set, so one batched pass for all
             evaluator = Evaluator(default_test, reference=model, batch_size=size)

@@ -9,30 +9,28 @@ why (the run's divergence reason, when it has one). The result passes
 
 from __future__ import annotations
 
-import math
-
-import numpy as np
+from markovsim.results import to_strict_json
 
 __all__ = ["strict_json"]
 
 
-def _replace_non_finite(value, path: str, found: dict[str, str]):
-    """``value`` with non-finite floats as None; their paths and spellings collected in ``found``."""
-    if isinstance(value, dict):
-        return {key: _replace_non_finite(item, f"{path}.{key}" if path else str(key), found)
-                for key, item in value.items()}
-    if isinstance(value, np.ndarray):
-        value = value.tolist()
-    if isinstance(value, (list, tuple)):
-        return [_replace_non_finite(item, f"{path}[{index}]", found) for index, item in enumerate(value)]
-    if isinstance(value, (float, np.floating)) and not math.isfinite(value):
-        found[path] = str(float(value))
-        return None
-    return value
+def _dotted(converted, pointer: str) -> str:
+    """A JSON Pointer of :func:`markovsim.results.to_strict_json` as this file's dotted path
+    (``/final/kl/0`` -> ``final.kl[0]``), walking ``converted`` to tell list indices from keys."""
+    path, node = "", converted
+    for token in pointer.split("/")[1:]:
+        token = token.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, list):
+            node, path = node[int(token)], f"{path}[{token}]"
+        else:
+            node, path = node[token], f"{path}.{token}" if path else token
+    return path
 
 
 def strict_json(document: dict, reason: str | None = None) -> dict:
     """``document`` with NaN/inf as None and a ``"non_finite"`` entry explaining each (absent when none).
+
+    The conversion is :func:`markovsim.results.to_strict_json` (numpy values become Python numbers).
 
     Args:
         document: a JSON-like dict (numbers, strings, None, lists, dicts, numpy arrays).
@@ -40,9 +38,9 @@ def strict_json(document: dict, reason: str | None = None) -> dict:
     Returns:
         a new dict; ``document["non_finite"][path] = {"value": "nan", "reason": ...}`` per replacement.
     """
-    found: dict[str, str] = {}
-    cleaned = _replace_non_finite(document, "", found)
+    cleaned, found = to_strict_json(document)
     if found:
         because = reason or "not a finite number"
-        cleaned["non_finite"] = {path: {"value": spelling, "reason": because} for path, spelling in found.items()}
+        cleaned["non_finite"] = {_dotted(cleaned, pointer): {"value": spelling, "reason": because}
+                                 for pointer, spelling in found.items()}
     return cleaned

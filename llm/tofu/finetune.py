@@ -29,6 +29,7 @@ from llm.data import FORGET_STREAM, RETAIN_STREAM, batch_indices, shard
 from llm.objective import BatchCounts, UnlearningBatch, objective_terms, retain_term
 from llm.session import Session, threads
 from markovsim.config import divergence_reason
+from markovsim.losses import NEEDS_REFERENCE
 from markovsim.objectives import Objective
 
 from .data import TofuItem
@@ -140,7 +141,7 @@ def unlearn(model, tokenizer, objective: Objective, forget: Sequence[TofuItem], 
         raise ValueError(f"objective has retain term {objective.retain!r}: pass retain pairs")
     with threads(config.num_threads):
         ref = None
-        if objective.forget in ("npo", "dpo"):  # cached once from the starting model
+        if objective.forget in NEEDS_REFERENCE:  # cached once from the starting model
             ref = torch.as_tensor(answer_logps(model, tokenizer, [i.question for i in forget],
                                                [i.answer for i in forget], config.eval_batch_size)[0])  # (n_f,)
         reference = copy.deepcopy(model).eval().requires_grad_(False) if objective.retain == "kl" else None

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from llm.models import save_model
 from llm.runtime import transformers_output
 
 __all__ = ["SMOLLM2_GGUF", "SMOLLM2_CACHE_NAME", "default_cache_dir", "smollm2_gguf_path", "convert_gguf",
@@ -66,13 +67,6 @@ def convert_gguf(gguf_path: str | os.PathLike, progress: bool = False):
     return model.eval(), tokenizer
 
 
-def _save_atomically(model, tokenizer, path: Path, progress: bool) -> None:
-    """Model + tokenizer into ``path`` atomically (:func:`llm.models.save_model`)."""
-    from llm.models import save_model
-
-    save_model(model, path, progress=progress, tokenizer=tokenizer)
-
-
 def load_causal_lm(path_or_name: str | os.PathLike, dtype: torch.dtype = torch.float32, progress: bool = False):
     """(model, tokenizer) of a local Hugging Face checkpoint folder (``save_pretrained`` layout), in eval mode.
 
@@ -97,5 +91,5 @@ def load_smollm2(cache_dir: str | os.PathLike | None = None, progress: bool = Fa
     path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if not all((path / name).is_file() for name in _NEEDED):
         model, tokenizer = convert_gguf(smollm2_gguf_path(), progress)
-        _save_atomically(model, tokenizer, path, progress)
+        save_model(model, path, progress=progress, tokenizer=tokenizer)  # atomic: temp folder + rename
     return load_causal_lm(path, progress=progress)

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llm.config import TrainConfig
+from llm.models import save_model
 from markovsim.objectives import OBJECTIVES, Objective, get_objective
 from markovsim.results import atomic_write_json, read_json
 
@@ -239,11 +240,9 @@ class Protocol:
                                             seed=self.config.seed))
 
     def _save(self, model, tokenizer, name: str) -> None:
-        from .model import _save_atomically
-
         if self.config.lora:
             model = model.merge_and_unload()  # a plain model: the adapters folded into the weights
-        _save_atomically(model, tokenizer, self.model_path(name), progress=False)
+        save_model(model, self.model_path(name), progress=False, tokenizer=tokenizer)
 
     def _work_dir(self, name: str) -> Path:
         path = self.out / "work" / name
