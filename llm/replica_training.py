@@ -42,9 +42,9 @@ import torch
 from markovsim.config import divergence_reason
 from markovsim.data import SequenceSet, concatenate
 from markovsim.losses import NEEDS_REFERENCE, Objective
-from markovsim.trajectory import COMPONENT_METRICS, Trajectory
+from markovsim.trajectory import Trajectory
 
-from .config import PAPER_UNLEARNING, TrainConfig
+from .config import PAPER_UNLEARNING, TrainConfig, config_state
 from .data import FORGET_STREAM, RETAIN_STREAM, batch_indices, encode, merge_batches
 from .diagnostics import Diagnostics, DiagnosticsPlan
 from .evaluate import Evaluator, model_sequence_logps_batched
@@ -65,6 +65,7 @@ from .replica_evaluation import replica_diagnostics, replica_test_metrics
 from .replica_pretraining import pretrain_replicas
 from .replicas import ReplicaStack, clip_replica_grads
 from .session import threads
+from .unlearning import trajectory_from_records
 
 # How unlearn_replicas evaluates: all replicas in batched passes, or one by one.
 EVALUATIONS = ("batched", "sequential")
@@ -288,24 +289,12 @@ class _Unlearning:
 
     def _trajectory(self, index: int) -> Trajectory:
         """Replica ``index``'s records as the single run assembles them (``llm.train``)."""
-        replica, records = self.replicas[index], self.replicas[index].records
-        names = replica.names
-        extra = sorted({k for r in records for k in r["metrics"]} - set(COMPONENT_METRICS))
-        metrics = {}
-        for name in tuple(COMPONENT_METRICS) + tuple(extra):
-            rows = [r["metrics"].get(name, [math.nan] * len(names)) for r in records]
-            metrics[name] = np.asarray(rows, dtype=np.float64).reshape(len(records), len(names))
-        config_state = {k: list(v) if isinstance(v, tuple) else v
-                        for k, v in dataclasses.asdict(replica.config).items()}
-        info = {"objective": dataclasses.asdict(replica.objective), "config": config_state,
+        replica = self.replicas[index]
+        info = {"objective": dataclasses.asdict(replica.objective), "config": config_state(replica.config),
                 "model": type(self.scratch).__name__, "num_processes": 1,
                 "wall_seconds": time.perf_counter() - self.started, "side": "llm", "replica": index,
                 "route": self.stack.route, "num_replicas": len(self.replicas)}
-        return Trajectory(np.asarray([r["step"] for r in records], dtype=np.int64), names, metrics,
-                          {"loss": np.asarray([r["loss"] for r in records], dtype=np.float64),
-                           "parameter_distance": np.asarray([r["parameter_distance"] for r in records],
-                                                             dtype=np.float64)},
-                          replica.diverged_at, replica.reason, info)
+        return trajectory_from_records(replica.records, replica.names, replica.diverged_at, replica.reason, info)
 
 
 def _parts(objective: Objective, batch: UnlearningBatch) -> list[dict]:

@@ -32,7 +32,7 @@ from .models import check_model_data
 from .objective import BatchCounts, UnlearningBatch, objective_terms
 from .session import Session, StepOutcome, check_config, check_sequences, threads
 
-__all__ = ["unlearn"]
+__all__ = ["unlearn", "trajectory_from_records"]
 
 
 def _check_unlearn_inputs(model, objective, forget, retain, preferred, config) -> None:
@@ -217,22 +217,32 @@ class _Unlearning:
                                  threshold=self.config.divergence_logp_per_token)
 
     def _trajectory(self, records: list[dict], diverged_at, reason) -> Trajectory:
-        extra = sorted({k for r in records for k in r["metrics"]} - set(COMPONENT_METRICS))
-        metrics = {}
-        for name in tuple(COMPONENT_METRICS) + tuple(extra):
-            rows = [r["metrics"].get(name, [math.nan] * len(self.names)) for r in records]
-            metrics[name] = np.asarray(rows, dtype=np.float64).reshape(len(records), len(self.names))
         info = {"objective": dataclasses.asdict(self.objective), "config": config_state(self.config),
                 "model": type(self.session.unwrapped).__name__, "num_processes": self.session.num_processes,
                 "wall_seconds": time.perf_counter() - self.started, "side": "llm"}
-        return Trajectory(np.asarray([r["step"] for r in records], dtype=np.int64), self.names, metrics,
-                          {"loss": np.asarray([r["loss"] for r in records], dtype=np.float64),
-                           "parameter_distance": np.asarray([r.get("parameter_distance", math.nan) for r in records],
-                                                            dtype=np.float64)},
-                          diverged_at, reason, info)
+        return trajectory_from_records(records, self.names, diverged_at, reason, info)
 
     def _write(self, trajectory: Trajectory) -> None:
         session = self.session
         if self.run_dir is not None and session.accelerator.is_main_process:
             trajectory.save(os.path.join(os.fspath(self.run_dir), "trajectory"), self.config)
         session.save_final_model()
+
+
+def trajectory_from_records(records: list[dict], names: tuple[str, ...], diverged_at, reason, info: dict) -> Trajectory:
+    """An unlearning run's evaluation records as a :class:`Trajectory` (shared by single runs and replicas).
+
+    Each record holds ``step``, ``loss``, optionally ``parameter_distance`` and ``metrics``
+    (``{metric: per-component values}``); a metric missing from a record is NaN there. Component
+    metrics come first in ``COMPONENT_METRICS`` order, then any extra ones, sorted.
+    """
+    extra = sorted({k for r in records for k in r["metrics"]} - set(COMPONENT_METRICS))
+    metrics = {}
+    for name in tuple(COMPONENT_METRICS) + tuple(extra):
+        rows = [r["metrics"].get(name, [math.nan] * len(names)) for r in records]
+        metrics[name] = np.asarray(rows, dtype=np.float64).reshape(len(records), len(names))
+    step_metrics = {"loss": np.asarray([r["loss"] for r in records], dtype=np.float64),
+                    "parameter_distance": np.asarray([r.get("parameter_distance", math.nan) for r in records],
+                                                     dtype=np.float64)}
+    return Trajectory(np.asarray([r["step"] for r in records], dtype=np.int64), names, metrics, step_metrics,
+                      diverged_at, reason, info)
