@@ -12,12 +12,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from markovsim.data import SequenceSet
+from markovsim.runtime import torch_threads
 
 from .config import PAPER_PRETRAINING, TrainConfig
 from .data import batch_indices, encode, shard
 from .logps import labelled_token_logps, model_logits
 from .models import check_model_data
-from .session import Session, check_config, check_sequences, threads
+from .session import Session, check_config, check_sequences
 
 __all__ = ["TrainingHistory", "pretrain", "retrain"]
 
@@ -63,7 +64,7 @@ def pretrain(model, sequences: SequenceSet, config: TrainConfig = PAPER_PRETRAIN
     """
     config = check_config(config)
     check_model_data(model, check_sequences(sequences, "sequences"))
-    with threads(config.num_threads):
+    with torch_threads(config.num_threads):
         return _pretrain(model, sequences, config, run_dir, resume)
 
 

@@ -11,6 +11,7 @@ import torch
 
 from markovsim.config import divergence_reason
 from markovsim.data import SequenceSet
+from markovsim.runtime import torch_threads
 
 from .config import PAPER_PRETRAINING, TrainConfig
 from .data import batch_indices, encode
@@ -25,7 +26,6 @@ from .replica_common import (
     stacked_optimizer,
 )
 from .replicas import ReplicaStack, clip_replica_grads
-from .session import threads
 
 __all__ = ["pretrain_replicas"]
 
@@ -44,7 +44,7 @@ def pretrain_replicas(models, sequences: SequenceSet, configs: TrainConfig | Seq
     """
     models = check_models(models)
     configs = replica_configs(configs, len(models))
-    with threads(configs[0].num_threads):
+    with torch_threads(configs[0].num_threads):
         return _PreTraining(models, sequences, configs, route).run()
 
 

@@ -42,6 +42,7 @@ import torch
 from markovsim.config import divergence_reason
 from markovsim.data import SequenceSet, concatenate
 from markovsim.losses import NEEDS_REFERENCE, Objective
+from markovsim.runtime import torch_threads
 from markovsim.trajectory import Trajectory
 
 from .config import PAPER_UNLEARNING, TrainConfig, config_state
@@ -64,7 +65,6 @@ from .replica_common import (
 from .replica_evaluation import replica_diagnostics, replica_test_metrics
 from .replica_pretraining import pretrain_replicas
 from .replicas import ReplicaStack, clip_replica_grads
-from .session import threads
 from .unlearning import trajectory_from_records
 
 # How unlearn_replicas evaluates: all replicas in batched passes, or one by one.
@@ -117,7 +117,7 @@ def unlearn_replicas(models, objectives: Sequence[Objective], forget: SequenceSe
         evaluators = [evaluators] * len(models)
     if len(evaluators) != len(models):
         raise ValueError(f"got {len(evaluators)} evaluators for {len(models)} replicas; pass one, N or None")
-    with threads(configs[0].num_threads):
+    with torch_threads(configs[0].num_threads):
         return _Unlearning(models, objectives, forget, retain, configs, list(evaluators), route,
                             evaluation).run()
 

@@ -20,7 +20,6 @@ import torch
 from markovsim.config import divergence_reason
 from markovsim.data import SequenceSet
 from markovsim.optimizers import build_torch_optimizer
-from markovsim.runtime import torch_threads
 
 from .checkpoint import latest_checkpoint, load_checkpoint, parameter_fingerprint, save_checkpoint, set_rng_state
 from .config import TrainConfig, config_state
@@ -30,7 +29,7 @@ from .models import save_model
 from .progress import progress_bar
 from .runtime import autocast, make_accelerator, use_bf16
 
-__all__ = ["Session", "StepOutcome", "learning_rate_factor", "check_sequences", "check_config", "threads"]
+__all__ = ["Session", "StepOutcome", "learning_rate_factor", "check_sequences", "check_config"]
 
 # Fields that change the numbers of a run: a checkpoint only resumes a run with the same values.
 RESUME_FIELDS = ("optimizer", "learning_rate", "batch_size", "retain_batch_size", "epochs", "steps", "weight_decay",
@@ -199,15 +198,6 @@ class Session:
 
 def _comparable(value):
     return list(value) if isinstance(value, (list, tuple)) else value
-
-
-@contextlib.contextmanager
-def threads(num_threads: int | None):
-    if num_threads is None:
-        yield
-    else:
-        with torch_threads(num_threads):
-            yield
 
 
 def check_sequences(sequences, name: str) -> SequenceSet:

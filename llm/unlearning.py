@@ -21,6 +21,7 @@ import torch
 from markovsim.config import divergence_reason
 from markovsim.data import SequenceSet, concatenate
 from markovsim.losses import NEEDS_REFERENCE, Objective
+from markovsim.runtime import torch_threads
 from markovsim.trajectory import COMPONENT_METRICS, Trajectory
 
 from .config import PAPER_UNLEARNING, TrainConfig, config_state
@@ -30,7 +31,7 @@ from .evaluate import Evaluator, model_sequence_logps_batched
 from .logps import NonFiniteLogitsError
 from .models import check_model_data
 from .objective import BatchCounts, UnlearningBatch, objective_terms
-from .session import Session, StepOutcome, check_config, check_sequences, threads
+from .session import Session, StepOutcome, check_config, check_sequences
 
 __all__ = ["unlearn", "trajectory_from_records"]
 
@@ -80,7 +81,7 @@ def unlearn(model, objective: Objective, forget: SequenceSet, retain: SequenceSe
     _check_unlearn_inputs(model, objective, forget, retain, preferred, config)
     if evaluator is not None and not isinstance(evaluator, Evaluator):
         raise TypeError(f"evaluator must be an llm.evaluate.Evaluator or None, got {type(evaluator).__name__}")
-    with threads(config.num_threads):
+    with torch_threads(config.num_threads):
         return _Unlearning(model, objective, forget, retain, preferred, config, evaluator, run_dir).run(resume)
 
 

@@ -8,12 +8,15 @@ import torch
 
 
 @contextlib.contextmanager
-def torch_threads(num_threads: int = 1):
-    """Temporarily set torch's intra-op thread count (restored on exit).
+def torch_threads(num_threads: int | None = 1):
+    """Temporarily set torch's intra-op thread count (restored on exit); ``None`` leaves it as it is.
 
     The simulator's tensors are small (V = 10), so thread start-up dominates: one thread is
     often >100x faster per operation on a busy 2-core machine.
     """
+    if num_threads is None:
+        yield
+        return
     previous = torch.get_num_threads()
     torch.set_num_threads(num_threads)
     try:

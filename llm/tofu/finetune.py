@@ -27,10 +27,11 @@ from llm.checkpoint import latest_checkpoint
 from llm.config import TrainConfig
 from llm.data import FORGET_STREAM, RETAIN_STREAM, batch_indices, shard
 from llm.objective import BatchCounts, UnlearningBatch, objective_terms, retain_term
-from llm.session import Session, threads
+from llm.session import Session
 from markovsim.config import divergence_reason
 from markovsim.losses import NEEDS_REFERENCE
 from markovsim.objectives import Objective
+from markovsim.runtime import torch_threads
 
 from .data import TofuItem
 from .format import collate, format_example
@@ -113,7 +114,7 @@ def finetune(model, tokenizer, items: Sequence[TofuItem], config: TrainConfig, r
     after a checkpoint resumes from it when called again with the same starting model and config.
     """
     data = Examples.build(tokenizer, items)
-    with threads(config.num_threads):
+    with torch_threads(config.num_threads):
         session = Session(model, config, config.total_steps(len(data)), run_dir, "tofu-finetune", ("total",))
 
         def forward(step: int) -> dict:
@@ -139,7 +140,7 @@ def unlearn(model, tokenizer, objective: Objective, forget: Sequence[TofuItem], 
     retain_data = Examples.build(tokenizer, retain) if objective.retain is not None else None
     if objective.retain is not None and not retain:
         raise ValueError(f"objective has retain term {objective.retain!r}: pass retain pairs")
-    with threads(config.num_threads):
+    with torch_threads(config.num_threads):
         ref = None
         if objective.forget in NEEDS_REFERENCE:  # cached once from the starting model
             ref = torch.as_tensor(answer_logps(model, tokenizer, [i.question for i in forget],
