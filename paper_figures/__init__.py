@@ -2,7 +2,8 @@
 
 ``FIGURES`` maps a figure name to its module; each module has ``TITLE``, ``CONFIGS`` (per scale),
 ``compute(config, cache_stem, device, recompute, jobs) -> cache_stem`` and
-``plot(cache_stem, output_stem) -> paths``.
+``plot(cache_stem, output_stem) -> paths``. Modules with ``USES_TOFU_RUN = True`` have a
+``tofu_run`` config field, set from ``--tofu-run DIR`` (a TOFU protocol run folder) for their TOFU panels.
 """
 
 from . import (
@@ -13,7 +14,9 @@ from . import (
                markov_mixture,
                markov_tradeoff,
                power_share,
+               relearning,
                sensitivity,
+               tofu_bias,
 )
 
 FIGURES = {
@@ -25,4 +28,6 @@ FIGURES = {
     "first_step": first_step,
     "divergence": divergence,
     "sensitivity": sensitivity,
+    "tofu_bias": tofu_bias,
+    "relearning": relearning,
 }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -38,13 +39,23 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=1,
                         help="worker processes for independent run sets (one torch thread each; default 1)")
     parser.add_argument("--output", default=os.path.join(HERE, "output"), help="output folder")
+    parser.add_argument("--tofu-run", metavar="DIR",
+                        help="a TOFU protocol run folder (python -m llm.tofu run ...; "
+                             "python -m llm.tofu.bias --run DIR) for the TOFU panels of tofu_bias and relearning "
+                             "(default: simulator panels only)")
     return parser.parse_args(argv)
 
 
-def make_figure(name: str, scale: str, device: str, output: str, recompute: bool, jobs: int = 1) -> dict:
-    """Compute (or reuse) one figure's cache and plot it; returns its manifest entry."""
+def make_figure(name: str, scale: str, device: str, output: str, recompute: bool, jobs: int = 1,
+                tofu_run: str | None = None) -> dict:
+    """Compute (or reuse) one figure's cache and plot it; returns its manifest entry.
+
+    ``tofu_run`` (a TOFU run folder) goes into the config of the figures with TOFU panels (``USES_TOFU_RUN``).
+    """
     module = FIGURES[name]
     config = module.CONFIGS[scale]
+    if getattr(module, "USES_TOFU_RUN", False) and tofu_run is not None:
+        config = dataclasses.replace(config, tofu_run=os.path.abspath(tofu_run))
     cache_stem = os.path.join(output, "cache", f"{name}_{scale}")
     start = time.perf_counter()
     reused = not recompute and os.path.exists(cache_stem + ".json") and _same_config(cache_stem, config)
@@ -74,11 +85,23 @@ def main(argv=None) -> int:
     if arguments.jobs < 1:
         raise SystemExit(f"--jobs must be >= 1, got {arguments.jobs}")
     names = arguments.only or list(FIGURES)
+    if arguments.tofu_run is not None and not os.path.isdir(arguments.tofu_run):
+        raise SystemExit(f"--tofu-run: {arguments.tofu_run} is not a folder (give a TOFU protocol run folder)")
+    tofu_figures = [name for name in names if getattr(FIGURES[name], "USES_TOFU_RUN", False)]
+    if tofu_figures and arguments.tofu_run is None:
+        print(f"[paper_figures] no --tofu-run: {', '.join(tofu_figures)} get their simulator panels only; for the "
+              f"TOFU panels run `make tofu-figures` (or python -m paper_figures --only {' '.join(tofu_figures)} "
+              f"--tofu-run DIR after a TOFU run and python -m llm.tofu.bias --run DIR)", flush=True)
     entries = []
     for name in names:
         print(f"[paper_figures] {name} ({arguments.scale}, {device}) ...", flush=True)
-        entries.append(make_figure(name, arguments.scale, device, arguments.output, arguments.recompute,
-                                   arguments.jobs))
+        try:
+            entries.append(make_figure(name, arguments.scale, device, arguments.output, arguments.recompute,
+                                       arguments.jobs, arguments.tofu_run))
+        except ValueError as error:  # a TOFU run folder without the needed results: one line, no traceback
+            if not getattr(FIGURES[name], "USES_TOFU_RUN", False) or arguments.tofu_run is None:
+                raise
+            raise SystemExit(f"[paper_figures] {name}: {error}") from None
         print(f"[paper_figures]   wrote {', '.join(entries[-1]['files'])} in {entries[-1]['runtime_s']} s", flush=True)
     atomic_write_json(os.path.join(arguments.output, "manifest.json"),
                       metadata_block({"scale": arguments.scale, "device": device, "only": names}, figures=entries))

@@ -7,6 +7,8 @@ import matplotlib.pyplot as plt
 from markovsim.results import atomic_output
 
 COMPONENT_COLORS = {"retain": "#2ca02c", "forget1": "#9467bd", "forget2": "#8c564b"}
+# Models that are not an unlearning method (relearning baselines, the TOFU target and retain models).
+MODEL_COLORS = {"reference": "#000000", "target": "#000000", "retain": "#2ca02c"}
 
 STYLE = {
     "figure.dpi": 110, "savefig.dpi": 150, "font.size": 9, "axes.titlesize": 10, "axes.labelsize": 9,
