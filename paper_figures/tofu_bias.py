@@ -170,7 +170,8 @@ def _after_panel(axis, arrays, grouping: str, names) -> None:
         values = arrays[f"{prefix}{model}/probability"]
         bars = axis.bar(np.arange(len(names)) + index * width, values, width,
                         color=MODEL_COLORS.get(model, method_color(model)), label=model)
-        bars.set_gid(f"{prefix}{model}/probability")
+        for group, patch in enumerate(bars):
+            patch.set_gid(f"{prefix}{model}/probability#{group}")
     axis.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names)
     axis.set(title=f"TOFU, {grouping} tertiles\nprobability after unlearning", ylabel="mean P(answer)^(1/|y|)")
     axis.legend(fontsize=6)

@@ -8,6 +8,7 @@ import pytest
 
 from paper_figures import FIGURES
 from paper_figures.__main__ import main
+from paper_figures.cache import load_cache
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +159,120 @@ def test_tradeoff_plot_draws_exactly_the_cached_trajectories(tiny_output, tmp_pa
                                                       for (a, b), x, y in zip(pairs, xs, ys)))
         remaining.pop(match)
     assert not remaining
+
+
+# ----- tofu_bias and relearning: the simulator halves in every run, the TOFU halves from a TOFU run folder -----
+
+def _drawn_figure(module, stem, tmp_path, monkeypatch):
+    """Plot ``stem`` again and return the figure before it is closed."""
+    captured = []
+    original = module.save_figure
+    monkeypatch.setattr(module, "save_figure", lambda figure, out: captured.append(figure) or original(figure, out))
+    module.plot(stem, str(tmp_path / "again"))
+    return captured[0]
+
+
+def _lines_by_gid(figure) -> dict:
+    return {line.get_gid(): line for axis in figure.axes for line in axis.lines if line.get_gid()}
+
+
+def _check_lines_equal_cache(lines: dict, arrays: dict) -> None:
+    for gid, line in lines.items():
+        key, _, column = gid.partition("#")
+        expected = arrays[key] if not column else arrays[key][:, int(column)]
+        np.testing.assert_array_equal(line.get_ydata(), expected, err_msg=gid)
+        np.testing.assert_array_equal(line.get_xdata(), arrays[key.rsplit("/", 1)[0] + "/steps"], err_msg=gid)
+
+
+@pytest.mark.parametrize("name, per_method", [("tofu_bias", 2 * 2 * 2 * 2), ("relearning", 2 * 2 * 4 * 2)])
+def test_simulator_halves_draw_exactly_the_cached_numbers(tiny_output, tmp_path, monkeypatch, name, per_method):
+    module = FIGURES[name]
+    document, arrays = load_cache(str(tiny_output / "cache" / f"{name}_tiny"))
+    assert document["config"]["tofu_run"] is None and not any(k.startswith("tofu/") for k in arrays)
+    lines = _lines_by_gid(_drawn_figure(module, str(tiny_output / "cache" / f"{name}_tiny"), tmp_path, monkeypatch))
+    assert len(lines) == per_method  # every cached simulator series drawn once (cases x panels x methods x components)
+    _check_lines_equal_cache(lines, arrays)
+
+
+def test_tofu_bias_simulator_half_is_the_seed_mean_of_the_tradeoff_runs(tiny_output):
+    from paper_figures import markov_tradeoff
+    from paper_figures.runs import load_runs
+
+    _, arrays = load_cache(str(tiny_output / "cache" / "tofu_bias_tiny"))
+    runs, _, _ = load_runs(str(tiny_output / "cache" / "markov_tradeoff_tiny"))
+    seeds = markov_tradeoff.CONFIGS["tiny"].seeds
+    for case in ("paper_short_forget2", "paper_unseen_forget2"):
+        for method in ("NPO", "SimNPO"):
+            per_seed = [runs[f"{case}:tabular/seed{s}"][method] for s in seeds]
+            expected = np.mean([t.metric("power_share", "forget2") for t in per_seed], axis=0)
+            np.testing.assert_allclose(arrays[f"sim/{case}/{method}/power_share"][:, 1], expected, rtol=1e-12)
+
+
+@pytest.fixture(scope="module")
+def tofu_run(tmp_path_factory):
+    """A tiny TOFU run folder: bias/results.json from a real llm.tofu.bias measurement on a random 2-layer Llama,
+    and a results.json with a 'relearning' entry in the protocol's schema."""
+    from test_tofu_fixtures import tiny_llama, tiny_tokenizer
+
+    from llm.tofu import bias
+    from markovsim.results import atomic_write_json
+
+    run = tmp_path_factory.mktemp("tofu_run")
+    tokenizer = tiny_tokenizer(chat=True)
+    for folder, seed in (("target", 0), ("retain", 1)):
+        tiny_llama(len(tokenizer), seed=seed).save_pretrained(run / "models" / folder)
+        tokenizer.save_pretrained(run / "models" / folder)
+    config = bias.BiasConfig(split="forget01", steps=2, record_every=1, batch_size=4, limit_forget=6, max_items=2,
+                             device="cpu", progress=False, learning_rate=1e-3)
+    bias.measure_bias(run / "models" / "target", run / "models" / "retain", config, run / "bias")
+    metrics = ("forget_probability", "forget_rouge_l", "forget_truth_ratio", "forget_quality")
+    relearning = {method: {"steps": [0, 5, 10]} | {m: [0.1 * k, 0.2 * k + 0.05, 0.3 * k + 0.1]
+                                                   for k, m in enumerate(metrics, start=1)}
+                  for method in ("NPO", "SimNPO")}
+    atomic_write_json(run / "results.json", {"relearning": relearning})
+    return run
+
+
+def test_tofu_halves_draw_the_tofu_run_numbers(tofu_run, tmp_path, monkeypatch):
+    from markovsim.results import read_json
+
+    output = tmp_path / "figures"
+    assert main(["--scale", "tiny", "--device", "cpu", "--output", str(output), "--only", "tofu_bias", "relearning",
+                 "--tofu-run", str(tofu_run)]) == 0
+    bias_document = read_json(tofu_run / "bias" / "results.json")
+    lines = _lines_by_gid(_drawn_figure(FIGURES["tofu_bias"], str(output / "cache" / "tofu_bias_tiny"), tmp_path,
+                                        monkeypatch))
+    for grouping in ("length", "memorisation"):
+        for method in ("NPO", "SimNPO"):
+            record = bias_document["methods"][method]
+            for metric in ("mean_weight", "power_share"):
+                values = np.array(record["diagnostics"][grouping][metric])  # (records, groups)
+                for group in range(3):
+                    line = lines[f"tofu/{grouping}/{method}/{metric}#{group}"]
+                    np.testing.assert_array_equal(line.get_ydata(), values[:, group])
+                    np.testing.assert_array_equal(line.get_xdata(), record["steps"])
+    figure = _drawn_figure(FIGURES["tofu_bias"], str(output / "cache" / "tofu_bias_tiny"), tmp_path, monkeypatch)
+    bars = {patch.get_gid(): patch.get_height() for axis in figure.axes for patch in axis.patches if patch.get_gid()}
+    expected = {f"tofu/{grouping}/after/{model}/probability#{group}": value
+                for model, after in bias_document["after"].items() for grouping in ("length", "memorisation")
+                for group, value in enumerate(after[grouping]["probability"])}
+    assert bars == pytest.approx(expected, rel=1e-12) and len(expected) == 2 * 4 * 3  # target, retain, NPO, SimNPO
+    relearning = read_json(tofu_run / "results.json")["relearning"]
+    lines = _lines_by_gid(_drawn_figure(FIGURES["relearning"], str(output / "cache" / "relearning_tiny"), tmp_path,
+                                        monkeypatch))
+    for method, record in relearning.items():
+        for metric in ("forget_probability", "forget_truth_ratio"):
+            np.testing.assert_array_equal(lines[f"tofu/{method}/{metric}"].get_ydata(), record[metric])
+            np.testing.assert_array_equal(lines[f"tofu/{method}/{metric}"].get_xdata(), record["steps"])
+
+
+def test_tofu_run_without_results_is_a_clear_error(tmp_path, capsys):
+    empty = tmp_path / "empty_run"
+    empty.mkdir()
+    arguments = ["--scale", "tiny", "--device", "cpu", "--output", str(tmp_path / "out"), "--tofu-run", str(empty)]
+    with pytest.raises(SystemExit, match="llm.tofu.bias --run"):
+        main(arguments + ["--only", "tofu_bias"])
+    with pytest.raises(SystemExit, match="results.json not found"):
+        main(arguments + ["--only", "relearning"])
+    with pytest.raises(SystemExit, match="not a folder"):
+        main(["--only", "relearning", "--tofu-run", str(tmp_path / "missing")])
