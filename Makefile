@@ -5,7 +5,7 @@ VPY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: figures test venv clean
+.PHONY: figures test venv clean tofu-figures
 
 $(STAMP): pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
@@ -21,6 +21,16 @@ venv: $(STAMP)
 
 figures: $(STAMP)
 	$(VPY) -m paper_figures --scale quick --device cpu --jobs 2
+
+# The TOFU halves of the tofu_bias and relearning figures: a TOFU CPU smoke run on SmolLM2-135M (its stages
+# are skipped when TOFU_RUN already holds them), the bias measurement, then the two figures (about 30 min on 2 CPUs).
+TOFU_RUN ?= runs/tofu-smoke
+tofu-figures: $(STAMP)
+	$(VPY) -m llm.tofu run --split forget01 --methods NPO SimNPO --out $(TOFU_RUN) --limit 20 \
+		--batch-size 8 --finetune-epochs 5 --unlearn-steps 5 --max-new-tokens 48
+	$(VPY) -m llm.tofu.bias --run $(TOFU_RUN) --steps 10 --record-every 5 --batch-size 8 --max-items 8 \
+		--learning-rate 5e-5
+	$(VPY) -m paper_figures --scale quick --device cpu --only tofu_bias relearning --tofu-run $(TOFU_RUN)
 
 test: $(STAMP)
 	$(VPY) -m ruff check .
