@@ -93,7 +93,7 @@ def test_measure_bias_end_to_end(folders, tmp_path):
     document = bias.measure_bias(folders / "target", folders / "retain", config, tmp_path / "out")
     with open(tmp_path / "out" / "results.json") as handle:
         json.loads(handle.read(), parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
-    assert not os.path.exists(tmp_path / "out" / "work" / "npo")  # checkpoints removed
+    assert not os.path.exists(tmp_path / "out" / "work")  # checkpoints removed
     for grouping in bias.GROUPINGS:
         ids = np.array(document["groups"][grouping]["assignment"])
         assert sorted(np.bincount(ids)) == [3, 3, 3]

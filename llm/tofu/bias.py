@@ -268,6 +268,8 @@ def measure_bias(target_dir, retain_dir, config: BiasConfig, out) -> dict:
                                      os.path.join(os.fspath(out), "work", method.lower()))
         scores[method] = record.pop("scores")
         methods[method] = record
+    if os.path.isdir(os.path.join(os.fspath(out), "work")) and not os.listdir(os.path.join(os.fspath(out), "work")):
+        os.rmdir(os.path.join(os.fspath(out), "work"))
     after = {model: {grouping: group_metrics(s, ids, retain_ratios) for grouping, ids in assignment.items()}
              for model, s in scores.items()}
     groups = {grouping: {"names": list(group_names(grouping, config.num_groups)), "assignment": ids.tolist(),
