@@ -27,8 +27,9 @@ import torch
 from ..config import check_real
 from ..data import SequenceSet
 from ..exact_gradients import next_token_log_probs, retain_kl_value
+from ..tabular import TabularMarkov
 from ..tensor_checks import check_float
-from .base import ExactStep, FineTuneConfig
+from .base import ExactStep, FineTuneConfig, check_choice
 from .exact import fine_tune, token_kl_step
 
 __all__ = ["KGAConfig", "gap_alignment", "kga_loss", "ExactKGA", "build_exact"]
@@ -40,15 +41,22 @@ class KGAConfig:
 
     Attributes:
         retain_weight: the weight of L_r (the paper's alpha), >= 0.
-        auxiliary: how A_f and A_n are trained from the original on D_f and D_n (simulator; the same
-            settings for the transformer's two auxiliary fine-tuning runs).
+        auxiliary_from: how A_f and A_n are trained on D_f and D_n: "scratch" (the paper's models trained on
+            that data alone; in the simulator a tabular model's closed-form MLE, add-``smoothing``) or
+            "reference" (fine-tuned from the original with ``auxiliary``).
+        auxiliary: fine-tuning settings for "reference" (also the transformer's two auxiliary runs).
+        smoothing: > 0, the add-smoothing of the "scratch" MLE (keeps every KL finite).
     """
 
     retain_weight: float = 1.0
+    auxiliary_from: str = "scratch"
     auxiliary: FineTuneConfig = FineTuneConfig()
+    smoothing: float = 0.1
 
     def __post_init__(self) -> None:
         check_real("retain_weight", self.retain_weight, minimum=0.0)
+        check_choice("auxiliary_from", self.auxiliary_from, ("scratch", "reference"))
+        check_real("smoothing", self.smoothing, minimum=0.0, exclusive=True)
         if not isinstance(self.auxiliary, FineTuneConfig):
             raise TypeError(f"auxiliary must be a FineTuneConfig, got {type(self.auxiliary).__name__}")
 
@@ -108,14 +116,20 @@ class ExactKGA:
             return ExactStep((gap - self.unseen_gap).abs() + retain, gradients, model.response_logps(self.forget))
 
 
+def _auxiliary(config: KGAConfig, reference, data: SequenceSet):
+    """A model trained on ``data``: the tabular MLE on it alone, or the reference fine-tuned on it."""
+    if config.auxiliary_from == "scratch":
+        return TabularMarkov.fit(data, smoothing=config.smoothing)
+    return fine_tune(reference, data, config.auxiliary)
+
+
 def build_exact(config: KGAConfig, reference, forget: SequenceSet, retain: SequenceSet | None,
                 unseen: SequenceSet | None) -> ExactKGA:
-    """Train A_f on ``forget`` and A_n on ``unseen`` from the reference; needs ``retain`` and ``unseen``."""
+    """Train A_f on ``forget`` and A_n on ``unseen`` (``config.auxiliary_from``); needs ``retain`` and ``unseen``."""
     for name, value in (("retain", retain), ("unseen", unseen)):
         if not isinstance(value, SequenceSet) or len(value) == 0:
             raise ValueError(f"KGA needs a non-empty {name} SequenceSet (D_r and D_n of the paper)")
-    forget_model = fine_tune(reference, forget, config.auxiliary)
-    unseen_model = fine_tune(reference, unseen, config.auxiliary)
+    forget_model, unseen_model = (_auxiliary(config, reference, data) for data in (forget, unseen))
     with torch.no_grad():
         unseen_gap = retain_kl_value(reference, unseen, next_token_log_probs(unseen_model, unseen))
         return ExactKGA(config, forget, retain, reference, forget_model, unseen_model,

@@ -39,7 +39,7 @@ METHODS: dict[str, MethodSpec] = {
         "Wang et al., ACL 2023, KGA: A General Machine Unlearning Framework Based on Knowledge Gap Alignment",
         "L = |dis_Df(A*, A_f) - dis_Dn(A_D, A_n)| + alpha KL(A_D || A*) on D_r, dis = token-mean KL",
         kga.build_exact,
-        "exact: A_f, A_n fine-tuned from the reference on D_f and on fresh retain-chain data D_n"),
+        "exact: A_f, A_n trained on D_f alone and on fresh retain-chain data D_n (tabular MLE, or fine-tuned)"),
     "SeUL": MethodSpec(
         "SeUL", "objective", seul.SeULConfig(),
         "Wang et al. 2024, Selective Forgetting: Advancing Machine Unlearning Techniques and Evaluation in LMs",

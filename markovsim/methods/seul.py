@@ -143,7 +143,7 @@ class ExactSeUL:
         """(n_f, T-1) bool sensitive response positions at ``model`` (static with ``sensitive_states``)."""
         mask = torch.as_tensor(self.forget.transition_mask)  # (n_f, T-1)
         if self.config.sensitive_states is not None:
-            following = torch.as_tensor(self.forget.tokens[:, 1:])  # (n_f, T-1)
+            following = torch.as_tensor(self.forget.tokens[:, 1:].copy())  # (n_f, T-1)
             return torch.isin(following, torch.as_tensor(self.config.sensitive_states)) & mask
         with torch.no_grad():
             return select_sensitive_tokens(token_log_probs(model, self.forget), mask, self.config.fraction)
