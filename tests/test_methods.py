@@ -117,6 +117,27 @@ def test_kga_gradient_matches_finite_differences(problem):
     assert (values[0] - values[1]) / (2 * step) == pytest.approx(analytic, rel=1e-5, abs=1e-8)
 
 
+def no_retain_configs() -> dict:
+    configs = small_configs()
+    configs["GA+Mismatch"] = get_config("GA+Mismatch", responses_per_prompt=2, retain_weight=0.0)
+    configs["KGA"] = get_config("KGA", retain_weight=0.0)
+    configs["AdvNPO"] = get_config("AdvNPO", objective=Objective("npo", "nll", beta=0.5, retain_weight=0.0))
+    return configs
+
+
+@pytest.mark.parametrize("name", GRADIENT_METHODS)
+def test_component_gradients_add_up_to_the_forget_gradient(problem, name):
+    """Per-component unlearning power: with the retain term's weight 0 the parts sum to the full gradient."""
+    forget, retain, models, reference = problem
+    exact = METHODS[name].exact(no_retain_configs()[name], reference, forget, retain, retain.subset(np.arange(3)))
+    model = models["mixture"]
+    parts = [exact.forget_gradient(model, c) for c in ("forget1", "forget2", "retain")]
+    assert all(float(g.abs().max()) == 0 for g in parts[2])  # no forget sequences: no forget gradient
+    assert all(float(g.abs().max()) > 0 for g in parts[0])
+    for total, a, b in zip(exact.step(model).gradients, parts[0], parts[1]):
+        torch.testing.assert_close(a + b, total, rtol=1e-10, atol=1e-13)
+
+
 # --- GA+Mismatch -------------------------------------------------------------------------------------------
 
 
@@ -352,6 +373,11 @@ def test_every_method_runs_on_a_paper_scenario(tiny_setup, name):
     assert trajectory.diverged_at is None
     logp = trajectory.component_metrics["logp_per_token"]
     assert np.all(np.isfinite(logp)) and logp.shape[1] == len(tiny_setup.evaluator.component_names)
+    if name != "TaskNegation":
+        shares = trajectory.component_metrics["power_share"]
+        has_data = ~np.isnan(shares[0])
+        assert has_data[tiny_setup.evaluator.component_names.index("forget1")]
+        np.testing.assert_allclose(np.nansum(shares, axis=1), 1.0)
     forget = tiny_setup.evaluator.component_names.index("forget1")
     loss = trajectory.step_metrics["loss"]
     if name == "TaskNegation":  # its "loss" is the forget NLL along lambda = 0 .. 1

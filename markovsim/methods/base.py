@@ -110,11 +110,18 @@ class ExactProblem(Protocol):
     """A method's simulator objective with everything it needs precomputed (targets, auxiliary models).
 
     ``value(model)`` is differentiable through ``model.with_parameters`` (autograd is the test oracle);
-    ``step(model)`` gives the same value with the closed-form gradient. ``forget`` is the forget set.
+    ``step(model)`` gives the same value with the closed-form gradient; ``forget_gradient(model, component)``
+    is the forget-side term's gradient from one forget component's sequences (they add up to the whole
+    forget-side gradient; the per-component "unlearning power"). ``forget`` / ``retain`` are the data sets
+    (``retain`` None without a retain term), ``reference`` the model before unlearning.
     """
 
     forget: Any
+    retain: Any
+    reference: Any
 
     def value(self, model) -> torch.Tensor: ...
 
     def step(self, model) -> ExactStep: ...
+
+    def forget_gradient(self, model, component: str) -> tuple[torch.Tensor, ...]: ...

@@ -9,8 +9,9 @@ already have (docs/theory.md, "Mixtures of Markov chains" and "Other unlearning 
 
 (the last because KL(onehot(v) || q) = -log q(v)). :func:`unlearn_exact` runs any
 :class:`~markovsim.methods.base.ExactProblem` with the optimisers of :mod:`markovsim.dynamics` and returns a
-:class:`~markovsim.trajectory.Trajectory` of the same shape as ``markovsim.dynamics.unlearn``'s
-(``mean_weight`` and ``power_share`` are NaN: these methods have no per-sequence gradient weight).
+:class:`~markovsim.trajectory.Trajectory` of the same shape as ``markovsim.dynamics.unlearn``'s, with each
+component's ``power_share`` (:func:`method_diagnostics`; ``mean_weight`` is NaN: these methods have no
+per-sequence gradient weight).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 
 from ..config import divergence_reason
 from ..data import SequenceSet, concatenate
-from ..diagnostics import global_norm
+from ..diagnostics import global_norm, power_shares
 from ..dynamics import DynamicsConfig, _Optimizer, _progress, _trajectory
 from ..evaluation import ExactEvaluator
 from ..exact_gradients import objective_value_and_gradient, retain_kl_value
@@ -31,7 +32,7 @@ from ..runtime import torch_threads
 from .base import ExactStep, FineTuneConfig
 
 __all__ = ["fine_tune", "token_log_probs", "next_token_onehots", "token_kl_step", "token_logps_gradient",
-           "autograd_step", "unlearn_exact"]
+           "component_rows", "method_diagnostics", "autograd_step", "unlearn_exact"]
 
 
 def fine_tune(model, sequences: SequenceSet, config: FineTuneConfig):
@@ -71,18 +72,21 @@ def token_log_probs(model, sequences: SequenceSet) -> torch.Tensor:
     return (model.next_token_log_probs(sequences) * next_token_onehots(sequences)).sum(-1)  # (n, T-1)
 
 
-def token_kl_step(model, sequences: SequenceSet, target_log_probs: torch.Tensor,
-                  weight: float = 1.0) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+def token_kl_step(model, sequences: SequenceSet, target_log_probs: torch.Tensor, weight: float = 1.0,
+                  rows: torch.Tensor | None = None) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
     """``weight * (1/N) sum_{y,t} KL(p_t || pi_theta(.|prefix_t))`` over all N response tokens, and its gradient.
 
     Args:
         target_log_probs: (n, T-1, V) log p_t (may hold -inf: a one-hot target is a cross-entropy).
+        rows: optional (n,) 0/1 weights: the gradient of only those sequences' share of the sum (still / N).
     Returns:
-        (value, gradients): the value is ``weight * markovsim.exact_gradients.retain_kl_value``.
+        (value, gradients): the value is ``weight * markovsim.exact_gradients.retain_kl_value`` (all rows).
     """
     mask = torch.as_tensor(sequences.transition_mask)  # (n, T-1)
     value = weight * retain_kl_value(model, sequences, target_log_probs)
     token_weights = mask.to(torch.float64) * (weight / float(mask.sum()))  # (n, T-1)
+    if rows is not None:
+        token_weights = token_weights * rows[:, None]
     target_probs = torch.exp(target_log_probs) * mask[..., None]  # (n, T-1, V)
     return value, model.predictive_kl_gradient(sequences, target_probs, token_weights)
 
@@ -90,6 +94,41 @@ def token_kl_step(model, sequences: SequenceSet, target_log_probs: torch.Tensor,
 def token_logps_gradient(model, sequences: SequenceSet, token_weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """Closed-form ``d/dtheta sum_{y,t} c_t log pi_theta(s_{t+1} | prefix_t)`` for token weights c (n, T-1)."""
     return tuple(-g for g in model.predictive_kl_gradient(sequences, next_token_onehots(sequences), token_weights))
+
+
+def component_rows(sequences: SequenceSet, name: str) -> torch.Tensor:
+    """(n,) float64 indicator of the sequences of component ``name`` (all zero if it has none)."""
+    if name not in sequences.component_names:
+        return torch.zeros(len(sequences), dtype=torch.float64)
+    ids = torch.as_tensor(np.array(sequences.component_ids))
+    return (ids == sequences.component_names.index(name)).to(torch.float64)
+
+
+def method_diagnostics(problem, model, names: tuple[str, ...], full: ExactStep) -> dict[str, np.ndarray]:
+    """``power_share`` per component for an exact method, as ``markovsim.diagnostics.gradient_diagnostics``.
+
+    The forget-side gradient splits exactly by forget component, g_c = ``problem.forget_gradient(model, c)``
+    (the forget term's gradient from component c's sequences, with the full-batch normalisation); the rest of
+    the full gradient (the retain term) is credited to the retain components evenly. ``mean_weight`` is NaN:
+    these methods have no per-sequence gradient weight.
+    """
+    norms = np.zeros(len(names))
+    forget_counts = problem.forget.component_counts()
+    forget_total = [torch.zeros_like(p) for p in model.parameters()]
+    for c, name in enumerate(names):
+        if forget_counts.get(name, 0) > 0:
+            part = problem.forget_gradient(model, name)
+            norms[c] = global_norm(part)
+            forget_total = [t + g for t, g in zip(forget_total, part)]
+    retain = getattr(problem, "retain", None)
+    retain_counts = retain.component_counts() if retain is not None else {}
+    retain_names = [name for name in names if retain_counts.get(name, 0) > 0]
+    if retain_names:
+        retain_norm = global_norm([g - f for g, f in zip(full.gradients, forget_total)])
+        for name in retain_names:
+            norms[names.index(name)] += retain_norm / len(retain_names)
+    has_data = [forget_counts.get(n, 0) > 0 or retain_counts.get(n, 0) > 0 for n in names]
+    return {"mean_weight": np.full(len(names), np.nan), "power_share": power_shares(norms, has_data)}
 
 
 def autograd_step(problem, model) -> ExactStep:
@@ -141,9 +180,8 @@ def _unlearn_exact(problem, model, config, evaluator, progress):
             float(current.value), float((current.forget_logps / num_tokens).mean()), global_norm(current.gradients),
             config.divergence_logp_per_token)
         if step % config.eval_every == 0 or step == config.steps or reason is not None:
-            nan = np.full(len(names), np.nan)
             records.append({} if reason is not None else
-                           evaluator.evaluate(model) | {"mean_weight": nan, "power_share": nan})
+                           evaluator.evaluate(model) | method_diagnostics(problem, model, names, current))
             steps.append(step)
             losses.append(float(current.value) if current is not None else float("nan"))
             distances.append(global_norm([p - p0 for p, p0 in zip(params, start)]))

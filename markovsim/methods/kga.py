@@ -30,7 +30,7 @@ from ..exact_gradients import next_token_log_probs, retain_kl_value
 from ..tabular import TabularMarkov
 from ..tensor_checks import check_float
 from .base import ExactStep, FineTuneConfig, check_choice
-from .exact import fine_tune, token_kl_step
+from .exact import component_rows, fine_tune, token_kl_step
 
 __all__ = ["KGAConfig", "gap_alignment", "kga_loss", "ExactKGA", "build_exact"]
 
@@ -114,6 +114,13 @@ class ExactKGA:
             sign = torch.sign(gap - self.unseen_gap)  # d|a - c|/da (0 at the kink, as autograd)
             gradients = tuple(sign * g + h for g, h in zip(gap_gradients, retain_gradients))
             return ExactStep((gap - self.unseen_gap).abs() + retain, gradients, model.response_logps(self.forget))
+
+    def forget_gradient(self, model, component: str) -> tuple[torch.Tensor, ...]:
+        """sign(gap difference) times the forget gap's gradient from component's sequences."""
+        with torch.no_grad():
+            rows = component_rows(self.forget, component)
+            gap, gradients = token_kl_step(model, self.forget, self.forget_aux_log_probs, rows=rows)
+            return tuple(torch.sign(gap - self.unseen_gap) * g for g in gradients)
 
 
 def _auxiliary(config: KGAConfig, reference, data: SequenceSet):

@@ -34,6 +34,7 @@ from ..losses import NEEDS_REFERENCE, SEQUENCE_LOSSES
 from ..objectives import Objective
 from ..tensor_checks import check_float
 from .base import ExactStep
+from .exact import component_rows
 
 __all__ = ["LAUConfig", "project_to_ball", "adversarial_perturbation", "autograd_ascent_direction",
            "perturb_logits", "ExactLAU", "build_exact"]
@@ -165,6 +166,18 @@ class ExactLAU:
         clean = objective_value_and_gradient(model, self.forget_objective, self.forget, None, self.forget_ref_logps)
         gradients = tuple(p + f - c for p, f, c in zip(perturbed.gradients, full.gradients, clean.gradients))
         return ExactStep(perturbed.value + full.value - clean.value, gradients, full.forget_logps)
+
+    def forget_gradient(self, model, component: str) -> tuple[torch.Tensor, ...]:
+        """The perturbed forget term's gradient from component's sequences: their mean's gradient times n_c / n_f
+        (exact: a sequence-level loss's weight does not depend on the batch); delta* from the full batch."""
+        rows = component_rows(self.forget, component).to(torch.bool).numpy()
+        if not rows.any():
+            return tuple(torch.zeros_like(p) for p in model.parameters())
+        subset = self.forget.subset(rows)
+        ref = None if self.forget_ref_logps is None else self.forget_ref_logps[torch.as_tensor(rows)]
+        part = objective_value_and_gradient(perturb_logits(model, self.perturbation(model)), self.forget_objective,
+                                            subset, None, ref)
+        return tuple(g * (len(subset) / len(self.forget)) for g in part.gradients)
 
 
 def build_exact(config: LAUConfig, reference, forget: SequenceSet, retain: SequenceSet | None = None,

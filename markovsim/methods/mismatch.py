@@ -29,6 +29,7 @@ from ..objectives import Objective
 from ..tensor_checks import check_tensor
 from ..validation import check_rng
 from .base import ExactStep
+from .exact import component_rows
 
 __all__ = ["GAMismatchConfig", "mismatch_pairs", "ga_mismatch_loss", "mismatch_sequences", "ExactGAMismatch",
            "build_exact"]
@@ -140,6 +141,17 @@ class ExactGAMismatch:
             extra = model.response_logps_gradient(self.mismatch, weights)
         return ExactStep(base.value + c.mismatch_weight * mismatch,
                          tuple(g + h for g, h in zip(base.gradients, extra)), base.forget_logps)
+
+    def forget_gradient(self, model, component: str) -> tuple[torch.Tensor, ...]:
+        """Gradient of the GA and mismatch terms from component's forget sequences (mismatch rows: by prompt)."""
+        c = self.config
+        with torch.no_grad():
+            forget_weights = component_rows(self.forget, component) * (
+                c.forget_weight / (len(self.forget) * num_tokens_tensor(self.forget)))  # (n_f,) d/dlogp
+            mismatch_weights = component_rows(self.mismatch, component) * (
+                -c.mismatch_weight / (len(self.mismatch) * num_tokens_tensor(self.mismatch)))  # (n_m,)
+            return tuple(g + h for g, h in zip(model.response_logps_gradient(self.forget, forget_weights),
+                                               model.response_logps_gradient(self.mismatch, mismatch_weights)))
 
 
 def build_exact(config: GAMismatchConfig, reference, forget: SequenceSet, retain: SequenceSet | None,

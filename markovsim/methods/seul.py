@@ -31,7 +31,7 @@ from ..data import SequenceSet
 from ..losses import masked_ga
 from ..tensor_checks import check_float, check_mask, check_nonempty
 from .base import ExactStep
-from .exact import token_log_probs, token_logps_gradient
+from .exact import component_rows, token_log_probs, token_logps_gradient
 
 __all__ = ["SeULConfig", "select_sensitive_tokens", "sensitive_memorisation_accuracy",
            "sensitive_extraction_likelihood", "ExactSeUL", "build_exact"]
@@ -152,15 +152,23 @@ class ExactSeUL:
         mask = torch.as_tensor(self.forget.transition_mask)
         return masked_ga(token_log_probs(model, self.forget), mask, self.sensitive_mask(model)).mean()
 
+    def token_weights(self, model) -> torch.Tensor:
+        """(n_f, T-1) d(mean_y L(y)) / d log p_t: 1 / (|S_y| n_f) on selected tokens, 0 elsewhere."""
+        selected = self.sensitive_mask(model)  # (n_f, T-1)
+        counts = selected.sum(-1, keepdim=True).clamp_min(1).to(torch.float64)  # (n_f, 1) |S_y|
+        return selected.to(torch.float64) / (counts * len(self.forget))
+
     def step(self, model) -> ExactStep:
         with torch.no_grad():
             mask = torch.as_tensor(self.forget.transition_mask)
-            selected = self.sensitive_mask(model)  # (n_f, T-1)
-            value = masked_ga(token_log_probs(model, self.forget), mask, selected).mean()
-            counts = selected.sum(-1, keepdim=True).clamp_min(1).to(torch.float64)  # (n_f, 1) |S_y|
-            weights = selected.to(torch.float64) / (counts * len(self.forget))  # (n_f, T-1)
-            return ExactStep(value, token_logps_gradient(model, self.forget, weights),
+            value = masked_ga(token_log_probs(model, self.forget), mask, self.sensitive_mask(model)).mean()
+            return ExactStep(value, token_logps_gradient(model, self.forget, self.token_weights(model)),
                              model.response_logps(self.forget))
+
+    def forget_gradient(self, model, component: str) -> tuple[torch.Tensor, ...]:
+        with torch.no_grad():
+            rows = component_rows(self.forget, component)[:, None]  # (n_f, 1)
+            return token_logps_gradient(model, self.forget, self.token_weights(model) * rows)
 
 
 def build_exact(config: SeULConfig, reference, forget: SequenceSet, retain: SequenceSet | None = None,

@@ -31,7 +31,7 @@ from ..data import SequenceSet
 from ..exact_gradients import next_token_log_probs, retain_kl_value
 from ..tensor_checks import check_float
 from .base import ExactStep, FineTuneConfig, check_choice
-from .exact import fine_tune, token_kl_step
+from .exact import component_rows, fine_tune, token_kl_step
 
 __all__ = ["WHPConfig", "generic_logits", "generic_target_log_probs", "ExactWHP", "build_exact"]
 
@@ -104,6 +104,11 @@ class ExactWHP:
         with torch.no_grad():
             value, gradients = token_kl_step(model, self.forget, self.target_log_probs)
             return ExactStep(value, gradients, model.response_logps(self.forget))
+
+    def forget_gradient(self, model, component: str) -> tuple[torch.Tensor, ...]:
+        with torch.no_grad():
+            rows = component_rows(self.forget, component)
+            return token_kl_step(model, self.forget, self.target_log_probs, rows=rows)[1]
 
 
 def build_exact(config: WHPConfig, reference, forget: SequenceSet, retain: SequenceSet | None = None,
