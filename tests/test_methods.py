@@ -389,3 +389,21 @@ def test_every_method_runs_on_a_paper_scenario(tiny_setup, name):
     else:
         assert loss[-1] < loss[0] and logp[-1, forget] < logp[0, forget]
 
+
+
+def test_unlearn_exact_stops_cleanly_on_divergence(tiny_setup):
+    trajectory = run_method("AdvGA", tiny_setup, DynamicsConfig(optimizer="gd", learning_rate=1e4, steps=20))
+    assert trajectory.diverged_at is not None and trajectory.diverged_at < 20
+    assert "fell below" in trajectory.divergence_reason
+    assert trajectory.steps[-1] == trajectory.diverged_at
+
+
+def test_task_negation_path_is_indexed_by_lambda(tiny_setup):
+    config = get_config("TaskNegation", fine_tune=FAST, scale=2.0)
+    trajectory = run_method("TaskNegation", tiny_setup, config=config, scales=[0.0, 0.5, 2.0])
+    np.testing.assert_allclose(trajectory.steps, [0.0, 0.5, 2.0])
+    distance = trajectory.step_metrics["parameter_distance"]
+    assert distance[0] == 0 and distance[2] == pytest.approx(4 * distance[1])
+    reference = tiny_setup.evaluator.evaluate(tiny_setup.reference)["kl_true"]
+    np.testing.assert_allclose(trajectory.component_metrics["kl_true"][0], reference)  # lambda = 0: the reference
+    assert trajectory.info["config"]["scale"] == 2.0

@@ -14,6 +14,7 @@ step (tests/test_methods.py).
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Mapping, Sequence
 
@@ -130,5 +131,6 @@ def task_negation_path(problem: ExactTaskNegation, scales, evaluator: ExactEvalu
             model = problem.apply(float(scale))
             records.append(evaluator.evaluate(model) | {"mean_weight": nan, "power_share": nan})
             losses.append(float((-model.response_logps(problem.forget) / lengths).mean()))
-    info = {"method": "TaskNegation", "scales": scales.tolist(), "model": type(problem.reference).__name__}
+    info = {"method": "TaskNegation", "config": dataclasses.asdict(problem.config), "scales": scales.tolist(),
+            "model": type(problem.reference).__name__}
     return _trajectory(scales, names, records, losses, (scales * norm).tolist(), None, None, info)
