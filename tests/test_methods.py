@@ -6,6 +6,8 @@ import dataclasses
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from test_exact_gradients import small_problem
 
 from markovsim.data import SequenceSet
@@ -100,6 +102,20 @@ def test_closed_form_gradient_equals_autograd(problem, name, model_name):
     for g, h in zip(closed.gradients, oracle.gradients):
         torch.testing.assert_close(g, h, rtol=1e-9, atol=1e-12)
     assert sum(float(g.abs().sum()) for g in closed.gradients) > 0  # not a vacuous comparison
+
+
+@settings(max_examples=4, deadline=None)
+@given(st.integers(0, 10**6), st.sampled_from(["tabular", "mixture"]))
+def test_closed_form_equals_autograd_on_random_problems(seed, model_name):
+    forget, retain, models, reference = small_problem(seed)
+    configs = small_configs() | {"KGA": get_config("KGA", auxiliary_from="reference", auxiliary=FAST),
+                                 "WHP": get_config("WHP", reinforce=FAST, target="hard", alpha=2.0)}
+    for name in GRADIENT_METHODS:
+        exact = METHODS[name].exact(configs[name], reference, forget, retain, retain.subset(np.arange(2)))
+        closed, oracle = exact.step(models[model_name]), autograd_step(exact, models[model_name])
+        assert float(closed.value) == pytest.approx(float(oracle.value), rel=1e-11, abs=1e-13), name
+        for g, h in zip(closed.gradients, oracle.gradients):
+            torch.testing.assert_close(g, h, rtol=1e-8, atol=1e-12, msg=name)
 
 
 def test_kga_gradient_matches_finite_differences(problem):
