@@ -200,3 +200,102 @@ def test_protocol_on_two_processes_writes_each_file_once_and_matches_one(tmp_pat
 def run_protocol_ranked(writes: str, *argv: str) -> None:
     """:func:`run_protocol` logging to ``<writes>-<RANK>``."""
     run_protocol(f"{writes}-{os.environ['RANK']}", *argv)
+
+
+# ----- the shipped accelerate configs and the FSDP save path (no GPU here: what can be checked on CPU) -----
+
+ACCELERATE_DIR = os.path.join(ROOT, "llm", "tofu", "accelerate")
+
+
+def _launch_environment(name: str) -> dict:
+    """The environment ``accelerate launch --config_file <name>.yaml --num_processes 4 -m llm.tofu run`` gives
+    the training processes, through accelerate's own config loader and launcher (nothing is started)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", os.path.join(ACCELERATE_DIR, f"{name}.yaml"),
+                                               "--num_processes", "4", "-m", "llm.tofu", "run", "--out", "x"])
+    args, _, _ = _validate_launch_command(args)
+    assert args.module and args.training_script == "llm.tofu" and args.num_processes == 4
+    return prepare_multi_gpu_env(args)
+
+
+def test_shipped_accelerate_configs_load_with_accelerate():
+    from accelerate.commands.config.config_args import load_config_from_file
+    from accelerate.utils import DistributedType
+
+    ddp, fsdp = (load_config_from_file(os.path.join(ACCELERATE_DIR, f"{n}.yaml")) for n in ("ddp", "fsdp"))
+    assert ddp.distributed_type == DistributedType.MULTI_GPU and ddp.fsdp_config == {}
+    assert fsdp.distributed_type == DistributedType.FSDP
+    assert fsdp.fsdp_config["fsdp_version"] == 2
+    assert fsdp.fsdp_config["fsdp_auto_wrap_policy"] == "TRANSFORMER_BASED_WRAP"
+    assert fsdp.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # get_state_dict gathers full weights
+    for config in (ddp, fsdp):
+        # llm autocasts to bf16 itself (float32 master weights); accelerate must not add its own mixed precision
+        assert config.mixed_precision == "no" and config.num_machines == 1 and not config.use_cpu
+    environment = _launch_environment("fsdp")
+    assert environment["ACCELERATE_USE_FSDP"] == "true" and environment["FSDP_VERSION"] == "2"
+    assert environment["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT"
+    assert environment["ACCELERATE_MIXED_PRECISION"] == "no"
+    assert "ACCELERATE_USE_FSDP" not in _launch_environment("ddp")
+
+
+def test_accelerate_configs_are_package_data():
+    """pyproject's package-data globs for llm.tofu cover both yaml files (so an installed package ships them)."""
+    import ast
+    import fnmatch
+    import re
+
+    text = open(os.path.join(ROOT, "pyproject.toml")).read()
+    section = text[text.index("[tool.setuptools.package-data]"):]
+    patterns = ast.literal_eval(re.search(r'^"llm\.tofu" = (\[.*\])$', section, re.MULTILINE).group(1))
+    for name in ("accelerate/ddp.yaml", "accelerate/fsdp.yaml"):
+        assert any(fnmatch.fnmatch(name, pattern) for pattern in patterns), name
+
+
+def test_save_trained_writes_the_gathered_state_dict_when_given(tmp_path):
+    """The FSDP path of save_trained: the weights written are outcome.state_dict, not the model object's."""
+    import torch
+    from safetensors.torch import load_file
+
+    from llm.tofu.finetune import TrainOutcome, save_trained
+
+    tokenizer = tiny_tokenizer(chat=True)
+    model = tiny_llama(len(tokenizer))
+    expected = {k: v + 1.0 for k, v in model.state_dict().items()}
+    gathered = dict(expected)  # save_pretrained may pop entries of the dict it is given
+    save_trained(model, tokenizer, tmp_path / "sharded", TrainOutcome(1, 0.0, state_dict=gathered))
+    save_trained(model, tokenizer, tmp_path / "plain", TrainOutcome(1, 0.0))
+    sharded, plain = (load_file(tmp_path / name / "model.safetensors") for name in ("sharded", "plain"))
+    assert sharded.keys() == plain.keys() == expected.keys()
+    for key, value in sharded.items():
+        torch.testing.assert_close(value, expected[key])
+        torch.testing.assert_close(plain[key], model.state_dict()[key])
+    assert (tmp_path / "sharded" / "tokenizer_config.json").is_file()
+    with pytest.raises(ValueError, match="LoRA under FSDP"):
+        save_trained(model, tokenizer, tmp_path / "lora", TrainOutcome(1, 0.0, state_dict=expected), merge_lora=True)
+
+
+def test_fsdp_gathers_weights_and_refuses_checkpoints(monkeypatch):
+    """Under FSDP a stage's outcome carries accelerator.get_state_dict(model) and checkpoint_every is refused."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    import llm.tofu.finetune as finetune_module
+    from llm.config import TrainConfig
+
+    calls = []
+    accelerator = SimpleNamespace(distributed_type=DistributedType.FSDP,
+                                  get_state_dict=lambda model: calls.append(model) or {"w": model})
+    outcome = finetune_module._outcome(SimpleNamespace(accelerator=accelerator, model="wrapped"), 3, 0.5)
+    assert outcome.state_dict == {"w": "wrapped"} and calls == ["wrapped"] and outcome.steps == 3
+    accelerator.distributed_type = DistributedType.MULTI_CPU
+    assert finetune_module._outcome(SimpleNamespace(accelerator=accelerator, model="m"), 3, 0.5).state_dict is None
+    monkeypatch.setattr(finetune_module, "_is_fsdp", lambda session: True)
+    tokenizer = tiny_tokenizer(chat=True)
+    from llm.tofu.data import load_split
+
+    with pytest.raises(ValueError, match="checkpoint_every is not supported under FSDP"):
+        finetune_module.finetune(tiny_llama(len(tokenizer)), tokenizer, load_split("forget01")[:4],
+                                 TrainConfig(batch_size=2, steps=1, checkpoint_every=1, device="cpu", progress=False))
