@@ -50,6 +50,7 @@ def base(tmp_path_factory):
 
 
 def test_tiny_protocol_end_to_end_on_cuda(base, tmp_path):
+    pytest.importorskip("rouge_score")  # the "tofu" extra (benchmarks/device_checks.sh --prepare-tofu carries it)
     from safetensors.torch import load_file
 
     config = ProtocolConfig(split="forget01", methods=("NPO", "SimNPO+RT"), model=base, limit=4, batch_size=4,
@@ -70,6 +71,7 @@ def test_tiny_protocol_end_to_end_on_cuda(base, tmp_path):
 
 
 def test_evaluation_metrics_on_cuda_equal_cpu(base):
+    pytest.importorskip("rouge_score")
     from llm.tofu.model import load_causal_lm
 
     model, tokenizer = load_causal_lm(base)
