@@ -299,3 +299,10 @@ def test_fsdp_gathers_weights_and_refuses_checkpoints(monkeypatch):
     with pytest.raises(ValueError, match="checkpoint_every is not supported under FSDP"):
         finetune_module.finetune(tiny_llama(len(tokenizer)), tokenizer, load_split("forget01")[:4],
                                  TrainConfig(batch_size=2, steps=1, checkpoint_every=1, device="cpu", progress=False))
+    pytest.importorskip("peft")
+    from llm.lora import LoraSettings, add_lora
+
+    with pytest.raises(ValueError, match="LoRA under FSDP is not supported"):
+        finetune_module.finetune(add_lora(tiny_llama(len(tokenizer)), LoraSettings(rank=2)), tokenizer,
+                                 load_split("forget01")[:4],
+                                 TrainConfig(batch_size=2, steps=1, device="cpu", progress=False))

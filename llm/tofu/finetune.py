@@ -139,6 +139,9 @@ def _session(model, config: TrainConfig, total_steps: int, run_dir, kind: str, n
     if _is_fsdp(session) and config.checkpoint_every is not None:
         raise ValueError("checkpoint_every is not supported under FSDP (a checkpoint would need the sharded "
                          "optimizer state); leave --checkpoint-every unset, or use DDP")
+    if _is_fsdp(session) and hasattr(model, "peft_config"):
+        raise ValueError("LoRA under FSDP is not supported (the adapters could not be merged into gathered "
+                         "weights): train LoRA with DDP (llm/tofu/accelerate/ddp.yaml)")
     return session
 
 
