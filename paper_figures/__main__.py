@@ -68,10 +68,10 @@ def make_figure(name: str, scale: str, device: str, output: str, recompute: bool
 
 
 def _same_config(cache_stem: str, config) -> bool:
-    from markovsim.results import read_json
+    from markovsim.results import read_json, to_strict_json
 
-    try:
-        return read_json(cache_stem + ".json").get("config") == metadata_block(config)["config"]
+    try:  # compare as JSON reads back (tuples become lists), else a tuple-valued config never matches
+        return read_json(cache_stem + ".json").get("config") == to_strict_json(metadata_block(config)["config"])[0]
     except ValueError:
         return False
 

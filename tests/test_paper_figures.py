@@ -276,3 +276,21 @@ def test_tofu_run_without_results_is_a_clear_error(tmp_path, capsys):
         main(arguments + ["--only", "relearning"])
     with pytest.raises(SystemExit, match="not a folder"):
         main(["--only", "relearning", "--tofu-run", str(tmp_path / "missing")])
+
+
+def test_cache_check_matches_a_tuple_valued_config_read_back_from_json(tmp_path):
+    """A config holding tuples is written as lists; the reuse check must still see it as the same config."""
+    import dataclasses
+
+    from markovsim.results import atomic_write_json, metadata_block
+    from paper_figures.__main__ import _same_config
+
+    @dataclasses.dataclass(frozen=True)
+    class Config:
+        seeds: tuple = (0, 1)
+        sources: tuple = ("tabular", "mixture")
+
+    stem = str(tmp_path / "cache")
+    atomic_write_json(stem + ".json", metadata_block(Config()))
+    assert _same_config(stem, Config())
+    assert not _same_config(stem, Config(seeds=(0, 2)))
