@@ -144,3 +144,23 @@ def test_no_relearn_steps_means_no_relearning_stages(base, tmp_path, capsys):
     assert cli.main(argv) == 0
     stages = json.loads(capsys.readouterr().out)["stages"]
     assert not [s for s in stages if s.startswith("relearn-")] and "report" in stages
+
+
+def test_a_relearning_run_of_s_steps_is_the_first_s_steps_of_a_longer_run(tmp_path):
+    import torch
+
+    from llm.checkpoint import checkpoint_path, load_checkpoint
+    from llm.tofu.finetune import finetune
+    from llm.tofu.relearn import relearn_config
+
+    tokenizer = tiny_tokenizer(chat=True)
+    pairs = load_split("forget01")[:8]
+    short, long = tiny_llama(len(tokenizer), seed=5), tiny_llama(len(tokenizer), seed=5)
+    runtime = dict(seed=0, device="cpu", progress=False)
+    finetune(short, tokenizer, pairs, relearn_config(2, 4, 1e-3, **runtime))
+    longer = relearn_config(3, 4, 1e-3, checkpoint_every=2, **runtime)
+    finetune(long, tokenizer, pairs, longer, tmp_path / "long")
+    state = load_checkpoint(checkpoint_path(tmp_path / "long", 2))[0]["model"]
+    for name, value in short.state_dict().items():
+        torch.testing.assert_close(state[name], value, rtol=0, atol=0)
+    assert not torch.equal(long.state_dict()["lm_head.weight"], short.state_dict()["lm_head.weight"])

@@ -276,6 +276,17 @@ class Protocol:
         spec = self.config.model
         return load_smollm2(progress=self.config.progress) if spec == "smollm2" else load_causal_lm(spec)
 
+    def _to_device(self, model):
+        """``model`` on the run's device for evaluation (this process's GPU in a launch of several)."""
+        import torch
+
+        from markovsim.runtime import resolve_device
+
+        device = resolve_device(self.config.device)
+        if device == "cuda":
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        return model.to(torch.device(device))
+
     def _train_model(self, model):
         if not self.config.lora:
             return model
@@ -348,6 +359,7 @@ class Protocol:
     def _evaluate(self, name: str) -> dict:
         c = self.config
         model, tokenizer = self._load(name)
+        model = self._to_device(model)
         sets = load_eval_sets(c.split, c.limit, exclude_questions={item.question for item in self.holdout_items()})
         result = evaluate_model(model, tokenizer, sets=sets, max_new_tokens=c.max_new_tokens,
                                 batch_size=c.eval_batch_size, progress=c.progress)
@@ -366,7 +378,7 @@ class Protocol:
 
         def load():
             model, tokenizer = self._load(slug)
-            return self._train_model(model), tokenizer
+            return self._train_model(self._to_device(model)), tokenizer  # step 0 is measured without training
 
         def make_config(steps: int) -> TrainConfig:
             return relearn_config(steps, min(c.relearn_batch_size, len(train_rows)), c.relearn_lr, seed=c.seed,
