@@ -47,7 +47,8 @@ MIN_K_FRACTION = 0.4
 SIGMA_FLOOR = 1e-12
 
 
-def next_token_statistics(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100):
+def next_token_statistics(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100,
+                          chunk_size: int = 256):
     """Per labelled token: log p of the label and mu / sigma of log p under the model's next-token distribution.
 
     HF shift convention (position j predicts ``labels[:, j + 1]``); computed in float64 on the labelled
@@ -60,6 +61,7 @@ def next_token_statistics(logits: torch.Tensor, labels: torch.Tensor, ignore_ind
 
     Args:
         logits: (B, T, V) from the model; labels: (B, T) int64, ``ignore_index`` where no token is scored.
+        chunk_size: labelled positions per float64 log-softmax (memory: a few chunk_size x V float64 arrays).
     Returns:
         token_logps, mu, sigma (B, T-1) float64 (0 where unlabelled) and mask (B, T-1) bool.
     """
@@ -68,14 +70,19 @@ def next_token_statistics(logits: torch.Tensor, labels: torch.Tensor, ignore_ind
                          f"{tuple(labels.shape)}")
     targets = labels[:, 1:]  # (B, T-1)
     mask = targets != ignore_index  # (B, T-1)
-    log_probs = torch.log_softmax(logits[:, :-1][mask].double(), dim=-1)  # (M, V): labelled positions only
-    probs = log_probs.exp()  # (M, V)
-    mu_m = (probs * log_probs).sum(-1)  # (M,)
-    sigma_m = ((probs * log_probs.square()).sum(-1) - mu_m.square()).clamp_min(0.0).sqrt()  # (M,)
-    picked = log_probs.gather(-1, targets[mask][:, None]).squeeze(-1)  # (M,)
+    rows, picked_ids = logits[:, :-1][mask], targets[mask]  # (M, V), (M,): labelled positions only
+    parts = []
+    for start in range(0, len(rows), chunk_size):  # float64 (chunk, V) temporaries: bounded memory
+        log_probs = torch.log_softmax(rows[start:start + chunk_size].double(), dim=-1)  # (m, V)
+        probs = log_probs.exp()  # (m, V)
+        mu = (probs * log_probs).sum(-1)  # (m,)
+        sigma = ((probs * log_probs.square()).sum(-1) - mu.square()).clamp_min(0.0).sqrt()  # (m,)
+        picked = log_probs.gather(-1, picked_ids[start:start + chunk_size, None]).squeeze(-1)  # (m,)
+        parts.append(torch.stack([picked, mu, sigma]))  # (3, m)
+    values = torch.cat(parts, dim=1) if parts else torch.zeros((3, 0), dtype=torch.float64)  # (3, M)
     out = [torch.zeros(mask.shape, dtype=torch.float64, device=logits.device) for _ in range(3)]
-    for tensor, values in zip(out, (picked, mu_m, sigma_m)):
-        tensor[mask] = values
+    for tensor, row in zip(out, values):
+        tensor[mask] = row
     return out[0], out[1], out[2], mask
 
 

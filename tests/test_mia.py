@@ -133,3 +133,14 @@ def test_tiny_model_scores_equal_a_direct_loop(chat):
             assert scores[name][i] == pytest.approx(direct[name], rel=1e-5, abs=1e-6), (name, i)
     summed = (stats["token_logps"] * stats["mask"]).sum(axis=1)
     assert summed == pytest.approx(answer_logps(model, tokenizer, questions, answers, batch_size=3)[0], rel=1e-5)
+
+
+def test_next_token_statistics_do_not_depend_on_the_chunk_size():
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 7, 11, generator=generator)  # (B, T, V)
+    labels = torch.randint(0, 11, (3, 7), generator=generator)
+    labels[0, :3], labels[2, 5:] = -100, -100
+    whole = mia.next_token_statistics(logits, labels, chunk_size=1000)
+    for chunked, full in zip(mia.next_token_statistics(logits, labels, chunk_size=2), whole):
+        assert torch.equal(chunked, full)
+    assert whole[3].sum() == 3 * 6 - 2 - 2  # labels at positions 1..6 scored; row 0 loses 1, 2; row 2 loses 5, 6
