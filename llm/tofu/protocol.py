@@ -42,6 +42,7 @@ from llm.config import TrainConfig
 from llm.models import save_model
 from markovsim.objectives import OBJECTIVES, Objective, get_objective
 from markovsim.results import atomic_write_json, read_json
+from markovsim.runtime import torch_threads
 
 from .data import FORGET_AUTHORS, ITEMS_PER_AUTHOR, NUM_AUTHORS, TofuItem, author_items, load_split
 from .evaluate import FORGET_SPLITS, evaluate_model, load_eval_sets, membership_scores
@@ -243,10 +244,10 @@ class Protocol:
             record = self._finetune(stage)
         elif stage.startswith("unlearn-"):
             record = self._unlearn(stage.removeprefix("unlearn-"))
-        elif stage.startswith("eval-"):
-            record = self._evaluate(stage.removeprefix("eval-"))
-        elif stage.startswith("relearn-"):
-            record = self._relearn(stage.removeprefix("relearn-"))
+        elif stage.startswith(("eval-", "relearn-")):
+            with torch_threads(self.config.num_threads):  # training sets its own; evaluation needs it here
+                record = (self._evaluate(stage.removeprefix("eval-")) if stage.startswith("eval-")
+                          else self._relearn(stage.removeprefix("relearn-")))
         else:
             from .report import write_report
 
