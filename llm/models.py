@@ -225,12 +225,14 @@ def load_model(path: str | os.PathLike, local_files_only: bool = True, progress:
                          f"{error}") from error
 
 
-def save_model(model, path: str | os.PathLike, progress: bool = True, tokenizer=None) -> None:
+def save_model(model, path: str | os.PathLike, progress: bool = True, tokenizer=None, state_dict=None) -> None:
     """``model.save_pretrained(path)`` (and ``tokenizer.save_pretrained(path)`` when given) atomically:
     written into a temporary sibling folder, then renamed.
 
     Readers therefore see the old folder or the complete new one, never a half-written model.
-    ``progress=False`` silences transformers' "Writing model shards" bar.
+    ``progress=False`` silences transformers' "Writing model shards" bar. ``state_dict`` (default: the
+    model's own) writes other weights with the model's config, e.g. the full weights that
+    ``accelerator.get_state_dict`` gathered from an FSDP-sharded model.
     """
     from .runtime import transformers_output
 
@@ -243,7 +245,7 @@ def save_model(model, path: str | os.PathLike, progress: bool = True, tokenizer=
     os.chmod(temporary, 0o777 & ~umask)  # mkdtemp's folder is private (0700); a model folder is not
     try:
         with transformers_output(progress):
-            model.save_pretrained(temporary)
+            model.save_pretrained(temporary, state_dict=state_dict)
             if tokenizer is not None:
                 tokenizer.save_pretrained(temporary)
         if os.path.isdir(path):

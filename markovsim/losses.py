@@ -47,6 +47,7 @@ __all__ = [
     "simnpo",
     "dpo",
     "wga",
+    "masked_ga",
     "nll",
     "kl",
     "gradient_weights",
@@ -218,6 +219,38 @@ def wga(token_logps: torch.Tensor, mask: torch.Tensor, alpha: float = 1.0) -> to
     weights = torch.exp(alpha * kept).detach()  # (B, T) sg(p_t^alpha); 1 on padding, times 0 below
     num_tokens = mask.sum(-1)  # (B,) int64
     return (weights * kept).sum(-1) / num_tokens  # (B,)
+
+
+def masked_ga(token_logps: torch.Tensor, mask: torch.Tensor, selected: torch.Tensor) -> torch.Tensor:
+    """Token-level gradient ascent on a subset of the response tokens (SeUL's forget term; docs/theory.md,
+    "Other unlearning methods").
+
+    L(y) = (1/|S_y|) sum_{t in S_y} log p_t,  S_y = {t : mask_t and selected_t},  p_t = pi_theta(y_t | x, y_<t);
+    L(y) = 0 for a row with no selected token (it contributes no gradient). With ``selected`` all true this is
+    ``ga`` (logps / |y|) exactly. d L / d token_logps_t = 1/|S_y| on selected tokens, 0 elsewhere.
+
+    Args:
+        token_logps: (B, T) float log p_t; padding (mask False) may hold any value.
+        mask: (B, T) bool or 0/1, True on response tokens; every row needs at least one.
+        selected: (B, T) bool or 0/1, True on the tokens to unlearn (SeUL's sensitive spans); only its
+            intersection with ``mask`` counts.
+
+    Returns: (B,) per-sequence losses.
+    """
+    check_float("token_logps", token_logps)
+    if token_logps.ndim != 2:
+        raise ValueError(f"token_logps must have shape (B, T), got {tuple(token_logps.shape)}")
+    mask = check_mask(mask, token_logps.shape)
+    check_token_values("token_logps", token_logps, mask, allow_neg_inf=False)
+    check_nonempty(mask)
+    if not isinstance(selected, torch.Tensor) or selected.shape != token_logps.shape:
+        got = tuple(selected.shape) if isinstance(selected, torch.Tensor) else type(selected).__name__
+        raise ValueError(f"selected must be a (B, T) tensor shaped like token_logps "
+                         f"{tuple(token_logps.shape)}, got {got}")
+    selected = check_mask(selected, token_logps.shape) & mask  # (B, T)
+    kept = torch.where(selected, token_logps, 0.0)  # (B, T)
+    count = selected.sum(-1)  # (B,) int64 |S_y|
+    return kept.sum(-1) / count.clamp_min(1)  # (B,), 0 where nothing is selected
 
 
 # --- Retain terms, per sequence (B,) ---------------------------------------------------------------------

@@ -10,8 +10,16 @@ data parallelism, NaN guard, JSONL metrics, checkpoints with exact resume), the 
     unlearning   objective_terms(model, objective, forget batch, forget_ref_logps, retain batch)
 
 NPO's reference log-likelihoods of the forget answers are computed once from the starting model
-(:func:`llm.tofu.scoring.answer_logps`) and passed with each batch: no second model in memory.
+(:func:`llm.tofu.scoring.answer_logps`, on the run's device and under its bf16 autocast, as the
+training forward passes are) and passed with each batch: no second model in memory.
 Labels sit on answer tokens + EOS only (:mod:`llm.tofu.format`).
+
+Several processes (``accelerate launch`` / ``torchrun``; the configs in ``llm/tofu/accelerate/``):
+every process computes the same global batch and trains on its shard (DDP: numbers equal one process
+at the same global batch); under FSDP the final weights are gathered into ``TrainOutcome.state_dict``
+on the main process (``accelerator.get_state_dict``). :func:`save_trained` writes a trained model from
+the main process only; :func:`is_main_process` and :func:`wait_for_everyone` let callers write their
+own files once.
 """
 
 from __future__ import annotations
@@ -19,14 +27,16 @@ from __future__ import annotations
 import copy
 import os
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
 from llm.checkpoint import latest_checkpoint
 from llm.config import TrainConfig
 from llm.data import FORGET_STREAM, RETAIN_STREAM, batch_indices, shard
+from llm.models import save_model
 from llm.objective import BatchCounts, UnlearningBatch, objective_terms, retain_term
+from llm.runtime import autocast, is_distributed_launch, resolve_device
 from llm.session import Session
 from markovsim.config import divergence_reason
 from markovsim.losses import NEEDS_REFERENCE
@@ -37,7 +47,7 @@ from .data import TofuItem
 from .format import collate, format_example
 from .scoring import answer_logps
 
-__all__ = ["Examples", "TrainOutcome", "finetune", "unlearn"]
+__all__ = ["Examples", "TrainOutcome", "finetune", "unlearn", "save_trained", "is_main_process", "wait_for_everyone"]
 
 _FINETUNE_OBJECTIVE = Objective("ga", "nll")  # only its nll retain term is used: the fine-tuning loss
 
@@ -66,12 +76,79 @@ class Examples:
 
 @dataclass(frozen=True)
 class TrainOutcome:
-    """What a stage's training did: steps run, the last loss, and the divergence (None when none)."""
+    """What a stage's training did: steps run, the last loss, and the divergence (None when none).
+
+    ``state_dict``: under FSDP (sharded weights), the full trained weights gathered on the main
+    process (``accelerator.get_state_dict``; empty on the others); None otherwise, where the model
+    object itself holds the trained weights. Pass the outcome to :func:`save_trained`.
+    """
 
     steps: int
     last_loss: float
     diverged_at: int | None = None
     reason: str | None = None
+    state_dict: dict | None = field(default=None, repr=False, compare=False)
+
+
+def is_main_process() -> bool:
+    """True in a single process and in process 0 of a launch (``accelerate launch`` / ``torchrun``)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def wait_for_everyone(device: str = "auto") -> None:
+    """A barrier across the processes of a launch (a no-op in a single process).
+
+    ``device`` is the run's device setting: before any training stage has set up the processes'
+    communication, it picks the backend as the training does (gloo for "cpu", else nccl on CUDA).
+    """
+    if is_distributed_launch():
+        from accelerate import PartialState
+
+        PartialState(cpu=resolve_device(device) == "cpu").wait_for_everyone()
+
+
+def save_trained(model, tokenizer, path, outcome: TrainOutcome | None = None, merge_lora: bool = False,
+                 device: str = "auto") -> None:
+    """Write a model trained by :func:`finetune` / :func:`unlearn` (and its tokenizer) to ``path``, once.
+
+    Collective: every process calls it; the main process writes (atomically,
+    :func:`llm.models.save_model`) and the others wait (``device``: see :func:`wait_for_everyone`).
+    Under FSDP the weights written are ``outcome.state_dict`` (gathered from the shards); otherwise
+    the model's own. ``merge_lora`` folds LoRA adapters into the weights first.
+    """
+    sharded = outcome is not None and outcome.state_dict is not None
+    if sharded and merge_lora:
+        raise ValueError("LoRA under FSDP is not supported: train LoRA with DDP (llm/tofu/accelerate/ddp.yaml)")
+    if is_main_process():
+        if merge_lora:
+            model = model.merge_and_unload()  # a plain model: the adapters folded into the weights
+        save_model(model, path, progress=False, tokenizer=tokenizer, state_dict=outcome.state_dict if sharded else None)
+    wait_for_everyone(device)
+
+
+def _is_fsdp(session: Session) -> bool:
+    from accelerate.utils import DistributedType
+
+    return session.accelerator.distributed_type == DistributedType.FSDP
+
+
+def _session(model, config: TrainConfig, total_steps: int, run_dir, kind: str, names: tuple[str, ...]) -> Session:
+    session = Session(model, config, total_steps, run_dir, kind, names)
+    if _is_fsdp(session) and config.checkpoint_every is not None:
+        raise ValueError("checkpoint_every is not supported under FSDP (a checkpoint would need the sharded "
+                         "optimizer state); leave --checkpoint-every unset, or use DDP")
+    if _is_fsdp(session) and hasattr(model, "peft_config"):
+        raise ValueError("LoRA under FSDP is not supported (the adapters could not be merged into gathered "
+                         "weights): train LoRA with DDP (llm/tofu/accelerate/ddp.yaml)")
+    return session
+
+
+def _outcome(session: Session, steps: int, last_loss: float, diverged_at=None, reason=None) -> TrainOutcome:
+    """The stage's outcome; under FSDP the full weights are gathered (a collective: every process calls it)."""
+    state = session.accelerator.get_state_dict(session.model) if _is_fsdp(session) else None
+    return TrainOutcome(steps, last_loss, diverged_at, reason, state)
 
 
 def _resume_flag(run_dir) -> bool:
@@ -97,13 +174,13 @@ def _loop(session: Session, forward, description: str, threshold) -> TrainOutcom
         reason = outcome.reason or threshold(outcome.values)
         if reason is not None:
             bar.close()
-            return TrainOutcome(step, outcome.values["total"], step, reason)
+            return _outcome(session, step, outcome.values["total"], step, reason)
         loss = outcome.values["total"]
         session.log.append({"kind": "train", "step": step, **outcome.values, "grad_norm": outcome.grad_norm,
                             "learning_rate": session.scheduler.get_last_lr()[0]})
         session.advance(step, loss, bar, lambda: {})
     bar.close()
-    return TrainOutcome(session.total_steps, loss)
+    return _outcome(session, session.total_steps, loss)
 
 
 def finetune(model, tokenizer, items: Sequence[TofuItem], config: TrainConfig, run_dir=None,
@@ -115,7 +192,7 @@ def finetune(model, tokenizer, items: Sequence[TofuItem], config: TrainConfig, r
     """
     data = Examples.build(tokenizer, items)
     with torch_threads(config.num_threads):
-        session = Session(model, config, config.total_steps(len(data)), run_dir, "tofu-finetune", ("total",))
+        session = _session(model, config, config.total_steps(len(data)), run_dir, "tofu-finetune", ("total",))
 
         def forward(step: int) -> dict:
             rows = batch_indices(len(data), config.batch_size, step, config.seed, RETAIN_STREAM)
@@ -141,13 +218,16 @@ def unlearn(model, tokenizer, objective: Objective, forget: Sequence[TofuItem], 
     if objective.retain is not None and not retain:
         raise ValueError(f"objective has retain term {objective.retain!r}: pass retain pairs")
     with torch_threads(config.num_threads):
-        ref = None
-        if objective.forget in NEEDS_REFERENCE:  # cached once from the starting model
-            ref = torch.as_tensor(answer_logps(model, tokenizer, [i.question for i in forget],
-                                               [i.answer for i in forget], config.eval_batch_size)[0])  # (n_f,)
         reference = copy.deepcopy(model).eval().requires_grad_(False) if objective.retain == "kl" else None
-        session = Session(model, config, config.total_steps(len(forget_data)), run_dir, "tofu-unlearn",
-                          ("total", "forget", "retain", "logp_per_token"))
+        session = _session(model, config, config.total_steps(len(forget_data)), run_dir, "tofu-unlearn",
+                           ("total", "forget", "retain", "logp_per_token"))
+        if reference is not None:
+            reference.to(session.device)
+        ref = None
+        if objective.forget in NEEDS_REFERENCE:  # cached once from the starting model, before any resume
+            with autocast(session.device.type, session.bf16):
+                ref = torch.as_tensor(answer_logps(session.model, tokenizer, [i.question for i in forget],
+                                                   [i.answer for i in forget], config.eval_batch_size)[0])  # (n_f,)
 
         def forward(step: int) -> dict:
             rank, world, device = session.accelerator.process_index, session.num_processes, session.device

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -81,15 +82,36 @@ def load_causal_lm(path_or_name: str | os.PathLike, dtype: torch.dtype = torch.f
     return model.eval(), tokenizer
 
 
-def load_smollm2(cache_dir: str | os.PathLike | None = None, progress: bool = False):
+def load_smollm2(cache_dir: str | os.PathLike | None = None, progress: bool = False, wait_seconds: float = 900.0):
     """(model, tokenizer) of SmolLM2-135M-Instruct, converted from the package's GGUF on first use, then cached.
 
     Args:
         cache_dir: the folder of the converted checkpoint; default :func:`default_cache_dir`.
         progress: show transformers' conversion/loading bars.
+        wait_seconds: in a launch of several processes, the first process of each machine
+            (``LOCAL_RANK`` 0) converts and the others poll the cache folder until it is complete
+            (one rename), for at most this long; no process group is needed for that.
     """
     path = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    if not all((path / name).is_file() for name in _NEEDED):
-        model, tokenizer = convert_gguf(smollm2_gguf_path(), progress)
-        save_model(model, path, progress=progress, tokenizer=tokenizer)  # atomic: temp folder + rename
+    if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # one converter per machine
+        if not _cached(path):
+            model, tokenizer = convert_gguf(smollm2_gguf_path(), progress)
+            save_model(model, path, progress=progress, tokenizer=tokenizer)  # atomic: temp folder + rename
+    else:
+        _wait_for_cache(path, wait_seconds)
     return load_causal_lm(path, progress=progress)
+
+
+def _cached(path: Path) -> bool:
+    return all((path / name).is_file() for name in _NEEDED)
+
+
+def _wait_for_cache(path: Path, wait_seconds: float) -> None:
+    """Poll until the first process of this machine has written the converted checkpoint (one rename)."""
+    deadline = time.monotonic() + wait_seconds
+    while not _cached(path):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the first process (LOCAL_RANK 0) did not write the SmolLM2 cache {path} within "
+                               f"{wait_seconds:.0f} s; convert it once in a single process (python -c "
+                               f"'from llm.tofu.model import load_smollm2; load_smollm2()') and launch again")
+        time.sleep(0.5)
