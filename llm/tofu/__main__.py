@@ -4,6 +4,10 @@
     python -m llm.tofu stage NAME [NAME ...] --split ... --out DIR [flags]    (named stages, inputs done first)
     python -m llm.tofu stages --split ... --methods ... --out DIR             (list the stages and which are done)
 
+Every run also scores membership inference (forget pairs against the held-out authors of
+``--holdout-first-author``) and runs the relearning attack after each of ``--relearn-steps`` (none
+given: no relearning); see :mod:`llm.tofu.protocol` and :mod:`llm.tofu.relearn`.
+
 ``run`` skips the stages already done in DIR, so the same command continues a killed run. Every
 stage shows a progress bar (``--no-progress`` silences them). Bad input exits with status 2 and one
 ``error:`` line (``--debug`` shows the traceback). A CPU smoke run on SmolLM2-135M::
