@@ -12,7 +12,8 @@ from llm.tofu.evaluate import evaluate_model, load_eval_sets
 from llm.tofu.protocol import Protocol, ProtocolConfig, method_objective
 
 TINY = ["--limit", "4", "--batch-size", "4", "--finetune-steps", "2", "--unlearn-steps", "1",
-        "--max-new-tokens", "3", "--eval-batch-size", "64", "--no-progress", "--device", "cpu"]
+        "--max-new-tokens", "3", "--eval-batch-size", "64", "--no-progress", "--device", "cpu",
+        "--relearn-steps", "0", "1"]
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +73,7 @@ def test_run_all_stages_then_resume_after_a_kill(base, tmp_path, capsys):
 def test_lora_variant_and_single_stages(base, tmp_path):
     config = ProtocolConfig(split="forget01", methods=("GradDiff",), model=base, limit=4, batch_size=4,
                             finetune_steps=1, unlearn_steps=1, max_new_tokens=2, eval_batch_size=64, lora=True,
-                            progress=False, device="cpu")
+                            progress=False, device="cpu", relearn_steps=(1,))
     protocol = Protocol(config, tmp_path / "lora")
     with pytest.raises(ValueError, match="needs stage"):
         protocol.run_stage("unlearn-graddiff")

@@ -4,6 +4,10 @@
     python -m llm.tofu stage NAME [NAME ...] --split ... --out DIR [flags]    (named stages, inputs done first)
     python -m llm.tofu stages --split ... --methods ... --out DIR             (list the stages and which are done)
 
+Every run also scores membership inference (forget pairs against the held-out authors of
+``--holdout-first-author``) and runs the relearning attack after each of ``--relearn-steps`` (none
+given: no relearning); see :mod:`llm.tofu.protocol` and :mod:`llm.tofu.relearn`.
+
 ``run`` skips the stages already done in DIR, so the same command continues a killed run. Every
 stage shows a progress bar (``--no-progress`` silences them). Bad input exits with status 2 and one
 ``error:`` line (``--debug`` shows the traceback). A CPU smoke run on SmolLM2-135M::
@@ -62,6 +66,17 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
     add("--num-threads", type=_none_or(int), default=d.num_threads)
     add("--checkpoint-every", type=_none_or(int), default=d.checkpoint_every,
         help="checkpoint inside a training stage every N steps (a killed stage resumes from it)")
+    add("--holdout-first-author", type=int, default=d.holdout_first_author,
+        help=f"first of the authors held out of fine-tuning as membership-inference non-members, as many as the "
+             f"forget split has (default {d.holdout_first_author}: the middle of retain90)")
+    add("--relearn-steps", type=int, nargs="*", default=list(d.relearn_steps), metavar="STEPS",
+        help=f"relearning attack: step counts to measure after (default {' '.join(map(str, d.relearn_steps))}; "
+             f"none given = no relearning)")
+    add("--relearn-items-per-author", type=int, default=d.relearn_items_per_author,
+        help=f"relearning pairs per forget author, the first N of its 20 (default {d.relearn_items_per_author}); "
+             f"measured on the others")
+    add("--relearn-batch-size", type=int, default=d.relearn_batch_size)
+    add("--relearn-lr", type=float, default=d.relearn_lr, help=f"AdamW, constant (default {d.relearn_lr:g})")
     add("--progress", action=argparse.BooleanOptionalAction, default=d.progress)
     add("--debug", action="store_true", help="show the traceback of an error")
 
@@ -85,7 +100,9 @@ def config_from_args(args: argparse.Namespace) -> ProtocolConfig:
         finetune_lr=args.finetune_lr, unlearn_epochs=unlearn_epochs, unlearn_steps=args.unlearn_steps,
         unlearn_lr=args.unlearn_lr, max_new_tokens=args.max_new_tokens, eval_batch_size=args.eval_batch_size,
         lora=args.lora, lora_rank=args.lora_rank, seed=args.seed, device=args.device, num_threads=args.num_threads,
-        checkpoint_every=args.checkpoint_every, progress=args.progress)
+        checkpoint_every=args.checkpoint_every, progress=args.progress, holdout_first_author=args.holdout_first_author,
+        relearn_steps=tuple(args.relearn_steps), relearn_items_per_author=args.relearn_items_per_author,
+        relearn_batch_size=args.relearn_batch_size, relearn_lr=args.relearn_lr)
 
 
 def _execute(args: argparse.Namespace) -> dict:

@@ -10,6 +10,9 @@ Three kinds of file, by the fields each line must carry (all strings unless note
     facts       question, answer, perturbed_answer (non-empty list)     real_authors_perturbed, world_facts_perturbed
 
 Extra fields are ignored. A malformed line raises ``ValueError`` naming the file, the line and the field.
+
+Authors: ``full`` is 200 fictitious authors x 20 QA pairs, in order (author a = items 20a .. 20a + 19).
+forget01 / forget05 / forget10 are the last 2 / 10 / 20 authors, retain99 / 95 / 90 the others.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["DATA_DIR", "SPLITS", "SPLIT_KINDS", "TofuItem", "load_split", "split_path"]
+__all__ = ["DATA_DIR", "SPLITS", "SPLIT_KINDS", "NUM_AUTHORS", "ITEMS_PER_AUTHOR", "FORGET_AUTHORS", "TofuItem",
+           "load_split", "split_path", "author_items"]
 
 DATA_DIR = Path(__file__).resolve().parent / "data"
 
@@ -38,6 +42,8 @@ SPLIT_KINDS: dict[str, tuple[str, ...]] = {
     "real_authors_perturbed": _FACTS, "world_facts_perturbed": _FACTS,
 }
 SPLITS: tuple[str, ...] = tuple(SPLIT_KINDS)
+NUM_AUTHORS, ITEMS_PER_AUTHOR = 200, 20
+FORGET_AUTHORS = {"forget01": 2, "forget05": 10, "forget10": 20}  # the last N authors of ``full``
 
 
 @dataclass(frozen=True)
@@ -110,3 +116,14 @@ def load_split(name: str, data_dir: str | os.PathLike | None = None) -> list[Tof
     if not items:
         raise ValueError(f"{path}: no items")
     return items
+
+
+def author_items(authors, data_dir: str | os.PathLike | None = None) -> list[TofuItem]:
+    """The 20 QA pairs of each author index in ``authors`` (0..199), from ``full``, in the given order."""
+    full = load_split("full", data_dir)
+    if len(full) != NUM_AUTHORS * ITEMS_PER_AUTHOR:
+        raise ValueError(f"full has {len(full)} items, not {NUM_AUTHORS} authors x {ITEMS_PER_AUTHOR}")
+    bad = [a for a in authors if isinstance(a, bool) or not isinstance(a, int) or not 0 <= a < NUM_AUTHORS]
+    if bad:
+        raise ValueError(f"author indices must be ints in [0, {NUM_AUTHORS}), got {bad}")
+    return [item for a in authors for item in full[a * ITEMS_PER_AUTHOR:(a + 1) * ITEMS_PER_AUTHOR]]

@@ -10,21 +10,24 @@ The four evaluation sets and what each metric compares (:mod:`llm.tofu.metrics` 
 
 ROUGE-L recall is of the greedy answer against the true answer on every set. Model utility is the
 harmonic mean of the 9 numbers on retain, real_authors and world_facts; forget quality compares the
-forget-set truth ratios (kept per item in the result) with the retain model's.
+forget-set truth ratios (kept per item in the result) with the retain model's. :func:`membership_scores`
+gives the per-item membership-inference scores of :mod:`llm.mia` (forget items against holdout items).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 
 import numpy as np
 
+from llm import mia
+
 from . import metrics
 from .data import TofuItem, load_split
-from .scoring import answer_logps, generate_answers, perturbed_logps
+from .scoring import answer_logps, answer_token_statistics, generate_answers, perturbed_logps
 
 __all__ = ["EVAL_SETS", "FORGET_SPLITS", "eval_set_files", "load_eval_sets", "evaluate_set", "evaluate_model",
-           "forget_quality"]
+           "forget_quality", "membership_scores"]
 
 FORGET_SPLITS = ("forget01", "forget05", "forget10")
 EVAL_SETS = ("forget", "retain", "real_authors", "world_facts")
@@ -38,15 +41,17 @@ def eval_set_files(forget_split: str) -> dict[str, str]:
             "real_authors": "real_authors_perturbed", "world_facts": "world_facts_perturbed"}
 
 
-def load_eval_sets(forget_split: str, limit: int | None = None,
-                   limit_forget: bool = False) -> dict[str, list[TofuItem]]:
+def load_eval_sets(forget_split: str, limit: int | None = None, limit_forget: bool = False,
+                   exclude_questions: Collection[str] = ()) -> dict[str, list[TofuItem]]:
     """The four evaluation sets; ``limit`` keeps the first N items of retain / real_authors / world_facts
-    (and of forget when ``limit_forget``): the CPU smoke-run scale."""
+    (and of forget when ``limit_forget``): the CPU smoke-run scale. Items of the sets other than forget
+    whose question is in ``exclude_questions`` (the holdout authors' pairs) are dropped before the limit."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
         raise ValueError(f"limit must be an int >= 1 or None, got {limit!r}")
+    excluded = frozenset(exclude_questions)
     sets = {}
     for name, split in eval_set_files(forget_split).items():
-        items = load_split(split)
+        items = [i for i in load_split(split) if name == "forget" or i.question not in excluded]
         cut = limit is not None and (name != "forget" or limit_forget)
         sets[name] = items[:limit] if cut else items
     return sets
@@ -112,3 +117,16 @@ def forget_quality(result: Mapping, retain_result: Mapping) -> float:
     """KS-test p-value between the forget truth ratios of ``result`` and of the retain model's ``retain_result``."""
     return metrics.forget_quality(np.asarray(result["sets"]["forget"]["truth_ratios"]),
                                   np.asarray(retain_result["sets"]["forget"]["truth_ratios"]))
+
+
+def membership_scores(model, tokenizer, items: Sequence[TofuItem], batch_size: int = 16,
+                      k: float = mia.MIN_K_FRACTION) -> dict[str, list[float]]:
+    """Per-item scores of every attack of :mod:`llm.mia` (higher = more likely a member) on the items' answers.
+
+    Returns ``{"loss": [N floats], "zlib": [...], "min_k": [...], "min_k_plus_plus": [...]}``; the ZLib
+    denominator is the compressed answer text.
+    """
+    answers = [item.answer for item in items]
+    stats = answer_token_statistics(model, tokenizer, [item.question for item in items], answers, batch_size)
+    scores = mia.attack_scores(stats["token_logps"], stats["mu"], stats["sigma"], stats["mask"], answers, k)
+    return {name: values.tolist() for name, values in scores.items()}

@@ -1,20 +1,32 @@
-"""The TOFU protocol as resumable stages: fine-tune target and retain models, unlearn, evaluate, report.
+"""The TOFU protocol as resumable stages: fine-tune target and retain models, unlearn, evaluate, relearn, report.
 
     stage             input            does                                               output
-    target            base model       fine-tune on full = forgetXX + retainYY pairs      models/target/
-    retain            base model       fine-tune on retainYY pairs (the gold standard)    models/retain/
+    target            base model       fine-tune on forgetXX + retainYY pairs (no holdout) models/target/
+    retain            base model       fine-tune on retainYY pairs (no holdout)            models/retain/
     unlearn-<method>  models/target    unlearn forgetXX (retain batches: retainYY)         models/<method>/
-    eval-<model>      models/<model>   every metric of llm.tofu.evaluate                  (its stage record)
-    report            every eval       forget quality vs the retain model, utility        results.json, .md
+    eval-<model>      models/<model>   every metric of llm.tofu.evaluate, and the          (its stage record)
+                                       membership scores of forget and holdout pairs
+    relearn-<method>  models/<method>  the relearning attack (llm.tofu.relearn)            (its stage record)
+    report            every eval and   forget quality vs the retain model, utility, MIA    results.json, .md
+                      relearn stage    AUCs and PrivLeak, relearning curves
+
+Holdout authors: membership inference needs pairs neither model saw (TOFU's own holdout splits are
+not in our data). As many whole authors as the forget split has (2 / 10 / 20), starting at author
+``holdout_first_author`` (default 90, the middle of retain90, never in a forget split nor in the
+retain evaluation set, which holds authors 0-22), are removed from both fine-tuning sets, from the
+unlearning retain batches and from the retain evaluation set; their 20 pairs each are the
+non-members of the MIA (``full`` items 20a .. 20a + 19 of author a).
 
 Every stage ends by writing ``stages/<stage>.json`` atomically (after its model folder, itself written
 through a temporary folder and one rename): a stage is done exactly when that file exists, so a killed
 run, started again with the same command, skips the finished stages and redoes (or, with
-``checkpoint_every``, resumes inside) the one it was killed in. ``config.json`` records the settings of
-the folder; a rerun with different settings (other than the method list and runtime options) is refused.
+``checkpoint_every``, resumes inside; relearning resumes at its next step count) the one it was killed
+in. ``config.json`` records the settings of the folder; a rerun with different settings (other than
+the method list and runtime options) is refused.
 
-``limit`` (the CPU smoke-run scale) keeps the first N retain pairs for training and the first N items
-of retain / real_authors / world_facts for evaluation; the forget set is always whole.
+``limit`` (the CPU smoke-run scale) keeps the first N retain pairs (after removing the holdout
+authors) for training and the first N items of retain / real_authors / world_facts for evaluation;
+the forget set and the holdout set are always whole.
 """
 
 from __future__ import annotations
@@ -30,9 +42,11 @@ from llm.config import TrainConfig
 from llm.models import save_model
 from markovsim.objectives import OBJECTIVES, Objective, get_objective
 from markovsim.results import atomic_write_json, read_json
+from markovsim.runtime import torch_threads
 
-from .data import load_split
-from .evaluate import FORGET_SPLITS, evaluate_model, load_eval_sets
+from .data import FORGET_AUTHORS, ITEMS_PER_AUTHOR, NUM_AUTHORS, TofuItem, author_items, load_split
+from .evaluate import FORGET_SPLITS, evaluate_model, load_eval_sets, membership_scores
+from .relearn import check_step_counts, relearn_config, relearning_curve, split_forget
 
 __all__ = ["RETAIN_SPLITS", "SIMNPO_SETTINGS", "ProtocolConfig", "method_objective", "method_slug", "Protocol"]
 
@@ -42,6 +56,7 @@ RETAIN_SPLITS = {"forget01": "retain99", "forget05": "retain95", "forget10": "re
 SIMNPO_SETTINGS = {"forget01": (2.5, 0.1375), "forget05": (2.5, 0.1375), "forget10": (4.5, 0.125)}
 # Settings that do not change the numbers: a rerun may change them.
 _RUNTIME_FIELDS = ("methods", "progress", "device", "num_threads", "checkpoint_every")
+_RETAIN90_AUTHORS = NUM_AUTHORS - FORGET_AUTHORS["forget10"]  # authors 0-179: in no forget split
 
 
 def method_objective(method: str, split: str) -> Objective:
@@ -75,6 +90,12 @@ class ProtocolConfig:
     epoch) at a learning rate of 1e-4, under which SmolLM2-135M memorises the pairs (TOFU's 1e-5 is for
     7B models); unlearning follows the official SimNPO / TOFU recipe (10 epochs, lr 1e-5, batch 32 on a
     GPU; the CPU smoke run uses fewer steps and a smaller batch).
+
+    Membership inference holds out authors ``holdout_first_author`` .. + (2 / 10 / 20) - 1 (see the
+    module docstring). The relearning attack (:mod:`llm.tofu.relearn`) fine-tunes each unlearned model
+    on the first ``relearn_items_per_author`` pairs of every forget author (batch ``relearn_batch_size``,
+    AdamW at a constant ``relearn_lr``) for each step count of ``relearn_steps`` (empty: no relearning)
+    and measures the other pairs.
     """
 
     split: str = "forget10"
@@ -97,6 +118,11 @@ class ProtocolConfig:
     num_threads: int | None = None
     checkpoint_every: int | None = None
     progress: bool = True
+    holdout_first_author: int = 90
+    relearn_steps: tuple[int, ...] = (0, 10, 25, 50)
+    relearn_items_per_author: int = 4
+    relearn_batch_size: int = 4
+    relearn_lr: float = 1e-5
 
     def __post_init__(self) -> None:
         if self.split not in FORGET_SPLITS:
@@ -107,12 +133,27 @@ class ProtocolConfig:
             method_objective(method, self.split)
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods repeat a name: {list(self.methods)}")
-        for name in ("batch_size", "max_new_tokens", "eval_batch_size", "lora_rank"):
+        for name in ("batch_size", "max_new_tokens", "eval_batch_size", "lora_rank", "relearn_batch_size"):
             _positive(name, getattr(self, name))
         for name in ("limit", "finetune_steps", "unlearn_steps", "num_threads", "checkpoint_every"):
             _positive(name, getattr(self, name), optional=True)
-        for name in ("finetune_epochs", "finetune_lr", "unlearn_epochs", "unlearn_lr"):
+        for name in ("finetune_epochs", "finetune_lr", "unlearn_epochs", "unlearn_lr", "relearn_lr"):
             _positive(name, getattr(self, name), kind=float)
+        object.__setattr__(self, "relearn_steps", check_step_counts(self.relearn_steps))
+        split_forget(ITEMS_PER_AUTHOR, self.relearn_items_per_author)  # checks the count
+        first, last = self.holdout_first_author, _RETAIN90_AUTHORS - self.num_forget_authors
+        if isinstance(first, bool) or not isinstance(first, int) or not 0 <= first <= last:
+            raise ValueError(f"holdout_first_author must be an int in [0, {last}] (the {self.num_forget_authors} "
+                             f"holdout authors lie in retain90's authors 0-{_RETAIN90_AUTHORS - 1}), got {first!r}")
+
+    @property
+    def num_forget_authors(self) -> int:
+        return FORGET_AUTHORS[self.split]
+
+    @property
+    def holdout_authors(self) -> list[int]:
+        """The held-out authors: as many as the forget split has, from ``holdout_first_author`` on."""
+        return list(range(self.holdout_first_author, self.holdout_first_author + self.num_forget_authors))
 
     @property
     def retain_split(self) -> str:
@@ -150,8 +191,9 @@ class Protocol:
     def stages(self) -> list[str]:
         """Every stage, in order."""
         c = self.config
+        relearn = [f"relearn-{method_slug(m)}" for m in c.methods] if c.relearn_steps else []
         return (["target", "retain"] + [f"unlearn-{method_slug(m)}" for m in c.methods]
-                + [f"eval-{name}" for name in self.model_names()] + ["report"])
+                + [f"eval-{name}" for name in self.model_names()] + relearn + ["report"])
 
     def stage_path(self, stage: str) -> Path:
         return self.out / "stages" / f"{stage}.json"
@@ -202,8 +244,10 @@ class Protocol:
             record = self._finetune(stage)
         elif stage.startswith("unlearn-"):
             record = self._unlearn(stage.removeprefix("unlearn-"))
-        elif stage.startswith("eval-"):
-            record = self._evaluate(stage.removeprefix("eval-"))
+        elif stage.startswith(("eval-", "relearn-")):
+            with torch_threads(self.config.num_threads):  # training sets its own; evaluation needs it here
+                record = (self._evaluate(stage.removeprefix("eval-")) if stage.startswith("eval-")
+                          else self._relearn(stage.removeprefix("relearn-")))
         else:
             from .report import write_report
 
@@ -218,8 +262,10 @@ class Protocol:
         if stage.startswith("eval-"):
             name = stage.removeprefix("eval-")
             return [name if name in ("target", "retain") else f"unlearn-{name}"]
+        if stage.startswith("relearn-"):
+            return [f"unlearn-{stage.removeprefix('relearn-')}", "eval-retain"]
         if stage == "report":
-            return [f"eval-{name}" for name in self.model_names()]
+            return [s for s in self.stages() if s.startswith(("eval-", "relearn-"))]
         return []
 
     def _load(self, name: str | None):
@@ -230,6 +276,17 @@ class Protocol:
             return load_causal_lm(self.model_path(name))
         spec = self.config.model
         return load_smollm2(progress=self.config.progress) if spec == "smollm2" else load_causal_lm(spec)
+
+    def _to_device(self, model):
+        """``model`` on the run's device for evaluation (this process's GPU in a launch of several)."""
+        import torch
+
+        from markovsim.runtime import resolve_device
+
+        device = resolve_device(self.config.device)
+        if device == "cuda":
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"
+        return model.to(torch.device(device))
 
     def _train_model(self, model):
         if not self.config.lora:
@@ -249,11 +306,33 @@ class Protocol:
         path.mkdir(parents=True, exist_ok=True)
         return path
 
+    # ----- data ---------------------------------------------------------------------------------------------
+    def holdout_items(self) -> list[TofuItem]:
+        """The holdout authors' pairs (membership-inference non-members), from ``full``."""
+        return author_items(self.config.holdout_authors)
+
+    def retain_items(self) -> list[TofuItem]:
+        """The retain split without the holdout authors' pairs, then the first ``limit`` of them."""
+        held = {item.question for item in self.holdout_items()}
+        return [item for item in load_split(self.config.retain_split) if item.question not in held][:self.config.limit]
+
+    def holdout_record(self) -> dict:
+        """Which pairs are held out (for results.json)."""
+        authors = self.config.holdout_authors
+        return {"authors": authors, "full_items": [authors[0] * ITEMS_PER_AUTHOR, (authors[-1] + 1) * ITEMS_PER_AUTHOR],
+                "num_items": len(authors) * ITEMS_PER_AUTHOR,
+                "removed_from": ["target and retain fine-tuning", "unlearning retain batches", "retain evaluation set"]}
+
+    def relearn_rows(self) -> tuple[list[int], list[int]]:
+        """(relearning rows, evaluation rows) of the forget set (:func:`llm.tofu.relearn.split_forget`)."""
+        return split_forget(len(load_split(self.config.split)), self.config.relearn_items_per_author)
+
+    # ----- stages -------------------------------------------------------------------------------------------
     def _finetune(self, name: str) -> dict:
         from .finetune import finetune
 
         c = self.config
-        retain = load_split(c.retain_split)[:c.limit]
+        retain = self.retain_items()
         items = (load_split(c.split) + retain) if name == "target" else retain
         model, tokenizer = self._load(None)
         trained = self._train_model(model)
@@ -268,7 +347,7 @@ class Protocol:
         c = self.config
         method = next(m for m in c.methods if method_slug(m) == slug)
         objective = method_objective(method, c.split)
-        forget, retain = load_split(c.split), load_split(c.retain_split)[:c.limit]
+        forget, retain = load_split(c.split), self.retain_items()
         model, tokenizer = self._load("target")
         config = c.train_config("unlearn", len(forget))
         trained = self._train_model(model)
@@ -281,10 +360,37 @@ class Protocol:
     def _evaluate(self, name: str) -> dict:
         c = self.config
         model, tokenizer = self._load(name)
-        sets = load_eval_sets(c.split, c.limit)
+        model = self._to_device(model)
+        sets = load_eval_sets(c.split, c.limit, exclude_questions={item.question for item in self.holdout_items()})
         result = evaluate_model(model, tokenizer, sets=sets, max_new_tokens=c.max_new_tokens,
                                 batch_size=c.eval_batch_size, progress=c.progress)
-        return {"model": name, "result": result}
+        mia = {kind: membership_scores(model, tokenizer, items, c.eval_batch_size)
+               for kind, items in (("forget", sets["forget"]), ("holdout", self.holdout_items()))}
+        return {"model": name, "result": result, "mia": mia}
+
+    def _relearn(self, slug: str) -> dict:
+        c = self.config
+        method = next(m for m in c.methods if method_slug(m) == slug)
+        train_rows, eval_rows = self.relearn_rows()
+        forget_pairs, forget_eval = load_split(c.split), load_split(f"{c.split}_perturbed")
+        retain_ratios = self.record("eval-retain")["result"]["sets"]["forget"]["truth_ratios"]
+        if [i.question for i in forget_pairs] != [i.question for i in forget_eval]:
+            raise ValueError(f"{c.split} and {c.split}_perturbed list different questions: cannot pair their rows")
+
+        def load():
+            model, tokenizer = self._load(slug)
+            return self._train_model(self._to_device(model)), tokenizer  # step 0 is measured without training
+
+        def make_config(steps: int) -> TrainConfig:
+            return relearn_config(steps, min(c.relearn_batch_size, len(train_rows)), c.relearn_lr, seed=c.seed,
+                                  device=c.device, num_threads=c.num_threads, progress=c.progress,
+                                  eval_batch_size=c.eval_batch_size)
+
+        curve = relearning_curve(load, [forget_pairs[r] for r in train_rows], [forget_eval[r] for r in eval_rows],
+                                 [retain_ratios[r] for r in eval_rows], c.relearn_steps, make_config,
+                                 self._work_dir(f"relearn-{slug}"), c.max_new_tokens, c.eval_batch_size, c.progress)
+        return {"model": slug, "method": method, "relearn_items": len(train_rows), "eval_items": len(eval_rows),
+                "relearning": curve}
 
     def clean_work(self) -> None:
         """Remove the training work folders (logs, checkpoints) of finished stages."""
@@ -292,3 +398,5 @@ class Protocol:
             stage = name if name in ("target", "retain") else f"unlearn-{name}"
             if self.done(stage):
                 shutil.rmtree(self.out / "work" / name, ignore_errors=True)
+            if self.done(f"relearn-{name}"):
+                shutil.rmtree(self.out / "work" / f"relearn-{name}", ignore_errors=True)

@@ -3,8 +3,14 @@
 ``results.json`` (strict JSON: NaN/inf written as null and listed under ``non_finite``) holds the
 package name and version, the full protocol config, each stage's wall time and outcome, and per model
 (target, retain, then each method) the headline numbers, the 9 utility components and the forget-set
-numbers. ``results.md`` is the same table for reading. Forget quality is the KS-test p-value of the
-model's forget truth ratios against the retain model's (the retain model itself scores 1).
+numbers, the membership-inference AUCs (``mia_auc/<attack>``: forget pairs as members against the
+holdout authors' pairs) and PrivLeak against the retain model (``privleak/<attack>``, percent; the
+retain model itself scores 0); ``holdout`` says which authors were held out; ``relearning`` holds, per
+method, the relearning attack's curves ``{"steps", "forget_probability", "forget_rouge_l",
+"forget_truth_ratio", "forget_quality"}`` (one entry per step count) and ``relearning_setup`` how
+they were made. ``results.md`` has the same numbers as three tables for reading. Forget quality is
+the KS-test p-value of the model's forget truth ratios against the retain model's (the retain model
+itself scores 1).
 """
 
 from __future__ import annotations
@@ -12,16 +18,20 @@ from __future__ import annotations
 import importlib.metadata
 import math
 
+from llm.mia import ATTACKS, attack_aucs, privleak
 from markovsim.results import atomic_output, atomic_write_json
 
 from .evaluate import EVAL_SETS, forget_quality
+from .relearn import RELEARN_METRICS
 
-__all__ = ["PACKAGE", "package_version", "model_row", "results_document", "markdown_table", "write_report"]
+__all__ = ["PACKAGE", "package_version", "model_row", "membership_row", "results_document", "markdown_table",
+           "write_report"]
 
 PACKAGE = "simnpo-companion"
 _COLUMNS = [("forget quality", "forget_quality"), ("model utility", "model_utility")] + [
     (f"{s} {label}", f"{s}/{metric}") for s in EVAL_SETS
     for label, metric in (("prob", "probability"), ("ROUGE-L", "rouge_l"), ("TR", "truth_ratio"))]
+_ATTACK_LABELS = {"loss": "LOSS", "zlib": "ZLib", "min_k": "Min-K%", "min_k_plus_plus": "Min-K%++"}
 
 
 def package_version() -> str:
@@ -40,18 +50,52 @@ def model_row(result: dict, retain_result: dict) -> dict:
     return row
 
 
+def membership_row(scores: dict, retain_scores: dict) -> dict:
+    """``{"mia_auc/<attack>": AUC, "privleak/<attack>": percent}`` of one model's eval-stage MIA scores.
+
+    ``scores`` / ``retain_scores``: ``{"forget": {attack: [...]}, "holdout": {attack: [...]}}`` of the
+    model and of the retain model. PrivLeak is None (n/a) where the retain model's AUC is 0.
+    """
+    aucs, retain_aucs = (attack_aucs(s["forget"], s["holdout"]) for s in (scores, retain_scores))
+    row = {f"mia_auc/{name}": aucs[name] for name in ATTACKS}
+    for name in ATTACKS:
+        row[f"privleak/{name}"] = privleak(aucs[name], retain_aucs[name]) if retain_aucs[name] > 0 else None
+    return row
+
+
+def _relearning(protocol) -> tuple[dict, dict]:
+    """(``{method: curves}``, the setup) from the relearn stages (empty when there are none)."""
+    c = protocol.config
+    curves = {m: protocol.record(f"relearn-{slug}")["relearning"] for m, slug in
+              zip(c.methods, protocol.model_names()[2:]) if f"relearn-{slug}" in protocol.stages()}
+    if not curves:
+        return {}, {}
+    train_rows, eval_rows = protocol.relearn_rows()
+    setup = {"relearn_pairs": f"the first {c.relearn_items_per_author} of the 20 pairs of every forget author",
+             "num_relearn_pairs": len(train_rows), "num_eval_pairs": len(eval_rows),
+             "measured_on": "the other forget pairs (forget quality against the retain model on the same pairs)",
+             "steps": list(c.relearn_steps), "batch_size": min(c.relearn_batch_size, len(train_rows)),
+             "learning_rate": c.relearn_lr, "optimizer": "adamw, constant learning rate, weight decay 0.01"}
+    return curves, setup
+
+
 def results_document(protocol) -> dict:
-    """The results.json document of a protocol whose eval stages are done."""
-    evaluations = {name: protocol.record(f"eval-{name}")["result"] for name in protocol.model_names()}
-    models = {name: model_row(result, evaluations["retain"]) for name, result in evaluations.items()}
+    """The results.json document of a protocol whose eval (and relearn) stages are done."""
+    records = {name: protocol.record(f"eval-{name}") for name in protocol.model_names()}
+    evaluations = {name: record["result"] for name, record in records.items()}
+    models = {name: model_row(result, evaluations["retain"]) | membership_row(records[name]["mia"],
+                                                                               records["retain"]["mia"])
+              for name, result in evaluations.items()}
     stages = {}
     for stage in protocol.stages()[:-1]:
         record = protocol.record(stage)
-        stages[stage] = {k: v for k, v in record.items() if k not in ("stage", "result")}
+        stages[stage] = {k: v for k, v in record.items() if k not in ("stage", "result", "mia", "relearning")}
     methods = dict(zip([n for n in protocol.model_names()[2:]], protocol.config.methods))
+    relearning, setup = _relearning(protocol)
     return {"package": {"name": PACKAGE, "version": package_version()}, "config": protocol.config.state(),
             "models": {name: {"method": methods.get(name), **row} for name, row in models.items()},
             "forget_rouge_l_before_unlearning": evaluations["target"]["sets"]["forget"]["rouge_l"],
+            "holdout": protocol.holdout_record(), "relearning": relearning, "relearning_setup": setup,
             "stages": stages}
 
 
@@ -61,22 +105,53 @@ def _cell(value) -> str:
     return f"{value:.3g}" if abs(value) < 1e-3 and value != 0 else f"{value:.3f}"
 
 
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    return (["| " + " | ".join(header) + " |", "|---" * len(header) + "|"]
+            + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def _label(document: dict, name: str, row: dict) -> str:
+    label = row["method"] or name
+    diverged = document["stages"].get(f"unlearn-{name}", {}).get("diverged_at")
+    return label + (f" (stopped at step {diverged})" if diverged is not None else "")
+
+
+def _membership_table(document: dict) -> list[str]:
+    holdout = document["holdout"]
+    header = ["model"] + [f"{_ATTACK_LABELS[a]} AUC" for a in ATTACKS] + [f"{_ATTACK_LABELS[a]} PrivLeak %"
+                                                                          for a in ATTACKS]
+    rows = [[_label(document, name, row)] + [_cell(row[f"{kind}/{a}"]) for kind in ("mia_auc", "privleak")
+                                              for a in ATTACKS] for name, row in document["models"].items()]
+    return [f"Membership inference: AUC of the forget pairs (members) against the pairs of the held-out authors "
+            f"{holdout['authors'][0]}-{holdout['authors'][-1]} (non-members; 0.5 = indistinguishable); PrivLeak = "
+            f"(AUC - AUC of the retain model) / AUC of the retain model x 100 (0 = as private as the retain model).",
+            ""] + _table(header, rows) + [""]
+
+
+def _relearning_table(document: dict) -> list[str]:
+    if not document["relearning"]:
+        return []
+    setup = document["relearning_setup"]
+    rows = [[method, str(steps)] + [_cell(curve[m][i]) for m in RELEARN_METRICS]
+            for method, curve in document["relearning"].items() for i, steps in enumerate(curve["steps"])]
+    return [f"Relearning attack: each unlearned model fine-tuned on {setup['num_relearn_pairs']} forget pairs "
+            f"({setup['relearn_pairs']}; batch {setup['batch_size']}, lr {setup['learning_rate']:g}), measured on "
+            f"the other {setup['num_eval_pairs']}.", ""] + _table(
+        ["method", "relearn steps", "forget prob", "forget ROUGE-L", "forget TR", "forget quality"], rows) + [""]
+
+
 def markdown_table(document: dict) -> str:
-    """The results as a Markdown table: one row per model, forget quality, model utility, then the components."""
+    """The results as Markdown: per model forget quality, model utility and the components; the
+    membership-inference AUCs and PrivLeak; the relearning curves per method (when run)."""
     config = document["config"]
+    rows = [[_label(document, name, row)] + [_cell(row[key]) for _, key in _COLUMNS]
+            for name, row in document["models"].items()]
     lines = [f"TOFU {config['split']} on {config['model']} (limit {config['limit']}, LoRA {config['lora']}); "
-             f"{document['package']['name']} {document['package']['version']}", "",
-             "| model | " + " | ".join(label for label, _ in _COLUMNS) + " |",
-             "|---" * (len(_COLUMNS) + 1) + "|"]
-    for name, row in document["models"].items():
-        label = row["method"] or name
-        diverged = document["stages"].get(f"unlearn-{name}", {}).get("diverged_at")
-        if diverged is not None:
-            label += f" (stopped at step {diverged})"
-        lines.append(f"| {label} | " + " | ".join(_cell(row[key]) for _, key in _COLUMNS) + " |")
+             f"{document['package']['name']} {document['package']['version']}", ""]
+    lines += _table(["model"] + [label for label, _ in _COLUMNS], rows)
     lines += ["", f"Forget-set ROUGE-L of the target before unlearning: "
                   f"{_cell(document['forget_rouge_l_before_unlearning'])}", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + _membership_table(document) + _relearning_table(document))
 
 
 def write_report(protocol) -> dict:

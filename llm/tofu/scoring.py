@@ -4,7 +4,8 @@
     num_tokens[i] = |answer_i| + 1                                                        (N,)
 
 Scoring batches are right-padded (:func:`llm.tofu.format.collate`): real tokens keep their positions,
-so a batch gives the same numbers as items scored one at a time. Generation left-pads the prompts
+so a batch gives the same numbers as items scored one at a time. :func:`answer_token_statistics` keeps
+the per-token numbers that membership inference needs (:mod:`llm.mia`). Generation left-pads the prompts
 (the model continues from the last real token) and passes the attention mask, from which the model
 derives the position ids.
 """
@@ -16,11 +17,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from llm.logps import model_sequence_logps
+from llm.logps import model_logits, model_sequence_logps
+from llm.mia import next_token_statistics
 
 from .format import collate, format_example, prompt_ids
 
-__all__ = ["answer_logps", "perturbed_logps", "generate_answers"]
+__all__ = ["answer_logps", "perturbed_logps", "answer_token_statistics", "generate_answers"]
 
 
 def _pad_id(tokenizer) -> int:
@@ -59,6 +61,45 @@ def perturbed_logps(model, tokenizer, questions: Sequence[str], perturbed: Seque
     flat_a = [a for answers in perturbed for a in answers]
     logps, counts = answer_logps(model, tokenizer, flat_q, flat_a, batch_size)
     return logps.reshape(-1, k), counts.reshape(-1, k)
+
+
+def _pad_rows(rows: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad 1-D float arrays into (N, T_max) with zeros, and the (N, T_max) mask of real entries."""
+    width = max(len(row) for row in rows)
+    values, mask = np.zeros((len(rows), width)), np.zeros((len(rows), width), dtype=bool)
+    for i, row in enumerate(rows):
+        values[i, :len(row)], mask[i, :len(row)] = row, True
+    return values, mask
+
+
+@torch.no_grad()
+def answer_token_statistics(model, tokenizer, questions: Sequence[str], answers: Sequence[str],
+                            batch_size: int = 16) -> dict[str, np.ndarray]:
+    """Per answer token (+ EOS): its log-prob and mu / sigma of the model's next-token log-probs there.
+
+    See :func:`llm.mia.next_token_statistics`. Returns ``{"token_logps", "mu", "sigma"}`` float64 (N, T_max),
+    right-padded with 0, and ``"mask"`` bool (N, T_max); ``token_logps[i][mask[i]].sum()`` equals
+    :func:`answer_logps` ``[i]`` (up to float32 rounding there).
+    """
+    if len(questions) != len(answers):
+        raise ValueError(f"{len(questions)} questions for {len(answers)} answers")
+    if not questions:
+        raise ValueError("no items to score")
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    rows = {"token_logps": [], "mu": [], "sigma": []}
+    for start in range(0, len(questions), batch_size):
+        examples = [format_example(tokenizer, q, a) for q, a in
+                    zip(questions[start:start + batch_size], answers[start:start + batch_size])]
+        batch = {k: v.to(device) for k, v in collate(examples, _pad_id(tokenizer)).items()}  # (B, T)
+        *values, mask = next_token_statistics(model_logits(model, batch), batch["labels"])  # (B, T-1) each
+        for name, tensor in zip(rows, values):
+            rows[name] += [row[keep].cpu().numpy() for row, keep in zip(tensor, mask)]
+    model.train(was_training)
+    out = {name: _pad_rows(found)[0] for name, found in rows.items()}
+    out["mask"] = _pad_rows(rows["mu"])[1]
+    return out
 
 
 @torch.no_grad()

@@ -1,0 +1,121 @@
+"""The relearning attack on an unlearned TOFU model: fine-tune it on a few forget pairs, re-measure the rest.
+
+Unlearning that a few fine-tuning steps undo has hidden the knowledge rather than removed it (Hu et
+al. 2024, "Jogging the memory of unlearned LLMs"). The attack here, per unlearned model:
+
+    split     each forget author's first ``items_per_author`` QA pairs (of 20) are the relearning
+              pairs; the other 20 - items_per_author pairs of every author are the evaluation pairs
+              (the attack relearns a few facts about an author and we measure whether the *other*
+              facts return)
+    relearn   for each step count s in ``step_counts`` (e.g. 0, 10, 25, 50): a fresh copy of the
+              unlearned model fine-tuned s steps on the relearning pairs with the nll loss
+              (:func:`llm.tofu.finetune.finetune`: AdamW, constant learning rate, no warm-up, the
+              seeded batch order of ``llm.data.batch_indices``), so the model after s steps is
+              exactly the first s steps of one longer run; s = 0 is the unlearned model itself
+    measure   on the evaluation pairs (the forget evaluation set's rows, paraphrases and perturbed
+              answers included): forget probability, ROUGE-L, truth ratio (the forget aggregate) and
+              forget quality = KS p-value of their truth ratios against the retain model's on the
+              same pairs
+
+Each step count's numbers are written to ``work_dir/steps-<s>.json`` when done, so a killed stage
+resumes at the next step count.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from llm.config import TrainConfig
+from markovsim.results import atomic_write_json, read_json
+
+from . import metrics
+from .data import ITEMS_PER_AUTHOR, TofuItem
+from .evaluate import evaluate_set
+
+__all__ = ["RELEARN_METRICS", "split_forget", "check_step_counts", "relearn_config", "measure", "relearning_curve"]
+
+RELEARN_METRICS = ("forget_probability", "forget_rouge_l", "forget_truth_ratio", "forget_quality")
+
+
+def split_forget(num_items: int, items_per_author: int) -> tuple[list[int], list[int]]:
+    """(relearning rows, evaluation rows) of a forget set of whole authors (20 consecutive rows each).
+
+    Relearning: rows 20a .. 20a + items_per_author - 1 of every author a; evaluation: the others.
+    """
+    if num_items <= 0 or num_items % ITEMS_PER_AUTHOR:
+        raise ValueError(f"the forget set must hold whole authors ({ITEMS_PER_AUTHOR} pairs each), got {num_items}")
+    if isinstance(items_per_author, bool) or not isinstance(items_per_author, int) \
+            or not 0 < items_per_author < ITEMS_PER_AUTHOR:
+        raise ValueError(f"relearn_items_per_author must be an int in [1, {ITEMS_PER_AUTHOR - 1}], "
+                         f"got {items_per_author!r}")
+    train = [row for row in range(num_items) if row % ITEMS_PER_AUTHOR < items_per_author]
+    return train, [row for row in range(num_items) if row % ITEMS_PER_AUTHOR >= items_per_author]
+
+
+def check_step_counts(step_counts) -> tuple[int, ...]:
+    """``step_counts`` as a tuple of strictly increasing ints >= 0 (may be empty: no relearning)."""
+    counts = tuple(step_counts)
+    if any(isinstance(s, bool) or not isinstance(s, int) or s < 0 for s in counts) \
+            or any(b <= a for a, b in zip(counts, counts[1:])):
+        raise ValueError(f"relearn_steps must be strictly increasing ints >= 0, got {list(counts)}")
+    return counts
+
+
+def relearn_config(steps: int, batch_size: int, learning_rate: float, **runtime) -> TrainConfig:
+    """The ``TrainConfig`` of one relearning run: ``steps`` AdamW steps at a constant ``learning_rate``.
+
+    Weight decay 0.01 as fine-tuning; ``runtime``: seed, device, num_threads, progress, eval_batch_size.
+    """
+    return TrainConfig(learning_rate=learning_rate, steps=steps, batch_size=batch_size, weight_decay=0.01,
+                       schedule="constant", warmup_steps=0, divergence_logp_per_token=None,
+                       track_forget_weights=False, track_power_share=False, **runtime)
+
+
+def measure(model, tokenizer, eval_items: Sequence[TofuItem], retain_truth_ratios, max_new_tokens: int,
+            batch_size: int) -> dict[str, float]:
+    """The four forget numbers of :data:`RELEARN_METRICS` on ``eval_items`` (forget quality vs the retain model)."""
+    result = evaluate_set(model, tokenizer, eval_items, "forget", max_new_tokens, batch_size)
+    quality = metrics.forget_quality(np.asarray(result["truth_ratios"]), np.asarray(retain_truth_ratios))
+    return {"forget_probability": result["probability"], "forget_rouge_l": result["rouge_l"],
+            "forget_truth_ratio": result["truth_ratio"], "forget_quality": quality}
+
+
+def relearning_curve(load: Callable[[], tuple], train_items: Sequence[TofuItem], eval_items: Sequence[TofuItem],
+                     retain_truth_ratios, step_counts: Sequence[int], make_config: Callable[[int], TrainConfig],
+                     work_dir: str | os.PathLike, max_new_tokens: int, batch_size: int,
+                     progress: bool = False) -> dict[str, list]:
+    """Relearn and measure at every step count (see the module docstring); resumes from ``work_dir``.
+
+    Args:
+        load: returns a fresh (trainable model, tokenizer) of the unlearned model.
+        train_items / eval_items: the relearning and evaluation pairs (:func:`split_forget`).
+        retain_truth_ratios: the retain model's forget truth ratios on ``eval_items``, (n_eval,).
+        step_counts: strictly increasing step counts; make_config(s): the TrainConfig of s steps.
+    Returns:
+        ``{"steps": [...], "forget_probability": [...], "forget_rouge_l": [...], "forget_truth_ratio": [...],
+        "forget_quality": [...]}``, one entry per step count.
+    """
+    from llm.progress import progress_iter
+
+    from .finetune import finetune
+
+    if len(retain_truth_ratios) != len(eval_items):
+        raise ValueError(f"{len(retain_truth_ratios)} retain truth ratios for {len(eval_items)} evaluation pairs")
+    work = Path(work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    points = []
+    for steps in progress_iter(check_step_counts(step_counts), len(step_counts), "relearn", progress, unit="run"):
+        path = work / f"steps-{steps}.json"
+        if not path.is_file():
+            model, tokenizer = load()
+            if steps > 0:
+                finetune(model, tokenizer, train_items, make_config(steps), work / f"steps-{steps}",
+                         description=f"relearn {steps} steps")
+            atomic_write_json(path, {"steps": steps} | measure(model, tokenizer, eval_items, retain_truth_ratios,
+                                                               max_new_tokens, batch_size))
+        points.append(read_json(path))
+    return {"steps": [p["steps"] for p in points]} | {name: [p[name] for p in points] for name in RELEARN_METRICS}
