@@ -55,7 +55,7 @@ def test_tiny_protocol_end_to_end_on_cuda(base, tmp_path):
 
     config = ProtocolConfig(split="forget01", methods=("NPO", "SimNPO+RT"), model=base, limit=4, batch_size=4,
                             finetune_steps=3, unlearn_steps=2, max_new_tokens=3, eval_batch_size=64, progress=False,
-                            device=DEVICE)
+                            relearn_steps=(0, 1), device=DEVICE)
     protocol = Protocol(config, tmp_path / "run")
     assert protocol.run() == protocol.stages()
     results = json.loads((tmp_path / "run" / "results.json").read_text())

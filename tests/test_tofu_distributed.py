@@ -152,21 +152,12 @@ def test_tofu_finetune_and_unlearn_on_two_processes_match_one(tmp_path):
     assert moved > 1e-3
 
 
-def _protocol_writes_once() -> bool:
-    """Whether llm/tofu/protocol.py writes from process 0 only (it uses save_trained / is_main_process)."""
-    import inspect
-
-    import llm.tofu.protocol
-
-    return "is_main_process" in inspect.getsource(llm.tofu.protocol)
-
-
 TINY = ["--limit", "4", "--batch-size", "5", "--finetune-steps", "2", "--unlearn-steps", "2", "--max-new-tokens", "3",
-        "--eval-batch-size", "64", "--no-progress", "--device", "cpu", "--split", "forget01", "--methods", "NPO+RT"]
+        "--eval-batch-size", "64", "--no-progress", "--device", "cpu", "--split", "forget01", "--methods", "NPO+RT",
+        "--relearn-steps", "0", "1"]
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _protocol_writes_once(), reason="llm/tofu/protocol.py still writes from every process")
 def test_protocol_on_two_processes_writes_each_file_once_and_matches_one(tmp_path):
     """The whole tiny protocol under a 2-process launch: every stage runs on both processes, process 0 alone
     writes config, stage records, model folders and results, and the trained models equal a 1-process run's."""
@@ -183,7 +174,8 @@ def test_protocol_on_two_processes_writes_each_file_once_and_matches_one(tmp_pat
     outputs = launch("run_protocol_ranked", str(tmp_path / "writes"), "run", "--out", str(two), "--model", str(base),
                      *TINY)
     summaries = [json.loads(text.strip().splitlines()[-1]) for text in outputs]
-    stages = ["target", "retain", "unlearn-npo-rt", "eval-target", "eval-retain", "eval-npo-rt", "report"]
+    stages = ["target", "retain", "unlearn-npo-rt", "eval-target", "eval-retain", "eval-npo-rt", "relearn-npo-rt",
+              "report"]
     assert summaries[0]["ran"] == summaries[1]["ran"] == stages  # the same view of what is done, on both
     assert not os.path.exists(tmp_path / "writes-1")  # process 1 wrote nothing
     written = sorted(open(tmp_path / "writes-0").read().split())

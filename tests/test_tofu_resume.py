@@ -21,7 +21,7 @@ from llm.tofu import __main__ as cli
 
 TINY = ["--split", "forget01", "--methods", "NPO+RT", "--limit", "4", "--batch-size", "4", "--finetune-steps", "5",
         "--unlearn-steps", "5", "--checkpoint-every", "2", "--max-new-tokens", "3", "--eval-batch-size", "64",
-        "--no-progress", "--device", "cpu"]
+        "--relearn-steps", "0", "1", "--no-progress", "--device", "cpu"]
 
 
 class Killed(Exception):

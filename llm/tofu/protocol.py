@@ -39,13 +39,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from llm.config import TrainConfig
-from llm.models import save_model
 from markovsim.objectives import OBJECTIVES, Objective, get_objective
 from markovsim.results import atomic_write_json, read_json
 from markovsim.runtime import torch_threads
 
 from .data import FORGET_AUTHORS, ITEMS_PER_AUTHOR, NUM_AUTHORS, TofuItem, author_items, load_split
 from .evaluate import FORGET_SPLITS, evaluate_model, load_eval_sets, membership_scores
+from .finetune import is_main_process, save_trained, wait_for_everyone
 from .relearn import check_step_counts, relearn_config, relearning_curve, split_forget
 
 __all__ = ["RETAIN_SPLITS", "SIMNPO_SETTINGS", "ProtocolConfig", "method_objective", "method_slug", "Protocol"]
@@ -217,7 +217,8 @@ class Protocol:
             if changed:
                 raise ValueError(f"{self.out} holds a run with different settings ({', '.join(changed)}); "
                                  f"use the same settings to resume it or choose a new --out folder")
-        atomic_write_json(path, state)
+        if is_main_process():
+            atomic_write_json(path, state)
 
     # ----- running ------------------------------------------------------------------------------------------
     def run(self, stages: list[str] | None = None) -> list[str]:
@@ -251,9 +252,11 @@ class Protocol:
         else:
             from .report import write_report
 
-            record = write_report(self)
+            record = write_report(self) if is_main_process() else {}
         record = {"stage": stage, "wall_seconds": time.perf_counter() - started} | record
-        atomic_write_json(self.stage_path(stage), record)
+        if is_main_process():
+            atomic_write_json(self.stage_path(stage), record)
+        wait_for_everyone(self.config.device)  # every process sees the record before it decides on the next stage
         return record
 
     def _needs(self, stage: str) -> list[str]:
@@ -296,10 +299,10 @@ class Protocol:
         return add_lora(model, LoraSettings(rank=self.config.lora_rank, alpha=2.0 * self.config.lora_rank,
                                             seed=self.config.seed))
 
-    def _save(self, model, tokenizer, name: str) -> None:
-        if self.config.lora:
-            model = model.merge_and_unload()  # a plain model: the adapters folded into the weights
-        save_model(model, self.model_path(name), progress=False, tokenizer=tokenizer)
+    def _save(self, model, tokenizer, name: str, outcome) -> None:
+        """Write a trained model once (process 0; LoRA adapters merged into the weights)."""
+        save_trained(model, tokenizer, self.model_path(name), outcome, merge_lora=self.config.lora,
+                     device=self.config.device)
 
     def _work_dir(self, name: str) -> Path:
         path = self.out / "work" / name
@@ -338,7 +341,7 @@ class Protocol:
         trained = self._train_model(model)
         config = c.train_config("finetune", len(items))
         outcome = finetune(trained, tokenizer, items, config, self._work_dir(name), description=f"finetune {name}")
-        self._save(trained, tokenizer, name)
+        self._save(trained, tokenizer, name, outcome)
         return {"model": name, "num_items": len(items), "steps": outcome.steps, "last_loss": outcome.last_loss}
 
     def _unlearn(self, slug: str) -> dict:
@@ -353,7 +356,7 @@ class Protocol:
         trained = self._train_model(model)
         outcome = unlearn(trained, tokenizer, objective, forget, retain, config, self._work_dir(slug),
                           description=f"unlearn {method}")
-        self._save(trained, tokenizer, slug)
+        self._save(trained, tokenizer, slug, outcome)
         return {"model": slug, "method": method, "objective": dataclasses.asdict(objective), "steps": outcome.steps,
                 "last_loss": outcome.last_loss, "diverged_at": outcome.diverged_at, "reason": outcome.reason}
 
@@ -388,7 +391,8 @@ class Protocol:
 
         curve = relearning_curve(load, [forget_pairs[r] for r in train_rows], [forget_eval[r] for r in eval_rows],
                                  [retain_ratios[r] for r in eval_rows], c.relearn_steps, make_config,
-                                 self._work_dir(f"relearn-{slug}"), c.max_new_tokens, c.eval_batch_size, c.progress)
+                                 self._work_dir(f"relearn-{slug}"), c.max_new_tokens, c.eval_batch_size, c.progress,
+                                 device=c.device)
         return {"model": slug, "method": method, "relearn_items": len(train_rows), "eval_items": len(eval_rows),
                 "relearning": curve}
 

@@ -87,7 +87,7 @@ def measure(model, tokenizer, eval_items: Sequence[TofuItem], retain_truth_ratio
 def relearning_curve(load: Callable[[], tuple], train_items: Sequence[TofuItem], eval_items: Sequence[TofuItem],
                      retain_truth_ratios, step_counts: Sequence[int], make_config: Callable[[int], TrainConfig],
                      work_dir: str | os.PathLike, max_new_tokens: int, batch_size: int,
-                     progress: bool = False) -> dict[str, list]:
+                     progress: bool = False, device: str = "auto") -> dict[str, list]:
     """Relearn and measure at every step count (see the module docstring); resumes from ``work_dir``.
 
     Args:
@@ -95,13 +95,14 @@ def relearning_curve(load: Callable[[], tuple], train_items: Sequence[TofuItem],
         train_items / eval_items: the relearning and evaluation pairs (:func:`split_forget`).
         retain_truth_ratios: the retain model's forget truth ratios on ``eval_items``, (n_eval,).
         step_counts: strictly increasing step counts; make_config(s): the TrainConfig of s steps.
+        device: the run's device setting (picks the barrier's backend in a multi-process launch).
     Returns:
         ``{"steps": [...], "forget_probability": [...], "forget_rouge_l": [...], "forget_truth_ratio": [...],
         "forget_quality": [...]}``, one entry per step count.
     """
     from llm.progress import progress_iter
 
-    from .finetune import finetune
+    from .finetune import finetune, is_main_process, wait_for_everyone
 
     if len(retain_truth_ratios) != len(eval_items):
         raise ValueError(f"{len(retain_truth_ratios)} retain truth ratios for {len(eval_items)} evaluation pairs")
@@ -115,7 +116,10 @@ def relearning_curve(load: Callable[[], tuple], train_items: Sequence[TofuItem],
             if steps > 0:
                 finetune(model, tokenizer, train_items, make_config(steps), work / f"steps-{steps}",
                          description=f"relearn {steps} steps")
-            atomic_write_json(path, {"steps": steps} | measure(model, tokenizer, eval_items, retain_truth_ratios,
-                                                               max_new_tokens, batch_size))
+            point = {"steps": steps} | measure(model, tokenizer, eval_items, retain_truth_ratios, max_new_tokens,
+                                               batch_size)
+            if is_main_process():  # one writer in a multi-process launch; the others read it after the barrier
+                atomic_write_json(path, point)
+            wait_for_everyone(device)
         points.append(read_json(path))
     return {"steps": [p["steps"] for p in points]} | {name: [p[name] for p in points] for name in RELEARN_METRICS}
