@@ -30,7 +30,7 @@ def test_seeds_times_betas_run_as_replicas_equal_to_single_runs(pretrained, caps
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["command"] == "unlearn"
     text = (pretrained / "grid" / "results.json").read_text()
     index = json.loads(text)
-    assert "NaN" not in text and index["num_replicas"] == 4 and index["route"] == "vmap"
+    assert "NaN" not in text and index["num_replicas"] == 4 and index["route"] == "stacked"
     assert [(r["seed"], r["beta"]) for r in index["replicas"]] == [(0, 0.1), (0, 0.2), (1, 0.1), (1, 0.2)]
     assert index["config"]["replicas"] == {"seeds": [0, 1], "betas": [0.1, 0.2]}
     for i, entry in enumerate(index["replicas"]):
