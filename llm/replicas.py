@@ -140,6 +140,22 @@ class ReplicaStack:
         finally:
             self._skeleton.train(was_training)
 
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        """``{"parameters": {name: (N, ...)}, "buffers": {...}}``, detached CPU copies (for checkpoints)."""
+        return {"parameters": {k: v.detach().cpu().clone() for k, v in self.parameters.items()},
+                "buffers": {k: v.detach().cpu().clone() for k, v in self.buffers.items()}}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        """Copy what :meth:`state_dict` returned into the stacked tensors (same names and shapes)."""
+        for kind, tensors in (("parameters", self.parameters), ("buffers", self.buffers)):
+            saved = state[kind]
+            if set(saved) != set(tensors) or any(saved[k].shape != v.shape for k, v in tensors.items()):
+                raise ValueError(f"stacked {kind} of the checkpoint do not match this stack's names and shapes "
+                                 f"(another architecture or number of replicas)")
+            for name, tensor in tensors.items():
+                tensor.copy_(saved[name])
+
     def zero_grad(self) -> None:
         for value in self.parameters.values():
             value.grad = None
@@ -272,6 +288,24 @@ class StackedAdamW:
         self.exp_avg = {name: torch.zeros_like(value) for name, value in parameters.items()}
         self.exp_avg_sq = {name: torch.zeros_like(value) for name, value in parameters.items()}
         self.steps = [0] * self.num_replicas
+
+    def state_dict(self) -> dict:
+        """``{"exp_avg": {name: (N, ...)}, "exp_avg_sq": {...}, "steps": [t_i]}`` (CPU copies, for checkpoints)."""
+        return {"exp_avg": {k: v.cpu().clone() for k, v in self.exp_avg.items()},
+                "exp_avg_sq": {k: v.cpu().clone() for k, v in self.exp_avg_sq.items()}, "steps": list(self.steps)}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned (same parameter names, shapes and number of replicas)."""
+        if len(state["steps"]) != self.num_replicas:
+            raise ValueError(f"optimizer state has {len(state['steps'])} replicas, this optimizer {self.num_replicas}")
+        for key in ("exp_avg", "exp_avg_sq"):
+            mine, saved = getattr(self, key), state[key]
+            if set(saved) != set(mine) or any(saved[k].shape != v.shape for k, v in mine.items()):
+                raise ValueError(f"optimizer state {key!r} does not match the parameters' names and shapes")
+            for name, tensor in mine.items():
+                tensor.copy_(saved[name])
+        self.steps = [int(t) for t in state["steps"]]
 
     @torch.no_grad()
     def step(self, learning_rates, active=None) -> None:
