@@ -6,7 +6,7 @@ batch order, learning rate, betas, eps, weight decay, divergence threshold) and,
 its own ``Objective``. Each step:
 
     batches_i  = the single run's batch of step k for seed_i         (llm.data.batch_indices)
-    logits_i   = ReplicaStack.logits(batches)[i]                      one vmap call (or a loop)
+    logits_i   = ReplicaStack.logits(batches)[i]                      one stacked call (or a loop)
     loss_i     = llm.objective.objective_terms on logits_i           the single run's loss code
     grads      = d(sum_i loss_i)/d(stacked parameters)               one backward pass
     update     = StackedAdamW on the replicas still active
