@@ -143,13 +143,14 @@ def unlearn_replicas(models, objectives: Sequence[Objective], forget: SequenceSe
         raise ValueError(f"got {len(evaluators)} evaluators for {len(models)} replicas; pass one, N or None")
     if run_dir is None and resume is True:
         raise ValueError("resume=True needs run_dir (the run directory holding checkpoints/)")
+    if not resume and run_dir is not None and latest_checkpoint(run_dir) is not None:
+        raise ValueError(f"run directory {os.fspath(run_dir)!r} already holds replica checkpoints; pass "
+                         f"resume=True to continue that run or choose a new directory")
+    checkpoint = _resume_path(run_dir, resume) if resume else None
     with torch_threads(configs[0].num_threads):
         state = _Unlearning(models, objectives, forget, retain, configs, list(evaluators), route, evaluation, run_dir)
-        if resume:
-            state.restore(_resume_path(run_dir, resume))
-        elif run_dir is not None and latest_checkpoint(run_dir) is not None:
-            raise ValueError(f"run directory {os.fspath(run_dir)!r} already holds replica checkpoints; pass "
-                             f"resume=True to continue that run or choose a new directory")
+        if checkpoint is not None:
+            state.restore(checkpoint)
         return state.run()
 
 
