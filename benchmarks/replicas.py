@@ -22,7 +22,8 @@ The starting models are not pre-trained: the time of a step does not depend on t
 
 Timings are best-of-several, single and batched runs interleaved (the machine may be shared).
 
-Run: ``python benchmarks/replicas.py [--scale 0.1] [--threads 2] [--with-64] [--repeats 3]``.
+Run: ``python benchmarks/replicas.py [--scale 0.1] [--threads 2] [--with-64] [--repeats 3] [--modes steps ...]
+[--route stacked|vmap|loop]``.
 """
 
 from __future__ import annotations
@@ -37,8 +38,11 @@ import torch
 from llm.evaluate import Evaluator
 from llm.models import build_model
 from llm.replica_training import unlearn_replicas
+from llm.replicas import ROUTES
 from llm.train import PAPER_UNLEARNING, unlearn
 from markovsim.scenarios import SCENARIOS
+
+MODES = ("steps", "every-step", "subsample")
 
 
 def parse_arguments(argv=None) -> argparse.Namespace:
@@ -48,6 +52,9 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=50, help="unlearning steps")
     parser.add_argument("--with-64", action="store_true", help="also N = 64 (training steps only)")
     parser.add_argument("--repeats", type=int, default=3, help="best of this many timings (training steps)")
+    parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
+                        help="what to time: training steps, every-step evaluation, every-step on a subsample")
+    parser.add_argument("--route", choices=ROUTES, default=None, help="ReplicaStack route (default: the model's)")
     parser.add_argument("--subsample", type=int, default=64, help="test sequences of the subsampled evaluation")
     parser.add_argument("--diagnostics-subsample", type=int, default=32,
                         help="diagnostics sequences per component of the subsampled evaluation")
@@ -121,7 +128,7 @@ def time_replicas(data: dict, config, num_replicas: int, evaluator) -> float:
     replica_configs = [dataclasses.replace(config, seed=seed) for seed in range(num_replicas)]
     objectives = [data["objective"]] * num_replicas
     return timed(lambda: unlearn_replicas(models, objectives, data["forget"], data["retain"], replica_configs,
-                                          evaluator))[1]
+                                          evaluator, route=data.get("route")))[1]
 
 
 def main(argv=None) -> None:
@@ -134,18 +141,20 @@ def main(argv=None) -> None:
           f"{torch.get_num_threads()}; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
     print(f"paper_short_forget2 at scale {arguments.scale}: {data['sizes'][0]} train / {data['sizes'][1]} test "
           f"sequences; paper-synthetic, {parameters:,} parameters; SimNPO, {arguments.steps} steps, batch 4")
-    parts = evaluation_parts(data)
-    print("one evaluation of one model: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in parts.items()))
-    modes = {"training steps (8-sequence evaluation at 0 and end, no diagnostics)":
-             (configs(arguments.steps, False), data["small_evaluator"]),
-             "every-step evaluation (full test set, diagnostics on up to 256 sequences per component)":
-             (configs(arguments.steps, True), data["evaluator"]),
-             f"every-step evaluation on a fixed subsample ({arguments.subsample} test sequences, diagnostics on "
-             f"{arguments.diagnostics_subsample} per component)":
-             (dataclasses.replace(configs(arguments.steps, True),
-                                  diagnostics_max_sequences=arguments.diagnostics_subsample),
-              data["subsampled_evaluator"])}
-    for label, (config, evaluator) in modes.items():
+    parts = evaluation_parts(data) if set(arguments.modes) - {"steps"} else {}
+    if parts:
+        print("one evaluation of one model: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in parts.items()))
+    modes = {"steps": ("training steps (8-sequence evaluation at 0 and end, no diagnostics)",
+                       configs(arguments.steps, False), data["small_evaluator"]),
+             "every-step": ("every-step evaluation (full test set, diagnostics on up to 256 sequences per component)",
+                            configs(arguments.steps, True), data["evaluator"]),
+             "subsample": (f"every-step evaluation on a fixed subsample ({arguments.subsample} test sequences, "
+                           f"diagnostics on {arguments.diagnostics_subsample} per component)",
+                           dataclasses.replace(configs(arguments.steps, True),
+                                               diagnostics_max_sequences=arguments.diagnostics_subsample),
+                           data["subsampled_evaluator"])}
+    data["route"] = arguments.route
+    for label, config, evaluator in (modes[mode] for mode in arguments.modes):
         every_step = config.eval_every == 1
         counts = (1, 4, 16, 64) if arguments.with_64 and not every_step else (1, 4, 16)
         repeats = 1 if every_step else arguments.repeats

@@ -12,9 +12,13 @@ starting model as reference), so their every-step evaluation is one batched pass
     DIR/replica-000/trajectory.*    per replica: its markovsim Trajectory (json + npz)
     DIR/results.json                the index: per replica its folder, seed, beta and divergence (last)
 
+    DIR/checkpoints/step-*/         with --checkpoint-every: all replicas' state (--resume continues)
+
 Folders are numbered in grid order (no hyperparameters in file names); ``results.json`` maps them.
-Not supported with a grid (refused before any computing): ``--resume``, ``--checkpoint-every``,
-data parallelism (torchrun), bf16. The final models are not saved.
+``--checkpoint-every K`` checkpoints all replicas every K steps and ``--resume`` continues the grid
+from the newest checkpoint in ``--out`` (same command line; exact, ``unlearn_replicas``). Not
+supported with a grid (refused before any computing): data parallelism (torchrun), bf16. The final
+models are not saved.
 """
 
 from __future__ import annotations
@@ -25,6 +29,8 @@ import os
 from dataclasses import dataclass, field
 
 from markovsim.losses import USES_BETA
+
+from .checkpoint import latest_checkpoint
 
 __all__ = ["ReplicaGrid", "check_grid", "unlearn_grid"]
 
@@ -69,10 +75,8 @@ def check_grid(config, train_config, objective) -> None:
     """ValueError for what a grid cannot do (before any computing)."""
     if config.command != "unlearn":
         raise ValueError(f"--seeds/--betas run unlearning replicas; {config.command} takes neither")
-    if config.resume:
-        raise ValueError("--resume is not supported with --seeds/--betas (replicas write no checkpoints yet)")
-    if train_config.checkpoint_every is not None:
-        raise ValueError("--checkpoint-every is not supported with --seeds/--betas (replicas write no checkpoints)")
+    if config.resume and latest_checkpoint(config.out) is None:
+        raise ValueError(f"--resume but --out {config.out!r} has no checkpoint; start without --resume")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("--seeds/--betas run in one process; do not start them with torchrun")
     if config.replicas.seeds is not None and "seed" in config.train:
@@ -83,13 +87,14 @@ def check_grid(config, train_config, objective) -> None:
         if objective.forget not in BETA_LOSSES:
             raise ValueError(f"--betas needs an objective with a beta ({', '.join(BETA_LOSSES)} forget losses); "
                              f"{config.objective.get('name')} has none")
-    if os.path.exists(os.path.join(config.out, "replica-000")):
-        raise ValueError(f"--out {config.out!r} already holds a replica run; choose a new folder")
+    if not config.resume and (os.path.exists(os.path.join(config.out, "replica-000"))
+                              or latest_checkpoint(config.out) is not None):
+        raise ValueError(f"--out {config.out!r} already holds a replica run; pass --resume or choose a new folder")
 
 
 def unlearn_grid(config, data, model, train_config, objective, evaluator) -> dict:
     """Run the grid with ``unlearn_replicas``; write one folder per replica; return the index summary."""
-    from llm.replica_training import unlearn_replicas
+    from llm.replica_training import replica_folder, unlearn_replicas
     from llm.results import strict_json
     from markovsim.results import atomic_write_json, metadata_block
 
@@ -97,12 +102,11 @@ def unlearn_grid(config, data, model, train_config, objective, evaluator) -> dic
     configs = [dataclasses.replace(train_config, seed=seed) for seed, _ in combinations]
     objectives = [dataclasses.replace(objective, beta=beta) for _, beta in combinations]
     models = [copy.deepcopy(model) for _ in combinations]
-    trajectories = unlearn_replicas(models, objectives, data["forget"], data["retain"], configs, evaluator)
+    trajectories = unlearn_replicas(models, objectives, data["forget"], data["retain"], configs, evaluator,
+                                    run_dir=config.out, resume=config.resume)  # writes replica-*/trajectory.*
     index = []
     for i, (trajectory, (seed, beta)) in enumerate(zip(trajectories, combinations)):
-        folder = os.path.join(config.out, f"replica-{i:03d}")
-        os.makedirs(folder, exist_ok=True)
-        trajectory.save(os.path.join(folder, "trajectory"), configs[i])
+        folder = replica_folder(config.out, i)
         summary = _summary(trajectory, objectives[i])
         document = metadata_block(config, command="unlearn", replica=i, seed=seed, beta=beta,
                                   train_config=dataclasses.asdict(configs[i]), **summary)

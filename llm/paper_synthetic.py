@@ -20,6 +20,10 @@ embedding is N(0, 0.02); there is no dropout. The head count of the paper's conf
 not used by its model: attention has a single head of width d. The mask is causal; positions whose
 ``attention_mask`` is 0 are also hidden from later positions (a position always sees itself, so
 no row is empty). The forward pass has no data-dependent Python control flow.
+
+:func:`stacked_logits` is the same forward pass for N replicas on stacked parameters (the
+``"stacked"`` route of ``llm.replicas.ReplicaStack``): every ``Linear`` one batched matmul with its
+bias fused in (``baddbmm``), gradients from batched matmuls.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ try:  # transformers >= 5: init functions that skip weights already loaded from 
 except ImportError:  # transformers 4.x
     from torch.nn import init as _init
 
-__all__ = ["MODEL_TYPE", "PaperSyntheticConfig", "PaperSyntheticForCausalLM"]
+__all__ = ["MODEL_TYPE", "PaperSyntheticConfig", "PaperSyntheticForCausalLM", "stacked_logits"]
 
 MODEL_TYPE = "simnpo_synthetic"
 
@@ -161,3 +165,84 @@ class PaperSyntheticForCausalLM(PreTrainedModel):
 
 AutoConfig.register(MODEL_TYPE, PaperSyntheticConfig, exist_ok=True)
 AutoModelForCausalLM.register(PaperSyntheticConfig, PaperSyntheticForCausalLM, exist_ok=True)
+
+
+class _StackedLinear(torch.autograd.Function):
+    """``x W_i^T + b_i`` for every replica i as one batched matmul, with batched-matmul gradients.
+
+    Shapes: x (N, M, in), weight (N, out, in), bias (N, out) or None -> (N, M, out). Forward is
+    ``baddbmm(b, x, W^T)`` (the stacked counterpart of ``nn.Linear``'s fused ``addmm``); backward::
+
+        dx = dy W   (N, M, out) @ (N, out, in);   dW = dy^T x   (N, out, M) @ (N, M, in);   db = sum_M dy
+
+    so every gradient comes out contiguous in its parameter's own layout (no transposed copy).
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        if bias is None:
+            return torch.bmm(x, weight.transpose(1, 2))
+        return torch.baddbmm(bias.unsqueeze(1), x, weight.transpose(1, 2))
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad_x = torch.bmm(grad, weight) if ctx.needs_input_grad[0] else None
+        grad_weight = torch.bmm(grad.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
+        grad_bias = grad.sum(1) if ctx.has_bias and ctx.needs_input_grad[2] else None
+        return grad_x, grad_weight, grad_bias
+
+
+def _stacked_layer_norm(hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """LayerNorm of (N, M, d) with replica i's affine weight/bias (N, d)."""
+    normalised = nn.functional.layer_norm(hidden, hidden.shape[-1:], None, None, epsilon)
+    return torch.addcmul(bias.unsqueeze(1), normalised, weight.unsqueeze(1))
+
+
+def stacked_logits(config: PaperSyntheticConfig, parameters: dict[str, torch.Tensor], input_ids: torch.Tensor,
+                   attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The forward pass of N :class:`PaperSyntheticForCausalLM` replicas at once, on stacked parameters.
+
+    Args:
+        config: the replicas' shared configuration.
+        parameters: ``{name: (N, *shape)}`` (the names of ``PaperSyntheticForCausalLM.named_parameters``).
+        input_ids, attention_mask: (N, B, T) int64, replica i's batch in row i.
+    Returns: logits (N, B, T, vocab); replica i's equal those of ``forward`` with replica i's parameters.
+
+    The same computation as ``forward`` (module docstring), every ``Linear`` a batched matmul over the
+    replica axis (:class:`_StackedLinear`), attention a batched matmul over (replica, row).
+    """
+    replicas, rows, length = input_ids.shape
+    if length > config.n_positions:
+        raise ValueError(f"input_ids has {length} positions but the model's context is {config.n_positions}")
+    width, p = config.n_embd, parameters
+    tokens = p["token_embedding.weight"]  # (N, V, d)
+    replica_index = torch.arange(replicas, device=input_ids.device)[:, None, None]  # (N, 1, 1)
+    hidden = tokens[replica_index, input_ids] + p["position_embedding.weight"][:, None, :length]  # (N, B, T, d)
+    visible = torch.ones(length, length, dtype=torch.bool, device=input_ids.device).tril()  # (T, T)
+    if attention_mask is not None:
+        keys = attention_mask[..., None, :].bool() | torch.eye(length, dtype=torch.bool, device=input_ids.device)
+        visible = (visible & keys).reshape(replicas * rows, length, length)  # (N B, T, T)
+    else:
+        visible = visible.expand(replicas * rows, length, length)
+    hidden = hidden.reshape(replicas, rows * length, width)  # (N, M, d), M = B T
+    scale = 1.0 / math.sqrt(width)
+
+    def linear(name, x, bias=True):
+        return _StackedLinear.apply(x, p[f"{name}.weight"], p[f"{name}.bias"] if bias else None)
+
+    for layer in range(config.n_layer):
+        prefix = f"blocks.{layer}"
+        query, key, value = (linear(f"{prefix}.{part}", hidden, bias=False).reshape(replicas * rows, length, width)
+                             for part in ("query", "key", "value"))  # (N B, T, d)
+        scores = query @ key.transpose(-1, -2) * scale  # (N B, T, T)
+        scores = scores.masked_fill(~visible, float("-inf"))
+        attended = (torch.softmax(scores, dim=-1) @ value).reshape(replicas, rows * length, width)  # (N, M, d)
+        hidden = _stacked_layer_norm(hidden + attended, p[f"{prefix}.attention_norm.weight"],
+                                     p[f"{prefix}.attention_norm.bias"], config.layer_norm_epsilon)
+        inner = torch.relu(linear(f"{prefix}.mlp_in", hidden))
+        hidden = _stacked_layer_norm(hidden + linear(f"{prefix}.mlp_out", inner), p[f"{prefix}.mlp_norm.weight"],
+                                     p[f"{prefix}.mlp_norm.bias"], config.layer_norm_epsilon)
+    return linear("output", hidden).reshape(replicas, rows, length, -1)  # (N, B, T, vocab)

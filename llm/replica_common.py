@@ -14,7 +14,7 @@ from .replicas import ReplicaStack, StackedAdamSettings, StackedAdamW
 from .session import learning_rate_factor
 
 __all__ = ["PER_REPLICA_FIELDS", "SHARED_FIELDS", "LOGITS_FAILURE", "replica_configs", "replica_device",
-           "stacked_optimizer", "replica_learning_rates", "check_models", "ReplayLogits"]
+           "stacked_optimizer", "replica_learning_rates", "check_models", "ReplayLogits", "SingleProcess"]
 
 # TrainConfig fields that may differ between replicas; every other field must be equal.
 PER_REPLICA_FIELDS = ("seed", "learning_rate", "adam_betas", "adam_eps", "weight_decay", "divergence_logp_per_token")
@@ -77,3 +77,17 @@ class ReplayLogits:
             raise RuntimeError(f"replayed logits {tuple(self.logits.shape)} do not match the batch "
                                f"{tuple(input_ids.shape)}")
         return self
+
+
+class SingleProcess:
+    """The part of an ``accelerate.Accelerator`` that ``llm.checkpoint.save_checkpoint`` uses, for the one
+    process that runs all replicas: it is the main process, nothing to wait for, nothing to unwrap."""
+
+    is_main_process, process_index = True, 0
+
+    def wait_for_everyone(self) -> None:
+        return None
+
+    @staticmethod
+    def unwrap_model(model):
+        return model

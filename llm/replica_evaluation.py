@@ -15,7 +15,7 @@ and ``llm.diagnostics.Diagnostics`` (forget weights, power share). Here all repl
   term's share likewise (``retain_term``). Replica i's norm is the 2-norm of the i-th slice of the
   stacked gradient.
 
-On the vmap route this makes the evaluation one computation per chunk (chunks of at most
+On the stacked and vmap routes this makes the evaluation one computation per chunk (chunks of at most
 ``PASS_ROWS`` rows over all replicas; a different chunking from the single run's only reorders float
 sums); on the loop route ``ReplicaStack.logits`` loops, so it costs what N single evaluations cost.
 On a CPU the evaluation is compute-bound (one test-set pass of one paper-synthetic model is ~8k
@@ -47,14 +47,14 @@ from .replicas import ReplicaStack
 __all__ = ["replica_predictions", "replica_test_metrics", "replica_diagnostics"]
 
 
-# Rows of ALL replicas in one vmap pass. The pass holds N x rows activations (and, for the power
+# Rows of ALL replicas in one stacked (or vmap) pass. The pass holds N x rows activations (and, for the power
 # share, their graph) at once; past ~1024 rows they leave the CPU caches and a 16-replica pass got
 # 1.5x slower than 16 single passes (measured, paper-synthetic, 2 threads).
 PASS_ROWS = 1024
 
 
 def _rows_per_pass(stack: ReplicaStack, batch_size: int) -> int:
-    """Rows per replica of one chunk: ``batch_size`` on the loop route, at most PASS_ROWS / N on vmap."""
+    """Rows per replica of one chunk: ``batch_size`` on the loop route, at most PASS_ROWS / N otherwise."""
     return batch_size if stack.route == "loop" else max(1, min(batch_size, PASS_ROWS // stack.num_replicas))
 
 

@@ -6,7 +6,7 @@ batch order, learning rate, betas, eps, weight decay, divergence threshold) and,
 its own ``Objective``. Each step:
 
     batches_i  = the single run's batch of step k for seed_i         (llm.data.batch_indices)
-    logits_i   = ReplicaStack.logits(batches)[i]                      one vmap call (or a loop)
+    logits_i   = ReplicaStack.logits(batches)[i]                      one stacked call (or a loop)
     loss_i     = llm.objective.objective_terms on logits_i           the single run's loss code
     grads      = d(sum_i loss_i)/d(stacked parameters)               one backward pass
     update     = StackedAdamW on the replicas still active
@@ -22,9 +22,15 @@ per component and chunk for all replicas); ``evaluation="sequential"`` evaluates
 replica on a scratch model instead (the same metrics; faster on a 2-core CPU, where evaluation is
 compute-bound).
 
-Not (yet) supported: checkpoints/resume, run directories, data parallelism, bf16 autocast
-(replicas run in float32), ``preferred`` (DPO) sets. The settings that must agree across replicas
-are :data:`SHARED_FIELDS`.
+Checkpoints and exact resume (``run_dir``, ``TrainConfig.checkpoint_every`` / ``keep_checkpoints``,
+``resume``): ``run_dir/checkpoints/step-*/state.pt`` (``llm.checkpoint``'s layout and atomic writer)
+holds the stacked parameters, the stacked AdamW state, and per replica its records, divergence,
+starting-model fingerprint, config and objective; a run resumed from it continues with exactly
+the numbers of the uninterrupted run (tested). At the end ``run_dir/replica-<i:03d>/trajectory.*``
+holds replica i's ``Trajectory``.
+
+Not (yet) supported: data parallelism, bf16 autocast (replicas run in float32), ``preferred`` (DPO)
+sets. The settings that must agree across replicas are :data:`SHARED_FIELDS`.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ import contextlib
 import copy
 import dataclasses
 import math
+import os
 import time
 from collections.abc import Sequence
 
@@ -45,6 +52,7 @@ from markovsim.losses import NEEDS_REFERENCE, Objective
 from markovsim.runtime import torch_threads
 from markovsim.trajectory import Trajectory
 
+from .checkpoint import latest_checkpoint, load_checkpoint, parameter_fingerprint, save_checkpoint
 from .config import PAPER_UNLEARNING, TrainConfig, config_state
 from .data import FORGET_STREAM, RETAIN_STREAM, batch_indices, encode, merge_batches
 from .diagnostics import Diagnostics, DiagnosticsPlan
@@ -56,6 +64,7 @@ from .replica_common import (
     PER_REPLICA_FIELDS,
     SHARED_FIELDS,
     ReplayLogits,
+    SingleProcess,
     check_models,
     replica_configs,
     replica_device,
@@ -65,13 +74,22 @@ from .replica_common import (
 from .replica_evaluation import replica_diagnostics, replica_test_metrics
 from .replica_pretraining import pretrain_replicas
 from .replicas import ReplicaStack, clip_replica_grads
+from .session import RESUME_FIELDS
 from .unlearning import trajectory_from_records
 
 # How unlearn_replicas evaluates: all replicas in batched passes, or one by one.
 EVALUATIONS = ("batched", "sequential")
 
-__all__ = ["EVALUATIONS", "PER_REPLICA_FIELDS", "SHARED_FIELDS", "replica_configs", "pretrain_replicas",
-           "unlearn_replicas"]
+__all__ = ["CHECKPOINT_KIND", "EVALUATIONS", "PER_REPLICA_FIELDS", "SHARED_FIELDS", "replica_configs",
+           "pretrain_replicas", "replica_folder", "unlearn_replicas"]
+
+# The run kind recorded in (and required of) an unlearning-replicas checkpoint.
+CHECKPOINT_KIND = "unlearn_replicas"
+
+
+def replica_folder(run_dir, index: int) -> str:
+    """``run_dir/replica-<index:03d>``: where replica ``index``'s outputs go."""
+    return os.path.join(os.fspath(run_dir), f"replica-{index:03d}")
 
 # ---------------------------------------------------------------------------------------------
 # Unlearning
@@ -81,7 +99,8 @@ __all__ = ["EVALUATIONS", "PER_REPLICA_FIELDS", "SHARED_FIELDS", "replica_config
 def unlearn_replicas(models, objectives: Sequence[Objective], forget: SequenceSet, retain: SequenceSet | None = None,
                      configs: TrainConfig | Sequence[TrainConfig] = PAPER_UNLEARNING,
                      evaluators: Evaluator | Sequence[Evaluator] | None = None,
-                     route: str | None = None, evaluation: str = "batched") -> list[Trajectory]:
+                     route: str | None = None, evaluation: str = "batched", run_dir=None,
+                     resume: bool | str = False) -> list[Trajectory]:
     """:func:`llm.train.unlearn` of N models (in place) with N objectives, as one computation.
 
     Args:
@@ -95,6 +114,11 @@ def unlearn_replicas(models, objectives: Sequence[Objective], forget: SequenceSe
         evaluation: ``"batched"`` (all replicas in batched passes, ``llm.replica_evaluation``) or
             ``"sequential"`` (replica by replica on a scratch model, the single run's code). Same
             metrics; on a 2-core CPU sequential measured ~20% faster (benchmarks/RESULTS.md).
+        run_dir: folder for ``checkpoints/`` (every ``configs[0].checkpoint_every`` steps, newest
+            ``keep_checkpoints`` kept) and, at the end, ``replica-<i:03d>/trajectory.*``; None = no files.
+        resume: True = continue from the newest checkpoint in ``run_dir``; a path = that checkpoint. Pass
+            the same starting models, objectives, configs and evaluators as the interrupted run (models,
+            configs and objectives are checked against the checkpoint).
     Returns: N ``Trajectory``; replica i has the content of ``unlearn(models[i], objectives[i],
         forget, retain, configs[i], evaluators[i])`` (``info`` adds ``replica`` and ``route``).
     """
@@ -117,9 +141,26 @@ def unlearn_replicas(models, objectives: Sequence[Objective], forget: SequenceSe
         evaluators = [evaluators] * len(models)
     if len(evaluators) != len(models):
         raise ValueError(f"got {len(evaluators)} evaluators for {len(models)} replicas; pass one, N or None")
+    if run_dir is None and resume is True:
+        raise ValueError("resume=True needs run_dir (the run directory holding checkpoints/)")
+    if not resume and run_dir is not None and latest_checkpoint(run_dir) is not None:
+        raise ValueError(f"run directory {os.fspath(run_dir)!r} already holds replica checkpoints; pass "
+                         f"resume=True to continue that run or choose a new directory")
+    checkpoint = _resume_path(run_dir, resume) if resume else None
     with torch_threads(configs[0].num_threads):
-        return _Unlearning(models, objectives, forget, retain, configs, list(evaluators), route,
-                            evaluation).run()
+        state = _Unlearning(models, objectives, forget, retain, configs, list(evaluators), route, evaluation, run_dir)
+        if checkpoint is not None:
+            state.restore(checkpoint)
+        return state.run()
+
+
+def _resume_path(run_dir, resume: bool | str) -> str:
+    if isinstance(resume, (str, os.PathLike)):
+        return os.fspath(resume)
+    path = latest_checkpoint(run_dir)
+    if path is None:
+        raise ValueError(f"resume=True but {os.fspath(run_dir)!r} has no checkpoint; start without resume")
+    return path
 
 
 class _Replica:
@@ -144,15 +185,23 @@ class _Replica:
                                            self.forget_ref, None, self.reference, size, False,
                                            config.track_forget_weights, config.track_power_share)
         self.start = [p.detach().clone().to(device) for p in model.parameters() if p.requires_grad]
+        self.fingerprint = parameter_fingerprint(model)
         self.records, self.diverged_at, self.reason = [], None, None
+
+    def run_state(self) -> dict:
+        """What a checkpoint keeps of this replica (plain values, ``torch.load(weights_only=True)``-safe)."""
+        return {"records": self.records, "diverged_at": self.diverged_at, "reason": self.reason,
+                "fingerprint": self.fingerprint, "config": config_state(self.config),
+                "objective": dataclasses.asdict(self.objective)}
 
 
 class _Unlearning:
     """The state of N unlearning runs (see :func:`unlearn_replicas`)."""
 
-    def __init__(self, models, objectives, forget, retain, configs, evaluators, route, evaluation="batched"):
+    def __init__(self, models, objectives, forget, retain, configs, evaluators, route, evaluation="batched",
+                 run_dir=None):
         self.configs, self.started, self.models = configs, time.perf_counter(), models
-        self.evaluation = evaluation
+        self.evaluation, self.run_dir, self.start_step = evaluation, run_dir, 0
         self.forget = encode(forget, "response")
         self.retain = encode(retain, "response") if retain is not None else None
         self.total_steps = configs[0].total_steps(len(forget))
@@ -210,8 +259,43 @@ class _Unlearning:
                   "logp_per_token": float(per_token.double())}
         return values, terms.total
 
+    def restore(self, path: str) -> None:
+        """Continue from the checkpoint at ``path`` after checking it belongs to this run."""
+        state, _ = load_checkpoint(path)
+        run = state["run"]
+        if run.get("kind") != CHECKPOINT_KIND:
+            raise ValueError(f"checkpoint {path!r} is from a {run.get('kind')!r} run, not {CHECKPOINT_KIND!r}")
+        saved = run.get("replicas", [])
+        if len(saved) != len(self.replicas):
+            raise ValueError(f"checkpoint {path!r} holds {len(saved)} replicas; this run has {len(self.replicas)}")
+        for i, (replica, entry) in enumerate(zip(self.replicas, saved)):
+            if entry["fingerprint"] != replica.fingerprint:
+                raise ValueError(f"checkpoint {path!r}: replica {i} was started from different model weights; pass "
+                                 f"the same starting models when resuming")
+            changed = [f for f in RESUME_FIELDS if _comparable(entry["config"].get(f)) !=
+                       _comparable(config_state(replica.config).get(f))]
+            if changed or entry["objective"] != dataclasses.asdict(replica.objective):
+                raise ValueError(f"checkpoint {path!r}: replica {i} was written with different settings "
+                                 f"{changed or ['objective']}; resume with the same configs and objectives")
+        self.stack.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        for replica, entry in zip(self.replicas, saved):
+            replica.records, replica.diverged_at, replica.reason = list(entry["records"]), entry["diverged_at"], \
+                entry["reason"]
+        self.start_step = int(state["step"])
+
+    def save(self, step: int) -> None:
+        """Checkpoint after ``step`` optimisation steps (``llm.checkpoint``'s atomic writer, one process)."""
+        run = {"kind": CHECKPOINT_KIND, "replicas": [r.run_state() for r in self.replicas]}
+        save_checkpoint(SingleProcess(), self.run_dir, step, self.stack, self.optimizer, _NoSchedule(), run,
+                        keep=self.configs[0].keep_checkpoints)
+
+    def checkpoint_due(self, step: int) -> bool:
+        every = self.configs[0].checkpoint_every
+        return self.run_dir is not None and every is not None and step % every == 0 and step < self.total_steps
+
     def run(self) -> list[Trajectory]:
-        for step in range(self.total_steps + 1):
+        for step in range(self.start_step, self.total_steps + 1):
             if all(r.diverged_at is not None for r in self.replicas):
                 break
             final = step == self.total_steps
@@ -224,10 +308,17 @@ class _Unlearning:
             if final:
                 break
             self.optimizer.step(learning_rates, [r.diverged_at is None for r in self.replicas])
+            if self.checkpoint_due(step + 1):
+                self.save(step + 1)
         self.stack.zero_grad()
         for i, model in enumerate(self.models):
             self.stack.write_into(model, i)
-        return [self._trajectory(i) for i in range(len(self.replicas))]
+        trajectories = [self._trajectory(i) for i in range(len(self.replicas))]
+        if self.run_dir is not None:
+            for i, trajectory in enumerate(trajectories):
+                os.makedirs(replica_folder(self.run_dir, i), exist_ok=True)
+                trajectory.save(os.path.join(replica_folder(self.run_dir, i), "trajectory"), self.configs[i])
+        return trajectories
 
     def _after_forward(self, step: int, final: bool, values: list[dict], grad_norms: list[float]) -> None:
         """The single run's bookkeeping of one step for every active replica: divergence check and
@@ -295,6 +386,18 @@ class _Unlearning:
                 "wall_seconds": time.perf_counter() - self.started, "side": "llm", "replica": index,
                 "route": self.stack.route, "num_replicas": len(self.replicas)}
         return trajectory_from_records(replica.records, replica.names, replica.diverged_at, replica.reason, info)
+
+
+class _NoSchedule:
+    """The schedule slot of a checkpoint: replica learning rates follow from the step alone."""
+
+    @staticmethod
+    def state_dict() -> dict:
+        return {}
+
+
+def _comparable(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def _parts(objective: Objective, batch: UnlearningBatch) -> list[dict]:

@@ -9,8 +9,14 @@ and computes every replica's logits on its own batch in one call (:meth:`Replica
 Gradients come from ordinary autograd on the sum of the replicas' losses: the replicas share no
 computation, so ``d(sum_i loss_i) / d parameters[name][i] = d loss_i / d theta_i`` exactly.
 
-Two routes (:attr:`ReplicaStack.route`):
+Three routes (:attr:`ReplicaStack.route`):
 
+* ``"stacked"`` (the default for ``PaperSyntheticForCausalLM``): the model's forward pass written
+  once for stacked parameters (``llm.paper_synthetic.stacked_logits``): every ``Linear`` one
+  ``baddbmm`` over the replica axis with the stacked bias fused in, and a hand-written backward whose
+  weight gradients come out in the parameters' own layout. Same values as ``"vmap"`` (tested); on a
+  2-core CPU ~20% faster for 16 replicas (vmap turns ``nn.Linear`` into ``bmm`` + a separate bias
+  add and its weight gradients need a transposed copy).
 * ``"vmap"``: ``torch.func.vmap`` of ``functional_call`` over the stacked parameters, for
   architectures whose forward pass has no data-dependent Python control flow. Our own
   ``PaperSyntheticForCausalLM`` (presets ``paper-synthetic``, ``tiny-synthetic``) is such a model:
@@ -24,7 +30,10 @@ Two routes (:attr:`ReplicaStack.route`):
 :class:`StackedAdamW` applies ``torch.optim.AdamW``'s or the legacy ``transformers.AdamW`` rule
 (:mod:`markovsim.optimizers`) to stacked tensors with per-replica learning rates, betas, eps and
 weight decay, in the same per-element order of operations as the single-run optimizers, and
-freezes replicas that are no longer active (diverged).
+freezes replicas that are no longer active (diverged). The update runs over column blocks of at
+most ``ADAM_BLOCK`` elements (all replicas of a block at once): the dozen element-wise passes of
+the rule then stay in the CPU cache instead of streaming 4 x N x D floats from memory a dozen times
+(3x faster at N = 16 on the 2-core VM); per element the operations are unchanged.
 """
 
 from __future__ import annotations
@@ -38,14 +47,20 @@ import torch
 from torch.func import functional_call, stack_module_state, vmap
 
 from .data import IGNORE_INDEX
-from .paper_synthetic import PaperSyntheticForCausalLM
+from .paper_synthetic import PaperSyntheticForCausalLM, stacked_logits
 
-__all__ = ["ROUTES", "VMAP_ARCHITECTURES", "ReplicaStack", "StackedAdamW", "StackedAdamSettings",
+__all__ = ["ADAM_BLOCK", "ROUTES", "STACKED_ARCHITECTURES", "VMAP_ARCHITECTURES", "ReplicaStack", "StackedAdamW",
+           "StackedAdamSettings",
            "clip_replica_grads", "replica_grad_norms"]
 
-ROUTES = ("vmap", "loop")
+ROUTES = ("stacked", "vmap", "loop")
+# Architectures with a hand-written forward pass on stacked parameters (route "stacked").
+STACKED_ARCHITECTURES = (PaperSyntheticForCausalLM,)
 # Architectures whose forward pass vmap can trace (no data-dependent Python control flow).
 VMAP_ARCHITECTURES = (PaperSyntheticForCausalLM,)
+# Elements (over all replicas) of one block of StackedAdamW's update: 32k float32 = 128 KiB per
+# state tensor, so the rule's temporaries stay in cache (measured best on the 2-core VM: 2k-16k columns).
+ADAM_BLOCK = 1 << 15
 _PAD_VALUES = {"input_ids": None, "attention_mask": 0, "labels": IGNORE_INDEX}
 
 
@@ -59,6 +74,8 @@ def _architecture(model) -> tuple:
 
 
 def _default_route(model) -> str:
+    if isinstance(model, STACKED_ARCHITECTURES):
+        return "stacked"
     return "vmap" if isinstance(model, VMAP_ARCHITECTURES) else "loop"
 
 
@@ -68,7 +85,8 @@ class ReplicaStack:
     Args:
         models: N >= 1 causal LMs of one architecture (same class, config and parameter shapes).
             They are not modified; :meth:`write_into` copies a replica back into a model.
-        route: ``"vmap"`` or ``"loop"``; None = ``"vmap"`` for ``VMAP_ARCHITECTURES``, else ``"loop"``.
+        route: ``"stacked"``, ``"vmap"`` or ``"loop"``; None = ``"stacked"`` for ``STACKED_ARCHITECTURES``,
+            else ``"vmap"`` for ``VMAP_ARCHITECTURES``, else ``"loop"``.
         device: where the stacked tensors live (default: the first model's device).
     Attributes:
         parameters: ``{name: (N, *shape)}`` float leaf tensors with ``requires_grad``.
@@ -88,15 +106,16 @@ class ReplicaStack:
         route = _default_route(models[0]) if route is None else route
         if route not in ROUTES:
             raise ValueError(f"route must be one of {ROUTES} or None, got {route!r}")
-        if route == "vmap" and not isinstance(models[0], VMAP_ARCHITECTURES):
-            raise ValueError(f"the vmap route supports {[c.__name__ for c in VMAP_ARCHITECTURES]}, not "
-                             f"{type(models[0]).__name__}; use route='loop'")
+        for name, supported in (("stacked", STACKED_ARCHITECTURES), ("vmap", VMAP_ARCHITECTURES)):
+            if route == name and not isinstance(models[0], supported):
+                raise ValueError(f"the {name} route supports {[c.__name__ for c in supported]}, not "
+                                 f"{type(models[0]).__name__}; use route='loop'")
         self.route, self.num_replicas = route, len(models)
         self.device = torch.device(device) if device is not None else next(models[0].parameters()).device
         parameters, buffers = stack_module_state([m.to(self.device) for m in models])
         self.parameters = {k: v.detach().clone().requires_grad_(True) for k, v in parameters.items()}
         self.buffers = {k: v.detach().clone() for k, v in buffers.items()}
-        self._skeleton = copy.deepcopy(models[0]).to("meta") if route == "vmap" else copy.deepcopy(models[0])
+        self._skeleton = copy.deepcopy(models[0]).to("meta") if route != "loop" else copy.deepcopy(models[0])
         self._skeleton.train(models[0].training)
 
     def replica_parameters(self, index: int) -> dict[str, torch.Tensor]:
@@ -121,6 +140,22 @@ class ReplicaStack:
         finally:
             self._skeleton.train(was_training)
 
+    def state_dict(self) -> dict[str, dict[str, torch.Tensor]]:
+        """``{"parameters": {name: (N, ...)}, "buffers": {...}}``, detached CPU copies (for checkpoints)."""
+        return {"parameters": {k: v.detach().cpu().clone() for k, v in self.parameters.items()},
+                "buffers": {k: v.detach().cpu().clone() for k, v in self.buffers.items()}}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        """Copy what :meth:`state_dict` returned into the stacked tensors (same names and shapes)."""
+        for kind, tensors in (("parameters", self.parameters), ("buffers", self.buffers)):
+            saved = state[kind]
+            if set(saved) != set(tensors) or any(saved[k].shape != v.shape for k, v in tensors.items()):
+                raise ValueError(f"stacked {kind} of the checkpoint do not match this stack's names and shapes "
+                                 f"(another architecture or number of replicas)")
+            for name, tensor in tensors.items():
+                tensor.copy_(saved[name])
+
     def zero_grad(self) -> None:
         for value in self.parameters.values():
             value.grad = None
@@ -129,8 +164,8 @@ class ReplicaStack:
         """Every replica's logits on its own batch.
 
         Args:
-            batches: N dicts ``{input_ids, attention_mask, ...}`` of (b_i, t_i) int64 tensors (the vmap
-                route pads them to a common (b, t) and trims the logits back).
+            batches: N dicts ``{input_ids, attention_mask, ...}`` of (b_i, t_i) int64 tensors (the stacked
+                and vmap routes pad them to a common (b, t) and trim the logits back).
         Returns: N tensors (b_i, t_i, vocab), differentiable with respect to :attr:`parameters`.
         """
         if len(batches) != self.num_replicas:
@@ -142,8 +177,11 @@ class ReplicaStack:
         rows, width = max(b for b, _ in shapes), max(t for _, t in shapes)
         input_ids, attention_mask = _stack_padded(batches, rows, width)  # (N, b, t) each
         # the one call that makes the replicas one computation: batched matmuls over the replica axis
-        logits = vmap(self._replica_logits_from_tensors)(self.parameters, self.buffers, input_ids,
-                                                         attention_mask)  # (N, b, t, vocab)
+        if self.route == "stacked":
+            logits = stacked_logits(self._skeleton.config, self.parameters, input_ids, attention_mask)
+        else:
+            logits = vmap(self._replica_logits_from_tensors)(self.parameters, self.buffers, input_ids,
+                                                             attention_mask)  # (N, b, t, vocab)
         return [logits[i, :b, :t] for i, (b, t) in enumerate(shapes)]
 
     def _buffers(self, index: int) -> dict[str, torch.Tensor]:
@@ -244,9 +282,30 @@ class StackedAdamW:
             if value.shape[0] != self.num_replicas:
                 raise ValueError(f"parameter {name!r} stacks {value.shape[0]} replicas, "
                                  f"settings have {self.num_replicas}")
+            if not value.is_contiguous():
+                raise ValueError(f"parameter {name!r} must be contiguous (StackedAdamW updates flat views)")
+        self._device = next(iter(parameters.values())).device
         self.exp_avg = {name: torch.zeros_like(value) for name, value in parameters.items()}
         self.exp_avg_sq = {name: torch.zeros_like(value) for name, value in parameters.items()}
         self.steps = [0] * self.num_replicas
+
+    def state_dict(self) -> dict:
+        """``{"exp_avg": {name: (N, ...)}, "exp_avg_sq": {...}, "steps": [t_i]}`` (CPU copies, for checkpoints)."""
+        return {"exp_avg": {k: v.cpu().clone() for k, v in self.exp_avg.items()},
+                "exp_avg_sq": {k: v.cpu().clone() for k, v in self.exp_avg_sq.items()}, "steps": list(self.steps)}
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what :meth:`state_dict` returned (same parameter names, shapes and number of replicas)."""
+        if len(state["steps"]) != self.num_replicas:
+            raise ValueError(f"optimizer state has {len(state['steps'])} replicas, this optimizer {self.num_replicas}")
+        for key in ("exp_avg", "exp_avg_sq"):
+            mine, saved = getattr(self, key), state[key]
+            if set(saved) != set(mine) or any(saved[k].shape != v.shape for k, v in mine.items()):
+                raise ValueError(f"optimizer state {key!r} does not match the parameters' names and shapes")
+            for name, tensor in mine.items():
+                tensor.copy_(saved[name])
+        self.steps = [int(t) for t in state["steps"]]
 
     @torch.no_grad()
     def step(self, learning_rates, active=None) -> None:
@@ -258,14 +317,20 @@ class StackedAdamW:
         factors = self._factors(learning_rates)
         decays = any(wd != 0 for wd in self.settings.weight_decays)
         frozen = [i for i, a in enumerate(active) if not a]
+        shaped = {key: value.to(self._device).view(-1, 1) for key, value in factors.items()}  # (N, 1)
         for name, param in self.parameters.items():
             if param.grad is None:
                 continue
             state = (param, self.exp_avg[name], self.exp_avg_sq[name])
             saved = [tensor[frozen].clone() for tensor in state] if frozen else None  # inactive rows, restored below
-            shaped = {key: value.to(param.device).view(-1, *([1] * (param.ndim - 1))) for key, value in factors.items()}
-            # in place, element by element as the single-run optimizers: this loop is memory-bound
-            self._update(*state, param.grad, shaped, decays and param.ndim >= 3)
+            flat = [tensor.view(self.num_replicas, -1) for tensor in state]  # (N, D) views of p, m, v
+            grad = param.grad.reshape(self.num_replicas, -1)  # (N, D)
+            block = max(1, ADAM_BLOCK // self.num_replicas)  # columns per block
+            for start in range(0, grad.shape[1], block):
+                columns = slice(start, start + block)
+                # in place, element by element as the single-run optimizers, one cache-sized block at a time
+                self._update(*(tensor[:, columns] for tensor in flat), grad[:, columns], shaped,
+                             decays and param.ndim >= 3)
             if frozen:
                 for tensor, rows in zip(state, saved):
                     tensor[frozen] = rows
@@ -289,7 +354,7 @@ class StackedAdamW:
         return {name: table[:, k] for k, name in enumerate(names)}
 
     def _update(self, param, m, v, grad, f, decay: bool) -> None:
-        """One in-place step of the rule on (N, ...) tensors; ``f``: per-replica factors shaped (N, 1, ...)."""
+        """One in-place step of the rule on (N, D) blocks; ``f``: per-replica factors shaped (N, 1)."""
         if self.settings.rule == "adamw":
             if decay:
                 param.mul_(f["decay"])
@@ -298,8 +363,10 @@ class StackedAdamW:
             denominator = v.sqrt().div_(f["correction2_sqrt"]).add_(f["eps"])
             param.addcdiv_(m * f["step_size"], denominator)
             return
-        m.mul_(f["beta1"]).add_(grad * f["one_minus_beta1"])
-        v.mul_(f["beta2"]).add_(grad * f["one_minus_beta2"] * grad)
-        param.sub_(m * f["step_size"] / v.sqrt().add_(f["eps"]))
+        # addcmul_/addcdiv_ fuse a multiply and an add per element; the products and sums are the same
+        # as the single run's m * b1 + g * (1 - b1), v * b2 + (g * (1 - b2)) * g, p - (m s) / (sqrt(v) + eps)
+        m.mul_(f["beta1"]).addcmul_(grad, f["one_minus_beta1"])
+        v.mul_(f["beta2"]).addcmul_(grad * f["one_minus_beta2"], grad)
+        param.addcdiv_(m * f["step_size"], v.sqrt().add_(f["eps"]), value=-1)
         if decay:
             param.mul_(f["decay"])

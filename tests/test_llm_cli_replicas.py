@@ -1,6 +1,7 @@
 """python -m llm unlearn --seeds ... --betas ...: the grid runs as replicas, one results folder each."""
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -30,7 +31,7 @@ def test_seeds_times_betas_run_as_replicas_equal_to_single_runs(pretrained, caps
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["command"] == "unlearn"
     text = (pretrained / "grid" / "results.json").read_text()
     index = json.loads(text)
-    assert "NaN" not in text and index["num_replicas"] == 4 and index["route"] == "vmap"
+    assert "NaN" not in text and index["num_replicas"] == 4 and index["route"] == "stacked"
     assert [(r["seed"], r["beta"]) for r in index["replicas"]] == [(0, 0.1), (0, 0.2), (1, 0.1), (1, 0.2)]
     assert index["config"]["replicas"] == {"seeds": [0, 1], "betas": [0.1, 0.2]}
     for i, entry in enumerate(index["replicas"]):
@@ -49,14 +50,29 @@ def test_seeds_times_betas_run_as_replicas_equal_to_single_runs(pretrained, caps
                                            err_msg=name)
 
 
+def test_a_grid_checkpoints_and_resumes_to_the_same_results(pretrained, capsys):
+    arguments = unlearn_arguments(pretrained, "resumable", "--seeds", "0", "1", "--checkpoint-every", "1")
+    assert main(arguments) == 0
+    folder = pretrained / "resumable"
+    assert sorted(os.listdir(folder / "checkpoints")) == ["step-0000001", "step-0000002"]  # keep 2 (of 1, 2)
+    first = [Trajectory.load(folder / f"replica-00{i}" / "trajectory") for i in (0, 1)]
+    assert main(arguments) == 2  # the folder holds a run: refused without --resume
+    assert "--resume" in capsys.readouterr().err
+    assert main(arguments + ["--resume"]) == 0  # continues from step 2: steps 2 and 3 again
+    for i, before in enumerate(first):
+        after = Trajectory.load(folder / f"replica-00{i}" / "trajectory")
+        assert list(after.steps) == list(before.steps) == [0, 1, 2, 3]
+        for name, values in before.component_metrics.items():
+            np.testing.assert_array_equal(after.component_metrics[name], values, err_msg=name)
+
+
 BAD_GRIDS = {  # arguments after the model -> what the one error line must name
     "duplicate": (["--seeds", "0", "0"], "--seeds"),
     "not an int": (["--seeds", "0", "x"], "--seeds"),
     "no value": (["--seeds"], "--seeds"),
     "both seed flags": (["--seeds", "0", "1", "--seed", "2"], "--seed"),
     "both beta flags": (["--betas", "0.1", "--beta", "0.2"], "--beta"),
-    "resume": (["--seeds", "0", "1", "--resume"], "--resume"),
-    "checkpoints": (["--seeds", "0", "1", "--checkpoint-every", "1"], "--checkpoint-every"),
+    "resume without a checkpoint": (["--seeds", "0", "1", "--resume"], "--resume"),
     "beta-less objective": (["--betas", "0.1", "--objective", "GA"], "--betas"),
 }
 

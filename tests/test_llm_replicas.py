@@ -3,7 +3,7 @@
 References: ``llm.train.pretrain`` / ``llm.train.unlearn`` run once per replica with that replica's
 seed, objective and learning rate (float32, CPU, rtol 1e-5); ``torch.optim.AdamW`` and
 ``markovsim.optimizers.LegacyAdamW`` step by step for the stacked optimizer; N separate forward
-passes for the vmap route.
+passes and per-model autograd for the stacked and vmap routes.
 """
 
 import copy
@@ -65,16 +65,29 @@ def assert_same_parameters(model, other) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("preset, route", [("tiny-synthetic", "vmap"), ("tiny-gpt2", "loop")])
-def test_stack_logits_equal_each_models_forward(tiny, preset, route):
+@pytest.mark.parametrize("preset, route, expected_route", [("tiny-synthetic", None, "stacked"),
+                                                            ("tiny-synthetic", "vmap", "vmap"),
+                                                            ("tiny-gpt2", None, "loop")])
+def test_stack_logits_and_gradients_equal_each_models_own(tiny, preset, route, expected_route):
+    """Logits of every replica = its model's forward; gradients of a loss of all replicas' logits =
+    each model's own autograd gradients (checks the stacked route's hand-written backward)."""
     models = three_models(preset)
-    stack = ReplicaStack(models)
-    assert stack.route == route and stack.num_replicas == 3
+    stack = ReplicaStack(models, route)
+    assert stack.route == expected_route and stack.num_replicas == 3
     encoded = encode(tiny["forget"], "response")
-    batches = [encoded.batch(rows) for rows in ([0, 1, 2], [3, 4, 5], [6, 7, 8])]  # widths may differ
-    for logits, model, batch in zip(stack.logits(batches), models, batches):
+    batches = [encoded.batch(rows) for rows in ([0, 1, 2], [3, 4, 5], [6, 7, 8, 9])]  # rows and widths differ
+    weights = [torch.randn(1, 1, 11, generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    total = 0.0
+    for logits, model, batch, weight in zip(stack.logits(batches), models, batches, weights):
         expected = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         torch.testing.assert_close(logits, expected, rtol=1e-6, atol=1e-6)
+        (expected.tanh() * weight).sum().backward()
+        total = total + (logits.tanh() * weight).sum()
+    total.backward()
+    for i, model in enumerate(models):
+        for name, parameter in model.named_parameters():
+            torch.testing.assert_close(stack.parameters[name].grad[i], parameter.grad, rtol=1e-5, atol=1e-6,
+                                       msg=name)
 
 
 def stacked_and_single(rule: str):
@@ -94,8 +107,10 @@ def stacked_and_single(rule: str):
     return stacked, StackedAdamW(stacked, settings), singles, optimizers
 
 
-@pytest.mark.parametrize("rule", ["adamw", "adamw_legacy"])
-def test_stacked_adamw_equals_the_single_run_optimizer_step_by_step(rule):
+@pytest.mark.parametrize("rule, block", [("adamw", None), ("adamw_legacy", None), ("adamw_legacy", 7)])
+def test_stacked_adamw_equals_the_single_run_optimizer_step_by_step(rule, block, monkeypatch):
+    if block is not None:  # blocks of 7 // 3 = 2 columns: the matrix's 20 columns in 10 blocks, the vector's in 2
+        monkeypatch.setattr("llm.replicas.ADAM_BLOCK", block)
     stacked, optimizer, singles, optimizers = stacked_and_single(rule)
     generator = torch.Generator().manual_seed(1)
     learning_rates = [1e-3, 5e-2, 2e-4]
@@ -126,6 +141,8 @@ def test_bad_input_raises_clear_errors(tiny):
         ReplicaStack([build_model("tiny-synthetic", 11, 21), build_model("tiny-synthetic", 11, 31)])
     with pytest.raises(ValueError, match="vmap route"):
         ReplicaStack([build_model("tiny-gpt2", 11, 21)], route="vmap")
+    with pytest.raises(ValueError, match="stacked route"):
+        ReplicaStack([build_model("tiny-gpt2", 11, 21)], route="stacked")
     with pytest.raises(ValueError, match="objectives for 3 replicas"):
         unlearn_replicas(three_models("tiny-synthetic"), [get_objective("GA")] * 2, tiny["forget"], None, UNLEARNING)
     with pytest.raises(ValueError, match="N >= 1"):
@@ -167,7 +184,7 @@ def test_unlearn_replicas_equal_single_runs(tiny, preset, optimizer):
     trajectories = unlearn_replicas(models, objectives, tiny["forget"], tiny["retain"], configs)
     for i, trajectory in enumerate(trajectories):
         expected = unlearn(singles[i], objectives[i], tiny["forget"], tiny["retain"], configs[i])
-        assert trajectory.info["route"] == ("vmap" if preset == "tiny-synthetic" else "loop")
+        assert trajectory.info["route"] == ("stacked" if preset == "tiny-synthetic" else "loop")
         assert_same_trajectory(trajectory, expected)
         assert_same_parameters(models[i], singles[i])
 
