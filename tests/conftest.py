@@ -20,3 +20,11 @@ def data():
     train, test = scenario.spec.sample()
     return {"train": train, "test": test, "forget": train.select("forget1", "forget2"),
             "retain": train.select("retain"), "chains": {c.name: c.chain for c in scenario.spec.components}}
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    """A tiny TOFU base checkpoint on disk (random 2-layer Llama + word-level chat tokenizer; ``--model PATH``)."""
+    from test_tofu_fixtures import save_tiny_checkpoint
+
+    return save_tiny_checkpoint(tmp_path_factory.mktemp("base") / "tiny")

@@ -6,15 +6,10 @@ MASTER_PORT in the environment); ``accelerate`` then sets up gloo on CPU.
 
 import json
 import os
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = os.path.dirname(os.path.abspath(__file__))
+from two_processes import launch_two
 
 
 def run_pretrain_and_unlearn(output: str, run_dir: str | None = None) -> None:
@@ -42,29 +37,8 @@ def run_pretrain_and_unlearn(output: str, run_dir: str | None = None) -> None:
                        "num_processes": [history.num_processes, trajectory.info["num_processes"]]}, file)
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def launch_two_processes(output: str, run_dir: str) -> None:
-    script = (f"import sys; sys.path[:0] = [{ROOT!r}, {TESTS!r}]; "
-              f"from test_llm_distributed import run_pretrain_and_unlearn as run; run({output!r}, {run_dir!r})")
-    base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
-                OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([ROOT, TESTS]))
-    processes = [subprocess.Popen([sys.executable, "-c", script], env=dict(base, RANK=str(r), LOCAL_RANK=str(r)),
-                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
-    outputs = []
-    try:
-        for process in processes:
-            outputs.append(process.communicate(timeout=180)[0])
-    finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
-    for process, text in zip(processes, outputs):
-        assert process.returncode == 0, text[-3000:]
+    launch_two("test_llm_distributed", "run_pretrain_and_unlearn", output, run_dir, timeout=180)
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ import os
 import nbformat
 import pytest
 from nbclient import NotebookClient
+from test_tofu_fixtures import save_tiny_checkpoint
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NOTEBOOKS = os.path.join(HERE, "..", "notebooks")
@@ -13,22 +14,12 @@ SMALL = {
     "02_reference_model_bias.ipynb": "SCALE = 0.01\nSTEPS = 3",
     "03_theory_vs_practice.ipynb": "SCALE = 0.005\nPRETRAIN_EPOCHS = 1\nSTEPS = 2\n"
                                    "PRESETS = ('tiny-synthetic', 'tiny-gpt2')",
-    # a tiny random Llama with a word-level tokenizer (written by tiny_tofu_model) instead of SmolLM2
+    # a tiny random Llama with a word-level tokenizer (test_tofu_fixtures.save_tiny_checkpoint) instead of SmolLM2
     "04_tofu_and_theory.ipynb": "MODEL = {model!r}\nLIMIT = 4\nFINETUNE_EPOCHS = 1\nUNLEARN_STEPS = 2\n"
                                 "BATCH_SIZE = 4\nMAX_NEW_TOKENS = 3\nRELEARN_STEPS = (0, 1)\nBIAS_STEPS = 2\n"
                                 "BIAS_RECORD_EVERY = 1\nBIAS_MAX_ITEMS = 2\nSIM_SCALE = 0.01\nSIM_STEPS = 3\n"
                                 "OUT = 'tofu-run'",
 }
-
-
-def tiny_tofu_model(folder) -> str:
-    """A tiny random Llama + the tests' chat-template tokenizer saved as a local checkpoint; returns its path."""
-    from test_tofu_fixtures import tiny_llama, tiny_tokenizer
-
-    tokenizer = tiny_tokenizer(chat=True)
-    tiny_llama(len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return str(folder)
 
 
 def notebook_names():
@@ -46,7 +37,7 @@ def test_notebook_executes(name, tmp_path, monkeypatch):
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), \
         f"{name} is committed with outputs; clear them"
     index = next(i for i, cell in enumerate(notebook.cells) if "parameters" in cell.metadata.get("tags", []))
-    small = SMALL[name].format(model=tiny_tofu_model(tmp_path / "tiny-model")) if "{model" in SMALL[name] \
+    small = SMALL[name].format(model=save_tiny_checkpoint(tmp_path / "tiny-model")) if "{model" in SMALL[name] \
         else SMALL[name]
     notebook.cells.insert(index + 1, nbformat.v4.new_code_cell(small))
     # the kernel must draw inline as Jupyter does, even where the shell (CI) sets a file-only backend

@@ -39,16 +39,6 @@ pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available()
 DEVICE, BF16 = "cuda", True
 
 
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A tiny base checkpoint on disk (what --model PATH loads)."""
-    path = tmp_path_factory.mktemp("base") / "tiny"
-    tokenizer = tiny_tokenizer(chat=True)
-    tiny_llama(len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
 def test_tiny_protocol_end_to_end_on_cuda(base, tmp_path):
     pytest.importorskip("rouge_score")  # the "tofu" extra (benchmarks/device_checks.sh --prepare-tofu carries it)
     from safetensors.torch import load_file

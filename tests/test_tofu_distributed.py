@@ -19,16 +19,13 @@ real mismatch (a wrong normaliser or a duplicated shard changes the losses by te
 
 import json
 import os
-import subprocess
 import sys
 
 import numpy as np
 import pytest
-from test_llm_distributed import free_port
 from test_tofu_fixtures import tiny_llama, tiny_tokenizer
+from two_processes import ROOT, launch_two
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TESTS = os.path.dirname(os.path.abspath(__file__))
 STEP_KEYS = ("total", "grad_norm", "learning_rate")
 UNLEARN_KEYS = STEP_KEYS + ("forget", "retain", "logp_per_token")
 
@@ -93,31 +90,8 @@ def run_protocol(writes: str, *argv: str) -> None:
 
 
 def launch(function: str, *args: str) -> list[str]:
-    """Run ``test_tofu_distributed.<function>(*args)`` in 2 processes (gloo on CPU); their outputs, or fail with them.
-
-    A port taken by another program between :func:`free_port` and gloo's bind is retried once on a new port.
-    """
-    script = (f"import sys; sys.path[:0] = [{ROOT!r}, {TESTS!r}]; "
-              f"from test_tofu_distributed import {function} as run; run(*{list(args)!r})")
-    for attempt in range(2):
-        base = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
-                    OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([ROOT, TESTS]))
-        processes = [subprocess.Popen([sys.executable, "-c", script], env=dict(base, RANK=str(r), LOCAL_RANK=str(r)),
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(2)]
-        outputs = []
-        try:
-            for process in processes:
-                outputs.append(process.communicate(timeout=300)[0])
-        finally:
-            for process in processes:
-                if process.poll() is None:
-                    process.kill()
-        failed = [text for process, text in zip(processes, outputs) if process.returncode != 0]
-        if not failed:
-            return outputs
-        if attempt == 0 and any("address already in use" in text.lower() for text in failed):
-            continue
-        pytest.fail("a process failed:\n" + "\n----\n".join(text[-3000:] for text in failed))
+    """Run ``test_tofu_distributed.<function>(*args)`` in 2 processes (gloo on CPU); their outputs."""
+    return launch_two("test_tofu_distributed", function, *args)
 
 
 def _train_records(run_dir) -> list[dict]:

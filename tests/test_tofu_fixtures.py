@@ -34,6 +34,14 @@ def tiny_llama(vocab_size: int, seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(config).eval()
 
 
+def save_tiny_checkpoint(folder) -> str:
+    """The tiny Llama + the chat-template tokenizer saved as a local checkpoint (what ``--model PATH`` loads)."""
+    tokenizer = tiny_tokenizer(chat=True)
+    tiny_llama(len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
+
+
 def test_tiny_tokenizer_round_trip():
     tok = tiny_tokenizer(chat=False)
     ids = tok("what is the capital of france ?")["input_ids"]

@@ -22,15 +22,6 @@ TINY = dict(split="forget01", limit=4, batch_size=4, finetune_steps=2, unlearn_s
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    path = tmp_path_factory.mktemp("base") / "tiny"
-    tokenizer = tiny_tokenizer(chat=True)
-    tiny_llama(len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
 def finished(base, tmp_path_factory):
     """A finished tiny run: NPO and SimNPO, relearning after 0, 1 and 3 steps."""
     protocol = Protocol(ProtocolConfig(methods=("NPO", "SimNPO"), model=base, relearn_steps=(0, 1, 3), **TINY),

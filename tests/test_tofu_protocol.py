@@ -5,7 +5,6 @@ import json
 import os
 
 import pytest
-from test_tofu_fixtures import tiny_llama, tiny_tokenizer
 
 from llm.tofu import __main__ as cli
 from llm.tofu.evaluate import evaluate_model, load_eval_sets
@@ -14,16 +13,6 @@ from llm.tofu.protocol import Protocol, ProtocolConfig, method_objective
 TINY = ["--limit", "4", "--batch-size", "4", "--finetune-steps", "2", "--unlearn-steps", "1",
         "--max-new-tokens", "3", "--eval-batch-size", "64", "--no-progress", "--device", "cpu",
         "--relearn-steps", "0", "1"]
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A tiny base checkpoint on disk (what --model PATH loads)."""
-    path = tmp_path_factory.mktemp("base") / "tiny"
-    tokenizer = tiny_tokenizer(chat=True)
-    tiny_llama(len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def _strict(path):

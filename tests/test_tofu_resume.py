@@ -14,7 +14,6 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_tofu_fixtures import tiny_llama, tiny_tokenizer
 
 from llm.session import Session
 from llm.tofu import __main__ as cli
@@ -26,15 +25,6 @@ TINY = ["--split", "forget01", "--methods", "NPO+RT", "--limit", "4", "--batch-s
 
 class Killed(Exception):
     """Stands for the process being killed (not one of the errors the command line turns into exit 2)."""
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    path = tmp_path_factory.mktemp("base") / "tiny"
-    tokenizer = tiny_tokenizer(chat=True)
-    tiny_llama(len(tokenizer)).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    return str(path)
 
 
 def _kill_at(monkeypatch, kind: str, step: int, calls: list) -> None:
