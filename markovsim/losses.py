@@ -81,14 +81,25 @@ def reduce_token_logps(token_logps: torch.Tensor, mask: torch.Tensor) -> tuple[t
         in int64 before the cast (bf16 represents integers exactly only up to 256). A row with no
         response tokens gives logps 0 and num_tokens 0, which the losses reject.
     """
+    mask = _check_token_batch(token_logps, mask, nonempty=False)
+    logps = torch.where(mask, token_logps, 0.0).sum(-1)  # (B,)
+    num_tokens = mask.sum(-1).to(token_logps.dtype)  # (B,)
+    return logps, num_tokens
+
+
+def _check_token_batch(token_logps: torch.Tensor, mask, nonempty: bool = True) -> torch.Tensor:
+    """Check (B, T) float ``token_logps`` (finite on response tokens) and its mask; the mask as bool.
+
+    ``nonempty``: every row needs at least one response token (the token-level losses divide by it).
+    """
     check_float("token_logps", token_logps)
     if token_logps.ndim != 2:
         raise ValueError(f"token_logps must have shape (B, T), got {tuple(token_logps.shape)}")
     mask = check_mask(mask, token_logps.shape)
     check_token_values("token_logps", token_logps, mask, allow_neg_inf=False)
-    logps = torch.where(mask, token_logps, 0.0).sum(-1)  # (B,)
-    num_tokens = mask.sum(-1).to(token_logps.dtype)  # (B,)
-    return logps, num_tokens
+    if nonempty:
+        check_nonempty(mask)
+    return mask
 
 
 # --- Forget losses, per sequence (B,) --------------------------------------------------------------------
@@ -208,12 +219,7 @@ def wga(token_logps: torch.Tensor, mask: torch.Tensor, alpha: float = 1.0) -> to
 
     Returns: (B,) per-sequence losses.
     """
-    check_float("token_logps", token_logps)
-    if token_logps.ndim != 2:
-        raise ValueError(f"token_logps must have shape (B, T), got {tuple(token_logps.shape)}")
-    mask = check_mask(mask, token_logps.shape)
-    check_token_values("token_logps", token_logps, mask, allow_neg_inf=False)
-    check_nonempty(mask)
+    mask = _check_token_batch(token_logps, mask)
     alpha = check_number("alpha", alpha, nonnegative=True)
     kept = torch.where(mask, token_logps, 0.0)  # (B, T), padding -> 0
     weights = torch.exp(alpha * kept).detach()  # (B, T) sg(p_t^alpha); 1 on padding, times 0 below
@@ -237,12 +243,7 @@ def masked_ga(token_logps: torch.Tensor, mask: torch.Tensor, selected: torch.Ten
 
     Returns: (B,) per-sequence losses.
     """
-    check_float("token_logps", token_logps)
-    if token_logps.ndim != 2:
-        raise ValueError(f"token_logps must have shape (B, T), got {tuple(token_logps.shape)}")
-    mask = check_mask(mask, token_logps.shape)
-    check_token_values("token_logps", token_logps, mask, allow_neg_inf=False)
-    check_nonempty(mask)
+    mask = _check_token_batch(token_logps, mask)
     if not isinstance(selected, torch.Tensor) or selected.shape != token_logps.shape:
         got = tuple(selected.shape) if isinstance(selected, torch.Tensor) else type(selected).__name__
         raise ValueError(f"selected must be a (B, T) tensor shaped like token_logps "
