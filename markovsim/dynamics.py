@@ -103,8 +103,11 @@ def autograd_evaluation(model, objective: Objective, *args) -> ExactEvaluation:
     return dataclasses.replace(closed, value=value.detach(), gradients=grads)
 
 
-class _Optimizer:
-    """GD or one of the Adam rules of :mod:`markovsim.optimizers` over a tuple of float64 tensors."""
+class ParameterOptimizer:
+    """GD or one of the Adam rules of :mod:`markovsim.optimizers` over a tuple of float64 tensors.
+
+    ``step(params, grads)`` clips ``grads`` by ``config.max_grad_norm`` and returns the updated tuple
+    (shared by the exact unlearning, relearning and other-method drivers)."""
 
     def __init__(self, config: DynamicsConfig, params: tuple[torch.Tensor, ...]):
         self.config = config
@@ -179,11 +182,11 @@ def _unlearn(model, objective, forget, retain, reference, config, evaluator, pro
     names = evaluator.component_names
     rng = np.random.default_rng(config.seed) if config.batch_size is not None else None
     evaluate_gradient = autograd_evaluation if config.gradient == "autograd" else objective_value_and_gradient
-    optimizer, params = _Optimizer(config, model.parameters()), model.parameters()
+    optimizer, params = ParameterOptimizer(config, model.parameters()), model.parameters()
     records, steps, losses, distances = [], [], [], []
     start = tuple(p.clone() for p in params)
     diverged_at, reason = None, None
-    bar = _progress(config.steps, progress)
+    bar = unlearning_progress(config.steps, progress)
     full_batch = config.batch_size is None
     for step in range(config.steps + 1):
         batch = problem.batch(rng, config.batch_size)
@@ -204,7 +207,7 @@ def _unlearn(model, objective, forget, retain, reference, config, evaluator, pro
             params = optimizer.step(params, current.gradients)
             bar.update(1)
     bar.close()
-    return _trajectory(steps, names, records, losses, distances, diverged_at, reason,
+    return assemble_trajectory(steps, names, records, losses, distances, diverged_at, reason,
                        {"objective": dataclasses.asdict(objective), "dynamics": dataclasses.asdict(config),
                         "model": type(model).__name__})
 
@@ -215,7 +218,9 @@ def _record(model, objective, problem, evaluator, names, finite: bool, full: Exa
     return evaluator.evaluate(model) | gradient_diagnostics(model, objective, problem, names, full)
 
 
-def _trajectory(steps, names, records, losses, distances, diverged_at, reason, info) -> Trajectory:
+def assemble_trajectory(steps, names, records, losses, distances, diverged_at, reason, info) -> Trajectory:
+    """A :class:`Trajectory` from per-evaluation records ({metric: (C,) per component}; a missing metric -> NaN),
+    the step losses and parameter distances, the divergence step/reason and ``info``."""
     metrics = {}
     for metric in ("kl_true", "kl_retrained", "kl_reference", "logp_per_token", "mean_weight", "power_share"):
         rows = [r.get(metric, np.full(len(names), np.nan)) for r in records]
@@ -226,7 +231,8 @@ def _trajectory(steps, names, records, losses, distances, diverged_at, reason, i
                       diverged_at, reason, info)
 
 
-def _progress(total: int, enabled: bool):
+def unlearning_progress(total: int, enabled: bool):
+    """The progress bar of an exact run of ``total`` steps (:func:`markovsim.progress.progress_bar`)."""
     return progress_bar(total, 0, "unlearning", enabled)
 
 
@@ -275,7 +281,7 @@ def _gradient_flow(model, objective, forget, retain, reference, times, evaluator
         records.append(_record(point, objective, problem, evaluator, evaluator.component_names, True))
         losses.append(float(objective_value(point, objective, *problem.batch(None, None))))
         distances.append(float(np.linalg.norm(column - start)))
-    return _trajectory(times, evaluator.component_names, records, losses, distances, None, None,
+    return assemble_trajectory(times, evaluator.component_names, records, losses, distances, None, None,
                        {"objective": dataclasses.asdict(objective),
                         "flow": {"method": method, "rtol": rtol, "atol": atol},
                         "model": type(model).__name__})

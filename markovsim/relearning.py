@@ -30,7 +30,7 @@ import torch
 from .config import RunSettings, check_integer, setting
 from .data import SequenceSet
 from .diagnostics import global_norm
-from .dynamics import DynamicsConfig, _Optimizer
+from .dynamics import DynamicsConfig, ParameterOptimizer
 from .evaluation import ExactEvaluator
 from .exact_gradients import num_tokens_tensor, objective_value_and_gradient
 from .objectives import Objective
@@ -113,7 +113,7 @@ def unlearned_model(reference, objective: Objective, forget: SequenceSet, retain
 
     with torch_threads(1):
         problem = Problem.build(objective, forget, retain, reference)
-        params, optimizer = reference.parameters(), _Optimizer(config, reference.parameters())
+        params, optimizer = reference.parameters(), ParameterOptimizer(config, reference.parameters())
         for _ in range(config.steps):
             evaluation = objective_value_and_gradient(reference.with_parameters(*params), objective,
                                                       *problem.batch(None, None))
@@ -143,7 +143,7 @@ def relearn(model, sequences: SequenceSet, evaluator: ExactEvaluator, config: Re
 
 def _relearn(model, sequences, evaluator, config, progress) -> Trajectory:
     params, start = model.parameters(), tuple(p.clone() for p in model.parameters())
-    optimizer = _Optimizer(config, params)
+    optimizer = ParameterOptimizer(config, params)
     steps, records, losses, distances, diverged_at, reason = [], [], [], [], None, None
     bar = progress_bar(config.steps, 0, "relearning", progress)
     for step in range(config.steps + 1):

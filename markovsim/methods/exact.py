@@ -24,7 +24,7 @@ import torch
 from ..config import divergence_reason
 from ..data import SequenceSet, concatenate
 from ..diagnostics import global_norm, power_shares
-from ..dynamics import DynamicsConfig, _Optimizer, _progress, _trajectory
+from ..dynamics import DynamicsConfig, ParameterOptimizer, assemble_trajectory, unlearning_progress
 from ..evaluation import ExactEvaluator
 from ..exact_gradients import objective_value_and_gradient, retain_kl_value
 from ..objectives import Objective
@@ -47,7 +47,7 @@ def fine_tune(model, sequences: SequenceSet, config: FineTuneConfig):
         raise ValueError("fine_tune needs a non-empty SequenceSet")
     settings = DynamicsConfig(optimizer=config.optimizer, learning_rate=config.learning_rate, steps=config.steps)
     params = model.parameters()
-    optimizer = _Optimizer(settings, params)
+    optimizer = ParameterOptimizer(settings, params)
     with torch_threads(1):
         for _ in range(config.steps):
             ascent = objective_value_and_gradient(model, Objective("ga"), sequences).gradients
@@ -169,10 +169,10 @@ def _unlearn_exact(problem, model, config, evaluator, progress):
     evaluate = autograd_step if config.gradient == "autograd" else (lambda p, m: p.step(m))
     names = evaluator.component_names
     num_tokens = torch.as_tensor(problem.forget.num_tokens, dtype=torch.float64)
-    params, optimizer = model.parameters(), _Optimizer(config, model.parameters())
+    params, optimizer = model.parameters(), ParameterOptimizer(config, model.parameters())
     start = tuple(p.clone() for p in params)
     records, steps, losses, distances, diverged_at, reason = [], [], [], [], None, None
-    bar = _progress(config.steps, progress)
+    bar = unlearning_progress(config.steps, progress)
     for step in range(config.steps + 1):
         model = model.with_parameters(*params) if all(bool(torch.isfinite(p).all()) for p in params) else None
         current = evaluate(problem, model) if model is not None else None
@@ -194,7 +194,7 @@ def _unlearn_exact(problem, model, config, evaluator, progress):
     bar.close()
     info = {"method": type(problem).__name__, "config": _config_dict(problem), "dynamics": dataclasses.asdict(config),
             "model": type(model).__name__ if model is not None else None}
-    return _trajectory(steps, names, records, losses, distances, diverged_at, reason, info)
+    return assemble_trajectory(steps, names, records, losses, distances, diverged_at, reason, info)
 
 
 def _config_dict(problem) -> dict | None:

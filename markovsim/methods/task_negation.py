@@ -115,7 +115,7 @@ def task_negation_path(problem: ExactTaskNegation, scales, evaluator: ExactEvalu
     ``mean_weight`` / ``power_share`` are NaN (no gradient).
     """
     from ..diagnostics import global_norm
-    from ..dynamics import _trajectory
+    from ..dynamics import assemble_trajectory
 
     scales = np.asarray(scales, dtype=np.float64)
     if scales.ndim != 1 or scales.size == 0 or np.any(scales < 0) or not np.all(np.isfinite(scales)):
@@ -133,4 +133,4 @@ def task_negation_path(problem: ExactTaskNegation, scales, evaluator: ExactEvalu
             losses.append(float((-model.response_logps(problem.forget) / lengths).mean()))
     info = {"method": "TaskNegation", "config": dataclasses.asdict(problem.config), "scales": scales.tolist(),
             "model": type(problem.reference).__name__}
-    return _trajectory(scales, names, records, losses, (scales * norm).tolist(), None, None, info)
+    return assemble_trajectory(scales, names, records, losses, (scales * norm).tolist(), None, None, info)
