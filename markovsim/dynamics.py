@@ -183,33 +183,54 @@ def _unlearn(model, objective, forget, retain, reference, config, evaluator, pro
     rng = np.random.default_rng(config.seed) if config.batch_size is not None else None
     evaluate_gradient = autograd_evaluation if config.gradient == "autograd" else objective_value_and_gradient
     optimizer, params = ParameterOptimizer(config, model.parameters()), model.parameters()
-    records, steps, losses, distances = [], [], [], []
-    start = tuple(p.clone() for p in params)
-    diverged_at, reason = None, None
-    bar = unlearning_progress(config.steps, progress)
     full_batch = config.batch_size is None
-    for step in range(config.steps + 1):
+    last = {"model": model}  # the model at the latest evaluated parameters
+
+    def step(index, params):
         batch = problem.batch(rng, config.batch_size)
-        model, current, reason = _evaluate_step(model, params, objective, batch, evaluate_gradient)
+        last["model"], current, reason = _evaluate_step(last["model"], params, objective, batch, evaluate_gradient)
         if reason is None:
             reason = _divergence(current, torch.tensor(batch[0].num_tokens, dtype=torch.float64),
                                  config.divergence_logp_per_token)
-        if step % config.eval_every == 0 or step == config.steps or reason is not None:
-            records.append(_record(model, objective, problem, evaluator, names, finite=reason is None,
-                                   full=current if full_batch else None))
-            steps.append(step)
-            losses.append(float(current.value) if current is not None else float("nan"))
-            distances.append(global_norm([p - p0 for p, p0 in zip(params, start)]))
-        if reason is not None:
-            diverged_at = step
-            break
-        if step < config.steps:
-            params = optimizer.step(params, current.gradients)
-            bar.update(1)
-    bar.close()
+        loss = float(current.value) if current is not None else float("nan")
+        record = lambda: _record(last["model"], objective, problem, evaluator, names,  # noqa: E731
+                                 finite=reason is None, full=current if full_batch else None)
+        return loss, None if current is None else current.gradients, reason, record
+
+    log = run_steps(params, config, optimizer, step, unlearning_progress(config.steps, progress))
+    model = last["model"]
+    steps, records, losses, distances, diverged_at, reason = log
     return assemble_trajectory(steps, names, records, losses, distances, diverged_at, reason,
                        {"objective": dataclasses.asdict(objective), "dynamics": dataclasses.asdict(config),
                         "model": type(model).__name__})
+
+
+def run_steps(params, config, optimizer: ParameterOptimizer, step, bar) -> tuple:
+    """The step loop shared by exact unlearning, relearning and the other methods' driver.
+
+    For index = 0..config.steps: ``step(index, params) -> (loss, gradients, reason, record)`` evaluates the
+    parameters (``reason``: why the run stops here, else None; ``record()``: the evaluation record, called
+    only at evaluation steps: every ``config.eval_every``, the last and a stopping step); then the optimiser
+    updates ``params``. Returns (steps, records, losses, parameter distances from the start,
+    diverged_at, reason).
+    """
+    start = tuple(p.clone() for p in params)
+    steps, records, losses, distances, diverged_at, reason = [], [], [], [], None, None
+    for index in range(config.steps + 1):
+        loss, gradients, reason, record = step(index, params)
+        if index % config.eval_every == 0 or index == config.steps or reason is not None:
+            records.append(record())
+            steps.append(index)
+            losses.append(loss)
+            distances.append(global_norm([p - p0 for p, p0 in zip(params, start)]))
+        if reason is not None:
+            diverged_at = index
+            break
+        if index < config.steps:
+            params = optimizer.step(params, gradients)
+            bar.update(1)
+    bar.close()
+    return steps, records, losses, distances, diverged_at, reason
 
 
 def _record(model, objective, problem, evaluator, names, finite: bool, full: ExactEvaluation | None = None) -> dict:

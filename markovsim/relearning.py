@@ -30,7 +30,7 @@ import torch
 from .config import RunSettings, check_integer, setting
 from .data import SequenceSet
 from .diagnostics import global_norm
-from .dynamics import DynamicsConfig, ParameterOptimizer
+from .dynamics import DynamicsConfig, ParameterOptimizer, run_steps
 from .evaluation import ExactEvaluator
 from .exact_gradients import num_tokens_tensor, objective_value_and_gradient
 from .objectives import Objective
@@ -142,26 +142,18 @@ def relearn(model, sequences: SequenceSet, evaluator: ExactEvaluator, config: Re
 
 
 def _relearn(model, sequences, evaluator, config, progress) -> Trajectory:
-    params, start = model.parameters(), tuple(p.clone() for p in model.parameters())
-    optimizer = ParameterOptimizer(config, params)
-    steps, records, losses, distances, diverged_at, reason = [], [], [], [], None, None
-    bar = progress_bar(config.steps, 0, "relearning", progress)
-    for step in range(config.steps + 1):
+    params = model.parameters()
+
+    def step(index, params):
         current = model.with_parameters(*params)
         value, gradients = relearning_loss_and_gradient(current, sequences)
-        if not (torch.isfinite(value) and np.isfinite(global_norm(gradients))):
-            diverged_at, reason = step, f"relearning loss or gradient is not finite at step {step}"
-        if step % config.eval_every == 0 or step == config.steps or reason is not None:
-            records.append(evaluator.evaluate(current) if reason is None else {})
-            steps.append(step)
-            losses.append(float(value))
-            distances.append(global_norm([p - p0 for p, p0 in zip(params, start)]))
-        if reason is not None:
-            break
-        if step < config.steps:
-            params = optimizer.step(params, gradients)
-            bar.update(1)
-    bar.close()
+        reason = None if torch.isfinite(value) and np.isfinite(global_norm(gradients)) else \
+            f"relearning loss or gradient is not finite at step {index}"
+        record = lambda: evaluator.evaluate(current) if reason is None else {}  # noqa: E731
+        return float(value), gradients, reason, record
+
+    steps, records, losses, distances, diverged_at, reason = run_steps(
+        params, config, ParameterOptimizer(config, params), step, progress_bar(config.steps, 0, "relearning", progress))
     names = evaluator.component_names
     metrics = {metric: np.array([r.get(metric, np.full(len(names), np.nan)) for r in records]).reshape(-1, len(names))
                for metric in ("kl_true", "kl_retrained", "kl_reference", "logp_per_token")}

@@ -24,7 +24,7 @@ import torch
 from ..config import divergence_reason
 from ..data import SequenceSet, concatenate
 from ..diagnostics import global_norm, power_shares
-from ..dynamics import DynamicsConfig, ParameterOptimizer, assemble_trajectory, unlearning_progress
+from ..dynamics import DynamicsConfig, ParameterOptimizer, assemble_trajectory, run_steps, unlearning_progress
 from ..evaluation import ExactEvaluator
 from ..exact_gradients import objective_value_and_gradient, retain_kl_value
 from ..objectives import Objective
@@ -170,28 +170,23 @@ def _unlearn_exact(problem, model, config, evaluator, progress):
     names = evaluator.component_names
     num_tokens = torch.as_tensor(problem.forget.num_tokens, dtype=torch.float64)
     params, optimizer = model.parameters(), ParameterOptimizer(config, model.parameters())
-    start = tuple(p.clone() for p in params)
-    records, steps, losses, distances, diverged_at, reason = [], [], [], [], None, None
-    bar = unlearning_progress(config.steps, progress)
-    for step in range(config.steps + 1):
-        model = model.with_parameters(*params) if all(bool(torch.isfinite(p).all()) for p in params) else None
+    last = {"model": model}  # the model at the latest parameters (None once they are not finite)
+
+    def step(index, params):
+        finite = all(bool(torch.isfinite(p).all()) for p in params)
+        last["model"] = model = last["model"].with_parameters(*params) if finite else None
         current = evaluate(problem, model) if model is not None else None
         reason = "parameters have NaN/inf" if current is None else divergence_reason(
             float(current.value), float((current.forget_logps / num_tokens).mean()), global_norm(current.gradients),
             config.divergence_logp_per_token)
-        if step % config.eval_every == 0 or step == config.steps or reason is not None:
-            records.append({} if reason is not None else
-                           evaluator.evaluate(model) | method_diagnostics(problem, model, names, current))
-            steps.append(step)
-            losses.append(float(current.value) if current is not None else float("nan"))
-            distances.append(global_norm([p - p0 for p, p0 in zip(params, start)]))
-        if reason is not None:
-            diverged_at = step
-            break
-        if step < config.steps:
-            params = optimizer.step(params, current.gradients)
-            bar.update(1)
-    bar.close()
+        record = lambda: ({} if reason is not None else  # noqa: E731
+                          evaluator.evaluate(model) | method_diagnostics(problem, model, names, current))
+        loss = float(current.value) if current is not None else float("nan")
+        return loss, None if current is None else current.gradients, reason, record
+
+    steps, records, losses, distances, diverged_at, reason = run_steps(
+        params, config, optimizer, step, unlearning_progress(config.steps, progress))
+    model = last["model"]
     info = {"method": type(problem).__name__, "config": _config_dict(problem), "dynamics": dataclasses.asdict(config),
             "model": type(model).__name__ if model is not None else None}
     return assemble_trajectory(steps, names, records, losses, distances, diverged_at, reason, info)
