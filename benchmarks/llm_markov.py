@@ -120,16 +120,25 @@ def print_markov_results(results: dict) -> None:
 
 
 def step_throughput(device: str, preset: str = "gpt2-small", vocab_size: int = 50257, length: int = 512,
-                    batch_size: int = 32, steps: int = 10, warmup: int = 3, live_reference: bool = False) -> dict:
-    """Time the NPO unlearning step (forward, backward, AdamW) of ``preset`` on random tokens."""
+                    batch_size: int = 32, steps: int = 10, warmup: int = 3, live_reference: bool = False,
+                    attention: str | None = None, fused_adam: bool = False, compile_model: bool = False) -> dict:
+    """Time the NPO unlearning step (forward, backward, AdamW) of ``preset`` on random tokens.
+
+    ``attention`` sets the transformers attention implementation (None = the library's default),
+    ``fused_adam`` uses ``AdamW(fused=True)``, ``compile_model`` runs the model under ``torch.compile``
+    (compilation happens in the warm-up steps, which are not timed).
+    """
     from llm.logps import model_sequence_logps
     from llm.objective import BatchCounts, UnlearningBatch, objective_terms
     from llm.runtime import autocast
     from markovsim.losses import get_objective
 
     model = build_model(preset, vocab_size, length, seed=0).to(device)
+    if attention is not None:
+        model.set_attn_implementation(attention)
     reference = copy.deepcopy(model).eval().requires_grad_(False) if live_reference else None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused_adam or None)
+    trained = torch.compile(model) if compile_model else model
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, vocab_size - 1, (batch_size, length), generator=generator).to(device)
     labels = input_ids.clone()
@@ -144,7 +153,7 @@ def step_throughput(device: str, preset: str = "gpt2-small", vocab_size: int = 5
             if reference is not None:
                 with torch.no_grad():
                     ref = model_sequence_logps(reference, batch)[0]
-            terms = objective_terms(model, objective, UnlearningBatch(batch, ref, BatchCounts(batch_size)))
+            terms = objective_terms(trained, objective, UnlearningBatch(batch, ref, BatchCounts(batch_size)))
         terms.total.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -164,7 +173,13 @@ def step_throughput(device: str, preset: str = "gpt2-small", vocab_size: int = 5
     flops_per_token = 6 * parameters + 12 * config.n_layer * length * config.n_embd
     tokens = batch_size * length
     return {"seconds_per_step": seconds, "tokens_per_second": tokens / seconds,
-            "flops_per_second": flops_per_token * tokens / seconds, "parameters": parameters}
+            "flops_per_second": flops_per_token * tokens / seconds, "parameters": parameters,
+            "attention": model.config._attn_implementation, "fused_adam": fused_adam, "compiled": compile_model}
+
+
+# The step variants timed after the baseline: (label, step_throughput keyword arguments).
+STEP_VARIANTS = (("fused AdamW", {"fused_adam": True}),
+                 ("fused AdamW + torch.compile", {"fused_adam": True, "compile_model": True}))
 
 
 def gpu_measurements(device: str) -> dict:
@@ -181,7 +196,18 @@ def gpu_measurements(device: str) -> dict:
           f"{cached['flops_per_second'] / 1e12:.1f} TFLOP/s"
           + (f" = {cached['flops_per_second'] / peak:.1%} of the {peak / 1e12:.0f} TFLOP/s bf16 peak" if peak else ""))
     print(f"  live reference:   {live['seconds_per_step'] * 1e3:8.1f} ms/step; live / cached time = "
-          f"{result['live_over_cached']:.2f}x")
+          f"{result['live_over_cached']:.2f}x", flush=True)
+    result["variants"] = {}
+    for label, options in STEP_VARIANTS:
+        try:
+            variant = step_throughput(device, **options)
+        except Exception as error:  # a variant the installed versions cannot run is reported, not fatal
+            print(f"  {label}: failed ({type(error).__name__}: {error})", flush=True)
+            continue
+        result["variants"][label] = variant
+        print(f"  {label}: {variant['seconds_per_step'] * 1e3:8.1f} ms/step, {variant['tokens_per_second']:,.0f} "
+              f"tokens/s, {variant['flops_per_second'] / 1e12:.1f} TFLOP/s"
+              + (f" = {variant['flops_per_second'] / peak:.1%} MFU" if peak else ""), flush=True)
     return result
 
 

@@ -23,7 +23,7 @@ The starting models are not pre-trained: the time of a step does not depend on t
 Timings are best-of-several, single and batched runs interleaved (the machine may be shared).
 
 Run: ``python benchmarks/replicas.py [--scale 0.1] [--threads 2] [--with-64] [--repeats 3] [--modes steps ...]
-[--route stacked|vmap|loop]``.
+[--route stacked|vmap|loop] [--device cuda] [--counts 1 16 256 1024]``.
 """
 
 from __future__ import annotations
@@ -51,6 +51,9 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     parser.add_argument("--steps", type=int, default=50, help="unlearning steps")
     parser.add_argument("--with-64", action="store_true", help="also N = 64 (training steps only)")
+    parser.add_argument("--counts", type=int, nargs="+", default=None,
+                        help="replica counts N (default 1 4 16, and 64 with --with-64 for training steps)")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the runs train")
     parser.add_argument("--repeats", type=int, default=3, help="best of this many timings (training steps)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES),
                         help="what to time: training steps, every-step evaluation, every-step on a subsample")
@@ -61,22 +64,28 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def matmul_peak_flops(size: int = 2048, repeats: int = 5) -> float:
-    """Best fp32 FLOP/s of ``torch.matmul`` on two (size, size) matrices (2 size^3 FLOPs)."""
+def matmul_peak_flops(size: int = 2048, repeats: int = 5, device: str = "cpu") -> float:
+    """Best fp32 FLOP/s of ``torch.matmul`` on two (size, size) matrices (2 size^3 FLOPs; on CUDA at the
+    default ``allow_tf32=False``, the precision the replicas train in)."""
     generator = torch.Generator().manual_seed(0)
-    a, b = torch.randn(size, size, generator=generator), torch.randn(size, size, generator=generator)
+    a, b = (torch.randn(size, size, generator=generator).to(device) for _ in range(2))
     torch.matmul(a, b)
     best = float("inf")
     for _ in range(repeats):
-        start = time.perf_counter()
-        torch.matmul(a, b)
-        best = min(best, time.perf_counter() - start)
+        best = min(best, timed(lambda: torch.matmul(a, b))[1])
     return 2 * size ** 3 / best
 
 
+def synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def timed(function) -> tuple[object, float]:
+    synchronize()
     start = time.perf_counter()
     result = function()
+    synchronize()
     return result, time.perf_counter() - start
 
 
@@ -97,19 +106,19 @@ def setup(scale: float, subsample: int = 64) -> dict:
             "objective": objective, "tokens": tokens, "sizes": (len(train), len(test))}
 
 
-def configs(steps: int, every_step: bool):
+def configs(steps: int, every_step: bool, device: str = "cpu"):
     """``PAPER_UNLEARNING`` with ``steps``; every-step evaluation with diagnostics, or neither."""
     if every_step:
-        return dataclasses.replace(PAPER_UNLEARNING, steps=steps, device="cpu", progress=False, eval_every=1)
-    return dataclasses.replace(PAPER_UNLEARNING, steps=steps, device="cpu", progress=False, eval_every=steps,
+        return dataclasses.replace(PAPER_UNLEARNING, steps=steps, device=device, progress=False, eval_every=1)
+    return dataclasses.replace(PAPER_UNLEARNING, steps=steps, device=device, progress=False, eval_every=steps,
                                track_forget_weights=False, track_power_share=False)
 
 
 def evaluation_parts(data: dict, repeats: int = 3) -> dict[str, float]:
     """Seconds of one evaluation of one model (best of ``repeats``): test-set KLs, forget weights, power share."""
-    model = build_model("paper-synthetic", 11, 21, seed=0)
+    model = build_model("paper-synthetic", 11, 21, seed=0).to(data["device"])
     seconds = {"test-set KLs": min(timed(lambda: data["evaluator"].evaluate(model))[1] for _ in range(repeats))}
-    base = dataclasses.replace(configs(1, True), track_forget_weights=False, track_power_share=False)
+    base = dataclasses.replace(configs(1, True, data["device"]), track_forget_weights=False, track_power_share=False)
     without = min(time_single(data, base, data["evaluator"]) for _ in range(repeats))
     for label, weights, power in (("forget weights", True, False), ("power share", False, True)):
         config = dataclasses.replace(base, track_forget_weights=weights, track_power_share=power)
@@ -134,10 +143,15 @@ def time_replicas(data: dict, config, num_replicas: int, evaluator) -> float:
 def main(argv=None) -> None:
     arguments = parse_arguments(argv)
     torch.set_num_threads(arguments.threads)
-    peak = matmul_peak_flops()
+    device = arguments.device
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA GPU is visible to torch")
+    peak = matmul_peak_flops(device=device)
     data = setup(arguments.scale, arguments.subsample)
+    data["device"] = device
     parameters = sum(p.numel() for p in build_model("paper-synthetic", 11, 21).parameters())
-    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads "
+    machine = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
+    print(f"machine: {machine} ({device}), torch {torch.__version__}, threads "
           f"{torch.get_num_threads()}; fp32 matmul peak {peak / 1e9:.1f} GFLOP/s")
     print(f"paper_short_forget2 at scale {arguments.scale}: {data['sizes'][0]} train / {data['sizes'][1]} test "
           f"sequences; paper-synthetic, {parameters:,} parameters; SimNPO, {arguments.steps} steps, batch 4")
@@ -145,42 +159,45 @@ def main(argv=None) -> None:
     if parts:
         print("one evaluation of one model: " + ", ".join(f"{k} {v * 1e3:.0f} ms" for k, v in parts.items()))
     modes = {"steps": ("training steps (8-sequence evaluation at 0 and end, no diagnostics)",
-                       configs(arguments.steps, False), data["small_evaluator"]),
+                       configs(arguments.steps, False, device), data["small_evaluator"]),
              "every-step": ("every-step evaluation (full test set, diagnostics on up to 256 sequences per component)",
-                            configs(arguments.steps, True), data["evaluator"]),
+                            configs(arguments.steps, True, device), data["evaluator"]),
              "subsample": (f"every-step evaluation on a fixed subsample ({arguments.subsample} test sequences, "
                            f"diagnostics on {arguments.diagnostics_subsample} per component)",
-                           dataclasses.replace(configs(arguments.steps, True),
+                           dataclasses.replace(configs(arguments.steps, True, device),
                                                diagnostics_max_sequences=arguments.diagnostics_subsample),
                            data["subsampled_evaluator"])}
     data["route"] = arguments.route
     for label, config, evaluator in (modes[mode] for mode in arguments.modes):
         every_step = config.eval_every == 1
         counts = (1, 4, 16, 64) if arguments.with_64 and not every_step else (1, 4, 16)
+        counts = tuple(arguments.counts) if arguments.counts else counts
         repeats = 1 if every_step else arguments.repeats
-        single, batched = compare(data, config, evaluator, counts, repeats)
-        print(f"\n{label}: one llm.train.unlearn run {single:.2f} s (best of {repeats + 1})")
-        print(f"  {'N':>4s} {'batched s':>10s} {'N x single s':>13s} {'batched / (N x single)':>23s}"
-              f" {'batched / single':>17s}"
-              + ("" if every_step else f" {'GFLOP/s':>8s} {'of peak':>8s}"))
-        for count, seconds in batched.items():
-            line = (f"  {count:4d} {seconds:10.2f} {count * single:13.2f} {seconds / (count * single):23.3f} "
+        print(f"\n{label}")
+        print(f"  {'N':>5s} {'batched s':>10s} {'N x single s':>13s} {'batched / (N x single)':>23s}"
+              f" {'batched / single':>17s}" + ("" if every_step else f" {'GFLOP/s':>8s} {'of peak':>8s}"), flush=True)
+        single = float("inf")
+        for count, seconds, single in compare(data, config, evaluator, counts, repeats):
+            line = (f"  {count:5d} {seconds:10.2f} {count * single:13.2f} {seconds / (count * single):23.3f} "
                     f"{seconds / single:17.2f}")
             if not every_step:
                 flops = 6 * count * parameters * data["tokens"] * arguments.steps
                 line += f" {flops / seconds / 1e9:8.2f} {flops / seconds / peak:8.1%}"
             print(line, flush=True)
+        print(f"  (single = one llm.train.unlearn run, best of the {len(counts) + 1} interleaved: {single:.3f} s)",
+              flush=True)
 
 
-def compare(data: dict, config, evaluator, counts, repeats: int) -> tuple[float, dict[int, float]]:
-    """Best-of-``repeats`` seconds of N batched replicas for each N, interleaved with single runs
-    (best of ``repeats + 1``) so that load from other work on a shared machine hits both alike."""
-    singles, batched = [time_single(data, config, evaluator)], {count: [] for count in counts}
-    for _ in range(repeats):
-        for count in counts:
-            batched[count].append(time_replicas(data, config, count, evaluator))
+def compare(data: dict, config, evaluator, counts, repeats: int):
+    """Yield ``(N, best-of-repeats seconds of N batched replicas, best single-run seconds so far)`` for
+    each N, a single run timed before the first N and after each (so that load from other work on a
+    shared machine hits both alike, and a run cut short still printed the counts it finished)."""
+    singles = [time_single(data, config, evaluator)]
+    for count in counts:
+        batched = min(time_replicas(data, config, count, evaluator) for _ in range(repeats))
         singles.append(time_single(data, config, evaluator))
-    return min(singles), {count: min(times) for count, times in batched.items()}
+        yield count, batched, min(singles)
+
 
 if __name__ == "__main__":
     main()

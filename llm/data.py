@@ -34,6 +34,7 @@ __all__ = [
     "encode",
     "steps_per_epoch",
     "batch_indices",
+    "epoch_permutation",
     "shard",
     "merge_batches",
     "evaluation_chunks",
@@ -152,8 +153,13 @@ def batch_indices(num_items: int, batch_size: int, step: int, seed: int, stream:
     per_epoch = steps_per_epoch(num_items, batch_size)
     step = _check_count(step, "step", 0)
     epoch, position = divmod(step, per_epoch)
-    order = np.random.default_rng([_check_count(seed, "seed", 0), stream, epoch]).permutation(num_items)
+    order = epoch_permutation(num_items, _check_count(seed, "seed", 0), stream, epoch)
     return order[position * batch_size: (position + 1) * batch_size]
+
+
+def epoch_permutation(num_items: int, seed: int, stream: int, epoch: int) -> np.ndarray:
+    """(num_items,) int64: the row order of ``epoch`` in :func:`batch_indices`."""
+    return np.random.default_rng([seed, stream, epoch]).permutation(num_items)
 
 
 def shard(indices: np.ndarray, process_index: int, num_processes: int) -> np.ndarray:

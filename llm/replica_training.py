@@ -72,6 +72,7 @@ from .replica_common import (
     stacked_optimizer,
 )
 from .replica_evaluation import replica_diagnostics, replica_test_metrics
+from .replica_forget import BatchedForget
 from .replica_pretraining import pretrain_replicas
 from .replicas import ReplicaStack, clip_replica_grads
 from .session import RESUME_FIELDS
@@ -166,8 +167,7 @@ def _resume_path(run_dir, resume: bool | str) -> str:
 class _Replica:
     """What one unlearning replica needs besides the shared stack: objective, reference, evaluation."""
 
-    def __init__(self, model, objective, config, evaluator, default_test, retain, encoded_forget, encoded_retain,
-                 device):
+    def __init__(self, model, objective, config, evaluator, default_test, retain, encoded_forget, encoded_retain):
         self.objective, self.config = objective, config
         size = config.eval_batch_size
         self.forget_ref = (model_sequence_logps_batched(model, encoded_forget, size)[0]
@@ -184,7 +184,6 @@ class _Replica:
             self.diagnostics = Diagnostics(objective, self.names, plan, encoded_forget, retain_encoded, None,
                                            self.forget_ref, None, self.reference, size, False,
                                            config.track_forget_weights, config.track_power_share)
-        self.start = [p.detach().clone().to(device) for p in model.parameters() if p.requires_grad]
         self.fingerprint = parameter_fingerprint(model)
         self.records, self.diverged_at, self.reason = [], None, None
 
@@ -208,9 +207,14 @@ class _Unlearning:
         self.stack = ReplicaStack(models, route, replica_device(configs[0]))
         self.optimizer = stacked_optimizer(self.stack, configs)
         default_test = concatenate([forget] + ([retain] if retain is not None else []))
-        self.replicas = [_Replica(m, o, c, e, default_test, retain, self.forget, self.retain, self.stack.device)
+        self.replicas = [_Replica(m, o, c, e, default_test, retain, self.forget, self.retain)
                          for m, o, c, e in zip(models, objectives, configs, evaluators)]
         self.scratch = copy.deepcopy(models[0]).to(self.stack.device).train()
+        self.batched_forget = None  # the loop-free step (llm.replica_forget) where every objective allows it
+        if BatchedForget.applies(self.stack, objectives):
+            self.batched_forget = BatchedForget(self.stack, objectives, configs, self.forget,
+                                                [r.forget_ref for r in self.replicas])
+        self.start_parameters = [p.detach().clone() for p in self._trainable()]  # (N, ...) each
 
     def batch(self, index: int, step: int) -> UnlearningBatch:
         """Replica ``index``'s step-``step`` rows, exactly as the single run draws them."""
@@ -230,6 +234,10 @@ class _Unlearning:
     def step_values(self, step: int, backward: bool) -> list[dict]:
         """Every replica's ``{"total", "forget", "retain", "logp_per_token"}`` (floats; NaN on failure);
         with ``backward`` also the stacked gradients of the finite totals of active replicas."""
+        if self.batched_forget is not None:
+            values = self._batched_step_values(step, backward)
+            if values is not None:
+                return values
         batches = [self.batch(i, step) for i in range(len(self.replicas))]
         merged = [merge_batches(_parts(r.objective, b), int(b.forget["input_ids"][0, 0]))[0]
                   for r, b in zip(self.replicas, batches)]
@@ -244,6 +252,22 @@ class _Unlearning:
         self.stack.zero_grad()
         if backward and totals:
             torch.stack(totals).sum().backward()
+        return values
+
+    def _batched_step_values(self, step: int, backward: bool) -> list[dict] | None:
+        """:meth:`step_values` by ``llm.replica_forget.BatchedForget``: no per-replica loop, one host sync;
+        None when some replica's logits are not finite (the per-replica path then isolates it)."""
+        try:
+            with contextlib.nullcontext() if backward else torch.no_grad():
+                totals, values = self.batched_forget(step)
+        except NonFiniteLogitsError:
+            return None
+        values = [dict(zip(("total", "forget", "logp_per_token"), row), retain=0.0) for row in values.tolist()]
+        self.stack.zero_grad()
+        included = [i for i, (replica, value) in enumerate(zip(self.replicas, values))
+                    if replica.diverged_at is None and math.isfinite(value["total"])]
+        if backward and included:
+            totals[torch.tensor(included, device=totals.device)].sum().backward()
         return values
 
     @staticmethod
@@ -336,8 +360,10 @@ class _Unlearning:
             if step % replica.config.eval_every == 0 or final or reasons[i] is not None:
                 recording[i] = not logits_failed
         metrics = self._metrics([i for i, finite in recording.items() if finite])
+        distances = self._parameter_distances(list(recording))
         for i in recording:
-            self.replicas[i].records.append(self._record(i, step, values[i]["total"], metrics.get(i, {})))
+            self.replicas[i].records.append(self._record(i, step, values[i]["total"], metrics.get(i, {}),
+                                                         distances[i]))
         for i, reason in reasons.items():
             if reason is not None:
                 self.replicas[i].diverged_at, self.replicas[i].reason = step, reason
@@ -365,12 +391,19 @@ class _Unlearning:
         metrics = replica.evaluator.evaluate(self.scratch)
         return metrics | (replica.diagnostics(self.scratch) if replica.diagnostics is not None else {})
 
-    def _record(self, index: int, step: int, loss: float, metrics: dict) -> dict:
-        replica = self.replicas[index]
+    def _parameter_distances(self, indices: list[int]) -> dict[int, float]:
+        """``{i: ||theta_i - theta_i(0)||_2}`` in float64 for replicas ``indices`` (one host sync)."""
+        if not indices:
+            return {}
+        rows = torch.tensor(indices, device=self.stack.device)
         with torch.no_grad():
-            squares = sum(float(((c[index].to(torch.float64) - s.to(torch.float64)) ** 2).sum())
-                          for c, s in zip(self._trainable(), replica.start))
-        return {"step": step, "loss": loss, "parameter_distance": math.sqrt(squares),
+            squares = sum(((current[rows].to(torch.float64) - start[rows].to(torch.float64)) ** 2).flatten(1).sum(1)
+                          for current, start in zip(self._trainable(), self.start_parameters))  # (len(indices),)
+        return dict(zip(indices, squares.sqrt().tolist()))
+
+    @staticmethod
+    def _record(index: int, step: int, loss: float, metrics: dict, distance: float) -> dict:
+        return {"step": step, "loss": loss, "parameter_distance": distance,
                 "metrics": {k: [float(x) for x in v] for k, v in metrics.items()}}
 
     def _trainable(self) -> list[torch.Tensor]:

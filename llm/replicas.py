@@ -33,7 +33,8 @@ weight decay, in the same per-element order of operations as the single-run opti
 freezes replicas that are no longer active (diverged). The update runs over column blocks of at
 most ``ADAM_BLOCK`` elements (all replicas of a block at once): the dozen element-wise passes of
 the rule then stay in the CPU cache instead of streaming 4 x N x D floats from memory a dozen times
-(3x faster at N = 16 on the 2-core VM); per element the operations are unchanged.
+(3x faster at N = 16 on the 2-core VM); per element the operations are unchanged. On a GPU the
+update is one block per parameter (there a block costs kernel launches, not cache misses).
 """
 
 from __future__ import annotations
@@ -176,13 +177,21 @@ class ReplicaStack:
         shapes = [tuple(batch["input_ids"].shape) for batch in batches]  # (b_i, t_i)
         rows, width = max(b for b, _ in shapes), max(t for _, t in shapes)
         input_ids, attention_mask = _stack_padded(batches, rows, width)  # (N, b, t) each
+        logits = self.stacked_batch_logits(input_ids, attention_mask)  # (N, b, t, vocab)
+        return [logits[i, :b, :t] for i, (b, t) in enumerate(shapes)]
+
+    def stacked_batch_logits(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Every replica's logits on its row of already stacked batches (the stacked and vmap routes).
+
+        Args: input_ids, attention_mask: (N, b, t) int64 on :attr:`device`, replica i's batch in row i.
+        Returns: (N, b, t, vocab), differentiable with respect to :attr:`parameters`.
+        """
+        if self.route == "loop":
+            raise ValueError("stacked_batch_logits needs the stacked or vmap route; use logits() for route='loop'")
         # the one call that makes the replicas one computation: batched matmuls over the replica axis
         if self.route == "stacked":
-            logits = stacked_logits(self._skeleton.config, self.parameters, input_ids, attention_mask)
-        else:
-            logits = vmap(self._replica_logits_from_tensors)(self.parameters, self.buffers, input_ids,
-                                                             attention_mask)  # (N, b, t, vocab)
-        return [logits[i, :b, :t] for i, (b, t) in enumerate(shapes)]
+            return stacked_logits(self._skeleton.config, self.parameters, input_ids, attention_mask)
+        return vmap(self._replica_logits_from_tensors)(self.parameters, self.buffers, input_ids, attention_mask)
 
     def _buffers(self, index: int) -> dict[str, torch.Tensor]:
         return {name: value[index] for name, value in self.buffers.items()}
@@ -325,7 +334,8 @@ class StackedAdamW:
             saved = [tensor[frozen].clone() for tensor in state] if frozen else None  # inactive rows, restored below
             flat = [tensor.view(self.num_replicas, -1) for tensor in state]  # (N, D) views of p, m, v
             grad = param.grad.reshape(self.num_replicas, -1)  # (N, D)
-            block = max(1, ADAM_BLOCK // self.num_replicas)  # columns per block
+            # columns per block: cache-sized on a CPU; on a GPU one block (each block costs kernel launches)
+            block = grad.shape[1] if grad.is_cuda else max(1, ADAM_BLOCK // self.num_replicas)
             for start in range(0, grad.shape[1], block):
                 columns = slice(start, start + block)
                 # in place, element by element as the single-run optimizers, one cache-sized block at a time

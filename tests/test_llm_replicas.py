@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from llm import replica_training
 from llm.data import encode
 from llm.diagnostics import Diagnostics
 from llm.evaluate import Evaluator
@@ -187,6 +188,27 @@ def test_unlearn_replicas_equal_single_runs(tiny, preset, optimizer):
         assert trajectory.info["route"] == ("stacked" if preset == "tiny-synthetic" else "loop")
         assert_same_trajectory(trajectory, expected)
         assert_same_parameters(models[i], singles[i])
+
+
+@pytest.mark.parametrize("route", ["stacked", "vmap"])
+def test_forget_only_replicas_take_the_loop_free_step_and_equal_single_runs(tiny, monkeypatch, route):
+    """GA / NPO (two betas) / SimNPO without retain terms: llm.replica_forget's batched step, no per-replica batches."""
+    objectives = [get_objective("NPO", beta=0.2), get_objective("GA"), get_objective("SimNPO", beta=2.5),
+                  get_objective("NPO", beta=0.5), get_objective("GA")]
+    configs = [dataclasses.replace(UNLEARNING, seed=seed, learning_rate=lr)
+               for seed, lr in ((0, 1e-3), (1, 5e-4), (2, 2e-3), (3, 1e-3), (4, 1e-3))]
+    models = [build_model("tiny-synthetic", 11, 21, seed=seed) for seed in range(5)]
+    singles = [copy.deepcopy(m) for m in models]
+    expected = [unlearn(s, o, tiny["forget"], None, c) for s, o, c in zip(singles, objectives, configs)]
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the per-replica step was taken")
+
+    monkeypatch.setattr(replica_training._Unlearning, "batch", refuse)
+    trajectories = unlearn_replicas(models, objectives, tiny["forget"], None, configs, route=route)
+    for model, single, trajectory, one in zip(models, singles, trajectories, expected):
+        assert_same_trajectory(trajectory, one)
+        assert_same_parameters(model, single)
 
 
 def test_a_diverged_replica_stops_and_the_others_go_on(tiny):

@@ -1,0 +1,112 @@
+"""One unlearning step of N replicas with forget-only objectives, as one batched computation.
+
+When every replica's objective is a forget-only sequence loss (``retain`` None, ``forget`` in
+``markovsim.losses.SEQUENCE_LOSSES``: GA, NPO, SimNPO, ...) and the stack has a batched route,
+:class:`BatchedForget` computes the step of all replicas without a per-replica loop:
+
+    rows_i       (b,)            replica i's forget rows of step k (``llm.data.batch_indices``, seed_i)
+    logits       (N, b, t, V)    ``ReplicaStack.stacked_batch_logits`` on the gathered rows
+    logp_ij      (N, b)          sum_t log pi_i(y_ijt | y_ij<t) over response tokens; |y_ij| their count
+    forget_i     = (1 / b) sum_j L_g(logp_ij, |y_ij|, ref_ij)   one ``Objective.forget_losses`` call per
+                                                                 group g of replicas with equal objectives
+    total_i      = forget_weight_g * forget_i
+
+the formulas of ``llm.objective.objective_terms`` for each replica's own batch (rows padded to the
+widest row of the step: causal attention makes the padding invisible to real positions). The
+replica loop of ``llm.replica_training`` does the same per replica; this path exists for GPUs, where
+that loop's kernel launches and host syncs cost more than the arithmetic (see benchmarks/replicas.py).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from markovsim.losses import NEEDS_REFERENCE, SEQUENCE_LOSSES, Objective, reduce_token_logps
+
+from .config import TrainConfig
+from .data import FORGET_STREAM, EncodedSequences, epoch_permutation, steps_per_epoch
+from .logps import labelled_token_logps
+from .replicas import ReplicaStack
+
+__all__ = ["BatchedForget"]
+
+
+class BatchedForget:
+    """The batched forget-only step (module docstring) of the replicas of ``stack``.
+
+    Args:
+        stack: the replicas' :class:`ReplicaStack` (stacked or vmap route).
+        objectives: N objectives, all forget-only sequence losses (:meth:`applies`).
+        configs: N ``TrainConfig`` (seed and batch size of each replica's batches).
+        forget: the encoded forget set (CPU tensors; copied to the stack's device once).
+        forget_refs: N (n_f,) float64 reference log-likelihoods (None where the objective needs none).
+    """
+
+    def __init__(self, stack: ReplicaStack, objectives: list[Objective], configs: tuple[TrainConfig, ...],
+                 forget: EncodedSequences, forget_refs: list[torch.Tensor | None]):
+        if not self.applies(stack, objectives):
+            raise ValueError("BatchedForget needs a stacked/vmap route and forget-only sequence-loss objectives")
+        self.stack, self.device = stack, stack.device
+        self.seeds = [c.seed for c in configs]
+        self.batch_size, self.num_items = configs[0].batch_size, len(forget)
+        self.tokens = {key: getattr(forget, key).to(self.device) for key in ("input_ids", "attention_mask", "labels")}
+        self.token_lengths = forget.token_lengths  # (n_f,) CPU
+        self._orders: dict[int, tuple[int, np.ndarray]] = {}  # replica -> (epoch, permutation)
+        self.groups = []  # (objective, member indices (n_g,) on the device, references (n_g, n_f) or None)
+        order = []
+        for objective in dict.fromkeys(objectives):
+            members = [i for i, o in enumerate(objectives) if o == objective]
+            references = None
+            if objective.forget in NEEDS_REFERENCE:
+                references = torch.stack([forget_refs[i] for i in members]).to(self.device)  # (n_g, n_f) float64
+            self.groups.append((objective, torch.tensor(members, device=self.device), references))
+            order += members
+        self.inverse = torch.tensor(np.argsort(order), device=self.device)  # group-concatenated -> replica order
+
+    @staticmethod
+    def applies(stack: ReplicaStack, objectives) -> bool:
+        """Whether every objective is forget-only with a sequence loss and the stack has a batched route."""
+        return stack.route != "loop" and all(o.retain is None and o.forget in SEQUENCE_LOSSES for o in objectives)
+
+    def rows(self, step: int) -> np.ndarray:
+        """(N, b) int64: replica i's forget rows of ``step``, ``llm.data.batch_indices`` with its seed."""
+        per_epoch = steps_per_epoch(self.num_items, self.batch_size)
+        epoch, position = divmod(step, per_epoch)
+        rows = []
+        for index, seed in enumerate(self.seeds):
+            cached = self._orders.get(index)
+            if cached is None or cached[0] != epoch:
+                cached = self._orders[index] = (epoch, epoch_permutation(self.num_items, seed, FORGET_STREAM, epoch))
+            rows.append(cached[1][position * self.batch_size: (position + 1) * self.batch_size])
+        return np.stack(rows)
+
+    def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every replica's step-``step`` objective and the values the single run logs.
+
+        Returns: totals (N,) differentiable, and values (N, 3) detached float64: total, forget term and
+            the mean per-token log-likelihood of the batch.
+        Raises: ``llm.logps.NonFiniteLogitsError`` when any replica's logits are not finite (the
+            caller then takes the per-replica path, which isolates the failing replica).
+        """
+        rows = self.rows(step)  # (N, b)
+        width = int(self.token_lengths[torch.from_numpy(rows)].max())
+        index = torch.from_numpy(rows).to(self.device)
+        ids, mask, labels = (self.tokens[key][index, :width] for key in ("input_ids", "attention_mask", "labels"))
+        logits = self.stack.stacked_batch_logits(ids, mask)  # (N, b, t, V)
+        token_logps, token_mask = labelled_token_logps(logits.flatten(0, 1), labels.flatten(0, 1))  # (N b, t-1)
+        logps, num_tokens = (x.view(rows.shape) for x in reduce_token_logps(token_logps, token_mask))  # (N, b)
+        totals, forgets = [], []
+        for objective, members, references in self.groups:
+            member_logps, member_tokens = logps[members], num_tokens[members]  # (n_g, b)
+            reference = None
+            if references is not None:
+                reference = references.gather(1, index[members]).to(logps.dtype).flatten()
+            losses = objective.forget_losses(member_logps.flatten(), member_tokens.flatten(), reference)
+            forget = losses.view(member_logps.shape).sum(1) / rows.shape[1]  # (n_g,)
+            totals.append(objective.total(forget))
+            forgets.append(forget.detach())
+        totals, forgets = torch.cat(totals)[self.inverse], torch.cat(forgets)[self.inverse]  # (N,)
+        per_token = (logps / num_tokens).sum(1).detach() / rows.shape[1]  # (N,)
+        values = torch.stack([totals.detach().double(), forgets.double(), per_token.double()], dim=1)
+        return totals, values

@@ -1,0 +1,109 @@
+"""CUDA: batched replicas (issue 11) on a GPU equal their own single runs on the GPU (skipped without one).
+
+float32 throughout (replicas do not autocast). The GPU's batched matmuls round differently from the
+single run's matmuls, so the tolerance is 1e-4 relative rather than the CPU tests' 1e-5; a replica
+mix-up or a tensor left on the wrong device gives differences of order one.
+"""
+
+import copy
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+
+from llm import replica_training
+from llm.models import build_model
+from llm.replica_training import pretrain_replicas, unlearn_replicas
+from llm.replicas import StackedAdamSettings, StackedAdamW
+from llm.train import TrainConfig, pretrain, unlearn
+from markovsim.losses import get_objective
+from markovsim.scenarios import SCENARIOS
+
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
+
+RTOL, ATOL = 1e-4, 1e-5
+UNLEARNING = TrainConfig(optimizer="adamw_legacy", adam_eps=1e-6, weight_decay=0.0, max_grad_norm=None,
+                         learning_rate=5e-4, batch_size=4, steps=4, eval_every=1, diagnostics_max_sequences=8,
+                         device="cuda", progress=False)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    train, _ = SCENARIOS["paper_short_forget2"].scaled(0.005).spec.sample()
+    return {"train": train, "forget": train.select("forget1", "forget2"), "retain": train.select("retain")}
+
+
+def models(count: int) -> list:
+    return [build_model("paper-synthetic", 11, 21, seed=seed) for seed in range(count)]
+
+
+def assert_close_runs(trajectory, single) -> None:
+    assert list(trajectory.steps) == list(single.steps) and trajectory.diverged_at == single.diverged_at
+    for name, values in single.component_metrics.items():
+        np.testing.assert_allclose(trajectory.component_metrics[name], values, rtol=RTOL, atol=ATOL, err_msg=name)
+    for name, values in single.step_metrics.items():
+        np.testing.assert_allclose(trajectory.step_metrics[name], values, rtol=RTOL, atol=ATOL, err_msg=name)
+
+
+def assert_close_parameters(model, other) -> None:
+    for (name, p), q in zip(model.named_parameters(), other.parameters()):
+        torch.testing.assert_close(p.cpu(), q.cpu(), rtol=RTOL, atol=ATOL, msg=name)
+
+
+def test_loop_free_forget_only_replicas_on_cuda_equal_single_cuda_runs(tiny, monkeypatch):
+    objectives = [get_objective("GA"), get_objective("NPO", beta=0.2), get_objective("SimNPO", beta=2.5),
+                  get_objective("NPO", beta=0.2)]
+    configs = [dataclasses.replace(UNLEARNING, seed=seed) for seed in range(4)]
+    replicas = models(4)
+    singles = [copy.deepcopy(m) for m in replicas]
+    expected = [unlearn(s, o, tiny["forget"], None, c) for s, o, c in zip(singles, objectives, configs)]
+    monkeypatch.setattr(replica_training._Unlearning, "batch", None)  # the per-replica step would fail
+    trajectories = unlearn_replicas(replicas, objectives, tiny["forget"], None, configs)
+    assert next(replicas[0].parameters()).device.type == "cuda"
+    for trajectory, single, model, single_model in zip(trajectories, expected, replicas, singles):
+        assert_close_runs(trajectory, single)
+        assert_close_parameters(model, single_model)
+
+
+def test_replicas_with_retain_terms_on_cuda_equal_single_cuda_runs(tiny):
+    objectives = [get_objective("GradDiff"), get_objective("NPO+RT", beta=0.2), get_objective("SimNPO", beta=2.5)]
+    configs = [dataclasses.replace(UNLEARNING, seed=seed) for seed in range(3)]
+    replicas = models(3)
+    singles = [copy.deepcopy(m) for m in replicas]
+    trajectories = unlearn_replicas(replicas, objectives, tiny["forget"], tiny["retain"], configs)
+    for i, trajectory in enumerate(trajectories):
+        assert_close_runs(trajectory, unlearn(singles[i], objectives[i], tiny["forget"], tiny["retain"], configs[i]))
+        assert_close_parameters(replicas[i], singles[i])
+
+
+def test_pretrain_replicas_on_cuda_equal_single_cuda_runs(tiny):
+    configs = [TrainConfig(learning_rate=lr, batch_size=16, steps=5, seed=seed, device="cuda", progress=False)
+               for seed, lr in ((0, 3e-3), (1, 1e-3))]
+    replicas = models(2)
+    singles = [copy.deepcopy(m) for m in replicas]
+    histories = pretrain_replicas(replicas, tiny["train"], configs)
+    for model, single, config, history in zip(replicas, singles, configs, histories):
+        expected = pretrain(single, tiny["train"], config)
+        np.testing.assert_allclose(history.losses, expected.losses, rtol=RTOL)
+        assert_close_parameters(model, single)
+
+
+@pytest.mark.parametrize("rule", ["adamw", "adamw_legacy"])
+def test_stacked_adamw_on_cuda_in_one_block_equals_the_blocked_cpu_update(rule):
+    generator = torch.Generator().manual_seed(0)
+    values = {"w": torch.randn(8, 300, 7, generator=generator), "b": torch.randn(8, 5, generator=generator)}
+    grads = {k: torch.randn(v.shape, generator=generator) for k, v in values.items()}
+    settings = StackedAdamSettings(rule, tuple((0.9, 0.99 - 0.001 * i) for i in range(8)), (1e-8,) * 8, (0.01,) * 8)
+    results = {}
+    for device in ("cpu", "cuda"):
+        parameters = {k: v.clone().to(device).requires_grad_(True) for k, v in values.items()}
+        optimizer = StackedAdamW(parameters, settings)
+        for step in range(3):
+            for name, parameter in parameters.items():
+                parameter.grad = (grads[name] * (step + 1)).to(device)
+            optimizer.step([1e-3 * (i + 1) for i in range(8)], [i != 3 for i in range(8)])
+        results[device] = {k: v.detach().cpu() for k, v in parameters.items()}
+    for name in values:
+        torch.testing.assert_close(results["cuda"][name], results["cpu"][name], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(results["cuda"][name][3], values[name][3], rtol=0, atol=0)  # inactive: untouched
