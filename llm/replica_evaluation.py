@@ -42,6 +42,14 @@ from .logps import NonFiniteLogitsError
 from .models import check_model_data
 from .objective import SEQUENCE_LOSSES, BatchCounts, UnlearningBatch, objective_terms, retain_term
 from .replica_common import ReplayLogits
+from .replica_stacked_evaluation import (
+    _accumulate,
+    replica_norms,
+    stacked_forget_applies,
+    stacked_forget_pass,
+    stacked_metrics_apply,
+    stacked_test_metrics,
+)
 from .replicas import ReplicaStack
 
 __all__ = ["replica_predictions", "replica_test_metrics", "replica_diagnostics"]
@@ -49,13 +57,19 @@ __all__ = ["replica_predictions", "replica_test_metrics", "replica_diagnostics"]
 
 # Rows of ALL replicas in one stacked (or vmap) pass. The pass holds N x rows activations (and, for the power
 # share, their graph) at once; past ~1024 rows they leave the CPU caches and a 16-replica pass got
-# 1.5x slower than 16 single passes (measured, paper-synthetic, 2 threads).
+# 1.5x slower than 16 single passes (measured, paper-synthetic, 2 threads). On a GPU each pass costs
+# launches rather than cache misses: GPU_PASS_ROWS rows (a few GB of activations for paper-synthetic).
 PASS_ROWS = 1024
+GPU_PASS_ROWS = 16384
 
 
 def _rows_per_pass(stack: ReplicaStack, batch_size: int) -> int:
-    """Rows per replica of one chunk: ``batch_size`` on the loop route, at most PASS_ROWS / N otherwise."""
-    return batch_size if stack.route == "loop" else max(1, min(batch_size, PASS_ROWS // stack.num_replicas))
+    """Rows per replica of one chunk: ``batch_size`` on the loop route, at most PASS_ROWS / N otherwise
+    (GPU_PASS_ROWS / N on a GPU)."""
+    if stack.route == "loop":
+        return batch_size
+    total = GPU_PASS_ROWS if stack.device.type == "cuda" else PASS_ROWS
+    return max(1, min(batch_size, total // stack.num_replicas))
 
 
 @torch.no_grad()
@@ -82,8 +96,16 @@ def replica_test_metrics(stack: ReplicaStack, evaluators: list[Evaluator], indic
         groups.setdefault((id(evaluators[i].test), evaluators[i].batch_size), []).append(i)
     result = {}
     for members in groups.values():
-        check_model_data(scratch, evaluators[members[0]].test, "test")
-        predictions = replica_predictions(stack, evaluators[members[0]], members)
+        evaluator = evaluators[members[0]]
+        check_model_data(scratch, evaluator.test, "test")
+        if stacked_metrics_apply(stack, [evaluators[i] for i in members]):
+            try:
+                result |= stacked_test_metrics(stack, [evaluators[i] for i in members], members,
+                                               _rows_per_pass(stack, evaluator.batch_size))
+                continue
+            except NonFiniteLogitsError:  # the per-replica path below isolates the failing replica
+                pass
+        predictions = replica_predictions(stack, evaluator, members)
         for i in members:
             result[i] = evaluators[i].metrics(*predictions[i])
     return result
@@ -111,7 +133,7 @@ def replica_diagnostics(stack: ReplicaStack, diagnostics: dict[int, Diagnostics]
     failed: set[int] = set()
     with stack.eval_mode():
         for k, (column, rows, _) in enumerate(first.plan.forget):
-            column_norms, mean_weights = _forget_pass(stack, diagnostics, k, len(rows), failed)
+            column_norms, mean_weights = _forget_pass_of(stack, diagnostics, k, len(rows), failed)
             for i in indices:
                 norms[i][column], weights[i][column] = column_norms.get(i, 0.0), mean_weights[i]
         if first.power:
@@ -121,6 +143,18 @@ def replica_diagnostics(stack: ReplicaStack, diagnostics: dict[int, Diagnostics]
         values = {"mean_weight": weights[i], "power_share": power_shares(norms[i], d.plan.present)}
         result[i] = {name: (np.full(columns, np.nan) if i in failed else values[name]) for name in d._asked()}
     return result
+
+
+def _forget_pass_of(stack, diagnostics: dict[int, Diagnostics], k: int, size: int, failed: set):
+    """:func:`llm.replica_stacked_evaluation.stacked_forget_pass` where it applies and every logit is finite,
+    else the per-replica :func:`_forget_pass`."""
+    if not failed and stacked_forget_applies(stack, diagnostics):
+        try:
+            return stacked_forget_pass(stack, diagnostics, k, size, _rows_per_pass(stack, diagnostics[next(iter(
+                diagnostics))].batch_size))
+        except NonFiniteLogitsError:
+            pass
+    return _forget_pass(stack, diagnostics, k, size, failed)
 
 
 def _forget_pass(stack, diagnostics: dict[int, Diagnostics], k: int, size: int, failed: set) -> tuple[dict, dict]:
@@ -156,7 +190,7 @@ def _forget_pass(stack, diagnostics: dict[int, Diagnostics], k: int, size: int, 
             gradients = _accumulate(gradients, stack, torch.stack(totals).sum())
     mean_weights = {i: weight_sums[i] / size if d.objective.forget in SEQUENCE_LOSSES else math.nan
                     for i, d in diagnostics.items()}
-    return (_replica_norms(gradients, diagnostics) if power else {}), mean_weights
+    return (replica_norms(gradients, diagnostics) if power else {}), mean_weights
 
 
 def _add_retain_norms(stack, diagnostics: dict[int, Diagnostics], norms: dict, failed: set) -> None:
@@ -182,7 +216,7 @@ def _add_retain_norms(stack, diagnostics: dict[int, Diagnostics], norms: dict, f
             values.append(d.objective.retain_weight * value * d.plan.retain_scale)
         if values:
             gradients = _accumulate(gradients, stack, torch.stack(values).sum())
-    for i, norm in _replica_norms(gradients, with_retain).items():
+    for i, norm in replica_norms(gradients, with_retain).items():
         for column in with_retain[i].plan.retain_columns:
             norms[i][column] += norm / len(with_retain[i].plan.retain_columns)
 
@@ -191,22 +225,3 @@ def _logits(stack: ReplicaStack, batches: dict[int, dict]) -> list[torch.Tensor]
     """Logits of every replica; replicas without a batch here run on another replica's (ignored)."""
     filler = next(iter(batches.values()))
     return stack.logits([batches.get(i, filler) for i in range(stack.num_replicas)])
-
-
-def _accumulate(gradients, stack: ReplicaStack, total: torch.Tensor) -> list[torch.Tensor]:
-    """Add d total / d (stacked parameters), (N, ...) each, to ``gradients`` (None = zeros)."""
-    parameters = list(stack.parameters.values())
-    grads = torch.autograd.grad(total, parameters, allow_unused=True)  # .grad and the optimizer untouched
-    if gradients is None:
-        gradients = [torch.zeros_like(p) for p in parameters]
-    for buffer, grad in zip(gradients, grads):
-        if grad is not None:
-            buffer += grad
-    return gradients
-
-
-def _replica_norms(gradients, indices) -> dict[int, float]:
-    """``{i: ||slice i of the stacked gradient||}`` (as ``llm.diagnostics._norm``; 0 without gradients)."""
-    if gradients is None:
-        return dict.fromkeys(indices, 0.0)
-    return {i: math.sqrt(sum(float((g[i].double() ** 2).sum()) for g in gradients)) for i in indices}

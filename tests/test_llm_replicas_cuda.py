@@ -1,8 +1,17 @@
 """CUDA: batched replicas (issue 11) on a GPU equal their own single runs on the GPU (skipped without one).
 
-float32 throughout (replicas do not autocast). The GPU's batched matmuls round differently from the
-single run's matmuls, so the tolerance is 1e-4 relative rather than the CPU tests' 1e-5; a replica
-mix-up or a tensor left on the wrong device gives differences of order one.
+float32 throughout (replicas do not autocast). The stacked route's batched matmuls and the single
+model's matmuls are different GPU kernels, so they round differently (the CPU tests are bit-close,
+rtol 1e-5). Two kinds of check follow from that:
+
+* tight (rtol 1e-4): the stacked logits and gradients against each model's own, and whole runs with
+  a numerically tame optimiser (adam_eps 1e-2: the update is then ~ lr g / eps, continuous in g, so
+  rounding differences stay rounding-sized);
+* loose (rtol 2e-2): whole runs at the paper's settings (legacy AdamW, eps 1e-6). There Adam's first
+  steps are ~ lr sign(g) for every entry with |g| >> eps, so an entry whose gradient is ~0 up to
+  rounding moves by +-lr in either run: after a few steps the KLs differ by ~0.5% (measured on an
+  H100, benchmarks/RESULTS.md), while a replica mix-up or a tensor on the wrong device differs by
+  order one.
 """
 
 import copy
@@ -15,14 +24,14 @@ import torch
 from llm import replica_training
 from llm.models import build_model
 from llm.replica_training import pretrain_replicas, unlearn_replicas
-from llm.replicas import StackedAdamSettings, StackedAdamW
+from llm.replicas import ReplicaStack, StackedAdamSettings, StackedAdamW
 from llm.train import TrainConfig, pretrain, unlearn
 from markovsim.losses import get_objective
 from markovsim.scenarios import SCENARIOS
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
-RTOL, ATOL = 1e-4, 1e-5
+TIGHT, LOOSE = (1e-4, 1e-5), (2e-2, 1e-3)  # (rtol, atol)
 UNLEARNING = TrainConfig(optimizer="adamw_legacy", adam_eps=1e-6, weight_decay=0.0, max_grad_norm=None,
                          learning_rate=5e-4, batch_size=4, steps=4, eval_every=1, diagnostics_max_sequences=8,
                          device="cuda", progress=False)
@@ -38,23 +47,47 @@ def models(count: int) -> list:
     return [build_model("paper-synthetic", 11, 21, seed=seed) for seed in range(count)]
 
 
-def assert_close_runs(trajectory, single) -> None:
+def assert_close_runs(trajectory, single, tolerance) -> None:
+    rtol, atol = tolerance
     assert list(trajectory.steps) == list(single.steps) and trajectory.diverged_at == single.diverged_at
     for name, values in single.component_metrics.items():
-        np.testing.assert_allclose(trajectory.component_metrics[name], values, rtol=RTOL, atol=ATOL, err_msg=name)
+        np.testing.assert_allclose(trajectory.component_metrics[name], values, rtol=rtol, atol=atol, err_msg=name)
     for name, values in single.step_metrics.items():
-        np.testing.assert_allclose(trajectory.step_metrics[name], values, rtol=RTOL, atol=ATOL, err_msg=name)
+        np.testing.assert_allclose(trajectory.step_metrics[name], values, rtol=rtol, atol=atol, err_msg=name)
 
 
-def assert_close_parameters(model, other) -> None:
+def assert_close_parameters(model, other, tolerance) -> None:
+    """TIGHT: entry by entry; LOOSE: ||p - q|| <= rtol ||q|| per tensor (single entries may move by +-lr)."""
+    rtol, atol = tolerance
     for (name, p), q in zip(model.named_parameters(), other.parameters()):
-        torch.testing.assert_close(p.cpu(), q.cpu(), rtol=RTOL, atol=ATOL, msg=name)
+        if tolerance == TIGHT:
+            torch.testing.assert_close(p.cpu(), q.cpu(), rtol=rtol, atol=atol, msg=name)
+        else:
+            assert float((p - q).detach().norm()) <= rtol * float(q.detach().norm()) + atol, name
 
 
-def test_loop_free_forget_only_replicas_on_cuda_equal_single_cuda_runs(tiny, monkeypatch):
+def test_stacked_logits_and_gradients_on_cuda_equal_each_models_own(tiny):
+    replicas = [m.cuda() for m in models(3)]
+    stack = ReplicaStack(replicas)
+    assert stack.route == "stacked" and stack.device.type == "cuda"
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, 11, (3, 5, 21), generator=generator).cuda()
+    mask = torch.ones_like(input_ids)
+    logits = stack.stacked_batch_logits(input_ids, mask)  # (3, 5, 21, vocab)
+    logits.square().mean(dim=(1, 2, 3)).sum().backward()
+    for i, model in enumerate(replicas):
+        own = model(input_ids=input_ids[i], attention_mask=mask[i]).logits
+        own.square().mean().backward()
+        torch.testing.assert_close(logits[i], own, rtol=TIGHT[0], atol=TIGHT[1])
+        for name, parameter in model.named_parameters():
+            torch.testing.assert_close(stack.parameters[name].grad[i], parameter.grad, rtol=1e-3, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("settings, tolerance", [({"adam_eps": 1e-2}, TIGHT), ({}, LOOSE)], ids=["tame", "paper"])
+def test_loop_free_forget_only_replicas_on_cuda_equal_single_cuda_runs(tiny, monkeypatch, settings, tolerance):
     objectives = [get_objective("GA"), get_objective("NPO", beta=0.2), get_objective("SimNPO", beta=2.5),
                   get_objective("NPO", beta=0.2)]
-    configs = [dataclasses.replace(UNLEARNING, seed=seed) for seed in range(4)]
+    configs = [dataclasses.replace(UNLEARNING, seed=seed, **settings) for seed in range(4)]
     replicas = models(4)
     singles = [copy.deepcopy(m) for m in replicas]
     expected = [unlearn(s, o, tiny["forget"], None, c) for s, o, c in zip(singles, objectives, configs)]
@@ -62,31 +95,34 @@ def test_loop_free_forget_only_replicas_on_cuda_equal_single_cuda_runs(tiny, mon
     trajectories = unlearn_replicas(replicas, objectives, tiny["forget"], None, configs)
     assert next(replicas[0].parameters()).device.type == "cuda"
     for trajectory, single, model, single_model in zip(trajectories, expected, replicas, singles):
-        assert_close_runs(trajectory, single)
-        assert_close_parameters(model, single_model)
+        assert_close_runs(trajectory, single, tolerance)
+        assert_close_parameters(model, single_model, tolerance)
 
 
-def test_replicas_with_retain_terms_on_cuda_equal_single_cuda_runs(tiny):
+@pytest.mark.parametrize("settings, tolerance", [({"adam_eps": 1e-2}, TIGHT), ({}, LOOSE)], ids=["tame", "paper"])
+def test_replicas_with_retain_terms_on_cuda_equal_single_cuda_runs(tiny, settings, tolerance):
     objectives = [get_objective("GradDiff"), get_objective("NPO+RT", beta=0.2), get_objective("SimNPO", beta=2.5)]
-    configs = [dataclasses.replace(UNLEARNING, seed=seed) for seed in range(3)]
+    configs = [dataclasses.replace(UNLEARNING, seed=seed, **settings) for seed in range(3)]
     replicas = models(3)
     singles = [copy.deepcopy(m) for m in replicas]
     trajectories = unlearn_replicas(replicas, objectives, tiny["forget"], tiny["retain"], configs)
     for i, trajectory in enumerate(trajectories):
-        assert_close_runs(trajectory, unlearn(singles[i], objectives[i], tiny["forget"], tiny["retain"], configs[i]))
-        assert_close_parameters(replicas[i], singles[i])
+        single = unlearn(singles[i], objectives[i], tiny["forget"], tiny["retain"], configs[i])
+        assert_close_runs(trajectory, single, tolerance)
+        assert_close_parameters(replicas[i], singles[i], tolerance)
 
 
-def test_pretrain_replicas_on_cuda_equal_single_cuda_runs(tiny):
-    configs = [TrainConfig(learning_rate=lr, batch_size=16, steps=5, seed=seed, device="cuda", progress=False)
-               for seed, lr in ((0, 3e-3), (1, 1e-3))]
+@pytest.mark.parametrize("settings, tolerance", [({"adam_eps": 1e-1}, TIGHT), ({}, LOOSE)], ids=["tame", "default"])
+def test_pretrain_replicas_on_cuda_equal_single_cuda_runs(tiny, settings, tolerance):
+    configs = [TrainConfig(learning_rate=lr, batch_size=16, steps=5, seed=seed, device="cuda", progress=False,
+                           **settings) for seed, lr in ((0, 3e-3), (1, 1e-3))]
     replicas = models(2)
     singles = [copy.deepcopy(m) for m in replicas]
     histories = pretrain_replicas(replicas, tiny["train"], configs)
     for model, single, config, history in zip(replicas, singles, configs, histories):
         expected = pretrain(single, tiny["train"], config)
-        np.testing.assert_allclose(history.losses, expected.losses, rtol=RTOL)
-        assert_close_parameters(model, single)
+        np.testing.assert_allclose(history.losses, expected.losses, rtol=tolerance[0])
+        assert_close_parameters(model, single, tolerance)
 
 
 @pytest.mark.parametrize("rule", ["adamw", "adamw_legacy"])
