@@ -176,6 +176,28 @@ def test_whp_equals_generic_targets_computed_by_hand(data):
     assert_same_gradients(gradients(model, total), gradients(model, expected))
 
 
+def test_whp_hard_target_is_the_cross_entropy_to_the_generic_argmax(data):
+    model, trained = tiny(), tiny(seed=2)
+    state = prepare_method("WHP", model, data["forget"], fine_tune=sgd_fine_tune(3),
+                           config=get_config("WHP", alpha=1.5, target="hard"))
+    batch = MethodBatch.single(hf(data["forget"]))
+    total, _ = method_loss(state, trained, batch)
+    with torch.no_grad():
+        def raw(m):
+            return m(input_ids=batch.forget["input_ids"], attention_mask=batch.forget["attention_mask"]).logits
+        v_b, v_r = raw(state.reference), raw(state.auxiliary["reinforced"])
+        labels = (v_b - 1.5 * torch.clamp(v_r - v_b, min=0.0)).argmax(-1)  # (b, t) generic labels
+    _, _, log_probs = independent_token_logps(trained, batch.forget)
+    expected = 0.0
+    for b in range(labels.shape[0]):
+        for j in range(labels.shape[1] - 1):
+            if int(batch.forget["labels"][b, j + 1]) != -100:
+                expected = expected - log_probs[b, j, labels[b, j]]
+    expected = expected / batch.counts.forget_tokens
+    assert float(total.detach()) == pytest.approx(float(expected.detach()), rel=1e-10)
+    assert_same_gradients(gradients(trained, total), gradients(trained, expected))
+
+
 def test_whp_with_reinforced_equal_to_baseline_has_zero_loss_and_gradient(data):
     model = tiny()
     state = prepare_method("WHP", model, data["forget"], fine_tune=identity_fine_tune)
@@ -345,6 +367,18 @@ def test_shards_with_global_counts_add_up_to_the_whole_batch(data, name):
                           gradients(trained, total))
 
 
+def test_kga_reduce_sum_gives_each_shard_the_global_forget_gap(data):
+    model, trained = tiny(), tiny(seed=4)
+    state = kga_state(model, data, sgd_fine_tune(1))
+    whole = full_batch(data)
+    shards = [MethodBatch(half(whole.forget, rows), whole.counts, half(whole.retain, rows)) for rows in
+              (slice(0, 3), slice(3, 6))]
+    gaps = [step_context(state, trained, shard).forget_gap for shard in shards]  # each shard's share alone
+    reduced = step_context(state, trained, shards[0], reduce_sum=lambda gap: gap + gaps[1])
+    assert reduced.forget_gap == pytest.approx(step_context(state, trained, whole).forget_gap, rel=1e-12)
+    assert gaps[0] != pytest.approx(reduced.forget_gap)
+
+
 def test_forget_and_retain_parts_add_up_to_the_whole(data):
     model, trained = tiny(), tiny(seed=4)
     state = kga_state(model, data, sgd_fine_tune(1))
@@ -496,6 +530,26 @@ def test_every_method_runs_on_the_paper_synthetic_transformer(markov, name):
     shares = trajectory.component_metrics["power_share"][-1]
     assert np.nansum(shares) == pytest.approx(1.0) and np.all(shares[forget] > 0)
     assert np.all(np.isnan(trajectory.component_metrics["mean_weight"]))
+
+
+@pytest.mark.parametrize("name, lora", [("AdvGA", None), ("TaskNegation", 2), ("GA+Mismatch", None)])
+def test_methods_run_on_the_gpt2_preset(markov, name, lora):
+    from llm.lora import LoraSettings
+    from llm.methods.markov import unlearn_method
+    from llm.pretraining import pretrain
+    from llm.train import TrainConfig
+
+    forget = markov["forget"]
+    model = build_model("tiny-gpt2", forget.num_states + 1, forget.max_length + 1, seed=0)
+    pretrain(model, markov["forget"], TrainConfig(batch_size=16, steps=5, learning_rate=3e-3, **CPU))
+    before = copy.deepcopy(model.state_dict())
+    trajectory = unlearn_method(model, name, forget, markov["retain"],
+                                TrainConfig(batch_size=8, steps=2, learning_rate=1e-2, **CPU),
+                                method_config=fast_config(name), lora=None if lora is None else LoraSettings(rank=lora),
+                                scales=[0.0, 1.0])
+    assert trajectory.diverged_at is None and np.all(np.isfinite(trajectory.component_metrics["kl_reference"]))
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and (lora is None or all(k.endswith(("c_attn.weight", "c_proj.weight")) for k in changed))
 
 
 def test_same_seed_same_numbers_and_another_seed_other_numbers(markov):
