@@ -581,3 +581,16 @@ def test_method_cli_writes_a_run_with_the_method(tmp_path):
         method_settings({"name": "WHP", "beta": 1.0})
     assert main(["unlearn", "--out", str(tmp_path / "x"), "--model", str(tmp_path / "pre" / "model"),
                  "--method", "RMU"] + common) == 2
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_runs_in_bf16_autocast_on_cuda(markov, name):
+    trajectory = run_markov(markov, name, device="cuda", mixed_precision="bf16")
+    names = trajectory.component_names
+    forget = [names.index("forget1"), names.index("forget2")]
+    likelihood = trajectory.component_metrics["logp_per_token"][:, forget].mean(1)
+    assert trajectory.diverged_at is None and np.all(np.isfinite(likelihood))
+    if name not in ("KGA", "TaskNegation"):
+        assert likelihood[-1] < likelihood[0] - 1e-3
