@@ -19,6 +19,7 @@ from llm.methods import (
     method_loss,
     perturbed_hidden_states,
     prepare_method,
+    replace_config,
     required_batches,
     step_context,
 )
@@ -204,6 +205,12 @@ def test_whp_with_reinforced_equal_to_baseline_has_zero_loss_and_gradient(data):
     total, _ = method_loss(state, model, MethodBatch.single(hf(data["forget"])))
     assert abs(float(total.detach())) < 1e-12
     assert max(float(g.abs().max()) for g in gradients(model, total)) < 1e-10
+    # alpha = 0 (replace_config: the same reinforced model) also makes the target the baseline
+    state = prepare_method("WHP", model, data["forget"], fine_tune=sgd_fine_tune(3))
+    batch = MethodBatch.single(hf(data["forget"]))
+    assert float(method_loss(state, model, batch).total.detach()) > 1e-6
+    total, _ = method_loss(replace_config(state, alpha=0.0), model, batch)
+    assert abs(float(total.detach())) < 1e-12
 
 
 def kga_state(model, data, fine_tune, **overrides):
