@@ -52,6 +52,13 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (1 is fastest for this model)")
     parser.add_argument("--skip-gpu-parts", action="store_true", help="skip the gpt2-small and reference-ratio timings")
     parser.add_argument("--output", help="also write the numbers to this JSON file")
+    parser.add_argument("--gpu-step-only", action="store_true",
+                        help="skip the Markov experiment (CUDA step timings only)")
+    parser.add_argument("--variants", nargs="*", choices=list(STEP_VARIANTS), default=list(STEP_VARIANTS),
+                        help="step variants timed after the baseline")
+    parser.add_argument("--skip-live", action="store_true", help="skip the live-reference step timing")
+    parser.add_argument("--profile", action="store_true",
+                        help="print the top CUDA kernels of the last variant (torch.profiler, 3 steps)")
     return parser.parse_args(argv)
 
 
@@ -121,7 +128,8 @@ def print_markov_results(results: dict) -> None:
 
 def step_throughput(device: str, preset: str = "gpt2-small", vocab_size: int = 50257, length: int = 512,
                     batch_size: int = 32, steps: int = 10, warmup: int = 3, live_reference: bool = False,
-                    attention: str | None = None, fused_adam: bool = False, compile_model: bool = False) -> dict:
+                    attention: str | None = None, fused_adam: bool = False, compile_model: bool = False,
+                    profile: bool = False) -> dict:
     """Time the NPO unlearning step (forward, backward, AdamW) of ``preset`` on random tokens.
 
     ``attention`` sets the transformers attention implementation (None = the library's default),
@@ -168,25 +176,42 @@ def step_throughput(device: str, preset: str = "gpt2-small", vocab_size: int = 5
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
+    table = None
+    if profile:
+        from torch.profiler import ProfilerActivity
+        from torch.profiler import profile as profiler
+
+        on_gpu = device == "cuda"
+        with profiler(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as trace:
+            for _ in range(3):
+                step()
+            if on_gpu:
+                torch.cuda.synchronize()
+        table = trace.key_averages().table(sort_by="cuda_time_total" if on_gpu else "cpu_time_total", row_limit=15,
+                                           max_name_column_width=60)
     config = model.config
     parameters = count_parameters(model) - config.n_positions * config.n_embd  # without position embeddings
     flops_per_token = 6 * parameters + 12 * config.n_layer * length * config.n_embd
     tokens = batch_size * length
     return {"seconds_per_step": seconds, "tokens_per_second": tokens / seconds,
             "flops_per_second": flops_per_token * tokens / seconds, "parameters": parameters,
-            "attention": model.config._attn_implementation, "fused_adam": fused_adam, "compiled": compile_model}
+            "attention": model.config._attn_implementation, "fused_adam": fused_adam, "compiled": compile_model,
+            "batch_size": batch_size, "profile": table}
 
 
-# The step variants timed after the baseline: (label, step_throughput keyword arguments).
-STEP_VARIANTS = (("fused AdamW", {"fused_adam": True}),
-                 ("fused AdamW + torch.compile", {"fused_adam": True, "compile_model": True}))
+# The step variants that can be timed after the baseline: name -> (label, step_throughput keyword arguments).
+STEP_VARIANTS = {"fused": ("fused AdamW", {"fused_adam": True}),
+                 "compiled": ("fused AdamW + torch.compile", {"fused_adam": True, "compile_model": True}),
+                 "compiled-batch64": ("fused AdamW + torch.compile, batch 64",
+                                      {"fused_adam": True, "compile_model": True, "batch_size": 64})}
 
 
-def gpu_measurements(device: str) -> dict:
+def gpu_measurements(device: str, variants=tuple(STEP_VARIANTS), live_reference: bool = True,
+                     profile: bool = False) -> dict:
     name = torch.cuda.get_device_name()
     peak = next((value for key, value in BF16_PEAK_FLOPS.items() if key in name), None)
     cached = step_throughput(device)
-    live = step_throughput(device, live_reference=True)
+    live = step_throughput(device, live_reference=True) if live_reference else cached | {"skipped": True}
     result = {"device_name": name, "bf16_peak_flops": peak, "cached": cached, "live": live,
               "live_over_cached": live["seconds_per_step"] / cached["seconds_per_step"]}
     print(f"\n{name}: gpt2-small ({cached['parameters'] / 1e6:.1f}M non-positional parameters), NPO unlearning step, "
@@ -198,9 +223,10 @@ def gpu_measurements(device: str) -> dict:
     print(f"  live reference:   {live['seconds_per_step'] * 1e3:8.1f} ms/step; live / cached time = "
           f"{result['live_over_cached']:.2f}x", flush=True)
     result["variants"] = {}
-    for label, options in STEP_VARIANTS:
+    for number, key in enumerate(variants):
+        label, options = STEP_VARIANTS[key]
         try:
-            variant = step_throughput(device, **options)
+            variant = step_throughput(device, **options, profile=profile and number == len(variants) - 1)
         except Exception as error:  # a variant the installed versions cannot run is reported, not fatal
             print(f"  {label}: failed ({type(error).__name__}: {error})", flush=True)
             continue
@@ -208,6 +234,8 @@ def gpu_measurements(device: str) -> dict:
         print(f"  {label}: {variant['seconds_per_step'] * 1e3:8.1f} ms/step, {variant['tokens_per_second']:,.0f} "
               f"tokens/s, {variant['flops_per_second'] / 1e12:.1f} TFLOP/s"
               + (f" = {variant['flops_per_second'] / peak:.1%} MFU" if peak else ""), flush=True)
+        if variant.get("profile"):
+            print(variant["profile"], flush=True)
     return result
 
 
@@ -218,10 +246,12 @@ def main(argv=None) -> None:
     machine = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
     print(f"device: {device} ({machine}), torch {torch.__version__}, threads {torch.get_num_threads()}, "
           f"scale {arguments.scale}, eval every {arguments.eval_every}")
-    results = markov_experiment(arguments, device)
-    print_markov_results(results)
+    results = {}
+    if not arguments.gpu_step_only:
+        results = markov_experiment(arguments, device)
+        print_markov_results(results)
     if device == "cuda" and not arguments.skip_gpu_parts:
-        results["gpu"] = gpu_measurements(device)
+        results["gpu"] = gpu_measurements(device, arguments.variants, not arguments.skip_live, arguments.profile)
     if arguments.output:
         with open(arguments.output, "w") as file:
             json.dump(results, file, indent=2, default=lambda x: x.tolist() if isinstance(x, np.ndarray) else str(x))
