@@ -16,7 +16,7 @@
 #              GPU, worker processes sharing it; the output folder comes back as a tarball;
 #   benchmark  benchmarks/llm_markov.py on the GPU (the Markov scenario, then the gpt2-small bf16 step: cached
 #              vs live reference, fused AdamW, torch.compile); BENCH_ARGS passes its options, e.g.
-#              "--gpu-step-only --skip-live --variants compiled --profile".
+#              "--gpu-step-only --skip-live --variants compiled-logps --profile" (the next step for MFU).
 # Each part has its own time limit, so whatever finished comes back.
 #
 # The device image lacks the model package and the TOFU extras, and the 94 MiB GGUF file is larger than
@@ -83,6 +83,19 @@ with torch.no_grad():
     stacked = stack.stacked_batch_logits(ids.cuda(), torch.ones_like(ids).cuda())[0]
 print("max |logit|", float(cpu.abs().max()), "cuda vs cpu", float((own.cpu() - cpu).abs().max()),
       "stacked vs own (cuda)", float((stacked - own).abs().max()))
+# the same on a padded batch of real sequences (the CUDA replica tests' open question)
+from llm.data import encode
+from markovsim.scenarios import SCENARIOS
+train, _ = SCENARIOS["paper_short_forget2"].scaled(0.005).spec.sample()
+batch = encode(train, "all").batch(list(range(16)), "cuda")
+with torch.no_grad():
+    own = models[0](input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    shape = (2, *batch["input_ids"].shape)
+    stacked = stack.stacked_batch_logits(batch["input_ids"].expand(shape), batch["attention_mask"].expand(shape))[0]
+    cpu = models[0].cpu()(input_ids=batch["input_ids"].cpu(), attention_mask=batch["attention_mask"].cpu()).logits
+labelled = batch["labels"] != -100
+print("padded batch, labelled positions: stacked vs own (cuda)", float((stacked - own).abs()[labelled].max()),
+      "cuda vs cpu", float((own.cpu() - cpu).abs()[labelled.cpu()].max()))
 PY
     cat "$OUT/cuda_rounding.log"
     timeout ${CUDA_TEST_S:-150} python3 -m pytest -q -rs -p no:cacheprovider --continue-on-collection-errors -m cuda \

@@ -129,12 +129,13 @@ def print_markov_results(results: dict) -> None:
 def step_throughput(device: str, preset: str = "gpt2-small", vocab_size: int = 50257, length: int = 512,
                     batch_size: int = 32, steps: int = 10, warmup: int = 3, live_reference: bool = False,
                     attention: str | None = None, fused_adam: bool = False, compile_model: bool = False,
-                    profile: bool = False) -> dict:
+                    compile_logps: bool = False, profile: bool = False) -> dict:
     """Time the NPO unlearning step (forward, backward, AdamW) of ``preset`` on random tokens.
 
     ``attention`` sets the transformers attention implementation (None = the library's default),
     ``fused_adam`` uses ``AdamW(fused=True)``, ``compile_model`` runs the model under ``torch.compile``
-    (compilation happens in the warm-up steps, which are not timed).
+    (compilation happens in the warm-up steps, which are not timed), ``compile_logps`` also compiles
+    ``llm.logps.token_log_likelihoods`` (the float32 log-sum-exp over the vocabulary) for the step.
     """
     from llm.logps import model_sequence_logps
     from llm.objective import BatchCounts, UnlearningBatch, objective_terms
@@ -147,6 +148,11 @@ def step_throughput(device: str, preset: str = "gpt2-small", vocab_size: int = 5
     reference = copy.deepcopy(model).eval().requires_grad_(False) if live_reference else None
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=fused_adam or None)
     trained = torch.compile(model) if compile_model else model
+    import llm.logps
+
+    eager_logps = llm.logps.token_log_likelihoods
+    if compile_logps:  # labelled_token_logps looks the name up at each call; restored before returning
+        llm.logps.token_log_likelihoods = torch.compile(eager_logps)
     generator = torch.Generator().manual_seed(0)
     input_ids = torch.randint(0, vocab_size - 1, (batch_size, length), generator=generator).to(device)
     labels = input_ids.clone()
@@ -189,6 +195,7 @@ def step_throughput(device: str, preset: str = "gpt2-small", vocab_size: int = 5
                 torch.cuda.synchronize()
         table = trace.key_averages().table(sort_by="cuda_time_total" if on_gpu else "cpu_time_total", row_limit=15,
                                            max_name_column_width=60)
+    llm.logps.token_log_likelihoods = eager_logps
     config = model.config
     parameters = count_parameters(model) - config.n_positions * config.n_embd  # without position embeddings
     flops_per_token = 6 * parameters + 12 * config.n_layer * length * config.n_embd
@@ -202,6 +209,8 @@ def step_throughput(device: str, preset: str = "gpt2-small", vocab_size: int = 5
 # The step variants that can be timed after the baseline: name -> (label, step_throughput keyword arguments).
 STEP_VARIANTS = {"fused": ("fused AdamW", {"fused_adam": True}),
                  "compiled": ("fused AdamW + torch.compile", {"fused_adam": True, "compile_model": True}),
+                 "compiled-logps": ("fused AdamW + torch.compile of the model and of the log-likelihoods",
+                                    {"fused_adam": True, "compile_model": True, "compile_logps": True}),
                  "compiled-batch64": ("fused AdamW + torch.compile, batch 64",
                                       {"fused_adam": True, "compile_model": True, "batch_size": 64})}
 

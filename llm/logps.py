@@ -54,16 +54,25 @@ def labelled_token_logps(logits: torch.Tensor, labels: torch.Tensor) -> tuple[to
     if logits.ndim != 3 or labels.shape != logits.shape[:2]:
         raise ValueError(f"logits must be (B, T, vocab) and labels (B, T); got {tuple(logits.shape)} and "
                          f"{tuple(labels.shape)}")
+    token_logps, mask = token_log_likelihoods(logits, labels)
+    if not bool(torch.isfinite(token_logps).all()):
+        raise NonFiniteLogitsError("the model produced NaN/inf log-probabilities at labelled positions")
+    return token_logps, mask
+
+
+def token_log_likelihoods(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The arithmetic of :func:`labelled_token_logps` without its checks (a pure tensor function that
+    ``torch.compile`` can fuse: over a large vocabulary the float32 log-sum-exp is most of a step).
+
+    token_logps_bt = logits_{b,t,y} - logsumexp_v logits_{b,t,v} at labelled positions (y = labels_{b,t+1}), else 0.
+    """
     shifted = upcast(logits[:, :-1])  # (B, T-1, vocab)
     targets = labels[:, 1:]  # (B, T-1)
     mask = targets != IGNORE_INDEX  # (B, T-1)
     safe = torch.where(mask, targets, 0)  # (B, T-1)
     picked = shifted.gather(-1, safe[..., None]).squeeze(-1)  # (B, T-1)
     token_logps = picked - torch.logsumexp(shifted, dim=-1)  # (B, T-1)
-    token_logps = torch.where(mask, token_logps, 0.0)
-    if not bool(torch.isfinite(token_logps).all()):
-        raise NonFiniteLogitsError("the model produced NaN/inf log-probabilities at labelled positions")
-    return token_logps, mask
+    return torch.where(mask, token_logps, 0.0), mask
 
 
 def model_sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -79,7 +79,8 @@ def select_sensitive_tokens(token_logps: torch.Tensor, mask: torch.Tensor, fract
         raise ValueError(f"fraction must be in (0, 1], got {fraction}")
     scores = torch.where(mask, token_logps.detach(), -math.inf)  # (B, T) padding ranks last
     order = torch.sort(scores, dim=-1, descending=True, stable=True).indices  # (B, T)
-    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1]).expand_as(order))  # (B, T)
+    positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)  # (B, T)
+    ranks = torch.empty_like(order).scatter_(-1, order, positions)  # (B, T)
     keep = torch.ceil(fraction * mask.sum(-1, keepdim=True).to(torch.float64))  # (B, 1)
     return (ranks < keep) & mask
 
