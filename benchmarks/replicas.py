@@ -108,10 +108,11 @@ def setup(scale: float, subsample: int = 64) -> dict:
 
 def configs(steps: int, every_step: bool, device: str = "cpu"):
     """``PAPER_UNLEARNING`` with ``steps``; every-step evaluation with diagnostics, or neither."""
+    # float32 like the replicas (on CUDA the default "auto" would autocast the single run to bf16)
+    base = dataclasses.replace(PAPER_UNLEARNING, steps=steps, device=device, progress=False, mixed_precision="no")
     if every_step:
-        return dataclasses.replace(PAPER_UNLEARNING, steps=steps, device=device, progress=False, eval_every=1)
-    return dataclasses.replace(PAPER_UNLEARNING, steps=steps, device=device, progress=False, eval_every=steps,
-                               track_forget_weights=False, track_power_share=False)
+        return dataclasses.replace(base, eval_every=1)
+    return dataclasses.replace(base, eval_every=steps, track_forget_weights=False, track_power_share=False)
 
 
 def evaluation_parts(data: dict, repeats: int = 3) -> dict[str, float]:

@@ -23,7 +23,12 @@ LOGITS_FAILURE = "the model produced NaN/inf logits"
 
 
 def replica_configs(configs: TrainConfig | Sequence[TrainConfig], num_replicas: int) -> tuple[TrainConfig, ...]:
-    """One ``TrainConfig`` per replica (a single config is repeated); checks the shared fields agree."""
+    """One ``TrainConfig`` per replica (a single config is repeated); checks the shared fields agree.
+
+    Replicas run in float32: ``mixed_precision="auto"`` (bf16 autocast on CUDA for a single run) becomes
+    ``"no"`` in the returned configs, so what a replica records is what ran, and the single run a
+    replica equals is the one with ``mixed_precision="no"``; ``"bf16"`` is refused.
+    """
     if num_replicas < 1:
         raise ValueError(f"need at least one replica (N >= 1), got {num_replicas}")
     configs = (configs,) * num_replicas if isinstance(configs, TrainConfig) else tuple(configs)
@@ -37,7 +42,7 @@ def replica_configs(configs: TrainConfig | Sequence[TrainConfig], num_replicas: 
         raise ValueError(f"replicas must share {differing}; only {PER_REPLICA_FIELDS} may differ")
     if configs[0].mixed_precision == "bf16":
         raise ValueError("replicas run in float32; bf16 autocast is not supported yet (use mixed_precision='no')")
-    return configs
+    return tuple(dataclasses.replace(c, mixed_precision="no") for c in configs)
 
 
 def replica_device(config: TrainConfig) -> torch.device:
