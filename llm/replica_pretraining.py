@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Sequence
 
@@ -11,12 +12,16 @@ import torch
 
 from markovsim.config import divergence_reason
 from markovsim.data import SequenceSet
+from markovsim.results import atomic_write_json, metadata_block
 from markovsim.runtime import torch_threads
 
-from .config import PAPER_PRETRAINING, TrainConfig
+from .checkpoint import parameter_fingerprint
+from .config import PAPER_PRETRAINING, TrainConfig, config_state
 from .data import batch_indices, encode
 from .logps import NonFiniteLogitsError, labelled_token_logps
+from .models import save_model
 from .pretraining import TrainingHistory
+from .replica_checkpoints import check_run_dir, replica_folder, restore_replicas, save_replicas
 from .replica_common import (
     LOGITS_FAILURE,
     check_models,
@@ -27,11 +32,15 @@ from .replica_common import (
 )
 from .replicas import ReplicaStack, clip_replica_grads
 
-__all__ = ["pretrain_replicas"]
+__all__ = ["CHECKPOINT_KIND", "pretrain_replicas"]
+
+
+# The run kind recorded in (and required of) a pre-training-replicas checkpoint.
+CHECKPOINT_KIND = "pretrain_replicas"
 
 
 def pretrain_replicas(models, sequences: SequenceSet, configs: TrainConfig | Sequence[TrainConfig] = PAPER_PRETRAINING,
-                      route: str | None = None) -> list[TrainingHistory]:
+                      route: str | None = None, run_dir=None, resume: bool | str = False) -> list[TrainingHistory]:
     """:func:`llm.train.pretrain` of every model in ``models`` (in place), as one computation.
 
     Args:
@@ -40,25 +49,57 @@ def pretrain_replicas(models, sequences: SequenceSet, configs: TrainConfig | Seq
         sequences: the training sequences (the same for every replica).
         configs: one ``TrainConfig`` or N (differing only in ``PER_REPLICA_FIELDS``).
         route: ``ReplicaStack`` route (None = the architecture's default).
+        run_dir: folder for ``checkpoints/`` (every ``configs[0].checkpoint_every`` steps, newest
+            ``keep_checkpoints`` kept; ``llm.replica_checkpoints``) and, at the end,
+            ``replica-<i:03d>/model`` and ``replica-<i:03d>/history.json``; None = no files.
+        resume: True = continue from the newest checkpoint in ``run_dir``; a path = that checkpoint. Pass
+            the same starting models and configs as the interrupted run (both are checked).
     Returns: N ``TrainingHistory``, replica i equal to ``pretrain(models[i], sequences, configs[i])``.
     """
     models = check_models(models)
     configs = replica_configs(configs, len(models))
+    checkpoint = check_run_dir(run_dir, resume)
     with torch_threads(configs[0].num_threads):
-        return _PreTraining(models, sequences, configs, route).run()
+        state = _PreTraining(models, sequences, configs, route, run_dir)
+        if checkpoint is not None:
+            state.restore(checkpoint)
+        return state.run()
 
 
 class _PreTraining:
     """The state of N pre-training runs (see :func:`pretrain_replicas`)."""
 
-    def __init__(self, models, sequences, configs, route):
+    def __init__(self, models, sequences, configs, route, run_dir=None):
         self.models, self.configs, self.started = models, configs, time.perf_counter()
+        self.run_dir, self.start_step = run_dir, 0
+        self.fingerprints = [parameter_fingerprint(m) for m in models] if run_dir is not None else None
         self.encoded = encode(sequences, "all")
         self.total_steps = configs[0].total_steps(len(sequences))
         self.stack = ReplicaStack(models, route, replica_device(configs[0]))
         self.optimizer = stacked_optimizer(self.stack, configs)
         self.history = [{"steps": [], "losses": [], "learning_rates": [], "grad_norms": []} for _ in models]
         self.diverged = [None] * len(models)
+
+    def _identity(self, index: int) -> dict:
+        return {"fingerprint": self.fingerprints[index], "config": config_state(self.configs[index])}
+
+    def restore(self, path: str) -> None:
+        """Continue from the checkpoint at ``path`` after checking it belongs to this run."""
+        expected = [self._identity(i) for i in range(len(self.models))]
+        self.start_step, saved = restore_replicas(path, CHECKPOINT_KIND, self.stack, self.optimizer, expected)
+        self.history = [dict(entry["history"]) for entry in saved]
+        self.diverged = [entry["diverged_at"] for entry in saved]
+
+    def save(self, step: int) -> None:
+        """Checkpoint after ``step`` optimisation steps."""
+        entries = [{"history": h, "diverged_at": d, **self._identity(i)}
+                   for i, (h, d) in enumerate(zip(self.history, self.diverged))]
+        save_replicas(self.run_dir, step, self.stack, self.optimizer, CHECKPOINT_KIND, entries,
+                      self.configs[0].keep_checkpoints)
+
+    def checkpoint_due(self, step: int) -> bool:
+        every = self.configs[0].checkpoint_every
+        return self.run_dir is not None and every is not None and step % every == 0 and step < self.total_steps
 
     def losses(self, step: int) -> list[torch.Tensor | None]:
         """Each replica's token-mean cross-entropy on its step-``step`` batch (None: NaN/inf logits)."""
@@ -75,7 +116,7 @@ class _PreTraining:
         return losses
 
     def run(self) -> list[TrainingHistory]:
-        for step in range(self.total_steps):
+        for step in range(self.start_step, self.total_steps):
             active = [d is None for d in self.diverged]
             if not any(active):
                 break
@@ -90,14 +131,33 @@ class _PreTraining:
                 if active[i]:
                     self._record(i, step, loss, learning_rates[i], grad_norms[i])
             self.optimizer.step(learning_rates, [d is None for d in self.diverged])
+            if self.checkpoint_due(step + 1):
+                self.save(step + 1)
         self.stack.zero_grad()
         for i, model in enumerate(self.models):
             self.stack.write_into(model, i)
         seconds = time.perf_counter() - self.started
-        return [TrainingHistory(np.asarray(h["steps"], dtype=np.int64), np.asarray(h["losses"]),
-                                np.asarray(h["learning_rates"]), np.asarray(h["grad_norms"]), d,
-                                None if d is None else h["reason"], seconds, 1)
-                for h, d in zip(self.history, self.diverged)]
+        histories = [TrainingHistory(np.asarray(h["steps"], dtype=np.int64), np.asarray(h["losses"]),
+                                     np.asarray(h["learning_rates"]), np.asarray(h["grad_norms"]), d,
+                                     None if d is None else h["reason"], seconds, 1)
+                     for h, d in zip(self.history, self.diverged)]
+        if self.run_dir is not None:
+            self.write_outputs(histories)
+        return histories
+
+    def write_outputs(self, histories: list[TrainingHistory]) -> None:
+        """``replica-<i>/model`` (``save_pretrained``) and ``replica-<i>/history.json`` (strict JSON), atomically."""
+        for i, (model, history, config) in enumerate(zip(self.models, histories, self.configs)):
+            folder = replica_folder(self.run_dir, i)
+            os.makedirs(folder, exist_ok=True)
+            save_model(model, os.path.join(folder, "model"), progress=False)
+            document = metadata_block(config_state(config), replica=i, num_replicas=len(self.models),
+                                      route=self.stack.route, kind=CHECKPOINT_KIND)
+            document["history"] = {**{key: getattr(history, key).tolist()
+                                      for key in ("steps", "losses", "learning_rates", "grad_norms")},
+                                   "diverged_at": history.diverged_at, "divergence_reason": history.divergence_reason,
+                                   "wall_seconds": history.wall_seconds}
+            atomic_write_json(os.path.join(folder, "history.json"), document)
 
     def _record(self, index: int, step: int, loss, learning_rate: float, grad_norm: float) -> None:
         history = self.history[index]

@@ -52,19 +52,19 @@ from markovsim.losses import NEEDS_REFERENCE, Objective
 from markovsim.runtime import torch_threads
 from markovsim.trajectory import Trajectory
 
-from .checkpoint import latest_checkpoint, load_checkpoint, parameter_fingerprint, save_checkpoint
+from .checkpoint import parameter_fingerprint
 from .config import PAPER_UNLEARNING, TrainConfig, config_state
 from .data import FORGET_STREAM, RETAIN_STREAM, batch_indices, encode, merge_batches
 from .diagnostics import Diagnostics, DiagnosticsPlan
 from .evaluate import Evaluator, model_sequence_logps_batched
 from .logps import NonFiniteLogitsError
 from .objective import BatchCounts, UnlearningBatch, objective_terms
+from .replica_checkpoints import check_run_dir, replica_folder, restore_replicas, save_replicas
 from .replica_common import (
     LOGITS_FAILURE,
     PER_REPLICA_FIELDS,
     SHARED_FIELDS,
     ReplayLogits,
-    SingleProcess,
     check_models,
     replica_configs,
     replica_device,
@@ -75,7 +75,6 @@ from .replica_evaluation import replica_diagnostics, replica_test_metrics
 from .replica_forget import BatchedForget
 from .replica_pretraining import pretrain_replicas
 from .replicas import ReplicaStack, clip_replica_grads
-from .session import RESUME_FIELDS
 from .unlearning import trajectory_from_records
 
 # How unlearn_replicas evaluates: all replicas in batched passes, or one by one.
@@ -87,10 +86,6 @@ __all__ = ["CHECKPOINT_KIND", "EVALUATIONS", "PER_REPLICA_FIELDS", "SHARED_FIELD
 # The run kind recorded in (and required of) an unlearning-replicas checkpoint.
 CHECKPOINT_KIND = "unlearn_replicas"
 
-
-def replica_folder(run_dir, index: int) -> str:
-    """``run_dir/replica-<index:03d>``: where replica ``index``'s outputs go."""
-    return os.path.join(os.fspath(run_dir), f"replica-{index:03d}")
 
 # ---------------------------------------------------------------------------------------------
 # Unlearning
@@ -142,26 +137,12 @@ def unlearn_replicas(models, objectives: Sequence[Objective], forget: SequenceSe
         evaluators = [evaluators] * len(models)
     if len(evaluators) != len(models):
         raise ValueError(f"got {len(evaluators)} evaluators for {len(models)} replicas; pass one, N or None")
-    if run_dir is None and resume is True:
-        raise ValueError("resume=True needs run_dir (the run directory holding checkpoints/)")
-    if not resume and run_dir is not None and latest_checkpoint(run_dir) is not None:
-        raise ValueError(f"run directory {os.fspath(run_dir)!r} already holds replica checkpoints; pass "
-                         f"resume=True to continue that run or choose a new directory")
-    checkpoint = _resume_path(run_dir, resume) if resume else None
+    checkpoint = check_run_dir(run_dir, resume)
     with torch_threads(configs[0].num_threads):
         state = _Unlearning(models, objectives, forget, retain, configs, list(evaluators), route, evaluation, run_dir)
         if checkpoint is not None:
             state.restore(checkpoint)
         return state.run()
-
-
-def _resume_path(run_dir, resume: bool | str) -> str:
-    if isinstance(resume, (str, os.PathLike)):
-        return os.fspath(resume)
-    path = latest_checkpoint(run_dir)
-    if path is None:
-        raise ValueError(f"resume=True but {os.fspath(run_dir)!r} has no checkpoint; start without resume")
-    return path
 
 
 class _Replica:
@@ -184,14 +165,17 @@ class _Replica:
             self.diagnostics = Diagnostics(objective, self.names, plan, encoded_forget, retain_encoded, None,
                                            self.forget_ref, None, self.reference, size, False,
                                            config.track_forget_weights, config.track_power_share)
-        self.fingerprint = parameter_fingerprint(model)
         self.records, self.diverged_at, self.reason = [], None, None
 
-    def run_state(self) -> dict:
+    def identity(self, fingerprint: list[float]) -> dict:
+        """What a checkpoint checks on resume: starting weights, settings and objective."""
+        return {"fingerprint": fingerprint, "config": config_state(self.config),
+                "objective": dataclasses.asdict(self.objective)}
+
+    def run_state(self, fingerprint: list[float]) -> dict:
         """What a checkpoint keeps of this replica (plain values, ``torch.load(weights_only=True)``-safe)."""
         return {"records": self.records, "diverged_at": self.diverged_at, "reason": self.reason,
-                "fingerprint": self.fingerprint, "config": config_state(self.config),
-                "objective": dataclasses.asdict(self.objective)}
+                **self.identity(fingerprint)}
 
 
 class _Unlearning:
@@ -210,6 +194,8 @@ class _Unlearning:
         self.replicas = [_Replica(m, o, c, e, default_test, retain, self.forget, self.retain)
                          for m, o, c, e in zip(models, objectives, configs, evaluators)]
         self.scratch = copy.deepcopy(models[0]).to(self.stack.device).train()
+        # starting-model fingerprints identify a run's replicas in its checkpoints (only needed with files)
+        self.fingerprints = [parameter_fingerprint(m) for m in models] if run_dir is not None else None
         self.batched_forget = None  # the loop-free step (llm.replica_forget) where every objective allows it
         if BatchedForget.applies(self.stack, objectives):
             self.batched_forget = BatchedForget(self.stack, objectives, configs, self.forget,
@@ -285,34 +271,17 @@ class _Unlearning:
 
     def restore(self, path: str) -> None:
         """Continue from the checkpoint at ``path`` after checking it belongs to this run."""
-        state, _ = load_checkpoint(path)
-        run = state["run"]
-        if run.get("kind") != CHECKPOINT_KIND:
-            raise ValueError(f"checkpoint {path!r} is from a {run.get('kind')!r} run, not {CHECKPOINT_KIND!r}")
-        saved = run.get("replicas", [])
-        if len(saved) != len(self.replicas):
-            raise ValueError(f"checkpoint {path!r} holds {len(saved)} replicas; this run has {len(self.replicas)}")
-        for i, (replica, entry) in enumerate(zip(self.replicas, saved)):
-            if entry["fingerprint"] != replica.fingerprint:
-                raise ValueError(f"checkpoint {path!r}: replica {i} was started from different model weights; pass "
-                                 f"the same starting models when resuming")
-            changed = [f for f in RESUME_FIELDS if _comparable(entry["config"].get(f)) !=
-                       _comparable(config_state(replica.config).get(f))]
-            if changed or entry["objective"] != dataclasses.asdict(replica.objective):
-                raise ValueError(f"checkpoint {path!r}: replica {i} was written with different settings "
-                                 f"{changed or ['objective']}; resume with the same configs and objectives")
-        self.stack.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        expected = [r.identity(f) for r, f in zip(self.replicas, self.fingerprints)]
+        self.start_step, saved = restore_replicas(path, CHECKPOINT_KIND, self.stack, self.optimizer, expected)
         for replica, entry in zip(self.replicas, saved):
             replica.records, replica.diverged_at, replica.reason = list(entry["records"]), entry["diverged_at"], \
                 entry["reason"]
-        self.start_step = int(state["step"])
 
     def save(self, step: int) -> None:
         """Checkpoint after ``step`` optimisation steps (``llm.checkpoint``'s atomic writer, one process)."""
-        run = {"kind": CHECKPOINT_KIND, "replicas": [r.run_state() for r in self.replicas]}
-        save_checkpoint(SingleProcess(), self.run_dir, step, self.stack, self.optimizer, _NoSchedule(), run,
-                        keep=self.configs[0].keep_checkpoints)
+        entries = [r.run_state(f) for r, f in zip(self.replicas, self.fingerprints)]
+        save_replicas(self.run_dir, step, self.stack, self.optimizer, CHECKPOINT_KIND, entries,
+                      self.configs[0].keep_checkpoints)
 
     def checkpoint_due(self, step: int) -> bool:
         every = self.configs[0].checkpoint_every
@@ -419,18 +388,6 @@ class _Unlearning:
                 "wall_seconds": time.perf_counter() - self.started, "side": "llm", "replica": index,
                 "route": self.stack.route, "num_replicas": len(self.replicas)}
         return trajectory_from_records(replica.records, replica.names, replica.diverged_at, replica.reason, info)
-
-
-class _NoSchedule:
-    """The schedule slot of a checkpoint: replica learning rates follow from the step alone."""
-
-    @staticmethod
-    def state_dict() -> dict:
-        return {}
-
-
-def _comparable(value):
-    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def _parts(objective: Objective, batch: UnlearningBatch) -> list[dict]:
