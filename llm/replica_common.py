@@ -5,15 +5,17 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from markovsim.runtime import resolve_device
 
 from .config import TrainConfig
+from .data import epoch_permutation, steps_per_epoch
 from .replicas import ReplicaStack, StackedAdamSettings, StackedAdamW
 from .session import learning_rate_factor
 
-__all__ = ["PER_REPLICA_FIELDS", "SHARED_FIELDS", "LOGITS_FAILURE", "replica_configs", "replica_device",
+__all__ = ["ReplicaRows", "PER_REPLICA_FIELDS", "SHARED_FIELDS", "LOGITS_FAILURE", "replica_configs", "replica_device",
            "stacked_optimizer", "replica_learning_rates", "check_models", "ReplayLogits", "SingleProcess"]
 
 # TrainConfig fields that may differ between replicas; every other field must be equal.
@@ -96,3 +98,26 @@ class SingleProcess:
     @staticmethod
     def unwrap_model(model):
         return model
+
+
+class ReplicaRows:
+    """Every replica's rows of a step, ``llm.data.batch_indices`` with replica i's seed, one epoch
+    permutation per replica cached (a permutation of the whole set costs more than the step's rows).
+
+    Args: num_items, batch_size: the set and the (shared) batch size; seeds: N seeds; stream: the data stream.
+    """
+
+    def __init__(self, num_items: int, batch_size: int, seeds: Sequence[int], stream: int = 0):
+        self.num_items, self.batch_size, self.seeds, self.stream = num_items, batch_size, list(seeds), stream
+        self._orders: dict[int, tuple[int, np.ndarray]] = {}  # replica -> (epoch, permutation)
+
+    def __call__(self, step: int) -> np.ndarray:
+        """(N, b) int64: replica i's rows of ``step``."""
+        epoch, position = divmod(step, steps_per_epoch(self.num_items, self.batch_size))
+        rows = []
+        for index, seed in enumerate(self.seeds):
+            cached = self._orders.get(index)
+            if cached is None or cached[0] != epoch:
+                cached = self._orders[index] = (epoch, epoch_permutation(self.num_items, seed, self.stream, epoch))
+            rows.append(cached[1][position * self.batch_size: (position + 1) * self.batch_size])
+        return np.stack(rows)

@@ -25,8 +25,9 @@ import torch
 from markovsim.losses import NEEDS_REFERENCE, SEQUENCE_LOSSES, Objective, reduce_token_logps
 
 from .config import TrainConfig
-from .data import FORGET_STREAM, EncodedSequences, epoch_permutation, steps_per_epoch
+from .data import FORGET_STREAM, EncodedSequences
 from .logps import labelled_token_logps
+from .replica_common import ReplicaRows
 from .replicas import ReplicaStack
 
 __all__ = ["BatchedForget"]
@@ -48,11 +49,9 @@ class BatchedForget:
         if not self.applies(stack, objectives):
             raise ValueError("BatchedForget needs a stacked/vmap route and forget-only sequence-loss objectives")
         self.stack, self.device = stack, stack.device
-        self.seeds = [c.seed for c in configs]
-        self.batch_size, self.num_items = configs[0].batch_size, len(forget)
+        self.rows = ReplicaRows(len(forget), configs[0].batch_size, [c.seed for c in configs], FORGET_STREAM)
         self.tokens = {key: getattr(forget, key).to(self.device) for key in ("input_ids", "attention_mask", "labels")}
         self.token_lengths = forget.token_lengths  # (n_f,) CPU
-        self._orders: dict[int, tuple[int, np.ndarray]] = {}  # replica -> (epoch, permutation)
         self.groups = []  # (objective, member indices (n_g,) on the device, references (n_g, n_f) or None)
         order = []
         for objective in dict.fromkeys(objectives):
@@ -68,18 +67,6 @@ class BatchedForget:
     def applies(stack: ReplicaStack, objectives) -> bool:
         """Whether every objective is forget-only with a sequence loss and the stack has a batched route."""
         return stack.route != "loop" and all(o.retain is None and o.forget in SEQUENCE_LOSSES for o in objectives)
-
-    def rows(self, step: int) -> np.ndarray:
-        """(N, b) int64: replica i's forget rows of ``step``, ``llm.data.batch_indices`` with its seed."""
-        per_epoch = steps_per_epoch(self.num_items, self.batch_size)
-        epoch, position = divmod(step, per_epoch)
-        rows = []
-        for index, seed in enumerate(self.seeds):
-            cached = self._orders.get(index)
-            if cached is None or cached[0] != epoch:
-                cached = self._orders[index] = (epoch, epoch_permutation(self.num_items, seed, FORGET_STREAM, epoch))
-            rows.append(cached[1][position * self.batch_size: (position + 1) * self.batch_size])
-        return np.stack(rows)
 
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every replica's step-``step`` objective and the values the single run logs.

@@ -17,13 +17,14 @@ from markovsim.runtime import torch_threads
 
 from .checkpoint import parameter_fingerprint
 from .config import PAPER_PRETRAINING, TrainConfig, config_state
-from .data import batch_indices, encode
+from .data import encode
 from .logps import NonFiniteLogitsError, labelled_token_logps
 from .models import save_model
 from .pretraining import TrainingHistory
 from .replica_checkpoints import check_run_dir, replica_folder, restore_replicas, save_replicas
 from .replica_common import (
     LOGITS_FAILURE,
+    ReplicaRows,
     check_models,
     replica_configs,
     replica_device,
@@ -76,6 +77,9 @@ class _PreTraining:
         self.encoded = encode(sequences, "all")
         self.total_steps = configs[0].total_steps(len(sequences))
         self.stack = ReplicaStack(models, route, replica_device(configs[0]))
+        self.rows = ReplicaRows(len(self.encoded), configs[0].batch_size, [c.seed for c in configs])
+        self.tokens = {key: getattr(self.encoded, key).to(self.stack.device)
+                       for key in ("input_ids", "attention_mask", "labels")}
         self.optimizer = stacked_optimizer(self.stack, configs)
         self.history = [{"steps": [], "losses": [], "learning_rates": [], "grad_norms": []} for _ in models]
         self.diverged = [None] * len(models)
@@ -101,9 +105,17 @@ class _PreTraining:
         every = self.configs[0].checkpoint_every
         return self.run_dir is not None and every is not None and step % every == 0 and step < self.total_steps
 
-    def losses(self, step: int) -> list[torch.Tensor | None]:
-        """Each replica's token-mean cross-entropy on its step-``step`` batch (None: NaN/inf logits)."""
-        rows = [batch_indices(len(self.encoded), c.batch_size, step, c.seed) for c in self.configs]
+    def losses(self, step: int) -> tuple[list[float | None], torch.Tensor | list]:
+        """Each replica's token-mean cross-entropy on its step-``step`` batch: the values (None: NaN/inf
+        logits) and the differentiable losses, an (N,) tensor from the loop-free path (stacked route) or
+        a list (per replica; also where some replica's logits are not finite, to isolate it)."""
+        rows = self.rows(step)  # (N, b)
+        if self.stack.route != "loop":
+            try:
+                losses = self._stacked_losses(rows)
+                return losses.detach().double().tolist(), losses
+            except NonFiniteLogitsError:
+                pass
         batches = [self.encoded.batch(r, self.stack.device) for r in rows]
         losses = []
         for logits, batch, replica_rows in zip(self.stack.logits(batches), batches, rows):
@@ -113,7 +125,19 @@ class _PreTraining:
                 losses.append(None)
                 continue
             losses.append(-token_logps.sum() / int(self.encoded.num_label_tokens[replica_rows].sum()))
-        return losses
+        return [None if loss is None else float(loss.detach().double()) for loss in losses], losses
+
+    def _stacked_losses(self, rows: np.ndarray) -> torch.Tensor:
+        """(N,) losses of every replica's rows (N, b) from one stacked forward, no per-replica loop."""
+        index = torch.from_numpy(rows)
+        width = int(self.encoded.token_lengths[index].max())
+        counts = self.encoded.num_label_tokens[index].sum(1)  # (N,) labelled tokens of each batch
+        index = index.to(self.stack.device)
+        ids, mask, labels = (self.tokens[key][index, :width] for key in ("input_ids", "attention_mask", "labels"))
+        logits = self.stack.stacked_batch_logits(ids, mask)  # (N, b, t, vocab)
+        token_logps, _ = labelled_token_logps(logits.flatten(0, 1), labels.flatten(0, 1))  # (N b, t-1)
+        sums = token_logps.view(*rows.shape, -1).sum((1, 2))  # (N,)
+        return -sums / counts.to(device=sums.device, dtype=sums.dtype)
 
     def run(self) -> list[TrainingHistory]:
         for step in range(self.start_step, self.total_steps):
@@ -121,15 +145,19 @@ class _PreTraining:
             if not any(active):
                 break
             learning_rates = replica_learning_rates(self.configs, step, self.total_steps)
-            losses = self.losses(step)
-            finite = [loss for loss, a in zip(losses, active) if a and loss is not None and torch.isfinite(loss)]
+            values, losses = self.losses(step)
+            included = [i for i, (value, a) in enumerate(zip(values, active))
+                        if a and value is not None and math.isfinite(value)]
             self.stack.zero_grad()
-            if finite:
-                torch.stack(finite).sum().backward()
+            if included:
+                if isinstance(losses, torch.Tensor):
+                    losses[torch.tensor(included, device=losses.device)].sum().backward()
+                else:
+                    torch.stack([losses[i] for i in included]).sum().backward()
             grad_norms = clip_replica_grads(self.stack.parameters, self.configs[0].max_grad_norm).tolist()
-            for i, loss in enumerate(losses):
+            for i, value in enumerate(values):
                 if active[i]:
-                    self._record(i, step, loss, learning_rates[i], grad_norms[i])
+                    self._record(i, step, value, learning_rates[i], grad_norms[i])
             self.optimizer.step(learning_rates, [d is None for d in self.diverged])
             if self.checkpoint_due(step + 1):
                 self.save(step + 1)
@@ -159,9 +187,9 @@ class _PreTraining:
                                    "wall_seconds": history.wall_seconds}
             atomic_write_json(os.path.join(folder, "history.json"), document)
 
-    def _record(self, index: int, step: int, loss, learning_rate: float, grad_norm: float) -> None:
+    def _record(self, index: int, step: int, loss: float | None, learning_rate: float, grad_norm: float) -> None:
         history = self.history[index]
-        value = math.nan if loss is None else float(loss.detach().double())
+        value = math.nan if loss is None else loss
         reason = LOGITS_FAILURE if loss is None else divergence_reason(value, grad_norm=grad_norm)
         grad_norm = math.nan if loss is None else grad_norm
         for key, item in (("steps", step), ("losses", value), ("learning_rates", learning_rate),
