@@ -60,8 +60,9 @@ FORGET = ("forget1", "forget2")
 BASELINES = ("GA", "NPO", "SimNPO")
 REGISTRY = tuple(METHODS)
 # Colours of the registry methods (markovsim.plotting.METHOD_COLORS has the baselines').
-REGISTRY_COLORS = {"GA+Mismatch": "#bcbd22", "WHP": "#ff7f0e", "TaskNegation": "#8c564b", "KGA": "#9467bd",
-                   "SeUL": "#17becf", "AdvGA": "#000000", "AdvNPO": "#e377c2"}
+REGISTRY_COLORS = {"GA+Mismatch": "#bcbd22", "WHP": "#393b79", "TaskNegation": "#8c564b", "KGA": "#9467bd",
+                   "SeUL": "#17becf", "AdvGA": "#637939", "AdvNPO": "#e377c2"}
+HATCHES = ("", "//", "..", "xx")  # bias bars per source, in plot order
 REGISTRY_KIND = "registry_simulator"
 
 
@@ -273,8 +274,8 @@ def _tradeoff_panel(axis, per_seed, component: str) -> None:
     for method in methods:
         xs = [trajectories[method].metric("kl_true", "retain") for _, trajectories, _ in per_seed]
         ys = [trajectories[method].metric("kl_true", component) for _, trajectories, _ in per_seed]
-        style = "o-" if get_method_kind(method) == "update_rule" else "-"
-        seed_band_axes(axis, xs, ys, color(method), style, method)
+        path = get_method_kind(method) == "update_rule"  # TaskNegation: a dot per lambda
+        seed_band_axes(axis, xs, ys, color(method), "-", method, marker_every=1 if path else 0)
     first = [trajectories[methods[0]] for _, trajectories, _ in per_seed]
     axis.plot(np.mean([t.metric("kl_true", "retain")[0] for t in first]),
               np.mean([t.metric("kl_true", component)[0] for t in first]), "*", color="black", ms=11, zorder=5)
@@ -292,7 +293,6 @@ def get_method_kind(method: str) -> str:
 
 def _bias_panel(axis, bias: list[dict], case: str, sources: list[str], methods: list[str]) -> None:
     width = 0.8 / len(sources)
-    hatches = ("", "//", "..", "xx")
     for s, source in enumerate(sources):
         rows = {row["method"]: row for row in bias if row["case"] == case and row["source"] == source}
         for m, method in enumerate(methods):
@@ -301,7 +301,7 @@ def _bias_panel(axis, bias: list[dict], case: str, sources: list[str], methods: 
                 continue
             x = m - 0.4 + width * (s + 0.5)
             bar = axis.bar(x, row["first_step_forget2_fraction"], width, yerr=row["first_step_sd"] or 0.0,
-                           color=color(method), hatch=hatches[s % len(hatches)], edgecolor="white", capsize=2)[0]
+                           color=color(method), hatch=HATCHES[s % len(HATCHES)], edgecolor="white", capsize=2)[0]
             bar.set_gid(f"{case}/{source}/{method}/first_step")
             if row["run_mean_forget2_fraction"] is not None:
                 marker, = axis.plot(x, row["run_mean_forget2_fraction"], "D", color="black", ms=3)
@@ -312,9 +312,7 @@ def _bias_panel(axis, bias: list[dict], case: str, sources: list[str], methods: 
     axis.set_ylim(0, 1.1)
     axis.axhline(0.5, color="gray", lw=0.6, ls=":")
     axis.set_ylabel("forget2 fraction of forget power")
-    hatching = ", ".join(f"{source}: {hatches[s % len(hatches)] or 'plain'}" for s, source in enumerate(sources))
-    axis.set_title(f"{CASES[case]}: forget2's fraction of the forget power\nbars: first step (seed mean +- sd), "
-                   f"diamonds: run mean; N / S: closer to NPO / SimNPO\n{hatching}", fontsize=8)
+    axis.set_title(CASES[case], fontsize=9)
     for m, method in enumerate(methods):
         if get_method_kind(method) == "update_rule":
             axis.text(m, 0.05, "no gradient\n(update rule)", ha="center", va="bottom", rotation=90, fontsize=6)
@@ -344,10 +342,14 @@ def plot(cache_stem: str, output_stem: str) -> list[str]:
                 axis.set_xlabel("retain distance: KL on retain")
                 axis.set_ylabel(f"forget quality: KL on {component}")
     bias_axes = bottom.subplots(1, len(CASES), squeeze=False)[0]
+    hatching = ", ".join(f"{source} {HATCHES[s % len(HATCHES)] or 'plain'}" for s, source in enumerate(sources))
+    bottom.suptitle("forget2's fraction of the forget-side unlearning power s2 / (s1 + s2): bars the first step (seed "
+                    "mean +- sd), diamonds the run mean;\nN / S: first step closer to NPO's / SimNPO's; bars per "
+                    f"source: {hatching}", fontsize=9)
     for axis, case in zip(bias_axes, CASES):
         _bias_panel(axis, document["bias"], case, sources, methods)
     paths = {m for m in methods if get_method_kind(m) == "update_rule"}
-    handles = [Line2D([], [], color=color(m), lw=2, marker="o" if m in paths else None,
+    handles = [Line2D([], [], color=color(m), lw=2, marker="." if m in paths else None,
                       label=m + (" (path over lambda)" if m in paths else "")) for m in methods]
     handles += [Line2D([], [], ls="", marker="*", color="black", ms=10, label="initial (reference)"),
                 Line2D([], [], ls="", marker="*", color="#ff7f0e", markeredgecolor="black", ms=11,
