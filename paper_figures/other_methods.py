@@ -35,6 +35,7 @@ import numpy as np
 from markovsim.methods import METHODS, get_method, run_method
 from markovsim.plotting import method_color, seed_band_axes
 from markovsim.progress import progress_iter
+from markovsim.results import atomic_output
 from markovsim.runtime import torch_threads
 from markovsim.scenarios import SCENARIOS, prepare
 
@@ -248,6 +249,19 @@ def summary_line(bias: list[dict]) -> str:
     return "first-step power split closer to NPO's than SimNPO's in every source:\n" + "; ".join(parts)
 
 
+def bias_markdown(bias: list[dict]) -> str:
+    """The bias table as Markdown: forget2's fraction of the forget power, first step and run mean (mean +- sd)."""
+    lines = ["| case | source | method | first step | closer to | run mean | closer to |",
+             "|---|---|---|---|---|---|---|"]
+    for row in bias:
+        lines.append(f"| {CASES[row['case']].split(' ')[0]} | {row['source']} | {row['method']} | "
+                     f"{markov_tradeoff.format_value(row['first_step_forget2_fraction'], row['first_step_sd'])} | "
+                     f"{row['first_step_closer_to'] or '-'} | "
+                     f"{markov_tradeoff.format_value(row['run_mean_forget2_fraction'], row['run_mean_sd'])} | "
+                     f"{row['run_mean_closer_to'] or '-'} |")
+    return "\n".join(lines).replace("not reached", "no gradient") + "\n"
+
+
 def compute(config: Config, cache_stem: str, device: str = "cpu", recompute: bool = False, jobs: int = 1) -> str:
     cache_dir = os.path.dirname(cache_stem)
     precompute(config, cache_dir, device, recompute, jobs)
@@ -356,4 +370,8 @@ def plot(cache_stem: str, output_stem: str) -> list[str]:
                        label="retrained model")]
     top.legend(handles=handles, loc="outside lower center", ncol=6, fontsize=8)
     figure.suptitle(f"{TITLE}\n{document['summary']}", fontsize=10)
-    return save_figure(figure, output_stem)
+    paths = save_figure(figure, output_stem)
+    with atomic_output(output_stem + "_table.md") as temporary:
+        with open(temporary, "w") as file:
+            file.write(bias_markdown(document["bias"]))
+    return paths + [output_stem + "_table.md"]

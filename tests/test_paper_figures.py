@@ -379,6 +379,7 @@ def test_other_methods_bias_table_bars_and_summary_hold_the_cached_power_shares(
                                                        for c, s, m2 in expected if c == case and m2 == m)]
         listed = document["summary"].split(label.split(" ")[0] + " ")[1].split(";")[0].strip()
         assert sorted(listed.split(", ")) == (npo_like or ["none"])
+    assert (tiny_output / "other_methods_table.md").read_text() == other_methods.bias_markdown(document["bias"])
 
 
 def test_other_methods_runs_are_the_registry_drivers_and_the_tradeoff_runs(tiny_output):
