@@ -24,6 +24,7 @@ with ``markovsim.methods.simulate.run_method`` (exact gradients, the scenario's 
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -32,7 +33,7 @@ from multiprocessing import get_context
 
 import numpy as np
 
-from markovsim.methods import METHODS, get_method, run_method
+from markovsim.methods import METHODS, get_method, run_method, unseen_sequences
 from markovsim.plotting import method_color, seed_band_axes
 from markovsim.progress import progress_iter
 from markovsim.results import atomic_output
@@ -53,7 +54,7 @@ from .runs import (
     save_runs,
 )
 from .style import apply_style, save_figure
-from .transformer_runs import TransformerSettings
+from .transformer_runs import TransformerSettings, prepare_transformer
 
 TITLE = "Other unlearning methods: forget quality vs retain distance, and who inherits NPO's reference bias"
 CASES = markov_tradeoff.CASES
@@ -65,6 +66,7 @@ REGISTRY_COLORS = {"GA+Mismatch": "#bcbd22", "WHP": "#393b79", "TaskNegation": "
                    "SeUL": "#17becf", "AdvGA": "#637939", "AdvNPO": "#e377c2"}
 HATCHES = ("", "//", "..", "xx")  # bias bars per source, in plot order
 REGISTRY_KIND = "registry_simulator"
+REGISTRY_TRANSFORMER_KIND = "registry_transformer"
 
 
 def color(method: str) -> str:
@@ -79,6 +81,10 @@ class Config:
         scale, seeds, simulator_steps: as ``markov_tradeoff.Config`` (the same values share its run sets).
         simulator_sources: exact model classes shown (GA/NPO/SimNPO and the registry methods).
         transformer: the transformer preset of GA/NPO/SimNPO (``markov_tradeoff``'s run sets); None = none.
+        registry_transformer: the registry methods' transformer runs (``llm.methods.markov.unlearn_method``); its
+            preset and pre-training should be ``transformer``'s, so both start from the same cached models
+            (unlearning steps, evaluation and diagnostics may be smaller); None = simulator only.
+        registry_transformer_seeds: the seeds of those runs (a subset of ``seeds``).
         methods: registry methods to run.
         task_negation_points: lambdas of TaskNegation's path, evenly from 0 to its configured scale.
     """
@@ -89,8 +95,18 @@ class Config:
     simulator_sources: tuple[str, ...] = ("tabular",)
     transformer: TransformerSettings | None = field(
         default_factory=lambda: markov_tradeoff.CONFIGS["quick"].transformers[0])
+    registry_transformer: TransformerSettings | None = None
+    registry_transformer_seeds: tuple[int, ...] = (0,)
     methods: tuple[str, ...] = REGISTRY
     task_negation_points: int = 11
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.methods) - set(REGISTRY))
+        if unknown:
+            raise ValueError(f"methods: {unknown} are not registry methods; valid: {list(REGISTRY)}")
+        if not set(self.registry_transformer_seeds) <= set(self.seeds):
+            raise ValueError(f"registry_transformer_seeds {self.registry_transformer_seeds} must be a subset of "
+                             f"seeds {self.seeds}")
 
 
 CONFIGS = {
@@ -122,6 +138,58 @@ def registry_jobs(config: Config, case: str) -> list[dict]:
             for seed in config.seeds for source in config.simulator_sources]
 
 
+def registry_transformer_jobs(config: Config, case: str, device: str) -> list[dict]:
+    """One JSON-ready job per seed of ``config.registry_transformer_seeds``: the registry methods on the transformer."""
+    if config.registry_transformer is None:
+        return []
+    return [{"kind": REGISTRY_TRANSFORMER_KIND, "scenario": case, "scale": config.scale, "seed": seed,
+             "source": config.registry_transformer.preset, "device": device, "methods": list(config.methods),
+             "settings": dataclasses.asdict(dataclasses.replace(config.registry_transformer, seed=seed)),
+             "task_negation_points": config.task_negation_points}
+            for seed in config.registry_transformer_seeds]
+
+
+def task_negation_scales(method: str, points: int) -> np.ndarray | None:
+    """TaskNegation's lambdas, ``points`` evenly from 0 to the registry's scale (None for the other methods)."""
+    if get_method(method).kind != "update_rule":
+        return None
+    return np.linspace(0.0, get_method(method).config.scale, points)
+
+
+def registry_transformer_runs(case: str, scale: float, settings: TransformerSettings, device: str, methods,
+                              task_negation_points: int, progress: bool = True, model_dir: str | None = None,
+                              recompute: bool = False):
+    """The registry methods on one seed of a scenario on a transformer: ``({method: Trajectory}, levels)``.
+
+    The reference and retrained models are ``transformer_runs.prepare_transformer``'s (the cached models of
+    ``markov_tradeoff``'s runs when the settings agree); each method runs from a copy of the reference with
+    ``llm.methods.markov.unlearn_method`` and the registry's transformer defaults; KGA's D_n is
+    ``markovsim.methods.unseen_sequences(spec, len(forget), 0)``, as in the simulator.
+    """
+    unlearn_method = _transformer_driver()
+    setup = prepare_transformer(case, scale, settings, device, progress, model_dir, recompute)
+    unseen = unseen_sequences(setup.scenario.spec, len(setup.forget), 0)
+    trajectories = {}
+    for method in progress_iter(methods, len(methods), f"{case} {settings.preset} seed {settings.seed}", progress,
+                                unit="method"):
+        trajectories[method] = unlearn_method(copy.deepcopy(setup.reference), method, setup.forget, setup.retain,
+                                              setup.unlearning_config, setup.evaluator,
+                                              unseen=unseen if method == "KGA" else None,
+                                              scales=task_negation_scales(method, task_negation_points))
+    return trajectories, setup.retrained_kl
+
+
+def _transformer_driver():
+    """``llm.methods.markov.unlearn_method``; a clear error where this checkout does not have it yet."""
+    try:
+        from llm.methods.markov import unlearn_method
+    except ImportError as error:
+        raise ValueError("other_methods: registry_transformer needs llm.methods.markov.unlearn_method (the registry "
+                         "methods on the Markov transformers), which this checkout lacks; set registry_transformer="
+                         "None for the simulator half only") from error
+    return unlearn_method
+
+
 def registry_simulator_runs(case: str, scale: float, steps: int, methods, seed: int, source: str,
                             task_negation_points: int, progress: bool = False):
     """The registry methods on one exact model of a scenario: ``({source: {method: Trajectory}}, {source: levels})``.
@@ -136,10 +204,9 @@ def registry_simulator_runs(case: str, scale: float, steps: int, methods, seed: 
     levels = dict(zip(setup.evaluator.component_names, setup.evaluator.evaluate(setup.retrained)["kl_true"].tolist()))
     trajectories = {}
     for method in progress_iter(methods, len(methods), f"{case} {source} seed {seed}", progress, unit="method"):
-        scales = None
-        if get_method(method).kind == "update_rule":
-            scales = np.linspace(0.0, get_method(method).config.scale, task_negation_points)
-        trajectories[method] = run_method(method, setup, dynamics, scales=scales, progress=False)
+        trajectories[method] = run_method(method, setup, dynamics, scales=task_negation_scales(method,
+                                                                                         task_negation_points),
+                                          progress=False)
     return {source: trajectories}, {source: levels}
 
 
@@ -147,6 +214,11 @@ def _execute_job(job: dict, progress: bool, cache_dir: str, recompute: bool = Fa
     if job["kind"] == REGISTRY_KIND:
         return registry_simulator_runs(job["scenario"], job["scale"], job["steps"], job["methods"], job["seed"],
                                        job["source"], job["task_negation_points"], progress)
+    if job["kind"] == REGISTRY_TRANSFORMER_KIND:
+        trajectories, levels = registry_transformer_runs(
+            job["scenario"], job["scale"], TransformerSettings(**job["settings"]), job["device"], job["methods"],
+            job["task_negation_points"], progress, os.path.join(cache_dir, "models"), recompute)
+        return {job["source"]: trajectories}, {job["source"]: levels}
     return _execute(job, progress, cache_dir, recompute)
 
 
@@ -160,7 +232,13 @@ def _run_job(cache_dir: str, job: dict, recompute: bool, progress: bool) -> str:
 
 def all_jobs(config: Config, device: str) -> list[dict]:
     """Every run set of the figure: the baselines' (``markov_tradeoff``'s) and the registry methods'."""
-    return [job for case in CASES for job in baseline_runs(config, case).jobs(device) + registry_jobs(config, case)]
+    return [job for case in CASES for job in case_jobs(config, case, device)]
+
+
+def case_jobs(config: Config, case: str, device: str) -> list[dict]:
+    """One case's run sets: the baselines', the registry methods' in the simulator and on the transformer."""
+    return (baseline_runs(config, case).jobs(device) + registry_jobs(config, case)
+            + registry_transformer_jobs(config, case, device))
 
 
 def precompute(config: Config, cache_dir: str, device: str, recompute: bool, jobs: int) -> None:
@@ -168,7 +246,7 @@ def precompute(config: Config, cache_dir: str, device: str, recompute: bool, job
     missing = [job for job in all_jobs(config, device) if _needs_computing(cache_dir, job, recompute)]
     if jobs <= 1 or len(missing) <= 1:
         return  # computed in order by seeded_runs, with progress bars
-    missing.sort(key=lambda job: job["kind"] != "transformer")
+    missing.sort(key=lambda job: job["kind"] not in ("transformer", REGISTRY_TRANSFORMER_KIND))
     os.makedirs(cache_dir, exist_ok=True)
     with ProcessPoolExecutor(min(jobs, len(missing)), mp_context=get_context("spawn")) as pool:
         futures = [pool.submit(_run_job, cache_dir, job, recompute, False) for job in missing]
@@ -180,7 +258,7 @@ def seeded_runs(config: Config, case: str, cache_dir: str, device: str, recomput
     """``{source: [({method: Trajectory}, {component: retrained kl_true}) per seed]}``, baselines and registry
     methods merged per (source, seed)."""
     merged: dict[tuple[str, int], tuple[dict, dict]] = {}
-    for job in baseline_runs(config, case).jobs(device) + registry_jobs(config, case):
+    for job in case_jobs(config, case, device):
         runs, levels = cached_runs(cache_dir, job_key(job), job,
                                    lambda job=job: _execute_job(job, True, cache_dir, recompute), recompute)
         trajectories, _ = merged.setdefault((job["source"], job["seed"]), ({}, levels[job["source"]]))
@@ -249,6 +327,22 @@ def summary_line(bias: list[dict]) -> str:
     return "first-step power split closer to NPO's than SimNPO's in every source:\n" + "; ".join(parts)
 
 
+def method_seeds(per_seed, method: str) -> list:
+    """The ``(key, trajectories, levels)`` entries of the seeds that ran ``method`` (the registry methods may run on
+    fewer transformer seeds than the baselines)."""
+    return [entry for entry in per_seed if method in entry[-2]]
+
+
+def reach_rows(case: str, source: str, per_seed) -> list[dict]:
+    """``markov_tradeoff.reach_rows`` per method, over the seeds that ran it."""
+    methods = list(dict.fromkeys(m for trajectories, _ in per_seed for m in trajectories))
+    rows = []
+    for method in methods:
+        seeds = [(None, {method: t[method]}, levels) for t, levels in per_seed if method in t]
+        rows += markov_tradeoff.reach_rows(case, source, seeds, len(seeds))
+    return rows
+
+
 def bias_markdown(bias: list[dict]) -> str:
     """The bias table as Markdown: forget2's fraction of the forget power, first step and run mean (mean +- sd)."""
     lines = ["| case | source | method | first step | closer to | run mean | closer to |",
@@ -271,8 +365,7 @@ def compute(config: Config, cache_stem: str, device: str = "cpu", recompute: boo
             for seed, (trajectories, levels) in zip(config.seeds, per_seed):
                 runs[f"{case}:{source}/seed{seed}"], retrained[f"{case}:{source}/seed{seed}"] = trajectories, levels
             bias += bias_rows(case, source, per_seed)
-            keyed = [(seed, trajectories, levels) for seed, (trajectories, levels) in zip(config.seeds, per_seed)]
-            reach += markov_tradeoff.reach_rows(case, source, keyed, len(per_seed))
+            reach += reach_rows(case, source, per_seed)
     save_runs(cache_stem, runs, retrained, config, bias=bias, reach=reach,
               summary=summary_line(bias))
     return cache_stem
@@ -284,10 +377,10 @@ def compute(config: Config, cache_stem: str, device: str = "cpu", recompute: boo
 
 
 def _tradeoff_panel(axis, per_seed, component: str) -> None:
-    methods = list(per_seed[0][1])
+    methods = list(dict.fromkeys(m for _, trajectories, _ in per_seed for m in trajectories))
     for method in methods:
-        xs = [trajectories[method].metric("kl_true", "retain") for _, trajectories, _ in per_seed]
-        ys = [trajectories[method].metric("kl_true", component) for _, trajectories, _ in per_seed]
+        runs = [trajectories[method] for _, trajectories, _ in method_seeds(per_seed, method)]
+        xs, ys = [t.metric("kl_true", "retain") for t in runs], [t.metric("kl_true", component) for t in runs]
         path = get_method_kind(method) == "update_rule"  # TaskNegation: a dot per lambda
         seed_band_axes(axis, xs, ys, color(method), "-", method, marker_every=1 if path else 0)
     first = [trajectories[methods[0]] for _, trajectories, _ in per_seed]
@@ -352,7 +445,10 @@ def plot(cache_stem: str, output_stem: str) -> list[str]:
                     axis.set_axis_off()
                     continue
                 _tradeoff_panel(axis, per_seed, component)
-                axis.set_title(f"{label}: {component}\n{source}, {len(per_seed)} seeds", fontsize=8)
+                registry = max(len(method_seeds(per_seed, m)) for m in REGISTRY)
+                seeds = f"{len(per_seed)} seeds" + (f" (registry methods: {registry})" if registry != len(per_seed)
+                                                    else "")
+                axis.set_title(f"{label}: {component}\n{source}, {seeds}", fontsize=8)
                 axis.set_xlabel("retain distance: KL on retain")
                 axis.set_ylabel(f"forget quality: KL on {component}")
     bias_axes = bottom.subplots(1, len(CASES), squeeze=False)[0]
