@@ -34,7 +34,7 @@ from multiprocessing import get_context
 import numpy as np
 
 from markovsim.methods import METHODS, get_method, run_method, unseen_sequences
-from markovsim.plotting import method_color, seed_band_axes
+from markovsim.plotting import method_color, seed_band_axes, stack_seeds
 from markovsim.progress import progress_iter
 from markovsim.results import atomic_output
 from markovsim.runtime import torch_threads
@@ -109,12 +109,22 @@ class Config:
                              f"seeds {self.seeds}")
 
 
+def _registry_transformer(scale_name: str, **smaller) -> TransformerSettings:
+    """``markov_tradeoff``'s first transformer at that scale (same pre-trained models), unlearning settings replaced."""
+    return dataclasses.replace(markov_tradeoff.CONFIGS[scale_name].transformers[0], **smaller)
+
+
 CONFIGS = {
     "tiny": Config(scale=0.005, simulator_steps=3, transformer=markov_tradeoff.CONFIGS["tiny"].transformers[0],
-                   task_negation_points=3),
-    "quick": Config(),
+                   registry_transformer=_registry_transformer("tiny", unlearn_steps=2), task_negation_points=3),
+    # quick: the registry methods on the transformer for 10 steps (start and end evaluated) on one seed, to stay
+    # within make figures' budget (AdvGA / AdvNPO's power share solves LAU's inner problem on the whole forget set)
+    "quick": Config(registry_transformer=_registry_transformer("quick", unlearn_steps=10, eval_every=10,
+                                                               diagnostics_max_sequences=16),
+                    task_negation_points=6),
     "paper": Config(scale=1.0, seeds=(0, 1, 2, 3, 4), simulator_sources=("tabular", "mixture"),
-                    transformer=markov_tradeoff.CONFIGS["paper"].transformers[0]),
+                    transformer=markov_tradeoff.CONFIGS["paper"].transformers[0],
+                    registry_transformer=_registry_transformer("paper"), registry_transformer_seeds=(0, 1, 2, 3, 4)),
 }
 
 
@@ -376,21 +386,44 @@ def compute(config: Config, cache_stem: str, device: str = "cpu", recompute: boo
 # ---------------------------------------------------------------------------------------------
 
 
-def _tradeoff_panel(axis, per_seed, component: str) -> None:
+def _tradeoff_panel(axis, per_seed, component: str, zoom: bool = False) -> None:
+    """Every method's seed-mean trade-off curve with its band; ``zoom``: limits to the registry methods' curves
+    and the two stars (the baselines' longer runs clipped)."""
     methods = list(dict.fromkeys(m for _, trajectories, _ in per_seed for m in trajectories))
+    extent = []
     for method in methods:
         runs = [trajectories[method] for _, trajectories, _ in method_seeds(per_seed, method)]
         xs, ys = [t.metric("kl_true", "retain") for t in runs], [t.metric("kl_true", component) for t in runs]
         path = get_method_kind(method) == "update_rule"  # TaskNegation: a dot per lambda
         seed_band_axes(axis, xs, ys, color(method), "-", method, marker_every=1 if path else 0)
+        if method in REGISTRY:
+            extent.append((np.nanmax(np.nanmean(stack_seeds(xs), 0)), np.nanmax(np.nanmean(stack_seeds(ys), 0))))
     first = [trajectories[methods[0]] for _, trajectories, _ in per_seed]
-    axis.plot(np.mean([t.metric("kl_true", "retain")[0] for t in first]),
-              np.mean([t.metric("kl_true", component)[0] for t in first]), "*", color="black", ms=11, zorder=5)
-    axis.plot(np.mean([levels["retain"] for _, _, levels in per_seed]),
-              np.mean([levels[component] for _, _, levels in per_seed]), "*", color="#ff7f0e", ms=13,
-              markeredgecolor="black", zorder=5)
-    axis.set_xlim(left=0)
-    axis.set_ylim(bottom=0)
+    stars = [(np.mean([t.metric("kl_true", "retain")[0] for t in first]),
+              np.mean([t.metric("kl_true", component)[0] for t in first])),
+             (np.mean([levels["retain"] for _, _, levels in per_seed]),
+              np.mean([levels[component] for _, _, levels in per_seed]))]
+    axis.plot(*stars[0], "*", color="black", ms=11, zorder=5)
+    axis.plot(*stars[1], "*", color="#ff7f0e", ms=13, markeredgecolor="black", zorder=5)
+    if zoom and extent:
+        right, top = np.max(extent + stars, axis=0)
+        axis.set_xlim(0, 1.15 * right)
+        axis.set_ylim(0, 1.15 * top)
+    else:
+        axis.set_xlim(left=0)
+        axis.set_ylim(bottom=0)
+
+
+def panel_runs(per_seed) -> str:
+    """A panel's runs, e.g. ``2 seeds, 50 steps``, and the registry methods' seeds and steps where they differ."""
+    def describe(methods) -> str:
+        stepped = [m for m in methods if get_method_kind(m) != "update_rule"]  # TaskNegation's steps are lambdas
+        runs = [entry[-2][m] for m in stepped for entry in method_seeds(per_seed, m)]
+        seeds = max((len(method_seeds(per_seed, m)) for m in methods), default=0)
+        return f"{seeds} seed{'s' * (seeds != 1)}, {max((int(t.steps[-1]) for t in runs), default=0)} steps"
+
+    baselines, registry = describe(BASELINES), describe(REGISTRY)
+    return baselines if registry == baselines else f"{baselines}; registry methods: {registry}"
 
 
 def get_method_kind(method: str) -> str:
@@ -444,11 +477,11 @@ def plot(cache_stem: str, output_stem: str) -> list[str]:
                 if per_seed is None:
                     axis.set_axis_off()
                     continue
-                _tradeoff_panel(axis, per_seed, component)
-                registry = max(len(method_seeds(per_seed, m)) for m in REGISTRY)
-                seeds = f"{len(per_seed)} seeds" + (f" (registry methods: {registry})" if registry != len(per_seed)
-                                                    else "")
-                axis.set_title(f"{label}: {component}\n{source}, {seeds}", fontsize=8)
+                runs_text = panel_runs(per_seed)
+                zoom = "registry methods:" in runs_text  # their runs are shorter: show them, clip the baselines
+                _tradeoff_panel(axis, per_seed, component, zoom)
+                axis.set_title(f"{label}: {component}" + (" (zoomed to the registry methods)" if zoom else "")
+                               + f"\n{source}, {runs_text}", fontsize=8)
                 axis.set_xlabel("retain distance: KL on retain")
                 axis.set_ylabel(f"forget quality: KL on {component}")
     bias_axes = bottom.subplots(1, len(CASES), squeeze=False)[0]

@@ -1,5 +1,6 @@
 """Every registered figure runs at tiny scale, writes non-empty PNG + PDF, and the manifest lists exactly them."""
 
+import dataclasses
 import json
 import os
 
@@ -342,9 +343,9 @@ def test_other_methods_bias_table_bars_and_summary_hold_the_cached_power_shares(
     expected = {}
     for key, per_seed in by_source(runs, retrained).items():
         case, source = key.split(":")
-        for method in per_seed[0][1]:
+        for method in {m for _, trajectories, _ in per_seed for m in trajectories}:
             first, mean = [], []
-            for _, trajectories, _ in per_seed:
+            for _, trajectories, _ in (entry for entry in per_seed if method in entry[1]):
                 f1 = trajectories[method].metric("power_share", "forget1")
                 f2 = trajectories[method].metric("power_share", "forget2")
                 fractions = [b / (a + b) for a, b in zip(f1, f2) if a + b > 0]
@@ -423,3 +424,29 @@ def test_other_methods_closer_to_and_forget2_fraction_by_hand():
     shares = np.array([[0.2, 0.2, 0.6], [0.0, 0.0, 0.0], [0.5, 0.375, 0.125]])  # (E, C): retain, forget1, forget2
     trajectory = Trajectory(np.arange(3), ("retain", "forget1", "forget2"), {"power_share": shares}, {})
     np.testing.assert_allclose(forget2_fraction(trajectory), [0.75, np.nan, 0.25])
+
+
+def test_other_methods_transformer_half_is_unlearn_method_from_the_shared_reference(tiny_output):
+    """A cached registry run on the tiny transformer equals llm.methods.markov.unlearn_method from the same cached
+    reference; TaskNegation's path there starts at the reference (lambda = 0: KL to the reference 0)."""
+    import copy
+
+    from llm.methods.markov import unlearn_method
+    from paper_figures import other_methods
+    from paper_figures.runs import load_runs
+    from paper_figures.transformer_runs import prepare_transformer
+
+    config = other_methods.CONFIGS["tiny"]
+    runs, _, _ = load_runs(_other_methods_stem(tiny_output))
+    case, seed, preset = "paper_short_forget2", config.registry_transformer_seeds[0], config.registry_transformer.preset
+    cached = runs[f"{case}:{preset}/seed{seed}"]
+    assert set(cached) == {"GA", "NPO", "SimNPO"} | set(config.methods)
+    settings = dataclasses.replace(config.registry_transformer, seed=seed)
+    setup = prepare_transformer(case, config.scale, settings, "cpu", False, str(tiny_output / "cache" / "models"))
+    direct = unlearn_method(copy.deepcopy(setup.reference), "SeUL", setup.forget, setup.retain,
+                            setup.unlearning_config, setup.evaluator)
+    np.testing.assert_allclose(cached["SeUL"].component_metrics["kl_true"], direct.component_metrics["kl_true"],
+                               rtol=1e-6)
+    path = cached["TaskNegation"]
+    assert path.steps[0] == 0.0 and len(path.steps) == config.task_negation_points
+    np.testing.assert_allclose(path.component_metrics["kl_reference"][0], 0.0, atol=1e-6)
