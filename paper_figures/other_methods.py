@@ -60,6 +60,7 @@ TITLE = "Other unlearning methods: forget quality vs retain distance, and who in
 CASES = markov_tradeoff.CASES
 FORGET = ("forget1", "forget2")
 BASELINES = ("GA", "NPO", "SimNPO")
+VERDICT_ORDER = ("NPO", "GA", "SimNPO")  # a method's verdict: the baseline with the nearest forget2 fraction
 REGISTRY = tuple(METHODS)
 # Colours of the registry methods (markovsim.plotting.METHOD_COLORS has the baselines').
 REGISTRY_COLORS = {"GA+Mismatch": "#bcbd22", "WHP": "#393b79", "TaskNegation": "#8c564b", "KGA": "#9467bd",
@@ -292,11 +293,17 @@ def forget2_fraction(trajectory) -> np.ndarray:
         return np.where(total > 0, shares[1] / total, np.nan)
 
 
-def closer_to(value: float | None, npo: float | None, simnpo: float | None) -> str | None:
-    """``"NPO"`` or ``"SimNPO"``: the baseline whose value is nearer (NPO on a tie); None if any is missing."""
-    if value is None or npo is None or simnpo is None:
+TIE = 1e-6  # distances this close are a tie (GA's and NPO's first steps agree up to rounding in case (b))
+
+
+def closer_to(value: float | None, references: dict[str, float | None]) -> str | None:
+    """The name of the reference value nearest ``value``, the first in ``references``' order among those within
+    ``TIE`` of the nearest; None if ``value`` or any reference is missing."""
+    if value is None or any(reference is None for reference in references.values()):
         return None
-    return "NPO" if abs(value - npo) <= abs(value - simnpo) else "SimNPO"
+    distances = {name: abs(value - reference) for name, reference in references.items()}
+    nearest = min(distances.values())
+    return next(name for name, distance in distances.items() if distance <= nearest + TIE)
 
 
 def _mean_sd(values) -> tuple[float | None, float | None]:
@@ -308,7 +315,8 @@ def _mean_sd(values) -> tuple[float | None, float | None]:
 
 def bias_rows(case: str, source: str, per_seed) -> list[dict]:
     """One row per method: forget2's fraction of the forget power at the first evaluation and its run mean
-    (mean/sd over seeds), and the baseline (NPO / SimNPO) each is closer to."""
+    (mean/sd over seeds), and the baseline each is nearest (``VERDICT_ORDER``: NPO first, so in case (b), where NPO's
+    first step is GA's, a tie reads NPO)."""
     methods = list(dict.fromkeys(m for trajectories, _ in per_seed for m in trajectories))
     rows = []
     for method in methods:
@@ -322,19 +330,30 @@ def bias_rows(case: str, source: str, per_seed) -> list[dict]:
     for row in rows:
         for key, verdict in (("first_step_forget2_fraction", "first_step_closer_to"),
                              ("run_mean_forget2_fraction", "run_mean_closer_to")):
-            row[verdict] = closer_to(row[key], by_method.get("NPO", {}).get(key), by_method.get("SimNPO", {}).get(key))
+            row[verdict] = closer_to(row[key], {m: by_method.get(m, {}).get(key) for m in VERDICT_ORDER})
     return rows
 
 
+def verdicts(bias: list[dict], case: str) -> dict[str, list[str]]:
+    """The registry methods of one case grouped by their first-step verdict where every source agrees
+    (``{"NPO": [...], "GA": [...], "SimNPO": [...], "mixed": [...]}``; TaskNegation, with no gradient, left out)."""
+    groups = {name: [] for name in VERDICT_ORDER + ("mixed",)}
+    rows = [row for row in bias if row["case"] == case and row["method"] not in BASELINES]
+    for method in dict.fromkeys(row["method"] for row in rows):
+        found = {row["first_step_closer_to"] for row in rows if row["method"] == method}
+        if found != {None}:
+            groups[found.pop() if len(found) == 1 else "mixed"].append(method)
+    return groups
+
+
 def summary_line(bias: list[dict]) -> str:
-    """One line: per case, the registry methods whose first-step split is closer to NPO's in every source."""
-    parts = []
+    """Two lines, one per case: the registry methods whose first-step split is nearest NPO's, GA's, SimNPO's."""
+    lines = []
     for case, label in CASES.items():
-        rows = [row for row in bias if row["case"] == case and row["method"] not in BASELINES]
-        methods = list(dict.fromkeys(row["method"] for row in rows))
-        npo_like = [m for m in methods if all(r["first_step_closer_to"] == "NPO" for r in rows if r["method"] == m)]
-        parts.append(f"{label.split(' ')[0]} {', '.join(npo_like) or 'none'}")
-    return "first-step power split closer to NPO's than SimNPO's in every source:\n" + "; ".join(parts)
+        groups = verdicts(bias, case)
+        lines.append(f"{label.split(' ')[0]} " + "; ".join(f"{'like ' * (name != 'mixed')}{name}: {', '.join(methods)}"
+                                                          for name, methods in groups.items() if methods))
+    return "first-step power split (every source):\n" + "\n".join(lines)
 
 
 def method_seeds(per_seed, method: str) -> list:
@@ -446,7 +465,7 @@ def _bias_panel(axis, bias: list[dict], case: str, sources: list[str], methods: 
             if row["run_mean_forget2_fraction"] is not None:
                 marker, = axis.plot(x, row["run_mean_forget2_fraction"], "D", color="black", ms=3)
                 marker.set_gid(f"{case}/{source}/{method}/run_mean")
-            if row["first_step_closer_to"] is not None and method not in ("NPO", "SimNPO"):
+            if row["first_step_closer_to"] is not None and method not in BASELINES:
                 axis.text(x, 1.02, row["first_step_closer_to"][0], ha="center", va="bottom", fontsize=6)
     axis.set_xticks(range(len(methods)), methods, rotation=35, ha="right", fontsize=7)
     axis.set_ylim(0, 1.1)
@@ -467,8 +486,8 @@ def plot(cache_stem: str, output_stem: str) -> list[str]:
     grouped = by_source(runs, retrained)
     sources = ordered_sources(key.split(":", 1)[1] for key in grouped)
     methods = list(dict.fromkeys(m for trajectories in runs.values() for m in trajectories))
-    figure = plt.figure(figsize=(max(3.6 * len(sources), 9.0), 2.9 * 2 * len(CASES) + 3.6))
-    top, bottom = figure.subfigures(2, 1, height_ratios=[2 * len(CASES) * 2.9, 3.6])
+    figure = plt.figure(figsize=(max(3.6 * len(sources), 9.0), 2.9 * 2 * len(CASES) + 3.9))
+    top, bottom = figure.subfigures(2, 1, height_ratios=[2 * len(CASES) * 2.9, 3.9])
     axes = top.subplots(2 * len(CASES), len(sources), squeeze=False)
     for block, (case, label) in enumerate(CASES.items()):
         for row, component in enumerate(FORGET):
@@ -487,8 +506,9 @@ def plot(cache_stem: str, output_stem: str) -> list[str]:
     bias_axes = bottom.subplots(1, len(CASES), squeeze=False)[0]
     hatching = ", ".join(f"{source} {HATCHES[s % len(HATCHES)] or 'plain'}" for s, source in enumerate(sources))
     bottom.suptitle("forget2's fraction of the forget-side unlearning power s2 / (s1 + s2): bars the first step (seed "
-                    "mean +- sd), diamonds the run mean;\nN / S: first step closer to NPO's / SimNPO's; bars per "
-                    f"source: {hatching}", fontsize=9)
+                    f"mean +- sd), diamonds the run mean\nbars per source: {hatching}; N / G / S: first step nearest "
+                    "NPO's / GA's / SimNPO's\n(in (b) NPO's first step is GA's: every weight is 1 at the reference and "
+                    "the forget lengths are equal)", fontsize=9)
     for axis, case in zip(bias_axes, CASES):
         _bias_panel(axis, document["bias"], case, sources, methods)
     paths = {m for m in methods if get_method_kind(m) == "update_rule"}
