@@ -459,3 +459,12 @@ def test_other_methods_transformer_half_is_unlearn_method_from_the_shared_refere
     path = cached["TaskNegation"]
     assert path.steps[0] == 0.0 and len(path.steps) == config.task_negation_points
     np.testing.assert_allclose(path.component_metrics["kl_reference"][0], 0.0, atol=1e-6)
+
+
+def test_other_methods_config_rejects_unknown_methods_and_stray_transformer_seeds():
+    from paper_figures.other_methods import Config
+
+    with pytest.raises(ValueError, match="methods: \\['NoSuchMethod'\\] are not registry methods"):
+        Config(methods=("WHP", "NoSuchMethod"))
+    with pytest.raises(ValueError, match="registry_transformer_seeds"):
+        Config(seeds=(0, 1), registry_transformer_seeds=(2,))
