@@ -19,6 +19,7 @@ from llm.methods import (
     method_loss,
     perturbed_hidden_states,
     prepare_method,
+    replace_config,
     required_batches,
     step_context,
 )
@@ -176,12 +177,40 @@ def test_whp_equals_generic_targets_computed_by_hand(data):
     assert_same_gradients(gradients(model, total), gradients(model, expected))
 
 
+def test_whp_hard_target_is_the_cross_entropy_to_the_generic_argmax(data):
+    model, trained = tiny(), tiny(seed=2)
+    state = prepare_method("WHP", model, data["forget"], fine_tune=sgd_fine_tune(3),
+                           config=get_config("WHP", alpha=1.5, target="hard"))
+    batch = MethodBatch.single(hf(data["forget"]))
+    total, _ = method_loss(state, trained, batch)
+    with torch.no_grad():
+        def raw(m):
+            return m(input_ids=batch.forget["input_ids"], attention_mask=batch.forget["attention_mask"]).logits
+        v_b, v_r = raw(state.reference), raw(state.auxiliary["reinforced"])
+        labels = (v_b - 1.5 * torch.clamp(v_r - v_b, min=0.0)).argmax(-1)  # (b, t) generic labels
+    _, _, log_probs = independent_token_logps(trained, batch.forget)
+    expected = 0.0
+    for b in range(labels.shape[0]):
+        for j in range(labels.shape[1] - 1):
+            if int(batch.forget["labels"][b, j + 1]) != -100:
+                expected = expected - log_probs[b, j, labels[b, j]]
+    expected = expected / batch.counts.forget_tokens
+    assert float(total.detach()) == pytest.approx(float(expected.detach()), rel=1e-10)
+    assert_same_gradients(gradients(trained, total), gradients(trained, expected))
+
+
 def test_whp_with_reinforced_equal_to_baseline_has_zero_loss_and_gradient(data):
     model = tiny()
     state = prepare_method("WHP", model, data["forget"], fine_tune=identity_fine_tune)
     total, _ = method_loss(state, model, MethodBatch.single(hf(data["forget"])))
     assert abs(float(total.detach())) < 1e-12
     assert max(float(g.abs().max()) for g in gradients(model, total)) < 1e-10
+    # alpha = 0 (replace_config: the same reinforced model) also makes the target the baseline
+    state = prepare_method("WHP", model, data["forget"], fine_tune=sgd_fine_tune(3))
+    batch = MethodBatch.single(hf(data["forget"]))
+    assert float(method_loss(state, model, batch).total.detach()) > 1e-6
+    total, _ = method_loss(replace_config(state, alpha=0.0), model, batch)
+    assert abs(float(total.detach())) < 1e-12
 
 
 def kga_state(model, data, fine_tune, **overrides):
@@ -345,6 +374,18 @@ def test_shards_with_global_counts_add_up_to_the_whole_batch(data, name):
                           gradients(trained, total))
 
 
+def test_kga_reduce_sum_gives_each_shard_the_global_forget_gap(data):
+    model, trained = tiny(), tiny(seed=4)
+    state = kga_state(model, data, sgd_fine_tune(1))
+    whole = full_batch(data)
+    shards = [MethodBatch(half(whole.forget, rows), whole.counts, half(whole.retain, rows)) for rows in
+              (slice(0, 3), slice(3, 6))]
+    gaps = [step_context(state, trained, shard).forget_gap for shard in shards]  # each shard's share alone
+    reduced = step_context(state, trained, shards[0], reduce_sum=lambda gap: gap + gaps[1])
+    assert reduced.forget_gap == pytest.approx(step_context(state, trained, whole).forget_gap, rel=1e-12)
+    assert gaps[0] != pytest.approx(reduced.forget_gap)
+
+
 def test_forget_and_retain_parts_add_up_to_the_whole(data):
     model, trained = tiny(), tiny(seed=4)
     state = kga_state(model, data, sgd_fine_tune(1))
@@ -498,6 +539,26 @@ def test_every_method_runs_on_the_paper_synthetic_transformer(markov, name):
     assert np.all(np.isnan(trajectory.component_metrics["mean_weight"]))
 
 
+@pytest.mark.parametrize("name, lora", [("AdvGA", None), ("TaskNegation", 2), ("GA+Mismatch", None)])
+def test_methods_run_on_the_gpt2_preset(markov, name, lora):
+    from llm.lora import LoraSettings
+    from llm.methods.markov import unlearn_method
+    from llm.pretraining import pretrain
+    from llm.train import TrainConfig
+
+    forget = markov["forget"]
+    model = build_model("tiny-gpt2", forget.num_states + 1, forget.max_length + 1, seed=0)
+    pretrain(model, markov["forget"], TrainConfig(batch_size=16, steps=5, learning_rate=3e-3, **CPU))
+    before = copy.deepcopy(model.state_dict())
+    trajectory = unlearn_method(model, name, forget, markov["retain"],
+                                TrainConfig(batch_size=8, steps=2, learning_rate=1e-2, **CPU),
+                                method_config=fast_config(name), lora=None if lora is None else LoraSettings(rank=lora),
+                                scales=[0.0, 1.0])
+    assert trajectory.diverged_at is None and np.all(np.isfinite(trajectory.component_metrics["kl_reference"]))
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and (lora is None or all(k.endswith(("c_attn.weight", "c_proj.weight")) for k in changed))
+
+
 def test_same_seed_same_numbers_and_another_seed_other_numbers(markov):
     first, second = run_markov(markov, "AdvNPO"), run_markov(markov, "AdvNPO")
     np.testing.assert_array_equal(first.component_metrics["kl_reference"], second.component_metrics["kl_reference"])
@@ -527,3 +588,62 @@ def test_method_cli_writes_a_run_with_the_method(tmp_path):
         method_settings({"name": "WHP", "beta": 1.0})
     assert main(["unlearn", "--out", str(tmp_path / "x"), "--model", str(tmp_path / "pre" / "model"),
                  "--method", "RMU"] + common) == 2
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_runs_in_bf16_autocast_on_cuda(markov, name):
+    trajectory = run_markov(markov, name, device="cuda", mixed_precision="bf16")
+    names = trajectory.component_names
+    forget = [names.index("forget1"), names.index("forget2")]
+    likelihood = trajectory.component_metrics["logp_per_token"][:, forget].mean(1)
+    assert trajectory.diverged_at is None and np.all(np.isfinite(likelihood))
+    if name not in ("KGA", "TaskNegation"):
+        assert likelihood[-1] < likelihood[0] - 1e-3
+
+
+def run_methods_for_distributed_test(output: str) -> None:
+    """KGA (global gap), AdvNPO (shared delta*) and GA+Mismatch (mismatch rows) 3 steps each on a tiny GPT-2,
+    odd batch sizes (uneven shards); writes the losses and kl_reference (process 0)."""
+    import json
+    import os
+
+    from llm.methods.markov import unlearn_method
+    from llm.train import TrainConfig, pretrain
+    from markovsim.methods import unseen_sequences
+    from markovsim.scenarios import SCENARIOS
+
+    scenario = SCENARIOS["paper_short_forget2"].scaled(0.01)
+    train, _ = scenario.spec.sample()
+    model = build_model("tiny-gpt2", 11, 21, seed=0)
+    pretrain(model, train, TrainConfig(batch_size=17, steps=3, learning_rate=2e-3, device="cpu", progress=False))
+    forget, retain = train.select("forget1", "forget2"), train.select("retain")
+    results = {}
+    for name in ("KGA", "AdvNPO", "GA+Mismatch"):
+        trajectory = unlearn_method(copy.deepcopy(model), name, forget, retain,
+                                    TrainConfig(batch_size=5, retain_batch_size=7, steps=3, eval_every=1,
+                                                learning_rate=1e-2, device="cpu", progress=False),
+                                    method_config=fast_config(name), unseen=unseen_sequences(scenario.spec, 10, 0))
+        results[name] = {"loss": trajectory.step_metrics["loss"].tolist(),
+                         "kl_reference": trajectory.component_metrics["kl_reference"].tolist(),
+                         "num_processes": trajectory.info["num_processes"]}
+    if int(os.environ.get("RANK", "0")) == 0:
+        with open(output, "w") as file:
+            json.dump(results, file)
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_match_one_process(tmp_path):
+    import json
+
+    from two_processes import launch_two
+
+    one, two = str(tmp_path / "one.json"), str(tmp_path / "two.json")
+    run_methods_for_distributed_test(one)
+    launch_two("test_llm_methods", "run_methods_for_distributed_test", two, timeout=240)
+    single, double = (json.load(open(path)) for path in (one, two))
+    for name in single:
+        assert single[name]["num_processes"] == 1 and double[name]["num_processes"] == 2
+        for key in ("loss", "kl_reference"):
+            np.testing.assert_allclose(double[name][key], single[name][key], rtol=1e-4, atol=1e-6, err_msg=name)

@@ -51,7 +51,7 @@ from ..evaluate import Evaluator, model_device, model_sequence_logps_batched
 from ..logps import NonFiniteLogitsError
 from ..models import check_model_data
 from ..pretraining import pretrain
-from ..runtime import autocast
+from ..runtime import autocast, resolve_device
 from ..session import check_config, check_sequences
 from ..unlearning import UnlearningLoop, trajectory_from_records
 from .batch import MethodBatch, MethodCounts
@@ -284,7 +284,8 @@ def unlearn_method(model, name: str, forget: SequenceSet, retain: SequenceSet | 
                                                                                                     method_config)
     _check_inputs(model, name, forget, retain, unseen, config, evaluator)
     with torch_threads(config.num_threads):
-        device = next(model.parameters()).device
+        device = torch.device(resolve_device(config.device))
+        model.to(device)  # the auxiliary models and frozen copies live where the run does
         state = prepare_method(name, model, forget, retain, markov_fine_tune(config), method_config, unseen,
                                encoded_batches(config.eval_batch_size, device), lora, layer, config.seed)
         if name == "TaskNegation":
