@@ -13,6 +13,7 @@ from . import (
                gradient_weights,
                markov_mixture,
                markov_tradeoff,
+               other_methods,
                power_share,
                relearning,
                sensitivity,
@@ -30,4 +31,5 @@ FIGURES = {
     "sensitivity": sensitivity,
     "tofu_bias": tofu_bias,
     "relearning": relearning,
+    "other_methods": other_methods,
 }

@@ -1,5 +1,6 @@
 """Every registered figure runs at tiny scale, writes non-empty PNG + PDF, and the manifest lists exactly them."""
 
+import dataclasses
 import json
 import os
 
@@ -294,3 +295,176 @@ def test_cache_check_matches_a_tuple_valued_config_read_back_from_json(tmp_path)
     atomic_write_json(stem + ".json", metadata_block(Config()))
     assert _same_config(stem, Config())
     assert not _same_config(stem, Config(seeds=(0, 2)))
+
+
+# ----- other_methods: the registry methods beside GA / NPO / SimNPO -----
+
+def _other_methods_stem(tiny_output) -> str:
+    return str(tiny_output / "cache" / "other_methods_tiny")
+
+
+def test_other_methods_draws_exactly_the_cached_trajectories(tiny_output, tmp_path, monkeypatch):
+    from paper_figures import other_methods
+    from paper_figures.runs import load_runs
+
+    stem = _other_methods_stem(tiny_output)
+    runs, _, _ = load_runs(stem)
+    drawn = []
+    original = other_methods.seed_band_axes
+    monkeypatch.setattr(other_methods, "seed_band_axes",
+                        lambda axis, xs, ys, *a, **k: drawn.append((xs, ys)) or original(axis, xs, ys, *a, **k))
+    other_methods.plot(stem, str(tmp_path / "again"))
+    pool = {}
+    for key, trajectories in runs.items():
+        for method, trajectory in trajectories.items():
+            for component in ("forget1", "forget2"):
+                pool.setdefault((key.split("/seed")[0], method, component), []).append(
+                    (trajectory.metric("kl_true", "retain"), trajectory.metric("kl_true", component)))
+    remaining = list(pool.values())
+    assert len(drawn) == len(remaining)
+    for xs, ys in drawn:
+        match = next(i for i, pairs in enumerate(remaining)
+                     if len(pairs) == len(xs) and all(np.array_equal(a, x) and np.array_equal(b, y)
+                                                      for (a, b), x, y in zip(pairs, xs, ys)))
+        remaining.pop(match)
+    assert not remaining
+    methods = {method for trajectories in runs.values() for method in trajectories}
+    assert methods == {"GA", "NPO", "SimNPO"} | set(other_methods.REGISTRY)
+
+
+def test_other_methods_bias_table_bars_and_summary_hold_the_cached_power_shares(tiny_output, tmp_path, monkeypatch):
+    """Every bar (first step) and diamond (run mean) against an independent recomputation from the cached
+    power shares; the NPO / SimNPO verdicts and the title's summary from those numbers."""
+    from paper_figures import other_methods
+    from paper_figures.runs import by_source, load_runs
+
+    stem = _other_methods_stem(tiny_output)
+    runs, retrained, document = load_runs(stem)
+    expected = {}
+    for key, per_seed in by_source(runs, retrained).items():
+        case, source = key.split(":")
+        for method in {m for _, trajectories, _ in per_seed for m in trajectories}:
+            first, mean = [], []
+            for _, trajectories, _ in (entry for entry in per_seed if method in entry[1]):
+                f1 = trajectories[method].metric("power_share", "forget1")
+                f2 = trajectories[method].metric("power_share", "forget2")
+                fractions = [b / (a + b) for a, b in zip(f1, f2) if a + b > 0]
+                if fractions:
+                    first.append(f2[0] / (f1[0] + f2[0]))
+                    mean.append(sum(fractions) / len(fractions))
+            expected[(case, source, method)] = (np.mean(first) if first else None, np.mean(mean) if mean else None)
+    rows = {(r["case"], r["source"], r["method"]): r for r in document["bias"]}
+    assert set(rows) == set(expected)
+    for key, (first, mean) in expected.items():
+        row = rows[key]
+        if first is None:
+            assert key[2] == "TaskNegation" and row["first_step_forget2_fraction"] is None
+            continue
+        assert row["first_step_forget2_fraction"] == pytest.approx(first, rel=1e-12)
+        assert row["run_mean_forget2_fraction"] == pytest.approx(mean, rel=1e-12)
+        npo, ga, simnpo = (rows[key[:2] + (m,)]["first_step_forget2_fraction"] for m in ("NPO", "GA", "SimNPO"))
+        distances = {"NPO": abs(first - npo), "GA": abs(first - ga), "SimNPO": abs(first - simnpo)}
+        nearest = [m for m in ("NPO", "GA", "SimNPO") if distances[m] <= min(distances.values()) + 1e-6][0]
+        assert row["first_step_closer_to"] == nearest
+    figure = _drawn_figure(other_methods, stem, tmp_path, monkeypatch)
+    bars = {p.get_gid(): p.get_height() for axis in figure.axes for p in axis.patches if p.get_gid()}
+    diamonds = {line.get_gid(): line.get_ydata()[0] for axis in figure.axes for line in axis.lines if line.get_gid()}
+    drawn = [k for k, (first, _) in expected.items() if first is not None]
+    assert set(bars) == {f"{c}/{s}/{m}/first_step" for c, s, m in drawn}
+    assert set(diamonds) == {f"{c}/{s}/{m}/run_mean" for c, s, m in drawn}
+    for case, source, method in drawn:
+        row = rows[(case, source, method)]
+        assert bars[f"{case}/{source}/{method}/first_step"] == row["first_step_forget2_fraction"]
+        assert diamonds[f"{case}/{source}/{method}/run_mean"] == row["run_mean_forget2_fraction"]
+    summary = document["summary"].split("\n")
+    for line, (case, label) in zip(summary[1:], other_methods.CASES.items()):
+        assert line.startswith(label.split(" ")[0] + " ")
+        listed = dict(part.split(": ") for part in line[len(label.split(" ")[0]) + 1:].split("; "))
+        registry = {m for c, _, m in expected if c == case and m in other_methods.REGISTRY and m != "TaskNegation"}
+        for method in registry:
+            found = {rows[(c, s, m)]["first_step_closer_to"] for c, s, m in expected if c == case and m == method}
+            group = f"like {found.pop()}" if len(found) == 1 else "mixed"
+            assert method in listed[group].split(", "), (case, method, listed)
+        assert sum(len(names.split(", ")) for names in listed.values()) == len(registry)
+    assert (tiny_output / "other_methods_table.md").read_text() == other_methods.bias_markdown(document["bias"])
+
+
+def test_other_methods_runs_are_the_registry_drivers_and_the_tradeoff_runs(tiny_output):
+    """The cached registry runs equal run_method on the same seeded setup; GA / NPO / SimNPO equal markov_tradeoff's;
+    TaskNegation's path starts at the reference (lambda = 0)."""
+    import dataclasses
+
+    from markovsim.methods import run_method
+    from markovsim.scenarios import SCENARIOS, prepare
+    from paper_figures import other_methods
+    from paper_figures.runs import load_runs
+
+    config = other_methods.CONFIGS["tiny"]
+    runs, _, _ = load_runs(_other_methods_stem(tiny_output))
+    tradeoff, _, _ = load_runs(str(tiny_output / "cache" / "markov_tradeoff_tiny"))
+    case, seed = "paper_unseen_forget2", config.seeds[-1]
+    scenario = SCENARIOS[case].scaled(config.scale)
+    scenario = dataclasses.replace(scenario, spec=dataclasses.replace(scenario.spec, seed=seed))
+    setup = prepare(scenario, "tabular")
+    direct = run_method("SeUL", setup, dataclasses.replace(scenario.dynamics, steps=config.simulator_steps))
+    cached = runs[f"{case}:tabular/seed{seed}"]["SeUL"]
+    for metric in ("kl_true", "power_share"):
+        np.testing.assert_allclose(cached.component_metrics[metric], direct.component_metrics[metric], rtol=1e-12)
+    path = runs[f"{case}:tabular/seed{seed}"]["TaskNegation"]
+    assert path.steps[0] == 0.0 and len(path.steps) == config.task_negation_points
+    np.testing.assert_allclose(path.component_metrics["kl_reference"][0], 0.0, atol=1e-12)
+    for key, trajectories in tradeoff.items():
+        for method in ("GA", "NPO", "SimNPO"):
+            if key in runs:
+                np.testing.assert_array_equal(runs[key][method].component_metrics["kl_true"],
+                                              trajectories[method].component_metrics["kl_true"])
+
+
+def test_other_methods_closer_to_and_forget2_fraction_by_hand():
+    from markovsim.trajectory import Trajectory
+    from paper_figures.other_methods import closer_to, forget2_fraction
+
+    references = {"NPO": 0.25, "GA": 0.5, "SimNPO": 0.7}
+    assert [closer_to(v, references) for v in (0.3, 0.45, 0.65, 0.9)] == ["NPO", "GA", "SimNPO", "SimNPO"]
+    assert closer_to(0.5, {"NPO": 0.75, "GA": 0.25, "SimNPO": 0.875}) == "NPO"  # a tie goes to the first name
+    assert closer_to(0.7, {"NPO": 0.6 - 1e-9, "GA": 0.6 + 1e-9, "SimNPO": 0.2}) == "NPO"  # equal up to rounding
+    assert closer_to(0.7, {"NPO": 0.6 - 1e-3, "GA": 0.6 + 1e-3, "SimNPO": 0.2}) == "GA"
+    assert closer_to(None, references) is None and closer_to(0.5, references | {"GA": None}) is None
+    shares = np.array([[0.2, 0.2, 0.6], [0.0, 0.0, 0.0], [0.5, 0.375, 0.125]])  # (E, C): retain, forget1, forget2
+    trajectory = Trajectory(np.arange(3), ("retain", "forget1", "forget2"), {"power_share": shares}, {})
+    np.testing.assert_allclose(forget2_fraction(trajectory), [0.75, np.nan, 0.25])
+
+
+def test_other_methods_transformer_half_is_unlearn_method_from_the_shared_reference(tiny_output):
+    """A cached registry run on the tiny transformer equals llm.methods.markov.unlearn_method from the same cached
+    reference; TaskNegation's path there starts at the reference (lambda = 0: KL to the reference 0)."""
+    import copy
+
+    from llm.methods.markov import unlearn_method
+    from paper_figures import other_methods
+    from paper_figures.runs import load_runs
+    from paper_figures.transformer_runs import prepare_transformer
+
+    config = other_methods.CONFIGS["tiny"]
+    runs, _, _ = load_runs(_other_methods_stem(tiny_output))
+    case, seed, preset = "paper_short_forget2", config.registry_transformer_seeds[0], config.registry_transformer.preset
+    cached = runs[f"{case}:{preset}/seed{seed}"]
+    assert set(cached) == {"GA", "NPO", "SimNPO"} | set(config.methods)
+    settings = dataclasses.replace(config.registry_transformer, seed=seed)
+    setup = prepare_transformer(case, config.scale, settings, "cpu", False, str(tiny_output / "cache" / "models"))
+    direct = unlearn_method(copy.deepcopy(setup.reference), "SeUL", setup.forget, setup.retain,
+                            setup.unlearning_config, setup.evaluator)
+    np.testing.assert_allclose(cached["SeUL"].component_metrics["kl_true"], direct.component_metrics["kl_true"],
+                               rtol=1e-6)
+    path = cached["TaskNegation"]
+    assert path.steps[0] == 0.0 and len(path.steps) == config.task_negation_points
+    np.testing.assert_allclose(path.component_metrics["kl_reference"][0], 0.0, atol=1e-6)
+
+
+def test_other_methods_config_rejects_unknown_methods_and_stray_transformer_seeds():
+    from paper_figures.other_methods import Config
+
+    with pytest.raises(ValueError, match="methods: \\['NoSuchMethod'\\] are not registry methods"):
+        Config(methods=("WHP", "NoSuchMethod"))
+    with pytest.raises(ValueError, match="registry_transformer_seeds"):
+        Config(seeds=(0, 1), registry_transformer_seeds=(2,))
