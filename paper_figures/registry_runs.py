@@ -13,18 +13,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
-from multiprocessing import get_context
 
 import numpy as np
 
 from markovsim.methods import get_method, run_method, unseen_sequences
 from markovsim.progress import progress_iter
-from markovsim.runtime import torch_threads
 from markovsim.scenarios import SCENARIOS, prepare
 
 from . import markov_tradeoff
-from .runs import _RECOMPUTED, ScenarioRuns, _execute, _needs_computing, cached_runs, job_key
+from .runs import ScenarioRuns, _execute, cached_runs, job_key, precompute_jobs
 from .transformer_runs import TransformerSettings, prepare_transformer
 
 REGISTRY_KIND = "registry_simulator"
@@ -131,14 +128,6 @@ def _execute_job(job: dict, progress: bool, cache_dir: str, recompute: bool = Fa
     return _execute(job, progress, cache_dir, recompute)
 
 
-def _run_job(cache_dir: str, job: dict, recompute: bool, progress: bool) -> str:
-    """Compute and cache one job (in this process or a worker); returns its cache stem."""
-    with torch_threads(1):
-        cached_runs(cache_dir, job_key(job), job, lambda: _execute_job(job, progress, cache_dir, recompute),
-                    recompute)
-    return os.path.join(cache_dir, f"runs_{job_key(job)}")
-
-
 def all_jobs(config, device: str) -> list[dict]:
     """Every run set of the figure: the baselines' (``markov_tradeoff``'s) and the registry methods'."""
     return [job for case in CASES for job in case_jobs(config, case, device)]
@@ -152,15 +141,8 @@ def case_jobs(config, case: str, device: str) -> list[dict]:
 
 def precompute(config, cache_dir: str, device: str, recompute: bool, jobs: int) -> None:
     """The run sets not cached yet, in ``jobs`` worker processes (transformers first: they take longest)."""
-    missing = [job for job in all_jobs(config, device) if _needs_computing(cache_dir, job, recompute)]
-    if jobs <= 1 or len(missing) <= 1:
-        return  # computed in order by seeded_runs, with progress bars
-    missing.sort(key=lambda job: job["kind"] not in ("transformer", REGISTRY_TRANSFORMER_KIND))
-    os.makedirs(cache_dir, exist_ok=True)
-    with ProcessPoolExecutor(min(jobs, len(missing)), mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(_run_job, cache_dir, job, recompute, False) for job in missing]
-        for future in progress_iter(as_completed(futures), len(futures), "run sets", unit="run set"):
-            _RECOMPUTED.add(future.result())  # a worker's recompute counts for this process too
+    precompute_jobs(all_jobs(config, device), cache_dir, recompute, jobs, _execute_job,
+                    ("transformer", REGISTRY_TRANSFORMER_KIND))
 
 
 def seeded_runs(config, case: str, cache_dir: str, device: str, recompute: bool) -> dict[str, list]:

@@ -176,10 +176,12 @@ def _execute(job: dict, progress: bool, cache_dir: str, recompute: bool = False)
     return {job["source"]: trajectories}, {job["source"]: retrained}
 
 
-def _run_job(cache_dir: str, job: dict, recompute: bool, progress: bool) -> str:
-    """Compute and cache one job (in this process or a worker); returns its cache stem."""
+def _run_job(cache_dir: str, job: dict, recompute: bool, progress: bool, execute=None) -> str:
+    """Compute and cache one job (in this process or a worker) with ``execute`` (default: this module's
+    simulator / transformer runs); returns its cache stem."""
+    execute = _execute if execute is None else execute
     with torch_threads(1):
-        cached_runs(cache_dir, job_key(job), job, lambda: _execute(job, progress, cache_dir, recompute), recompute)
+        cached_runs(cache_dir, job_key(job), job, lambda: execute(job, progress, cache_dir, recompute), recompute)
     return os.path.join(cache_dir, f"runs_{job_key(job)}")
 
 
@@ -193,15 +195,23 @@ def _needs_computing(cache_dir: str, job: dict, recompute: bool) -> bool:
 def precompute_runs(specs, cache_dir: str, device: str = "cpu", recompute: bool = False, jobs: int = 1) -> None:
     """Compute every run set of ``specs`` not cached yet (all once per process with ``recompute``), in
     ``jobs`` worker processes (one torch thread each, transformers first: they take longest)."""
-    missing = [job for spec in specs for job in spec.jobs(device) if _needs_computing(cache_dir, job, recompute)]
+    precompute_jobs([job for spec in specs for job in spec.jobs(device)], cache_dir, recompute, jobs)
+
+
+def precompute_jobs(all_jobs: list[dict], cache_dir: str, recompute: bool, jobs: int, execute=None,
+                    slow_kinds: tuple[str, ...] = ("transformer",)) -> None:
+    """The jobs of ``all_jobs`` not cached yet, in ``jobs`` worker processes (``slow_kinds`` first),
+    each computed by ``execute(job, progress, cache_dir, recompute)`` (a module-level function: workers
+    are spawned) and cached; with ``jobs <= 1`` nothing here (the callers compute in order, with progress)."""
+    missing = [job for job in all_jobs if _needs_computing(cache_dir, job, recompute)]
     if jobs <= 1 or len(missing) <= 1:
-        return  # computed in order by scenario_runs, with progress bars
-    missing.sort(key=lambda job: job["kind"] != "transformer")
+        return
+    missing.sort(key=lambda job: job["kind"] not in slow_kinds)
     os.makedirs(cache_dir, exist_ok=True)
     with ProcessPoolExecutor(min(jobs, len(missing)), mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(_run_job, cache_dir, job, recompute, False) for job in missing]
+        futures = [pool.submit(_run_job, cache_dir, job, recompute, False, execute) for job in missing]
         for future in progress_iter(as_completed(futures), len(futures), "run sets", unit="run set"):
-            _RECOMPUTED.add(future.result())
+            _RECOMPUTED.add(future.result())  # a worker's recompute counts for this process too
 
 
 def scenario_runs(spec: ScenarioRuns, cache_dir: str, device: str = "cpu", recompute: bool = False,
