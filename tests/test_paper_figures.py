@@ -130,16 +130,22 @@ def test_committed_paper_scale_table_holds_the_numbers_of_its_committed_cache():
     assert rows == 2 * 4 * 3 * 2  # cases x sources x methods x forget components
 
 
+def record_seed_bands(module, monkeypatch) -> list:
+    """Every ``(xs, ys)`` a figure module passes to ``seed_band_axes`` from now on (still drawn)."""
+    drawn = []
+    original = module.seed_band_axes
+    monkeypatch.setattr(module, "seed_band_axes",
+                        lambda axis, xs, ys, *a, **k: drawn.append((xs, ys)) or original(axis, xs, ys, *a, **k))
+    return drawn
+
+
 def test_tradeoff_plot_draws_exactly_the_cached_trajectories(tiny_output, tmp_path, monkeypatch):
     from paper_figures import markov_tradeoff
     from paper_figures.runs import load_runs
 
     stem = str(tiny_output / "cache" / "markov_tradeoff_tiny")
     runs, _, _ = load_runs(stem)
-    drawn = []
-    original = markov_tradeoff.seed_band_axes
-    monkeypatch.setattr(markov_tradeoff, "seed_band_axes",
-                        lambda axis, xs, ys, *a, **k: drawn.append((xs, ys)) or original(axis, xs, ys, *a, **k))
+    drawn = record_seed_bands(markov_tradeoff, monkeypatch)
     markov_tradeoff.plot(stem, str(tmp_path / "again"))
     expected = []
     for key, trajectories in runs.items():
@@ -309,10 +315,7 @@ def test_other_methods_draws_exactly_the_cached_trajectories(tiny_output, tmp_pa
 
     stem = _other_methods_stem(tiny_output)
     runs, _, _ = load_runs(stem)
-    drawn = []
-    original = other_methods.seed_band_axes
-    monkeypatch.setattr(other_methods, "seed_band_axes",
-                        lambda axis, xs, ys, *a, **k: drawn.append((xs, ys)) or original(axis, xs, ys, *a, **k))
+    drawn = record_seed_bands(other_methods, monkeypatch)
     other_methods.plot(stem, str(tmp_path / "again"))
     pool = {}
     for key, trajectories in runs.items():
