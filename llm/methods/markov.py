@@ -179,15 +179,19 @@ class MethodDiagnostics:
         return power_shares(norms, self.plan.present)
 
     def _context(self, model, counts: MethodCounts, device) -> StepContext:
-        """The whole forget set's step context: KGA's gap summed over chunks; LAU's delta* from one batch."""
+        """The step context of the diagnostics: KGA's gap over the whole forget set (summed over chunks);
+        LAU's delta* from one batch of the plan's (subsampled) forget rows, the rows whose power is measured
+        (the PGD steps are normalised, so the estimate's scale does not matter; the whole set cost ~5 s
+        per evaluation on a CPU at quick scale)."""
         sets, name = self.sets, self.state.name
         if name == "KGA":
             gap = sum(step_context(self.state, model, sets.batch(chunk, None, counts, device)).forget_gap
                       for chunk in evaluation_chunks(len(sets.forget), self.batch_size))
             return StepContext(forget_gap=gap)
         if name in ("AdvGA", "AdvNPO"):
+            rows = np.sort(np.concatenate([rows for _, rows, _ in self.plan.forget]))
             with autocast(device.type, self.bf16):
-                return step_context(self.state, model, sets.batch(np.arange(len(sets.forget)), None, counts, device))
+                return step_context(self.state, model, sets.batch(rows, None, counts, device))
         return StepContext()
 
     def _norm(self, params, values) -> float:
