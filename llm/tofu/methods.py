@@ -130,7 +130,11 @@ def parse_method_options(options: Sequence[str]) -> dict[str, dict[str, Any]]:
                              f"use --finetune-lr / --finetune-epochs / --finetune-steps)")
         parsed.setdefault(name, {})[field] = _json_or_text(value)
     for name, fields in parsed.items():
-        method_config(name, parsed)  # unknown fields and bad values raise here, naming the field
+        try:
+            method_config(name, parsed)  # unknown fields and bad values raise here, naming the field
+        except (ValueError, TypeError) as error:
+            given = ", ".join(f"{name}.{k}={v!r}" for k, v in fields.items())
+            raise ValueError(f"method options {given}: {error}") from None
     return parsed
 
 
