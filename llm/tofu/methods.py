@@ -44,7 +44,6 @@ with ``method_options`` strings ``"Name.field=value"`` (``value`` read as JSON, 
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -174,10 +173,3 @@ def mismatch_items(forget: Sequence[TofuItem], normal: Sequence[TofuItem], respo
                                                 np.random.default_rng(seed))
     items = [TofuItem(forget[i].question, normal[j].answer) for i, j in zip(forget_index, normal_index)]
     return items, forget_index, normal_index
-
-
-def config_record(method: str, options: Mapping[str, Mapping[str, Any]] | None = None) -> dict:
-    """The method's settings for a stage record: the objective, or the registry config as a dict."""
-    if is_registry_method(method):
-        return dataclasses.asdict(method_config(method, options))
-    return {}
