@@ -11,16 +11,16 @@ the simulator's ``Trajectory`` so that every plot accepts either side. See docs/
     train      pretrain, retrain, unlearn, TrainConfig
     evaluate   Evaluator: per-component KL to the true chains / retrained / exact models
     methods    the registry methods of markovsim.methods (GA+Mismatch, WHP, TaskNegation, KGA, SeUL,
-               AdvGA, AdvNPO): prepare_method, method_loss, apply_task_negation
+               AdvGA, AdvNPO): prepare_method, method_loss, apply_task_negation, unlearn_method
     python -m llm pretrain|retrain|unlearn|evaluate
 """
 
 from .evaluate import Evaluator, next_token_probs
 from .logps import model_sequence_logps
-from .methods import MethodBatch, apply_task_negation, method_loss, prepare_method
+from .methods import MethodBatch, apply_task_negation, method_loss, prepare_method, unlearn_method
 from .models import PRESETS, build_model, load_model
 from .train import PAPER_PRETRAINING, PAPER_UNLEARNING, TrainConfig, TrainingHistory, pretrain, retrain, unlearn
 
 __all__ = ["Evaluator", "next_token_probs", "model_sequence_logps", "MethodBatch", "apply_task_negation",
-           "method_loss", "prepare_method", "PRESETS", "build_model", "load_model",
+           "method_loss", "prepare_method", "unlearn_method", "PRESETS", "build_model", "load_model",
            "PAPER_PRETRAINING", "PAPER_UNLEARNING", "TrainConfig", "TrainingHistory", "pretrain", "retrain", "unlearn"]

@@ -14,7 +14,9 @@ Everything of a run goes into its output folder (checked before any computing)::
                          strict JSON: a NaN/inf is null, listed under "non_finite" with the reason)
 
 A JSON config has the sections ``data``, ``model``, ``train`` (``llm.config.TrainConfig`` fields),
-``objective`` (``{"name": "NPO", "beta": 0.2, ...}``) and ``retrained``; flags override it. Every
+``objective`` (``{"name": "NPO", "beta": 0.2, ...}``), ``method`` (a registry method of
+``markovsim.methods`` instead of the objective: ``{"name": "WHP", "alpha": 2.0, "reinforce": {"steps": 10}}``,
+also ``"layer"`` for AdvGA/AdvNPO; ``--method NAME`` picks it) and ``retrained``; flags override it. Every
 ``TrainConfig`` field has a flag (``--learning-rate``, ``--progress/--no-progress``, ``--steps none``
 ...), generated from the dataclass. Bad input exits with status 2 and one ``error:`` line
 (``--debug`` shows the traceback). ``--run-dir`` is a deprecated spelling of ``--out``. Example::
@@ -22,6 +24,7 @@ A JSON config has the sections ``data``, ``model``, ``train`` (``llm.config.Trai
     python -m llm pretrain --out runs/pre --preset paper-synthetic --scale 0.1 --epochs 5
     python -m llm retrain  --out runs/re  --preset paper-synthetic --scale 0.1 --epochs 5
     python -m llm unlearn  --out runs/npo --model runs/pre/model --retrained runs/re/model --objective NPO
+    python -m llm unlearn  --out runs/whp --model runs/pre/model --retrained runs/re/model --method WHP
     torchrun --nproc_per_node 2 -m llm unlearn --device cpu ...      (data parallel, gloo on CPU)
     python -m llm unlearn  --out runs/grid --model runs/pre/model --objective NPO --seeds 0 1 2 --betas 0.1 0.2
 
@@ -44,15 +47,16 @@ from llm.cli_replicas import ReplicaGrid, check_grid, unlearn_grid
 from llm.config import TrainConfig
 from llm.flags import add_dataclass_flags, given_values
 from markovsim.losses import OBJECTIVES, Objective
+from markovsim.methods import METHODS
 
 __all__ = ["DataConfig", "ModelConfig", "RunConfig", "UsageError", "build_parser", "check_output_folder",
-           "load_run_config", "resolve", "run", "main"]
+           "load_run_config", "method_settings", "resolve", "run", "main"]
 
 COMMANDS = {"pretrain": "pre-train a new (or --model) transformer on the pre-training components",
             "retrain": "train the retrained baseline: the retain components only",
             "unlearn": "unlearn the forget components from --model",
             "evaluate": "measure --model on the test split"}
-SECTIONS = ("data", "model", "train", "objective", "retrained", "replicas")
+SECTIONS = ("data", "model", "train", "objective", "method", "retrained", "replicas")
 
 
 def _is_float(hint) -> bool:
@@ -96,6 +100,7 @@ class RunConfig:
     retrained: str | None = None
     resume: bool = False
     replicas: ReplicaGrid = field(default_factory=ReplicaGrid)
+    method: dict | None = None
 
 
 class UsageError(ValueError):
@@ -132,7 +137,7 @@ def load_run_config(path: str | None) -> dict:
     unknown = sorted(set(document) - set(SECTIONS))
     if unknown:
         raise ValueError(f"--config {path!r} has unknown sections {unknown}; valid: {list(SECTIONS)}")
-    for name in ("data", "model", "train", "objective", "replicas"):
+    for name in ("data", "model", "train", "objective", "method", "replicas"):
         if document.get(name) is not None and not isinstance(document[name], dict):
             raise ValueError(f"--config {path!r}: section {name!r} must be an object (a mapping of settings), "
                              f"got {type(document[name]).__name__} {document[name]!r}")
@@ -168,6 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
             objective = command.add_argument_group("unlearning objective (markovsim.losses.Objective)")
             objective.add_argument("--objective", help=f"one of {list(OBJECTIVES)} (scenario defaults for beta/gamma)")
             add_dataclass_flags(objective, Objective, "objective", only=_is_float)
+            objective.add_argument("--method", help=f"a registry method instead of the objective: one of "
+                                                    f"{list(METHODS)} (llm.methods; settings: the config's "
+                                                    f"'method' section)")
             add_dataclass_flags(command.add_argument_group("replicas (llm.cli_replicas)"), ReplicaGrid, "replicas")
     return parser
 
@@ -186,8 +194,11 @@ def resolve(arguments: argparse.Namespace) -> RunConfig:
     objective |= given_values(arguments, "objective")
     retrained = arguments.retrained if arguments.retrained is not None else document.get("retrained")
     replicas = dataclasses.replace(_section(document, "replicas", ReplicaGrid), **given_values(arguments, "replicas"))
+    method = dict(document["method"]) if document.get("method") is not None else None
+    if getattr(arguments, "method", None) is not None:
+        method = (method or {}) | {"name": arguments.method}
     return RunConfig(arguments.command, arguments.out, data, model, train, objective, retrained, arguments.resume,
-                     replicas)
+                     replicas, method)
 
 
 def check_output_folder(path: str, resume: bool) -> None:
@@ -239,6 +250,32 @@ def _objective(config: RunConfig, scenario) -> Objective:
         raise ValueError(f"objective settings {unknown} are unknown; valid: {list(OBJECTIVE_SETTINGS)}")
     base = scenario.with_methods([name])[name]
     return dataclasses.replace(base, **settings)
+
+
+def method_settings(settings: dict) -> tuple[str, object, dict]:
+    """``(name, config, options)`` of a ``method`` section: the transformer default of the registry method
+    (``llm.methods.markov.default_method_config``) with its fields replaced (a FineTuneConfig field or
+    AdvGA/AdvNPO's ``objective`` given as an object of its fields); ``options``: ``{"layer": ...}``."""
+    from llm.methods.markov import default_method_config
+    from markovsim.methods.base import FineTuneConfig
+
+    settings = dict(settings)
+    name = settings.pop("name", None)
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; valid names: {list(METHODS)}")
+    options = {key: settings.pop(key) for key in ("layer",) if key in settings}
+    base = default_method_config(name)
+    fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(base)}
+    unknown = sorted(set(settings) - set(fields))
+    if unknown:
+        raise ValueError(f"method settings {unknown} are not {type(base).__name__} fields; valid: {sorted(fields)} "
+                         f"and 'layer'")
+    for key, value in settings.items():
+        if isinstance(value, dict) and isinstance(fields[key], (FineTuneConfig, Objective)):
+            settings[key] = dataclasses.replace(fields[key], **value)
+        elif isinstance(value, list):
+            settings[key] = tuple(value)
+    return name, dataclasses.replace(base, **settings), options
 
 
 def _data(scenario):
@@ -327,6 +364,8 @@ def _unlearn(config, scenario, data, model, train_config) -> dict:
     from llm.runtime import resolve_device
     from llm.train import unlearn
 
+    if config.method is not None:
+        return _unlearn_method(config, scenario, data, model, train_config)
     objective = _objective(config, scenario)
     device = resolve_device(train_config.device)
     model.to(device)
@@ -336,6 +375,26 @@ def _unlearn(config, scenario, data, model, train_config) -> dict:
     trajectory = unlearn(model, objective, data["forget"], data["retain"], train_config, evaluator,
                          config.out, config.resume)
     return {"objective": dataclasses.asdict(objective), "diverged_at": trajectory.diverged_at,
+            "divergence_reason": trajectory.divergence_reason, "final": _final_metrics(trajectory),
+            "final_loss": float(trajectory.step_metrics["loss"][-1]), "wall_seconds": trajectory.info["wall_seconds"],
+            "num_processes": trajectory.info["num_processes"]}
+
+
+def _unlearn_method(config, scenario, data, model, train_config) -> dict:
+    from llm.methods.markov import unlearn_method
+    from llm.runtime import resolve_device
+    from markovsim.methods import unseen_sequences
+
+    name, method_config, options = method_settings(config.method)
+    if config.replicas.active:
+        raise ValueError("--method runs one model; the replica grid (--seeds/--betas) is for objectives")
+    device = resolve_device(train_config.device)
+    model.to(device)
+    evaluator = _evaluator(scenario, data, model, config.retrained, train_config, device)
+    unseen = unseen_sequences(scenario.spec, len(data["forget"]), train_config.seed) if name == "KGA" else None
+    trajectory = unlearn_method(model, name, data["forget"], data["retain"], train_config, evaluator, method_config,
+                                unseen, config.out, config.resume, **options)
+    return {"method": name, "method_config": dataclasses.asdict(method_config), "diverged_at": trajectory.diverged_at,
             "divergence_reason": trajectory.divergence_reason, "final": _final_metrics(trajectory),
             "final_loss": float(trajectory.step_metrics["loss"][-1]), "wall_seconds": trajectory.info["wall_seconds"],
             "num_processes": trajectory.info["num_processes"]}

@@ -33,7 +33,7 @@ from .models import check_model_data
 from .objective import BatchCounts, UnlearningBatch, objective_terms
 from .session import Session, StepOutcome, check_config, check_sequences
 
-__all__ = ["unlearn", "trajectory_from_records"]
+__all__ = ["unlearn", "UnlearningLoop", "trajectory_from_records"]
 
 
 def _check_unlearn_inputs(model, objective, forget, retain, preferred, config) -> None:
@@ -85,37 +85,154 @@ def unlearn(model, objective: Objective, forget: SequenceSet, retain: SequenceSe
         return _Unlearning(model, objective, forget, retain, preferred, config, evaluator, run_dir).run(resume)
 
 
-class _Unlearning:
-    """The state of one unlearning run (see :func:`unlearn`)."""
+class UnlearningLoop:
+    """The step loop of one unlearning run on a :class:`Session`, shared by :func:`unlearn` (an ``Objective``)
+    and ``llm.methods.markov.unlearn_method`` (a registry method).
+
+    A subclass sets ``self.diagnostics`` (None, or ``model -> {metric: (C,)}``), and implements
+    ``forward(step) -> {"total", "forget", "retain", "logp_per_token"}`` (this process's shares on step
+    ``step``'s global batch), ``description`` (the progress bar's label) and ``run_info()`` (what the
+    trajectory's ``info`` records about the method).
+    """
+
+    VALUE_NAMES = ("total", "forget", "retain", "logp_per_token")
+
+    def __init__(self, model, forget: SequenceSet, retain: SequenceSet | None, config: TrainConfig,
+                 evaluator: Evaluator | None, run_dir):
+        self.config, self.run_dir = config, run_dir
+        self.started = time.perf_counter()
+        self.session = Session(model, config, config.total_steps(len(forget)), run_dir, "unlearn", self.VALUE_NAMES)
+        self.setup(model)
+        if evaluator is None:
+            sets = [forget] + ([retain] if retain is not None else [])
+            evaluator = Evaluator(concatenate(sets), reference=model, batch_size=config.eval_batch_size,
+                                  bf16=self.session.bf16)
+        self.evaluator = evaluator
+        self.names = tuple(evaluator.component_names)
+        self.diagnostics = None
+        # theta_0 for ||theta_t - theta_0|| (NPO paper, Theorem 2): one copy of the trainable parameters
+        self.start_parameters = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+    description = "unlearn"
+
+    def setup(self, model) -> None:
+        """What the run computes from the starting model once the session exists (before the evaluator)."""
+
+    def forward(self, step: int) -> dict:
+        raise NotImplementedError
+
+    def run_info(self) -> dict:
+        return {}
+
+    def evaluate(self, step: int, outcome: StepOutcome, finite: bool) -> dict:
+        """The evaluation record of ``step`` (computed on the main process, shared with the others)."""
+        from accelerate.utils import broadcast_object_list
+
+        record = None
+        if self.session.accelerator.is_main_process:
+            metrics = self._metrics() if finite else {}
+            record = {"kind": "eval", "step": step, "loss": outcome.values["total"],
+                      "parameter_distance": self.parameter_distance(),
+                      "metrics": {k: [float(x) for x in v] for k, v in metrics.items()}}
+        if self.session.num_processes > 1:
+            record = broadcast_object_list([record], from_process=0)[0]
+        return record
+
+    def parameter_distance(self) -> float:
+        """``||theta_t - theta_0||`` over the trainable parameters (the simulator's ``parameter_distance``)."""
+        current = [p.detach() for p in self.session.unwrapped.parameters() if p.requires_grad]
+        with torch.no_grad():
+            squares = sum(float(((c.to(torch.float64) - s.to(c.device, torch.float64)) ** 2).sum())
+                          for c, s in zip(current, self.start_parameters))
+        return math.sqrt(squares)
+
+    def _metrics(self) -> dict[str, np.ndarray]:
+        model = self.session.unwrapped
+        metrics = self.evaluator.evaluate(model)
+        if self.diagnostics is not None:
+            metrics |= self.diagnostics(model)
+        return metrics
+
+    def run(self, resume) -> Trajectory:
+        session, config = self.session, self.config
+        records = list(session.begin(resume).get("records", []))
+        diverged_at, reason = None, None
+        session.model.train()
+        bar = session.progress_bar(self.description)
+        for step in range(session.start_step, session.total_steps + 1):
+            final = step == session.total_steps
+            learning_rate = session.scheduler.get_last_lr()[0]
+            outcome = session.forward_backward(self.forward, step, backward=not final)
+            reason = outcome.reason or self._threshold(outcome)
+            if step % config.eval_every == 0 or final or reason is not None:
+                records.append(self.evaluate(step, outcome, finite=outcome.reason is None))
+                session.log.append(records[-1])
+            if reason is not None:
+                diverged_at = step
+                break
+            if final:
+                break
+            values = outcome.values
+            session.log.append({"kind": "train", "step": step, "loss": values["total"], "forget": values["forget"],
+                                "retain": values["retain"], "forget_logp_per_token": values["logp_per_token"],
+                                "learning_rate": learning_rate, "grad_norm": outcome.grad_norm})
+            session.advance(step, values["total"], bar, lambda: {"records": records})
+        bar.close()
+        trajectory = self._trajectory(records, diverged_at, reason)
+        self._write(trajectory)
+        return trajectory
+
+    def _threshold(self, outcome: StepOutcome) -> str | None:
+        """:func:`markovsim.config.divergence_reason` on the forget batch's log-likelihood per token."""
+        values = outcome.values
+        return divergence_reason(values["total"], values["logp_per_token"],
+                                 threshold=self.config.divergence_logp_per_token)
+
+    def _trajectory(self, records: list[dict], diverged_at, reason) -> Trajectory:
+        info = self.run_info() | {"config": config_state(self.config),
+                "model": type(self.session.unwrapped).__name__, "num_processes": self.session.num_processes,
+                "wall_seconds": time.perf_counter() - self.started, "side": "llm"}
+        return trajectory_from_records(records, self.names, diverged_at, reason, info)
+
+    def _write(self, trajectory: Trajectory) -> None:
+        session = self.session
+        if self.run_dir is not None and session.accelerator.is_main_process:
+            trajectory.save(os.path.join(os.fspath(self.run_dir), "trajectory"), self.config)
+        session.save_final_model()
+
+
+class _Unlearning(UnlearningLoop):
+    """An ``Objective`` run (see :func:`unlearn`)."""
 
     def __init__(self, model, objective, forget, retain, preferred, config, evaluator, run_dir):
-        self.objective, self.config, self.run_dir = objective, config, run_dir
-        self.started = time.perf_counter()
+        self.objective = objective
         needs_retain = objective.retain is not None
         self.forget = encode(forget, "response")
         self.retain = encode(retain, "response") if needs_retain else None
         self.preferred = encode(preferred, "response") if objective.forget == "dpo" else None
-        self.session = Session(model, config, config.total_steps(len(forget)), run_dir, "unlearn",
-                                ("total", "forget", "retain", "logp_per_token"))
+        super().__init__(model, forget, retain, config, evaluator, run_dir)
         bf16, size = self.session.bf16, config.eval_batch_size
-        self.forget_ref, self.preferred_ref = self._reference_logps(model, objective, size, bf16)  # (n_f,) float64
-        self.reference = None
-        if objective.retain == "kl":
-            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
-        if evaluator is None:
-            sets = [forget] + ([retain] if retain is not None else [])
-            evaluator = Evaluator(concatenate(sets), reference=model, batch_size=size, bf16=bf16)
-        self.evaluator = evaluator
-        self.names = tuple(evaluator.component_names)
-        self.diagnostics = None
         if config.track_forget_weights or config.track_power_share:
             plan = DiagnosticsPlan.build(self.names, self.forget, retain, self.retain, config.diagnostics_max_sequences,
                                          config.seed)
             self.diagnostics = Diagnostics(objective, self.names, plan, self.forget, self.retain, self.preferred,
                                            self.forget_ref, self.preferred_ref, self.reference, size, bf16,
                                            config.track_forget_weights, config.track_power_share)
-        # theta_0 for ||theta_t - theta_0|| (NPO paper, Theorem 2): one copy of the trainable parameters
-        self.start_parameters = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+
+    @property
+    def description(self) -> str:
+        return f"unlearn {self.objective.forget}"
+
+    def run_info(self) -> dict:
+        return {"objective": dataclasses.asdict(self.objective)}
+
+    def setup(self, model) -> None:
+        objective, size = self.objective, self.config.eval_batch_size
+        self.forget_ref, self.preferred_ref = self._reference_logps(model, objective, size,
+                                                                    self.session.bf16)  # (n_f,) float64
+        self.reference = None
+        if objective.retain == "kl":
+            self.reference = copy.deepcopy(model).eval().requires_grad_(False)
 
     def _reference_logps(self, model, objective, batch_size, bf16):
         """Reference log-likelihoods of the forget (and preferred) sets, computed once from the starting model."""
@@ -152,83 +269,6 @@ class _Unlearning:
         per_token = (terms.forget_logps / terms.forget_num_tokens).sum() / counts.forget_sequences
         return {"total": terms.total, "forget": terms.forget,
                 "retain": terms.retain if terms.retain is not None else 0.0, "logp_per_token": per_token}
-
-    def evaluate(self, step: int, outcome: StepOutcome, finite: bool) -> dict:
-        """The evaluation record of ``step`` (computed on the main process, shared with the others)."""
-        from accelerate.utils import broadcast_object_list
-
-        record = None
-        if self.session.accelerator.is_main_process:
-            metrics = self._metrics() if finite else {}
-            record = {"kind": "eval", "step": step, "loss": outcome.values["total"],
-                      "parameter_distance": self.parameter_distance(),
-                      "metrics": {k: [float(x) for x in v] for k, v in metrics.items()}}
-        if self.session.num_processes > 1:
-            record = broadcast_object_list([record], from_process=0)[0]
-        return record
-
-    def parameter_distance(self) -> float:
-        """``||theta_t - theta_0||`` over the trainable parameters (the simulator's ``parameter_distance``)."""
-        current = [p.detach() for p in self.session.unwrapped.parameters() if p.requires_grad]
-        with torch.no_grad():
-            squares = sum(float(((c.to(torch.float64) - s.to(c.device, torch.float64)) ** 2).sum())
-                          for c, s in zip(current, self.start_parameters))
-        return math.sqrt(squares)
-
-    def _metrics(self) -> dict[str, np.ndarray]:
-        model = self.session.unwrapped
-        metrics = self.evaluator.evaluate(model)
-        if self.diagnostics is not None:
-            metrics |= self.diagnostics(model)
-        return metrics
-
-    def run(self, resume) -> Trajectory:
-        session, config = self.session, self.config
-        records = list(session.begin(resume).get("records", []))
-        diverged_at, reason = None, None
-        session.model.train()
-        bar = session.progress_bar(f"unlearn {self.objective.forget}")
-        for step in range(session.start_step, session.total_steps + 1):
-            final = step == session.total_steps
-            learning_rate = session.scheduler.get_last_lr()[0]
-            outcome = session.forward_backward(self.forward, step, backward=not final)
-            reason = outcome.reason or self._threshold(outcome)
-            if step % config.eval_every == 0 or final or reason is not None:
-                records.append(self.evaluate(step, outcome, finite=outcome.reason is None))
-                session.log.append(records[-1])
-            if reason is not None:
-                diverged_at = step
-                break
-            if final:
-                break
-            values = outcome.values
-            session.log.append({"kind": "train", "step": step, "loss": values["total"], "forget": values["forget"],
-                                "retain": values["retain"], "forget_logp_per_token": values["logp_per_token"],
-                                "learning_rate": learning_rate, "grad_norm": outcome.grad_norm})
-            session.advance(step, values["total"], bar, lambda: {"records": records})
-        bar.close()
-        trajectory = self._trajectory(records, diverged_at, reason)
-        self._write(trajectory)
-        return trajectory
-
-    def _threshold(self, outcome: StepOutcome) -> str | None:
-        """:func:`markovsim.config.divergence_reason` on the forget batch's log-likelihood per token."""
-        values = outcome.values
-        return divergence_reason(values["total"], values["logp_per_token"],
-                                 threshold=self.config.divergence_logp_per_token)
-
-    def _trajectory(self, records: list[dict], diverged_at, reason) -> Trajectory:
-        info = {"objective": dataclasses.asdict(self.objective), "config": config_state(self.config),
-                "model": type(self.session.unwrapped).__name__, "num_processes": self.session.num_processes,
-                "wall_seconds": time.perf_counter() - self.started, "side": "llm"}
-        return trajectory_from_records(records, self.names, diverged_at, reason, info)
-
-    def _write(self, trajectory: Trajectory) -> None:
-        session = self.session
-        if self.run_dir is not None and session.accelerator.is_main_process:
-            trajectory.save(os.path.join(os.fspath(self.run_dir), "trajectory"), self.config)
-        session.save_final_model()
-
 
 def trajectory_from_records(records: list[dict], names: tuple[str, ...], diverged_at, reason, info: dict) -> Trajectory:
     """An unlearning run's evaluation records as a :class:`Trajectory` (shared by single runs and replicas).

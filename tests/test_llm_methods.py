@@ -26,7 +26,7 @@ from llm.models import build_model
 from llm.objective import BatchCounts, UnlearningBatch, objective_terms
 from markovsim.data import SequenceSet
 from markovsim.losses import masked_ga
-from markovsim.methods import METHODS, get_config
+from markovsim.methods import METHODS, FineTuneConfig, get_config
 from markovsim.methods.kga import kga_loss
 from markovsim.methods.mismatch import ga_mismatch_loss, mismatch_sequences
 from markovsim.objectives import Objective
@@ -174,6 +174,28 @@ def test_whp_equals_generic_targets_computed_by_hand(data):
     assert float(total.detach()) == pytest.approx(float(expected.detach()), rel=1e-10)
     assert float(total.detach()) > 0
     assert_same_gradients(gradients(model, total), gradients(model, expected))
+
+
+def test_whp_hard_target_is_the_cross_entropy_to_the_generic_argmax(data):
+    model, trained = tiny(), tiny(seed=2)
+    state = prepare_method("WHP", model, data["forget"], fine_tune=sgd_fine_tune(3),
+                           config=get_config("WHP", alpha=1.5, target="hard"))
+    batch = MethodBatch.single(hf(data["forget"]))
+    total, _ = method_loss(state, trained, batch)
+    with torch.no_grad():
+        def raw(m):
+            return m(input_ids=batch.forget["input_ids"], attention_mask=batch.forget["attention_mask"]).logits
+        v_b, v_r = raw(state.reference), raw(state.auxiliary["reinforced"])
+        labels = (v_b - 1.5 * torch.clamp(v_r - v_b, min=0.0)).argmax(-1)  # (b, t) generic labels
+    _, _, log_probs = independent_token_logps(trained, batch.forget)
+    expected = 0.0
+    for b in range(labels.shape[0]):
+        for j in range(labels.shape[1] - 1):
+            if int(batch.forget["labels"][b, j + 1]) != -100:
+                expected = expected - log_probs[b, j, labels[b, j]]
+    expected = expected / batch.counts.forget_tokens
+    assert float(total.detach()) == pytest.approx(float(expected.detach()), rel=1e-10)
+    assert_same_gradients(gradients(trained, total), gradients(trained, expected))
 
 
 def test_whp_with_reinforced_equal_to_baseline_has_zero_loss_and_gradient(data):
@@ -345,6 +367,18 @@ def test_shards_with_global_counts_add_up_to_the_whole_batch(data, name):
                           gradients(trained, total))
 
 
+def test_kga_reduce_sum_gives_each_shard_the_global_forget_gap(data):
+    model, trained = tiny(), tiny(seed=4)
+    state = kga_state(model, data, sgd_fine_tune(1))
+    whole = full_batch(data)
+    shards = [MethodBatch(half(whole.forget, rows), whole.counts, half(whole.retain, rows)) for rows in
+              (slice(0, 3), slice(3, 6))]
+    gaps = [step_context(state, trained, shard).forget_gap for shard in shards]  # each shard's share alone
+    reduced = step_context(state, trained, shards[0], reduce_sum=lambda gap: gap + gaps[1])
+    assert reduced.forget_gap == pytest.approx(step_context(state, trained, whole).forget_gap, rel=1e-12)
+    assert gaps[0] != pytest.approx(reduced.forget_gap)
+
+
 def test_forget_and_retain_parts_add_up_to_the_whole(data):
     model, trained = tiny(), tiny(seed=4)
     state = kga_state(model, data, sgd_fine_tune(1))
@@ -433,3 +467,130 @@ def test_bad_input_is_rejected_with_a_clear_error(data):
     assert required_batches(kga) == ("forget", "retain") and set(METHODS) >= {"AdvGA", "AdvNPO"}
     assert isinstance(step_context(prepare_method("SeUL", model), model, full_batch(data)), StepContext)
     assert dataclasses.is_dataclass(kga)
+
+
+# --- Markov transformers: every method end to end (llm.methods.markov) -----------------------------------------
+
+
+CPU = dict(device="cpu", progress=False, num_threads=1)
+FAST_TUNE = FineTuneConfig(steps=5, learning_rate=1e-2)
+
+
+@pytest.fixture(scope="module")
+def markov():
+    from llm.pretraining import pretrain
+    from llm.train import TrainConfig
+    from markovsim.methods import unseen_sequences
+    from markovsim.scenarios import SCENARIOS
+
+    scenario = SCENARIOS["paper_short_forget2"].scaled(0.01)
+    train, _ = scenario.spec.sample()
+    model = build_model("tiny-synthetic", train.num_states + 1, train.max_length + 1, seed=0)
+    pretrain(model, train, TrainConfig(batch_size=16, steps=30, learning_rate=3e-3, **CPU))
+    forget = train.select("forget1", "forget2")
+    return {"model": model, "forget": forget, "retain": train.select("retain"),
+            "unseen": unseen_sequences(scenario.spec, len(forget), 0)}
+
+
+def fast_config(name):
+    from llm.methods.markov import default_method_config
+
+    config = default_method_config(name)
+    return dataclasses.replace(config, **{f.name: FAST_TUNE for f in dataclasses.fields(config)
+                                          if isinstance(getattr(config, f.name), FineTuneConfig)})
+
+
+def run_markov(markov, name, **overrides):
+    from llm.methods.markov import unlearn_method
+    from llm.train import TrainConfig
+
+    config = TrainConfig(batch_size=8, steps=4, eval_every=1, learning_rate=1e-2, track_power_share=True, **CPU)
+    return unlearn_method(copy.deepcopy(markov["model"]), name, markov["forget"], markov["retain"],
+                          dataclasses.replace(config, **overrides), method_config=fast_config(name),
+                          unseen=markov["unseen"])
+
+
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_runs_on_the_paper_synthetic_transformer(markov, name):
+    trajectory = run_markov(markov, name)
+    names = trajectory.component_names
+    forget = [names.index("forget1"), names.index("forget2")]
+    likelihood = trajectory.component_metrics["logp_per_token"][:, forget].mean(1)  # (E,) mean forget logp/token
+    assert trajectory.diverged_at is None and np.all(np.isfinite(likelihood))
+    assert trajectory.info["method"] == name
+    if name == "TaskNegation":  # evaluated along lambda = 0 .. 1: lambda 0 is the start, then it moves
+        assert trajectory.steps.tolist() == pytest.approx(np.linspace(0, 1, 11).tolist())
+        assert trajectory.step_metrics["parameter_distance"][0] == 0 and likelihood[-1] != likelihood[0]
+        return
+    assert trajectory.steps.tolist() == [0, 1, 2, 3, 4]
+    if name == "KGA":  # it aligns gaps: the forget likelihood may rise (docs/theory.md); it must move
+        assert abs(likelihood[-1] - likelihood[0]) > 1e-3
+    else:
+        assert likelihood[-1] < likelihood[0] - 1e-3
+    shares = trajectory.component_metrics["power_share"][-1]
+    assert np.nansum(shares) == pytest.approx(1.0) and np.all(shares[forget] > 0)
+    assert np.all(np.isnan(trajectory.component_metrics["mean_weight"]))
+
+
+@pytest.mark.parametrize("name, lora", [("AdvGA", None), ("TaskNegation", 2), ("GA+Mismatch", None)])
+def test_methods_run_on_the_gpt2_preset(markov, name, lora):
+    from llm.lora import LoraSettings
+    from llm.methods.markov import unlearn_method
+    from llm.pretraining import pretrain
+    from llm.train import TrainConfig
+
+    forget = markov["forget"]
+    model = build_model("tiny-gpt2", forget.num_states + 1, forget.max_length + 1, seed=0)
+    pretrain(model, markov["forget"], TrainConfig(batch_size=16, steps=5, learning_rate=3e-3, **CPU))
+    before = copy.deepcopy(model.state_dict())
+    trajectory = unlearn_method(model, name, forget, markov["retain"],
+                                TrainConfig(batch_size=8, steps=2, learning_rate=1e-2, **CPU),
+                                method_config=fast_config(name), lora=None if lora is None else LoraSettings(rank=lora),
+                                scales=[0.0, 1.0])
+    assert trajectory.diverged_at is None and np.all(np.isfinite(trajectory.component_metrics["kl_reference"]))
+    changed = {k for k, v in model.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and (lora is None or all(k.endswith(("c_attn.weight", "c_proj.weight")) for k in changed))
+
+
+def test_same_seed_same_numbers_and_another_seed_other_numbers(markov):
+    first, second = run_markov(markov, "AdvNPO"), run_markov(markov, "AdvNPO")
+    np.testing.assert_array_equal(first.component_metrics["kl_reference"], second.component_metrics["kl_reference"])
+    np.testing.assert_array_equal(first.step_metrics["loss"], second.step_metrics["loss"])
+    other = run_markov(markov, "AdvNPO", seed=1)
+    assert not np.array_equal(first.step_metrics["loss"], other.step_metrics["loss"])
+
+
+def test_method_cli_writes_a_run_with_the_method(tmp_path):
+    import json
+
+    from llm.__main__ import main, method_settings
+
+    common = ["--scale", "0.005", "--device", "cpu", "--no-progress", "--num-threads", "1"]
+    assert main(["pretrain", "--out", str(tmp_path / "pre"), "--preset", "tiny-synthetic", "--steps", "5",
+                 "--batch-size", "16"] + common) == 0
+    config = tmp_path / "method.json"
+    config.write_text(json.dumps({"method": {"name": "SeUL", "fraction": 0.5}}))
+    assert main(["unlearn", "--out", str(tmp_path / "seul"), "--model", str(tmp_path / "pre" / "model"),
+                 "--config", str(config), "--steps", "2", "--batch-size", "4"] + common) == 0
+    results = json.loads((tmp_path / "seul" / "results.json").read_text())
+    assert results["method"] == "SeUL" and results["method_config"]["fraction"] == 0.5
+    assert (tmp_path / "seul" / "trajectory.json").is_file() and (tmp_path / "seul" / "model").is_dir()
+    name, whp, options = method_settings({"name": "WHP", "alpha": 2.0, "reinforce": {"steps": 3}})
+    assert name == "WHP" and whp.alpha == 2.0 and whp.reinforce.steps == 3 and options == {}
+    with pytest.raises(ValueError, match="not WHPConfig fields"):
+        method_settings({"name": "WHP", "beta": 1.0})
+    assert main(["unlearn", "--out", str(tmp_path / "x"), "--model", str(tmp_path / "pre" / "model"),
+                 "--method", "RMU"] + common) == 2
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name", list(METHODS))
+def test_every_method_runs_in_bf16_autocast_on_cuda(markov, name):
+    trajectory = run_markov(markov, name, device="cuda", mixed_precision="bf16")
+    names = trajectory.component_names
+    forget = [names.index("forget1"), names.index("forget2")]
+    likelihood = trajectory.component_metrics["logp_per_token"][:, forget].mean(1)
+    assert trajectory.diverged_at is None and np.all(np.isfinite(likelihood))
+    if name not in ("KGA", "TaskNegation"):
+        assert likelihood[-1] < likelihood[0] - 1e-3

@@ -20,6 +20,12 @@ API (batch level, data-format agnostic)::
         fine_tuned = state.auxiliary["fine_tuned"], a full model / state dict or a peft LoRA model)
     decoder_layers(model), perturbed_hidden_states(model, layer, delta)   (LAU's hook)
 
+Markov transformers (llm.methods.markov)::
+
+    unlearn_method(model, name, forget, retain=None, config=PAPER_UNLEARNING, evaluator=None,
+                   method_config=None, unseen=None, run_dir=None, resume=False, lora=None, layer=-1,
+                   scales=None) -> Trajectory        (python -m llm unlearn --method NAME)
+
 HF batches are ``{input_ids, attention_mask, labels}`` (b, t), labels -100 where no loss (llm.data and
 llm.tofu.format both produce them). Which batches each method needs (``required_batches``):
 
@@ -46,10 +52,11 @@ Llama / SmolLM2 ``model.layers``, paper-synthetic ``blocks`` (``llm.methods.laye
 from .batch import MethodBatch, MethodCounts, MethodTerms, label_tokens
 from .layers import decoder_layers, perturbed_hidden_states, unwrap_model
 from .losses import StepContext, method_loss, required_batches, step_context, token_kl_share
+from .markov import default_method_config, markov_fine_tune, unlearn_method
 from .state import MethodState, frozen_copy, prepare_method, replace_config
 from .task_negation import apply_task_negation, full_task_vector, lora_task_vector
 
 __all__ = ["MethodBatch", "MethodCounts", "MethodTerms", "label_tokens", "decoder_layers", "perturbed_hidden_states",
            "unwrap_model", "StepContext", "method_loss", "required_batches", "step_context", "token_kl_share",
            "MethodState", "frozen_copy", "prepare_method", "replace_config", "apply_task_negation",
-           "full_task_vector", "lora_task_vector"]
+           "full_task_vector", "lora_task_vector", "default_method_config", "markov_fine_tune", "unlearn_method"]

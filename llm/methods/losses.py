@@ -250,7 +250,8 @@ def step_context(state: MethodState, model, batch: MethodBatch, reduce_sum: Redu
             gap = _forget_gap(state, model, batch)[0].detach()
         return StepContext(forget_gap=float(gap if reduce_sum is None else reduce_sum(gap)))
     if state.name in ("AdvGA", "AdvNPO"):
-        return StepContext(perturbation=_perturbation(state, model, batch, reduce_sum))
+        with torch.enable_grad():  # the adversary's ascent needs gradients also in a no-grad evaluation step
+            return StepContext(perturbation=_perturbation(state, model, batch, reduce_sum))
     return StepContext()
 
 
