@@ -335,3 +335,14 @@ def test_registry_methods_on_two_processes_match_one(tmp_path):
                                            atol=1e-5, err_msg=f"{method} {key}")
         for name, value in single[method].items():
             torch.testing.assert_close(double[method][name], value, rtol=0, atol=2e-5, msg=f"{method} {name}")
+
+
+def test_a_run_folder_from_before_method_options_still_resumes(base, tmp_path):
+    out = tmp_path / "old"
+    Protocol(ProtocolConfig(model=base, **TINY), out)
+    saved = json.loads((out / "config.json").read_text())
+    del saved["method_options"]  # as written before the setting existed
+    (out / "config.json").write_text(json.dumps(saved))
+    Protocol(ProtocolConfig(model=base, **TINY), out)  # no "different settings" refusal
+    with pytest.raises(ValueError, match=r"different settings \(method_options\)"):
+        Protocol(ProtocolConfig(model=base, method_options=("SeUL.fraction=0.5",), **TINY), out)

@@ -116,6 +116,11 @@ class ProtocolConfig:
     on the first ``relearn_items_per_author`` pairs of every forget author (batch ``relearn_batch_size``,
     AdamW at a constant ``relearn_lr``) for each step count of ``relearn_steps`` (empty: no relearning)
     and measures the other pairs.
+
+    ``methods`` mixes ``markovsim`` objectives and registry methods (:data:`llm.tofu.methods.METHOD_NAMES`);
+    ``method_options`` (``"Name.field=value"`` strings) change the registry methods' hyperparameters
+    (:func:`llm.tofu.methods.parse_method_options`). Their auxiliary fine-tunes use the fine-tuning
+    settings above; their unlearning the unlearning settings.
     """
 
     split: str = "forget10"
@@ -253,7 +258,7 @@ class Protocol:
         path = self.out / "config.json"
         state = self.config.state()
         if path.is_file():
-            saved = read_json(path)
+            saved = {**ProtocolConfig().state(), **read_json(path)}  # a setting newer than the folder: its default
             changed = sorted(k for k in set(state) | set(saved)
                              if k not in _RUNTIME_FIELDS and saved.get(k) != state.get(k))
             if changed:
