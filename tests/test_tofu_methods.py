@@ -346,3 +346,19 @@ def test_a_run_folder_from_before_method_options_still_resumes(base, tmp_path):
     Protocol(ProtocolConfig(model=base, **TINY), out)  # no "different settings" refusal
     with pytest.raises(ValueError, match=r"different settings \(method_options\)"):
         Protocol(ProtocolConfig(model=base, method_options=("SeUL.fraction=0.5",), **TINY), out)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_every_registry_method_in_the_tiny_protocol_on_cuda(base, tmp_path):
+    """On a GPU (bf16 autocast, float32 weights): every stage runs, losses finite, no divergence, models saved."""
+    pytest.importorskip("rouge_score")
+    settings = dict(TINY, device="cuda", num_threads=None)
+    protocol = Protocol(ProtocolConfig(methods=REGISTRY, model=base, relearn_steps=(1,), **settings),
+                        tmp_path / "run")
+    assert protocol.run() == protocol.stages()
+    for method in REGISTRY:
+        record = protocol.record(f"unlearn-{method.lower().replace('+', '-')}")
+        assert record["diverged_at"] is None and (method == "TaskNegation" or math.isfinite(record["last_loss"]))
+    rows = _strict(tmp_path / "run" / "results.json")["models"]
+    assert all(math.isfinite(rows[name]["forget/s_ma"]) for name in rows)
