@@ -184,17 +184,23 @@ def test_ga_mismatch_steps_see_their_forget_questions_with_retain_answers(base, 
         assert counts.forget_tokens == int((batch.forget["labels"][:, 1:] != -100).sum())
 
 
+def _adapted(key: str) -> bool:
+    return any(p in key for p in ("q_proj", "k_proj", "v_proj", "o_proj"))  # llm.lora's Llama targets
+
+
 def test_task_negation_at_scale_one_is_twice_the_target_minus_the_fine_tuned_model(base, tmp_path):
     for lora in (False, True):
-        protocol = Protocol(ProtocolConfig(methods=("TaskNegation",), model=base, lora=lora, relearn_steps=(),
-                                           **TINY), tmp_path / f"lora-{lora}")
-        protocol.run(["target", "aux-target-on-forget", "unlearn-tasknegation"])
+        protocol = Protocol(ProtocolConfig(methods=("TaskNegation", "AdvGA"), model=base, lora=lora,
+                                           relearn_steps=(), **TINY), tmp_path / f"lora-{lora}")
+        protocol.run(["target", "aux-target-on-forget", "unlearn-tasknegation"] + ["unlearn-advga"] * lora)
         target, tuned = _weights(protocol, "target"), _weights(protocol, "aux-target-on-forget")
         negated = _weights(protocol, "tasknegation")
         moved = [key for key in target if not torch.equal(tuned[key], target[key])]
         assert moved
-        if lora:  # only the adapted attention projections move
-            assert all(any(p in key for p in ("q_proj", "k_proj", "v_proj", "o_proj")) for key in moved)
+        if lora:  # only the adapted attention projections move, in the auxiliary and in a LoRA-unlearned model
+            unlearned = _weights(protocol, "advga")
+            assert all(map(_adapted, moved))
+            assert moved == [key for key in target if not torch.equal(unlearned[key], target[key])]
         for key, value in target.items():
             expected = 2 * value.double() - tuned[key].double()
             torch.testing.assert_close(negated[key].double(), expected, rtol=0, atol=1e-6, msg=key)
