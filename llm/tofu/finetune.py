@@ -187,6 +187,29 @@ def _loop(session: Session, forward, description: str, threshold) -> TrainOutcom
     return _outcome(session, session.total_steps, loss)
 
 
+def _reference_logps(session: Session, tokenizer, forget: Sequence[TofuItem], config: TrainConfig) -> torch.Tensor:
+    """(n_f,) the starting model's forget log-likelihoods, under the run's autocast: cached once, before any resume."""
+    with autocast(session.device.type, session.bf16):
+        return torch.as_tensor(answer_logps(session.model, tokenizer, [i.question for i in forget],
+                                            [i.answer for i in forget], config.eval_batch_size)[0])
+
+
+def _retain_rows(session: Session, retain_data: Examples, config: TrainConfig, step: int) -> tuple[dict, int, int]:
+    """Step ``step``'s retain rows: (this process's batch, n_r, N_r) of the global retain batch (RETAIN_STREAM)."""
+    rows = batch_indices(len(retain_data), config.retain_batch_size or config.batch_size, step, config.seed,
+                         RETAIN_STREAM)
+    local = shard(rows, session.accelerator.process_index, session.num_processes)
+    return retain_data.batch(local, session.device), len(rows), retain_data.num_label_tokens(rows)
+
+
+def _divergence(config: TrainConfig):
+    """The unlearning loops' stop rule: a non-finite loss, or a forget log-likelihood per token under the threshold."""
+    def threshold(values: dict) -> str | None:
+        return divergence_reason(values["total"], values["logp_per_token"],
+                                 threshold=config.divergence_logp_per_token)
+    return threshold
+
+
 def finetune(model, tokenizer, items: Sequence[TofuItem], config: TrainConfig, run_dir=None,
              description: str = "finetune") -> TrainOutcome:
     """Fine-tune ``model`` in place on QA pairs: ``config.total_steps(len(items))`` steps of the nll loss.
@@ -227,11 +250,7 @@ def unlearn(model, tokenizer, objective: Objective, forget: Sequence[TofuItem], 
                            ("total", "forget", "retain", "logp_per_token"))
         if reference is not None:
             reference.to(session.device)
-        ref = None
-        if objective.forget in NEEDS_REFERENCE:  # cached once from the starting model, before any resume
-            with autocast(session.device.type, session.bf16):
-                ref = torch.as_tensor(answer_logps(session.model, tokenizer, [i.question for i in forget],
-                                                   [i.answer for i in forget], config.eval_batch_size)[0])  # (n_f,)
+        ref = _reference_logps(session, tokenizer, forget, config) if objective.forget in NEEDS_REFERENCE else None
 
         def forward(step: int) -> dict:
             rank, world, device = session.accelerator.process_index, session.num_processes, session.device
@@ -239,10 +258,8 @@ def unlearn(model, tokenizer, objective: Objective, forget: Sequence[TofuItem], 
             local = shard(rows, rank, world)
             retain_batch, counts = None, BatchCounts(len(rows))
             if retain_data is not None:
-                retain_rows = batch_indices(len(retain_data), config.retain_batch_size or config.batch_size, step,
-                                            config.seed, RETAIN_STREAM)
-                retain_batch = retain_data.batch(shard(retain_rows, rank, world), device)
-                counts = BatchCounts(len(rows), len(retain_rows), retain_data.num_label_tokens(retain_rows))
+                retain_batch, *retain_counts = _retain_rows(session, retain_data, config, step)
+                counts = BatchCounts(len(rows), *retain_counts)
             batch = UnlearningBatch(forget_data.batch(local, device),
                                     None if ref is None else ref[local].to(device), counts, retain_batch)
             terms = objective_terms(session.model, objective, batch, reference)
@@ -250,11 +267,7 @@ def unlearn(model, tokenizer, objective: Objective, forget: Sequence[TofuItem], 
             return {"total": terms.total, "forget": terms.forget,
                     "retain": terms.retain if terms.retain is not None else 0.0, "logp_per_token": per_token}
 
-        def threshold(values: dict) -> str | None:
-            return divergence_reason(values["total"], values["logp_per_token"],
-                                     threshold=config.divergence_logp_per_token)
-
-        return _loop(session, forward, description, threshold)
+        return _loop(session, forward, description, _divergence(config))
 
 
 # Terms of llm.methods.method_loss that are batch-global values, not shares: logged divided by the number of
@@ -317,11 +330,7 @@ def unlearn_method(model, tokenizer, state, forget: Sequence[TofuItem], retain: 
         session = _session(model, config, config.total_steps(len(forget_data)), run_dir, "tofu-unlearn",
                            ("total", "forget", "logp_per_token") + extra)
         _move_state(state, session.device)
-        ref = None
-        if "forget_ref_logps" in needs:  # cached once from the starting model, before any resume
-            with autocast(session.device.type, session.bf16):
-                ref = torch.as_tensor(answer_logps(session.model, tokenizer, [i.question for i in forget],
-                                                   [i.answer for i in forget], config.eval_batch_size)[0])  # (n_f,)
+        ref = _reference_logps(session, tokenizer, forget, config) if "forget_ref_logps" in needs else None
         world = session.num_processes
         reduce_sum = (lambda t: session.accelerator.reduce(t, reduction="sum")) if world > 1 else None
 
@@ -329,13 +338,9 @@ def unlearn_method(model, tokenizer, state, forget: Sequence[TofuItem], retain: 
             rank, device = session.accelerator.process_index, session.device
             rows = batch_indices(len(forget_data), config.batch_size, step, config.seed, FORGET_STREAM)
             local = shard(rows, rank, world)
-            retain_batch = mismatch_batch = None
-            retain_counts = (0, 0)
+            retain_batch, mismatch_batch, retain_counts = None, None, (0, 0)
             if retain_data is not None:
-                retain_rows = batch_indices(len(retain_data), config.retain_batch_size or config.batch_size, step,
-                                            config.seed, RETAIN_STREAM)
-                retain_batch = retain_data.batch(shard(retain_rows, rank, world), device)
-                retain_counts = (len(retain_rows), retain_data.num_label_tokens(retain_rows))
+                retain_batch, *retain_counts = _retain_rows(session, retain_data, config, step)
             if mismatch_data is not None:
                 mismatch_batch = mismatch_data.batch([int(r) * per_prompt + k for r in local
                                                       for k in range(per_prompt)], device)
@@ -353,8 +358,4 @@ def unlearn_method(model, tokenizer, state, forget: Sequence[TofuItem], retain: 
                 values[name] = value / world if name in _GLOBAL_TERMS else value
             return values
 
-        def threshold(values: dict) -> str | None:
-            return divergence_reason(values["total"], values["logp_per_token"],
-                                     threshold=config.divergence_logp_per_token)
-
-        return _loop(session, forward, description, threshold)
+        return _loop(session, forward, description, _divergence(config))
