@@ -19,6 +19,7 @@ from llm.methods import (
     method_loss,
     perturbed_hidden_states,
     prepare_method,
+    replace_config,
     required_batches,
     step_context,
 )
@@ -204,6 +205,12 @@ def test_whp_with_reinforced_equal_to_baseline_has_zero_loss_and_gradient(data):
     total, _ = method_loss(state, model, MethodBatch.single(hf(data["forget"])))
     assert abs(float(total.detach())) < 1e-12
     assert max(float(g.abs().max()) for g in gradients(model, total)) < 1e-10
+    # alpha = 0 (replace_config: the same reinforced model) also makes the target the baseline
+    state = prepare_method("WHP", model, data["forget"], fine_tune=sgd_fine_tune(3))
+    batch = MethodBatch.single(hf(data["forget"]))
+    assert float(method_loss(state, model, batch).total.detach()) > 1e-6
+    total, _ = method_loss(replace_config(state, alpha=0.0), model, batch)
+    assert abs(float(total.detach())) < 1e-12
 
 
 def kga_state(model, data, fine_tune, **overrides):
@@ -594,3 +601,49 @@ def test_every_method_runs_in_bf16_autocast_on_cuda(markov, name):
     assert trajectory.diverged_at is None and np.all(np.isfinite(likelihood))
     if name not in ("KGA", "TaskNegation"):
         assert likelihood[-1] < likelihood[0] - 1e-3
+
+
+def run_methods_for_distributed_test(output: str) -> None:
+    """KGA (global gap), AdvNPO (shared delta*) and GA+Mismatch (mismatch rows) 3 steps each on a tiny GPT-2,
+    odd batch sizes (uneven shards); writes the losses and kl_reference (process 0)."""
+    import json
+    import os
+
+    from llm.methods.markov import unlearn_method
+    from llm.train import TrainConfig, pretrain
+    from markovsim.methods import unseen_sequences
+    from markovsim.scenarios import SCENARIOS
+
+    scenario = SCENARIOS["paper_short_forget2"].scaled(0.01)
+    train, _ = scenario.spec.sample()
+    model = build_model("tiny-gpt2", 11, 21, seed=0)
+    pretrain(model, train, TrainConfig(batch_size=17, steps=3, learning_rate=2e-3, device="cpu", progress=False))
+    forget, retain = train.select("forget1", "forget2"), train.select("retain")
+    results = {}
+    for name in ("KGA", "AdvNPO", "GA+Mismatch"):
+        trajectory = unlearn_method(copy.deepcopy(model), name, forget, retain,
+                                    TrainConfig(batch_size=5, retain_batch_size=7, steps=3, eval_every=1,
+                                                learning_rate=1e-2, device="cpu", progress=False),
+                                    method_config=fast_config(name), unseen=unseen_sequences(scenario.spec, 10, 0))
+        results[name] = {"loss": trajectory.step_metrics["loss"].tolist(),
+                         "kl_reference": trajectory.component_metrics["kl_reference"].tolist(),
+                         "num_processes": trajectory.info["num_processes"]}
+    if int(os.environ.get("RANK", "0")) == 0:
+        with open(output, "w") as file:
+            json.dump(results, file)
+
+
+@pytest.mark.slow
+def test_two_cpu_processes_match_one_process(tmp_path):
+    import json
+
+    from two_processes import launch_two
+
+    one, two = str(tmp_path / "one.json"), str(tmp_path / "two.json")
+    run_methods_for_distributed_test(one)
+    launch_two("test_llm_methods", "run_methods_for_distributed_test", two, timeout=240)
+    single, double = (json.load(open(path)) for path in (one, two))
+    for name in single:
+        assert single[name]["num_processes"] == 1 and double[name]["num_processes"] == 2
+        for key in ("loss", "kl_reference"):
+            np.testing.assert_allclose(double[name][key], single[name][key], rtol=1e-4, atol=1e-6, err_msg=name)
