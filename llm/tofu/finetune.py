@@ -8,6 +8,8 @@ data parallelism, NaN guard, JSONL metrics, checkpoints with exact resume), the 
     fine-tuning  minimise the nll retain term on the training pairs
                  L = (1 / n) sum_i -logp(answer_i | question_i) / |answer_i|        (a batch of n pairs)
     unlearning   objective_terms(model, objective, forget batch, forget_ref_logps, retain batch)
+    registry     llm.methods.method_loss(state, model, MethodBatch(forget, counts, retain, mismatch, ref))
+    methods      (GA+Mismatch, WHP, KGA, SeUL, AdvGA, AdvNPO: :func:`unlearn_method`)
 
 NPO's reference log-likelihoods of the forget answers are computed once from the starting model
 (:func:`llm.tofu.scoring.answer_logps`, on the run's device and under its bf16 autocast, as the
@@ -25,6 +27,7 @@ own files once.
 from __future__ import annotations
 
 import copy
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -47,7 +50,8 @@ from .data import TofuItem
 from .format import collate, format_example
 from .scoring import answer_logps
 
-__all__ = ["Examples", "TrainOutcome", "finetune", "unlearn", "save_trained", "is_main_process", "wait_for_everyone"]
+__all__ = ["Examples", "TrainOutcome", "finetune", "unlearn", "unlearn_method", "save_trained", "is_main_process",
+           "wait_for_everyone"]
 
 _FINETUNE_OBJECTIVE = Objective("ga", "nll")  # only its nll retain term is used: the fine-tuning loss
 
@@ -183,6 +187,29 @@ def _loop(session: Session, forward, description: str, threshold) -> TrainOutcom
     return _outcome(session, session.total_steps, loss)
 
 
+def _reference_logps(session: Session, tokenizer, forget: Sequence[TofuItem], config: TrainConfig) -> torch.Tensor:
+    """(n_f,) the starting model's forget log-likelihoods, under the run's autocast: cached once, before any resume."""
+    with autocast(session.device.type, session.bf16):
+        return torch.as_tensor(answer_logps(session.model, tokenizer, [i.question for i in forget],
+                                            [i.answer for i in forget], config.eval_batch_size)[0])
+
+
+def _retain_rows(session: Session, retain_data: Examples, config: TrainConfig, step: int) -> tuple[dict, int, int]:
+    """Step ``step``'s retain rows: (this process's batch, n_r, N_r) of the global retain batch (RETAIN_STREAM)."""
+    rows = batch_indices(len(retain_data), config.retain_batch_size or config.batch_size, step, config.seed,
+                         RETAIN_STREAM)
+    local = shard(rows, session.accelerator.process_index, session.num_processes)
+    return retain_data.batch(local, session.device), len(rows), retain_data.num_label_tokens(rows)
+
+
+def _divergence(config: TrainConfig):
+    """The unlearning loops' stop rule: a non-finite loss, or a forget log-likelihood per token under the threshold."""
+    def threshold(values: dict) -> str | None:
+        return divergence_reason(values["total"], values["logp_per_token"],
+                                 threshold=config.divergence_logp_per_token)
+    return threshold
+
+
 def finetune(model, tokenizer, items: Sequence[TofuItem], config: TrainConfig, run_dir=None,
              description: str = "finetune") -> TrainOutcome:
     """Fine-tune ``model`` in place on QA pairs: ``config.total_steps(len(items))`` steps of the nll loss.
@@ -223,11 +250,7 @@ def unlearn(model, tokenizer, objective: Objective, forget: Sequence[TofuItem], 
                            ("total", "forget", "retain", "logp_per_token"))
         if reference is not None:
             reference.to(session.device)
-        ref = None
-        if objective.forget in NEEDS_REFERENCE:  # cached once from the starting model, before any resume
-            with autocast(session.device.type, session.bf16):
-                ref = torch.as_tensor(answer_logps(session.model, tokenizer, [i.question for i in forget],
-                                                   [i.answer for i in forget], config.eval_batch_size)[0])  # (n_f,)
+        ref = _reference_logps(session, tokenizer, forget, config) if objective.forget in NEEDS_REFERENCE else None
 
         def forward(step: int) -> dict:
             rank, world, device = session.accelerator.process_index, session.num_processes, session.device
@@ -235,10 +258,8 @@ def unlearn(model, tokenizer, objective: Objective, forget: Sequence[TofuItem], 
             local = shard(rows, rank, world)
             retain_batch, counts = None, BatchCounts(len(rows))
             if retain_data is not None:
-                retain_rows = batch_indices(len(retain_data), config.retain_batch_size or config.batch_size, step,
-                                            config.seed, RETAIN_STREAM)
-                retain_batch = retain_data.batch(shard(retain_rows, rank, world), device)
-                counts = BatchCounts(len(rows), len(retain_rows), retain_data.num_label_tokens(retain_rows))
+                retain_batch, *retain_counts = _retain_rows(session, retain_data, config, step)
+                counts = BatchCounts(len(rows), *retain_counts)
             batch = UnlearningBatch(forget_data.batch(local, device),
                                     None if ref is None else ref[local].to(device), counts, retain_batch)
             terms = objective_terms(session.model, objective, batch, reference)
@@ -246,8 +267,95 @@ def unlearn(model, tokenizer, objective: Objective, forget: Sequence[TofuItem], 
             return {"total": terms.total, "forget": terms.forget,
                     "retain": terms.retain if terms.retain is not None else 0.0, "logp_per_token": per_token}
 
-        def threshold(values: dict) -> str | None:
-            return divergence_reason(values["total"], values["logp_per_token"],
-                                     threshold=config.divergence_logp_per_token)
+        return _loop(session, forward, description, _divergence(config))
 
-        return _loop(session, forward, description, threshold)
+
+# Terms of llm.methods.method_loss that are batch-global values, not shares: logged divided by the number of
+# processes, so that the Session's sum over processes gives the value itself.
+_GLOBAL_TERMS = ("alignment", "forget_gap", "unseen_gap", "perturbation_norm")
+# Extra logged terms per registry method (beside total, forget, logp_per_token).
+_METHOD_TERMS = {"GA+Mismatch": ("mismatch", "retain"), "KGA": ("retain", "alignment", "forget_gap", "unseen_gap"),
+                 "SeUL": ("selected_fraction",), "AdvGA": ("perturbation_norm",), "AdvNPO": ("perturbation_norm",)}
+
+
+def _move_state(state, device) -> None:
+    """The frozen reference and auxiliary models of a MethodState onto ``device`` (in place)."""
+    for model in [state.reference, *state.auxiliary.values()]:
+        if model is not None:
+            model.to(device)
+
+
+def unlearn_method(model, tokenizer, state, forget: Sequence[TofuItem], retain: Sequence[TofuItem] | None,
+                   config: TrainConfig, run_dir=None, description: str = "unlearn",
+                   mismatch: Sequence[TofuItem] | None = None) -> TrainOutcome:
+    """Unlearn ``forget`` from ``model`` in place with a registry method's loss (:func:`llm.methods.method_loss`).
+
+    The loop, batches, checkpoints, divergence rule and data parallelism of :func:`unlearn`; each step
+    builds the :class:`llm.methods.MethodBatch` that ``state`` needs (:func:`llm.methods.required_batches`):
+
+        forget            ``batch_size`` forget pairs (the seeded FORGET_STREAM order), this process's shard
+        retain            ``retain_batch_size`` (default ``batch_size``) retain pairs (RETAIN_STREAM)
+        mismatch          GA+Mismatch: the mismatch pairs of the step's forget questions; ``mismatch`` holds
+                          m pairs per forget pair, rows i*m .. i*m + m - 1 for forget pair i
+                          (:func:`llm.tofu.methods.mismatch_items`)
+        forget_ref_logps  AdvNPO: the starting model's forget log-likelihoods, cached once
+        counts            GLOBAL normalisers n_f, N_f, n_r, N_r, n_m (:class:`llm.methods.MethodCounts`)
+
+    Batch-global quantities (KGA's forget gap, LAU's perturbation) are summed over processes
+    (``accelerator.reduce``), so DDP gives the numbers of one process holding the global batch.
+
+    Args:
+        model: the model being unlearned (the target; LoRA-wrapped under ``--lora``).
+        state: :func:`llm.methods.prepare_method`'s state of the method (its frozen models are moved to
+            the run's device here).
+        forget, retain, mismatch: TOFU pairs (retain / mismatch only where the method needs them).
+    """
+    from llm.methods import MethodBatch, MethodCounts, method_loss, required_batches
+
+    needs = required_batches(state)
+    if not needs:
+        raise ValueError(f"{state.name} is an update rule, not a loss: it has no unlearning loop")
+    for name, data in (("retain", retain), ("mismatch", mismatch)):
+        if name in needs and not data:
+            raise ValueError(f"{state.name} needs {name} pairs (pass {name}=...)")
+    per_prompt = len(mismatch) // len(forget) if "mismatch" in needs else 0
+    if "mismatch" in needs and per_prompt * len(forget) != len(mismatch):
+        raise ValueError(f"mismatch must hold the same number of pairs per forget pair: {len(mismatch)} for "
+                         f"{len(forget)} forget pairs")
+    forget_data = Examples.build(tokenizer, forget)
+    retain_data = Examples.build(tokenizer, retain) if "retain" in needs else None
+    mismatch_data = Examples.build(tokenizer, mismatch) if "mismatch" in needs else None
+    extra = _METHOD_TERMS.get(state.name, ())
+    with torch_threads(config.num_threads):
+        session = _session(model, config, config.total_steps(len(forget_data)), run_dir, "tofu-unlearn",
+                           ("total", "forget", "logp_per_token") + extra)
+        _move_state(state, session.device)
+        ref = _reference_logps(session, tokenizer, forget, config) if "forget_ref_logps" in needs else None
+        world = session.num_processes
+        reduce_sum = (lambda t: session.accelerator.reduce(t, reduction="sum")) if world > 1 else None
+
+        def forward(step: int) -> dict:
+            rank, device = session.accelerator.process_index, session.device
+            rows = batch_indices(len(forget_data), config.batch_size, step, config.seed, FORGET_STREAM)
+            local = shard(rows, rank, world)
+            retain_batch, mismatch_batch, retain_counts = None, None, (0, 0)
+            if retain_data is not None:
+                retain_batch, *retain_counts = _retain_rows(session, retain_data, config, step)
+            if mismatch_data is not None:
+                mismatch_batch = mismatch_data.batch([int(r) * per_prompt + k for r in local
+                                                      for k in range(per_prompt)], device)
+            counts = MethodCounts(len(rows), forget_data.num_label_tokens(rows), *retain_counts,
+                                  len(rows) * per_prompt)
+            batch = MethodBatch(forget_data.batch(local, device), counts, retain_batch, mismatch_batch,
+                                None if ref is None else ref[local].to(device))
+            result = method_loss(state, session.model, batch, reduce_sum=reduce_sum)
+            per_token = (result.forget_logps / result.forget_num_tokens).sum() / counts.forget_sequences
+            values = {"total": result.total, "forget": result.terms["forget"], "logp_per_token": per_token}
+            for name in extra:
+                value = result.terms.get(name, math.nan)
+                if name == "selected_fraction":  # this shard's fraction -> its share of the global one
+                    value = value * forget_data.num_label_tokens(local) / counts.forget_tokens
+                values[name] = value / world if name in _GLOBAL_TERMS else value
+            return values
+
+        return _loop(session, forward, description, _divergence(config))

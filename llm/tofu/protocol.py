@@ -3,7 +3,11 @@
     stage             input            does                                               output
     target            base model       fine-tune on forgetXX + retainYY pairs (no holdout) models/target/
     retain            base model       fine-tune on retainYY pairs (no holdout)            models/retain/
-    unlearn-<method>  models/target    unlearn forgetXX (retain batches: retainYY)         models/<method>/
+    aux-<s>-on-<d>    base or target   an auxiliary fine-tune of a registry method (WHP,   models/aux-<s>-on-<d>/
+                                       TaskNegation, KGA): start s on data d (forget, or
+                                       unseen = the holdout pairs); llm.tofu.methods
+    unlearn-<method>  models/target    unlearn forgetXX (retain batches: retainYY), or     models/<method>/
+                      (+ its aux-*)    TaskNegation's closed-form edit
     eval-<model>      models/<model>   every metric of llm.tofu.evaluate, and the          (its stage record)
                                        membership scores of forget and holdout pairs
     relearn-<method>  models/<method>  the relearning attack (llm.tofu.relearn)            (its stage record)
@@ -15,14 +19,24 @@ not in our data). As many whole authors as the forget split has (2 / 10 / 20), s
 ``holdout_first_author`` (default 90, the middle of retain90, never in a forget split nor in the
 retain evaluation set, which holds authors 0-22), are removed from both fine-tuning sets, from the
 unlearning retain batches and from the retain evaluation set; their 20 pairs each are the
-non-members of the MIA (``full`` items 20a .. 20a + 19 of author a).
+non-members of the MIA (``full`` items 20a .. 20a + 19 of author a). KGA's unseen set D_n is the same
+pairs (only its auxiliary A_n trains on them; :mod:`llm.tofu.methods` says why that keeps them valid
+non-members of the unlearned model).
+
+Methods: the ``markovsim`` objectives (GA ... SimNPO+KL) train through :func:`llm.tofu.finetune.unlearn`;
+the registry methods of :data:`markovsim.methods.METHODS` (GA+Mismatch, WHP, TaskNegation, KGA, SeUL,
+AdvGA, AdvNPO; hyperparameters from the registry, changed with ``method_options``) through
+:mod:`llm.tofu.method_stages`, their auxiliary models as the ``aux-*`` stages above. Every eval stage
+also scores SeUL's S-MA on the forget set (:mod:`llm.tofu.sensitive`; the sensitive tokens are chosen
+once at the target model and kept in ``sensitive_tokens.json``).
 
 Every stage ends by writing ``stages/<stage>.json`` atomically (after its model folder, itself written
 through a temporary folder and one rename): a stage is done exactly when that file exists, so a killed
 run, started again with the same command, skips the finished stages and redoes (or, with
 ``checkpoint_every``, resumes inside; relearning resumes at its next step count) the one it was killed
 in. ``config.json`` records the settings of the folder; a rerun with different settings (other than
-the method list and runtime options) is refused.
+the method list and runtime options) is refused: adding a method to a finished run adds its stages
+(and its auxiliary stages, when no earlier method needed them) and reuses everything else.
 
 ``limit`` (the CPU smoke-run scale) keeps the first N retain pairs (after removing the holdout
 authors) for training and the first N items of retain / real_authors / world_facts for evaluation;
@@ -46,7 +60,17 @@ from markovsim.runtime import torch_threads
 from .data import FORGET_AUTHORS, ITEMS_PER_AUTHOR, NUM_AUTHORS, TofuItem, author_items, load_split
 from .evaluate import FORGET_SPLITS, evaluate_model, load_eval_sets, membership_scores
 from .finetune import is_main_process, save_trained, wait_for_everyone
+from .methods import (
+    AUXILIARY,
+    auxiliary_models,
+    check_method_name,
+    is_registry_method,
+    method_config,
+    method_slug,
+    parse_method_options,
+)
 from .relearn import check_step_counts, relearn_config, relearning_curve, split_forget
+from .sensitive import sensitive_memorisation, sensitive_positions
 
 __all__ = ["RETAIN_SPLITS", "SIMNPO_SETTINGS", "ProtocolConfig", "method_objective", "method_slug", "Protocol"]
 
@@ -61,18 +85,14 @@ _RETAIN90_AUTHORS = NUM_AUTHORS - FORGET_AUTHORS["forget10"]  # authors 0-179: i
 
 def method_objective(method: str, split: str) -> Objective:
     """The ``markovsim`` objective of a method on a split (SimNPO's beta / weights per :data:`SIMNPO_SETTINGS`)."""
-    if method not in OBJECTIVES:
-        raise ValueError(f"unknown method {method!r}; valid names: {', '.join(OBJECTIVES)}")
+    if check_method_name(method) not in OBJECTIVES:
+        raise ValueError(f"{method!r} is a registry method (markovsim.methods), not an objective of "
+                         f"{', '.join(OBJECTIVES)}: see llm.tofu.methods.method_config")
     if method.startswith("SimNPO"):
         beta, forget_weight = SIMNPO_SETTINGS[split]
         weights = {"forget_weight": forget_weight, "retain_weight": 1.0} if "+" in method else {}
         return get_objective(method, beta=beta, gamma=0.0, **weights)
     return get_objective(method)
-
-
-def method_slug(method: str) -> str:
-    """A folder name for a method: ``"NPO+RT"`` -> ``"npo-rt"``."""
-    return method.lower().replace("+", "-")
 
 
 def _positive(name: str, value, kind=int, optional: bool = False) -> None:
@@ -96,6 +116,11 @@ class ProtocolConfig:
     on the first ``relearn_items_per_author`` pairs of every forget author (batch ``relearn_batch_size``,
     AdamW at a constant ``relearn_lr``) for each step count of ``relearn_steps`` (empty: no relearning)
     and measures the other pairs.
+
+    ``methods`` mixes ``markovsim`` objectives and registry methods (:data:`llm.tofu.methods.METHOD_NAMES`);
+    ``method_options`` (``"Name.field=value"`` strings) change the registry methods' hyperparameters
+    (:func:`llm.tofu.methods.parse_method_options`). Their auxiliary fine-tunes use the fine-tuning
+    settings above; their unlearning the unlearning settings.
     """
 
     split: str = "forget10"
@@ -123,6 +148,7 @@ class ProtocolConfig:
     relearn_items_per_author: int = 4
     relearn_batch_size: int = 4
     relearn_lr: float = 1e-5
+    method_options: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.split not in FORGET_SPLITS:
@@ -130,9 +156,13 @@ class ProtocolConfig:
         if not self.methods or isinstance(self.methods, str):
             raise ValueError("methods must be a non-empty list of method names")
         for method in self.methods:
-            method_objective(method, self.split)
+            if not is_registry_method(method):
+                method_objective(method, self.split)
         if len(set(self.methods)) != len(self.methods):
             raise ValueError(f"methods repeat a name: {list(self.methods)}")
+        object.__setattr__(self, "method_options", tuple(self.method_options)
+                           if not isinstance(self.method_options, str) else self.method_options)
+        self.options  # checks the options
         for name in ("batch_size", "max_new_tokens", "eval_batch_size", "lora_rank", "relearn_batch_size"):
             _positive(name, getattr(self, name))
         for name in ("limit", "finetune_steps", "unlearn_steps", "num_threads", "checkpoint_every"):
@@ -145,6 +175,11 @@ class ProtocolConfig:
         if isinstance(first, bool) or not isinstance(first, int) or not 0 <= first <= last:
             raise ValueError(f"holdout_first_author must be an int in [0, {last}] (the {self.num_forget_authors} "
                              f"holdout authors lie in retain90's authors 0-{_RETAIN90_AUTHORS - 1}), got {first!r}")
+
+    @property
+    def options(self) -> dict[str, dict]:
+        """``method_options`` parsed: ``{method: {field: value}}`` (:func:`llm.tofu.methods.parse_method_options`)."""
+        return parse_method_options(self.method_options)
 
     @property
     def num_forget_authors(self) -> int:
@@ -186,14 +221,26 @@ class Protocol:
 
     # ----- layout -------------------------------------------------------------------------------------------
     def model_names(self) -> list[str]:
+        """The evaluated models: target, retain, then one per method."""
         return ["target", "retain"] + [method_slug(m) for m in self.config.methods]
+
+    def auxiliary_names(self) -> list[str]:
+        """The auxiliary models the methods need (:data:`llm.tofu.methods.AUXILIARY`), each once, first need first."""
+        names = []
+        for method in self.config.methods:
+            names += [a for a in auxiliary_models(method, self.config.options) if a not in names]
+        return names
 
     def stages(self) -> list[str]:
         """Every stage, in order."""
         c = self.config
         relearn = [f"relearn-{method_slug(m)}" for m in c.methods] if c.relearn_steps else []
-        return (["target", "retain"] + [f"unlearn-{method_slug(m)}" for m in c.methods]
+        return (["target", "retain"] + self.auxiliary_names() + [f"unlearn-{method_slug(m)}" for m in c.methods]
                 + [f"eval-{name}" for name in self.model_names()] + relearn + ["report"])
+
+    def method(self, slug: str) -> str:
+        """The method name of a slug of this run (``"ga-mismatch"`` -> ``"GA+Mismatch"``)."""
+        return next(m for m in self.config.methods if method_slug(m) == slug)
 
     def stage_path(self, stage: str) -> Path:
         return self.out / "stages" / f"{stage}.json"
@@ -211,7 +258,7 @@ class Protocol:
         path = self.out / "config.json"
         state = self.config.state()
         if path.is_file():
-            saved = read_json(path)
+            saved = {**ProtocolConfig().state(), **read_json(path)}  # a setting newer than the folder: its default
             changed = sorted(k for k in set(state) | set(saved)
                              if k not in _RUNTIME_FIELDS and saved.get(k) != state.get(k))
             if changed:
@@ -243,6 +290,10 @@ class Protocol:
         started = time.perf_counter()
         if stage in ("target", "retain"):
             record = self._finetune(stage)
+        elif stage.startswith("aux-"):
+            from .method_stages import auxiliary_stage
+
+            record = auxiliary_stage(self, stage)
         elif stage.startswith("unlearn-"):
             record = self._unlearn(stage.removeprefix("unlearn-"))
         elif stage.startswith(("eval-", "relearn-")):
@@ -260,11 +311,13 @@ class Protocol:
         return record
 
     def _needs(self, stage: str) -> list[str]:
+        if stage.startswith("aux-"):
+            return ["target"] if AUXILIARY[stage].start == "target" else []
         if stage.startswith("unlearn-"):
-            return ["target"]
-        if stage.startswith("eval-"):
+            return ["target"] + list(auxiliary_models(self.method(stage.removeprefix("unlearn-")), self.config.options))
+        if stage.startswith("eval-"):  # the target too: its sensitive tokens (S-MA)
             name = stage.removeprefix("eval-")
-            return [name if name in ("target", "retain") else f"unlearn-{name}"]
+            return ["target"] + ([] if name == "target" else [name if name == "retain" else f"unlearn-{name}"])
         if stage.startswith("relearn-"):
             return [f"unlearn-{stage.removeprefix('relearn-')}", "eval-retain"]
         if stage == "report":
@@ -348,7 +401,11 @@ class Protocol:
         from .finetune import unlearn
 
         c = self.config
-        method = next(m for m in c.methods if method_slug(m) == slug)
+        method = self.method(slug)
+        if is_registry_method(method):
+            from .method_stages import registry_unlearn_stage
+
+            return registry_unlearn_stage(self, method)
         objective = method_objective(method, c.split)
         forget, retain = load_split(c.split), self.retain_items()
         model, tokenizer = self._load("target")
@@ -369,11 +426,32 @@ class Protocol:
                                 batch_size=c.eval_batch_size, progress=c.progress)
         mia = {kind: membership_scores(model, tokenizer, items, c.eval_batch_size)
                for kind, items in (("forget", sets["forget"]), ("holdout", self.holdout_items()))}
-        return {"model": name, "result": result, "mia": mia}
+        sensitive = sensitive_memorisation(model, tokenizer, sets["forget"], self.sensitive_tokens(sets["forget"]),
+                                           c.eval_batch_size)
+        return {"model": name, "result": result, "mia": mia, "sensitive": sensitive}
+
+    def sensitive_tokens(self, forget: list[TofuItem]) -> list[list[int]]:
+        """SeUL's sensitive tokens of the forget answers, chosen at the target model (``sensitive_tokens.json``).
+
+        Per item the positions among its answer's tokens (:func:`llm.tofu.sensitive.sensitive_positions`
+        with SeUL's ``fraction``); computed from models/target once and reused by every eval stage.
+        """
+        path, fraction = self.out / "sensitive_tokens.json", method_config("SeUL", self.config.options).fraction
+        if path.is_file():
+            saved = read_json(path)
+            if saved["fraction"] == fraction and saved["questions"] == [i.question for i in forget]:
+                return saved["positions"]
+        model, tokenizer = self._load("target")
+        positions = sensitive_positions(self._to_device(model), tokenizer, forget, fraction,
+                                        self.config.eval_batch_size)
+        if is_main_process():
+            atomic_write_json(path, {"fraction": fraction, "chosen_at": "target", "positions": positions,
+                                     "questions": [i.question for i in forget]})
+        return positions
 
     def _relearn(self, slug: str) -> dict:
         c = self.config
-        method = next(m for m in c.methods if method_slug(m) == slug)
+        method = self.method(slug)
         train_rows, eval_rows = self.relearn_rows()
         forget_pairs, forget_eval = load_split(c.split), load_split(f"{c.split}_perturbed")
         retain_ratios = self.record("eval-retain")["result"]["sets"]["forget"]["truth_ratios"]
@@ -398,8 +476,8 @@ class Protocol:
 
     def clean_work(self) -> None:
         """Remove the training work folders (logs, checkpoints) of finished stages."""
-        for name in self.model_names():
-            stage = name if name in ("target", "retain") else f"unlearn-{name}"
+        for name in self.model_names() + self.auxiliary_names():
+            stage = name if name in ("target", "retain") or name.startswith("aux-") else f"unlearn-{name}"
             if self.done(stage):
                 shutil.rmtree(self.out / "work" / name, ignore_errors=True)
             if self.done(f"relearn-{name}"):

@@ -3,7 +3,9 @@
 ``results.json`` (strict JSON: NaN/inf written as null and listed under ``non_finite``) holds the
 package name and version, the full protocol config, each stage's wall time and outcome, and per model
 (target, retain, then each method) the headline numbers, the 9 utility components and the forget-set
-numbers, the membership-inference AUCs (``mia_auc/<attack>``: forget pairs as members against the
+numbers, SeUL's sensitive memorisation accuracy on the forget set (``forget/s_ma``, on the tokens
+chosen at the target model; :mod:`llm.tofu.sensitive`; null for eval records made before it existed),
+the membership-inference AUCs (``mia_auc/<attack>``: forget pairs as members against the
 holdout authors' pairs) and PrivLeak against the retain model (``privleak/<attack>``, percent; the
 retain model itself scores 0); ``holdout`` says which authors were held out; ``relearning`` holds, per
 method, the relearning attack's curves ``{"steps", "forget_probability", "forget_rouge_l",
@@ -30,7 +32,8 @@ __all__ = ["PACKAGE", "package_version", "model_row", "membership_row", "results
 PACKAGE = "simnpo-companion"
 _COLUMNS = [("forget quality", "forget_quality"), ("model utility", "model_utility")] + [
     (f"{s} {label}", f"{s}/{metric}") for s in EVAL_SETS
-    for label, metric in (("prob", "probability"), ("ROUGE-L", "rouge_l"), ("TR", "truth_ratio"))]
+    for label, metric in (("prob", "probability"), ("ROUGE-L", "rouge_l"), ("TR", "truth_ratio"))] + [
+    ("forget S-MA", "forget/s_ma")]
 _ATTACK_LABELS = {"loss": "LOSS", "zlib": "ZLib", "min_k": "Min-K%", "min_k_plus_plus": "Min-K%++"}
 
 
@@ -83,13 +86,15 @@ def results_document(protocol) -> dict:
     """The results.json document of a protocol whose eval (and relearn) stages are done."""
     records = {name: protocol.record(f"eval-{name}") for name in protocol.model_names()}
     evaluations = {name: record["result"] for name, record in records.items()}
-    models = {name: model_row(result, evaluations["retain"]) | membership_row(records[name]["mia"],
-                                                                               records["retain"]["mia"])
+    models = {name: model_row(result, evaluations["retain"])
+              | {"forget/s_ma": records[name].get("sensitive", {}).get("s_ma")}
+              | membership_row(records[name]["mia"], records["retain"]["mia"])
               for name, result in evaluations.items()}
     stages = {}
     for stage in protocol.stages()[:-1]:
         record = protocol.record(stage)
-        stages[stage] = {k: v for k, v in record.items() if k not in ("stage", "result", "mia", "relearning")}
+        stages[stage] = {k: v for k, v in record.items()
+                         if k not in ("stage", "result", "mia", "relearning", "sensitive")}
     methods = dict(zip([n for n in protocol.model_names()[2:]], protocol.config.methods))
     relearning, setup = _relearning(protocol)
     return {"package": {"name": PACKAGE, "version": package_version()}, "config": protocol.config.state(),
