@@ -139,6 +139,28 @@ def record_seed_bands(module, monkeypatch) -> list:
     return drawn
 
 
+def seed_groups(runs: dict) -> dict:
+    """``{(source key, method, forget component): [(retain KL, component KL) per seed]}`` of cached runs."""
+    pool = {}
+    for key, trajectories in runs.items():
+        for method, trajectory in trajectories.items():
+            for component in ("forget1", "forget2"):
+                pool.setdefault((key.split("/seed")[0], method, component), []).append(
+                    (trajectory.metric("kl_true", "retain"), trajectory.metric("kl_true", component)))
+    return pool
+
+
+def assert_drawn_once_each(drawn: list, expected: list) -> None:
+    """Every drawn ``(xs, ys)`` band is one expected seed group (bit-equal), and every group is drawn."""
+    remaining = list(expected)
+    for xs, ys in drawn:
+        match = next(i for i, pairs in enumerate(remaining)
+                     if len(pairs) == len(xs) and all(np.array_equal(a, x) and np.array_equal(b, y)
+                                                      for (a, b), x, y in zip(pairs, xs, ys)))
+        remaining.pop(match)
+    assert not remaining
+
+
 def test_tradeoff_plot_draws_exactly_the_cached_trajectories(tiny_output, tmp_path, monkeypatch):
     from paper_figures import markov_tradeoff
     from paper_figures.runs import load_runs
@@ -153,19 +175,7 @@ def test_tradeoff_plot_draws_exactly_the_cached_trajectories(tiny_output, tmp_pa
             for component in ("forget1", "forget2"):
                 expected.append((key.split("/seed")[0], method, component))
     assert len(drawn) == 2 * len({e for e in expected})  # zoomed and whole panel, per seed group
-    pool = {}
-    for key, trajectories in runs.items():
-        for method, trajectory in trajectories.items():
-            for component in ("forget1", "forget2"):
-                pool.setdefault((key.split("/seed")[0], method, component), []).append(
-                    (trajectory.metric("kl_true", "retain"), trajectory.metric("kl_true", component)))
-    remaining = [pair for pairs in pool.values() for pair in [pairs, pairs]]
-    for xs, ys in drawn:
-        match = next(i for i, pairs in enumerate(remaining)
-                     if len(pairs) == len(xs) and all(np.array_equal(a, x) and np.array_equal(b, y)
-                                                      for (a, b), x, y in zip(pairs, xs, ys)))
-        remaining.pop(match)
-    assert not remaining
+    assert_drawn_once_each(drawn, [pairs for pairs in seed_groups(runs).values() for pairs in [pairs, pairs]])
 
 
 # ----- tofu_bias and relearning: the simulator halves in every run, the TOFU halves from a TOFU run folder -----
@@ -317,20 +327,9 @@ def test_other_methods_draws_exactly_the_cached_trajectories(tiny_output, tmp_pa
     runs, _, _ = load_runs(stem)
     drawn = record_seed_bands(other_methods, monkeypatch)
     other_methods.plot(stem, str(tmp_path / "again"))
-    pool = {}
-    for key, trajectories in runs.items():
-        for method, trajectory in trajectories.items():
-            for component in ("forget1", "forget2"):
-                pool.setdefault((key.split("/seed")[0], method, component), []).append(
-                    (trajectory.metric("kl_true", "retain"), trajectory.metric("kl_true", component)))
-    remaining = list(pool.values())
-    assert len(drawn) == len(remaining)
-    for xs, ys in drawn:
-        match = next(i for i, pairs in enumerate(remaining)
-                     if len(pairs) == len(xs) and all(np.array_equal(a, x) and np.array_equal(b, y)
-                                                      for (a, b), x, y in zip(pairs, xs, ys)))
-        remaining.pop(match)
-    assert not remaining
+    groups = list(seed_groups(runs).values())
+    assert len(drawn) == len(groups)
+    assert_drawn_once_each(drawn, groups)
     methods = {method for trajectories in runs.values() for method in trajectories}
     assert methods == {"GA", "NPO", "SimNPO"} | set(other_methods.REGISTRY)
 
