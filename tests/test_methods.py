@@ -14,7 +14,15 @@ from markovsim.data import SequenceSet
 from markovsim.dynamics import DynamicsConfig
 from markovsim.exact_gradients import next_token_log_probs, objective_value_and_gradient
 from markovsim.losses import ga, masked_ga
-from markovsim.methods import METHODS, FineTuneConfig, fine_tune, get_config, run_method, unlearn_exact
+from markovsim.methods import (
+    METHODS,
+    FineTuneConfig,
+    exact_problem,
+    fine_tune,
+    get_config,
+    run_method,
+    unlearn_exact,
+)
 from markovsim.methods.exact import autograd_step, token_log_probs
 from markovsim.methods.kga import gap_alignment, kga_loss
 from markovsim.methods.lau import adversarial_perturbation, perturb_logits, project_to_ball
@@ -405,6 +413,19 @@ def test_every_method_runs_on_a_paper_scenario(tiny_setup, name):
     else:
         assert loss[-1] < loss[0] and logp[-1, forget] < logp[0, forget]
 
+
+
+def test_kga_unseen_set_follows_the_data_seed_unless_given(tiny_setup):
+    """run_method draws KGA's D_n with the scenario's data seed by default (seed bands vary it), else unseen_seed."""
+    dynamics, config = DynamicsConfig(steps=2, learning_rate=0.02), small_configs()["KGA"]
+    reseeded = dataclasses.replace(tiny_setup, scenario=dataclasses.replace(
+        tiny_setup.scenario, spec=dataclasses.replace(tiny_setup.scenario.spec, seed=3)))
+    by_default = run_method("KGA", reseeded, dynamics, config=config)
+    direct = unlearn_exact(exact_problem("KGA", reseeded, config, seed=3), reseeded.reference, dynamics,
+                           reseeded.evaluator)
+    np.testing.assert_array_equal(by_default.step_metrics["loss"], direct.step_metrics["loss"])
+    other = run_method("KGA", reseeded, dynamics, config=config, unseen_seed=4)
+    assert not np.array_equal(other.step_metrics["loss"], by_default.step_metrics["loss"])
 
 
 def test_unlearn_exact_stops_cleanly_on_divergence(tiny_setup):

@@ -56,14 +56,16 @@ def exact_problem(name: str, setup, config=None, num_unseen: int | None = None, 
 
 
 def run_method(name: str, setup, dynamics: DynamicsConfig | None = None, config=None, scales=None,
-               progress: bool | None = None):
+               progress: bool | None = None, unseen_seed: int | None = None):
     """Run method ``name`` on ``setup`` from its reference model; a ``Trajectory``.
 
     Objectives and wrappers run ``dynamics`` (default: the scenario's) full-batch steps. TaskNegation,
     an update rule, is evaluated along ``scales`` (default 11 lambdas from 0 to its ``config.scale``);
-    its trajectory's ``steps`` are those lambdas.
+    its trajectory's ``steps`` are those lambdas. KGA's unseen set is drawn with ``unseen_seed``
+    (default: the scenario's data seed, so runs over data seeds also vary D_n).
     """
-    problem = exact_problem(name, setup, config)
+    seed = setup.scenario.spec.seed if unseen_seed is None else unseen_seed
+    problem = exact_problem(name, setup, config, seed=seed)
     if get_method(name).kind == "update_rule":
         scales = np.linspace(0.0, problem.config.scale, 11) if scales is None else scales
         return task_negation_path(problem, scales, setup.evaluator)
