@@ -259,6 +259,7 @@ def test_bad_method_names_exit_2_listing_the_valid_names(tmp_path, capsys, metho
     ("NPO.beta=1", "'NPO' is not a registry method"),
     ("WHP.reinforce=3", "cannot be set on TOFU"),
     ("SeUL.fraction", "must read 'Name.field=value'"),
+    ("SeUL.fraction=0.5", "method_options name ['SeUL'], which are not among methods ['NPO']"),
 ])
 def test_bad_method_options_exit_2_naming_the_option(tmp_path, capsys, option, message):
     argv = ["run", "--out", str(tmp_path / "x"), "--no-progress", "--methods", "NPO", "--method-option", option]
@@ -351,7 +352,8 @@ def test_a_run_folder_from_before_method_options_still_resumes(base, tmp_path):
     (out / "config.json").write_text(json.dumps(saved))
     Protocol(ProtocolConfig(model=base, **TINY), out)  # no "different settings" refusal
     with pytest.raises(ValueError, match=r"different settings \(method_options\)"):
-        Protocol(ProtocolConfig(model=base, method_options=("SeUL.fraction=0.5",), **TINY), out)
+        Protocol(ProtocolConfig(model=base, methods=("NPO", "SimNPO", "SeUL"), method_options=("SeUL.fraction=0.5",),
+                                **TINY), out)
 
 
 @pytest.mark.cuda

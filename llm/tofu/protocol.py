@@ -162,7 +162,10 @@ class ProtocolConfig:
             raise ValueError(f"methods repeat a name: {list(self.methods)}")
         object.__setattr__(self, "method_options", tuple(self.method_options)
                            if not isinstance(self.method_options, str) else self.method_options)
-        self.options  # checks the options
+        unused = sorted(set(self.options) - set(self.methods))  # parsing checks the options
+        if unused:
+            raise ValueError(f"method_options name {unused}, which are not among methods {list(self.methods)}; "
+                             f"add them to --methods or drop their options")
         for name in ("batch_size", "max_new_tokens", "eval_batch_size", "lora_rank", "relearn_batch_size"):
             _positive(name, getattr(self, name))
         for name in ("limit", "finetune_steps", "unlearn_steps", "num_threads", "checkpoint_every"):
