@@ -12,7 +12,11 @@ its own ``Objective``. Each step:
     update     = StackedAdamW on the replicas still active
 
 so replica i returns what the single run with its settings returns (same batches, same metrics;
-tested to rtol 1e-5 in float32 on CPU). A replica that meets NaN/inf (or its divergence threshold)
+tested to rtol 1e-5 in float32 on CPU). When every objective is forget-only (GA, NPO, SimNPO: the
+paper's setting) and the route is batched, the loop over replicas is replaced by one grouped
+computation (``llm.replica_forget.BatchedForget``: one gather, one forward, one loss call per group of
+equal objectives, one host sync), which is what makes many replicas cheap on a GPU. A replica that
+meets NaN/inf (or its divergence threshold)
 records ``diverged_at`` and stops updating; the others go on.
 
 Evaluation (test-set KLs, forget weights, power share) of all recording replicas runs in batched
