@@ -16,8 +16,7 @@ tested to rtol 1e-5 in float32 on CPU). When every objective is forget-only (GA,
 paper's setting) and the route is batched, the loop over replicas is replaced by one grouped
 computation (``llm.replica_forget.BatchedForget``: one gather, one forward, one loss call per group of
 equal objectives, one host sync), which is what makes many replicas cheap on a GPU. A replica that
-meets NaN/inf (or its divergence threshold)
-records ``diverged_at`` and stops updating; the others go on.
+meets NaN/inf (or its divergence threshold) records ``diverged_at`` and stops updating; the others go on.
 
 Evaluation (test-set KLs, forget weights, power share) of all recording replicas runs in batched
 passes over the stack with the single run's formulas (``llm.replica_evaluation``; for the test set,
