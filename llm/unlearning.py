@@ -9,6 +9,7 @@ model and cached; a frozen reference model is kept only for a KL retain term. Di
 
 from __future__ import annotations
 
+import abc
 import copy
 import dataclasses
 import math
@@ -85,7 +86,7 @@ def unlearn(model, objective: Objective, forget: SequenceSet, retain: SequenceSe
         return _Unlearning(model, objective, forget, retain, preferred, config, evaluator, run_dir).run(resume)
 
 
-class UnlearningLoop:
+class UnlearningLoop(abc.ABC):
     """The step loop of one unlearning run on a :class:`Session`, shared by :func:`unlearn` (an ``Objective``)
     and ``llm.methods.markov.unlearn_method`` (a registry method).
 
@@ -118,8 +119,9 @@ class UnlearningLoop:
     def setup(self, model) -> None:
         """What the run computes from the starting model once the session exists (before the evaluator)."""
 
+    @abc.abstractmethod
     def forward(self, step: int) -> dict:
-        raise NotImplementedError
+        """This process's shares ``{"total", "forget", "retain", "logp_per_token"}`` of step ``step``."""
 
     def run_info(self) -> dict:
         return {}
