@@ -40,7 +40,7 @@ from .logps import NonFiniteLogitsError
 from .objective import SEQUENCE_LOSSES, BatchCounts, UnlearningBatch, objective_terms, retain_term
 from .runtime import autocast
 
-__all__ = ["DiagnosticsPlan", "Diagnostics"]
+__all__ = ["DiagnosticsPlan", "Diagnostics", "gradient_norm"]
 
 # Seed stream of the fixed diagnostics subsamples (batch order uses FORGET_STREAM / RETAIN_STREAM).
 DIAGNOSTICS_STREAM = 2
@@ -148,7 +148,7 @@ class Diagnostics:
             norm, mean_weight = self._forget_pass(model, params, rows, scale)
             norms[column], weights[column] = norm, mean_weight
         if self.power and self.objective.retain is not None and self.plan.retain_columns:
-            retain_norm = self._gradient_norm(params, self._retain_chunks(model))
+            retain_norm = gradient_norm(params, self._retain_chunks(model))
             for column in self.plan.retain_columns:
                 norms[column] += retain_norm / len(self.plan.retain_columns)
         result = {}
@@ -192,14 +192,17 @@ class Diagnostics:
                 value = retain_term(model, self.objective, retain.batch(rows[chunk], device), counts, self.reference)
             yield self.objective.retain_weight * value * self.plan.retain_scale
 
-    @staticmethod
-    def _gradient_norm(params, values) -> float:
-        buffers = [torch.zeros_like(p) for p in params]
-        for value in values:
-            for buffer, grad in zip(buffers, torch.autograd.grad(value, params, allow_unused=True)):
-                if grad is not None:
-                    buffer += grad
-        return _norm(buffers)
+
+
+def gradient_norm(params, values) -> float:
+    """``||sum_k d values_k / d params||_2`` (float64), one ``torch.autograd.grad`` per value (chunk) and
+    the gradients summed, so a sum over chunks never holds more than one chunk's graph."""
+    buffers = [torch.zeros_like(p) for p in params]
+    for value in values:
+        for buffer, grad in zip(buffers, torch.autograd.grad(value, params, allow_unused=True)):
+            if grad is not None:
+                buffer += grad
+    return _norm(buffers)
 
 
 def _rows(values: torch.Tensor | None, rows: np.ndarray, device) -> torch.Tensor | None:

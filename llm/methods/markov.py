@@ -46,7 +46,7 @@ from markovsim.trajectory import Trajectory
 
 from ..config import PAPER_UNLEARNING, TrainConfig, config_state
 from ..data import FORGET_STREAM, RETAIN_STREAM, EncodedSequences, batch_indices, encode, evaluation_chunks, shard
-from ..diagnostics import DiagnosticsPlan
+from ..diagnostics import DiagnosticsPlan, gradient_norm
 from ..evaluate import Evaluator, model_device, model_sequence_logps_batched
 from ..logps import NonFiniteLogitsError
 from ..models import check_model_data
@@ -167,13 +167,13 @@ class MethodDiagnostics:
             values = (method_loss(self.state, model, sets.batch(rows[chunk], None, counts, device), context,
                                   part="forget").total * scale
                       for chunk in evaluation_chunks(len(rows), self.batch_size))
-            norms[column] = self._norm(params, values)
+            norms[column] = gradient_norm(params, values)
         if self.plan.retain_columns and self.plan.retain_rows is not None:
             rows = self.plan.retain_rows
             values = (method_loss(self.state, model, sets.batch(everything[:1], rows[chunk], counts, device), context,
                                   part="retain").total * self.plan.retain_scale
                       for chunk in evaluation_chunks(len(rows), self.batch_size))
-            retain_norm = self._norm(params, values)
+            retain_norm = gradient_norm(params, values)
             for column in self.plan.retain_columns:
                 norms[column] += retain_norm / len(self.plan.retain_columns)
         return power_shares(norms, self.plan.present)
@@ -193,15 +193,6 @@ class MethodDiagnostics:
             with autocast(device.type, self.bf16):
                 return step_context(self.state, model, sets.batch(rows, None, counts, device))
         return StepContext()
-
-    def _norm(self, params, values) -> float:
-        buffers = [torch.zeros_like(p) for p in params]
-        for value in values:
-            for buffer, grad in zip(buffers, torch.autograd.grad(value, params, allow_unused=True)):
-                if grad is not None:
-                    buffer += grad
-        return math.sqrt(sum(float((b.double() ** 2).sum()) for b in buffers))
-
 
 class _MethodUnlearning(UnlearningLoop):
     """A registry method's run (see :func:`unlearn_method`)."""
