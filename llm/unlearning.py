@@ -34,7 +34,7 @@ from .models import check_model_data
 from .objective import BatchCounts, UnlearningBatch, objective_terms
 from .session import Session, StepOutcome, check_config, check_sequences
 
-__all__ = ["unlearn", "UnlearningLoop", "trajectory_from_records"]
+__all__ = ["unlearn", "UnlearningLoop", "default_evaluator", "trajectory_from_records"]
 
 
 def _check_unlearn_inputs(model, objective, forget, retain, preferred, config) -> None:
@@ -86,6 +86,13 @@ def unlearn(model, objective: Objective, forget: SequenceSet, retain: SequenceSe
         return _Unlearning(model, objective, forget, retain, preferred, config, evaluator, run_dir).run(resume)
 
 
+def default_evaluator(model, forget: SequenceSet, retain: SequenceSet | None, batch_size: int,
+                      bf16: bool = False) -> Evaluator:
+    """A run's default ``Evaluator``: forget + retain as the test set, the starting ``model`` as reference."""
+    sets = [forget] + ([retain] if retain is not None else [])
+    return Evaluator(concatenate(sets), reference=model, batch_size=batch_size, bf16=bf16)
+
+
 class UnlearningLoop(abc.ABC):
     """The step loop of one unlearning run on a :class:`Session`, shared by :func:`unlearn` (an ``Objective``)
     and ``llm.methods.markov.unlearn_method`` (a registry method).
@@ -105,9 +112,7 @@ class UnlearningLoop(abc.ABC):
         self.session = Session(model, config, config.total_steps(len(forget)), run_dir, "unlearn", self.VALUE_NAMES)
         self.setup(model)
         if evaluator is None:
-            sets = [forget] + ([retain] if retain is not None else [])
-            evaluator = Evaluator(concatenate(sets), reference=model, batch_size=config.eval_batch_size,
-                                  bf16=self.session.bf16)
+            evaluator = default_evaluator(model, forget, retain, config.eval_batch_size, self.session.bf16)
         self.evaluator = evaluator
         self.names = tuple(evaluator.component_names)
         self.diagnostics = None

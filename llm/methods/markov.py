@@ -53,7 +53,7 @@ from ..models import check_model_data
 from ..pretraining import pretrain
 from ..runtime import autocast, resolve_device
 from ..session import check_config, check_sequences
-from ..unlearning import UnlearningLoop, trajectory_from_records
+from ..unlearning import UnlearningLoop, default_evaluator, trajectory_from_records
 from .batch import MethodBatch, MethodCounts
 from .losses import StepContext, method_loss, required_batches, step_context
 from .state import check_method_config, prepare_method
@@ -309,10 +309,7 @@ def _task_negation_path(model, state, forget, retain, config, evaluator, scales)
     if scales.ndim != 1 or scales.size == 0 or not np.all(np.isfinite(scales)) or np.any(scales < 0):
         raise ValueError("scales must be a non-empty 1-d array of finite lambdas >= 0")
     if evaluator is None:
-        from markovsim.data import concatenate
-
-        evaluator = Evaluator(concatenate([forget] + ([retain] if retain is not None else [])), reference=model,
-                              batch_size=config.eval_batch_size)
+        evaluator = default_evaluator(model, forget, retain, config.eval_batch_size)
     fine_tuned = state.auxiliary["fine_tuned"]
     vector = lora_task_vector(fine_tuned) if hasattr(fine_tuned, "peft_config") else full_task_vector(model,
                                                                                                        fine_tuned)
