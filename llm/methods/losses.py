@@ -172,13 +172,16 @@ def _forget_gap(state, model, batch: MethodBatch):
     return gap, mask, logps, num_tokens
 
 
-def _kga(state, model, batch: MethodBatch, part: str, context: StepContext) -> MethodTerms:
+def _kga(state, model, batch: MethodBatch, part: str, context: StepContext | None,
+         reduce_sum: ReduceSum | None) -> MethodTerms:
     config, counts = state.config, batch.counts
     gap, mask, logps, num_tokens = _forget_gap(state, model, batch)
     if part == "retain":
         retain = _retain_kl(state, model, batch)
         return MethodTerms(config.retain_weight * retain, {"forget": gap.new_zeros(()), "retain": retain.detach()},
                            logps.detach(), num_tokens.detach())
+    if context is None:  # this batch is the whole step: G is this forward's gap (summed over processes)
+        context = StepContext(forget_gap=float(gap.detach() if reduce_sum is None else reduce_sum(gap.detach())))
     unseen = torch.tensor(state.unseen_gap, dtype=gap.dtype, device=gap.device)
     global_gap = gap + (context.forget_gap - gap.detach())  # value G (global), gradient d(this share)
     share = float(mask.sum()) / counts.forget_tokens  # this shard's share of the forget tokens
@@ -263,19 +266,20 @@ def method_loss(state: MethodState, model, batch: MethodBatch, context: StepCont
         state: from :func:`~llm.methods.state.prepare_method` (not TaskNegation: an update rule).
         model: the causal LM being unlearned (train mode; possibly DDP / peft wrapped).
         batch: this process's rows and the global counts (:class:`~llm.methods.batch.MethodBatch`).
-        context: the step's global quantities; default :func:`step_context` of this batch.
+        context: the step's global quantities; default: those of this batch (:func:`step_context`; KGA's
+            gap from the loss's own forward pass).
         reduce_sum: data parallelism: sums a tensor over processes (e.g. ``accelerator.reduce(t, "sum")``).
         part: "all", "forget" (forget-side terms only) or "retain" (the weighted retain term only).
     """
     _check_inputs(state, batch, part)
-    if context is None:
+    if context is None and state.name in ("AdvGA", "AdvNPO"):
         context = step_context(state, model, batch, reduce_sum)
     if state.name == "GA+Mismatch":
         result = _ga_mismatch(state, model, batch, part)
     elif state.name == "WHP":
         result = _whp(state, model, batch, part)
-    elif state.name == "KGA":
-        result = _kga(state, model, batch, part, context)
+    elif state.name == "KGA":  # its global gap comes from its own forward unless given (no second pass)
+        result = _kga(state, model, batch, part, context, reduce_sum)
     elif state.name == "SeUL":
         result = _seul(state, model, batch, part)
     else:
