@@ -21,8 +21,8 @@ from markovsim import losses
 
 from .data import IGNORE_INDEX
 
-__all__ = ["NonFiniteLogitsError", "model_logits", "labelled_token_logps", "model_sequence_logps", "state_log_probs",
-           "upcast"]
+__all__ = ["NonFiniteLogitsError", "model_logits", "labelled_token_logps", "token_log_likelihoods",
+           "model_sequence_logps", "summed_token_kl", "state_log_probs", "upcast"]
 
 
 class NonFiniteLogitsError(FloatingPointError):
@@ -86,6 +86,17 @@ def model_sequence_logps(model, batch: dict[str, torch.Tensor]) -> tuple[torch.T
     """
     token_logps, mask = labelled_token_logps(model_logits(model, batch), batch["labels"])  # (B, T-1)
     return losses.reduce_token_logps(token_logps, mask)
+
+
+def summed_token_kl(target_log_probs: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """sum over labelled positions of KL(p_target || softmax(logits)) (``markovsim.losses.kl``), a scalar.
+
+    Args: target_log_probs (b, t-1, V) (may hold -inf); logits (b, t, V) of the model (the last position
+    predicts nothing); mask (b, t-1) labelled positions.
+    """
+    log_probs = torch.log_softmax(upcast(logits[:, :-1]), -1)  # (b, t-1, V)
+    per_sequence = losses.kl(target_log_probs.to(log_probs.dtype), log_probs, mask)  # (b,) token means
+    return (per_sequence * mask.sum(-1)).sum()
 
 
 def state_log_probs(logits: torch.Tensor, num_states: int) -> torch.Tensor:

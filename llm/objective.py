@@ -20,10 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-from markovsim.losses import LOSSES, SEQUENCE_LOSSES, Objective, kl, reduce_token_logps
+from markovsim.losses import LOSSES, SEQUENCE_LOSSES, Objective, reduce_token_logps
 
 from .data import merge_batches
-from .logps import labelled_token_logps, model_logits, upcast
+from .logps import labelled_token_logps, model_logits, summed_token_kl, upcast
 
 __all__ = ["BatchCounts", "ObjectiveTerms", "UnlearningBatch", "objective_terms", "retain_term", "SEQUENCE_LOSSES"]
 
@@ -109,9 +109,7 @@ def _retain_term(objective: Objective, logits, token_logps, mask, counts: BatchC
     with torch.no_grad():
         ref_logits = model_logits(reference, retain_batch)  # (b_r, t, vocab)
     ref_logprobs = torch.log_softmax(upcast(ref_logits[:, :-1]), -1)  # (b_r, t-1, vocab)
-    logprobs = torch.log_softmax(upcast(logits[:, :-1]), -1)  # (b_r, t-1, vocab)
-    per_sequence = kl(ref_logprobs, logprobs, mask)  # (b_r,) token means
-    return (per_sequence * num_tokens).sum() / counts.retain_tokens
+    return summed_token_kl(ref_logprobs, logits, mask) / counts.retain_tokens
 
 
 def _parts(objective: Objective, batch: UnlearningBatch) -> dict[str, dict]:

@@ -30,14 +30,14 @@ from typing import Callable
 
 import torch
 
-from markovsim.losses import kl, masked_ga, reduce_token_logps
+from markovsim.losses import masked_ga, reduce_token_logps
 from markovsim.methods.kga import kga_loss
 from markovsim.methods.lau import adversarial_perturbation, autograd_ascent_direction
 from markovsim.methods.mismatch import ga_mismatch_loss
 from markovsim.methods.seul import select_sensitive_tokens
 from markovsim.methods.whp import generic_target_log_probs
 
-from ..logps import labelled_token_logps, model_logits, upcast
+from ..logps import labelled_token_logps, model_logits, summed_token_kl, upcast
 from ..objective import BatchCounts, UnlearningBatch, objective_terms, retain_term
 from .batch import MethodBatch, MethodTerms
 from .layers import perturbed_hidden_states, unwrap_model
@@ -106,9 +106,7 @@ def token_kl_share(target_log_probs: torch.Tensor, logits: torch.Tensor, mask: t
     Args: target_log_probs (b, t-1, V) (may hold -inf); logits (b, t, V) of the model (the last position
     predicts nothing); mask (b, t-1); normaliser: the global token count.
     """
-    log_probs = torch.log_softmax(upcast(logits[:, :-1]), -1)  # (b, t-1, V)
-    per_sequence = kl(target_log_probs.to(log_probs.dtype), log_probs, mask)  # (b,) token means
-    return (per_sequence * mask.sum(-1)).sum() / normaliser
+    return summed_token_kl(target_log_probs, logits, mask) / normaliser
 
 
 @torch.no_grad()

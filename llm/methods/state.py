@@ -30,11 +30,10 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from markovsim.losses import kl
 from markovsim.methods import get_method
 from markovsim.methods.base import FineTuneConfig
 
-from ..logps import labelled_token_logps, model_logits, upcast
+from ..logps import labelled_token_logps, model_logits, summed_token_kl, upcast
 from .batch import check_hf_batch
 from .layers import _check_layer, decoder_layers
 
@@ -113,8 +112,7 @@ def token_kl_sum(target_model, model, batches: Iterable[dict]) -> tuple[float, i
         target = torch.log_softmax(upcast(model_logits(target_model, batch)[:, :-1]), -1)  # (b, t-1, V)
         logits = model_logits(model, batch)
         _, mask = labelled_token_logps(logits, batch["labels"])  # (b, t-1)
-        per_sequence = kl(target, torch.log_softmax(upcast(logits[:, :-1]), -1), mask)  # (b,)
-        total += float((per_sequence * mask.sum(-1)).sum())
+        total += float(summed_token_kl(target, logits, mask))
         count += int(mask.sum())
     return total, count
 
