@@ -40,7 +40,7 @@ from markovsim.data import SequenceSet
 from markovsim.diagnostics import power_shares
 from markovsim.methods import get_method
 from markovsim.methods.base import FineTuneConfig
-from markovsim.methods.mismatch import mismatch_sequences
+from markovsim.methods.mismatch import mismatch_rows, mismatch_sequences
 from markovsim.runtime import torch_threads
 from markovsim.trajectory import Trajectory
 
@@ -96,11 +96,6 @@ def encoded_batches(batch_size: int, device=None):
     return batches
 
 
-def _mismatch_rows(rows: np.ndarray, per_prompt: int) -> np.ndarray:
-    """The mismatch rows of forget rows ``rows``: i*m .. i*m + m - 1 each, (len(rows) * m,)."""
-    return (np.asarray(rows)[:, None] * per_prompt + np.arange(per_prompt)).reshape(-1)
-
-
 @dataclasses.dataclass(frozen=True, eq=False)
 class _Sets:
     """The encoded training sets of a method run (None where unused) and the mismatch rows per prompt."""
@@ -113,7 +108,7 @@ class _Sets:
 
     def batch(self, rows, retain_rows, counts: MethodCounts, device) -> MethodBatch:
         """The MethodBatch of forget rows ``rows`` (with their mismatch rows) and retain rows ``retain_rows``."""
-        mismatch = None if self.mismatch is None else self.mismatch.batch(_mismatch_rows(rows, self.per_prompt),
+        mismatch = None if self.mismatch is None else self.mismatch.batch(mismatch_rows(rows, self.per_prompt),
                                                                           device)
         retain = None if retain_rows is None else self.retain.batch(retain_rows, device)
         ref = None if self.forget_ref is None else self.forget_ref[rows].to(device)

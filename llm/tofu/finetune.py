@@ -311,6 +311,7 @@ def unlearn_method(model, tokenizer, state, forget: Sequence[TofuItem], retain: 
         forget, retain, mismatch: TOFU pairs (retain / mismatch only where the method needs them).
     """
     from llm.methods import MethodBatch, MethodCounts, method_loss, required_batches
+    from markovsim.methods.mismatch import mismatch_rows
 
     needs = required_batches(state)
     if not needs:
@@ -342,8 +343,7 @@ def unlearn_method(model, tokenizer, state, forget: Sequence[TofuItem], retain: 
             if retain_data is not None:
                 retain_batch, *retain_counts = _retain_rows(session, retain_data, config, step)
             if mismatch_data is not None:
-                mismatch_batch = mismatch_data.batch([int(r) * per_prompt + k for r in local
-                                                      for k in range(per_prompt)], device)
+                mismatch_batch = mismatch_data.batch(mismatch_rows(local, per_prompt), device)
             counts = MethodCounts(len(rows), forget_data.num_label_tokens(rows), *retain_counts,
                                   len(rows) * per_prompt)
             batch = MethodBatch(forget_data.batch(local, device), counts, retain_batch, mismatch_batch,

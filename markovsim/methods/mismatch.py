@@ -31,8 +31,8 @@ from ..validation import check_rng
 from .base import ExactStep
 from .exact import component_rows
 
-__all__ = ["GAMismatchConfig", "mismatch_pairs", "ga_mismatch_loss", "mismatch_sequences", "ExactGAMismatch",
-           "build_exact"]
+__all__ = ["GAMismatchConfig", "mismatch_pairs", "mismatch_rows", "ga_mismatch_loss", "mismatch_sequences",
+           "ExactGAMismatch", "build_exact"]
 
 
 @dataclass(frozen=True)
@@ -73,6 +73,13 @@ def mismatch_pairs(num_forget: int, num_normal: int, responses_per_prompt: int,
     rng = check_rng(rng)
     forget_index = np.repeat(np.arange(num_forget, dtype=np.int64), responses_per_prompt)
     return forget_index, rng.integers(0, num_normal, size=forget_index.size, dtype=np.int64)
+
+
+def mismatch_rows(forget_rows, responses_per_prompt: int) -> np.ndarray:
+    """The rows of :func:`mismatch_pairs`'s layout that belong to forget prompts ``forget_rows``: i*m .. i*m + m - 1
+    for each i, in order, (len(forget_rows) * m,) int64 (a step's mismatch rows from its forget rows)."""
+    rows = np.asarray(forget_rows, dtype=np.int64)
+    return (rows[:, None] * responses_per_prompt + np.arange(responses_per_prompt)).reshape(-1)
 
 
 def ga_mismatch_loss(forget_logps: torch.Tensor, forget_num_tokens: torch.Tensor, mismatch_logps: torch.Tensor,
