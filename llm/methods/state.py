@@ -37,7 +37,7 @@ from ..logps import labelled_token_logps, model_logits, summed_token_kl, upcast
 from .batch import check_hf_batch
 from .layers import _check_layer, decoder_layers
 
-__all__ = ["MethodState", "prepare_method", "frozen_copy", "check_method_config"]
+__all__ = ["AUXILIARY_ROLES", "MethodState", "prepare_method", "frozen_copy", "check_method_config"]
 
 FineTune = Callable[[Any, Any, FineTuneConfig], Any]
 
@@ -117,9 +117,13 @@ def token_kl_sum(target_model, model, batches: Iterable[dict]) -> tuple[float, i
     return total, count
 
 
+# The auxiliary models each method trains (roles of MethodState.auxiliary).
+AUXILIARY_ROLES = {"WHP": ("reinforced",), "TaskNegation": ("fine_tuned",), "KGA": ("forget", "unseen")}
+
+
 def prepare_method(name: str, model, forget=None, retain=None, fine_tune: FineTune | None = None, config=None,
                    unseen=None, batches: Callable[[Any], Iterable[dict]] | None = None, lora=None,
-                   layer: int = -1, seed: int = 0) -> MethodState:
+                   layer: int = -1, seed: int = 0, trained: dict | None = None) -> MethodState:
     """Build method ``name``'s state from the original ``model`` (left unchanged).
 
     Args:
@@ -132,30 +136,46 @@ def prepare_method(name: str, model, forget=None, retain=None, fine_tune: FineTu
         lora: TaskNegation only: an ``llm.lora.LoraSettings``; theta_ft is then a LoRA fine-tune (peft model).
         layer: AdvGA/AdvNPO's perturbed decoder layer (default -1: the last).
         seed: initialisation seed of KGA's "scratch" auxiliary models.
+        trained: auxiliary models already trained elsewhere, by role (:data:`AUXILIARY_ROLES`; e.g. the TOFU
+            protocol's ``aux-*`` stages): used as they are (frozen), ``fine_tune`` is not called for them.
     """
     config = check_method_config(name, config)
-    needs_tuning = name in ("WHP", "KGA", "TaskNegation")
+    trained = dict(trained or {})
+    unknown = sorted(set(trained) - set(AUXILIARY_ROLES.get(name, ())))
+    if unknown:
+        raise ValueError(f"trained names roles {unknown} that {name} does not have; its roles: "
+                         f"{list(AUXILIARY_ROLES.get(name, ()))}")
+    needs_tuning = any(role not in trained for role in AUXILIARY_ROLES.get(name, ()))
     if needs_tuning and not callable(fine_tune):
         raise ValueError(f"{name} trains auxiliary models: pass fine_tune(model_copy, data, settings) -> model")
     if needs_tuning and forget is None:
         raise ValueError(f"{name} needs the forget data (forget=...) to fine-tune its auxiliary models")
     if lora is not None and name != "TaskNegation":
         raise ValueError(f"lora applies to TaskNegation only (LoRA task vectors), not to {name!r}")
+
+    def auxiliary(role: str, start: Callable[[], Any], data, settings: FineTuneConfig, what: str):
+        if role in trained:
+            return trained[role].eval().requires_grad_(False)
+        return _trained(fine_tune, start(), data, settings, what)
+
     if name == "GA+Mismatch":
         return MethodState(name, config, reference=frozen_copy(model))
     if name == "WHP":
-        reinforced = _trained(fine_tune, copy.deepcopy(model), forget, config.reinforce, "WHP's reinforced model")
+        reinforced = auxiliary("reinforced", lambda: copy.deepcopy(model), forget, config.reinforce,
+                               "WHP's reinforced model")
         return MethodState(name, config, reference=frozen_copy(model), auxiliary={"reinforced": reinforced})
     if name == "TaskNegation":
-        start = copy.deepcopy(model)
-        if lora is not None:
+        def start():
+            if lora is None:
+                return copy.deepcopy(model)
             from ..lora import add_lora
 
-            start = add_lora(start, lora)
-        return MethodState(name, config, auxiliary={"fine_tuned": _trained(fine_tune, start, forget,
-                                                                             config.fine_tune, "theta_ft")})
+            return add_lora(copy.deepcopy(model), lora)
+
+        return MethodState(name, config, auxiliary={"fine_tuned": auxiliary("fine_tuned", start, forget,
+                                                                              config.fine_tune, "theta_ft")})
     if name == "KGA":
-        return _prepare_kga(config, model, forget, unseen, fine_tune, batches, seed)
+        return _prepare_kga(config, model, forget, unseen, auxiliary, batches, seed)
     if name == "SeUL":
         return MethodState(name, config)
     layers = decoder_layers(model)  # AdvGA / AdvNPO
@@ -163,7 +183,7 @@ def prepare_method(name: str, model, forget=None, retain=None, fine_tune: FineTu
     return MethodState(name, config, reference=reference, layer=_check_layer(layers, layer))
 
 
-def _prepare_kga(config, model, forget, unseen, fine_tune, batches, seed) -> MethodState:
+def _prepare_kga(config, model, forget, unseen, auxiliary, batches, seed) -> MethodState:
     if unseen is None:
         raise ValueError("KGA needs unseen data D_n (unseen=...): data the original model was not trained on")
     if not callable(batches):
@@ -172,8 +192,8 @@ def _prepare_kga(config, model, forget, unseen, fine_tune, batches, seed) -> Met
     def start(index: int):
         return copy.deepcopy(model) if config.auxiliary_from == "reference" else _fresh_model(model, seed + index)
 
-    forget_model = _trained(fine_tune, start(0), forget, config.auxiliary, "KGA's A_f")
-    unseen_model = _trained(fine_tune, start(1), unseen, config.auxiliary, "KGA's A_n")
+    forget_model = auxiliary("forget", lambda: start(0), forget, config.auxiliary, "KGA's A_f")
+    unseen_model = auxiliary("unseen", lambda: start(1), unseen, config.auxiliary, "KGA's A_n")
     reference = frozen_copy(model)
     total, count = token_kl_sum(unseen_model, reference, batches(unseen))
     if count == 0:

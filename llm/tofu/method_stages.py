@@ -69,12 +69,13 @@ def task_negation_stage(protocol, method: str = "TaskNegation") -> dict:
 
     c, config = protocol.config, method_config(method, protocol.config.options)
     target, tokenizer = protocol._load("target")
-    fine_tuned, _ = protocol._load("aux-target-on-forget")
-    if c.lora:
+    if c.lora:  # the adapters over a second copy of the target (the first one is edited)
         from peft import PeftModel
 
         fine_tuned = PeftModel.from_pretrained(protocol._load("target")[0],
                                                _lora_adapter_path(protocol, "aux-target-on-forget"))
+    else:
+        fine_tuned, _ = protocol._load("aux-target-on-forget")
     apply_task_negation(target, fine_tuned, config.scale)
     save_trained(target, tokenizer, protocol.model_path(method_slug(method)), None, device=c.device)
     return {"model": method_slug(method), "method": method, "method_config": dataclasses.asdict(config),
@@ -84,31 +85,25 @@ def task_negation_stage(protocol, method: str = "TaskNegation") -> dict:
 
 
 def _state(protocol, method: str, model, tokenizer):
-    """:func:`llm.methods.prepare_method` of ``method`` at the target ``model``, its auxiliary models the stages'.
-
-    ``prepare_method`` asks a ``fine_tune(start, data, settings)`` callable for each auxiliary model; here it
-    returns the finished ``aux-*`` stage's model for ``data`` ("forget" / "unseen") and ignores ``start``
-    and ``settings`` (:mod:`llm.tofu.methods`: TOFU fine-tunes them with the protocol's settings, from the
-    pretrained base for KGA's "scratch").
-    """
-    from llm.methods import prepare_method
+    """:func:`llm.methods.prepare_method` of ``method`` at the target ``model``, its auxiliary models the finished
+    ``aux-*`` stages' (passed as ``trained``: TOFU fine-tunes them with the protocol's settings, from the
+    pretrained base for KGA's "scratch"; :mod:`llm.tofu.methods`)."""
+    from llm.methods.state import AUXILIARY_ROLES, prepare_method
 
     from .finetune import Examples
 
     c = protocol.config
-    stage_of = {AUXILIARY[name].data: name for name in auxiliary_models(method, c.options)}
     device = next(model.parameters()).device
-
-    def fine_tune(start, data, settings):
-        return protocol._load(stage_of[data])[0].to(device)
+    names = auxiliary_models(method, c.options)  # in the order of the method's roles (forget data first)
+    trained = {role: protocol._load(name)[0].to(device) for role, name in zip(AUXILIARY_ROLES.get(method, ()), names)}
 
     def batches(data):
         examples = Examples.build(tokenizer, auxiliary_items(protocol, data))
         for first in range(0, len(examples), c.eval_batch_size):
             yield examples.batch(range(first, min(first + c.eval_batch_size, len(examples))), device)
 
-    return prepare_method(method, model, forget="forget", retain="retain", fine_tune=fine_tune,
-                          config=method_config(method, c.options), unseen="unseen", batches=batches, seed=c.seed)
+    return prepare_method(method, model, forget="forget", retain="retain", config=method_config(method, c.options),
+                          unseen="unseen", batches=batches, seed=c.seed, trained=trained)
 
 
 def registry_unlearn_stage(protocol, method: str) -> dict:
