@@ -12,7 +12,7 @@ derives the position ids.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -22,31 +22,44 @@ from llm.mia import next_token_statistics
 
 from .format import collate, format_example, prompt_ids
 
-__all__ = ["answer_logps", "perturbed_logps", "answer_token_statistics", "generate_answers"]
+__all__ = ["answer_batches", "answer_logps", "perturbed_logps", "answer_token_statistics", "generate_answers"]
 
 
 def _pad_id(tokenizer) -> int:
     return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
+def answer_batches(model, tokenizer, questions: Sequence[str], answers: Sequence[str],
+                   batch_size: int = 16) -> Iterator[tuple[dict, range]]:
+    """``(batch, rows)`` per right-padded batch of answer-labelled pairs on the model's device, the model in eval
+    mode meanwhile (its mode restored afterwards); batch = ``{input_ids, attention_mask, labels}`` (B, T)."""
+    if len(questions) != len(answers):  # checked at the call, before any batch is asked for
+        raise ValueError(f"{len(questions)} questions for {len(answers)} answers")
+    return _answer_batches(model, tokenizer, questions, answers, batch_size)
+
+
+def _answer_batches(model, tokenizer, questions, answers, batch_size: int) -> Iterator[tuple[dict, range]]:
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    try:
+        for start in range(0, len(questions), batch_size):
+            rows = range(start, min(start + batch_size, len(questions)))
+            examples = [format_example(tokenizer, questions[r], answers[r]) for r in rows]
+            yield {k: v.to(device) for k, v in collate(examples, _pad_id(tokenizer)).items()}, rows
+    finally:
+        model.train(was_training)
+
+
 @torch.no_grad()
 def answer_logps(model, tokenizer, questions: Sequence[str], answers: Sequence[str],
                  batch_size: int = 16) -> tuple[np.ndarray, np.ndarray]:
     """Summed log-likelihood of each answer (+ EOS) given its question, and its token count; (N,), (N,)."""
-    if len(questions) != len(answers):
-        raise ValueError(f"{len(questions)} questions for {len(answers)} answers")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     logps, counts = [], []
-    for start in range(0, len(questions), batch_size):
-        examples = [format_example(tokenizer, q, a) for q, a in
-                    zip(questions[start:start + batch_size], answers[start:start + batch_size])]
-        batch = {k: v.to(device) for k, v in collate(examples, _pad_id(tokenizer)).items()}  # (B, T)
+    for batch, _ in answer_batches(model, tokenizer, questions, answers, batch_size):
         lp, n = model_sequence_logps(model, batch)  # (B,), (B,)
         logps.append(lp.double().cpu().numpy())
         counts.append(n.cpu().numpy())
-    model.train(was_training)
     return np.concatenate(logps), np.concatenate(counts).astype(np.int64)
 
 
@@ -81,22 +94,14 @@ def answer_token_statistics(model, tokenizer, questions: Sequence[str], answers:
     right-padded with 0, and ``"mask"`` bool (N, T_max); ``token_logps[i][mask[i]].sum()`` equals
     :func:`answer_logps` ``[i]`` (up to float32 rounding there).
     """
-    if len(questions) != len(answers):
-        raise ValueError(f"{len(questions)} questions for {len(answers)} answers")
+    batches = answer_batches(model, tokenizer, questions, answers, batch_size)
     if not questions:
         raise ValueError("no items to score")
-    device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
     rows = {"token_logps": [], "mu": [], "sigma": []}
-    for start in range(0, len(questions), batch_size):
-        examples = [format_example(tokenizer, q, a) for q, a in
-                    zip(questions[start:start + batch_size], answers[start:start + batch_size])]
-        batch = {k: v.to(device) for k, v in collate(examples, _pad_id(tokenizer)).items()}  # (B, T)
+    for batch, _ in batches:
         *values, mask = next_token_statistics(model_logits(model, batch), batch["labels"])  # (B, T-1) each
         for name, tensor in zip(rows, values):
             rows[name] += [row[keep].cpu().numpy() for row, keep in zip(tensor, mask)]
-    model.train(was_training)
     out = {name: _pad_rows(found)[0] for name, found in rows.items()}
     out["mask"] = _pad_rows(rows["mu"])[1]
     return out

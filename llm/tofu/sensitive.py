@@ -23,28 +23,19 @@ from llm.logps import labelled_token_logps, model_logits
 from markovsim.methods.seul import select_sensitive_tokens, sensitive_memorisation_accuracy
 
 from .data import TofuItem
-from .format import collate, format_example
+from .scoring import answer_batches
 
 __all__ = ["sensitive_positions", "sensitive_memorisation"]
 
 
 def _batches(model, tokenizer, items: Sequence[TofuItem], batch_size: int) -> Iterator[tuple]:
-    """(logits (B, T, V), labels (B, T), rows) per right-padded batch of answer-labelled pairs, without gradients."""
+    """(logits (B, T, V), labels (B, T), rows) per batch of answer-labelled pairs, without gradients."""
     if not items:
         raise ValueError("no items to score")
-    device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    was_training = model.training
-    model.eval()
-    try:
-        for start in range(0, len(items), batch_size):
-            rows = range(start, min(start + batch_size, len(items)))
-            batch = {k: v.to(device) for k, v in collate([format_example(tokenizer, items[r].question,
-                                                                         items[r].answer) for r in rows], pad).items()}
-            with torch.no_grad():
-                yield model_logits(model, batch), batch["labels"], rows  # (B, T, V), (B, T)
-    finally:
-        model.train(was_training)
+    for batch, rows in answer_batches(model, tokenizer, [i.question for i in items], [i.answer for i in items],
+                                      batch_size):
+        with torch.no_grad():
+            yield model_logits(model, batch), batch["labels"], rows  # (B, T, V), (B, T)
 
 
 @torch.no_grad()
