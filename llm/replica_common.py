@@ -8,15 +8,17 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from markovsim.losses import Objective
 from markovsim.runtime import resolve_device
 
 from .config import TrainConfig
-from .data import epoch_permutation, steps_per_epoch
+from .data import EncodedSequences, epoch_permutation, steps_per_epoch
 from .replicas import ReplicaStack, StackedAdamSettings, StackedAdamW
 from .session import learning_rate_factor
 
-__all__ = ["ReplicaRows", "PER_REPLICA_FIELDS", "SHARED_FIELDS", "LOGITS_FAILURE", "replica_configs", "replica_device",
-           "stacked_optimizer", "replica_learning_rates", "check_models", "ReplayLogits", "SingleProcess"]
+__all__ = ["ReplicaRows", "StackedTokens", "TOKEN_KEYS", "objective_groups", "PER_REPLICA_FIELDS", "SHARED_FIELDS",
+           "LOGITS_FAILURE", "replica_configs", "replica_device", "stacked_optimizer", "replica_learning_rates",
+           "check_models", "ReplayLogits", "SingleProcess"]
 
 # TrainConfig fields that may differ between replicas; every other field must be equal.
 PER_REPLICA_FIELDS = ("seed", "learning_rate", "adam_betas", "adam_eps", "weight_decay", "divergence_logp_per_token")
@@ -121,3 +123,36 @@ class ReplicaRows:
                 cached = self._orders[index] = (epoch, epoch_permutation(self.num_items, seed, self.stream, epoch))
             rows.append(cached[1][position * self.batch_size: (position + 1) * self.batch_size])
         return np.stack(rows)
+
+
+TOKEN_KEYS = ("input_ids", "attention_mask", "labels")
+
+
+class StackedTokens:
+    """An encoded set's token tensors copied to ``device`` once, gathered (N, b) rows at a time for a stacked
+    forward (every replica its own rows)."""
+
+    def __init__(self, encoded: EncodedSequences, device):
+        self.device = torch.device(device)
+        self.token_lengths = encoded.token_lengths  # (n,) CPU
+        self.tensors = {key: getattr(encoded, key).to(self.device) for key in TOKEN_KEYS}
+
+    def gather(self, rows: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """``(index, input_ids, attention_mask, labels)``: the rows (N, b) on the device and their tokens
+        (N, b, t), t the widest gathered row (causal attention makes the padding invisible to real positions)."""
+        cpu = torch.from_numpy(np.asarray(rows, dtype=np.int64))
+        width = int(self.token_lengths[cpu].max())
+        index = cpu.to(self.device)
+        return (index, *(self.tensors[key][index, :width] for key in TOKEN_KEYS))
+
+
+def objective_groups(objectives: Sequence[Objective], forget_refs: Sequence[torch.Tensor | None],
+                     device) -> list[tuple[Objective, list[int], torch.Tensor | None]]:
+    """``(objective, member positions, their reference log-likelihoods (n_g, n_f) float64 or None)`` per distinct
+    objective, in order of first appearance: the groups whose losses one ``Objective`` call computes."""
+    groups: dict[Objective, list[int]] = {}
+    for position, objective in enumerate(objectives):
+        groups.setdefault(objective, []).append(position)
+    return [(objective, members, None if forget_refs[members[0]] is None
+             else torch.stack([forget_refs[i] for i in members]).to(device))
+            for objective, members in groups.items()]

@@ -43,7 +43,7 @@ from .evaluate import Evaluator, empty_predictions, length_order, store_predicti
 from .logps import NonFiniteLogitsError
 from .models import check_model_data
 from .objective import SEQUENCE_LOSSES, BatchCounts, UnlearningBatch, objective_terms, retain_term
-from .replica_common import ReplayLogits
+from .replica_common import ReplayLogits, StackedTokens
 from .replica_stacked_evaluation import (
     _accumulate,
     replica_norms,
@@ -133,9 +133,10 @@ def replica_diagnostics(stack: ReplicaStack, diagnostics: dict[int, Diagnostics]
     columns = len(first.names)
     norms, weights = {i: np.zeros(columns) for i in indices}, {i: np.full(columns, np.nan) for i in indices}
     failed: set[int] = set()
+    tokens = StackedTokens(first.forget, stack.device) if stacked_forget_applies(stack, diagnostics) else None
     with stack.eval_mode():
         for k, (column, rows, _) in enumerate(first.plan.forget):
-            column_norms, mean_weights = _forget_pass_of(stack, diagnostics, k, len(rows), failed)
+            column_norms, mean_weights = _forget_pass_of(stack, diagnostics, k, len(rows), failed, tokens)
             for i in indices:
                 norms[i][column], weights[i][column] = column_norms.get(i, 0.0), mean_weights[i]
         if first.power:
@@ -147,13 +148,14 @@ def replica_diagnostics(stack: ReplicaStack, diagnostics: dict[int, Diagnostics]
     return result
 
 
-def _forget_pass_of(stack, diagnostics: dict[int, Diagnostics], k: int, size: int, failed: set):
-    """:func:`llm.replica_stacked_evaluation.stacked_forget_pass` where it applies and every logit is finite,
-    else the per-replica :func:`_forget_pass`."""
-    if not failed and stacked_forget_applies(stack, diagnostics):
+def _forget_pass_of(stack, diagnostics: dict[int, Diagnostics], k: int, size: int, failed: set,
+                    tokens: StackedTokens | None):
+    """:func:`llm.replica_stacked_evaluation.stacked_forget_pass` where it applies (``tokens``: the shared forget
+    set on the device, None where it does not) and every logit is finite, else the per-replica :func:`_forget_pass`."""
+    if not failed and tokens is not None:
         try:
-            return stacked_forget_pass(stack, diagnostics, k, size, _rows_per_pass(stack, diagnostics[next(iter(
-                diagnostics))].batch_size))
+            batch_size = next(iter(diagnostics.values())).batch_size
+            return stacked_forget_pass(stack, diagnostics, k, size, _rows_per_pass(stack, batch_size), tokens)
         except NonFiniteLogitsError:
             pass
     return _forget_pass(stack, diagnostics, k, size, failed)

@@ -22,12 +22,12 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from markovsim.losses import NEEDS_REFERENCE, SEQUENCE_LOSSES, Objective, reduce_token_logps
+from markovsim.losses import SEQUENCE_LOSSES, Objective, reduce_token_logps
 
 from .config import TrainConfig
 from .data import FORGET_STREAM, EncodedSequences
 from .logps import labelled_token_logps
-from .replica_common import ReplicaRows
+from .replica_common import ReplicaRows, StackedTokens, objective_groups
 from .replicas import ReplicaStack
 
 __all__ = ["BatchedForget"]
@@ -50,17 +50,11 @@ class BatchedForget:
             raise ValueError("BatchedForget needs a stacked/vmap route and forget-only sequence-loss objectives")
         self.stack, self.device = stack, stack.device
         self.rows = ReplicaRows(len(forget), configs[0].batch_size, [c.seed for c in configs], FORGET_STREAM)
-        self.tokens = {key: getattr(forget, key).to(self.device) for key in ("input_ids", "attention_mask", "labels")}
-        self.token_lengths = forget.token_lengths  # (n_f,) CPU
-        self.groups = []  # (objective, member indices (n_g,) on the device, references (n_g, n_f) or None)
-        order = []
-        for objective in dict.fromkeys(objectives):
-            members = [i for i, o in enumerate(objectives) if o == objective]
-            references = None
-            if objective.forget in NEEDS_REFERENCE:
-                references = torch.stack([forget_refs[i] for i in members]).to(self.device)  # (n_g, n_f) float64
-            self.groups.append((objective, torch.tensor(members, device=self.device), references))
-            order += members
+        self.tokens = StackedTokens(forget, self.device)
+        # (objective, member replicas (n_g,) on the device, references (n_g, n_f) float64 or None)
+        groups = objective_groups(objectives, forget_refs, self.device)
+        self.groups = [(o, torch.tensor(members, device=self.device), r) for o, members, r in groups]
+        order = [i for _, members, _ in groups for i in members]
         self.inverse = torch.tensor(np.argsort(order), device=self.device)  # group-concatenated -> replica order
 
     @staticmethod
@@ -77,9 +71,7 @@ class BatchedForget:
             caller then takes the per-replica path, which isolates the failing replica).
         """
         rows = self.rows(step)  # (N, b)
-        width = int(self.token_lengths[torch.from_numpy(rows)].max())
-        index = torch.from_numpy(rows).to(self.device)
-        ids, mask, labels = (self.tokens[key][index, :width] for key in ("input_ids", "attention_mask", "labels"))
+        index, ids, mask, labels = self.tokens.gather(rows)
         logits = self.stack.stacked_batch_logits(ids, mask)  # (N, b, t, V)
         token_logps, token_mask = labelled_token_logps(logits.flatten(0, 1), labels.flatten(0, 1))  # (N b, t-1)
         logps, num_tokens = (x.view(rows.shape) for x in reduce_token_logps(token_logps, token_mask))  # (N, b)

@@ -25,6 +25,7 @@ from .replica_checkpoints import check_run_dir, replica_folder, restore_replicas
 from .replica_common import (
     LOGITS_FAILURE,
     ReplicaRows,
+    StackedTokens,
     check_models,
     replica_configs,
     replica_device,
@@ -78,8 +79,7 @@ class _PreTraining:
         self.total_steps = configs[0].total_steps(len(sequences))
         self.stack = ReplicaStack(models, route, replica_device(configs[0]))
         self.rows = ReplicaRows(len(self.encoded), configs[0].batch_size, [c.seed for c in configs])
-        self.tokens = {key: getattr(self.encoded, key).to(self.stack.device)
-                       for key in ("input_ids", "attention_mask", "labels")}
+        self.tokens = StackedTokens(self.encoded, self.stack.device)
         self.optimizer = stacked_optimizer(self.stack, configs)
         self.history = [{"steps": [], "losses": [], "learning_rates": [], "grad_norms": []} for _ in models]
         self.diverged = [None] * len(models)
@@ -129,11 +129,8 @@ class _PreTraining:
 
     def _stacked_losses(self, rows: np.ndarray) -> torch.Tensor:
         """(N,) losses of every replica's rows (N, b) from one stacked forward, no per-replica loop."""
-        index = torch.from_numpy(rows)
-        width = int(self.encoded.token_lengths[index].max())
-        counts = self.encoded.num_label_tokens[index].sum(1)  # (N,) labelled tokens of each batch
-        index = index.to(self.stack.device)
-        ids, mask, labels = (self.tokens[key][index, :width] for key in ("input_ids", "attention_mask", "labels"))
+        counts = self.encoded.num_label_tokens[torch.from_numpy(rows)].sum(1)  # (N,) labelled tokens of each batch
+        _, ids, mask, labels = self.tokens.gather(rows)
         logits = self.stack.stacked_batch_logits(ids, mask)  # (N, b, t, vocab)
         token_logps, _ = labelled_token_logps(logits.flatten(0, 1), labels.flatten(0, 1))  # (N b, t-1)
         sums = token_logps.view(*rows.shape, -1).sum((1, 2))  # (N,)

@@ -38,6 +38,7 @@ from .data import evaluation_chunks
 from .diagnostics import Diagnostics
 from .evaluate import Evaluator, length_order
 from .logps import labelled_token_logps, state_log_probs
+from .replica_common import StackedTokens, objective_groups
 from .replicas import ReplicaStack
 
 __all__ = ["stacked_route", "stacked_metrics_apply", "stacked_test_metrics", "stacked_forget_applies",
@@ -131,19 +132,19 @@ def _metric_table(evaluators: list[Evaluator], states: torch.Tensor, logps: torc
 
 
 def stacked_forget_pass(stack: ReplicaStack, diagnostics: dict[int, Diagnostics], k: int, size: int,
-                        rows_per_pass: int) -> tuple[dict[int, float], dict[int, float]]:
+                        rows_per_pass: int, tokens: StackedTokens) -> tuple[dict[int, float], dict[int, float]]:
     """Component ``plan.forget[k]`` of every replica in ``diagnostics`` (``llm.diagnostics``'s forget pass):
     ``({i: ||d L_c / d theta_i||}, {i: mean w_i over the component's rows})``, loop-free.
 
     Needs every objective's forget loss in ``SEQUENCE_LOSSES`` and one shared encoded forget set
-    (:func:`stacked_forget_applies`). Raises NonFiniteLogitsError where some replica's logits are not finite.
+    (:func:`stacked_forget_applies`), its tokens on the device (``tokens``, shared by the components).
+    Raises NonFiniteLogitsError where some replica's logits are not finite.
     """
     indices = list(diagnostics)
     first, device = diagnostics[indices[0]], stack.device
-    forget, size_f = first.forget, len(first.forget)
-    tokens = {key: getattr(forget, key).to(device) for key in ("input_ids", "attention_mask", "labels")}
-    position = {i: p for p, i in enumerate(indices)}
-    groups = _objective_groups(diagnostics, device)
+    size_f = len(first.forget)
+    groups = objective_groups([dataclasses.replace(diagnostics[i].objective, retain=None) for i in indices],
+                              [diagnostics[i].forget_ref for i in indices], device)  # members: positions
     scales = torch.tensor([diagnostics[i].plan.forget[k][2] for i in indices], dtype=torch.float64, device=device)
     weight_sums = torch.zeros(len(indices), dtype=torch.float64, device=device)
     chosen = torch.tensor(indices, device=device)
@@ -151,20 +152,17 @@ def stacked_forget_pass(stack: ReplicaStack, diagnostics: dict[int, Diagnostics]
     for chunk in evaluation_chunks(size, rows_per_pass):
         own = {i: diagnostics[i].plan.forget[k][1][chunk] for i in indices}
         picked = np.stack([own.get(r, own[indices[0]]) for r in range(stack.num_replicas)])  # (N, b)
-        width = int(forget.token_lengths[torch.from_numpy(picked)].max())
-        index = torch.from_numpy(picked).to(device)
-        ids, mask, labels = (tokens[key][index, :width] for key in ("input_ids", "attention_mask", "labels"))
+        index, ids, mask, labels = tokens.gather(picked)
         with torch.set_grad_enabled(first.power):
             logits = stack.stacked_batch_logits(ids, mask)[chosen]  # (A, b, t, vocab)
             token_logps, token_mask = labelled_token_logps(logits.flatten(0, 1), labels[chosen].flatten(0, 1))
             logps, num_tokens = (x.view(len(indices), -1) for x in reduce_token_logps(token_logps, token_mask))
             totals = []
             for objective, members, references in groups:
-                at = torch.tensor([position[i] for i in members], device=device)
+                at = torch.tensor(members, device=device)  # positions among the evaluated replicas
                 reference = None
                 if references is not None:
-                    reference = references.gather(1, index[torch.tensor(members, device=device)])
-                    reference = reference.to(logps.dtype).flatten()
+                    reference = references.gather(1, index[chosen[at]]).to(logps.dtype).flatten()
                 losses = objective.forget_losses(logps[at].flatten(), num_tokens[at].flatten(), reference)
                 forget_term = losses.view(len(members), -1).sum(1) / size_f  # (n_g,): sum L_f / n_f
                 totals.append(objective.total(forget_term) * scales[at].to(forget_term.dtype))
@@ -183,20 +181,6 @@ def stacked_forget_applies(stack: ReplicaStack, diagnostics: dict[int, Diagnosti
     values = list(diagnostics.values())
     return (stacked_route(stack) and bool(values) and all(d.objective.forget in SEQUENCE_LOSSES for d in values)
             and all(d.forget is values[0].forget for d in values))
-
-
-def _objective_groups(diagnostics: dict[int, Diagnostics], device) -> list[tuple]:
-    """``(forget-only objective, member replicas, references (n_g, n_f) float64 or None)`` per distinct objective."""
-    groups: dict = {}
-    for i, d in diagnostics.items():
-        groups.setdefault(dataclasses.replace(d.objective, retain=None), []).append(i)
-    result = []
-    for objective, members in groups.items():
-        references = None
-        if diagnostics[members[0]].forget_ref is not None:
-            references = torch.stack([diagnostics[i].forget_ref for i in members]).to(device)
-        result.append((objective, members, references))
-    return result
 
 
 def _accumulate(gradients, stack: ReplicaStack, total: torch.Tensor) -> list[torch.Tensor]:
