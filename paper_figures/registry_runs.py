@@ -16,12 +16,13 @@ import os
 
 import numpy as np
 
+from llm.methods.markov import unlearn_method
 from markovsim.methods import get_method, run_method, unseen_sequences
 from markovsim.progress import progress_iter
-from markovsim.scenarios import SCENARIOS, prepare
+from markovsim.scenarios import prepare
 
 from . import markov_tradeoff
-from .runs import ScenarioRuns, _execute, cached_runs, job_key, precompute_jobs
+from .runs import ScenarioRuns, _execute, cached_runs, job_key, precompute_jobs, retrained_levels, seeded_scenario
 from .transformer_runs import TransformerSettings, prepare_transformer
 
 REGISTRY_KIND = "registry_simulator"
@@ -72,7 +73,6 @@ def registry_transformer_runs(case: str, scale: float, settings: TransformerSett
     ``llm.methods.markov.unlearn_method`` and the registry's transformer defaults; KGA's D_n is
     ``markovsim.methods.unseen_sequences(spec, len(forget), 0)``, as in the simulator.
     """
-    unlearn_method = _transformer_driver()
     setup = prepare_transformer(case, scale, settings, device, progress, model_dir, recompute)
     unseen = unseen_sequences(setup.scenario.spec, len(setup.forget), 0)
     trajectories = {}
@@ -85,17 +85,6 @@ def registry_transformer_runs(case: str, scale: float, settings: TransformerSett
     return trajectories, setup.retrained_kl
 
 
-def _transformer_driver():
-    """``llm.methods.markov.unlearn_method``; a clear error where this checkout does not have it yet."""
-    try:
-        from llm.methods.markov import unlearn_method
-    except ImportError as error:
-        raise ValueError("other_methods: registry_transformer needs llm.methods.markov.unlearn_method (the registry "
-                         "methods on the Markov transformers), which this checkout lacks; set registry_transformer="
-                         "None for the simulator half only") from error
-    return unlearn_method
-
-
 def registry_simulator_runs(case: str, scale: float, steps: int, methods, seed: int, source: str,
                             task_negation_points: int, progress: bool = False):
     """The registry methods on one exact model of a scenario: ``({source: {method: Trajectory}}, {source: levels})``.
@@ -103,11 +92,10 @@ def registry_simulator_runs(case: str, scale: float, steps: int, methods, seed: 
     The data are the scenario's at ``scale`` with seed ``seed`` (as ``runs.simulator_runs``), the optimiser
     the scenario's with ``steps`` steps; TaskNegation is evaluated at ``task_negation_points`` lambdas.
     """
-    scenario = SCENARIOS[case].scaled(scale)
-    scenario = dataclasses.replace(scenario, spec=dataclasses.replace(scenario.spec, seed=seed))
+    scenario = seeded_scenario(case, scale, seed)
     dynamics = dataclasses.replace(scenario.dynamics, steps=steps)
     setup = prepare(scenario, source)
-    levels = dict(zip(setup.evaluator.component_names, setup.evaluator.evaluate(setup.retrained)["kl_true"].tolist()))
+    levels = retrained_levels(setup)
     trajectories = {}
     for method in progress_iter(methods, len(methods), f"{case} {source} seed {seed}", progress, unit="method"):
         trajectories[method] = run_method(method, setup, dynamics, scales=task_negation_scales(method,

@@ -68,18 +68,27 @@ def load_runs(stem: str) -> tuple[dict[str, dict[str, Trajectory]], dict, dict]:
     return runs, document["retrained"], document
 
 
+def seeded_scenario(scenario_name: str, scale: float, seed: int):
+    """The scenario at ``scale`` with data seed ``seed`` (every source of a figure's seed samples these data)."""
+    scenario = SCENARIOS[scenario_name].scaled(scale)
+    return dataclasses.replace(scenario, spec=dataclasses.replace(scenario.spec, seed=seed))
+
+
+def retrained_levels(setup) -> dict[str, float]:
+    """``{component: kl_true of the retrained model}``: the level a figure marks as "forgotten"."""
+    return dict(zip(setup.evaluator.component_names, setup.evaluator.evaluate(setup.retrained)["kl_true"].tolist()))
+
+
 def simulator_runs(scenario_name: str, scale: float, steps: int, methods=None, seed: int = 0,
                    sources=SIMULATOR_SOURCES, dynamics_overrides: dict | None = None):
     """Run the scenario's methods on the exact models; returns ``(runs, retrained_kl_true)`` keyed by source."""
-    scenario = SCENARIOS[scenario_name].scaled(scale)
-    scenario = dataclasses.replace(scenario, spec=dataclasses.replace(scenario.spec, seed=seed))
+    scenario = seeded_scenario(scenario_name, scale, seed)
     dynamics = dataclasses.replace(scenario.dynamics, steps=steps, **(dynamics_overrides or {}))
     objectives = scenario.with_methods(methods or list(scenario.methods))
     runs, retrained = {}, {}
     for source in sources:
         setup = prepare(scenario, source)
-        retrained[source] = dict(zip(setup.evaluator.component_names,
-                                     setup.evaluator.evaluate(setup.retrained)["kl_true"].tolist()))
+        retrained[source] = retrained_levels(setup)
         runs[source] = {method: unlearn(setup.reference, objective, setup.forget, setup.retain, setup.reference,
                                         dynamics, setup.evaluator)
                         for method, objective in objectives.items()}
