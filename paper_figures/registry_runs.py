@@ -71,10 +71,11 @@ def registry_transformer_runs(case: str, scale: float, settings: TransformerSett
     The reference and retrained models are ``transformer_runs.prepare_transformer``'s (the cached models of
     ``markov_tradeoff``'s runs when the settings agree); each method runs from a copy of the reference with
     ``llm.methods.markov.unlearn_method`` and the registry's transformer defaults; KGA's D_n is
-    ``markovsim.methods.unseen_sequences(spec, len(forget), 0)``, as in the simulator.
+    ``markovsim.methods.unseen_sequences(spec, len(forget), seed)`` with the data seed, as in the simulator
+    (``run_method``'s default), so seed bands vary it.
     """
     setup = prepare_transformer(case, scale, settings, device, progress, model_dir, recompute)
-    unseen = unseen_sequences(setup.scenario.spec, len(setup.forget), 0)
+    unseen = unseen_sequences(setup.scenario.spec, len(setup.forget), setup.scenario.spec.seed)
     trajectories = {}
     for method in progress_iter(methods, len(methods), f"{case} {settings.preset} seed {settings.seed}", progress,
                                 unit="method"):
