@@ -75,7 +75,7 @@ def registry_transformer_runs(case: str, scale: float, settings: TransformerSett
     (``run_method``'s default), so seed bands vary it.
     """
     setup = prepare_transformer(case, scale, settings, device, progress, model_dir, recompute)
-    unseen = unseen_sequences(setup.scenario.spec, len(setup.forget), setup.scenario.spec.seed)
+    unseen = unseen_sequences(setup.scenario.spec, len(setup.forget), settings.seed)  # the data seed
     trajectories = {}
     for method in progress_iter(methods, len(methods), f"{case} {settings.preset} seed {settings.seed}", progress,
                                 unit="method"):
