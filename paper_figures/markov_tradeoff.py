@@ -139,6 +139,17 @@ def table_markdown(table: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def start_and_target(per_seed, method: str, component: str) -> tuple[tuple[float, float], tuple[float, float]]:
+    """The two stars of a trade-off panel, seed means of (retain KL, ``component`` KL): the reference (where
+    ``method``'s runs start) and the retrained model (the level of "forgotten")."""
+    first = [trajectories[method] for _, trajectories, _ in per_seed]
+    initial = (np.mean([t.metric("kl_true", "retain")[0] for t in first]),
+               np.mean([t.metric("kl_true", component)[0] for t in first]))
+    target = (np.mean([levels["retain"] for _, _, levels in per_seed]),
+              np.mean([levels[component] for _, _, levels in per_seed]))
+    return initial, target
+
+
 def _draw(axis, per_seed, zoomed: bool) -> None:
     methods = list(per_seed[0][1])
     scale = WINDOW if zoomed else (1.0, 1.0)
@@ -149,11 +160,7 @@ def _draw(axis, per_seed, zoomed: bool) -> None:
             seed_band_axes(axis, xs, ys, method_color(method), COMPONENT_STYLES[component],
                            f"{method} {component}", scale=scale)
     for component, face in (("forget1", None), ("forget2", "none")):
-        first = [trajectories[methods[0]] for _, trajectories, _ in per_seed]
-        initial = (np.mean([t.metric("kl_true", "retain")[0] for t in first]),
-                   np.mean([t.metric("kl_true", component)[0] for t in first]))
-        target = (np.mean([levels["retain"] for _, _, levels in per_seed]),
-                  np.mean([levels[component] for _, _, levels in per_seed]))
+        initial, target = start_and_target(per_seed, methods[0], component)
         axis.plot(*initial, "*", color="black", ms=11, markerfacecolor=face or "black", zorder=5)
         axis.plot(*target, "*", color="#ff7f0e", ms=13, markerfacecolor=face or "#ff7f0e", zorder=5)
     if zoomed:

@@ -257,11 +257,7 @@ def _tradeoff_panel(axis, per_seed, component: str, zoom: bool = False) -> None:
         seed_band_axes(axis, xs, ys, color(method), "-", method, marker_every=1 if path else 0)
         if method in REGISTRY:
             extent.append((np.nanmax(np.nanmean(stack_seeds(xs), 0)), np.nanmax(np.nanmean(stack_seeds(ys), 0))))
-    first = [trajectories[methods[0]] for _, trajectories, _ in per_seed]
-    stars = [(np.mean([t.metric("kl_true", "retain")[0] for t in first]),
-              np.mean([t.metric("kl_true", component)[0] for t in first])),
-             (np.mean([levels["retain"] for _, _, levels in per_seed]),
-              np.mean([levels[component] for _, _, levels in per_seed]))]
+    stars = list(markov_tradeoff.start_and_target(per_seed, methods[0], component))
     axis.plot(*stars[0], "*", color="black", ms=11, zorder=5)
     axis.plot(*stars[1], "*", color="#ff7f0e", ms=13, markeredgecolor="black", zorder=5)
     if zoom and extent:
