@@ -139,9 +139,9 @@ def _simulator_panels(weight_axis, share_axis, arrays, case: str, source: str) -
                 _line(axis, arrays, f"sim/{case}/{method}/steps", f"sim/{case}/{method}/{metric}", column, style,
                       method_color(method), f"{method} {component}")
     label = markov_tradeoff.CASES[case]
-    weight_axis.set(title=f"simulator ({source}) {label}\nmean gradient weight", xlabel="unlearning step",
+    weight_axis.set(title=f"simulator ({source})\n{label}\nmean gradient weight", xlabel="unlearning step",
                     ylabel="mean weight w(y)", yscale="log")
-    share_axis.set(title=f"simulator ({source}) {label}\nshare of gradient norm", xlabel="unlearning step",
+    share_axis.set(title=f"simulator ({source})\n{label}\nshare of gradient norm", xlabel="unlearning step",
                    ylabel="power share", ylim=(0, 1))
     weight_axis.legend(fontsize=6)
 
