@@ -6,7 +6,7 @@
 #              reference), tests/test_llm_replicas_cuda.py (batched replicas on the GPU equal single GPU
 #              runs) and tests/test_tofu_cuda.py (tiny TOFU protocol under bf16, cuda vs cpu
 #              evaluation metrics, cached vs live NPO reference);
-#   replicas   benchmarks/replicas.py --device cuda: N = 1 .. 1024 replicas of the paper-synthetic
+#   replicas   benchmarks/replicas.py --device cuda (REPLICAS_ARGS adds options, e.g. "--profile 256"): N = 1 .. 1024 replicas of the paper-synthetic
 #              unlearning run (50 steps) vs one run, training steps and every-step evaluation;
 #   tofu       the full forget10 TOFU protocol for NPO and SimNPO on SmolLM2-135M (the README's GPU
 #              command with --methods NPO SimNPO), capped at TOFU_S seconds; the log (with results.md at
@@ -105,7 +105,7 @@ PY
     echo "cuda tests: exit $?" >> "$OUT/cuda_tests.log"; tail -25 "$OUT/cuda_tests.log"
 fi
 if want replicas; then
-    timeout ${REPLICAS_STEPS_S:-110} python3 benchmarks/replicas.py --device cuda --scale 0.1 --modes steps \
+    timeout ${REPLICAS_STEPS_S:-110} python3 benchmarks/replicas.py --device cuda --scale 0.1 --modes steps ${REPLICAS_ARGS:-} \
         --counts ${REPLICA_COUNTS:-1 16 64 256 1024} --repeats ${REPEATS:-1} > "$OUT/replicas.log" 2>&1
     echo "replicas steps: exit $?" >> "$OUT/replicas.log"
     timeout ${REPLICAS_EVAL_S:-100} python3 benchmarks/replicas.py --device cuda --scale 0.1 --modes every-step \

@@ -129,18 +129,22 @@ def print_markov_results(results: dict) -> None:
 def step_throughput(device: str, preset: str = "gpt2-small", vocab_size: int = 50257, length: int = 512,
                     batch_size: int = 32, steps: int = 10, warmup: int = 3, live_reference: bool = False,
                     attention: str | None = None, fused_adam: bool = False, compile_model: bool = False,
-                    compile_logps: bool = False, profile: bool = False) -> dict:
+                    compile_logps: bool = False, compile_loss: bool = False, profile: bool = False) -> dict:
     """Time the NPO unlearning step (forward, backward, AdamW) of ``preset`` on random tokens.
 
     ``attention`` sets the transformers attention implementation (None = the library's default),
     ``fused_adam`` uses ``AdamW(fused=True)``, ``compile_model`` runs the model under ``torch.compile``
     (compilation happens in the warm-up steps, which are not timed), ``compile_logps`` also compiles
-    ``llm.logps.token_log_likelihoods`` (the float32 log-sum-exp over the vocabulary) for the step.
+    ``llm.logps.token_log_likelihoods`` (the float32 log-sum-exp over the vocabulary) for the step;
+    ``compile_loss`` compiles the whole forget loss as one function (model, log-likelihoods, NPO, the
+    batch mean; the same value as ``objective_terms``, whose input checks would split the graph, run
+    under ``markovsim.tensor_checks.value_checks_skipped``).
     """
     from llm.logps import model_sequence_logps
     from llm.objective import BatchCounts, UnlearningBatch, objective_terms
     from llm.runtime import autocast
     from markovsim.losses import get_objective
+    from markovsim.tensor_checks import value_checks_skipped
 
     model = build_model(preset, vocab_size, length, seed=0).to(device)
     if attention is not None:
@@ -161,14 +165,26 @@ def step_throughput(device: str, preset: str = "gpt2-small", vocab_size: int = 5
     cached = torch.full((batch_size,), -float(length) * 10.0, device=device)
     objective, bf16 = get_objective("NPO", beta=0.1), device == "cuda"
 
+    def forget_loss(input_ids, attention_mask, labels, ref):  # objective_terms' total for a forget-only objective
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        token_logps, mask = eager_logps(logits, labels)
+        logps, num_tokens = token_logps.sum(-1), mask.sum(-1).to(token_logps.dtype)
+        return objective.total(objective.forget_losses(logps, num_tokens, ref).mean())
+
+    compiled_loss = torch.compile(forget_loss) if compile_loss else None
+
     def step():
         with autocast(device, bf16):
             ref = cached
             if reference is not None:
                 with torch.no_grad():
                     ref = model_sequence_logps(reference, batch)[0]
-            terms = objective_terms(trained, objective, UnlearningBatch(batch, ref, BatchCounts(batch_size)))
-        terms.total.backward()
+            if compiled_loss is not None:
+                with value_checks_skipped():
+                    total = compiled_loss(batch["input_ids"], batch["attention_mask"], batch["labels"], ref)
+            else:
+                total = objective_terms(trained, objective, UnlearningBatch(batch, ref, BatchCounts(batch_size))).total
+        total.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
@@ -203,6 +219,7 @@ def step_throughput(device: str, preset: str = "gpt2-small", vocab_size: int = 5
     return {"seconds_per_step": seconds, "tokens_per_second": tokens / seconds,
             "flops_per_second": flops_per_token * tokens / seconds, "parameters": parameters,
             "attention": model.config._attn_implementation, "fused_adam": fused_adam, "compiled": compile_model,
+            "compiled_logps": compile_logps, "compiled_loss": compile_loss, "vocab_size": vocab_size,
             "batch_size": batch_size, "profile": table}
 
 
@@ -212,7 +229,12 @@ STEP_VARIANTS = {"fused": ("fused AdamW", {"fused_adam": True}),
                  "compiled-logps": ("fused AdamW + torch.compile of the model and of the log-likelihoods",
                                     {"fused_adam": True, "compile_model": True, "compile_logps": True}),
                  "compiled-batch64": ("fused AdamW + torch.compile, batch 64",
-                                      {"fused_adam": True, "compile_model": True, "batch_size": 64})}
+                                      {"fused_adam": True, "compile_model": True, "batch_size": 64}),
+                 "compiled-loss": ("fused AdamW + one torch.compile of model, log-likelihoods and loss",
+                                   {"fused_adam": True, "compile_loss": True}),
+                 "compiled-loss-padded": ("the same, vocabulary padded to 50304 (a multiple of 128), batch 64",
+                                          {"fused_adam": True, "compile_loss": True, "vocab_size": 50304,
+                                           "batch_size": 64})}
 
 
 def gpu_measurements(device: str, variants=tuple(STEP_VARIANTS), live_reference: bool = True,

@@ -23,7 +23,7 @@ The starting models are not pre-trained: the time of a step does not depend on t
 Timings are best-of-several, single and batched runs interleaved (the machine may be shared).
 
 Run: ``python benchmarks/replicas.py [--scale 0.1] [--threads 2] [--with-64] [--repeats 3] [--modes steps ...]
-[--route stacked|vmap|loop] [--device cuda] [--counts 1 16 256 1024]``.
+[--route stacked|vmap|loop] [--device cuda] [--counts 1 16 256 1024] [--profile 256]``.
 """
 
 from __future__ import annotations
@@ -61,6 +61,9 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--subsample", type=int, default=64, help="test sequences of the subsampled evaluation")
     parser.add_argument("--diagnostics-subsample", type=int, default=32,
                         help="diagnostics sequences per component of the subsampled evaluation")
+    parser.add_argument("--profile", type=int, default=None, metavar="N",
+                        help="after the timings, profile one training-steps run of N replicas (torch.profiler: "
+                             "top ops by host time and by device time, and the host syncs)")
     return parser.parse_args(argv)
 
 
@@ -187,6 +190,27 @@ def main(argv=None) -> None:
             print(line, flush=True)
         print(f"  (single = one llm.train.unlearn run, best of the {len(counts) + 1} interleaved: {single:.3f} s)",
               flush=True)
+    if arguments.profile:
+        profile_replicas(data, modes["steps"][1], modes["steps"][2], arguments.profile)
+
+
+def profile_replicas(data: dict, config, evaluator, count: int) -> None:
+    """Print where one run of ``count`` replicas spends host and device time (3 steps warm, then the run)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    time_replicas(data, dataclasses.replace(config, steps=3), count, evaluator)  # warm: allocator, pinned memory
+    on_gpu = data["device"] == "cuda"
+    with profile(activities=[ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_gpu else [])) as trace:
+        seconds = time_replicas(data, config, count, evaluator)
+    averages = trace.key_averages()
+    print(f"\nprofile of {count} replicas, training steps ({seconds:.2f} s under the profiler)")
+    print(averages.table(sort_by="self_cpu_time_total", row_limit=20, max_name_column_width=50))
+    if on_gpu:
+        print(averages.table(sort_by="self_cuda_time_total", row_limit=12, max_name_column_width=50))
+    calls = {e.key: e.count for e in averages}
+    print("host syncs and copies per run: " + ", ".join(f"{name} {calls.get(name, 0)}" for name in (
+        "cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaMemcpyAsync", "cudaLaunchKernel", "aten::item",
+        "aten::_local_scalar_dense")), flush=True)
 
 
 def compare(data: dict, config, evaluator, counts, repeats: int):

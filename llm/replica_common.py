@@ -14,6 +14,7 @@ from markovsim.runtime import resolve_device
 from .config import TrainConfig
 from .data import EncodedSequences, epoch_permutation, steps_per_epoch
 from .replicas import ReplicaStack, StackedAdamSettings, StackedAdamW
+from .runtime import host_to_device
 from .session import learning_rate_factor
 
 __all__ = ["ReplicaRows", "StackedTokens", "TOKEN_KEYS", "objective_groups", "PER_REPLICA_FIELDS", "SHARED_FIELDS",
@@ -142,7 +143,7 @@ class StackedTokens:
         (N, b, t), t the widest gathered row (causal attention makes the padding invisible to real positions)."""
         cpu = torch.from_numpy(np.asarray(rows, dtype=np.int64))
         width = int(self.token_lengths[cpu].max())
-        index = cpu.to(self.device)
+        index = host_to_device(cpu, self.device)  # no host sync on CUDA
         return (index, *(self.tensors[key][index, :width] for key in TOKEN_KEYS))
 
 

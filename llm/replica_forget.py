@@ -23,10 +23,11 @@ import numpy as np
 import torch
 
 from markovsim.losses import SEQUENCE_LOSSES, Objective, reduce_token_logps
+from markovsim.tensor_checks import value_checks_skipped
 
 from .config import TrainConfig
 from .data import FORGET_STREAM, EncodedSequences
-from .logps import labelled_token_logps
+from .logps import token_log_likelihoods
 from .replica_common import ReplicaRows, StackedTokens, objective_groups
 from .replicas import ReplicaStack
 
@@ -65,26 +66,28 @@ class BatchedForget:
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every replica's step-``step`` objective and the values the single run logs.
 
-        Returns: totals (N,) differentiable, and values (N, 3) detached float64: total, forget term and
-            the mean per-token log-likelihood of the batch.
-        Raises: ``llm.logps.NonFiniteLogitsError`` when any replica's logits are not finite (the
-            caller then takes the per-replica path, which isolates the failing replica).
+        Returns: totals (N,) differentiable, and values (N, 3) detached float64 on the device: total, forget
+            term and the mean per-token log-likelihood of the batch. Nothing is copied to the host (no sync):
+            where a replica's logits are not finite at a labelled position, its log-likelihood column is
+            NaN or inf (the check ``llm.logps.labelled_token_logps`` makes with a sync), and the caller then
+            takes the per-replica path, which isolates the failing replica.
         """
-        rows = self.rows(step)  # (N, b)
-        index, ids, mask, labels = self.tokens.gather(rows)
-        logits = self.stack.stacked_batch_logits(ids, mask)  # (N, b, t, V)
-        token_logps, token_mask = labelled_token_logps(logits.flatten(0, 1), labels.flatten(0, 1))  # (N b, t-1)
-        logps, num_tokens = (x.view(rows.shape) for x in reduce_token_logps(token_logps, token_mask))  # (N, b)
-        totals, forgets = [], []
-        for objective, members, references in self.groups:
-            member_logps, member_tokens = logps[members], num_tokens[members]  # (n_g, b)
-            reference = None
-            if references is not None:
-                reference = references.gather(1, index[members]).to(logps.dtype).flatten()
-            losses = objective.forget_losses(member_logps.flatten(), member_tokens.flatten(), reference)
-            forget = losses.view(member_logps.shape).sum(1) / rows.shape[1]  # (n_g,)
-            totals.append(objective.total(forget))
-            forgets.append(forget.detach())
+        with value_checks_skipped():  # the checks' value reads are host syncs; NaN/inf shows in the values
+            rows = self.rows(step)  # (N, b)
+            index, ids, mask, labels = self.tokens.gather(rows)
+            logits = self.stack.stacked_batch_logits(ids, mask)  # (N, b, t, V)
+            token_logps, token_mask = token_log_likelihoods(logits.flatten(0, 1), labels.flatten(0, 1))  # (N b, t-1)
+            logps, num_tokens = (x.view(rows.shape) for x in reduce_token_logps(token_logps, token_mask))  # (N, b)
+            totals, forgets = [], []
+            for objective, members, references in self.groups:
+                member_logps, member_tokens = logps[members], num_tokens[members]  # (n_g, b)
+                reference = None
+                if references is not None:
+                    reference = references.gather(1, index[members]).to(logps.dtype).flatten()
+                losses = objective.forget_losses(member_logps.flatten(), member_tokens.flatten(), reference)
+                forget = losses.view(member_logps.shape).sum(1) / rows.shape[1]  # (n_g,)
+                totals.append(objective.total(forget))
+                forgets.append(forget.detach())
         totals, forgets = torch.cat(totals)[self.inverse], torch.cat(forgets)[self.inverse]  # (N,)
         per_token = (logps / num_tokens).sum(1).detach() / rows.shape[1]  # (N,)
         values = torch.stack([totals.detach().double(), forgets.double(), per_token.double()], dim=1)

@@ -78,6 +78,7 @@ from .replica_evaluation import replica_diagnostics, replica_test_metrics
 from .replica_forget import BatchedForget
 from .replica_pretraining import pretrain_replicas
 from .replicas import ReplicaStack, clip_replica_grads
+from .runtime import host_to_device
 from .unlearning import trajectory_from_records
 
 # How unlearn_replicas evaluates: all replicas in batched passes, or one by one.
@@ -220,13 +221,14 @@ class _Unlearning:
         reference = None if replica.forget_ref is None else replica.forget_ref[forget_rows].to(device)
         return UnlearningBatch(self.forget.batch(forget_rows, device), reference, counts, retain_batch)
 
-    def step_values(self, step: int, backward: bool) -> list[dict]:
-        """Every replica's ``{"total", "forget", "retain", "logp_per_token"}`` (floats; NaN on failure);
-        with ``backward`` also the stacked gradients of the finite totals of active replicas."""
+    def step_values(self, step: int, backward: bool) -> tuple[list[dict], list[float]]:
+        """Every replica's ``{"total", "forget", "retain", "logp_per_token"}`` (floats; NaN on failure) and
+        its gradient norm before clipping (NaN without ``backward``); with ``backward`` also the stacked
+        gradients of the finite totals of active replicas, clipped per replica."""
         if self.batched_forget is not None:
-            values = self._batched_step_values(step, backward)
-            if values is not None:
-                return values
+            result = self._batched_step_values(step, backward)
+            if result is not None:
+                return result
         batches = [self.batch(i, step) for i in range(len(self.replicas))]
         merged = [merge_batches(_parts(r.objective, b), int(b.forget["input_ids"][0, 0]))[0]
                   for r, b in zip(self.replicas, batches)]
@@ -241,23 +243,33 @@ class _Unlearning:
         self.stack.zero_grad()
         if backward and totals:
             torch.stack(totals).sum().backward()
-        return values
+        return values, self._clipped_norms(backward).tolist()
 
-    def _batched_step_values(self, step: int, backward: bool) -> list[dict] | None:
-        """:meth:`step_values` by ``llm.replica_forget.BatchedForget``: no per-replica loop, one host sync;
+    def _batched_step_values(self, step: int, backward: bool) -> tuple[list[dict], list[float]] | None:
+        """:meth:`step_values` by ``llm.replica_forget.BatchedForget``: no per-replica loop and one host sync
+        per step (forward, backward and clipping are queued first; values and norms come back together).
         None when some replica's logits are not finite (the per-replica path then isolates it)."""
-        try:
-            with contextlib.nullcontext() if backward else torch.no_grad():
-                totals, values = self.batched_forget(step)
-        except NonFiniteLogitsError:
-            return None
-        values = [dict(zip(("total", "forget", "logp_per_token"), row), retain=0.0) for row in values.tolist()]
+        with contextlib.nullcontext() if backward else torch.no_grad():
+            totals, values = self.batched_forget(step)  # (N,), (N, 3) on the device
         self.stack.zero_grad()
-        included = [i for i, (replica, value) in enumerate(zip(self.replicas, values))
-                    if replica.diverged_at is None and math.isfinite(value["total"])]
-        if backward and included:
-            totals[torch.tensor(included, device=totals.device)].sum().backward()
-        return values
+        if backward:
+            active = host_to_device(torch.tensor([r.diverged_at is None for r in self.replicas]), totals.device)
+            included = active & torch.isfinite(totals.detach())  # (N,)
+            # where() passes a zero gradient to the rows left out, as indexing the included rows would
+            torch.where(included, totals, torch.zeros_like(totals)).sum().backward()
+        rows = torch.cat([values, self._clipped_norms(backward).to(values)[:, None]], 1).tolist()  # one sync
+        if not all(math.isfinite(row[2]) for row in rows):  # non-finite logits (BatchedForget's docstring)
+            self.stack.zero_grad()
+            return None
+        values = [dict(zip(("total", "forget", "logp_per_token"), row[:3]), retain=0.0) for row in rows]
+        return values, [row[3] for row in rows]
+
+    def _clipped_norms(self, backward: bool) -> torch.Tensor:
+        """Clip each replica's gradient (``TrainConfig.max_grad_norm``); the norms before clipping (N,) on the
+        device, NaN without ``backward``."""
+        if not backward:
+            return torch.full((len(self.replicas),), math.nan, device=self.stack.device)
+        return clip_replica_grads(self.stack.parameters, self.configs[0].max_grad_norm)
 
     @staticmethod
     def _terms(replica: _Replica, batch: UnlearningBatch, logits) -> tuple[dict, torch.Tensor | None]:
@@ -296,10 +308,7 @@ class _Unlearning:
                 break
             final = step == self.total_steps
             learning_rates = replica_learning_rates(self.configs, step, self.total_steps)
-            values = self.step_values(step, backward=not final)
-            grad_norms = [math.nan] * len(self.replicas)
-            if not final:
-                grad_norms = clip_replica_grads(self.stack.parameters, self.configs[0].max_grad_norm).tolist()
+            values, grad_norms = self.step_values(step, backward=not final)
             self._after_forward(step, final, values, grad_norms)
             if final:
                 break

@@ -49,6 +49,7 @@ from torch.func import functional_call, stack_module_state, vmap
 
 from .data import IGNORE_INDEX
 from .paper_synthetic import PaperSyntheticForCausalLM, stacked_logits
+from .runtime import host_to_device
 
 __all__ = ["ADAM_BLOCK", "ROUTES", "STACKED_ARCHITECTURES", "VMAP_ARCHITECTURES", "ReplicaStack", "StackedAdamW",
            "StackedAdamSettings",
@@ -326,7 +327,7 @@ class StackedAdamW:
         factors = self._factors(learning_rates)
         decays = any(wd != 0 for wd in self.settings.weight_decays)
         frozen = [i for i, a in enumerate(active) if not a]
-        shaped = {key: value.to(self._device).view(-1, 1) for key, value in factors.items()}  # (N, 1)
+        shaped = {key: value.view(-1, 1) for key, value in factors.items()}  # (N, 1) on the device
         for name, param in self.parameters.items():
             if param.grad is None:
                 continue
@@ -360,7 +361,7 @@ class StackedAdamW:
                          1 - lr * s.weight_decays[i]))
         names = ("one_minus_beta1", "beta1", "beta2", "one_minus_beta2", "correction2_sqrt", "eps", "step_size",
                  "decay")
-        table = torch.tensor(rows, dtype=torch.float64).to(torch.float32)  # (N, 8)
+        table = host_to_device(torch.tensor(rows, dtype=torch.float64).to(torch.float32), self._device)  # (N, 8)
         return {name: table[:, k] for k, name in enumerate(names)}
 
     def _update(self, param, m, v, grad, f, decay: bool) -> None:

@@ -18,7 +18,7 @@ import torch
 from markovsim.runtime import DEVICES, resolve_device  # the one device rule, shared with the simulator
 
 __all__ = ["DEVICES", "MIXED_PRECISIONS", "resolve_device", "use_bf16", "autocast", "make_accelerator",
-           "is_distributed_launch", "transformers_output"]
+           "is_distributed_launch", "transformers_output", "host_to_device"]
 
 MIXED_PRECISIONS = ("auto", "bf16", "no")
 
@@ -40,6 +40,19 @@ def autocast(device_type: str, bf16: bool):
     if bf16 and device_type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+def host_to_device(tensor: torch.Tensor, device) -> torch.Tensor:
+    """``tensor.to(device)`` without a host sync on CUDA: through pinned memory, non-blocking.
+
+    A copy from ordinary (pageable) host memory waits for the GPU's queue to drain; the replica loops
+    copy small index and factor tables every step, and each such wait would stop the host from queueing
+    the next kernels. On other devices this is ``tensor.to(device)``.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def is_distributed_launch() -> bool:

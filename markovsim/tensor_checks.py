@@ -2,14 +2,40 @@
 
 Cheap (one reduction per tensor); each error names the argument and says how to fix it. Used by
 :mod:`markovsim.losses` and :mod:`markovsim.objectives`.
+
+The checks that read tensor values (finite, > 0, 0/1 masks, nonempty rows) each cost a host sync on
+a GPU. :func:`value_checks_skipped` turns just those off for a block of trusted internal code (the
+batched replica step, whose inputs the package itself computed and whose NaN/inf it detects from the
+results); the type and shape checks always run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 import numbers
 
 import torch
+
+_VALUE_CHECKS = contextvars.ContextVar("markovsim_value_checks", default=True)
+
+
+@contextlib.contextmanager
+def value_checks_skipped():
+    """Within the block, skip the checks that read tensor values (no host syncs); types and shapes are
+    still checked. NaN/inf inputs then give NaN/inf losses instead of a ``ValueError``: only for callers
+    that check the results themselves."""
+    token = _VALUE_CHECKS.set(False)
+    try:
+        yield
+    finally:
+        _VALUE_CHECKS.reset(token)
+
+
+def value_checks_on() -> bool:
+    """False inside :func:`value_checks_skipped`."""
+    return _VALUE_CHECKS.get()
 
 
 def check_tensor(name: str, x) -> torch.Tensor:
@@ -40,7 +66,7 @@ def check_per_sequence(name: str, x, like: torch.Tensor | None = None) -> torch.
             f"{name} has shape {tuple(x.shape)} but logps has shape {tuple(like.shape)}; "
             f"pass one value per sequence for both"
         )
-    if not torch.isfinite(x).all():
+    if value_checks_on() and not torch.isfinite(x).all():
         raise ValueError(
             f"{name} contains NaN or inf; sequence log-likelihoods must be finite "
             f"(very negative is fine). Check for -inf token log-probs at unmasked positions"
@@ -58,6 +84,8 @@ def check_num_tokens(num_tokens, logps: torch.Tensor) -> torch.Tensor:
             f"num_tokens has shape {tuple(num_tokens.shape)} but logps has shape "
             f"{tuple(logps.shape)}; pass one token count per sequence"
         )
+    if not value_checks_on():
+        return num_tokens
     if num_tokens.is_floating_point() and not torch.isfinite(num_tokens).all():
         raise ValueError("num_tokens contains NaN or inf; pass the response-token counts")
     if not (num_tokens > 0).all():
@@ -94,7 +122,7 @@ def check_mask(mask, shape: torch.Size) -> torch.Tensor:
     if mask.shape != shape:
         raise ValueError(f"mask has shape {tuple(mask.shape)}, expected {tuple(shape)} (B, T)")
     if mask.dtype != torch.bool:
-        if not ((mask == 0) | (mask == 1)).all():
+        if value_checks_on() and not ((mask == 0) | (mask == 1)).all():
             raise ValueError("mask must be bool or contain only 0 and 1")
         mask = mask.bool()
     return mask
@@ -102,6 +130,8 @@ def check_mask(mask, shape: torch.Size) -> torch.Tensor:
 
 def check_token_values(name: str, x: torch.Tensor, mask: torch.Tensor, *, allow_neg_inf: bool) -> None:
     """Values at masked-in positions must be finite (or -inf if allowed); padding is ignored."""
+    if not value_checks_on():
+        return
     kept = x[mask]  # (N, ...) masked-in positions only
     ok = (kept < math.inf).all() if allow_neg_inf else torch.isfinite(kept).all()
     if not ok:
@@ -115,5 +145,5 @@ def check_token_values(name: str, x: torch.Tensor, mask: torch.Tensor, *, allow_
 def check_nonempty(mask: torch.Tensor) -> None:
     if mask.shape[0] == 0:
         raise ValueError("mask has no sequences (a batch of 0): the mean loss would be NaN; pass B >= 1")
-    if not mask.any(-1).all():
+    if value_checks_on() and not mask.any(-1).all():
         raise ValueError("every sequence needs at least one unmasked token; drop empty sequences")

@@ -6,6 +6,8 @@ under the default ``"auto"``, i.e. bf16 autocast, and saw the first pre-training
 1.2e-4 relative: the size of bf16 rounding averaged over ~300 tokens. These tests, rewritten after
 that session, have not run on a GPU yet (benchmarks/RESULTS.md says what did).
 
+* no host sync: the loop-free step queues its work without waiting for the GPU;
+
 * tight (float32 rounding, rtol 1e-4 / 1e-6): the stacked logits and gradients against each model's
   own (measured: 8e-7 at |logit| <= 2, as CUDA vs CPU of one model), the first pre-training loss,
   and one batched evaluation against each model's ``Evaluator.evaluate``;
@@ -101,6 +103,32 @@ def test_loop_free_forget_only_replicas_on_cuda_match_single_cuda_runs(tiny, mon
     for trajectory, single, model, single_model in zip(trajectories, expected, replicas, singles):
         assert_close_runs(trajectory, single, tolerance)
         assert_close_parameters(model, single_model, tolerance)
+
+
+def test_the_loop_free_step_makes_no_host_sync(tiny):
+    """Gather, stacked forward, losses, backward, clipping and the AdamW update of the loop-free step are
+    queued without a host sync (``set_sync_debug_mode("error")`` raises at any; a traceback names the
+    op): the one sync per step is the copy back of the values and gradient norms."""
+    from llm.replica_common import replica_configs, replica_learning_rates
+    from llm.replicas import clip_replica_grads
+
+    objectives = [get_objective("NPO", beta=0.2), get_objective("SimNPO", beta=2.5)] * 2
+    configs = replica_configs([dataclasses.replace(UNLEARNING, seed=seed, max_grad_norm=1.0) for seed in range(4)],
+                              4)
+    state = replica_training._Unlearning(models(4), objectives, tiny["forget"], None, configs, [None] * 4, None)
+    assert state.batched_forget is not None
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step in range(2):
+            totals, values = state.batched_forget(step)
+            totals.sum().backward()
+            norms = clip_replica_grads(state.stack.parameters, 1.0)
+            state.optimizer.step(replica_learning_rates(configs, step, 4))
+            state.stack.zero_grad()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert bool(torch.isfinite(values).all()) and bool(torch.isfinite(norms).all())
 
 
 def test_replicas_with_retain_terms_on_cuda_match_single_cuda_runs(tiny):

@@ -491,6 +491,39 @@ def test_bad_input_raises_a_clear_error(case):
         call()
 
 
+# tensor inputs whose values (not type, shape or a Python scalar setting) are bad, and give NaN/inf unchecked
+VALUE_CASES = ["logps nan", "logps -inf", "num_tokens zero", "num_tokens nan", "token nan unmasked",
+               "token -inf unmasked"]
+
+
+@pytest.mark.parametrize("case", VALUE_CASES)
+def test_value_checks_skipped_turns_off_only_the_value_reads(case):
+    """Inside ``value_checks_skipped`` a NaN/inf input gives a non-finite result instead of an error (no host
+    sync); outside, and after the block, the same call raises again."""
+    from markovsim.tensor_checks import value_checks_skipped
+
+    call, error, message = BAD_CALLS[case]
+    with value_checks_skipped():
+        result = call()
+    values = result if isinstance(result, tuple) else (result,)
+    assert not all(bool(torch.isfinite(v).all()) for v in values if isinstance(v, torch.Tensor))
+    with pytest.raises(error, match=message):
+        call()
+
+
+def test_value_checks_skipped_keeps_type_and_shape_checks_and_the_values():
+    from markovsim.tensor_checks import value_checks_skipped
+
+    logps, tokens = torch.tensor([-3.0, -5.0], dtype=torch.float64), torch.tensor([2.0, 4.0], dtype=torch.float64)
+    with value_checks_skipped():
+        with pytest.raises(ValueError, match="num_tokens has shape"):
+            losses.simnpo(logps, tokens[:1], beta=2.5)
+        with pytest.raises(TypeError, match="torch.Tensor"):
+            losses.ga([-3.0], tokens)
+        skipped = losses.simnpo(logps, tokens, beta=2.5)
+    assert torch.equal(skipped, losses.simnpo(logps, tokens, beta=2.5))
+
+
 # ---------------------------------------------------------------------------------------------
 # 12. Objectives, registries, dtypes
 # ---------------------------------------------------------------------------------------------
