@@ -234,7 +234,9 @@ STEP_VARIANTS = {"fused": ("fused AdamW", {"fused_adam": True}),
                                    {"fused_adam": True, "compile_loss": True}),
                  "compiled-loss-padded": ("the same, vocabulary padded to 50304 (a multiple of 128), batch 64",
                                           {"fused_adam": True, "compile_loss": True, "vocab_size": 50304,
-                                           "batch_size": 64})}
+                                           "batch_size": 64}),
+                 "compiled-loss-padded32": ("the same, vocabulary padded to 50304, batch 32",
+                                            {"fused_adam": True, "compile_loss": True, "vocab_size": 50304})}
 
 
 def gpu_measurements(device: str, variants=tuple(STEP_VARIANTS), live_reference: bool = True,

@@ -164,9 +164,13 @@ def test_batched_evaluation_on_cuda_equals_each_models_own(tiny):
     evaluator = Evaluator(test, chains, reference=replicas[0], batch_size=16)  # several chunks
     stack = ReplicaStack(replicas)
     metrics = replica_test_metrics(stack, [evaluator] * 3, [0, 2], replicas[0])
+    # atol: both paths take float32 log-softmax, then float64. Each log-probability carries a rounding error
+    # r_v <= 2^-24 |log p_v| that does not cancel in sum_v p_v (log p_v - log q_v), so a KL is known to
+    # ~1e-7 (|log p_v| < 7 here); replica 0's kl_reference is exactly 0 in its own run (the same rounding
+    # on both sides) and 1-2e-8 in the stacked pass on the H100 (stacked logits differ by 8e-7)
     for i in (0, 2):
         for name, values in evaluator.evaluate(replicas[i]).items():
-            np.testing.assert_allclose(metrics[i][name], values, rtol=1e-6, atol=1e-9, err_msg=name)
+            np.testing.assert_allclose(metrics[i][name], values, rtol=1e-6, atol=1e-6, err_msg=name)
 
 
 @pytest.mark.parametrize("rule", ["adamw", "adamw_legacy"])
