@@ -12,6 +12,7 @@ import torch
 
 from markovsim.config import divergence_reason
 from markovsim.data import SequenceSet
+from markovsim.progress import progress_iter
 from markovsim.results import atomic_write_json, metadata_block
 from markovsim.runtime import torch_threads
 
@@ -137,7 +138,9 @@ class _PreTraining:
         return -sums / counts.to(device=sums.device, dtype=sums.dtype)
 
     def run(self) -> list[TrainingHistory]:
-        for step in range(self.start_step, self.total_steps):
+        steps = range(self.start_step, self.total_steps)
+        description = f"pre-training {len(self.diverged)} replicas"
+        for step in progress_iter(steps, len(steps), description, self.configs[0].progress):
             active = [d is None for d in self.diverged]
             if not any(active):
                 break

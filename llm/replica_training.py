@@ -52,6 +52,7 @@ import torch
 from markovsim.config import divergence_reason
 from markovsim.data import SequenceSet, concatenate
 from markovsim.losses import NEEDS_REFERENCE, Objective
+from markovsim.progress import progress_iter
 from markovsim.runtime import torch_threads
 from markovsim.trajectory import Trajectory
 
@@ -303,7 +304,9 @@ class _Unlearning:
         return self.run_dir is not None and every is not None and step % every == 0 and step < self.total_steps
 
     def run(self) -> list[Trajectory]:
-        for step in range(self.start_step, self.total_steps + 1):
+        steps = range(self.start_step, self.total_steps + 1)
+        description = f"unlearning {len(self.replicas)} replicas"
+        for step in progress_iter(steps, len(steps), description, self.configs[0].progress):
             if all(r.diverged_at is not None for r in self.replicas):
                 break
             final = step == self.total_steps

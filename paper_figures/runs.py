@@ -163,9 +163,12 @@ class ScenarioRuns:
                 jobs.append({"kind": "simulator", "scenario": self.scenario, "scale": self.scale, "seed": seed,
                              "source": source, "steps": self.simulator_steps, "methods": methods})
             for settings in self.transformers:
-                jobs.append({"kind": "transformer", "scenario": self.scenario, "scale": self.scale, "seed": seed,
-                             "source": settings.preset, "device": device, "methods": methods,
-                             "settings": dataclasses.asdict(dataclasses.replace(settings, seed=seed))})
+                job = {"kind": "transformer", "scenario": self.scenario, "scale": self.scale, "seed": seed,
+                       "source": settings.preset, "device": device, "methods": methods,
+                       "settings": dataclasses.asdict(dataclasses.replace(settings, seed=seed))}
+                if device == "cuda":  # the methods as batched replicas (float32), where that pays
+                    job["batched_methods"] = True
+                jobs.append(job)
         return jobs
 
 
@@ -181,7 +184,8 @@ def _execute(job: dict, progress: bool, cache_dir: str, recompute: bool = False)
                               sources=(job["source"],))
     settings = TransformerSettings(**job["settings"])
     trajectories, retrained = transformer_runs(job["scenario"], job["scale"], settings, job["device"],
-                                               job["methods"], progress, os.path.join(cache_dir, "models"), recompute)
+                                               job["methods"], progress, os.path.join(cache_dir, "models"), recompute,
+                                               batched=job.get("batched_methods", False))
     return {job["source"]: trajectories}, {job["source"]: retrained}
 
 

@@ -137,13 +137,26 @@ def prepare_transformer(scenario_name: str, scale: float, settings: TransformerS
 
 
 def transformer_runs(scenario_name: str, scale: float, settings: TransformerSettings, device: str = "cpu",
-                     methods=None, progress: bool = True, model_dir: str | None = None, recompute: bool = False):
-    """One seed of a scenario on a transformer: ``({method: Trajectory}, {component: retrained kl_true})``."""
+                     methods=None, progress: bool = True, model_dir: str | None = None, recompute: bool = False,
+                     batched: bool = False):
+    """One seed of a scenario on a transformer: ``({method: Trajectory}, {component: retrained kl_true})``.
+
+    ``batched``: the methods unlearn as replicas of one computation (``llm.unlearn_replicas``: float32,
+    each replica equal to its own float32 single run) instead of one after another. On a GPU the three
+    methods then take about the time of one (benchmarks/RESULTS.md, "Batched replicas"); on a CPU the
+    runs are compute-bound and batching saves nothing, so the figures batch on CUDA only.
+    """
     from llm import unlearn
+    from llm.replica_training import unlearn_replicas
 
     setup = prepare_transformer(scenario_name, scale, settings, device, progress, model_dir, recompute)
-    runs = {}
-    for method, objective in setup.scenario.with_methods(methods or list(setup.scenario.methods)).items():
-        runs[method] = unlearn(copy.deepcopy(setup.reference), objective, setup.forget, setup.retain,
-                               setup.unlearning_config, setup.evaluator)
+    objectives = setup.scenario.with_methods(methods or list(setup.scenario.methods))
+    if batched:
+        config = dataclasses.replace(setup.unlearning_config, mixed_precision="no")
+        trajectories = unlearn_replicas([copy.deepcopy(setup.reference) for _ in objectives], list(objectives.values()),
+                                        setup.forget, setup.retain, config, setup.evaluator)
+        return dict(zip(objectives, trajectories)), setup.retrained_kl
+    runs = {method: unlearn(copy.deepcopy(setup.reference), objective, setup.forget, setup.retain,
+                            setup.unlearning_config, setup.evaluator)
+            for method, objective in objectives.items()}
     return runs, setup.retrained_kl

@@ -470,3 +470,25 @@ def test_other_methods_config_rejects_unknown_methods_and_stray_transformer_seed
         Config(methods=("WHP", "NoSuchMethod"))
     with pytest.raises(ValueError, match="registry_transformer_seeds"):
         Config(seeds=(0, 1), registry_transformer_seeds=(2,))
+
+
+def test_batched_methods_equal_the_methods_run_one_after_another(tmp_path):
+    """``transformer_runs(batched=True)`` (the methods as replicas of one computation, what the figures do on
+    CUDA) gives each method's single run (float32 on the CPU: rtol 1e-5), and only CUDA jobs ask for it."""
+    from paper_figures.runs import ScenarioRuns
+    from paper_figures.transformer_runs import TransformerSettings, transformer_runs
+
+    settings = TransformerSettings(preset="tiny-synthetic", pretrain_epochs=1.0, unlearn_steps=3,
+                                   diagnostics_max_sequences=8)
+    arguments = ("paper_short_forget2", 0.005, settings, "cpu", None, False, str(tmp_path))
+    single, levels = transformer_runs(*arguments)
+    batched, batched_levels = transformer_runs(*arguments, batched=True)
+    assert list(batched) == list(single) == ["GA", "NPO", "SimNPO"] and batched_levels == levels
+    for method, trajectory in single.items():
+        assert batched[method].info["num_replicas"] == 3
+        for name, values in trajectory.component_metrics.items():
+            np.testing.assert_allclose(batched[method].component_metrics[name], values, rtol=1e-5, atol=1e-7,
+                                       err_msg=f"{method} {name}")
+    spec = ScenarioRuns("paper_short_forget2", 0.005, transformers=(settings,), simulator_sources=())
+    assert [job.get("batched_methods") for job in spec.jobs("cuda")] == [True]
+    assert ["batched_methods" in job for job in spec.jobs("cpu")] == [False]
