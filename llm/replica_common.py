@@ -8,6 +8,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
+from markovsim.data import SequenceSet, concatenate
 from markovsim.losses import Objective
 from markovsim.runtime import resolve_device
 
@@ -18,8 +19,8 @@ from .runtime import host_to_device
 from .session import learning_rate_factor
 
 __all__ = ["ReplicaRows", "StackedTokens", "TOKEN_KEYS", "objective_groups", "PER_REPLICA_FIELDS", "SHARED_FIELDS",
-           "LOGITS_FAILURE", "replica_configs", "replica_device", "stacked_optimizer", "replica_learning_rates",
-           "check_models", "ReplayLogits", "SingleProcess"]
+           "LOGITS_FAILURE", "replica_sets", "replica_configs", "replica_device", "stacked_optimizer",
+           "replica_learning_rates", "check_models", "ReplayLogits", "SingleProcess"]
 
 # TrainConfig fields that may differ between replicas; every other field must be equal.
 PER_REPLICA_FIELDS = ("seed", "learning_rate", "adam_betas", "adam_eps", "weight_decay", "divergence_logp_per_token")
@@ -48,6 +49,41 @@ def replica_configs(configs: TrainConfig | Sequence[TrainConfig], num_replicas: 
     if configs[0].mixed_precision == "bf16":
         raise ValueError("replicas run in float32; bf16 autocast is not supported yet (use mixed_precision='no')")
     return tuple(dataclasses.replace(c, mixed_precision="no") for c in configs)
+
+
+def replica_sets(sets, num_replicas: int, name: str) -> tuple[SequenceSet | None, list, np.ndarray]:
+    """One training set shared by every replica, or one per replica (e.g. each seed its own sampled data).
+
+    Args:
+        sets: a ``SequenceSet`` (shared), N ``SequenceSet`` of one size (replicas share one step schedule),
+            or None.
+        num_replicas: N.
+        name: the argument's name, for errors.
+    Returns:
+        ``(joined, own, offsets)``: the set every replica's rows index (the shared set, or the
+        concatenation of the N sets), each replica's own set (N), and where replica i's rows start in
+        ``joined`` (N,) int64 (zeros when shared).
+    """
+    zeros = np.zeros(num_replicas, dtype=np.int64)
+    if sets is None or isinstance(sets, SequenceSet):
+        return sets, [sets] * num_replicas, zeros
+    if isinstance(sets, (str, bytes)) or not isinstance(sets, Sequence):
+        raise TypeError(f"{name} must be a SequenceSet or a list of one SequenceSet per replica, "
+                        f"got {type(sets).__name__}")
+    sets = list(sets)
+    if len(sets) != num_replicas:
+        raise ValueError(f"{name}: got {len(sets)} sets for {num_replicas} replicas; pass one SequenceSet for all "
+                         f"or one per replica")
+    for value in sets:
+        if not isinstance(value, SequenceSet):
+            raise TypeError(f"{name}: every entry must be a markovsim.data.SequenceSet, got {type(value).__name__}")
+    sizes = sorted({len(value) for value in sets})
+    if len(sizes) != 1:
+        raise ValueError(f"{name}: the replicas' sets have {sizes} sequences; replicas share one step schedule, "
+                         f"so every set needs the same number (sample each seed at the same scale)")
+    if all(value is sets[0] for value in sets):
+        return sets[0], sets, zeros
+    return concatenate(sets), sets, np.arange(num_replicas, dtype=np.int64) * sizes[0]
 
 
 def replica_device(config: TrainConfig) -> torch.device:

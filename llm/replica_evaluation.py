@@ -92,14 +92,27 @@ def replica_predictions(stack: ReplicaStack, evaluator: Evaluator, indices) -> d
 
 
 def replica_test_metrics(stack: ReplicaStack, evaluators: list[Evaluator], indices, scratch) -> dict[int, dict]:
-    """``{i: evaluators[i].evaluate(replica i)}`` for ``indices``: one batched pass per distinct test set."""
+    """``{i: evaluators[i].evaluate(replica i)}`` for ``indices``: one batched pass per distinct test set.
+
+    A batched pass computes every replica's logits, so a test set that fewer than half of the replicas
+    use (e.g. each seed its own data) is evaluated replica by replica on ``scratch`` instead (the single
+    run's ``Evaluator.evaluate``; N passes of one model rather than N passes of N).
+    """
     groups: dict[tuple, list[int]] = {}
     for i in indices:
         groups.setdefault((id(evaluators[i].test), evaluators[i].batch_size), []).append(i)
+    users = {}  # test set -> how many replicas evaluate on it
+    for evaluator in evaluators:
+        users[id(evaluator.test)] = users.get(id(evaluator.test), 0) + 1
     result = {}
     for members in groups.values():
         evaluator = evaluators[members[0]]
         check_model_data(scratch, evaluator.test, "test")
+        if 2 * users[id(evaluator.test)] < stack.num_replicas:
+            for i in members:
+                stack.write_into(scratch, i)
+                result[i] = evaluators[i].evaluate(scratch)
+            continue
         if stacked_metrics_apply(stack, [evaluators[i] for i in members]):
             try:
                 result |= stacked_test_metrics(stack, [evaluators[i] for i in members], members,

@@ -41,17 +41,23 @@ class BatchedForget:
         stack: the replicas' :class:`ReplicaStack` (stacked or vmap route).
         objectives: N objectives, all forget-only sequence losses (:meth:`applies`).
         configs: N ``TrainConfig`` (seed and batch size of each replica's batches).
-        forget: the encoded forget set (CPU tensors; copied to the stack's device once).
-        forget_refs: N (n_f,) float64 reference log-likelihoods (None where the objective needs none).
+        forget: the encoded forget set (CPU tensors; copied to the stack's device once): the shared set, or
+            the N replicas' own sets one after another (``llm.replica_common.replica_sets``).
+        forget_refs: N (n_f,) float64 reference log-likelihoods of each replica's own set (None where the
+            objective needs none).
+        offsets: (N,) where each replica's own set starts in ``forget`` (None: one shared set).
     """
 
     def __init__(self, stack: ReplicaStack, objectives: list[Objective], configs: tuple[TrainConfig, ...],
-                 forget: EncodedSequences, forget_refs: list[torch.Tensor | None]):
+                 forget: EncodedSequences, forget_refs: list[torch.Tensor | None], offsets: np.ndarray | None = None):
         if not self.applies(stack, objectives):
             raise ValueError("BatchedForget needs a stacked/vmap route and forget-only sequence-loss objectives")
         self.stack, self.device = stack, stack.device
-        self.rows = ReplicaRows(len(forget), configs[0].batch_size, [c.seed for c in configs], FORGET_STREAM)
+        self.offsets = np.zeros(len(configs), dtype=np.int64) if offsets is None else np.asarray(offsets, np.int64)
+        own_size = len(forget) - int(self.offsets.max())  # every replica's set has this many rows
+        self.rows = ReplicaRows(own_size, configs[0].batch_size, [c.seed for c in configs], FORGET_STREAM)
         self.tokens = StackedTokens(forget, self.device)
+        self.device_offsets = torch.as_tensor(self.offsets, device=self.device)[:, None]  # (N, 1)
         # (objective, member replicas (n_g,) on the device, references (n_g, n_f) float64 or None)
         groups = objective_groups(objectives, forget_refs, self.device)
         self.groups = [(o, torch.tensor(members, device=self.device), r) for o, members, r in groups]
@@ -73,8 +79,9 @@ class BatchedForget:
             takes the per-replica path, which isolates the failing replica.
         """
         with value_checks_skipped():  # the checks' value reads are host syncs; NaN/inf shows in the values
-            rows = self.rows(step)  # (N, b)
-            index, ids, mask, labels = self.tokens.gather(rows)
+            rows = self.rows(step)  # (N, b) in each replica's own set
+            index, ids, mask, labels = self.tokens.gather(rows + self.offsets[:, None])
+            index = index - self.device_offsets  # (N, b) rows of each replica's own set, for its references
             logits = self.stack.stacked_batch_logits(ids, mask)  # (N, b, t, V)
             token_logps, token_mask = token_log_likelihoods(logits.flatten(0, 1), labels.flatten(0, 1))  # (N b, t-1)
             logps, num_tokens = (x.view(rows.shape) for x in reduce_token_logps(token_logps, token_mask))  # (N, b)

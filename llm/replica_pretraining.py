@@ -31,6 +31,7 @@ from .replica_common import (
     replica_configs,
     replica_device,
     replica_learning_rates,
+    replica_sets,
     stacked_optimizer,
 )
 from .replicas import ReplicaStack, clip_replica_grads
@@ -42,14 +43,16 @@ __all__ = ["CHECKPOINT_KIND", "pretrain_replicas"]
 CHECKPOINT_KIND = "pretrain_replicas"
 
 
-def pretrain_replicas(models, sequences: SequenceSet, configs: TrainConfig | Sequence[TrainConfig] = PAPER_PRETRAINING,
-                      route: str | None = None, run_dir=None, resume: bool | str = False) -> list[TrainingHistory]:
+def pretrain_replicas(models, sequences: SequenceSet | Sequence[SequenceSet],
+                      configs: TrainConfig | Sequence[TrainConfig] = PAPER_PRETRAINING, route: str | None = None,
+                      run_dir=None, resume: bool | str = False) -> list[TrainingHistory]:
     """:func:`llm.train.pretrain` of every model in ``models`` (in place), as one computation.
 
     Args:
         models: N >= 1 freshly initialised causal LMs of one architecture (e.g. ``build_model(preset,
             V + 1, L + 1, seed=s)`` for seeds s).
-        sequences: the training sequences (the same for every replica).
+        sequences: the training sequences: one ``SequenceSet`` for every replica, or one per replica (each
+            seed its own sampled data), all of one size.
         configs: one ``TrainConfig`` or N (differing only in ``PER_REPLICA_FIELDS``).
         route: ``ReplicaStack`` route (None = the architecture's default).
         run_dir: folder for ``checkpoints/`` (every ``configs[0].checkpoint_every`` steps, newest
@@ -57,7 +60,8 @@ def pretrain_replicas(models, sequences: SequenceSet, configs: TrainConfig | Seq
             ``replica-<i:03d>/model`` and ``replica-<i:03d>/history.json``; None = no files.
         resume: True = continue from the newest checkpoint in ``run_dir``; a path = that checkpoint. Pass
             the same starting models and configs as the interrupted run (both are checked).
-    Returns: N ``TrainingHistory``, replica i equal to ``pretrain(models[i], sequences, configs[i])``.
+    Returns: N ``TrainingHistory``, replica i equal to ``pretrain(models[i], sequences, configs[i])``
+        (``sequences[i]`` when one per replica).
     """
     models = check_models(models)
     configs = replica_configs(configs, len(models))
@@ -76,10 +80,12 @@ class _PreTraining:
         self.models, self.configs, self.started = models, configs, time.perf_counter()
         self.run_dir, self.start_step = run_dir, 0
         self.fingerprints = [parameter_fingerprint(m) for m in models] if run_dir is not None else None
-        self.encoded = encode(sequences, "all")
-        self.total_steps = configs[0].total_steps(len(sequences))
+        # one set for all, or the replicas' own sets one after another (replica i's rows start at offsets[i])
+        joined, own, self.offsets = replica_sets(sequences, len(models), "sequences")
+        self.encoded = encode(joined, "all")
+        self.total_steps = configs[0].total_steps(len(own[0]))
         self.stack = ReplicaStack(models, route, replica_device(configs[0]))
-        self.rows = ReplicaRows(len(self.encoded), configs[0].batch_size, [c.seed for c in configs])
+        self.rows = ReplicaRows(len(own[0]), configs[0].batch_size, [c.seed for c in configs])
         self.tokens = StackedTokens(self.encoded, self.stack.device)
         self.optimizer = stacked_optimizer(self.stack, configs)
         self.history = [{"steps": [], "losses": [], "learning_rates": [], "grad_norms": []} for _ in models]
@@ -110,7 +116,7 @@ class _PreTraining:
         """Each replica's token-mean cross-entropy on its step-``step`` batch: the values (None: NaN/inf
         logits) and the differentiable losses, an (N,) tensor from the loop-free path (stacked route) or
         a list (per replica; also where some replica's logits are not finite, to isolate it)."""
-        rows = self.rows(step)  # (N, b)
+        rows = self.rows(step) + self.offsets[:, None]  # (N, b) rows of self.encoded
         if self.stack.route != "loop":
             try:
                 losses = self._stacked_losses(rows)

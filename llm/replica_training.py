@@ -73,6 +73,7 @@ from .replica_common import (
     replica_configs,
     replica_device,
     replica_learning_rates,
+    replica_sets,
     stacked_optimizer,
 )
 from .replica_evaluation import replica_diagnostics, replica_test_metrics
@@ -97,7 +98,8 @@ CHECKPOINT_KIND = "unlearn_replicas"
 # ---------------------------------------------------------------------------------------------
 
 
-def unlearn_replicas(models, objectives: Sequence[Objective], forget: SequenceSet, retain: SequenceSet | None = None,
+def unlearn_replicas(models, objectives: Sequence[Objective], forget: SequenceSet | Sequence[SequenceSet],
+                     retain: SequenceSet | Sequence[SequenceSet] | None = None,
                      configs: TrainConfig | Sequence[TrainConfig] = PAPER_UNLEARNING,
                      evaluators: Evaluator | Sequence[Evaluator] | None = None,
                      route: str | None = None, evaluation: str = "batched", run_dir=None,
@@ -107,7 +109,10 @@ def unlearn_replicas(models, objectives: Sequence[Objective], forget: SequenceSe
     Args:
         models: N >= 1 starting models of one architecture (each is its own replica's reference).
         objectives: N ``markovsim.losses.Objective`` (one per replica; methods may differ).
-        forget, retain: the training sets (shared by all replicas).
+        forget, retain: the training sets: one ``SequenceSet`` for every replica, or one per replica (each
+            seed its own sampled data; the forget sets all of one size, the retain sets too). Replica i's
+            default evaluator, reference log-likelihoods and diagnostics then use its own sets; the
+            loop-free step gathers every replica's rows from their concatenation.
         configs: one ``TrainConfig`` or N (differing only in ``PER_REPLICA_FIELDS``).
         evaluators: one ``Evaluator`` for all, N, or None (the single run's default per replica:
             forget + retain with that replica's starting model as the reference).
@@ -121,7 +126,8 @@ def unlearn_replicas(models, objectives: Sequence[Objective], forget: SequenceSe
             the same starting models, objectives, configs and evaluators as the interrupted run (models,
             configs and objectives are checked against the checkpoint).
     Returns: N ``Trajectory``; replica i has the content of ``unlearn(models[i], objectives[i],
-        forget, retain, configs[i], evaluators[i])`` (``info`` adds ``replica`` and ``route``).
+        forget, retain, configs[i], evaluators[i])`` (``forget[i]``, ``retain[i]`` when one per replica;
+        ``info`` adds ``replica`` and ``route``).
     """
     models = check_models(models)
     configs = replica_configs(configs, len(models))
@@ -155,6 +161,7 @@ class _Replica:
 
     def __init__(self, model, objective, config, evaluator, default_test, retain, encoded_forget, encoded_retain):
         self.objective, self.config = objective, config
+        self.encoded_forget, self.encoded_retain = encoded_forget, encoded_retain  # this replica's own sets
         size = config.eval_batch_size
         self.forget_ref = (model_sequence_logps_batched(model, encoded_forget, size)[0]
                            if objective.forget in NEEDS_REFERENCE else None)  # (n_f,) float64
@@ -190,37 +197,46 @@ class _Unlearning:
                  run_dir=None):
         self.configs, self.started, self.models = configs, time.perf_counter(), models
         self.evaluation, self.run_dir, self.start_step = evaluation, run_dir, 0
-        self.forget = encode(forget, "response")
-        self.retain = encode(retain, "response") if retain is not None else None
-        self.total_steps = configs[0].total_steps(len(forget))
+        # one set for all replicas, or one per replica (joined: what the loop-free step gathers from)
+        joined_forget, forget_sets, self.forget_offsets = replica_sets(forget, len(models), "forget")
+        joined_retain, retain_sets, _ = replica_sets(retain, len(models), "retain")
+        self.forget = encode(joined_forget, "response")
+        own_forget = _own_encodings(forget_sets, joined_forget, self.forget)
+        own_retain = [None] * len(models)
+        if joined_retain is not None:
+            own_retain = _own_encodings(retain_sets, joined_retain, encode(joined_retain, "response"))
+        self.total_steps = configs[0].total_steps(len(forget_sets[0]))
         self.stack = ReplicaStack(models, route, replica_device(configs[0]))
         self.optimizer = stacked_optimizer(self.stack, configs)
-        default_test = concatenate([forget] + ([retain] if retain is not None else []))
-        self.replicas = [_Replica(m, o, c, e, default_test, retain, self.forget, self.retain)
-                         for m, o, c, e in zip(models, objectives, configs, evaluators)]
+        tests = {}  # the single run's default test set, forget + retain: one object per distinct pair
+        for pair in zip(forget_sets, retain_sets):
+            tests.setdefault(tuple(map(id, pair)), concatenate([pair[0]] + ([pair[1]] if pair[1] is not None else [])))
+        self.replicas = [_Replica(m, o, c, e, tests[id(f), id(r)], r, own_f, own_r)
+                         for m, o, c, e, f, r, own_f, own_r in zip(models, objectives, configs, evaluators, forget_sets,
+                                                                   retain_sets, own_forget, own_retain)]
         self.scratch = copy.deepcopy(models[0]).to(self.stack.device).train()
         # starting-model fingerprints identify a run's replicas in its checkpoints (only needed with files)
         self.fingerprints = [parameter_fingerprint(m) for m in models] if run_dir is not None else None
         self.batched_forget = None  # the loop-free step (llm.replica_forget) where every objective allows it
         if BatchedForget.applies(self.stack, objectives):
             self.batched_forget = BatchedForget(self.stack, objectives, configs, self.forget,
-                                                [r.forget_ref for r in self.replicas])
+                                                [r.forget_ref for r in self.replicas], self.forget_offsets)
         self.start_parameters = [p.detach().clone() for p in self._trainable()]  # (N, ...) each
 
     def batch(self, index: int, step: int) -> UnlearningBatch:
         """Replica ``index``'s step-``step`` rows, exactly as the single run draws them."""
         replica, device = self.replicas[index], self.stack.device
-        config = replica.config
-        forget_rows = batch_indices(len(self.forget), config.batch_size, step, config.seed, FORGET_STREAM)
+        config, forget, retain = replica.config, replica.encoded_forget, replica.encoded_retain
+        forget_rows = batch_indices(len(forget), config.batch_size, step, config.seed, FORGET_STREAM)
         retain_batch, counts = None, BatchCounts(len(forget_rows))
         if replica.objective.retain is not None:
-            retain_rows = batch_indices(len(self.retain), config.retain_batch_size or config.batch_size, step,
+            retain_rows = batch_indices(len(retain), config.retain_batch_size or config.batch_size, step,
                                         config.seed, RETAIN_STREAM)
-            retain_batch = self.retain.batch(retain_rows, device)
-            retain_tokens = int(self.retain.num_label_tokens[retain_rows].sum())
+            retain_batch = retain.batch(retain_rows, device)
+            retain_tokens = int(retain.num_label_tokens[retain_rows].sum())
             counts = BatchCounts(len(forget_rows), len(retain_rows), retain_tokens)
         reference = None if replica.forget_ref is None else replica.forget_ref[forget_rows].to(device)
-        return UnlearningBatch(self.forget.batch(forget_rows, device), reference, counts, retain_batch)
+        return UnlearningBatch(forget.batch(forget_rows, device), reference, counts, retain_batch)
 
     def step_values(self, step: int, backward: bool) -> tuple[list[dict], list[float]]:
         """Every replica's ``{"total", "forget", "retain", "logp_per_token"}`` (floats; NaN on failure) and
@@ -403,6 +419,12 @@ class _Unlearning:
                 "wall_seconds": time.perf_counter() - self.started, "side": "llm", "replica": index,
                 "route": self.stack.route, "num_replicas": len(self.replicas)}
         return trajectory_from_records(replica.records, replica.names, replica.diverged_at, replica.reason, info)
+
+
+def _own_encodings(sets: list[SequenceSet], joined: SequenceSet, encoded_joined):
+    """Each replica's encoded set: the joined encoding itself where the set is shared (one object, so the
+    batched diagnostics see one set), else each set encoded on its own."""
+    return [encoded_joined if value is joined else encode(value, "response") for value in sets]
 
 
 def _parts(objective: Objective, batch: UnlearningBatch) -> list[dict]:

@@ -211,6 +211,63 @@ def test_forget_only_replicas_take_the_loop_free_step_and_equal_single_runs(tiny
         assert_same_parameters(model, single)
 
 
+def seeded_data(seeds) -> list[dict]:
+    """paper_short_forget2 at 0.5% scale, each seed its own sample (what a figure's seed means)."""
+    scenario = SCENARIOS["paper_short_forget2"].scaled(0.005)
+    result = []
+    for seed in seeds:
+        train, _ = dataclasses.replace(scenario.spec, seed=seed).sample()
+        result.append({"train": train, "forget": train.select("forget1", "forget2"), "retain": train.select("retain")})
+    return result
+
+
+def test_pretrain_replicas_each_on_its_own_data_equal_single_runs():
+    data = seeded_data((0, 1, 2))
+    assert not np.array_equal(data[0]["train"].tokens, data[1]["train"].tokens)
+    configs = [TrainConfig(learning_rate=3e-3, batch_size=16, steps=5, seed=seed, **CPU) for seed in (0, 1, 2)]
+    models = three_models("tiny-synthetic")
+    singles = [copy.deepcopy(m) for m in models]
+    histories = pretrain_replicas(models, [d["train"] for d in data], configs)
+    for model, single, config, history, own in zip(models, singles, configs, histories, data):
+        expected = pretrain(single, own["train"], config)
+        np.testing.assert_allclose(history.losses, expected.losses, rtol=RTOL)
+        assert_same_parameters(model, single)
+
+
+@pytest.mark.parametrize("objective_names", [("GA", "NPO", "SimNPO"), ("GA", "NPO+RT", "SimNPO")])
+def test_unlearn_replicas_each_on_its_own_data_equal_single_runs(monkeypatch, objective_names):
+    """Per-replica forget/retain sets (the loop-free step with row offsets, or the per-replica step with a retain
+    term): every replica equals the single run on its own data, default evaluator and diagnostics included."""
+    data = seeded_data((0, 1, 2))
+    objectives = [get_objective(name) for name in objective_names]
+    configs = [dataclasses.replace(UNLEARNING, seed=seed) for seed in (0, 1, 2)]
+    models = three_models("tiny-synthetic")
+    singles = [copy.deepcopy(m) for m in models]
+    retain = [d["retain"] for d in data]
+    if "NPO+RT" not in objective_names:
+        monkeypatch.setattr(replica_training._Unlearning, "batch", None)  # the loop-free step must be taken
+    trajectories = unlearn_replicas(models, objectives, [d["forget"] for d in data], retain, configs)
+    for i, (trajectory, own) in enumerate(zip(trajectories, data)):
+        expected = unlearn(singles[i], objectives[i], own["forget"], own["retain"], configs[i])
+        assert "power_share" in expected.component_metrics
+        assert_same_trajectory(trajectory, expected)
+        assert_same_parameters(models[i], singles[i])
+
+
+def test_per_replica_sets_are_checked():
+    data = seeded_data((0, 1))
+    models, objectives = three_models("tiny-synthetic")[:2], [get_objective("GA")] * 2
+    with pytest.raises(ValueError, match="forget: got 1 sets for 2 replicas"):
+        unlearn_replicas(models, objectives, [data[0]["forget"]], None, UNLEARNING)
+    with pytest.raises(ValueError, match="same number"):
+        unlearn_replicas(models, objectives, [data[0]["forget"], data[1]["forget"].subset(range(10))], None,
+                         UNLEARNING)
+    with pytest.raises(TypeError, match="SequenceSet"):
+        pretrain_replicas(models, [data[0]["train"], "data"], UNLEARNING)
+    with pytest.raises(TypeError, match="SequenceSet or a list"):
+        pretrain_replicas(models, "data", UNLEARNING)
+
+
 def test_a_diverged_replica_stops_and_the_others_go_on(tiny):
     objectives = [get_objective("NPO"), get_objective("GA"), get_objective("SimNPO")]
     configs = [dataclasses.replace(UNLEARNING, seed=0),
