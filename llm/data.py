@@ -31,6 +31,7 @@ __all__ = [
     "LABEL_SCOPES",
     "bos_token_id",
     "EncodedSequences",
+    "concatenate_encoded",
     "encode",
     "steps_per_epoch",
     "batch_indices",
@@ -125,6 +126,31 @@ def encode(sequences: SequenceSet, label_scope: str = "response") -> EncodedSequ
     return EncodedSequences(input_ids, attention_mask, labels, lengths + 1, num_label_tokens,
                             np.asarray(sequences.component_ids, dtype=np.int64), tuple(sequences.component_names),
                             sequences.num_states, label_scope)
+
+
+def concatenate_encoded(sets) -> EncodedSequences:
+    """The rows of several encoded sets (one V and label scope) one after another, as one
+    ``EncodedSequences``: narrower sets padded as :func:`encode` pads (BOS, mask 0, no label); component
+    names merged in first-seen order (as ``markovsim.data.concatenate``)."""
+    sets = list(sets)
+    first = sets[0]
+    if any(s.num_states != first.num_states or s.label_scope != first.label_scope for s in sets):
+        raise ValueError("concatenate_encoded needs sets with one num_states and one label_scope")
+    width = max(s.input_ids.shape[1] for s in sets)
+
+    def joined(key: str, value: int) -> torch.Tensor:
+        return torch.cat([torch.nn.functional.pad(getattr(s, key), (0, width - s.input_ids.shape[1]), value=value)
+                          for s in sets])
+
+    names: list[str] = []
+    for s in sets:
+        names += [name for name in s.component_names if name not in names]
+    component_ids = np.concatenate([np.asarray([names.index(n) for n in s.component_names],
+                                               dtype=np.int64)[s.component_ids] for s in sets])
+    return EncodedSequences(joined("input_ids", bos_token_id(first.num_states)), joined("attention_mask", 0),
+                            joined("labels", IGNORE_INDEX), torch.cat([s.token_lengths for s in sets]),
+                            torch.cat([s.num_label_tokens for s in sets]), component_ids, tuple(names),
+                            first.num_states, first.label_scope)
 
 
 def _check_count(value, name: str, minimum: int) -> int:

@@ -46,6 +46,7 @@ from .objective import SEQUENCE_LOSSES, BatchCounts, UnlearningBatch, objective_
 from .replica_common import ReplayLogits, StackedTokens
 from .replica_stacked_evaluation import (
     _accumulate,
+    forget_tokens,
     replica_norms,
     stacked_forget_applies,
     stacked_forget_pass,
@@ -92,12 +93,23 @@ def replica_predictions(stack: ReplicaStack, evaluator: Evaluator, indices) -> d
 
 
 def replica_test_metrics(stack: ReplicaStack, evaluators: list[Evaluator], indices, scratch) -> dict[int, dict]:
-    """``{i: evaluators[i].evaluate(replica i)}`` for ``indices``: one batched pass per distinct test set.
+    """``{i: evaluators[i].evaluate(replica i)}`` for ``indices``.
 
-    A batched pass computes every replica's logits, so a test set that fewer than half of the replicas
-    use (e.g. each seed its own data) is evaluated replica by replica on ``scratch`` instead (the single
-    run's ``Evaluator.evaluate``; N passes of one model rather than N passes of N).
+    On a batched route one stacked pass per chunk evaluates every replica, on one shared test set or on
+    each replica's own (test sets of one shape, e.g. each seed its own sample;
+    ``llm.replica_stacked_evaluation``). Otherwise one pass per distinct test set computes every
+    replica's logits, so a test set that fewer than half of the replicas use is evaluated replica by
+    replica on ``scratch`` instead (the single run's ``Evaluator.evaluate``).
     """
+    indices = list(indices)
+    evaluated = [evaluators[i] for i in indices]
+    for test in {id(e.test): e.test for e in evaluated}.values():
+        check_model_data(scratch, test, "test")
+    if indices and stacked_metrics_apply(stack, evaluated):
+        try:
+            return stacked_test_metrics(stack, evaluated, indices, _rows_per_pass(stack, evaluated[0].batch_size))
+        except NonFiniteLogitsError:  # the per-replica path below isolates the failing replica
+            pass
     groups: dict[tuple, list[int]] = {}
     for i in indices:
         groups.setdefault((id(evaluators[i].test), evaluators[i].batch_size), []).append(i)
@@ -107,7 +119,6 @@ def replica_test_metrics(stack: ReplicaStack, evaluators: list[Evaluator], indic
     result = {}
     for members in groups.values():
         evaluator = evaluators[members[0]]
-        check_model_data(scratch, evaluator.test, "test")
         if 2 * users[id(evaluator.test)] < stack.num_replicas:
             for i in members:
                 stack.write_into(scratch, i)
@@ -118,7 +129,7 @@ def replica_test_metrics(stack: ReplicaStack, evaluators: list[Evaluator], indic
                 result |= stacked_test_metrics(stack, [evaluators[i] for i in members], members,
                                                _rows_per_pass(stack, evaluator.batch_size))
                 continue
-            except NonFiniteLogitsError:  # the per-replica path below isolates the failing replica
+            except NonFiniteLogitsError:
                 pass
         predictions = replica_predictions(stack, evaluator, members)
         for i in members:
@@ -146,7 +157,7 @@ def replica_diagnostics(stack: ReplicaStack, diagnostics: dict[int, Diagnostics]
     columns = len(first.names)
     norms, weights = {i: np.zeros(columns) for i in indices}, {i: np.full(columns, np.nan) for i in indices}
     failed: set[int] = set()
-    tokens = StackedTokens(first.forget, stack.device) if stacked_forget_applies(stack, diagnostics) else None
+    tokens = forget_tokens(stack, diagnostics) if stacked_forget_applies(stack, diagnostics) else None
     with stack.eval_mode():
         for k, (column, rows, _) in enumerate(first.plan.forget):
             column_norms, mean_weights = _forget_pass_of(stack, diagnostics, k, len(rows), failed, tokens)
@@ -162,13 +173,14 @@ def replica_diagnostics(stack: ReplicaStack, diagnostics: dict[int, Diagnostics]
 
 
 def _forget_pass_of(stack, diagnostics: dict[int, Diagnostics], k: int, size: int, failed: set,
-                    tokens: StackedTokens | None):
-    """:func:`llm.replica_stacked_evaluation.stacked_forget_pass` where it applies (``tokens``: the shared forget
-    set on the device, None where it does not) and every logit is finite, else the per-replica :func:`_forget_pass`."""
+                    tokens: tuple[StackedTokens, dict[int, int]] | None):
+    """:func:`llm.replica_stacked_evaluation.stacked_forget_pass` where it applies (``tokens``: the forget sets
+    on the device and each replica's offset in them, ``forget_tokens``; None where it does not) and every
+    logit is finite, else the per-replica :func:`_forget_pass`."""
     if not failed and tokens is not None:
         try:
             batch_size = next(iter(diagnostics.values())).batch_size
-            return stacked_forget_pass(stack, diagnostics, k, size, _rows_per_pass(stack, batch_size), tokens)
+            return stacked_forget_pass(stack, diagnostics, k, size, _rows_per_pass(stack, batch_size), *tokens)
         except NonFiniteLogitsError:
             pass
     return _forget_pass(stack, diagnostics, k, size, failed)

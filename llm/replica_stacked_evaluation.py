@@ -34,7 +34,7 @@ import torch
 from markovsim.losses import SEQUENCE_LOSSES, reduce_token_logps
 from markovsim.metrics import per_token_kl
 
-from .data import evaluation_chunks
+from .data import concatenate_encoded, evaluation_chunks
 from .diagnostics import Diagnostics
 from .evaluate import Evaluator, length_order
 from .logps import labelled_token_logps, state_log_probs
@@ -42,7 +42,7 @@ from .replica_common import StackedTokens, objective_groups
 from .replicas import ReplicaStack
 
 __all__ = ["stacked_route", "stacked_metrics_apply", "stacked_test_metrics", "stacked_forget_applies",
-           "stacked_forget_pass", "replica_norms", "component_rows"]
+           "forget_tokens", "stacked_forget_pass", "replica_norms", "component_rows"]
 
 
 def stacked_route(stack: ReplicaStack) -> bool:
@@ -57,11 +57,14 @@ def component_rows(component_ids: np.ndarray, num_components: int) -> list[np.nd
 
 def stacked_metrics_apply(stack: ReplicaStack, evaluators: list[Evaluator]) -> bool:
     """Whether :func:`stacked_test_metrics` can evaluate replicas with ``evaluators``: a batched route, one
-    test set and batch size, and the same metric names (their targets may differ, e.g. each replica's
-    own reference)."""
+    batch size, the same metric and component names (targets may differ, e.g. each replica's own
+    reference), and one test set or test sets of one shape (e.g. each seed its own sample)."""
     first = evaluators[0]
-    return stacked_route(stack) and all(e.test is first.test and e.batch_size == first.batch_size
-                                        and list(e.targets) == list(first.targets) for e in evaluators)
+    return stacked_route(stack) and all(
+        e.batch_size == first.batch_size and list(e.targets) == list(first.targets)
+        and e.component_names == first.component_names
+        and (e.test is first.test or e.encoded.input_ids.shape == first.encoded.input_ids.shape)
+        for e in evaluators)
 
 
 @torch.no_grad()
@@ -81,25 +84,63 @@ def stacked_test_metrics(stack: ReplicaStack, evaluators: list[Evaluator], membe
     states = torch.zeros((count, n, width - 2, encoded.num_states), dtype=torch.float64, device=device)
     logps = torch.zeros((count, n), dtype=torch.float64, device=device)
     num_tokens = torch.zeros((count, n), dtype=torch.float64, device=device)
+    shared = all(e.test is evaluator.test for e in evaluators)
+    own_sets = _OwnTestSets(evaluators, members, stack) if not shared else None
     order = length_order(encoded)
+    replica_axis = torch.arange(count, device=device)[:, None]  # (R, 1)
     with stack.eval_mode():
         for chunk in evaluation_chunks(n, rows_per_pass):
-            rows = order[chunk]
-            batch = encoded.batch(rows, device)  # (b, t) each
-            b, t = batch["input_ids"].shape
-            shape = (stack.num_replicas, b, t)
-            logits = stack.stacked_batch_logits(batch["input_ids"].expand(shape),
-                                                batch["attention_mask"].expand(shape))[chosen]  # (R, b, t, vocab)
-            token_logps, mask = labelled_token_logps(logits.flatten(0, 1), batch["labels"].repeat(count, 1))
-            index = torch.as_tensor(rows, device=device)
-            logps[:, index] = token_logps.sum(-1).double().view(count, b)
-            num_tokens[:, index] = mask.sum(-1).double().view(count, b)
+            if shared:
+                rows = order[chunk]
+                batch = encoded.batch(rows, device)  # (b, t) each
+                b, t = batch["input_ids"].shape
+                shape = (stack.num_replicas, b, t)
+                logits = stack.stacked_batch_logits(batch["input_ids"].expand(shape),
+                                                    batch["attention_mask"].expand(shape))[chosen]  # (R, b, t, vocab)
+                labels = batch["labels"].expand(count, b, t)
+                index = torch.as_tensor(rows, device=device).expand(count, b)  # (R, b)
+            else:  # each replica its own rows of its own test set
+                index, ids, mask, labels = own_sets.gather(chunk)
+                logits = stack.stacked_batch_logits(ids, mask)[chosen]
+                labels = labels[chosen]
+                b, t = labels.shape[1:]
+            token_logps, mask = labelled_token_logps(logits.flatten(0, 1), labels.flatten(0, 1))
+            logps[replica_axis, index] = token_logps.sum(-1).double().view(count, b)
+            num_tokens[replica_axis, index] = mask.sum(-1).double().view(count, b)
             predictive = state_log_probs(logits[:, :, 1: t - 1], encoded.num_states).double()  # (R, b, t-2, V)
-            valid = (batch["labels"][:, 2:t] != -100)[None, ..., None]  # (1, b, t-2, 1)
-            states[:, index, : t - 2] = torch.where(valid, predictive, 0.0)
-    table = _metric_table(evaluators, states, logps, num_tokens)  # (metrics, R, C)
+            valid = (labels[:, :, 2:t] != -100)[..., None]  # (R, b, t-2, 1)
+            states[replica_axis, index, : t - 2] = torch.where(valid, predictive, 0.0)
+    if shared:
+        table = _metric_table(evaluators, states, logps, num_tokens)  # (metrics, R, C)
+    else:  # each replica's components and transition mask are its own test set's
+        table = np.concatenate([_metric_table([e], states[k: k + 1], logps[k: k + 1], num_tokens[k: k + 1])
+                                for k, e in enumerate(evaluators)], axis=1)
     names = list(evaluator.targets) + ["logp_per_token"]
     return {r: {name: table[m, k] for m, name in enumerate(names)} for k, r in enumerate(members)}
+
+
+class _OwnTestSets:
+    """The evaluated replicas' own test sets (one shape) on the device, gathered chunk by chunk: replica k
+    takes rows ``length_order(its set)[chunk]``; replicas not evaluated run on the first one's rows."""
+
+    def __init__(self, evaluators: list[Evaluator], members: list[int], stack: ReplicaStack):
+        distinct = {}
+        for e in evaluators:
+            distinct.setdefault(id(e.test), e)
+        starts = {key: k * len(evaluators[0].encoded) for k, key in enumerate(distinct)}
+        self.offsets = np.array([starts[id(e.test)] for e in evaluators])  # (R,)
+        self.orders = [length_order(e.encoded) for e in evaluators]
+        self.tokens = StackedTokens(concatenate_encoded([e.encoded for e in distinct.values()]), stack.device)
+        self.position = {r: k for k, r in enumerate(members)}
+        self.num_replicas, self.device = stack.num_replicas, stack.device
+
+    def gather(self, chunk) -> tuple[torch.Tensor, ...]:
+        """``(index (R, b) own rows, input_ids, attention_mask, labels (N, b, t))``."""
+        own = np.stack([order[chunk] for order in self.orders])  # (R, b)
+        joined = own + self.offsets[:, None]
+        every = np.stack([joined[self.position.get(r, 0)] for r in range(self.num_replicas)])  # (N, b)
+        _, ids, mask, labels = self.tokens.gather(every)
+        return torch.as_tensor(own, device=self.device), ids, mask, labels
 
 
 def _stacked_target(evaluators: list[Evaluator], name: str, device) -> torch.Tensor:
@@ -132,12 +173,14 @@ def _metric_table(evaluators: list[Evaluator], states: torch.Tensor, logps: torc
 
 
 def stacked_forget_pass(stack: ReplicaStack, diagnostics: dict[int, Diagnostics], k: int, size: int,
-                        rows_per_pass: int, tokens: StackedTokens) -> tuple[dict[int, float], dict[int, float]]:
+                        rows_per_pass: int, tokens: StackedTokens,
+                        offsets: dict[int, int] | None = None) -> tuple[dict[int, float], dict[int, float]]:
     """Component ``plan.forget[k]`` of every replica in ``diagnostics`` (``llm.diagnostics``'s forget pass):
     ``({i: ||d L_c / d theta_i||}, {i: mean w_i over the component's rows})``, loop-free.
 
-    Needs every objective's forget loss in ``SEQUENCE_LOSSES`` and one shared encoded forget set
-    (:func:`stacked_forget_applies`), its tokens on the device (``tokens``, shared by the components).
+    Needs every objective's forget loss in ``SEQUENCE_LOSSES`` and one shared encoded forget set or sets of
+    one size (:func:`stacked_forget_applies`), their tokens on the device (``tokens`` and, for sets of
+    their own, where replica i's rows start in them, ``offsets``; :func:`forget_tokens`).
     Raises NonFiniteLogitsError where some replica's logits are not finite.
     """
     indices = list(diagnostics)
@@ -148,11 +191,15 @@ def stacked_forget_pass(stack: ReplicaStack, diagnostics: dict[int, Diagnostics]
     scales = torch.tensor([diagnostics[i].plan.forget[k][2] for i in indices], dtype=torch.float64, device=device)
     weight_sums = torch.zeros(len(indices), dtype=torch.float64, device=device)
     chosen = torch.tensor(indices, device=device)
+    offsets = offsets or {}
+    starts = [offsets.get(r, offsets.get(indices[0], 0)) for r in range(stack.num_replicas)]  # (N,)
+    device_starts = torch.tensor(starts, device=device)[:, None]  # (N, 1)
     gradients = None
     for chunk in evaluation_chunks(size, rows_per_pass):
         own = {i: diagnostics[i].plan.forget[k][1][chunk] for i in indices}
         picked = np.stack([own.get(r, own[indices[0]]) for r in range(stack.num_replicas)])  # (N, b)
-        index, ids, mask, labels = tokens.gather(picked)
+        index, ids, mask, labels = tokens.gather(picked + np.asarray(starts)[:, None])
+        index = index - device_starts  # (N, b) rows of each replica's own set, for its references
         with torch.set_grad_enabled(first.power):
             logits = stack.stacked_batch_logits(ids, mask)[chosen]  # (A, b, t, vocab)
             token_logps, token_mask = labelled_token_logps(logits.flatten(0, 1), labels[chosen].flatten(0, 1))
@@ -177,10 +224,25 @@ def stacked_forget_pass(stack: ReplicaStack, diagnostics: dict[int, Diagnostics]
 
 
 def stacked_forget_applies(stack: ReplicaStack, diagnostics: dict[int, Diagnostics]) -> bool:
-    """Whether :func:`stacked_forget_pass` can run: batched route, sequence losses, one shared forget set."""
+    """Whether :func:`stacked_forget_pass` can run: batched route, sequence losses, one shared forget set or
+    sets of one size (each replica its own data)."""
     values = list(diagnostics.values())
     return (stacked_route(stack) and bool(values) and all(d.objective.forget in SEQUENCE_LOSSES for d in values)
-            and all(d.forget is values[0].forget for d in values))
+            and all(len(d.forget) == len(values[0].forget) for d in values))
+
+
+def forget_tokens(stack: ReplicaStack, diagnostics: dict[int, Diagnostics]) -> tuple[StackedTokens, dict[int, int]]:
+    """The replicas' forget sets on the device for :func:`stacked_forget_pass`: the shared set, or their
+    distinct sets one after another, and where replica i's rows start (``{i: offset}``)."""
+    distinct = {}
+    for d in diagnostics.values():
+        distinct.setdefault(id(d.forget), d.forget)
+    if len(distinct) == 1:
+        return StackedTokens(next(iter(distinct.values())), stack.device), {}
+    size = len(next(iter(distinct.values())))
+    starts = {key: position * size for position, key in enumerate(distinct)}
+    joined = concatenate_encoded(list(distinct.values()))
+    return StackedTokens(joined, stack.device), {i: starts[id(d.forget)] for i, d in diagnostics.items()}
 
 
 def _accumulate(gradients, stack: ReplicaStack, total: torch.Tensor) -> list[torch.Tensor]:

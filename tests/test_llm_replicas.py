@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from llm import replica_training
+from llm import replica_evaluation, replica_training
 from llm.data import encode
 from llm.diagnostics import Diagnostics
 from llm.evaluate import Evaluator
@@ -244,8 +244,9 @@ def test_unlearn_replicas_each_on_its_own_data_equal_single_runs(monkeypatch, ob
     models = three_models("tiny-synthetic")
     singles = [copy.deepcopy(m) for m in models]
     retain = [d["retain"] for d in data]
-    if "NPO+RT" not in objective_names:
-        monkeypatch.setattr(replica_training._Unlearning, "batch", None)  # the loop-free step must be taken
+    if "NPO+RT" not in objective_names:  # the loop-free step and the stacked diagnostics must be taken
+        monkeypatch.setattr(replica_training._Unlearning, "batch", None)
+        monkeypatch.setattr(replica_evaluation, "_forget_pass", None)
     trajectories = unlearn_replicas(models, objectives, [d["forget"] for d in data], retain, configs)
     for i, (trajectory, own) in enumerate(zip(trajectories, data)):
         expected = unlearn(singles[i], objectives[i], own["forget"], own["retain"], configs[i])
@@ -330,3 +331,23 @@ def test_unlearn_replicas_evaluates_through_the_batched_path(tiny, monkeypatch):
                                   evaluation="sequential")
     for trajectory, single in zip(sequential, expected):  # the sequential evaluation gives the same
         assert_same_trajectory(trajectory, single)
+
+
+@pytest.mark.parametrize("route", ["stacked", "loop"])
+def test_batched_test_metrics_on_each_replicas_own_test_set(route):
+    """Each replica its own test set (one shape): the stacked pass gathers every replica's own rows; equal to
+    each model's own evaluation (and the loop route's replica-by-replica fallback likewise)."""
+    data = seeded_data((0, 1, 2))
+    chains = {c.name: c.chain for c in SCENARIOS["paper_short_forget2"].spec.components}
+    models = three_models("tiny-synthetic")
+    evaluators = [Evaluator(concatenate([d["forget"], d["retain"]]), chains, reference=models[(k + 1) % 3],
+                            batch_size=16) for k, d in enumerate(data)]  # several chunks, each its own targets
+    stack = ReplicaStack(models, route)
+    scratch = copy.deepcopy(models[0])
+    if route == "stacked":  # the one stacked pass, not the replica-by-replica fallback
+        stack.write_into = None
+    metrics = replica_test_metrics(stack, evaluators, [0, 2], scratch)
+    assert set(metrics) == {0, 2}
+    for i in (0, 2):
+        for name, values in evaluators[i].evaluate(models[i]).items():
+            np.testing.assert_allclose(metrics[i][name], values, rtol=1e-6, atol=1e-9, err_msg=name)

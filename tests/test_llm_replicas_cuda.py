@@ -131,6 +131,24 @@ def test_the_loop_free_step_makes_no_host_sync(tiny):
     assert bool(torch.isfinite(values).all()) and bool(torch.isfinite(norms).all())
 
 
+def test_replicas_each_on_their_own_data_on_cuda_match_single_cuda_runs():
+    """Each replica its own seed's data (row offsets into the joined sets, own test sets in one stacked pass):
+    whole runs against single float32 GPU runs on each seed's data (loose, as above)."""
+    scenario = SCENARIOS["paper_short_forget2"].scaled(0.005)
+    data = []
+    for seed in range(3):
+        train, _ = dataclasses.replace(scenario.spec, seed=seed).sample()
+        data.append((train.select("forget1", "forget2"), train.select("retain")))
+    objectives = [get_objective("GA"), get_objective("NPO", beta=0.2), get_objective("SimNPO", beta=2.5)]
+    configs = [dataclasses.replace(UNLEARNING, seed=seed) for seed in range(3)]
+    replicas = models(3)
+    singles = [copy.deepcopy(m) for m in replicas]
+    expected = [unlearn(s, o, f, r, c) for s, o, (f, r), c in zip(singles, objectives, data, configs)]
+    trajectories = unlearn_replicas(replicas, objectives, [f for f, _ in data], [r for _, r in data], configs)
+    for trajectory, single in zip(trajectories, expected):
+        assert_close_runs(trajectory, single, LOOSE)
+
+
 def test_replicas_with_retain_terms_on_cuda_match_single_cuda_runs(tiny):
     settings, tolerance = {}, LOOSE
     objectives = [get_objective("GradDiff"), get_objective("NPO+RT", beta=0.2), get_objective("SimNPO", beta=2.5)]
