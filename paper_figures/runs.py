@@ -206,9 +206,35 @@ def _needs_computing(cache_dir: str, job: dict, recompute: bool) -> bool:
 
 
 def precompute_runs(specs, cache_dir: str, device: str = "cpu", recompute: bool = False, jobs: int = 1) -> None:
-    """Compute every run set of ``specs`` not cached yet (all once per process with ``recompute``), in
-    ``jobs`` worker processes (one torch thread each, transformers first: they take longest)."""
-    precompute_jobs([job for spec in specs for job in spec.jobs(device)], cache_dir, recompute, jobs)
+    """Compute every run set of ``specs`` not cached yet (all once per process with ``recompute``): on CUDA
+    each transformer's missing seeds first as one batched computation (:func:`precompute_seed_bands`), then
+    the rest in ``jobs`` worker processes (one torch thread each, transformers first: they take longest)."""
+    all_jobs = [job for spec in specs for job in spec.jobs(device)]
+    precompute_seed_bands(all_jobs, cache_dir, recompute)
+    precompute_jobs(all_jobs, cache_dir, recompute, jobs)
+
+
+def precompute_seed_bands(all_jobs: list[dict], cache_dir: str, recompute: bool) -> None:
+    """The transformer jobs that batch their methods (``--device cuda``), grouped by everything but the seed:
+    each group's missing seeds (two or more) run as one ``seed_band_runs`` computation in this process, and
+    each seed is cached under its own job's key (the numbers ``transformer_runs(batched=True)`` gives it)."""
+    from .seed_bands import seed_band_runs
+
+    groups: dict[str, list[dict]] = {}
+    for job in all_jobs:
+        if job["kind"] == "transformer" and job.get("batched_methods") and _needs_computing(cache_dir, job, recompute):
+            shared = {key: value for key, value in job.items() if key not in ("seed", "settings")}
+            shared["settings"] = {key: value for key, value in job["settings"].items() if key != "seed"}
+            groups.setdefault(json.dumps(shared, sort_keys=True), []).append(job)
+    for members in (group for group in groups.values() if len(group) > 1):
+        first = members[0]
+        bands = seed_band_runs(first["scenario"], first["scale"], TransformerSettings(**first["settings"]),
+                               [job["seed"] for job in members], first["device"], first["methods"], True,
+                               os.path.join(cache_dir, "models"), recompute)
+        for job, (runs, retrained) in zip(members, bands):
+            stem = os.path.join(cache_dir, f"runs_{job_key(job)}")
+            save_runs(stem, {job["source"]: runs}, {job["source"]: retrained}, job)
+            _RECOMPUTED.add(stem)
 
 
 def precompute_jobs(all_jobs: list[dict], cache_dir: str, recompute: bool, jobs: int, execute=None,

@@ -101,6 +101,53 @@ def _pretrained(preset: str, seed: int, sequences, config, vocab_size: int, max_
     return model
 
 
+@dataclass(frozen=True)
+class SeedData:
+    """One seed's sample of a scenario: what its transformer runs train and evaluate on."""
+
+    scenario: object
+    spec: object
+    forget: object
+    retain: object
+    pretraining: object
+    test: object
+    vocab_size: int
+    max_length: int
+
+
+def seed_data(scenario_name: str, scale: float, seed: int) -> SeedData:
+    """Sample the scenario at ``scale`` with data seed ``seed`` (the simulator sees the same sequences)."""
+    scenario = SCENARIOS[scenario_name].scaled(scale)
+    spec = dataclasses.replace(scenario.spec, seed=seed)
+    train, test = spec.sample()
+    return SeedData(scenario, spec, train.select(*spec.names_where(role="forget")),
+                    train.select(*spec.names_where(role="retain")),
+                    train.select(*spec.names_where(in_pretraining=True)), test, spec.num_states + 1,
+                    train.max_length + 1)
+
+
+def model_folder(model_dir: str | None, scenario_name: str, scale: float, device: str, preset: str, seed: int,
+                 pretraining_config) -> str | None:
+    """Where a seed's reference and retrained models are kept: ``model_dir/<hash of everything that determines
+    them>`` (scenario, scale, preset, seed, pre-training settings, device), or None without ``model_dir``."""
+    if model_dir is None:
+        return None
+    identity = {"scenario": scenario_name, "scale": scale, "device": device, "preset": preset, "seed": seed,
+                "pretraining": dataclasses.asdict(dataclasses.replace(pretraining_config, progress=True))}
+    return os.path.join(model_dir, hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12])
+
+
+def finish_setup(data: SeedData, reference, retrained, unlearning_config) -> TransformerSetup:
+    """The seed's evaluator (true chains, retrained and reference targets) and retrained levels."""
+    from llm import Evaluator
+
+    evaluator = Evaluator(data.test, true_chains={c.name: c.chain for c in data.spec.components},
+                          retrained=retrained, reference=reference, batch_size=unlearning_config.eval_batch_size)
+    retrained_kl = dict(zip(evaluator.component_names, np.asarray(evaluator.evaluate(retrained)["kl_true"]).tolist()))
+    return TransformerSetup(data.scenario, data.forget, data.retain, reference, retrained, evaluator, retrained_kl,
+                            unlearning_config)
+
+
 def prepare_transformer(scenario_name: str, scale: float, settings: TransformerSettings, device: str = "cpu",
                         progress: bool = True, model_dir: str | None = None,
                         recompute: bool = False) -> TransformerSetup:
@@ -109,31 +156,15 @@ def prepare_transformer(scenario_name: str, scale: float, settings: TransformerS
     ``model_dir``: a folder where both models are kept under a hash of everything that determines
     them (scenario, scale, preset, seed, pre-training settings, device), so figures share them.
     """
-    from llm import Evaluator
-
-    scenario = SCENARIOS[scenario_name].scaled(scale)
-    spec = dataclasses.replace(scenario.spec, seed=settings.seed)
-    train, test = spec.sample()
-    forget = train.select(*spec.names_where(role="forget"))
-    retain = train.select(*spec.names_where(role="retain"))
-    pretraining = train.select(*spec.names_where(in_pretraining=True))
-    vocab_size, max_length = spec.num_states + 1, train.max_length + 1
+    data = seed_data(scenario_name, scale, settings.seed)
     pretraining_config, unlearning_config = _train_configs(settings, device, progress)
-    folder = None
-    if model_dir is not None:
-        identity = {"scenario": scenario_name, "scale": scale, "device": device, "preset": settings.preset,
-                    "seed": settings.seed, "pretraining": dataclasses.asdict(dataclasses.replace(pretraining_config,
-                                                                                                 progress=True))}
-        folder = os.path.join(model_dir, hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12])
-    reference = _pretrained(settings.preset, settings.seed, pretraining, pretraining_config, vocab_size, max_length,
-                            None if folder is None else os.path.join(folder, "reference"), recompute)
-    retrained = _pretrained(settings.preset, settings.seed + RETRAINED_SEED_OFFSET, retain, pretraining_config,
-                            vocab_size, max_length, None if folder is None else os.path.join(folder, "retrained"),
-                            recompute)
-    evaluator = Evaluator(test, true_chains={c.name: c.chain for c in spec.components}, retrained=retrained,
-                          reference=reference, batch_size=unlearning_config.eval_batch_size)
-    retrained_kl = dict(zip(evaluator.component_names, np.asarray(evaluator.evaluate(retrained)["kl_true"]).tolist()))
-    return TransformerSetup(scenario, forget, retain, reference, retrained, evaluator, retrained_kl, unlearning_config)
+    folder = model_folder(model_dir, scenario_name, scale, device, settings.preset, settings.seed, pretraining_config)
+    reference = _pretrained(settings.preset, settings.seed, data.pretraining, pretraining_config, data.vocab_size,
+                            data.max_length, None if folder is None else os.path.join(folder, "reference"), recompute)
+    retrained = _pretrained(settings.preset, settings.seed + RETRAINED_SEED_OFFSET, data.retain, pretraining_config,
+                            data.vocab_size, data.max_length,
+                            None if folder is None else os.path.join(folder, "retrained"), recompute)
+    return finish_setup(data, reference, retrained, unlearning_config)
 
 
 def transformer_runs(scenario_name: str, scale: float, settings: TransformerSettings, device: str = "cpu",
@@ -141,21 +172,22 @@ def transformer_runs(scenario_name: str, scale: float, settings: TransformerSett
                      batched: bool = False):
     """One seed of a scenario on a transformer: ``({method: Trajectory}, {component: retrained kl_true})``.
 
-    ``batched``: the methods unlearn as replicas of one computation (``llm.unlearn_replicas``: float32,
-    each replica equal to its own float32 single run) instead of one after another. On a GPU the three
-    methods then take about the time of one (benchmarks/RESULTS.md, "Batched replicas"); on a CPU the
-    runs are compute-bound and batching saves nothing, so the figures batch on CUDA only.
+    ``batched``: :func:`paper_figures.seed_bands.seed_band_runs` for this one seed: the reference and the
+    retrained model pre-train as float32 replicas, the methods unlearn as replicas of one computation
+    (``llm.unlearn_replicas``, each replica equal to its own float32 single run) instead of one after
+    another. On a GPU the three methods then take about the time of one (benchmarks/RESULTS.md,
+    "Batched replicas"); on a CPU the runs are compute-bound and batching saves nothing, so the
+    figures batch on CUDA only.
     """
     from llm import unlearn
-    from llm.replica_training import unlearn_replicas
 
+    if batched:
+        from .seed_bands import seed_band_runs
+
+        return seed_band_runs(scenario_name, scale, settings, (settings.seed,), device, methods, progress, model_dir,
+                              recompute)[0]
     setup = prepare_transformer(scenario_name, scale, settings, device, progress, model_dir, recompute)
     objectives = setup.scenario.with_methods(methods or list(setup.scenario.methods))
-    if batched:
-        config = dataclasses.replace(setup.unlearning_config, mixed_precision="no")
-        trajectories = unlearn_replicas([copy.deepcopy(setup.reference) for _ in objectives], list(objectives.values()),
-                                        setup.forget, setup.retain, config, setup.evaluator)
-        return dict(zip(objectives, trajectories)), setup.retrained_kl
     runs = {method: unlearn(copy.deepcopy(setup.reference), objective, setup.forget, setup.retain,
                             setup.unlearning_config, setup.evaluator)
             for method, objective in objectives.items()}

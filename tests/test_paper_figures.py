@@ -472,23 +472,55 @@ def test_other_methods_config_rejects_unknown_methods_and_stray_transformer_seed
         Config(seeds=(0, 1), registry_transformer_seeds=(2,))
 
 
-def test_batched_methods_equal_the_methods_run_one_after_another(tmp_path):
-    """``transformer_runs(batched=True)`` (the methods as replicas of one computation, what the figures do on
-    CUDA) gives each method's single run (float32 on the CPU: rtol 1e-5), and only CUDA jobs ask for it."""
-    from paper_figures.runs import ScenarioRuns
+def test_seed_bands_equal_each_seeds_runs_one_after_another(tmp_path):
+    """``seed_band_runs`` (the seeds' references, retrained models and every (seed, method) run as batched
+    replicas, each seed its own data: what the figures do on CUDA) gives each seed's single runs (float32 on
+    the CPU: rtol 1e-5); a second call loads the kept models and repeats the numbers exactly."""
+    from paper_figures.seed_bands import seed_band_runs
     from paper_figures.transformer_runs import TransformerSettings, transformer_runs
 
     settings = TransformerSettings(preset="tiny-synthetic", pretrain_epochs=1.0, unlearn_steps=3,
                                    diagnostics_max_sequences=8)
-    arguments = ("paper_short_forget2", 0.005, settings, "cpu", None, False, str(tmp_path))
-    single, levels = transformer_runs(*arguments)
-    batched, batched_levels = transformer_runs(*arguments, batched=True)
-    assert list(batched) == list(single) == ["GA", "NPO", "SimNPO"] and batched_levels == levels
-    for method, trajectory in single.items():
-        assert batched[method].info["num_replicas"] == 3
-        for name, values in trajectory.component_metrics.items():
-            np.testing.assert_allclose(batched[method].component_metrics[name], values, rtol=1e-5, atol=1e-7,
-                                       err_msg=f"{method} {name}")
-    spec = ScenarioRuns("paper_short_forget2", 0.005, transformers=(settings,), simulator_sources=())
-    assert [job.get("batched_methods") for job in spec.jobs("cuda")] == [True]
-    assert ["batched_methods" in job for job in spec.jobs("cpu")] == [False]
+    bands = seed_band_runs("paper_short_forget2", 0.005, settings, (0, 1), "cpu", None, False, str(tmp_path))
+    assert len(bands) == 2
+    for seed, (batched, levels) in zip((0, 1), bands):
+        single, single_levels = transformer_runs("paper_short_forget2", 0.005, dataclasses.replace(settings, seed=seed),
+                                                 "cpu", None, False, str(tmp_path))
+        assert list(batched) == list(single) == ["GA", "NPO", "SimNPO"]
+        np.testing.assert_allclose(list(levels.values()), list(single_levels.values()), rtol=1e-6)
+        for method, trajectory in single.items():
+            assert batched[method].info["num_replicas"] == 6
+            for name, values in trajectory.component_metrics.items():
+                np.testing.assert_allclose(batched[method].component_metrics[name], values, rtol=1e-5, atol=1e-7,
+                                           err_msg=f"seed {seed} {method} {name}")
+    again = seed_band_runs("paper_short_forget2", 0.005, settings, (0, 1), "cpu", None, False, str(tmp_path))
+    for (first, _), (second, _) in zip(bands, again):
+        for method in first:
+            np.testing.assert_array_equal(first[method].component_metrics["kl_true"],
+                                          second[method].component_metrics["kl_true"])
+
+
+def test_cuda_jobs_run_their_seeds_as_one_band_and_cache_each_seed(tmp_path):
+    """``precompute_seed_bands`` groups the jobs that batch their methods (CUDA's; here CPU jobs marked so) by
+    everything but the seed, computes each group as one ``seed_band_runs`` and caches every seed under its job."""
+    from paper_figures.runs import ScenarioRuns, _needs_computing, job_key, load_runs, precompute_seed_bands
+    from paper_figures.seed_bands import seed_band_runs
+    from paper_figures.transformer_runs import TransformerSettings
+
+    settings = TransformerSettings(preset="tiny-synthetic", pretrain_epochs=1.0, unlearn_steps=2,
+                                   diagnostics_max_sequences=8)
+    spec = ScenarioRuns("paper_short_forget2", 0.005, seeds=(0, 1), transformers=(settings,))
+    assert [job.get("batched_methods") for job in spec.jobs("cuda") if job["kind"] == "transformer"] == [True, True]
+    jobs = [job | {"batched_methods": True} if job["kind"] == "transformer" else job for job in spec.jobs("cpu")]
+    precompute_seed_bands(jobs, str(tmp_path), recompute=False)
+    transformer_jobs = [job for job in jobs if job["kind"] == "transformer"]
+    assert not any(_needs_computing(str(tmp_path), job, False) for job in transformer_jobs)
+    assert all(_needs_computing(str(tmp_path), job, False) for job in jobs if job["kind"] == "simulator")
+    direct = seed_band_runs("paper_short_forget2", 0.005, settings, (0, 1), "cpu", None, False,
+                            str(tmp_path / "models"))
+    for job, (runs, _) in zip(transformer_jobs, direct):
+        cached, _, document = load_runs(str(tmp_path / f"runs_{job_key(job)}"))
+        assert document["config"]["seed"] == job["seed"]
+        for method, trajectory in runs.items():
+            np.testing.assert_array_equal(cached["tiny-synthetic"][method].component_metrics["kl_true"],
+                                          trajectory.component_metrics["kl_true"])
