@@ -19,11 +19,11 @@ Measured side by side in one process:
   retrained replicas), ``unlearn_replicas`` (3 S replicas: every method x seed in one computation,
   each seed's replicas evaluated against its own retrained and reference models).
 
-All seeds share the scenario's sampled data (replicas share their training sets): the seeds
-differ in initialisation and batch order, not in the sampled sequences (the figures' seed also
-resamples the data). Each measurement runs with the full test set (``--evaluation full``) and/or
-a fixed test subsample (``--evaluation subsample``: ``llm.evaluate.evaluation_subsample_of``,
-``--subsample`` sequences, the same rows for every seed and model).
+Each seed samples its own data (the scenario with data seed s, as a figure's seed): replica k
+pre-trains, retrains, unlearns and is evaluated on seed s_k's sets (``pretrain_replicas`` /
+``unlearn_replicas`` with one set per replica). Each measurement runs with the full test set
+(``--evaluation full``) and/or a fixed test subsample (``--evaluation subsample``:
+``llm.evaluate.evaluation_subsample_of``, ``--subsample`` sequences of each seed's test set).
 
 Targets (issue 11, CPU): one seed <= 60 s; S = 5 seeds <= 2x one seed.
 
@@ -76,11 +76,11 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def scenario_data(scale: float) -> dict:
-    """The scenario's sampled data (seed 0): pre-training, retain, forget and test sets, true chains."""
+def scenario_data(scale: float, seed: int = 0) -> dict:
+    """The scenario's data sampled with data seed ``seed``: pre-training, retain, forget and test sets, true chains."""
     scenario = SCENARIOS[SCENARIO]
     scenario = scenario.scaled(scale) if scale != 1.0 else scenario
-    spec = scenario.spec
+    spec = dataclasses.replace(scenario.spec, seed=seed)
     train, test = spec.sample()
     return {"scenario": scenario, "pretraining": train.select(*spec.names_where(in_pretraining=True)),
             "retain": train.select(*spec.names_where(role="retain")),
@@ -147,25 +147,27 @@ def one_seed(data: dict, test, arguments: argparse.Namespace, seed: int = 0) -> 
     return clock
 
 
-def batched_seeds(data: dict, test, arguments: argparse.Namespace) -> Clock:
-    """The scenario for seeds 0..S-1 as replicas; returns its phase times."""
-    seeds = list(range(arguments.seeds))
+def batched_seeds(seed_data: list[dict], tests: list, arguments: argparse.Namespace) -> Clock:
+    """The scenario for seeds 0..S-1 as replicas, each on its own data (``seed_data[k]``, test set ``tests[k]``);
+    returns its phase times."""
+    seeds = list(range(len(seed_data)))
     configs = [train_configs(arguments, seed) for seed in seeds]
     clock = Clock()
-    references = [fresh(data, seed) for seed in seeds]
-    pretrain_replicas(references, data["pretraining"], [c[0] for c in configs])
+    references = [fresh(seed_data[seed], seed) for seed in seeds]
+    pretrain_replicas(references, [d["pretraining"] for d in seed_data], [c[0] for c in configs])
     clock.lap("pre-train")
-    retrained = [fresh(data, seed + RETRAINED_SEED_OFFSET) for seed in seeds]
-    pretrain_replicas(retrained, data["retain"], [c[0] for c in configs])
+    retrained = [fresh(seed_data[seed], seed + RETRAINED_SEED_OFFSET) for seed in seeds]
+    pretrain_replicas(retrained, [d["retain"] for d in seed_data], [c[0] for c in configs])
     clock.lap("retrain")
-    evaluators = [Evaluator(test, data["chains"], retrained=r, reference=m, batch_size=configs[0][1].eval_batch_size)
-                  for r, m in zip(retrained, references)]
+    evaluators = [Evaluator(test, d["chains"], retrained=r, reference=m, batch_size=configs[0][1].eval_batch_size)
+                  for test, d, r, m in zip(tests, seed_data, retrained, references)]
     clock.lap("evaluator")
-    objectives = data["scenario"].with_methods(list(METHODS))
-    grid = [(k, method) for k in range(len(seeds)) for method in METHODS]
+    objectives = seed_data[0]["scenario"].with_methods(list(METHODS))
+    grid = [(k, method) for k in seeds for method in METHODS]
     unlearn_replicas([copy.deepcopy(references[k]) for k, _ in grid], [objectives[m] for _, m in grid],
-                     data["forget"], data["retain"], [configs[k][1] for k, _ in grid],
-                     [evaluators[k] for k, _ in grid], evaluation=arguments.replica_evaluation)
+                     [seed_data[k]["forget"] for k, _ in grid], [seed_data[k]["retain"] for k, _ in grid],
+                     [configs[k][1] for k, _ in grid], [evaluators[k] for k, _ in grid],
+                     evaluation=arguments.replica_evaluation)
     clock.lap(f"unlearn {len(METHODS)} methods")
     return clock
 
@@ -185,7 +187,8 @@ def report(label: str, clock: Clock, reference: Clock | None) -> None:
 def main(argv=None) -> None:
     arguments = parse_arguments(argv)
     torch.set_num_threads(arguments.threads)
-    data = scenario_data(arguments.scale)
+    seed_data = [scenario_data(arguments.scale, seed) for seed in range(arguments.seeds)]
+    data = seed_data[0]
     print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, threads "
           f"{torch.get_num_threads()}, load average {os.getloadavg()[0]:.2f} at the start")
     print(f"{SCENARIO} at scale {arguments.scale}: {len(data['pretraining'])} pre-training / {len(data['retain'])} "
@@ -194,7 +197,9 @@ def main(argv=None) -> None:
           f"diagnostics on {arguments.diagnostics_subsample} sequences per component; "
           f"replica evaluation {arguments.replica_evaluation}")
     for evaluation in arguments.evaluation:
-        test = data["test"] if evaluation == "full" else evaluation_subsample_of(data["test"], arguments.subsample)
+        tests = [d["test"] if evaluation == "full" else evaluation_subsample_of(d["test"], arguments.subsample)
+                 for d in seed_data]
+        test = tests[0]
         print(f"\nevaluation on {'the full test set' if evaluation == 'full' else 'a fixed subsample'} "
               f"({len(test)} sequences):", flush=True)
         single = None
@@ -202,7 +207,7 @@ def main(argv=None) -> None:
             single = one_seed(data, test, arguments)
             report("one seed (single runs)", single, None)
         if not arguments.skip_batched:
-            batched = batched_seeds(data, test, arguments)
+            batched = batched_seeds(seed_data, tests, arguments)
             report(f"{arguments.seeds} seeds batched (replicas)", batched, single)
         print(f"  load average {os.getloadavg()[0]:.2f} at the end", flush=True)
 
