@@ -13,10 +13,11 @@
 #              its end) and tofu.tgz (results.json, results.md, config.json, stage records, training
 #              metrics) come back; a capped run returns the stages it finished;
 #   figures    the paper-scale Fig. 5 family (markov_tradeoff, power_share, first_step, adam_eps) on the
-#              GPU, worker processes sharing it; the output folder comes back as a tarball;
+#              GPU: each transformer's seeds run as one band of batched replicas (paper_figures.seed_bands),
+#              the simulator runs in worker processes; the output folder comes back as a tarball;
 #   benchmark  benchmarks/llm_markov.py on the GPU (the Markov scenario, then the gpt2-small bf16 step: cached
 #              vs live reference, fused AdamW, torch.compile); BENCH_ARGS passes its options, e.g.
-#              "--gpu-step-only --skip-live --variants compiled-logps --profile" (the next step for MFU).
+#              "--gpu-step-only --skip-live --variants compiled-loss-padded" (36% MFU on an H100).
 # Each part has its own time limit, so whatever finished comes back.
 #
 # The device image lacks the model package and the TOFU extras, and the 94 MiB GGUF file is larger than

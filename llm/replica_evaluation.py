@@ -97,9 +97,10 @@ def replica_test_metrics(stack: ReplicaStack, evaluators: list[Evaluator], indic
 
     On a batched route one stacked pass per chunk evaluates every replica, on one shared test set or on
     each replica's own (test sets of one shape, e.g. each seed its own sample;
-    ``llm.replica_stacked_evaluation``). Otherwise one pass per distinct test set computes every
-    replica's logits, so a test set that fewer than half of the replicas use is evaluated replica by
-    replica on ``scratch`` instead (the single run's ``Evaluator.evaluate``).
+    ``llm.replica_stacked_evaluation``). Otherwise (the loop route, test sets of different shapes, or
+    non-finite logits, which this path isolates) one pass per distinct test set computes every replica's
+    logits, so a test set that fewer than half of the replicas use is evaluated replica by replica on
+    ``scratch`` instead (the single run's ``Evaluator.evaluate``).
     """
     indices = list(indices)
     evaluated = [evaluators[i] for i in indices]
@@ -124,13 +125,6 @@ def replica_test_metrics(stack: ReplicaStack, evaluators: list[Evaluator], indic
                 stack.write_into(scratch, i)
                 result[i] = evaluators[i].evaluate(scratch)
             continue
-        if stacked_metrics_apply(stack, [evaluators[i] for i in members]):
-            try:
-                result |= stacked_test_metrics(stack, [evaluators[i] for i in members], members,
-                                               _rows_per_pass(stack, evaluator.batch_size))
-                continue
-            except NonFiniteLogitsError:
-                pass
         predictions = replica_predictions(stack, evaluator, members)
         for i in members:
             result[i] = evaluators[i].metrics(*predictions[i])
