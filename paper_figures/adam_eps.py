@@ -26,7 +26,7 @@ from markovsim.runtime import torch_threads
 from markovsim.scenarios import SCENARIOS, prepare
 
 from .cache import load_cache, save_cache
-from .runs import ordered_sources
+from .runs import map_in_workers, ordered_sources
 from .style import apply_style, save_figure
 from .transformer_runs import TransformerSettings, prepare_transformer
 
@@ -76,17 +76,20 @@ def _simulator(config: Config, source: str, arrays: dict, finals: dict) -> None:
             finals[f"{source}/{method}/{rule}"] = values
 
 
-def _transformer(config: Config, device: str, cache_dir: str, recompute: bool, arrays: dict, finals: dict) -> None:
+def _transformer_runs(task: tuple) -> tuple[dict, dict]:
+    """One method's transformer runs: the three settings' trajectories and the eps sweep's final forget KLs
+    (``task``: config, device, cache dir, method, progress; the models are already kept in the cache)."""
     import copy
 
     from llm import unlearn
 
+    config, device, cache_dir, method, progress = task
+    arrays, finals = {}, {}
     settings = config.transformer
-    setup = prepare_transformer(SCENARIO, config.scale, settings, device, True, os.path.join(cache_dir, "models"),
-                                recompute)
-    source = settings.preset
-    for method in METHODS:
-        objective = setup.scenario.methods[method]
+    with torch_threads(1):
+        setup = prepare_transformer(SCENARIO, config.scale, settings, device, progress,
+                                    os.path.join(cache_dir, "models"))
+        source, objective = settings.preset, setup.scenario.methods[method]
         for label, (rule, eps) in SETTINGS.items():
             train = dataclasses.replace(setup.unlearning_config, optimizer=rule, adam_eps=eps)
             _store(arrays, f"{source}/{method}/{label}",
@@ -101,6 +104,7 @@ def _transformer(config: Config, device: str, cache_dir: str, recompute: bool, a
                 values.append(_final_forget(unlearn(copy.deepcopy(setup.reference), objective, setup.forget,
                                                     setup.retain, train, setup.evaluator)))
             finals[f"{source}/{method}/{rule}"] = values
+    return arrays, finals
 
 
 def _store(arrays: dict, key: str, run) -> None:
@@ -119,7 +123,14 @@ def compute(config: Config, cache_stem: str, device: str = "cpu", recompute: boo
         for source in config.simulator_sources:
             _simulator(config, source, arrays, finals)
         if config.transformer is not None:
-            _transformer(config, device, os.path.dirname(cache_stem), recompute, arrays, finals)
+            cache_dir = os.path.dirname(cache_stem)
+            # the models once here (trained or loaded), then each method's runs in its own worker when jobs > 1
+            prepare_transformer(SCENARIO, config.scale, config.transformer, device, True,
+                                os.path.join(cache_dir, "models"), recompute)
+            tasks = [(config, device, cache_dir, method, jobs <= 1) for method in METHODS]
+            for more_arrays, more_finals in map_in_workers(_transformer_runs, tasks, jobs):
+                arrays |= more_arrays
+                finals |= more_finals
     sources = [s for s in config.simulator_sources] + ([config.transformer.preset] if config.transformer else [])
     effective = {rule: [effective_eps(rule, 1e-6, 0.999, t) for t in (1, 10, 50)] for rule in ("adamw", "adamw_legacy")}
     return save_cache(cache_stem, arrays, config, sources=sources, finals=finals, effective_eps_at_1_10_50=effective)

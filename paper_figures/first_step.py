@@ -30,6 +30,7 @@ from markovsim.losses import NEEDS_REFERENCE
 from markovsim.runtime import torch_threads
 
 from .cache import load_cache, save_cache
+from .runs import map_in_workers
 from .style import apply_style, save_figure
 from .transformer_runs import TransformerSettings, prepare_transformer
 
@@ -147,11 +148,18 @@ def _analyse(config: Config, preset: str, device: str, cache_dir: str, recompute
 
 def compute(config: Config, cache_stem: str, device: str = "cpu", recompute: bool = False, jobs: int = 1) -> str:
     arrays, summaries = {}, {}
-    with torch.random.fork_rng(devices=[]), torch_threads(1):  # same numbers whatever the machine's cores
-        for preset in config.presets:
-            more, summaries[preset] = _analyse(config, preset, device, os.path.dirname(cache_stem), recompute)
-            arrays |= more
+    tasks = [(config, preset, device, os.path.dirname(cache_stem), recompute) for preset in config.presets]
+    for preset, (more, summary) in zip(config.presets, map_in_workers(_analyse_task, tasks, jobs)):
+        arrays |= more
+        summaries[preset] = summary
     return save_cache(cache_stem, arrays, config, summaries=summaries)
+
+
+def _analyse_task(task: tuple) -> tuple[dict, dict]:
+    """:func:`_analyse` of one preset (in a worker when jobs > 1; the models have no dropout, so the numbers
+    do not depend on which process or order runs the presets)."""
+    with torch.random.fork_rng(devices=[]), torch_threads(1):  # same numbers whatever the machine's cores
+        return _analyse(*task)
 
 
 def plot(cache_stem: str, output_stem: str) -> list[str]:

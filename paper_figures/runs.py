@@ -253,6 +253,15 @@ def precompute_jobs(all_jobs: list[dict], cache_dir: str, recompute: bool, jobs:
             _RECOMPUTED.add(future.result())  # a worker's recompute counts for this process too
 
 
+def map_in_workers(function, tasks: list, jobs: int) -> list:
+    """``[function(task) for task in tasks]``, in ``min(jobs, len(tasks))`` spawned worker processes when
+    ``jobs > 1`` (``function`` at module level, tasks picklable), in order."""
+    if jobs <= 1 or len(tasks) <= 1:
+        return [function(task) for task in tasks]
+    with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=get_context("spawn")) as pool:
+        return list(pool.map(function, tasks))
+
+
 def scenario_runs(spec: ScenarioRuns, cache_dir: str, device: str = "cpu", recompute: bool = False,
                   jobs: int = 1) -> dict[str, list[tuple[dict[str, Trajectory], dict[str, float]]]]:
     """``{source: [({method: Trajectory}, {component: retrained kl_true}) for each seed]}``.

@@ -524,3 +524,19 @@ def test_cuda_jobs_run_their_seeds_as_one_band_and_cache_each_seed(tmp_path):
         for method, trajectory in runs.items():
             np.testing.assert_array_equal(cached["tiny-synthetic"][method].component_metrics["kl_true"],
                                           trajectory.component_metrics["kl_true"])
+
+
+@pytest.mark.parametrize("name, extra", [("adam_eps", "finals"), ("first_step", "summaries")])
+def test_figures_with_worker_processes_give_the_numbers_of_one_process(tiny_output, tmp_path, name, extra):
+    """``adam_eps`` (each method's transformer runs) and ``first_step`` (each preset) run in worker processes
+    when jobs > 1: the cache holds exactly the numbers of the one-process run (the tiny figures above, jobs 1)."""
+    module = FIGURES[name]
+    stem = str(tmp_path / "cache" / f"{name}_tiny")
+    os.makedirs(tmp_path / "cache")
+    module.compute(module.CONFIGS["tiny"], stem, "cpu", jobs=2)
+    document, arrays = load_cache(stem)
+    expected_document, expected = load_cache(str(tiny_output / "cache" / f"{name}_tiny"))
+    assert sorted(arrays) == sorted(expected)
+    for key, values in expected.items():
+        np.testing.assert_array_equal(arrays[key], values, err_msg=key)
+    assert document[extra] == expected_document[extra]
