@@ -423,8 +423,13 @@ class _Unlearning:
 
 def _own_encodings(sets: list[SequenceSet], joined: SequenceSet, encoded_joined):
     """Each replica's encoded set: the joined encoding itself where the set is shared (one object, so the
-    batched diagnostics see one set), else each set encoded on its own."""
-    return [encoded_joined if value is joined else encode(value, "response") for value in sets]
+    batched diagnostics see one set), else each distinct set encoded once (replicas given the same set,
+    e.g. several methods of one seed, share its encoding)."""
+    encoded = {id(joined): encoded_joined}
+    for value in sets:
+        if id(value) not in encoded:
+            encoded[id(value)] = encode(value, "response")
+    return [encoded[id(value)] for value in sets]
 
 
 def _parts(objective: Objective, batch: UnlearningBatch) -> list[dict]:
