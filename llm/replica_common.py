@@ -13,7 +13,7 @@ from markovsim.losses import Objective
 from markovsim.runtime import resolve_device
 
 from .config import TrainConfig
-from .data import EncodedSequences, epoch_permutation, steps_per_epoch
+from .data import IGNORE_INDEX, EncodedSequences, bos_token_id, epoch_permutation, steps_per_epoch
 from .replicas import ReplicaStack, StackedAdamSettings, StackedAdamW
 from .runtime import host_to_device
 from .session import learning_rate_factor
@@ -173,6 +173,7 @@ class StackedTokens:
         self.device = torch.device(device)
         self.token_lengths = encoded.token_lengths  # (n,) CPU
         self.tensors = {key: getattr(encoded, key).to(self.device) for key in TOKEN_KEYS}
+        self.pad_values = (bos_token_id(encoded.num_states), 0, IGNORE_INDEX)  # as llm.data.encode pads TOKEN_KEYS
 
     def gather(self, rows: np.ndarray) -> tuple[torch.Tensor, ...]:
         """``(index, input_ids, attention_mask, labels)``: the rows (N, b) on the device and their tokens

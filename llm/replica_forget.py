@@ -1,20 +1,24 @@
-"""One unlearning step of N replicas with forget-only objectives, as one batched computation.
+"""One unlearning step of N replicas with forget-only or NLL-retain objectives, as one batched computation.
 
-When every replica's objective is a forget-only sequence loss (``retain`` None, ``forget`` in
-``markovsim.losses.SEQUENCE_LOSSES``: GA, NPO, SimNPO, ...) and the stack has a batched route,
-:class:`BatchedForget` computes the step of all replicas without a per-replica loop:
+When every replica's objective has a sequence forget loss (``markovsim.losses.SEQUENCE_LOSSES``: GA,
+NPO, SimNPO, ...) and either no retain term or the NLL one (GradDiff, NPO+RT, SimNPO+RT), and the stack
+has a batched route, :class:`BatchedForget` computes the step of all replicas without a per-replica
+loop:
 
     rows_i       (b,)            replica i's forget rows of step k (``llm.data.batch_indices``, seed_i)
-    logits       (N, b, t, V)    ``ReplicaStack.stacked_batch_logits`` on the gathered rows
-    logp_ij      (N, b)          sum_t log pi_i(y_ijt | y_ij<t) over response tokens; |y_ij| their count
+    retain_i     (b_r,)          its retain rows (the retain stream), where some objective has a retain term
+    logits       (N, b + b_r, t, V)  ``ReplicaStack.stacked_batch_logits`` on the gathered rows
+    logp_ij      (N, b + b_r)    sum_t log pi_i(y_ijt | y_ij<t) over response tokens; |y_ij| their count
     forget_i     = (1 / b) sum_j L_g(logp_ij, |y_ij|, ref_ij)   one ``Objective.forget_losses`` call per
                                                                  group g of replicas with equal objectives
-    total_i      = forget_weight_g * forget_i
+    nll_i        = (1 / b_r) sum_j -logp_ij / |y_ij|             over the retain rows
+    total_i      = forget_weight_g * forget_i (+ retain_weight_g * nll_i)
 
-the formulas of ``llm.objective.objective_terms`` for each replica's own batch (rows padded to the
-widest row of the step: causal attention makes the padding invisible to real positions). The
-replica loop of ``llm.replica_training`` does the same per replica; this path exists for GPUs, where
-that loop's kernel launches and host syncs cost more than the arithmetic (see benchmarks/replicas.py).
+the formulas of ``llm.objective.objective_terms`` for each replica's own batch (forget and retain rows
+in one forward pass, padded to the widest row of the step: causal attention makes the padding
+invisible to real positions). The replica loop of ``llm.replica_training`` does the same per replica
+(and remains the path for KL retain terms); this path exists for GPUs, where that loop's kernel
+launches and host syncs cost more than the arithmetic (see benchmarks/replicas.py).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from markovsim.losses import SEQUENCE_LOSSES, Objective, reduce_token_logps
 from markovsim.tensor_checks import value_checks_skipped
 
 from .config import TrainConfig
-from .data import FORGET_STREAM, EncodedSequences
+from .data import FORGET_STREAM, RETAIN_STREAM, EncodedSequences
 from .logps import token_log_likelihoods
 from .replica_common import ReplicaRows, StackedTokens, objective_groups
 from .replicas import ReplicaStack
@@ -46,18 +50,30 @@ class BatchedForget:
         forget_refs: N (n_f,) float64 reference log-likelihoods of each replica's own set (None where the
             objective needs none).
         offsets: (N,) where each replica's own set starts in ``forget`` (None: one shared set).
+        retain, retain_offsets: the encoded retain set(s) and offsets, likewise (needed when some objective
+            has a retain term).
     """
 
     def __init__(self, stack: ReplicaStack, objectives: list[Objective], configs: tuple[TrainConfig, ...],
-                 forget: EncodedSequences, forget_refs: list[torch.Tensor | None], offsets: np.ndarray | None = None):
+                 forget: EncodedSequences, forget_refs: list[torch.Tensor | None], offsets: np.ndarray | None = None,
+                 retain: EncodedSequences | None = None, retain_offsets: np.ndarray | None = None):
         if not self.applies(stack, objectives):
-            raise ValueError("BatchedForget needs a stacked/vmap route and forget-only sequence-loss objectives")
+            raise ValueError("BatchedForget needs a stacked/vmap route and sequence-loss objectives without a "
+                             "retain term or with the nll one")
         self.stack, self.device = stack, stack.device
-        self.offsets = np.zeros(len(configs), dtype=np.int64) if offsets is None else np.asarray(offsets, np.int64)
-        own_size = len(forget) - int(self.offsets.max())  # every replica's set has this many rows
-        self.rows = ReplicaRows(own_size, configs[0].batch_size, [c.seed for c in configs], FORGET_STREAM)
+        seeds = [c.seed for c in configs]
+        self.offsets = _offsets(offsets, len(configs))
+        self.rows = ReplicaRows(len(forget) - int(self.offsets.max()), configs[0].batch_size, seeds, FORGET_STREAM)
         self.tokens = StackedTokens(forget, self.device)
         self.device_offsets = torch.as_tensor(self.offsets, device=self.device)[:, None]  # (N, 1)
+        self.retain_rows = self.retain_tokens = None
+        if any(o.retain is not None for o in objectives):
+            if retain is None:
+                raise ValueError("an objective has a retain term: pass the encoded retain set")
+            self.retain_offsets = _offsets(retain_offsets, len(configs))
+            size = configs[0].retain_batch_size or configs[0].batch_size
+            self.retain_rows = ReplicaRows(len(retain) - int(self.retain_offsets.max()), size, seeds, RETAIN_STREAM)
+            self.retain_tokens = StackedTokens(retain, self.device)
         # (objective, member replicas (n_g,) on the device, references (n_g, n_f) float64 or None)
         groups = objective_groups(objectives, forget_refs, self.device)
         self.groups = [(o, torch.tensor(members, device=self.device), r) for o, members, r in groups]
@@ -66,36 +82,61 @@ class BatchedForget:
 
     @staticmethod
     def applies(stack: ReplicaStack, objectives) -> bool:
-        """Whether every objective is forget-only with a sequence loss and the stack has a batched route."""
-        return stack.route != "loop" and all(o.retain is None and o.forget in SEQUENCE_LOSSES for o in objectives)
+        """Whether every objective has a sequence forget loss and no retain term or the nll one, and the stack
+        has a batched route."""
+        return stack.route != "loop" and all(o.retain in (None, "nll") and o.forget in SEQUENCE_LOSSES
+                                             for o in objectives)
 
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every replica's step-``step`` objective and the values the single run logs.
 
-        Returns: totals (N,) differentiable, and values (N, 3) detached float64 on the device: total, forget
-            term and the mean per-token log-likelihood of the batch. Nothing is copied to the host (no sync):
-            where a replica's logits are not finite at a labelled position, its log-likelihood column is
-            NaN or inf (the check ``llm.logps.labelled_token_logps`` makes with a sync), and the caller then
-            takes the per-replica path, which isolates the failing replica.
+        Returns: totals (N,) differentiable, and values (N, 4) detached float64 on the device: total, forget
+            term, the mean per-token log-likelihood of the forget batch and the retain term (0 without one).
+            Nothing is copied to the host (no sync): where a replica's logits are not finite at a labelled
+            position, its log-likelihood column is NaN or inf (the check ``llm.logps.labelled_token_logps``
+            makes with a sync), and the caller then takes the per-replica path, which isolates the failing
+            replica.
         """
         with value_checks_skipped():  # the checks' value reads are host syncs; NaN/inf shows in the values
             rows = self.rows(step)  # (N, b) in each replica's own set
             index, ids, mask, labels = self.tokens.gather(rows + self.offsets[:, None])
             index = index - self.device_offsets  # (N, b) rows of each replica's own set, for its references
-            logits = self.stack.stacked_batch_logits(ids, mask)  # (N, b, t, V)
-            token_logps, token_mask = token_log_likelihoods(logits.flatten(0, 1), labels.flatten(0, 1))  # (N b, t-1)
-            logps, num_tokens = (x.view(rows.shape) for x in reduce_token_logps(token_logps, token_mask))  # (N, b)
-            totals, forgets = [], []
+            b = rows.shape[1]
+            if self.retain_tokens is not None:  # the retain rows after the forget rows, as objective_terms merges
+                retain_rows = self.retain_rows(step) + self.retain_offsets[:, None]
+                ids, mask, labels = _joined((ids, mask, labels), self.retain_tokens.gather(retain_rows)[1:],
+                                            self.tokens.pad_values)
+            logits = self.stack.stacked_batch_logits(ids, mask)  # (N, b + b_r, t, V)
+            token_logps, token_mask = token_log_likelihoods(logits.flatten(0, 1), labels.flatten(0, 1))
+            all_logps, all_tokens = (x.view(*ids.shape[:2]) for x in reduce_token_logps(token_logps, token_mask))
+            logps, num_tokens = all_logps[:, :b], all_tokens[:, :b]  # (N, b) the forget rows
+            nll = (-all_logps[:, b:] / all_tokens[:, b:]).sum(1) / max(all_logps.shape[1] - b, 1)  # (N,)
+            totals, forgets, retains = [], [], []
             for objective, members, references in self.groups:
                 member_logps, member_tokens = logps[members], num_tokens[members]  # (n_g, b)
                 reference = None
                 if references is not None:
                     reference = references.gather(1, index[members]).to(logps.dtype).flatten()
                 losses = objective.forget_losses(member_logps.flatten(), member_tokens.flatten(), reference)
-                forget = losses.view(member_logps.shape).sum(1) / rows.shape[1]  # (n_g,)
-                totals.append(objective.total(forget))
+                forget = losses.view(member_logps.shape).sum(1) / b  # (n_g,)
+                retain = nll[members] if objective.retain == "nll" else None
+                totals.append(objective.total(forget, retain))
                 forgets.append(forget.detach())
-        totals, forgets = torch.cat(totals)[self.inverse], torch.cat(forgets)[self.inverse]  # (N,)
-        per_token = (logps / num_tokens).sum(1).detach() / rows.shape[1]  # (N,)
-        values = torch.stack([totals.detach().double(), forgets.double(), per_token.double()], dim=1)
+                retains.append(torch.zeros_like(forget) if retain is None else retain.detach())
+        totals, forgets, retains = (torch.cat(x)[self.inverse] for x in (totals, forgets, retains))  # (N,)
+        per_token = (logps / num_tokens).sum(1).detach() / b  # (N,)
+        values = torch.stack([totals.detach().double(), forgets.double(), per_token.double(), retains.double()], 1)
         return totals, values
+
+
+def _offsets(offsets, count: int) -> np.ndarray:
+    return np.zeros(count, dtype=np.int64) if offsets is None else np.asarray(offsets, dtype=np.int64)
+
+
+def _joined(first: tuple[torch.Tensor, ...], second: tuple[torch.Tensor, ...], pad_values) -> tuple[torch.Tensor, ...]:
+    """(input_ids, attention_mask, labels) of two row groups (N, b, t) and (N, b_r, t_r) side by side along the
+    rows, the narrower padded to the wider (``pad_values``: BOS, mask 0, no label)."""
+    width = max(first[0].shape[2], second[0].shape[2])
+    return tuple(torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[2]), value=value),
+                            torch.nn.functional.pad(y, (0, width - y.shape[2]), value=value)], dim=1)
+                 for x, y, value in zip(first, second, pad_values))

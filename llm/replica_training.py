@@ -12,10 +12,12 @@ its own ``Objective``. Each step:
     update     = StackedAdamW on the replicas still active
 
 so replica i returns what the single run with its settings returns (same batches, same metrics;
-tested to rtol 1e-5 in float32 on CPU). When every objective is forget-only (GA, NPO, SimNPO: the
-paper's setting) and the route is batched, the loop over replicas is replaced by one grouped
-computation (``llm.replica_forget.BatchedForget``: one gather, one forward, one loss call per group of
-equal objectives, one host sync), which is what makes many replicas cheap on a GPU. A replica that
+tested to rtol 1e-5 in float32 on CPU). When every objective has a sequence forget loss and no retain
+term or the NLL one (GA, NPO, SimNPO: the paper's setting; GradDiff, NPO+RT, SimNPO+RT) and the route
+is batched, the loop over replicas is replaced by one grouped computation
+(``llm.replica_forget.BatchedForget``: one gather of forget and retain rows, one forward, one loss
+call per group of equal objectives, one host sync per step), which is what makes many replicas cheap
+on a GPU; KL retain terms keep the per-replica step. A replica that
 meets NaN/inf (or its divergence threshold) records ``diverged_at`` and stops updating; the others go on.
 
 Evaluation (test-set KLs, forget weights, power share) of all recording replicas runs in batched
@@ -199,12 +201,13 @@ class _Unlearning:
         self.evaluation, self.run_dir, self.start_step = evaluation, run_dir, 0
         # one set for all replicas, or one per replica (joined: what the loop-free step gathers from)
         joined_forget, forget_sets, self.forget_offsets = replica_sets(forget, len(models), "forget")
-        joined_retain, retain_sets, _ = replica_sets(retain, len(models), "retain")
+        joined_retain, retain_sets, self.retain_offsets = replica_sets(retain, len(models), "retain")
         self.forget = encode(joined_forget, "response")
+        self.retain = encode(joined_retain, "response") if joined_retain is not None else None
         own_forget = _own_encodings(forget_sets, joined_forget, self.forget)
         own_retain = [None] * len(models)
         if joined_retain is not None:
-            own_retain = _own_encodings(retain_sets, joined_retain, encode(joined_retain, "response"))
+            own_retain = _own_encodings(retain_sets, joined_retain, self.retain)
         self.total_steps = configs[0].total_steps(len(forget_sets[0]))
         self.stack = ReplicaStack(models, route, replica_device(configs[0]))
         self.optimizer = stacked_optimizer(self.stack, configs)
@@ -220,7 +223,8 @@ class _Unlearning:
         self.batched_forget = None  # the loop-free step (llm.replica_forget) where every objective allows it
         if BatchedForget.applies(self.stack, objectives):
             self.batched_forget = BatchedForget(self.stack, objectives, configs, self.forget,
-                                                [r.forget_ref for r in self.replicas], self.forget_offsets)
+                                                [r.forget_ref for r in self.replicas], self.forget_offsets,
+                                                self.retain, self.retain_offsets)
         self.start_parameters = [p.detach().clone() for p in self._trainable()]  # (N, ...) each
 
     def batch(self, index: int, step: int) -> UnlearningBatch:
@@ -275,11 +279,11 @@ class _Unlearning:
             # where() passes a zero gradient to the rows left out, as indexing the included rows would
             torch.where(included, totals, torch.zeros_like(totals)).sum().backward()
         rows = torch.cat([values, self._clipped_norms(backward).to(values)[:, None]], 1).tolist()  # one sync
-        if not all(math.isfinite(row[2]) for row in rows):  # non-finite logits (BatchedForget's docstring)
+        if not all(math.isfinite(row[2]) and math.isfinite(row[3]) for row in rows):  # non-finite logits
             self.stack.zero_grad()
             return None
-        values = [dict(zip(("total", "forget", "logp_per_token"), row[:3]), retain=0.0) for row in rows]
-        return values, [row[3] for row in rows]
+        values = [dict(zip(("total", "forget", "logp_per_token", "retain"), row[:4])) for row in rows]
+        return values, [row[4] for row in rows]
 
     def _clipped_norms(self, backward: bool) -> torch.Tensor:
         """Clip each replica's gradient (``TrainConfig.max_grad_norm``); the norms before clipping (N,) on the

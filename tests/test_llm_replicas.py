@@ -236,17 +236,16 @@ def test_pretrain_replicas_each_on_its_own_data_equal_single_runs():
 
 @pytest.mark.parametrize("objective_names", [("GA", "NPO", "SimNPO"), ("GA", "NPO+RT", "SimNPO")])
 def test_unlearn_replicas_each_on_its_own_data_equal_single_runs(monkeypatch, objective_names):
-    """Per-replica forget/retain sets (the loop-free step with row offsets, or the per-replica step with a retain
-    term): every replica equals the single run on its own data, default evaluator and diagnostics included."""
+    """Per-replica forget/retain sets (the loop-free step with row offsets, with and without an nll retain term):
+    every replica equals the single run on its own data, default evaluator and diagnostics included."""
     data = seeded_data((0, 1, 2))
     objectives = [get_objective(name) for name in objective_names]
     configs = [dataclasses.replace(UNLEARNING, seed=seed) for seed in (0, 1, 2)]
     models = three_models("tiny-synthetic")
     singles = [copy.deepcopy(m) for m in models]
     retain = [d["retain"] for d in data]
-    if "NPO+RT" not in objective_names:  # the loop-free step and the stacked diagnostics must be taken
-        monkeypatch.setattr(replica_training._Unlearning, "batch", None)
-        monkeypatch.setattr(replica_evaluation, "_forget_pass", None)
+    monkeypatch.setattr(replica_training._Unlearning, "batch", None)  # the loop-free step must be taken
+    monkeypatch.setattr(replica_evaluation, "_forget_pass", None)  # and the stacked forget diagnostics
     trajectories = unlearn_replicas(models, objectives, [d["forget"] for d in data], retain, configs)
     for i, (trajectory, own) in enumerate(zip(trajectories, data)):
         expected = unlearn(singles[i], objectives[i], own["forget"], own["retain"], configs[i])
@@ -267,6 +266,23 @@ def test_per_replica_sets_are_checked():
         pretrain_replicas(models, [data[0]["train"], "data"], UNLEARNING)
     with pytest.raises(TypeError, match="SequenceSet or a list"):
         pretrain_replicas(models, "data", UNLEARNING)
+
+
+@pytest.mark.parametrize("route", ["stacked", "vmap"])
+def test_nll_retain_replicas_take_the_loop_free_step_and_equal_single_runs(tiny, monkeypatch, route):
+    """GradDiff / NPO+RT / SimNPO+RT beside forget-only objectives, with a retain batch size of its own: the
+    forget and retain rows of every replica in one stacked forward (llm.replica_forget), no per-replica batches."""
+    objectives = [get_objective("GradDiff"), get_objective("NPO+RT", beta=0.2), get_objective("SimNPO"),
+                  get_objective("SimNPO+RT", beta=2.5)]
+    configs = [dataclasses.replace(UNLEARNING, seed=seed, retain_batch_size=6) for seed in range(4)]
+    models = [build_model("tiny-synthetic", 11, 21, seed=seed) for seed in range(4)]
+    singles = [copy.deepcopy(m) for m in models]
+    expected = [unlearn(s, o, tiny["forget"], tiny["retain"], c) for s, o, c in zip(singles, objectives, configs)]
+    monkeypatch.setattr(replica_training._Unlearning, "batch", None)
+    trajectories = unlearn_replicas(models, objectives, tiny["forget"], tiny["retain"], configs, route=route)
+    for model, single, trajectory, one in zip(models, singles, trajectories, expected):
+        assert_same_trajectory(trajectory, one)
+        assert_same_parameters(model, single)
 
 
 def test_a_diverged_replica_stops_and_the_others_go_on(tiny):
