@@ -22,7 +22,7 @@ from markovsim import losses
 from .data import IGNORE_INDEX
 
 __all__ = ["NonFiniteLogitsError", "model_logits", "labelled_token_logps", "token_log_likelihoods",
-           "model_sequence_logps", "summed_token_kl", "state_log_probs", "upcast"]
+           "model_sequence_logps", "summed_token_kl", "sequence_token_kl", "state_log_probs", "upcast"]
 
 
 class NonFiniteLogitsError(FloatingPointError):
@@ -94,9 +94,15 @@ def summed_token_kl(target_log_probs: torch.Tensor, logits: torch.Tensor, mask: 
     Args: target_log_probs (b, t-1, V) (may hold -inf); logits (b, t, V) of the model (the last position
     predicts nothing); mask (b, t-1) labelled positions.
     """
+    return sequence_token_kl(target_log_probs, logits, mask).sum()
+
+
+def sequence_token_kl(target_log_probs: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(b,) per sequence, the sum over its labelled positions of KL(p_target || softmax(logits)) (the terms
+    :func:`summed_token_kl` adds up; same arguments)."""
     log_probs = torch.log_softmax(upcast(logits[:, :-1]), -1)  # (b, t-1, V)
     per_sequence = losses.kl(target_log_probs.to(log_probs.dtype), log_probs, mask)  # (b,) token means
-    return (per_sequence * mask.sum(-1)).sum()
+    return per_sequence * mask.sum(-1)
 
 
 def state_log_probs(logits: torch.Tensor, num_states: int) -> torch.Tensor:

@@ -1,9 +1,9 @@
-"""One unlearning step of N replicas with forget-only or NLL-retain objectives, as one batched computation.
+"""One unlearning step of N replicas, as one batched computation.
 
 When every replica's objective has a sequence forget loss (``markovsim.losses.SEQUENCE_LOSSES``: GA,
-NPO, SimNPO, ...) and either no retain term or the NLL one (GradDiff, NPO+RT, SimNPO+RT), and the stack
-has a batched route, :class:`BatchedForget` computes the step of all replicas without a per-replica
-loop:
+NPO, SimNPO, ...) and any retain term (none; nll: GradDiff, NPO+RT, SimNPO+RT; kl: NPO+KL, SimNPO+KL),
+and the stack has a batched route, :class:`BatchedForget` computes the step of all replicas without a
+per-replica loop:
 
     rows_i       (b,)            replica i's forget rows of step k (``llm.data.batch_indices``, seed_i)
     retain_i     (b_r,)          its retain rows (the retain stream), where some objective has a retain term
@@ -12,12 +12,14 @@ loop:
     forget_i     = (1 / b) sum_j L_g(logp_ij, |y_ij|, ref_ij)   one ``Objective.forget_losses`` call per
                                                                  group g of replicas with equal objectives
     nll_i        = (1 / b_r) sum_j -logp_ij / |y_ij|             over the retain rows
-    total_i      = forget_weight_g * forget_i (+ retain_weight_g * nll_i)
+    kl_i         = sum_{j,t} KL(pi_ref_i || pi_i) / N_r,i         over the retain rows' labelled positions,
+                   pi_ref_i replica i's frozen starting model (one stacked forward of the kl replicas' references)
+    total_i      = forget_weight_g * forget_i (+ retain_weight_g * nll_i or kl_i)
 
 the formulas of ``llm.objective.objective_terms`` for each replica's own batch (forget and retain rows
 in one forward pass, padded to the widest row of the step: causal attention makes the padding
-invisible to real positions). The replica loop of ``llm.replica_training`` does the same per replica
-(and remains the path for KL retain terms); this path exists for GPUs, where that loop's kernel
+invisible to real positions). The replica loop of ``llm.replica_training`` does the same per replica;
+this path exists for GPUs, where that loop's kernel
 launches and host syncs cost more than the arithmetic (see benchmarks/replicas.py).
 """
 
@@ -30,8 +32,8 @@ from markovsim.losses import SEQUENCE_LOSSES, Objective, reduce_token_logps
 from markovsim.tensor_checks import value_checks_skipped
 
 from .config import TrainConfig
-from .data import FORGET_STREAM, RETAIN_STREAM, EncodedSequences
-from .logps import token_log_likelihoods
+from .data import FORGET_STREAM, IGNORE_INDEX, RETAIN_STREAM, EncodedSequences
+from .logps import sequence_token_kl, token_log_likelihoods, upcast
 from .replica_common import ReplicaRows, StackedTokens, objective_groups
 from .replicas import ReplicaStack
 
@@ -52,14 +54,16 @@ class BatchedForget:
         offsets: (N,) where each replica's own set starts in ``forget`` (None: one shared set).
         retain, retain_offsets: the encoded retain set(s) and offsets, likewise (needed when some objective
             has a retain term).
+        references: N frozen reference models (each replica's starting model), needed where the objective
+            has a kl retain term (None elsewhere).
     """
 
     def __init__(self, stack: ReplicaStack, objectives: list[Objective], configs: tuple[TrainConfig, ...],
                  forget: EncodedSequences, forget_refs: list[torch.Tensor | None], offsets: np.ndarray | None = None,
-                 retain: EncodedSequences | None = None, retain_offsets: np.ndarray | None = None):
+                 retain: EncodedSequences | None = None, retain_offsets: np.ndarray | None = None,
+                 references: list | None = None):
         if not self.applies(stack, objectives):
-            raise ValueError("BatchedForget needs a stacked/vmap route and sequence-loss objectives without a "
-                             "retain term or with the nll one")
+            raise ValueError("BatchedForget needs a stacked/vmap route and sequence-loss objectives")
         self.stack, self.device = stack, stack.device
         seeds = [c.seed for c in configs]
         self.offsets = _offsets(offsets, len(configs))
@@ -74,18 +78,28 @@ class BatchedForget:
             size = configs[0].retain_batch_size or configs[0].batch_size
             self.retain_rows = ReplicaRows(len(retain) - int(self.retain_offsets.max()), size, seeds, RETAIN_STREAM)
             self.retain_tokens = StackedTokens(retain, self.device)
+        # the kl replicas' frozen references as one stack of their own (positions into it follow kl_members)
+        self.kl_members = [i for i, o in enumerate(objectives) if o.retain == "kl"]
+        self.reference_stack = None
+        if self.kl_members:
+            if references is None or any(references[i] is None for i in self.kl_members):
+                raise ValueError("an objective has a kl retain term: pass each such replica's reference model")
+            self.reference_stack = ReplicaStack([references[i] for i in self.kl_members], stack.route, self.device)
+            self.kl_index = torch.tensor(self.kl_members, device=self.device)
+            self.kl_position = {replica: k for k, replica in enumerate(self.kl_members)}
         # (objective, member replicas (n_g,) on the device, references (n_g, n_f) float64 or None)
         groups = objective_groups(objectives, forget_refs, self.device)
-        self.groups = [(o, torch.tensor(members, device=self.device), r) for o, members, r in groups]
+        # (objective, members, references, positions of the members among the kl replicas or None)
+        self.groups = [(o, torch.tensor(members, device=self.device), r,
+                        torch.tensor([self.kl_position[i] for i in members], device=self.device)
+                        if o.retain == "kl" else None) for o, members, r in groups]
         order = [i for _, members, _ in groups for i in members]
         self.inverse = torch.tensor(np.argsort(order), device=self.device)  # group-concatenated -> replica order
 
     @staticmethod
     def applies(stack: ReplicaStack, objectives) -> bool:
-        """Whether every objective has a sequence forget loss and no retain term or the nll one, and the stack
-        has a batched route."""
-        return stack.route != "loop" and all(o.retain in (None, "nll") and o.forget in SEQUENCE_LOSSES
-                                             for o in objectives)
+        """Whether every objective has a sequence forget loss and the stack has a batched route."""
+        return stack.route != "loop" and all(o.forget in SEQUENCE_LOSSES for o in objectives)
 
     def __call__(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Every replica's step-``step`` objective and the values the single run logs.
@@ -111,15 +125,20 @@ class BatchedForget:
             all_logps, all_tokens = (x.view(*ids.shape[:2]) for x in reduce_token_logps(token_logps, token_mask))
             logps, num_tokens = all_logps[:, :b], all_tokens[:, :b]  # (N, b) the forget rows
             nll = (-all_logps[:, b:] / all_tokens[:, b:]).sum(1) / max(all_logps.shape[1] - b, 1)  # (N,)
+            kl = self._retain_kl(logits, ids, mask, labels, b) if self.kl_members else None  # (len(kl_members),)
             totals, forgets, retains = [], [], []
-            for objective, members, references in self.groups:
+            for objective, members, references, kl_at in self.groups:
                 member_logps, member_tokens = logps[members], num_tokens[members]  # (n_g, b)
                 reference = None
                 if references is not None:
                     reference = references.gather(1, index[members]).to(logps.dtype).flatten()
                 losses = objective.forget_losses(member_logps.flatten(), member_tokens.flatten(), reference)
                 forget = losses.view(member_logps.shape).sum(1) / b  # (n_g,)
-                retain = nll[members] if objective.retain == "nll" else None
+                retain = None
+                if objective.retain == "nll":
+                    retain = nll[members]
+                elif objective.retain == "kl":
+                    retain = kl[kl_at]
                 totals.append(objective.total(forget, retain))
                 forgets.append(forget.detach())
                 retains.append(torch.zeros_like(forget) if retain is None else retain.detach())
@@ -127,6 +146,19 @@ class BatchedForget:
         per_token = (logps / num_tokens).sum(1).detach() / b  # (N,)
         values = torch.stack([totals.detach().double(), forgets.double(), per_token.double(), retains.double()], 1)
         return totals, values
+
+
+    def _retain_kl(self, logits, ids, mask, labels, b: int) -> torch.Tensor:
+        """(K,) each kl replica's retain term: the summed token KL from its reference over its retain rows,
+        divided by their labelled-token count (``llm.objective``'s kl retain term)."""
+        rows = ids[self.kl_index, b:]  # (K, b_r, t)
+        with torch.no_grad():
+            reference = self.reference_stack.stacked_batch_logits(rows, mask[self.kl_index, b:])  # (K, b_r, t, V)
+        target = torch.log_softmax(upcast(reference[:, :, :-1]), -1).flatten(0, 1)  # (K b_r, t-1, V)
+        retain_labels = labels[self.kl_index, b:, 1:]  # (K, b_r, t-1)
+        labelled = (retain_labels != IGNORE_INDEX).flatten(0, 1)  # (K b_r, t-1)
+        sums = sequence_token_kl(target, logits[self.kl_index, b:].flatten(0, 1), labelled)  # (K b_r,)
+        return sums.view(len(self.kl_members), -1).sum(1) / (retain_labels != IGNORE_INDEX).sum((1, 2))
 
 
 def _offsets(offsets, count: int) -> np.ndarray:

@@ -13,11 +13,11 @@ its own ``Objective``. Each step:
 
 so replica i returns what the single run with its settings returns (same batches, same metrics;
 tested to rtol 1e-5 in float32 on CPU). When every objective has a sequence forget loss and no retain
-term or the NLL one (GA, NPO, SimNPO: the paper's setting; GradDiff, NPO+RT, SimNPO+RT) and the route
-is batched, the loop over replicas is replaced by one grouped computation
+term, an NLL or a KL one (GA, NPO, SimNPO: the paper's setting; GradDiff, NPO+RT, SimNPO+RT; NPO+KL,
+SimNPO+KL) and the route is batched, the loop over replicas is replaced by one grouped computation
 (``llm.replica_forget.BatchedForget``: one gather of forget and retain rows, one forward, one loss
 call per group of equal objectives, one host sync per step), which is what makes many replicas cheap
-on a GPU; KL retain terms keep the per-replica step. A replica that
+on a GPU. A replica that
 meets NaN/inf (or its divergence threshold) records ``diverged_at`` and stops updating; the others go on.
 
 Evaluation (test-set KLs, forget weights, power share) of all recording replicas runs in batched
@@ -224,7 +224,7 @@ class _Unlearning:
         if BatchedForget.applies(self.stack, objectives):
             self.batched_forget = BatchedForget(self.stack, objectives, configs, self.forget,
                                                 [r.forget_ref for r in self.replicas], self.forget_offsets,
-                                                self.retain, self.retain_offsets)
+                                                self.retain, self.retain_offsets, [r.reference for r in self.replicas])
         self.start_parameters = [p.detach().clone() for p in self._trainable()]  # (N, ...) each
 
     def batch(self, index: int, step: int) -> UnlearningBatch:

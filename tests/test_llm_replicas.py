@@ -269,13 +269,15 @@ def test_per_replica_sets_are_checked():
 
 
 @pytest.mark.parametrize("route", ["stacked", "vmap"])
-def test_nll_retain_replicas_take_the_loop_free_step_and_equal_single_runs(tiny, monkeypatch, route):
-    """GradDiff / NPO+RT / SimNPO+RT beside forget-only objectives, with a retain batch size of its own: the
-    forget and retain rows of every replica in one stacked forward (llm.replica_forget), no per-replica batches."""
+def test_retain_term_replicas_take_the_loop_free_step_and_equal_single_runs(tiny, monkeypatch, route):
+    """GradDiff / NPO+RT / SimNPO+RT (nll) and NPO+KL / SimNPO+KL (kl, each replica's own frozen reference)
+    beside a forget-only objective, with a retain batch size of its own: the forget and retain rows of every
+    replica in one stacked forward (llm.replica_forget), no per-replica batches."""
     objectives = [get_objective("GradDiff"), get_objective("NPO+RT", beta=0.2), get_objective("SimNPO"),
-                  get_objective("SimNPO+RT", beta=2.5)]
-    configs = [dataclasses.replace(UNLEARNING, seed=seed, retain_batch_size=6) for seed in range(4)]
-    models = [build_model("tiny-synthetic", 11, 21, seed=seed) for seed in range(4)]
+                  get_objective("SimNPO+RT", beta=2.5), get_objective("NPO+KL", beta=0.2),
+                  get_objective("SimNPO+KL", beta=2.5)]
+    configs = [dataclasses.replace(UNLEARNING, seed=seed, retain_batch_size=6) for seed in range(6)]
+    models = [build_model("tiny-synthetic", 11, 21, seed=seed) for seed in range(6)]
     singles = [copy.deepcopy(m) for m in models]
     expected = [unlearn(s, o, tiny["forget"], tiny["retain"], c) for s, o, c in zip(singles, objectives, configs)]
     monkeypatch.setattr(replica_training._Unlearning, "batch", None)

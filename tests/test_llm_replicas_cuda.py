@@ -106,17 +106,18 @@ def test_loop_free_forget_only_replicas_on_cuda_match_single_cuda_runs(tiny, mon
 
 
 def test_the_loop_free_step_makes_no_host_sync(tiny):
-    """Gather (forget and retain rows), stacked forward, losses, backward, clipping and the AdamW update of the
-    loop-free step are queued without a host sync (``set_sync_debug_mode("error")`` raises at any; a traceback names the
-    op): the one sync per step is the copy back of the values and gradient norms."""
+    """Gather (forget and retain rows), stacked forward (and the kl replicas' references), losses, backward,
+    clipping and the AdamW update of the loop-free step are queued without a host sync
+    (``set_sync_debug_mode("error")`` raises at any; a traceback names the op): the one sync per step is the
+    copy back of the values and gradient norms."""
     from llm.replica_common import replica_configs, replica_learning_rates
     from llm.replicas import clip_replica_grads
 
     objectives = [get_objective("NPO", beta=0.2), get_objective("SimNPO", beta=2.5), get_objective("NPO+RT"),
-                  get_objective("GradDiff")]
-    configs = replica_configs([dataclasses.replace(UNLEARNING, seed=seed, max_grad_norm=1.0) for seed in range(4)],
-                              4)
-    state = replica_training._Unlearning(models(4), objectives, tiny["forget"], tiny["retain"], configs, [None] * 4,
+                  get_objective("GradDiff"), get_objective("SimNPO+KL")]
+    configs = replica_configs([dataclasses.replace(UNLEARNING, seed=seed, max_grad_norm=1.0) for seed in range(5)],
+                              5)
+    state = replica_training._Unlearning(models(5), objectives, tiny["forget"], tiny["retain"], configs, [None] * 5,
                                          None)
     assert state.batched_forget is not None
     torch.cuda.synchronize()
