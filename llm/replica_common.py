@@ -8,19 +8,27 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from markovsim.data import SequenceSet, concatenate
+from markovsim.data import SequenceSet
 from markovsim.losses import Objective
 from markovsim.runtime import resolve_device
 
 from .config import TrainConfig
-from .data import IGNORE_INDEX, EncodedSequences, bos_token_id, epoch_permutation, steps_per_epoch
+from .data import (
+    IGNORE_INDEX,
+    EncodedSequences,
+    bos_token_id,
+    concatenate_encoded,
+    encode,
+    epoch_permutation,
+    steps_per_epoch,
+)
 from .replicas import ReplicaStack, StackedAdamSettings, StackedAdamW
 from .runtime import host_to_device
 from .session import learning_rate_factor
 
 __all__ = ["ReplicaRows", "StackedTokens", "TOKEN_KEYS", "objective_groups", "PER_REPLICA_FIELDS", "SHARED_FIELDS",
-           "LOGITS_FAILURE", "replica_sets", "replica_configs", "replica_device", "stacked_optimizer",
-           "replica_learning_rates", "check_models", "ReplayLogits", "SingleProcess"]
+           "LOGITS_FAILURE", "ReplicaSets", "replica_sets", "join_encoded", "replica_configs", "replica_device",
+           "stacked_optimizer", "replica_learning_rates", "check_models", "ReplayLogits", "SingleProcess"]
 
 # TrainConfig fields that may differ between replicas; every other field must be equal.
 PER_REPLICA_FIELDS = ("seed", "learning_rate", "adam_betas", "adam_eps", "weight_decay", "divergence_logp_per_token")
@@ -51,7 +59,25 @@ def replica_configs(configs: TrainConfig | Sequence[TrainConfig], num_replicas: 
     return tuple(dataclasses.replace(c, mixed_precision="no") for c in configs)
 
 
-def replica_sets(sets, num_replicas: int, name: str) -> tuple[SequenceSet | None, list, np.ndarray]:
+@dataclasses.dataclass(frozen=True)
+class ReplicaSets:
+    """Every replica's training set, encoded: each distinct set encoded once and the distinct sets joined.
+
+    Attributes:
+        sets: N ``SequenceSet`` (or N None), replica i's own.
+        own: N ``EncodedSequences`` (or N None); replicas given one set share one object.
+        joined: the distinct encoded sets one after another (the set itself when all share it), what the
+            loop-free paths gather from.
+        offsets: (N,) int64, where replica i's rows start in ``joined``.
+    """
+
+    sets: list
+    own: list
+    joined: EncodedSequences | None
+    offsets: np.ndarray
+
+
+def replica_sets(sets, num_replicas: int, name: str, label_scope: str = "response") -> ReplicaSets:
     """One training set shared by every replica, or one per replica (e.g. each seed its own sampled data).
 
     Args:
@@ -59,15 +85,13 @@ def replica_sets(sets, num_replicas: int, name: str) -> tuple[SequenceSet | None
             or None.
         num_replicas: N.
         name: the argument's name, for errors.
-    Returns:
-        ``(joined, own, offsets)``: the set every replica's rows index (the shared set, or the
-        concatenation of the N sets), each replica's own set (N), and where replica i's rows start in
-        ``joined`` (N,) int64 (zeros when shared).
+        label_scope: ``llm.data.encode``'s label scope.
     """
-    zeros = np.zeros(num_replicas, dtype=np.int64)
-    if sets is None or isinstance(sets, SequenceSet):
-        return sets, [sets] * num_replicas, zeros
-    if isinstance(sets, (str, bytes)) or not isinstance(sets, Sequence):
+    if sets is None:
+        return ReplicaSets([None] * num_replicas, [None] * num_replicas, None, np.zeros(num_replicas, np.int64))
+    if isinstance(sets, SequenceSet):
+        sets = [sets] * num_replicas
+    elif isinstance(sets, (str, bytes)) or not isinstance(sets, Sequence):
         raise TypeError(f"{name} must be a SequenceSet or a list of one SequenceSet per replica, "
                         f"got {type(sets).__name__}")
     sets = list(sets)
@@ -81,9 +105,28 @@ def replica_sets(sets, num_replicas: int, name: str) -> tuple[SequenceSet | None
     if len(sizes) != 1:
         raise ValueError(f"{name}: the replicas' sets have {sizes} sequences; replicas share one step schedule, "
                          f"so every set needs the same number (sample each seed at the same scale)")
-    if all(value is sets[0] for value in sets):
-        return sets[0], sets, zeros
-    return concatenate(sets), sets, np.arange(num_replicas, dtype=np.int64) * sizes[0]
+    encoded = {}
+    for value in sets:
+        if id(value) not in encoded:
+            encoded[id(value)] = encode(value, label_scope)
+    own = [encoded[id(value)] for value in sets]
+    joined, offsets = join_encoded(own)
+    return ReplicaSets(sets, own, joined, offsets)
+
+
+def join_encoded(sets: list[EncodedSequences]) -> tuple[EncodedSequences, np.ndarray]:
+    """The distinct sets of ``sets`` (by identity, all of one size) one after another, and where each
+    entry's rows start in it (len(sets),) int64; the set itself and zeros when there is one."""
+    distinct: dict[int, int] = {}
+    for value in sets:
+        distinct.setdefault(id(value), len(distinct))
+    if len({len(value) for value in sets}) != 1:
+        raise ValueError("join_encoded needs sets of one size")
+    offsets = np.array([distinct[id(value)] * len(sets[0]) for value in sets], dtype=np.int64)
+    if len(distinct) == 1:
+        return sets[0], offsets
+    unique = list({id(value): value for value in sets}.values())
+    return concatenate_encoded(unique), offsets
 
 
 def replica_device(config: TrainConfig) -> torch.device:

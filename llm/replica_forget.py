@@ -48,7 +48,7 @@ class BatchedForget:
         objectives: N objectives, all forget-only sequence losses (:meth:`applies`).
         configs: N ``TrainConfig`` (seed and batch size of each replica's batches).
         forget: the encoded forget set (CPU tensors; copied to the stack's device once): the shared set, or
-            the N replicas' own sets one after another (``llm.replica_common.replica_sets``).
+            the replicas' distinct sets one after another (``llm.replica_common.replica_sets``).
         forget_refs: N (n_f,) float64 reference log-likelihoods of each replica's own set (None where the
             objective needs none).
         offsets: (N,) where each replica's own set starts in ``forget`` (None: one shared set).

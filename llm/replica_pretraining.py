@@ -18,7 +18,6 @@ from markovsim.runtime import torch_threads
 
 from .checkpoint import parameter_fingerprint
 from .config import PAPER_PRETRAINING, TrainConfig, config_state
-from .data import encode
 from .logps import NonFiniteLogitsError, labelled_token_logps
 from .models import save_model
 from .pretraining import TrainingHistory
@@ -81,11 +80,11 @@ class _PreTraining:
         self.run_dir, self.start_step = run_dir, 0
         self.fingerprints = [parameter_fingerprint(m) for m in models] if run_dir is not None else None
         # one set for all, or the replicas' own sets one after another (replica i's rows start at offsets[i])
-        joined, own, self.offsets = replica_sets(sequences, len(models), "sequences")
-        self.encoded = encode(joined, "all")
-        self.total_steps = configs[0].total_steps(len(own[0]))
+        data = replica_sets(sequences, len(models), "sequences", "all")
+        self.encoded, self.offsets = data.joined, data.offsets
+        self.total_steps = configs[0].total_steps(len(data.own[0]))
         self.stack = ReplicaStack(models, route, replica_device(configs[0]))
-        self.rows = ReplicaRows(len(own[0]), configs[0].batch_size, [c.seed for c in configs])
+        self.rows = ReplicaRows(len(data.own[0]), configs[0].batch_size, [c.seed for c in configs])
         self.tokens = StackedTokens(self.encoded, self.stack.device)
         self.optimizer = stacked_optimizer(self.stack, configs)
         self.history = [{"steps": [], "losses": [], "learning_rates": [], "grad_norms": []} for _ in models]

@@ -34,11 +34,11 @@ import torch
 from markovsim.losses import SEQUENCE_LOSSES, reduce_token_logps
 from markovsim.metrics import per_token_kl
 
-from .data import concatenate_encoded, evaluation_chunks
+from .data import evaluation_chunks
 from .diagnostics import Diagnostics
 from .evaluate import Evaluator, length_order
 from .logps import labelled_token_logps, state_log_probs
-from .replica_common import StackedTokens, objective_groups
+from .replica_common import StackedTokens, join_encoded, objective_groups
 from .replicas import ReplicaStack
 
 __all__ = ["stacked_route", "stacked_metrics_apply", "stacked_test_metrics", "stacked_forget_applies",
@@ -124,13 +124,9 @@ class _OwnTestSets:
     takes rows ``length_order(its set)[chunk]``; replicas not evaluated run on the first one's rows."""
 
     def __init__(self, evaluators: list[Evaluator], members: list[int], stack: ReplicaStack):
-        distinct = {}
-        for e in evaluators:
-            distinct.setdefault(id(e.test), e)
-        starts = {key: k * len(evaluators[0].encoded) for k, key in enumerate(distinct)}
-        self.offsets = np.array([starts[id(e.test)] for e in evaluators])  # (R,)
+        joined, self.offsets = join_encoded([e.encoded for e in evaluators])  # offsets (R,)
         self.orders = [length_order(e.encoded) for e in evaluators]
-        self.tokens = StackedTokens(concatenate_encoded([e.encoded for e in distinct.values()]), stack.device)
+        self.tokens = StackedTokens(joined, stack.device)
         self.position = {r: k for k, r in enumerate(members)}
         self.num_replicas, self.device = stack.num_replicas, stack.device
 
@@ -234,15 +230,8 @@ def stacked_forget_applies(stack: ReplicaStack, diagnostics: dict[int, Diagnosti
 def forget_tokens(stack: ReplicaStack, diagnostics: dict[int, Diagnostics]) -> tuple[StackedTokens, dict[int, int]]:
     """The replicas' forget sets on the device for :func:`stacked_forget_pass`: the shared set, or their
     distinct sets one after another, and where replica i's rows start (``{i: offset}``)."""
-    distinct = {}
-    for d in diagnostics.values():
-        distinct.setdefault(id(d.forget), d.forget)
-    if len(distinct) == 1:
-        return StackedTokens(next(iter(distinct.values())), stack.device), {}
-    size = len(next(iter(distinct.values())))
-    starts = {key: position * size for position, key in enumerate(distinct)}
-    joined = concatenate_encoded(list(distinct.values()))
-    return StackedTokens(joined, stack.device), {i: starts[id(d.forget)] for i, d in diagnostics.items()}
+    joined, offsets = join_encoded([d.forget for d in diagnostics.values()])
+    return StackedTokens(joined, stack.device), dict(zip(diagnostics, offsets.tolist()))
 
 
 def _accumulate(gradients, stack: ReplicaStack, total: torch.Tensor) -> list[torch.Tensor]:

@@ -60,7 +60,7 @@ from markovsim.trajectory import Trajectory
 
 from .checkpoint import parameter_fingerprint
 from .config import PAPER_UNLEARNING, TrainConfig, config_state
-from .data import FORGET_STREAM, RETAIN_STREAM, batch_indices, encode, merge_batches
+from .data import FORGET_STREAM, RETAIN_STREAM, batch_indices, merge_batches
 from .diagnostics import Diagnostics, DiagnosticsPlan
 from .evaluate import Evaluator, model_sequence_logps_batched
 from .logps import NonFiniteLogitsError
@@ -200,31 +200,27 @@ class _Unlearning:
         self.configs, self.started, self.models = configs, time.perf_counter(), models
         self.evaluation, self.run_dir, self.start_step = evaluation, run_dir, 0
         # one set for all replicas, or one per replica (joined: what the loop-free step gathers from)
-        joined_forget, forget_sets, self.forget_offsets = replica_sets(forget, len(models), "forget")
-        joined_retain, retain_sets, self.retain_offsets = replica_sets(retain, len(models), "retain")
-        self.forget = encode(joined_forget, "response")
-        self.retain = encode(joined_retain, "response") if joined_retain is not None else None
-        own_forget = _own_encodings(forget_sets, joined_forget, self.forget)
-        own_retain = [None] * len(models)
-        if joined_retain is not None:
-            own_retain = _own_encodings(retain_sets, joined_retain, self.retain)
-        self.total_steps = configs[0].total_steps(len(forget_sets[0]))
+        self.forget = replica_sets(forget, len(models), "forget")
+        self.retain = replica_sets(retain, len(models), "retain")
+        self.total_steps = configs[0].total_steps(len(self.forget.sets[0]))
         self.stack = ReplicaStack(models, route, replica_device(configs[0]))
         self.optimizer = stacked_optimizer(self.stack, configs)
         tests = {}  # the single run's default test set, forget + retain: one object per distinct pair
-        for pair in zip(forget_sets, retain_sets):
+        for pair in zip(self.forget.sets, self.retain.sets):
             tests.setdefault(tuple(map(id, pair)), concatenate([pair[0]] + ([pair[1]] if pair[1] is not None else [])))
         self.replicas = [_Replica(m, o, c, e, tests[id(f), id(r)], r, own_f, own_r)
-                         for m, o, c, e, f, r, own_f, own_r in zip(models, objectives, configs, evaluators, forget_sets,
-                                                                   retain_sets, own_forget, own_retain)]
+                         for m, o, c, e, f, r, own_f, own_r in zip(models, objectives, configs, evaluators,
+                                                                   self.forget.sets, self.retain.sets, self.forget.own,
+                                                                   self.retain.own)]
         self.scratch = copy.deepcopy(models[0]).to(self.stack.device).train()
         # starting-model fingerprints identify a run's replicas in its checkpoints (only needed with files)
         self.fingerprints = [parameter_fingerprint(m) for m in models] if run_dir is not None else None
         self.batched_forget = None  # the loop-free step (llm.replica_forget) where every objective allows it
         if BatchedForget.applies(self.stack, objectives):
-            self.batched_forget = BatchedForget(self.stack, objectives, configs, self.forget,
-                                                [r.forget_ref for r in self.replicas], self.forget_offsets,
-                                                self.retain, self.retain_offsets, [r.reference for r in self.replicas])
+            self.batched_forget = BatchedForget(self.stack, objectives, configs, self.forget.joined,
+                                                [r.forget_ref for r in self.replicas], self.forget.offsets,
+                                                self.retain.joined, self.retain.offsets,
+                                                [r.reference for r in self.replicas])
         self.start_parameters = [p.detach().clone() for p in self._trainable()]  # (N, ...) each
 
     def batch(self, index: int, step: int) -> UnlearningBatch:
@@ -423,17 +419,6 @@ class _Unlearning:
                 "wall_seconds": time.perf_counter() - self.started, "side": "llm", "replica": index,
                 "route": self.stack.route, "num_replicas": len(self.replicas)}
         return trajectory_from_records(replica.records, replica.names, replica.diverged_at, replica.reason, info)
-
-
-def _own_encodings(sets: list[SequenceSet], joined: SequenceSet, encoded_joined):
-    """Each replica's encoded set: the joined encoding itself where the set is shared (one object, so the
-    batched diagnostics see one set), else each distinct set encoded once (replicas given the same set,
-    e.g. several methods of one seed, share its encoding)."""
-    encoded = {id(joined): encoded_joined}
-    for value in sets:
-        if id(value) not in encoded:
-            encoded[id(value)] = encode(value, "response")
-    return [encoded[id(value)] for value in sets]
 
 
 def _parts(objective: Objective, batch: UnlearningBatch) -> list[dict]:
