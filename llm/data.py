@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from markovsim.data import SequenceSet
+from markovsim.data import SequenceSet, merge_components
 
 __all__ = [
     "IGNORE_INDEX",
@@ -131,7 +131,7 @@ def encode(sequences: SequenceSet, label_scope: str = "response") -> EncodedSequ
 def concatenate_encoded(sets) -> EncodedSequences:
     """The rows of several encoded sets (one V and label scope) one after another, as one
     ``EncodedSequences``: narrower sets padded as :func:`encode` pads (BOS, mask 0, no label); component
-    names merged in first-seen order (as ``markovsim.data.concatenate``)."""
+    names merged in first-seen order (``markovsim.data.merge_components``)."""
     sets = list(sets)
     first = sets[0]
     if any(s.num_states != first.num_states or s.label_scope != first.label_scope for s in sets):
@@ -142,14 +142,10 @@ def concatenate_encoded(sets) -> EncodedSequences:
         return torch.cat([torch.nn.functional.pad(getattr(s, key), (0, width - s.input_ids.shape[1]), value=value)
                           for s in sets])
 
-    names: list[str] = []
-    for s in sets:
-        names += [name for name in s.component_names if name not in names]
-    component_ids = np.concatenate([np.asarray([names.index(n) for n in s.component_names],
-                                               dtype=np.int64)[s.component_ids] for s in sets])
+    names, component_ids = merge_components(sets)
     return EncodedSequences(joined("input_ids", bos_token_id(first.num_states)), joined("attention_mask", 0),
                             joined("labels", IGNORE_INDEX), torch.cat([s.token_lengths for s in sets]),
-                            torch.cat([s.num_label_tokens for s in sets]), component_ids, tuple(names),
+                            torch.cat([s.num_label_tokens for s in sets]), component_ids, names,
                             first.num_states, first.label_scope)
 
 

@@ -309,16 +309,24 @@ def concatenate(sets: list[SequenceSet]) -> SequenceSet:
     num_states = {s.num_states for s in sets}
     if len(num_states) != 1:
         raise ValueError(f"cannot concatenate sets with different num_states {sorted(num_states)}")
-    names: list[str] = []
-    for s in sets:
-        names += [name for name in s.component_names if name not in names]
+    names, component_ids = merge_components(sets)
     max_len = max(s.max_length for s in sets)
     tokens = np.concatenate([np.pad(s.tokens, ((0, 0), (0, max_len - s.max_length)), constant_values=PAD_TOKEN)
                              for s in sets])
+    lengths = np.concatenate([s.lengths for s in sets])
+    return SequenceSet(tokens, lengths, component_ids, names, sets[0].num_states)
+
+
+def merge_components(sets) -> tuple[tuple[str, ...], np.ndarray]:
+    """The component names of several sets merged in first-seen order, and every row's component id in
+    them (the rows of ``sets`` one after another). ``sets``: anything with ``component_names`` and
+    ``component_ids``."""
+    names: list[str] = []
+    for s in sets:
+        names += [name for name in s.component_names if name not in names]
     component_ids = np.concatenate([
         np.asarray([names.index(n) for n in s.component_names], dtype=np.int64)[s.component_ids] for s in sets])
-    lengths = np.concatenate([s.lengths for s in sets])
-    return SequenceSet(tokens, lengths, component_ids, tuple(names), sets[0].num_states)
+    return tuple(names), component_ids
 
 
 def atomic_save_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
