@@ -24,11 +24,12 @@ import dataclasses
 import os
 
 from .transformer_runs import (
-    _FRESH,
     RETRAINED_SEED_OFFSET,
     TransformerSettings,
     _train_configs,
     finish_setup,
+    keep_model,
+    kept_model,
     model_folder,
     seed_data,
 )
@@ -79,23 +80,16 @@ def _pretrained_replicas(preset: str, init_seeds: list[int], sequences: list, co
     """Each seed's model ``name`` ("reference" or "retrained"): loaded from its folder where kept (unless
     ``recompute``, once per process), the others pre-trained together as replicas, each on its own
     sequences, and kept (written atomically)."""
-    from llm import build_model, load_model
-    from llm.models import save_model
+    from llm import build_model
     from llm.replica_pretraining import pretrain_replicas
 
     paths = [None if folder is None else os.path.join(folder, name) for folder in folders]
-    models, missing = [], []
-    for k, path in enumerate(paths):
-        if path is not None and os.path.isfile(os.path.join(path, "config.json")) and \
-                not (recompute and path not in _FRESH):
-            models.append(load_model(path))
-        else:
-            models.append(build_model(preset, shape.vocab_size, shape.max_length, seed=init_seeds[k]))
-            missing.append(k)
+    models = [kept_model(path, recompute) for path in paths]
+    missing = [k for k, model in enumerate(models) if model is None]
+    for k in missing:
+        models[k] = build_model(preset, shape.vocab_size, shape.max_length, seed=init_seeds[k])
     if missing:
         pretrain_replicas([models[k] for k in missing], [sequences[k] for k in missing], [configs[k] for k in missing])
         for k in missing:
-            if paths[k] is not None:
-                save_model(models[k], paths[k], progress=configs[k].progress)
-                _FRESH.add(paths[k])
+            keep_model(models[k], paths[k], configs[k].progress)
     return models

@@ -86,21 +86,37 @@ class TransformerSetup:
 _FRESH: set[str] = set()  # model folders (re)trained by this process (``recompute`` retrains each once)
 
 
-def _pretrained(preset: str, seed: int, sequences, config, vocab_size: int, max_length: int, folder: str | None,
-                recompute: bool = False):
-    """A model of ``preset`` pre-trained on ``sequences``; kept in ``folder`` (written atomically) and
-    loaded from there next time, unless ``recompute`` (then retrained once per process)."""
-    from llm import build_model, load_model, pretrain
-    from llm.models import save_model
+def kept_model(folder: str | None, recompute: bool = False):
+    """The model kept in ``folder``, or None when there is none (or ``recompute`` asks to retrain it, once
+    per process)."""
+    from llm import load_model
 
     if folder is not None and os.path.isfile(os.path.join(folder, "config.json")) and \
             not (recompute and folder not in _FRESH):
         return load_model(folder)
-    model = build_model(preset, vocab_size, max_length, seed=seed)
-    pretrain(model, sequences, config)
+    return None
+
+
+def keep_model(model, folder: str | None, progress: bool) -> None:
+    """Write ``model`` to ``folder`` (atomically: temporary folder + rename) and mark it as trained here."""
+    from llm.models import save_model
+
     if folder is not None:
-        save_model(model, folder, progress=config.progress)  # atomic: temporary folder + rename
+        save_model(model, folder, progress=progress)
         _FRESH.add(folder)
+
+
+def _pretrained(preset: str, seed: int, sequences, config, vocab_size: int, max_length: int, folder: str | None,
+                recompute: bool = False):
+    """A model of ``preset`` pre-trained on ``sequences``; kept in ``folder`` and loaded from there next time,
+    unless ``recompute`` (then retrained once per process)."""
+    from llm import build_model, pretrain
+
+    model = kept_model(folder, recompute)
+    if model is None:
+        model = build_model(preset, vocab_size, max_length, seed=seed)
+        pretrain(model, sequences, config)
+        keep_model(model, folder, config.progress)
     return model
 
 
