@@ -87,9 +87,9 @@ class BatchedForget:
             self.reference_stack = ReplicaStack([references[i] for i in self.kl_members], stack.route, self.device)
             self.kl_index = torch.tensor(self.kl_members, device=self.device)
             self.kl_position = {replica: k for k, replica in enumerate(self.kl_members)}
-        # (objective, member replicas (n_g,) on the device, references (n_g, n_f) float64 or None)
         groups = objective_groups(objectives, forget_refs, self.device)
-        # (objective, members, references, positions of the members among the kl replicas or None)
+        # (objective, member replicas (n_g,) on the device, references (n_g, n_f) float64 or None, positions of
+        # the members among the kl replicas or None)
         self.groups = [(o, torch.tensor(members, device=self.device), r,
                         torch.tensor([self.kl_position[i] for i in members], device=self.device)
                         if o.retain == "kl" else None) for o, members, r in groups]
@@ -124,7 +124,9 @@ class BatchedForget:
             token_logps, token_mask = token_log_likelihoods(logits.flatten(0, 1), labels.flatten(0, 1))
             all_logps, all_tokens = (x.view(*ids.shape[:2]) for x in reduce_token_logps(token_logps, token_mask))
             logps, num_tokens = all_logps[:, :b], all_tokens[:, :b]  # (N, b) the forget rows
-            nll = (-all_logps[:, b:] / all_tokens[:, b:]).sum(1) / max(all_logps.shape[1] - b, 1)  # (N,)
+            nll = None
+            if any(objective.retain == "nll" for objective, *_ in self.groups):
+                nll = (-all_logps[:, b:] / all_tokens[:, b:]).sum(1) / (all_logps.shape[1] - b)  # (N,)
             kl = self._retain_kl(logits, ids, mask, labels, b) if self.kl_members else None  # (len(kl_members),)
             totals, forgets, retains = [], [], []
             for objective, members, references, kl_at in self.groups:
@@ -147,7 +149,6 @@ class BatchedForget:
         values = torch.stack([totals.detach().double(), forgets.double(), per_token.double(), retains.double()], 1)
         return totals, values
 
-
     def _retain_kl(self, logits, ids, mask, labels, b: int) -> torch.Tensor:
         """(K,) each kl replica's retain term: the summed token KL from its reference over its retain rows,
         divided by their labelled-token count (``llm.objective``'s kl retain term)."""
@@ -155,10 +156,9 @@ class BatchedForget:
         with torch.no_grad():
             reference = self.reference_stack.stacked_batch_logits(rows, mask[self.kl_index, b:])  # (K, b_r, t, V)
         target = torch.log_softmax(upcast(reference[:, :, :-1]), -1).flatten(0, 1)  # (K b_r, t-1, V)
-        retain_labels = labels[self.kl_index, b:, 1:]  # (K, b_r, t-1)
-        labelled = (retain_labels != IGNORE_INDEX).flatten(0, 1)  # (K b_r, t-1)
-        sums = sequence_token_kl(target, logits[self.kl_index, b:].flatten(0, 1), labelled)  # (K b_r,)
-        return sums.view(len(self.kl_members), -1).sum(1) / (retain_labels != IGNORE_INDEX).sum((1, 2))
+        labelled = labels[self.kl_index, b:, 1:] != IGNORE_INDEX  # (K, b_r, t-1)
+        sums = sequence_token_kl(target, logits[self.kl_index, b:].flatten(0, 1), labelled.flatten(0, 1))  # (K b_r,)
+        return sums.view(len(self.kl_members), -1).sum(1) / labelled.sum((1, 2))
 
 
 def _offsets(offsets, count: int) -> np.ndarray:
