@@ -77,34 +77,38 @@ def _simulator(config: Config, source: str, arrays: dict, finals: dict) -> None:
 
 
 def _transformer_runs(task: tuple) -> tuple[dict, dict]:
-    """One method's transformer runs: the three settings' trajectories and the eps sweep's final forget KLs
-    (``task``: config, device, cache dir, method, progress; the models are already kept in the cache)."""
+    """Some methods' transformer runs: the three settings' trajectories and the eps sweep's final forget KLs
+    (``task``: config, device, cache dir, methods, progress, recompute)."""
+    config, device, cache_dir, methods, progress, recompute = task
+    arrays, finals = {}, {}
+    with torch_threads(1):
+        setup = prepare_transformer(SCENARIO, config.scale, config.transformer, device, progress,
+                                    os.path.join(cache_dir, "models"), recompute)
+        for method in methods:
+            _method_runs(config, setup, method, arrays, finals)
+    return arrays, finals
+
+
+def _method_runs(config: Config, setup, method: str, arrays: dict, finals: dict) -> None:
+    """One method's runs from ``setup``'s reference into ``arrays`` (trajectories) and ``finals`` (the sweep)."""
     import copy
 
     from llm import unlearn
 
-    config, device, cache_dir, method, progress = task
-    arrays, finals = {}, {}
-    settings = config.transformer
-    with torch_threads(1):
-        setup = prepare_transformer(SCENARIO, config.scale, settings, device, progress,
-                                    os.path.join(cache_dir, "models"))
-        source, objective = settings.preset, setup.scenario.methods[method]
-        for label, (rule, eps) in SETTINGS.items():
-            train = dataclasses.replace(setup.unlearning_config, optimizer=rule, adam_eps=eps)
-            _store(arrays, f"{source}/{method}/{label}",
-                   unlearn(copy.deepcopy(setup.reference), objective, setup.forget, setup.retain, train,
-                           setup.evaluator))
-        for rule in ("adamw", "adamw_legacy"):
-            values = []
-            for eps in config.sweep_eps:
-                train = dataclasses.replace(setup.unlearning_config, optimizer=rule, adam_eps=eps,
-                                            eval_every=settings.unlearn_steps, track_power_share=False,
-                                            track_forget_weights=False)
-                values.append(_final_forget(unlearn(copy.deepcopy(setup.reference), objective, setup.forget,
-                                                    setup.retain, train, setup.evaluator)))
-            finals[f"{source}/{method}/{rule}"] = values
-    return arrays, finals
+    source, objective = config.transformer.preset, setup.scenario.methods[method]
+    for label, (rule, eps) in SETTINGS.items():
+        train = dataclasses.replace(setup.unlearning_config, optimizer=rule, adam_eps=eps)
+        _store(arrays, f"{source}/{method}/{label}",
+               unlearn(copy.deepcopy(setup.reference), objective, setup.forget, setup.retain, train, setup.evaluator))
+    for rule in ("adamw", "adamw_legacy"):
+        values = []
+        for eps in config.sweep_eps:
+            train = dataclasses.replace(setup.unlearning_config, optimizer=rule, adam_eps=eps,
+                                        eval_every=config.transformer.unlearn_steps, track_power_share=False,
+                                        track_forget_weights=False)
+            values.append(_final_forget(unlearn(copy.deepcopy(setup.reference), objective, setup.forget,
+                                                setup.retain, train, setup.evaluator)))
+        finals[f"{source}/{method}/{rule}"] = values
 
 
 def _store(arrays: dict, key: str, run) -> None:
@@ -124,10 +128,11 @@ def compute(config: Config, cache_stem: str, device: str = "cpu", recompute: boo
             _simulator(config, source, arrays, finals)
         if config.transformer is not None:
             cache_dir = os.path.dirname(cache_stem)
-            # the models once here (trained or loaded), then each method's runs in its own worker when jobs > 1
-            prepare_transformer(SCENARIO, config.scale, config.transformer, device, True,
-                                os.path.join(cache_dir, "models"), recompute)
-            tasks = [(config, device, cache_dir, method, jobs <= 1) for method in METHODS]
+            tasks = [(config, device, cache_dir, METHODS, True, recompute)]
+            if jobs > 1:  # the models trained (or loaded) once here, then each method's runs in its own worker
+                prepare_transformer(SCENARIO, config.scale, config.transformer, device, True,
+                                    os.path.join(cache_dir, "models"), recompute)
+                tasks = [(config, device, cache_dir, (method,), False, False) for method in METHODS]
             for more_arrays, more_finals in map_in_workers(_transformer_runs, tasks, jobs):
                 arrays |= more_arrays
                 finals |= more_finals
