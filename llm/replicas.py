@@ -27,29 +27,21 @@ Three routes (:attr:`ReplicaStack.route`):
   stacked parameters, for Hugging Face models that vmap cannot trace (GPT-2's attention-mask
   handling has data-dependent control flow). Same API, same optimizer; no speed-up.
 
-:class:`StackedAdamW` applies ``torch.optim.AdamW``'s or the legacy ``transformers.AdamW`` rule
-(:mod:`markovsim.optimizers`) to stacked tensors with per-replica learning rates, betas, eps and
-weight decay, in the same per-element order of operations as the single-run optimizers, and
-freezes replicas that are no longer active (diverged). The update runs over column blocks of at
-most ``ADAM_BLOCK`` elements (all replicas of a block at once): the dozen element-wise passes of
-the rule then stay in the CPU cache instead of streaming 4 x N x D floats from memory a dozen times
-(3x faster at N = 16 on the 2-core VM); per element the operations are unchanged. On a GPU the
-update is one block per parameter (there a block costs kernel launches, not cache misses).
+:class:`StackedAdamW` (``llm.replica_adam``) updates the stacked parameters with per-replica
+Adam settings.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
-import math
-from dataclasses import dataclass
 
 import torch
 from torch.func import functional_call, stack_module_state, vmap
 
 from .data import IGNORE_INDEX
 from .paper_synthetic import PaperSyntheticForCausalLM, stacked_logits
-from .runtime import host_to_device
+from .replica_adam import ADAM_BLOCK, StackedAdamSettings, StackedAdamW
 
 __all__ = ["ADAM_BLOCK", "ROUTES", "STACKED_ARCHITECTURES", "VMAP_ARCHITECTURES", "ReplicaStack", "StackedAdamW",
            "StackedAdamSettings",
@@ -60,9 +52,6 @@ ROUTES = ("stacked", "vmap", "loop")
 STACKED_ARCHITECTURES = (PaperSyntheticForCausalLM,)
 # Architectures whose forward pass vmap can trace (no data-dependent Python control flow).
 VMAP_ARCHITECTURES = (PaperSyntheticForCausalLM,)
-# Elements (over all replicas) of one block of StackedAdamW's update: 32k float32 = 128 KiB per
-# state tensor, so the rule's temporaries stay in cache (measured best on the 2-core VM: 2k-16k columns).
-ADAM_BLOCK = 1 << 15
 _PAD_VALUES = {"input_ids": None, "attention_mask": 0, "labels": IGNORE_INDEX}
 
 
@@ -244,140 +233,3 @@ def clip_replica_grads(parameters: dict[str, torch.Tensor], max_norm: float | No
             if value.grad is not None:
                 value.grad.mul_(coefficients.view(-1, *([1] * (value.ndim - 1))))
     return norms
-
-
-@dataclass(frozen=True)
-class StackedAdamSettings:
-    """Per-replica Adam settings, one entry per replica.
-
-    Attributes:
-        rule: ``"adamw"`` (``torch.optim.AdamW``) or ``"adamw_legacy"`` (``markovsim.optimizers.LegacyAdamW``).
-        betas: N pairs (beta1, beta2).
-        eps: N numbers.
-        weight_decays: N numbers, applied to parameters with ndim >= 2 in ONE model (as ``llm.train``).
-    """
-
-    rule: str
-    betas: tuple[tuple[float, float], ...]
-    eps: tuple[float, ...]
-    weight_decays: tuple[float, ...]
-
-    def __post_init__(self) -> None:
-        if self.rule not in ("adamw", "adamw_legacy"):
-            raise ValueError(f"rule must be 'adamw' or 'adamw_legacy', got {self.rule!r}")
-        if not (len(self.betas) == len(self.eps) == len(self.weight_decays)) or not self.betas:
-            raise ValueError("betas, eps and weight_decays need one entry per replica (N >= 1)")
-
-
-class StackedAdamW:
-    """One Adam step on every active replica of stacked parameters (see the module docstring).
-
-    ``torch.optim.AdamW`` (single-tensor CPU path), per element, with lr, b1, b2, eps, wd of replica i::
-
-        p <- p * (1 - lr wd);  m <- lerp(m, g, 1 - b1);  v <- v * b2 + ((1 - b2) g) g
-        p <- p + (-(lr / (1 - b1^t)) m) / (sqrt(v) / sqrt(1 - b2^t) + eps)
-
-    legacy ``transformers.AdamW`` (``markovsim.optimizers.adam_update``)::
-
-        m <- b1 m + (1 - b1) g;  v <- b2 v + ((1 - b2) g) g
-        p <- (p - (lr sqrt(1 - b2^t) / (1 - b1^t)) m / (sqrt(v) + eps)) * (1 - lr wd)
-
-    Each replica keeps its own step count t; inactive replicas are left untouched.
-    """
-
-    def __init__(self, parameters: dict[str, torch.Tensor], settings: StackedAdamSettings):
-        self.parameters, self.settings = parameters, settings
-        self.num_replicas = len(settings.betas)
-        for name, value in parameters.items():
-            if value.shape[0] != self.num_replicas:
-                raise ValueError(f"parameter {name!r} stacks {value.shape[0]} replicas, "
-                                 f"settings have {self.num_replicas}")
-            if not value.is_contiguous():
-                raise ValueError(f"parameter {name!r} must be contiguous (StackedAdamW updates flat views)")
-        self._device = next(iter(parameters.values())).device
-        self.exp_avg = {name: torch.zeros_like(value) for name, value in parameters.items()}
-        self.exp_avg_sq = {name: torch.zeros_like(value) for name, value in parameters.items()}
-        self.steps = [0] * self.num_replicas
-
-    def state_dict(self) -> dict:
-        """``{"exp_avg": {name: (N, ...)}, "exp_avg_sq": {...}, "steps": [t_i]}`` (CPU copies, for checkpoints)."""
-        return {"exp_avg": {k: v.cpu().clone() for k, v in self.exp_avg.items()},
-                "exp_avg_sq": {k: v.cpu().clone() for k, v in self.exp_avg_sq.items()}, "steps": list(self.steps)}
-
-    @torch.no_grad()
-    def load_state_dict(self, state: dict) -> None:
-        """Restore what :meth:`state_dict` returned (same parameter names, shapes and number of replicas)."""
-        if len(state["steps"]) != self.num_replicas:
-            raise ValueError(f"optimizer state has {len(state['steps'])} replicas, this optimizer {self.num_replicas}")
-        for key in ("exp_avg", "exp_avg_sq"):
-            mine, saved = getattr(self, key), state[key]
-            if set(saved) != set(mine) or any(saved[k].shape != v.shape for k, v in mine.items()):
-                raise ValueError(f"optimizer state {key!r} does not match the parameters' names and shapes")
-            for name, tensor in mine.items():
-                tensor.copy_(saved[name])
-        self.steps = [int(t) for t in state["steps"]]
-
-    @torch.no_grad()
-    def step(self, learning_rates, active=None) -> None:
-        """Update the replicas with ``active[i]`` (default all) at learning rate ``learning_rates[i]``."""
-        active = [True] * self.num_replicas if active is None else [bool(a) for a in active]
-        if len(learning_rates) != self.num_replicas or len(active) != self.num_replicas:
-            raise ValueError(f"need {self.num_replicas} learning rates and active flags")
-        self.steps = [t + 1 if a else t for t, a in zip(self.steps, active)]
-        factors = self._factors(learning_rates)
-        decays = any(wd != 0 for wd in self.settings.weight_decays)
-        frozen = [i for i, a in enumerate(active) if not a]
-        shaped = {key: value.view(-1, 1) for key, value in factors.items()}  # (N, 1) on the device
-        for name, param in self.parameters.items():
-            if param.grad is None:
-                continue
-            state = (param, self.exp_avg[name], self.exp_avg_sq[name])
-            saved = [tensor[frozen].clone() for tensor in state] if frozen else None  # inactive rows, restored below
-            flat = [tensor.view(self.num_replicas, -1) for tensor in state]  # (N, D) views of p, m, v
-            grad = param.grad.reshape(self.num_replicas, -1)  # (N, D)
-            # columns per block: cache-sized on a CPU; on a GPU one block (each block costs kernel launches)
-            block = grad.shape[1] if grad.is_cuda else max(1, ADAM_BLOCK // self.num_replicas)
-            for start in range(0, grad.shape[1], block):
-                columns = slice(start, start + block)
-                # in place, element by element as the single-run optimizers, one cache-sized block at a time
-                self._update(*(tensor[:, columns] for tensor in flat), grad[:, columns], shaped,
-                             decays and param.ndim >= 3)
-            if frozen:
-                for tensor, rows in zip(state, saved):
-                    tensor[frozen] = rows
-
-    def _factors(self, learning_rates) -> dict[str, torch.Tensor]:
-        """Per-replica scalars (N,) computed in float64 as the single-run optimizers do, then float32."""
-        s, rows = self.settings, []
-        for i, lr in enumerate(learning_rates):
-            beta1, beta2 = s.betas[i]
-            t = max(self.steps[i], 1)
-            correction1, correction2 = 1 - beta1 ** t, 1 - beta2 ** t
-            if s.rule == "adamw":
-                step_size = -(lr / correction1)
-            else:
-                step_size = lr * math.sqrt(correction2) / correction1  # as markovsim.optimizers.adam_update
-            rows.append((1 - beta1, beta1, beta2, 1 - beta2, correction2 ** 0.5, s.eps[i], step_size,
-                         1 - lr * s.weight_decays[i]))
-        names = ("one_minus_beta1", "beta1", "beta2", "one_minus_beta2", "correction2_sqrt", "eps", "step_size",
-                 "decay")
-        table = host_to_device(torch.tensor(rows, dtype=torch.float64).to(torch.float32), self._device)  # (N, 8)
-        return {name: table[:, k] for k, name in enumerate(names)}
-
-    def _update(self, param, m, v, grad, f, decay: bool) -> None:
-        """One in-place step of the rule on (N, D) blocks; ``f``: per-replica factors shaped (N, 1)."""
-        if self.settings.rule == "adamw":
-            if decay:
-                param.mul_(f["decay"])
-            m.lerp_(grad, f["one_minus_beta1"])
-            v.mul_(f["beta2"]).addcmul_(grad * f["one_minus_beta2"], grad)
-            denominator = v.sqrt().div_(f["correction2_sqrt"]).add_(f["eps"])
-            param.addcdiv_(m * f["step_size"], denominator)
-            return
-        # addcmul_/addcdiv_ fuse a multiply and an add per element; the products and sums are the same
-        # as the single run's m * b1 + g * (1 - b1), v * b2 + (g * (1 - b2)) * g, p - (m s) / (sqrt(v) + eps)
-        m.mul_(f["beta1"]).addcmul_(grad, f["one_minus_beta1"])
-        v.mul_(f["beta2"]).addcmul_(grad * f["one_minus_beta2"], grad)
-        param.addcdiv_(m * f["step_size"], v.sqrt().add_(f["eps"]), value=-1)
-        if decay:
-            param.mul_(f["decay"])

@@ -27,12 +27,14 @@ from typing import Callable
 
 import torch
 
-__all__ = ["ADAM_RULES", "ADAM_DEFAULTS", "AdamState", "adam_update", "effective_eps", "LegacyAdamW",
-           "build_torch_optimizer"]
+__all__ = ["ADAM_RULES", "ADAM_DEFAULTS", "AdamState", "adam_update", "effective_eps", "fused_cpu_possible",
+           "fused_adam_step", "LegacyAdamW", "build_torch_optimizer"]
 
 ADAM_RULES = ("adamw", "adamw_legacy")
 # Each rule's own defaults (eps, weight_decay), for settings that reproduce a published setup.
 ADAM_DEFAULTS = {"adamw": {"eps": 1e-8, "weight_decay": 0.01}, "adamw_legacy": {"eps": 1e-6, "weight_decay": 0.0}}
+# PyTorch's fused CPU AdamW kernel (what torch.optim.AdamW(fused=True) runs; PyTorch >= 2.4).
+_FUSED_ADAMW = getattr(torch, "_fused_adamw_", None)
 
 
 class AdamState:
@@ -78,8 +80,44 @@ def effective_eps(rule: str, eps: float, beta2: float, step: int) -> float:
     return eps if _check_rule(rule) == "adamw" else eps / math.sqrt(1 - beta2 ** step)
 
 
+def fused_cpu_possible(tensors) -> bool:
+    """Whether PyTorch's fused CPU AdamW kernel can update ``tensors``: all floating point, contiguous, on a CPU.
+
+    (The kernel reads memory in order, ignoring strides: a transposed tensor would be updated wrongly.)
+    """
+    return _FUSED_ADAMW is not None and all(t.device.type == "cpu" and t.is_floating_point() and t.is_contiguous()
+                                            for t in tensors)
+
+
+def fused_adam_step(rule: str, params: list, grads: list, exp_avgs: list, exp_avg_sqs: list, step: int,
+                    learning_rate: float, betas: tuple[float, float], eps: float, weight_decay: float) -> None:
+    """One step of ``rule`` in place on lists of same-shaped (param, grad, m, v) CPU tensors whose step count is
+    ``step`` (1-based, this step included), in one pass per element (PyTorch's fused CPU AdamW kernel).
+
+    ``adamw``: the kernel exactly as ``torch.optim.AdamW(fused=True)`` calls it. ``adamw_legacy``: the
+    kernel with eps / sqrt(1 - b2^t) (:func:`effective_eps`: the same update, module docstring) and no
+    decay, then p <- p (1 - lr wd) on the updated parameters. Equal to :func:`adam_update` up to float
+    rounding (the kernel orders the operations its own way).
+    """
+    if not fused_cpu_possible([*params, *exp_avgs, *exp_avg_sqs]):
+        raise ValueError("fused_adam_step needs contiguous floating point CPU tensors and torch._fused_adamw_ "
+                         "(PyTorch >= 2.4); use adam_update")
+    grads = [grad if grad.is_contiguous() else grad.contiguous() for grad in grads]
+    beta1, beta2 = betas
+    legacy = _check_rule(rule) == "adamw_legacy"
+    step_tensor = torch.tensor(float(step))
+    _FUSED_ADAMW(params, grads, exp_avgs, exp_avg_sqs, [], [step_tensor] * len(params), lr=learning_rate,
+                 beta1=beta1, beta2=beta2, weight_decay=0.0 if legacy else weight_decay,
+                 eps=effective_eps(rule, eps, beta2, step), amsgrad=False, maximize=False)
+    if legacy and weight_decay != 0:
+        torch._foreach_mul_(params, 1 - learning_rate * weight_decay)
+
+
 class LegacyAdamW(torch.optim.Optimizer):
     """``adamw_legacy`` as a ``torch.optim.Optimizer`` (the removed ``transformers.AdamW``, correct_bias=True).
+
+    On a CPU each parameter group steps in one fused pass (:func:`fused_adam_step`); elsewhere
+    parameter by parameter with :func:`adam_update`.
 
     Args:
         params: parameters or parameter groups.
@@ -100,9 +138,11 @@ class LegacyAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            for param in group["params"]:
-                if param.grad is None:
-                    continue
+            with_grads = [param for param in group["params"] if param.grad is not None]
+            if fused_cpu_possible(with_grads):
+                self._fused_group_step(group, with_grads)
+                continue
+            for param in with_grads:
                 saved = self.state[param]
                 state = AdamState(param)
                 if saved:
@@ -112,14 +152,51 @@ class LegacyAdamW(torch.optim.Optimizer):
                 saved.update(exp_avg=state.exp_avg, exp_avg_sq=state.exp_avg_sq, step=state.step)
         return loss
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As ``torch.optim.Optimizer``, with moments of their own (the fused step updates them in place; the
+        loaded dict's tensors may belong to another optimizer in this process)."""
+        super().load_state_dict(state_dict)
+        for state in self.state.values():
+            state.update({key: state[key].clone() for key in ("exp_avg", "exp_avg_sq") if key in state})
+
+    def _fused_group_step(self, group: dict, params: list) -> None:
+        by_step: dict[int, list] = {}  # parameters sharing a step count (all of them, in a run) share a call
+        for param in params:
+            saved = self.state[param]
+            if not saved:
+                saved.update(exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param), step=0)
+            saved["step"] += 1
+            by_step.setdefault(saved["step"], []).append(param)
+        for step, stepped in by_step.items():
+            states = [self.state[param] for param in stepped]
+            fused_adam_step("adamw_legacy", stepped, [param.grad for param in stepped],
+                            [state["exp_avg"] for state in states], [state["exp_avg_sq"] for state in states], step,
+                            group["lr"], group["betas"], group["eps"], group["weight_decay"])
+
+
+class _FusedCPUAdamW(torch.optim.AdamW):
+    """``torch.optim.AdamW(fused=True)``, gradients made contiguous first (the fused CPU kernel ignores strides)."""
+
+    def __init__(self, params, **settings):
+        super().__init__(params, fused=True, **settings)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for param in group["params"]:
+                if param.grad is not None and not param.grad.is_contiguous():
+                    param.grad = param.grad.contiguous()
+        return super().step(closure)
+
 
 def build_torch_optimizer(rule: str, groups, learning_rate: float, betas: tuple[float, float], eps: float):
     """A ``torch.optim`` optimizer for ``rule`` over parameter ``groups`` (each with its ``weight_decay``).
 
-    ``adamw`` is ``torch.optim.AdamW`` (its fused/foreach kernels; the tests check it equals
-    :func:`adam_update`), ``adamw_legacy`` is :class:`LegacyAdamW`; ``gd`` (plain gradient descent,
-    theta -= lr g, as the simulator's ``gd``) is ``torch.optim.SGD`` without momentum, and takes no
-    weight decay (``markovsim.config.RunSettings`` rejects one).
+    ``adamw`` is ``torch.optim.AdamW`` (fused on a CPU, see :func:`fused_adam_step`; its default
+    kernels elsewhere; the tests check it equals :func:`adam_update`), ``adamw_legacy`` is
+    :class:`LegacyAdamW`; ``gd`` (plain gradient descent, theta -= lr g, as the simulator's ``gd``) is
+    ``torch.optim.SGD`` without momentum, and takes no weight decay (``markovsim.config.RunSettings``
+    rejects one).
     """
     if rule == "gd":
         groups = list(groups)
@@ -127,5 +204,8 @@ def build_torch_optimizer(rule: str, groups, learning_rate: float, betas: tuple[
             raise ValueError("optimizer 'gd' takes no weight decay")
         return torch.optim.SGD(groups, lr=learning_rate)
     if _check_rule(rule) == "adamw":
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=eps)
+        groups = list(groups)
+        params = [p for group in groups for p in (group["params"] if isinstance(group, dict) else [group])]
+        kind = _FusedCPUAdamW if params and fused_cpu_possible(params) else torch.optim.AdamW
+        return kind(groups, lr=learning_rate, betas=betas, eps=eps)
     return LegacyAdamW(groups, lr=learning_rate, betas=betas, eps=eps)

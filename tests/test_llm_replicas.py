@@ -91,11 +91,14 @@ def test_stack_logits_and_gradients_equal_each_models_own(tiny, preset, route, e
                                        msg=name)
 
 
-def stacked_and_single(rule: str):
-    """3 replicas of a (5, 4) matrix and a (4,) vector with different lr, betas, eps, weight decay."""
+def stacked_and_single(rule: str, kernel: str = "auto", shared: bool = False):
+    """3 replicas of a (5, 4) matrix and a (4,) vector with different lr, betas, eps, weight decay (``shared``:
+    the same, as seeds)."""
     generator = torch.Generator().manual_seed(0)
     matrix, vector = torch.randn(3, 5, 4, generator=generator), torch.randn(3, 4, generator=generator)
     settings = StackedAdamSettings(rule, ((0.9, 0.999), (0.8, 0.99), (0.95, 0.9)), (1e-8, 1e-6, 1e-3), (0.01, 0.0, 0.1))
+    if shared:
+        settings = StackedAdamSettings(rule, ((0.8, 0.99),) * 3, (1e-6,) * 3, (0.1,) * 3)
     stacked = {"matrix": matrix.clone().requires_grad_(True), "vector": vector.clone().requires_grad_(True)}
     singles, optimizers = [], []
     for i in range(3):
@@ -105,16 +108,22 @@ def stacked_and_single(rule: str):
         kind = torch.optim.AdamW if rule == "adamw" else LegacyAdamW
         optimizers.append(kind(groups, lr=1.0, betas=settings.betas[i], eps=settings.eps[i]))
         singles.append(params)
-    return stacked, StackedAdamW(stacked, settings), singles, optimizers
+    return stacked, StackedAdamW(stacked, settings, kernel), singles, optimizers
 
 
-@pytest.mark.parametrize("rule, block", [("adamw", None), ("adamw_legacy", None), ("adamw_legacy", 7)])
-def test_stacked_adamw_equals_the_single_run_optimizer_step_by_step(rule, block, monkeypatch):
+@pytest.mark.parametrize("rule, kernel, block, shared", [
+    ("adamw", "fused", None, False), ("adamw_legacy", "fused", None, False), ("adamw", "fused", None, True),
+    ("adamw_legacy", "fused", None, True), ("adamw", "blocked", None, False), ("adamw_legacy", "blocked", None, False),
+    ("adamw_legacy", "blocked", 7, False)])
+def test_stacked_adamw_equals_the_single_run_optimizer_step_by_step(rule, kernel, block, shared, monkeypatch):
+    """Shared settings: the fused kernel updates all three replicas in one call per group of parameters while
+    they step together, and replicas 0 and 2 in calls of their own once replica 1 has stopped."""
     if block is not None:  # blocks of 7 // 3 = 2 columns: the matrix's 20 columns in 10 blocks, the vector's in 2
-        monkeypatch.setattr("llm.replicas.ADAM_BLOCK", block)
-    stacked, optimizer, singles, optimizers = stacked_and_single(rule)
+        monkeypatch.setattr("llm.replica_adam.ADAM_BLOCK", block)
+    stacked, optimizer, singles, optimizers = stacked_and_single(rule, kernel, shared)
+    assert optimizer.kernel == kernel
     generator = torch.Generator().manual_seed(1)
-    learning_rates = [1e-3, 5e-2, 2e-4]
+    learning_rates = [1e-3] * 3 if shared else [1e-3, 5e-2, 2e-4]
     for step in range(6):
         active = [True, step < 3, True]  # replica 1 stops after 3 steps (as a diverged replica)
         grads = {name: torch.randn(value.shape, generator=generator) * 10.0 ** -step for name, value in stacked.items()}
@@ -133,6 +142,17 @@ def test_stacked_adamw_equals_the_single_run_optimizer_step_by_step(rule, block,
             torch.testing.assert_close(stacked["matrix"][i].detach(), singles[i][0].detach(), rtol=1e-6, atol=0)
             torch.testing.assert_close(stacked["vector"][i].detach(), singles[i][1].detach(), rtol=1e-6, atol=0)
     assert optimizer.steps == [6, 3, 6]
+
+
+def test_stacked_adamw_refuses_an_unknown_or_unavailable_kernel(monkeypatch):
+    stacked, _, _, _ = stacked_and_single("adamw")
+    settings = StackedAdamSettings("adamw", ((0.9, 0.999),) * 3, (1e-8,) * 3, (0.0,) * 3)
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        StackedAdamW(stacked, settings, kernel="fast")
+    monkeypatch.setattr("markovsim.optimizers._FUSED_ADAMW", None)  # a PyTorch without the fused CPU kernel
+    with pytest.raises(ValueError, match="kernel='fused' needs"):
+        StackedAdamW(stacked, settings, kernel="fused")
+    assert StackedAdamW(stacked, settings).kernel == "blocked"
 
 
 def test_bad_input_raises_clear_errors(tiny):

@@ -8,7 +8,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from markovsim.optimizers import ADAM_RULES, AdamState, LegacyAdamW, adam_update, build_torch_optimizer, effective_eps
+from markovsim.optimizers import (
+    ADAM_RULES,
+    AdamState,
+    LegacyAdamW,
+    adam_update,
+    build_torch_optimizer,
+    effective_eps,
+    fused_adam_step,
+)
 
 
 def run_rule(rule, start, grads, **settings_):
@@ -78,8 +86,40 @@ def test_legacy_rule_is_the_torch_rule_with_the_effective_eps(seed, steps, eps, 
 
 
 @pytest.mark.parametrize("rule", ADAM_RULES)
-def test_torch_optimizers_follow_the_functional_rules(rule):
-    """build_torch_optimizer: torch.optim.AdamW for 'adamw', LegacyAdamW for 'adamw_legacy', with decay groups."""
+@pytest.mark.parametrize("dtype, rtol, atol", [(torch.float64, 1e-12, 1e-15), (torch.float32, 1e-6, 1e-7)])
+def test_fused_step_equals_the_functional_rule(rule, dtype, rtol, atol):
+    """fused_adam_step (one fused pass on lists of tensors) against adam_update, with weight decay, different
+    step counts and a transposed (non-contiguous) gradient, which the kernel alone would read wrongly.
+    Tolerances: float rounding (the steps are lr = 0.05; atol ~ 1 float32 ulp of such a step)."""
+    generator = torch.Generator().manual_seed(4)
+    params = [torch.randn(3, 4, generator=generator, dtype=dtype), torch.randn(5, generator=generator, dtype=dtype)]
+    expected, states = [p.clone() for p in params], [AdamState(p) for p in params]
+    moments = [[torch.zeros_like(p) for p in params] for _ in range(2)]
+    for step in range(1, 6):
+        grads = [torch.randn(4, 3, generator=generator, dtype=dtype).t(), torch.randn(5, generator=generator,
+                                                                                    dtype=dtype)]
+        assert not grads[0].is_contiguous()
+        fused_adam_step(rule, params, grads, *moments, step, 0.05, (0.8, 0.99), 1e-6, 0.1)
+        expected = [adam_update(rule, e, g, state, 0.05, (0.8, 0.99), 1e-6, 0.1)
+                    for e, g, state in zip(expected, grads, states)]
+        for param, value in zip(params, expected):
+            torch.testing.assert_close(param, value, rtol=rtol, atol=atol)
+
+
+def test_fused_step_refuses_what_the_kernel_cannot_update():
+    transposed = torch.zeros(4, 3).t()
+    with pytest.raises(ValueError, match="contiguous floating point CPU"):
+        fused_adam_step("adamw", [transposed], [torch.zeros(3, 4)], [torch.zeros(3, 4)], [torch.zeros(3, 4)], 1,
+                        0.1, (0.9, 0.999), 1e-8, 0.0)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("rule", ADAM_RULES)
+def test_torch_optimizers_follow_the_functional_rules(rule, fused, monkeypatch):
+    """build_torch_optimizer: torch.optim.AdamW for 'adamw', LegacyAdamW for 'adamw_legacy', with decay groups;
+    on a CPU through the fused kernel, and without it (a PyTorch that lacks it, or another device)."""
+    if not fused:
+        monkeypatch.setattr("markovsim.optimizers._FUSED_ADAMW", None)
     generator = torch.Generator().manual_seed(3)
     matrix = torch.randn(3, 4, generator=generator, dtype=torch.float64)
     vector = torch.randn(4, generator=generator, dtype=torch.float64)
@@ -88,10 +128,12 @@ def test_torch_optimizers_follow_the_functional_rules(rule):
                                              {"params": params[1:], "weight_decay": 0.0}], 0.05, (0.8, 0.99), 1e-6)
     assert isinstance(optimizer, torch.optim.AdamW if rule == "adamw" else LegacyAdamW)
     expected, states = [matrix, vector], [AdamState(matrix), AdamState(vector)]
-    for _ in range(4):
+    assert (optimizer.defaults.get("fused") is True) == (fused and rule == "adamw")
+    for step in range(4):
         grads = [torch.randn(p.shape, generator=generator, dtype=torch.float64) for p in params]
         for param, grad in zip(params, grads):
-            param.grad = grad.clone()
+            # a transposed copy on odd steps: the fused kernels must not read its memory in order
+            param.grad = grad.clone() if step % 2 == 0 or grad.ndim < 2 else grad.t().clone().t()
         optimizer.step()
         expected = [adam_update(rule, e, g, s, 0.05, (0.8, 0.99), 1e-6, decay)
                     for e, g, s, decay in zip(expected, grads, states, (0.1, 0.0))]
