@@ -18,6 +18,12 @@ The two agree except where eps enters: the legacy rule adds eps to the UNcorrect
 in the ``adamw`` formula is an effective eps of ``eps / sqrt(1 - b2^t)`` (:func:`effective_eps`):
 about 3.2e-5 at t = 1 and 4.5e-6 at t = 50 for eps = 1e-6, b2 = 0.999. Gradients comparable to
 that (SimNPO's weights in the sigmoid's tail) are damped by the legacy rule and not by ``adamw``.
+
+:func:`adam_update` is the reference (immutable, any dtype, the simulator's). The ``torch.optim``
+optimizers (:func:`build_torch_optimizer`) run both rules on a CPU through PyTorch's fused AdamW
+kernel (:func:`fused_adam_step`: one pass per element; the legacy rule with the effective eps), equal
+to :func:`adam_update` up to float rounding; on other devices ``torch.optim.AdamW``'s default
+kernels and :func:`adam_update` per parameter.
 """
 
 from __future__ import annotations
