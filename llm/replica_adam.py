@@ -66,7 +66,7 @@ class StackedAdamSettings:
 class StackedAdamW:
     """One Adam step on every active replica of stacked parameters (see the module docstring).
 
-    ``torch.optim.AdamW`` (single-tensor CPU path), per element, with lr, b1, b2, eps, wd of replica i::
+    ``torch.optim.AdamW``, per element, with lr, b1, b2, eps, wd of replica i::
 
         p <- p * (1 - lr wd);  m <- lerp(m, g, 1 - b1);  v <- v * b2 + ((1 - b2) g) g
         p <- p + (-(lr / (1 - b1^t)) m) / (sqrt(v) / sqrt(1 - b2^t) + eps)

@@ -171,6 +171,8 @@ class LegacyAdamW(torch.optim.Optimizer):
             saved = self.state[param]
             if not saved:
                 saved.update(exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param), step=0)
+            for key in ("exp_avg", "exp_avg_sq"):  # (a no-op unless a loaded state came in another layout)
+                saved[key] = saved[key].to(param.dtype).contiguous()
             saved["step"] += 1
             by_step.setdefault(saved["step"], []).append(param)
         for step, stepped in by_step.items():

@@ -156,6 +156,24 @@ def test_legacy_optimizer_state_round_trips_for_resume():
     assert torch.equal(param, copy)
 
 
+def test_legacy_optimizer_steps_from_moments_in_another_layout():
+    """A state whose moments are transposed views (e.g. loaded from elsewhere) still steps as adam_update."""
+    generator = torch.Generator().manual_seed(5)
+    start, grad = (torch.randn(3, 4, generator=generator, dtype=torch.float64) for _ in range(2))
+    exp_avg = torch.randn(3, 4, generator=generator, dtype=torch.float64)
+    exp_avg_sq = torch.rand(3, 4, generator=generator, dtype=torch.float64)
+    param = torch.nn.Parameter(start.clone())
+    optimizer = LegacyAdamW([param], lr=0.1, weight_decay=0.1)
+    optimizer.state[param] = {"exp_avg": exp_avg.t().contiguous().t(), "exp_avg_sq": exp_avg_sq.t().contiguous().t(),
+                              "step": 3}
+    param.grad = grad.clone()
+    optimizer.step()
+    state = AdamState(start)
+    state.exp_avg, state.exp_avg_sq, state.step = exp_avg.clone(), exp_avg_sq.clone(), 3
+    expected = adam_update("adamw_legacy", start, grad, state, 0.1, (0.9, 0.999), 1e-6, 0.1)
+    torch.testing.assert_close(param.detach(), expected, rtol=1e-12, atol=1e-15)
+
+
 @pytest.mark.parametrize("bad", [dict(lr=-1.0), dict(eps=-1e-6), dict(weight_decay=-0.1), dict(betas=(1.0, 0.9))])
 def test_legacy_optimizer_rejects_bad_settings(bad):
     with pytest.raises(ValueError, match="LegacyAdamW"):
