@@ -195,20 +195,22 @@ def test_batched_evaluation_on_cuda_equals_each_models_own(tiny):
 
 
 @pytest.mark.parametrize("rule", ["adamw", "adamw_legacy"])
-def test_stacked_adamw_on_cuda_in_one_block_equals_the_blocked_cpu_update(rule):
+def test_stacked_adamw_on_cuda_in_one_block_equals_the_blocked_and_fused_cpu_updates(rule):
     generator = torch.Generator().manual_seed(0)
     values = {"w": torch.randn(8, 300, 7, generator=generator), "b": torch.randn(8, 5, generator=generator)}
     grads = {k: torch.randn(v.shape, generator=generator) for k, v in values.items()}
     settings = StackedAdamSettings(rule, tuple((0.9, 0.99 - 0.001 * i) for i in range(8)), (1e-8,) * 8, (0.01,) * 8)
     results = {}
-    for device in ("cpu", "cuda"):
+    for device, kernel in (("cpu", "blocked"), ("cpu", "fused"), ("cuda", "auto")):
         parameters = {k: v.clone().to(device).requires_grad_(True) for k, v in values.items()}
-        optimizer = StackedAdamW(parameters, settings)
+        optimizer = StackedAdamW(parameters, settings, kernel)
+        assert optimizer.kernel == ("blocked" if device == "cuda" else kernel)
         for step in range(3):
             for name, parameter in parameters.items():
                 parameter.grad = (grads[name] * (step + 1)).to(device)
             optimizer.step([1e-3 * (i + 1) for i in range(8)], [i != 3 for i in range(8)])
-        results[device] = {k: v.detach().cpu() for k, v in parameters.items()}
+        results[kernel] = {k: v.detach().cpu() for k, v in parameters.items()}
     for name in values:
-        torch.testing.assert_close(results["cuda"][name], results["cpu"][name], rtol=1e-6, atol=1e-7)
-        torch.testing.assert_close(results["cuda"][name][3], values[name][3], rtol=0, atol=0)  # inactive: untouched
+        for kernel in ("blocked", "fused"):
+            torch.testing.assert_close(results["auto"][name], results[kernel][name], rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(results["auto"][name][3], values[name][3], rtol=0, atol=0)  # inactive: untouched
