@@ -26,6 +26,7 @@ from markovsim.scenarios import SCENARIOS, prepare
 from markovsim.trajectory import Trajectory
 
 from .cache import load_cache, save_cache
+from .seed_bands import seed_band_runs
 from .transformer_runs import TransformerSettings, transformer_runs
 
 SIMULATOR_SOURCES = ("tabular", "mixture")
@@ -182,10 +183,17 @@ def _execute(job: dict, progress: bool, cache_dir: str, recompute: bool = False)
     if job["kind"] == "simulator":
         return simulator_runs(job["scenario"], job["scale"], job["steps"], job["methods"], seed=job["seed"],
                               sources=(job["source"],))
-    settings = TransformerSettings(**job["settings"])
-    trajectories, retrained = transformer_runs(job["scenario"], job["scale"], settings, job["device"],
-                                               job["methods"], progress, os.path.join(cache_dir, "models"), recompute,
-                                               batched=job.get("batched_methods", False))
+    settings, model_dir = TransformerSettings(**job["settings"]), os.path.join(cache_dir, "models")
+    if job.get("batched_methods", False):
+        # the reference and the retrained model pre-train as float32 replicas, the methods unlearn as replicas of
+        # one computation (each equal to its own float32 single run). On a GPU the three methods then take about
+        # the time of one (benchmarks/RESULTS.md, "Batched replicas"); on a CPU the runs are compute-bound and
+        # batching saves nothing, so the figures batch on CUDA only.
+        trajectories, retrained = seed_band_runs(job["scenario"], job["scale"], settings, (settings.seed,),
+                                                 job["device"], job["methods"], progress, model_dir, recompute)[0]
+    else:
+        trajectories, retrained = transformer_runs(job["scenario"], job["scale"], settings, job["device"],
+                                                   job["methods"], progress, model_dir, recompute)
     return {job["source"]: trajectories}, {job["source"]: retrained}
 
 
@@ -217,9 +225,7 @@ def precompute_runs(specs, cache_dir: str, device: str = "cpu", recompute: bool 
 def precompute_seed_bands(all_jobs: list[dict], cache_dir: str, recompute: bool) -> None:
     """The transformer jobs that batch their methods (``--device cuda``), grouped by everything but the seed:
     each group's missing seeds (two or more) run as one ``seed_band_runs`` computation in this process, and
-    each seed is cached under its own job's key (the numbers ``transformer_runs(batched=True)`` gives it)."""
-    from .seed_bands import seed_band_runs
-
+    each seed is cached under its own job's key (the numbers a ``batched_methods`` job gives it alone)."""
     groups: dict[str, list[dict]] = {}
     for job in all_jobs:
         if job["kind"] == "transformer" and job.get("batched_methods") and _needs_computing(cache_dir, job, recompute):

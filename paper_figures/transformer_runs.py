@@ -187,24 +187,13 @@ def prepare_transformer(scenario_name: str, scale: float, settings: TransformerS
 
 
 def transformer_runs(scenario_name: str, scale: float, settings: TransformerSettings, device: str = "cpu",
-                     methods=None, progress: bool = True, model_dir: str | None = None, recompute: bool = False,
-                     batched: bool = False):
-    """One seed of a scenario on a transformer: ``({method: Trajectory}, {component: retrained kl_true})``.
-
-    ``batched``: :func:`paper_figures.seed_bands.seed_band_runs` for this one seed: the reference and the
-    retrained model pre-train as float32 replicas, the methods unlearn as replicas of one computation
-    (``llm.unlearn_replicas``, each replica equal to its own float32 single run) instead of one after
-    another. On a GPU the three methods then take about the time of one (benchmarks/RESULTS.md,
-    "Batched replicas"); on a CPU the runs are compute-bound and batching saves nothing, so the
-    figures batch on CUDA only.
+                     methods=None, progress: bool = True, model_dir: str | None = None, recompute: bool = False):
+    """One seed of a scenario on a transformer: ``({method: Trajectory}, {component: retrained kl_true})``,
+    the methods one after another (:func:`paper_figures.seed_bands.seed_band_runs` runs them, and seeds, as
+    replicas of one computation).
     """
     from llm import unlearn
 
-    if batched:
-        from .seed_bands import seed_band_runs
-
-        return seed_band_runs(scenario_name, scale, settings, (settings.seed,), device, methods, progress, model_dir,
-                              recompute)[0]
     setup = prepare_transformer(scenario_name, scale, settings, device, progress, model_dir, recompute)
     objectives = setup.scenario.with_methods(methods or list(setup.scenario.methods))
     runs = {method: unlearn(copy.deepcopy(setup.reference), objective, setup.forget, setup.retain,

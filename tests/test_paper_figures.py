@@ -503,7 +503,7 @@ def test_seed_bands_equal_each_seeds_runs_one_after_another(tmp_path):
 def test_cuda_jobs_run_their_seeds_as_one_band_and_cache_each_seed(tmp_path):
     """``precompute_seed_bands`` groups the jobs that batch their methods (CUDA's; here CPU jobs marked so) by
     everything but the seed, computes each group as one ``seed_band_runs`` and caches every seed under its job."""
-    from paper_figures.runs import ScenarioRuns, _needs_computing, job_key, load_runs, precompute_seed_bands
+    from paper_figures.runs import ScenarioRuns, _execute, _needs_computing, job_key, load_runs, precompute_seed_bands
     from paper_figures.seed_bands import seed_band_runs
     from paper_figures.transformer_runs import TransformerSettings
 
@@ -524,6 +524,12 @@ def test_cuda_jobs_run_their_seeds_as_one_band_and_cache_each_seed(tmp_path):
         for method, trajectory in runs.items():
             np.testing.assert_array_equal(cached["tiny-synthetic"][method].component_metrics["kl_true"],
                                           trajectory.component_metrics["kl_true"])
+    # a lone seed's batched job (nothing to group it with) runs as a band of one: the same numbers up to
+    # float32 rounding (a band of one stacks one replica, not two)
+    lone, _ = _execute(transformer_jobs[0], False, str(tmp_path / "lone"))
+    for method, trajectory in direct[0][0].items():
+        np.testing.assert_allclose(lone["tiny-synthetic"][method].component_metrics["kl_true"],
+                                   trajectory.component_metrics["kl_true"], rtol=1e-5, atol=1e-7)
 
 
 @pytest.mark.parametrize("name, extra", [("adam_eps", "finals"), ("first_step", "summaries")])
