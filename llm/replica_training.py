@@ -24,8 +24,8 @@ Evaluation (test-set KLs, forget weights, power share) of all recording replicas
 passes over the stack with the single run's formulas (``llm.replica_evaluation``; for the test set,
 one ``ReplicaStack.logits`` call per chunk for all replicas; for the power share, one backward pass
 per component and chunk for all replicas); ``evaluation="sequential"`` evaluates replica by
-replica on a scratch model instead (the same metrics; faster on a 2-core CPU, where evaluation is
-compute-bound).
+replica on a scratch model instead (the same metrics; on a 2-core CPU, where evaluation is
+compute-bound, faster with a large test set, slower on a small subsample).
 
 Checkpoints and exact resume (``run_dir``, ``TrainConfig.checkpoint_every`` / ``keep_checkpoints``,
 ``resume``): ``run_dir/checkpoints/step-*/state.pt`` (``llm.checkpoint``'s layout and atomic writer)
@@ -121,7 +121,8 @@ def unlearn_replicas(models, objectives: Sequence[Objective], forget: SequenceSe
         route: ``ReplicaStack`` route (None = the architecture's default).
         evaluation: ``"batched"`` (all replicas in batched passes, ``llm.replica_evaluation``) or
             ``"sequential"`` (replica by replica on a scratch model, the single run's code). Same
-            metrics; on a 2-core CPU sequential measured ~20% faster (benchmarks/RESULTS.md).
+            metrics; on a 2-core CPU sequential measured ~20% faster with a 400-sequence test set and
+            batched ~25% faster on a 64-sequence subsample (benchmarks/RESULTS.md, "Fourth pass").
         run_dir: folder for ``checkpoints/`` (every ``configs[0].checkpoint_every`` steps, newest
             ``keep_checkpoints`` kept) and, at the end, ``replica-<i:03d>/trajectory.*``; None = no files.
         resume: True = continue from the newest checkpoint in ``run_dir``; a path = that checkpoint. Pass
