@@ -335,8 +335,9 @@ def plot(cache_stem: str, output_stem: str) -> list[str]:
                 runs_text = panel_runs(per_seed)
                 zoom = "registry methods:" in runs_text  # their runs are shorter: show them, clip the baselines
                 _tradeoff_panel(axis, per_seed, component, zoom)
-                axis.set_title(f"{label}: {component}" + (" (zoomed to the registry methods)" if zoom else "")
-                               + f"\n{source}, {runs_text}", fontsize=8)
+                runs_lines = runs_text.replace("; ", ";\n")  # one line per run length: the titles fit the panel
+                axis.set_title(f"{label}: {component}\n{source}, {runs_lines}" + (" (zoomed to them)" if zoom else ""),
+                               fontsize=8)
                 axis.set_xlabel("retain distance: KL on retain")
                 axis.set_ylabel(f"forget quality: KL on {component}")
     bias_axes = bottom.subplots(1, len(CASES), squeeze=False)[0]
