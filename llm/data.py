@@ -38,6 +38,7 @@ __all__ = [
     "epoch_permutation",
     "shard",
     "merge_batches",
+    "padded_cat",
     "evaluation_chunks",
 ]
 
@@ -136,11 +137,9 @@ def concatenate_encoded(sets) -> EncodedSequences:
     first = sets[0]
     if any(s.num_states != first.num_states or s.label_scope != first.label_scope for s in sets):
         raise ValueError("concatenate_encoded needs sets with one num_states and one label_scope")
-    width = max(s.input_ids.shape[1] for s in sets)
 
     def joined(key: str, value: int) -> torch.Tensor:
-        return torch.cat([torch.nn.functional.pad(getattr(s, key), (0, width - s.input_ids.shape[1]), value=value)
-                          for s in sets])
+        return padded_cat([getattr(s, key) for s in sets], value)
 
     names, component_ids = merge_components(sets)
     return EncodedSequences(joined("input_ids", bos_token_id(first.num_states)), joined("attention_mask", 0),
@@ -199,16 +198,21 @@ def merge_batches(batches: list[dict[str, torch.Tensor]],
     Returns:
         the merged batch (sum of rows, max width) and the row slice of each input batch.
     """
-    width = max(b["input_ids"].shape[1] for b in batches)
     fill = {"input_ids": pad_token_id, "attention_mask": 0, "labels": IGNORE_INDEX}
     merged, slices, start = {}, [], 0
     for key, value in fill.items():
-        merged[key] = torch.cat([torch.nn.functional.pad(b[key], (0, width - b[key].shape[1]), value=value)
-                                 for b in batches])
+        merged[key] = padded_cat([b[key] for b in batches], value)
     for b in batches:
         slices.append(slice(start, start + b["input_ids"].shape[0]))
         start += b["input_ids"].shape[0]
     return merged, slices
+
+
+def padded_cat(tensors: list[torch.Tensor], value: int, dim: int = 0) -> torch.Tensor:
+    """``tensors`` right-padded with ``value`` on the last axis to the widest, concatenated along ``dim``
+    (token tables of different widths: ids padded with BOS, masks with 0, labels with ``IGNORE_INDEX``)."""
+    width = max(t.shape[-1] for t in tensors)
+    return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[-1]), value=value) for t in tensors], dim)
 
 
 def evaluation_chunks(num_items: int, batch_size: int) -> list[np.ndarray]:

@@ -117,16 +117,12 @@ def replica_sets(sets, num_replicas: int, name: str, label_scope: str = "respons
 def join_encoded(sets: list[EncodedSequences]) -> tuple[EncodedSequences, np.ndarray]:
     """The distinct sets of ``sets`` (by identity, all of one size) one after another, and where each
     entry's rows start in it (len(sets),) int64; the set itself and zeros when there is one."""
-    distinct: dict[int, int] = {}
-    for value in sets:
-        distinct.setdefault(id(value), len(distinct))
     if len({len(value) for value in sets}) != 1:
         raise ValueError("join_encoded needs sets of one size")
-    offsets = np.array([distinct[id(value)] * len(sets[0]) for value in sets], dtype=np.int64)
-    if len(distinct) == 1:
-        return sets[0], offsets
-    unique = list({id(value): value for value in sets}.values())
-    return concatenate_encoded(unique), offsets
+    unique = list({id(value): value for value in sets}.values())  # first-seen order
+    position = {id(value): k for k, value in enumerate(unique)}
+    offsets = np.array([position[id(value)] * len(sets[0]) for value in sets], dtype=np.int64)
+    return (unique[0] if len(unique) == 1 else concatenate_encoded(unique)), offsets
 
 
 def replica_device(config: TrainConfig) -> torch.device:

@@ -32,7 +32,7 @@ from markovsim.losses import SEQUENCE_LOSSES, Objective, reduce_token_logps
 from markovsim.tensor_checks import value_checks_skipped
 
 from .config import TrainConfig
-from .data import FORGET_STREAM, IGNORE_INDEX, RETAIN_STREAM, EncodedSequences
+from .data import FORGET_STREAM, IGNORE_INDEX, RETAIN_STREAM, EncodedSequences, padded_cat
 from .logps import sequence_token_kl, token_log_likelihoods, upcast
 from .replica_common import ReplicaRows, StackedTokens, objective_groups
 from .replicas import ReplicaStack
@@ -168,7 +168,4 @@ def _offsets(offsets, count: int) -> np.ndarray:
 def _joined(first: tuple[torch.Tensor, ...], second: tuple[torch.Tensor, ...], pad_values) -> tuple[torch.Tensor, ...]:
     """(input_ids, attention_mask, labels) of two row groups (N, b, t) and (N, b_r, t_r) side by side along the
     rows, the narrower padded to the wider (``pad_values``: BOS, mask 0, no label)."""
-    width = max(first[0].shape[2], second[0].shape[2])
-    return tuple(torch.cat([torch.nn.functional.pad(x, (0, width - x.shape[2]), value=value),
-                            torch.nn.functional.pad(y, (0, width - y.shape[2]), value=value)], dim=1)
-                 for x, y, value in zip(first, second, pad_values))
+    return tuple(padded_cat([x, y], value, dim=1) for x, y, value in zip(first, second, pad_values))
