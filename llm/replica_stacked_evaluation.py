@@ -124,9 +124,8 @@ class _OwnTestSets:
     takes rows ``length_order(its set)[chunk]``; replicas not evaluated run on the first one's rows."""
 
     def __init__(self, evaluators: list[Evaluator], members: list[int], stack: ReplicaStack):
-        joined, self.offsets = join_encoded([e.encoded for e in evaluators])  # offsets (R,)
+        self.tokens, self.offsets = _joined_tokens(stack, [e.encoded for e in evaluators])  # offsets (R,)
         self.orders = [length_order(e.encoded) for e in evaluators]
-        self.tokens = StackedTokens(joined, stack.device)
         self.position = {r: k for k, r in enumerate(members)}
         self.num_replicas, self.device = stack.num_replicas, stack.device
 
@@ -230,8 +229,19 @@ def stacked_forget_applies(stack: ReplicaStack, diagnostics: dict[int, Diagnosti
 def forget_tokens(stack: ReplicaStack, diagnostics: dict[int, Diagnostics]) -> tuple[StackedTokens, dict[int, int]]:
     """The replicas' forget sets on the device for :func:`stacked_forget_pass`: the shared set, or their
     distinct sets one after another, and where replica i's rows start (``{i: offset}``)."""
-    joined, offsets = join_encoded([d.forget for d in diagnostics.values()])
-    return StackedTokens(joined, stack.device), dict(zip(diagnostics, offsets.tolist()))
+    tokens, offsets = _joined_tokens(stack, [d.forget for d in diagnostics.values()])
+    return tokens, dict(zip(diagnostics, offsets.tolist()))
+
+
+def _joined_tokens(stack: ReplicaStack, sets: list) -> tuple[StackedTokens, np.ndarray]:
+    """``llm.replica_common.join_encoded(sets)`` as ``StackedTokens`` on the stack's device: built once per list
+    of sets and kept in ``stack.device_data`` (the evaluation reads the same fixed sets every step). The entry
+    holds the sets themselves, so the ids in its key stay theirs."""
+    key = ("joined tokens", *map(id, sets))
+    if key not in stack.device_data:
+        joined, offsets = join_encoded(sets)
+        stack.device_data[key] = (tuple(sets), StackedTokens(joined, stack.device), offsets)
+    return stack.device_data[key][1:]
 
 
 def _accumulate(gradients, stack: ReplicaStack, total: torch.Tensor) -> list[torch.Tensor]:

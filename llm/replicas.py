@@ -108,6 +108,9 @@ class ReplicaStack:
         self.buffers = {k: v.detach().clone() for k, v in buffers.items()}
         self._skeleton = copy.deepcopy(models[0]).to("meta") if route != "loop" else copy.deepcopy(models[0])
         self._skeleton.train(models[0].training)
+        # fixed data the replicas' evaluation reads every step, kept on the device for the stack's life
+        # (``llm.replica_stacked_evaluation``)
+        self.device_data: dict = {}
 
     def replica_parameters(self, index: int) -> dict[str, torch.Tensor]:
         """Views ``{name: (*shape)}`` of replica ``index`` (gradients flow into the stacked tensors)."""

@@ -389,3 +389,19 @@ def test_batched_test_metrics_on_each_replicas_own_test_set(route):
     for i in (0, 2):
         for name, values in evaluators[i].evaluate(models[i]).items():
             np.testing.assert_allclose(metrics[i][name], values, rtol=1e-6, atol=1e-9, err_msg=name)
+
+
+def test_evaluation_token_tables_are_built_once_per_stack_and_list_of_sets():
+    """The stacked evaluation's joined token tables are kept on the stack: the same sets give the same tables
+    (no copy per step), other sets their own."""
+    from llm.replica_stacked_evaluation import _joined_tokens
+
+    data = seeded_data((0, 1))
+    first, second = (encode(d["forget"], "response") for d in data)
+    stack = ReplicaStack(three_models("tiny-synthetic")[:2])
+    tokens, offsets = _joined_tokens(stack, [first, second])
+    again, _ = _joined_tokens(stack, [first, second])
+    shared, shared_offsets = _joined_tokens(stack, [first, first])
+    assert again is tokens and shared is not tokens
+    assert offsets.tolist() == [0, len(first)] and shared_offsets.tolist() == [0, 0]
+    assert torch.equal(tokens.tensors["input_ids"][len(first):], encode(data[1]["forget"], "response").input_ids)
