@@ -48,7 +48,7 @@ from llm.models import build_model
 from llm.replica_pretraining import pretrain_replicas
 from llm.replica_training import EVALUATIONS, unlearn_replicas
 from llm.train import pretrain, unlearn
-from markovsim.scenarios import SCENARIOS
+from paper_figures.transformer_runs import seed_data
 
 SCENARIO = "paper_short_forget2"
 PRESET = "paper-synthetic"
@@ -77,16 +77,12 @@ def parse_arguments(argv=None) -> argparse.Namespace:
 
 
 def scenario_data(scale: float, seed: int = 0) -> dict:
-    """The scenario's data sampled with data seed ``seed``: pre-training, retain, forget and test sets, true chains."""
-    scenario = SCENARIOS[SCENARIO]
-    scenario = scenario.scaled(scale) if scale != 1.0 else scenario
-    spec = dataclasses.replace(scenario.spec, seed=seed)
-    train, test = spec.sample()
-    return {"scenario": scenario, "pretraining": train.select(*spec.names_where(in_pretraining=True)),
-            "retain": train.select(*spec.names_where(role="retain")),
-            "forget": train.select(*spec.names_where(role="forget")), "test": test,
-            "chains": {c.name: c.chain for c in spec.components},
-            "vocab_size": spec.num_states + 1, "max_length": train.max_length + 1}
+    """The scenario's data sampled with data seed ``seed`` (``paper_figures.transformer_runs.seed_data``, a
+    figure's seed): pre-training, retain, forget and test sets, true chains."""
+    data = seed_data(SCENARIO, scale, seed)
+    return {"scenario": data.scenario, "pretraining": data.pretraining, "retain": data.retain,
+            "forget": data.forget, "test": data.test, "chains": {c.name: c.chain for c in data.spec.components},
+            "vocab_size": data.vocab_size, "max_length": data.max_length}
 
 
 def train_configs(arguments: argparse.Namespace, seed: int):

@@ -26,12 +26,12 @@ import os
 from .transformer_runs import (
     RETRAINED_SEED_OFFSET,
     TransformerSettings,
-    _train_configs,
     finish_setup,
     keep_model,
     kept_model,
     model_folder,
     seed_data,
+    train_configs,
 )
 
 
@@ -41,14 +41,14 @@ def seed_band_runs(scenario_name: str, scale: float, settings: TransformerSettin
     """``[({method: Trajectory}, {component: retrained kl_true}) for each seed]`` (module docstring).
 
     ``settings.seed`` is replaced by each seed; ``model_dir`` keeps each seed's models in the folder
-    ``prepare_transformer`` uses (both train in float32, ``transformer_runs._train_configs``).
+    ``prepare_transformer`` uses (both train in float32, ``transformer_runs.train_configs``).
     """
     from llm.replica_training import unlearn_replicas
 
     seeds = list(seeds)
     if not seeds:
         raise ValueError("seeds is empty: pass at least one seed")
-    pretraining_config, unlearning_config = _train_configs(settings, device, progress)  # float32, as replicas
+    pretraining_config, unlearning_config = train_configs(settings, device, progress)  # float32, as replicas
     data = [seed_data(scenario_name, scale, seed) for seed in seeds]
     shapes = {(d.vocab_size, d.max_length, len(d.pretraining), len(d.forget), len(d.retain)) for d in data}
     if len(shapes) != 1:

@@ -52,7 +52,7 @@ class TransformerSettings:
     seed: int = 0
 
 
-def _train_configs(settings: TransformerSettings, device: str, progress: bool):
+def train_configs(settings: TransformerSettings, device: str, progress: bool):
     from llm import TrainConfig
 
     # float32 on every device (a model this small gains nothing from bf16 autocast on a GPU), so single
@@ -176,7 +176,7 @@ def prepare_transformer(scenario_name: str, scale: float, settings: TransformerS
     them (scenario, scale, preset, seed, pre-training settings, device), so figures share them.
     """
     data = seed_data(scenario_name, scale, settings.seed)
-    pretraining_config, unlearning_config = _train_configs(settings, device, progress)
+    pretraining_config, unlearning_config = train_configs(settings, device, progress)
     folder = model_folder(model_dir, scenario_name, scale, device, settings.preset, settings.seed, pretraining_config)
     reference = _pretrained(settings.preset, settings.seed, data.pretraining, pretraining_config, data.vocab_size,
                             data.max_length, None if folder is None else os.path.join(folder, "reference"), recompute)
