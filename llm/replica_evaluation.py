@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections import Counter
 
 import numpy as np
 import torch
@@ -114,9 +115,7 @@ def replica_test_metrics(stack: ReplicaStack, evaluators: list[Evaluator], indic
     groups: dict[tuple, list[int]] = {}
     for i in indices:
         groups.setdefault((id(evaluators[i].test), evaluators[i].batch_size), []).append(i)
-    users = {}  # test set -> how many replicas evaluate on it
-    for evaluator in evaluators:
-        users[id(evaluator.test)] = users.get(id(evaluator.test), 0) + 1
+    users = Counter(id(evaluator.test) for evaluator in evaluators)  # test set -> how many replicas use it
     result = {}
     for members in groups.values():
         evaluator = evaluators[members[0]]
