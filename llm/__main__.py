@@ -432,4 +432,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code == 0:  # a failed rank may have left the others inside a collective: no teardown handshake then
+        from llm.runtime import end_distributed
+
+        end_distributed()
+    sys.exit(code)

@@ -18,7 +18,7 @@ import torch
 from markovsim.runtime import DEVICES, resolve_device  # the one device rule, shared with the simulator
 
 __all__ = ["DEVICES", "MIXED_PRECISIONS", "resolve_device", "use_bf16", "autocast", "make_accelerator",
-           "is_distributed_launch", "transformers_output", "host_to_device"]
+           "is_distributed_launch", "end_distributed", "transformers_output", "host_to_device"]
 
 MIXED_PRECISIONS = ("auto", "bf16", "no")
 
@@ -53,6 +53,16 @@ def host_to_device(tensor: torch.Tensor, device) -> torch.Tensor:
     if device.type != "cuda" or tensor.device.type != "cpu":
         return tensor.to(device)
     return tensor.pin_memory().to(device, non_blocking=True)
+
+
+def end_distributed() -> None:
+    """Destroy the default process group of a distributed launch, if there is one (else a no-op).
+
+    Call it once a process's work is done: left to interpreter exit, Gloo's worker threads can abort the
+    process ("terminate called without an active exception", pytorch/pytorch#190489).
+    """
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def is_distributed_launch() -> bool:

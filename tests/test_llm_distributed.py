@@ -53,3 +53,23 @@ def test_two_cpu_processes_match_one_process(tmp_path):
     steps = [json.loads(line)["step"] for line in open(tmp_path / "run" / "metrics.jsonl")]
     assert steps.count(0) == 2  # one train and one eval record: written once, by process 0
     assert os.path.isdir(tmp_path / "run" / "checkpoints" / "step-0000002")
+
+
+def process_group_ended(output: str) -> None:
+    """Start gloo on this process's rank (as a launch does), then end it with ``llm.runtime.end_distributed``."""
+    import torch.distributed as dist
+
+    from llm.runtime import end_distributed
+
+    dist.init_process_group("gloo")
+    before = dist.is_initialized()
+    end_distributed()
+    end_distributed()  # a second call (or one without a launch) is a no-op
+    print(json.dumps({"before": before, "after": dist.is_initialized()}))
+
+
+def test_end_distributed_destroys_the_process_group_once_the_work_is_done(tmp_path):
+    outputs = launch_two("test_llm_distributed", "process_group_ended", str(tmp_path))
+    for text in outputs:
+        record = json.loads(text.strip().splitlines()[-1])
+        assert record == {"before": True, "after": False}

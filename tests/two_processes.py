@@ -24,7 +24,8 @@ def launch_two(module: str, function: str, *args: str, timeout: float = 300) -> 
     A port taken by another program between :func:`free_port` and gloo's bind is retried once on a new port.
     """
     script = (f"import sys; sys.path[:0] = [{ROOT!r}, {TESTS!r}]; "
-              f"from {module} import {function} as run; run(*{list(args)!r})")
+              f"from {module} import {function} as run; run(*{list(args)!r}); "
+              "from llm.runtime import end_distributed; end_distributed()")  # no Gloo teardown abort at exit
     for attempt in range(2):
         environment = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), WORLD_SIZE="2",
                            OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([ROOT, TESTS]))
