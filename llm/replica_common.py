@@ -210,16 +210,16 @@ class StackedTokens:
 
     def __init__(self, encoded: EncodedSequences, device):
         self.device = torch.device(device)
-        self.token_lengths = encoded.token_lengths  # (n,) CPU
+        self.token_lengths = encoded.token_lengths.numpy()  # (n,) host-side: reading it never waits for a device
         self.tensors = {key: getattr(encoded, key).to(self.device) for key in TOKEN_KEYS}
         self.pad_values = (bos_token_id(encoded.num_states), 0, IGNORE_INDEX)  # as llm.data.encode pads TOKEN_KEYS
 
     def gather(self, rows: np.ndarray) -> tuple[torch.Tensor, ...]:
         """``(index, input_ids, attention_mask, labels)``: the rows (N, b) on the device and their tokens
         (N, b, t), t the widest gathered row (causal attention makes the padding invisible to real positions)."""
-        cpu = torch.from_numpy(np.asarray(rows, dtype=np.int64))
-        width = int(self.token_lengths[cpu].max())
-        index = host_to_device(cpu, self.device)  # no host sync on CUDA
+        rows = np.asarray(rows, dtype=np.int64)
+        width = int(self.token_lengths[rows].max())
+        index = host_to_device(torch.from_numpy(rows), self.device)  # no host sync on CUDA
         return (index, *(self.tensors[key][index, :width] for key in TOKEN_KEYS))
 
 

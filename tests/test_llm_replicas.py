@@ -13,6 +13,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from llm import replica_evaluation, replica_training
 from llm.data import encode
@@ -305,6 +306,54 @@ def test_retain_term_replicas_take_the_loop_free_step_and_equal_single_runs(tiny
     for model, single, trajectory, one in zip(models, singles, trajectories, expected):
         assert_same_trajectory(trajectory, one)
         assert_same_parameters(model, single)
+
+
+class _ValueReads(TorchDispatchMode):
+    """Records every op that reads a tensor's values back to the host: on a GPU each one waits for the device."""
+
+    READS = ("aten::_local_scalar_dense", "aten::is_nonzero", "aten::nonzero", "aten::masked_select", "aten::equal",
+             "aten::_unique2", "aten::unique_consecutive", "aten::unique_dim")
+
+    def __init__(self):
+        super().__init__()
+        self.seen = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func._schema.name in self.READS:
+            self.seen.append(func._schema.name)
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("route", ["stacked", "vmap"])
+def test_the_loop_free_step_reads_no_tensor_value_back(tiny, monkeypatch, route):
+    """The CPU guard of the CUDA no-sync test (tests/test_llm_replicas_cuda.py), so that CI without a GPU catches
+    a value read added to the step: gather, forward (forget-only, nll and kl objectives), losses, backward,
+    clipping and the GPU's AdamW kernel ("blocked") call no op that reads values back (item, bool, nonzero,
+    boolean-mask indexing, ...). It cannot see a device-to-host copy, which a CPU run does not make."""
+    from llm.replica_common import replica_learning_rates
+    from llm.replicas import clip_replica_grads
+
+    objectives = [get_objective("NPO", beta=0.2), get_objective("SimNPO", beta=2.5), get_objective("NPO+RT"),
+                  get_objective("GradDiff"), get_objective("SimNPO+KL")]
+    configs = replica_configs([dataclasses.replace(UNLEARNING, seed=seed, max_grad_norm=1.0) for seed in range(5)], 5)
+    models = [build_model("tiny-synthetic", 11, 21, seed=seed) for seed in range(5)]
+    state = replica_training._Unlearning(models, objectives, tiny["forget"], tiny["retain"], configs, [None] * 5,
+                                         route)
+    assert state.batched_forget is not None
+    state.optimizer = StackedAdamW(state.stack.parameters, state.optimizer.settings, "blocked")
+    reads = _ValueReads()
+    with reads:
+        for step in range(2):
+            totals, values = state.batched_forget(step)
+            totals.sum().backward()
+            norms = clip_replica_grads(state.stack.parameters, 1.0)
+            state.optimizer.step(replica_learning_rates(configs, step, 4))
+            state.stack.zero_grad()
+    assert reads.seen == []
+    assert bool(torch.isfinite(values).all()) and bool(torch.isfinite(norms).all())
+    with reads:  # the guard sees a read: what a .item() in the step would be
+        float(totals[0].detach())
+    assert reads.seen == ["aten::_local_scalar_dense"]
 
 
 def test_a_diverged_replica_stops_and_the_others_go_on(tiny):

@@ -3,8 +3,9 @@
 Replicas run in float32 (``mixed_precision="auto"`` becomes ``"no"`` for them), so the single runs
 here are float32 too (``mixed_precision="no"``). The first GPU session compared them with single runs
 under the default ``"auto"``, i.e. bf16 autocast, and saw the first pre-training loss differ by
-1.2e-4 relative: the size of bf16 rounding averaged over ~300 tokens. These tests, rewritten after
-that session, have not run on a GPU yet (benchmarks/RESULTS.md says what did).
+1.2e-4 relative: the size of bf16 rounding averaged over ~300 tokens. The tests rewritten after that
+session passed on an H100 in the third GPU pass (benchmarks/RESULTS.md). Added or changed after it and
+not yet run on a GPU: the own-data test, the no-sync test's retain terms, the fused-kernel comparison.
 
 * no host sync: the loop-free step queues its work without waiting for the GPU;
 
