@@ -101,8 +101,8 @@ print("padded batch, labelled positions: stacked vs own (cuda)", float((stacked 
 PY
     cat "$OUT/cuda_rounding.log"
     timeout ${CUDA_TEST_S:-150} python3 -m pytest -q -rs -p no:cacheprovider --continue-on-collection-errors -m cuda \
-        tests/test_llm_cuda.py tests/test_llm_replicas_cuda.py tests/test_tofu_cuda.py tests/test_llm_methods.py \
-        tests/test_tofu_methods.py \
+        tests/test_llm_cuda.py tests/test_llm_replicas_cuda.py tests/test_llm_replicas.py tests/test_tofu_cuda.py \
+        tests/test_llm_methods.py tests/test_tofu_methods.py \
         > "$OUT/cuda_tests.log" 2>&1
     echo "cuda tests: exit $?" >> "$OUT/cuda_tests.log"; tail -25 "$OUT/cuda_tests.log"
 fi

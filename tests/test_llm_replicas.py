@@ -6,6 +6,7 @@ seed, objective and learning rate (float32, CPU, rtol 1e-5); ``torch.optim.AdamW
 passes and per-model autograd for the stacked and vmap routes.
 """
 
+import contextlib
 import copy
 import dataclasses
 import math
@@ -324,25 +325,41 @@ class _ValueReads(TorchDispatchMode):
         return func(*args, **(kwargs or {}))
 
 
-@pytest.mark.parametrize("route", ["stacked", "vmap"])
-def test_the_loop_free_step_reads_no_tensor_value_back(tiny, monkeypatch, route):
-    """The CPU guard of the CUDA no-sync test (tests/test_llm_replicas_cuda.py), so that CI without a GPU catches
-    a value read added to the step: gather, forward (forget-only, nll and kl objectives), losses, backward,
-    clipping and the GPU's AdamW kernel ("blocked") call no op that reads values back (item, bool, nonzero,
-    boolean-mask indexing, ...). It cannot see a device-to-host copy, which a CPU run does not make."""
+@contextlib.contextmanager
+def _sync_errors():
+    """On CUDA: every host sync inside raises (``torch.cuda.set_sync_debug_mode``; a traceback names the op)."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield None
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("route, device", [("stacked", "cpu"), ("vmap", "cpu"), pytest.param("stacked", "cuda", marks=[
+    pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])])
+def test_the_loop_free_step_waits_for_nothing(tiny, route, device):
+    """Gather (forget and retain rows), stacked forward (forget-only, nll and kl objectives, the kl replicas'
+    references), losses, backward, clipping and the GPU's AdamW kernel ("blocked") are queued without waiting:
+    the one wait per step is the copy back of the values and gradient norms (``_batched_step_values``).
+
+    On CUDA every host sync raises. On a CPU (so that CI without a GPU catches a wait added to the step) no op
+    may read a tensor's values back (item, bool, nonzero, boolean-mask indexing, ...; a ``TorchDispatchMode``
+    sees them, in backward too); a CPU run cannot show a device-to-host copy, which only the CUDA case checks."""
     from llm.replica_common import replica_learning_rates
     from llm.replicas import clip_replica_grads
 
     objectives = [get_objective("NPO", beta=0.2), get_objective("SimNPO", beta=2.5), get_objective("NPO+RT"),
                   get_objective("GradDiff"), get_objective("SimNPO+KL")]
-    configs = replica_configs([dataclasses.replace(UNLEARNING, seed=seed, max_grad_norm=1.0) for seed in range(5)], 5)
+    configs = replica_configs([dataclasses.replace(UNLEARNING, seed=seed, max_grad_norm=1.0, device=device)
+                               for seed in range(5)], 5)
     models = [build_model("tiny-synthetic", 11, 21, seed=seed) for seed in range(5)]
     state = replica_training._Unlearning(models, objectives, tiny["forget"], tiny["retain"], configs, [None] * 5,
                                          route)
-    assert state.batched_forget is not None
+    assert state.batched_forget is not None and state.stack.device.type == device
     state.optimizer = StackedAdamW(state.stack.parameters, state.optimizer.settings, "blocked")
     reads = _ValueReads()
-    with reads:
+    with _sync_errors() if device == "cuda" else reads:
         for step in range(2):
             totals, values = state.batched_forget(step)
             totals.sum().backward()
@@ -351,9 +368,10 @@ def test_the_loop_free_step_reads_no_tensor_value_back(tiny, monkeypatch, route)
             state.stack.zero_grad()
     assert reads.seen == []
     assert bool(torch.isfinite(values).all()) and bool(torch.isfinite(norms).all())
-    with reads:  # the guard sees a read: what a .item() in the step would be
-        float(totals[0].detach())
-    assert reads.seen == ["aten::_local_scalar_dense"]
+    if device == "cpu":
+        with reads:  # the guard sees a read: what a .item() in the step would be
+            float(totals[0].detach())
+        assert reads.seen == ["aten::_local_scalar_dense"]
 
 
 def test_a_diverged_replica_stops_and_the_others_go_on(tiny):
