@@ -28,7 +28,7 @@ pre-trains, retrains, unlearns and is evaluated on seed s_k's sets (``pretrain_r
 Targets (issue 11, CPU): one seed <= 60 s; S = 5 seeds <= 2x one seed.
 
 Run: ``python benchmarks/replica_scenario.py [--scale 1.0] [--seeds 5] [--threads 2]
-[--evaluation full subsample] [--subsample 400]``.
+[--evaluation full subsample] [--subsample 400] [--pretrain-route loop]``.
 """
 
 from __future__ import annotations
@@ -47,6 +47,7 @@ from llm.evaluate import Evaluator, evaluation_subsample_of
 from llm.models import build_model
 from llm.replica_pretraining import pretrain_replicas
 from llm.replica_training import EVALUATIONS, unlearn_replicas
+from llm.replicas import ROUTES
 from llm.train import pretrain, unlearn
 from paper_figures.transformer_runs import seed_data
 
@@ -69,6 +70,9 @@ def parse_arguments(argv=None) -> argparse.Namespace:
                         help="forget-weight / power-share sequences per component (the figures' 256)")
     parser.add_argument("--replica-evaluation", choices=EVALUATIONS, default="batched",
                         help="how unlearn_replicas evaluates its replicas")
+    parser.add_argument("--pretrain-route", choices=ROUTES, default=None,
+                        help="ReplicaStack route of the batched pre-training and retraining (default: the model's, "
+                             "'stacked'; 'loop' is the faster one on a CPU, benchmarks/RESULTS.md)")
     parser.add_argument("--unlearn-steps", type=int, default=50, help="unlearning steps per method")
     parser.add_argument("--pretrain-epochs", type=float, default=5.0, help="pre-training and retraining epochs")
     parser.add_argument("--skip-single", action="store_true", help="only the batched seeds")
@@ -150,10 +154,11 @@ def batched_seeds(seed_data: list[dict], tests: list, arguments: argparse.Namesp
     configs = [train_configs(arguments, seed) for seed in seeds]
     clock = Clock()
     references = [fresh(seed_data[seed], seed) for seed in seeds]
-    pretrain_replicas(references, [d["pretraining"] for d in seed_data], [c[0] for c in configs])
+    route = arguments.pretrain_route
+    pretrain_replicas(references, [d["pretraining"] for d in seed_data], [c[0] for c in configs], route)
     clock.lap("pre-train")
     retrained = [fresh(seed_data[seed], seed + RETRAINED_SEED_OFFSET) for seed in seeds]
-    pretrain_replicas(retrained, [d["retain"] for d in seed_data], [c[0] for c in configs])
+    pretrain_replicas(retrained, [d["retain"] for d in seed_data], [c[0] for c in configs], route)
     clock.lap("retrain")
     evaluators = [Evaluator(test, d["chains"], retrained=r, reference=m, batch_size=configs[0][1].eval_batch_size)
                   for test, d, r, m in zip(tests, seed_data, retrained, references)]
@@ -191,7 +196,8 @@ def main(argv=None) -> None:
           f"retain / {len(data['forget'])} forget / {len(data['test'])} test sequences; {PRESET}; "
           f"{', '.join(METHODS)} x {arguments.unlearn_steps} steps, every metric every step; "
           f"diagnostics on {arguments.diagnostics_subsample} sequences per component; "
-          f"replica evaluation {arguments.replica_evaluation}")
+          f"replica evaluation {arguments.replica_evaluation}; batched pre-training route "
+          f"{arguments.pretrain_route or 'the model default'}")
     for evaluation in arguments.evaluation:
         tests = [d["test"] if evaluation == "full" else evaluation_subsample_of(d["test"], arguments.subsample)
                  for d in seed_data]
