@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import sys
 
 import torch
 
 from markovsim.runtime import DEVICES, resolve_device  # the one device rule, shared with the simulator
 
 __all__ = ["DEVICES", "MIXED_PRECISIONS", "resolve_device", "use_bf16", "autocast", "make_accelerator",
-           "is_distributed_launch", "end_distributed", "transformers_output", "host_to_device"]
+           "is_distributed_launch", "end_distributed", "exit_with", "transformers_output", "host_to_device"]
 
 MIXED_PRECISIONS = ("auto", "bf16", "no")
 
@@ -63,6 +64,15 @@ def end_distributed() -> None:
     """
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+
+
+def exit_with(code: int) -> None:
+    """``sys.exit(code)`` for a command line's ``main``: on success it first ends the process group
+    (:func:`end_distributed`); after a failure it does not, since a failed rank may have left the others
+    inside a collective, where no teardown handshake can complete."""
+    if code == 0:
+        end_distributed()
+    sys.exit(code)
 
 
 def is_distributed_launch() -> bool:

@@ -151,9 +151,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    if code == 0:  # a failed rank may have left the others inside a collective: no teardown handshake then
-        from llm.runtime import end_distributed
+    from llm.runtime import exit_with
 
-        end_distributed()
-    sys.exit(code)
+    exit_with(main())
