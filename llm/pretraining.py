@@ -1,7 +1,8 @@
 """Pre-training and retraining: token-mean cross-entropy on the full likelihood, on a :class:`Session`.
 
-As in the paper's synthetic experiment, the loss covers s_1..s_L (labels on every state); the
-retrained baseline is pre-training on the retain data only. Models are trained in place.
+The loss covers s_1..s_L (labels on every state, the first one predicted from BOS); the paper's official
+code has no BOS and covers s_2..s_L (docs/theory.md, "The paper's synthetic experiment"). The retrained
+baseline is pre-training on the retain data only. Models are trained in place.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ retrained models marked. ``allocation_axes`` draws mean gradient weight and powe
 
 from __future__ import annotations
 
+import warnings
 from typing import Mapping
 
 import matplotlib.pyplot as plt
@@ -15,8 +16,10 @@ import numpy as np
 from .analysis import fit_divergence_rates
 from .trajectory import Trajectory
 
-METHOD_COLORS = {"GA": "#7f7f7f", "GradDiff": "#2ca02c", "NPO": "#d62728", "NPO+RT": "#ff9896", "NPO+KL": "#e377c2",
-                 "SimNPO": "#1f77b4", "SimNPO+RT": "#aec7e8", "SimNPO+KL": "#17becf"}
+# The paper's colours: NPO blue, SimNPO red, GA grey (their +RT / +KL forms in lighter shades of the same hue).
+NPO_COLOR, SIMNPO_COLOR, GA_COLOR = "#1f77b4", "#d62728", "#7f7f7f"
+METHOD_COLORS = {"GA": GA_COLOR, "GradDiff": "#2ca02c", "NPO": NPO_COLOR, "NPO+RT": "#aec7e8", "NPO+KL": "#17becf",
+                 "SimNPO": SIMNPO_COLOR, "SimNPO+RT": "#ff9896", "SimNPO+KL": "#e377c2"}
 LINESTYLES = ("-", "--", ":", "-.")
 
 
@@ -54,6 +57,28 @@ def stack_seeds(curves) -> np.ndarray:
     for row, curve in enumerate(curves):
         stacked[row, : len(curve)] = curve
     return stacked
+
+
+def median_path(xs, ys) -> tuple[np.ndarray, np.ndarray]:
+    """The pointwise median over seeds of a parametric curve: (E,) x and (E,) y.
+
+    Args: xs, ys: lists of per-seed curves (or (S, E) arrays; NaN where a seed has stopped). At each
+    evaluation the median of the seeds still running (NaN where none is).
+    """
+    xs, ys = stack_seeds(xs), stack_seeds(ys)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN columns stay NaN
+        return np.nanmedian(xs, 0), np.nanmedian(ys, 0)
+
+
+def seed_lines_axes(axis, xs, ys, color: str, linestyle: str = "-", label: str | None = None) -> None:
+    """Every seed's (x(t), y(t)) as a thin faint line and their pointwise :func:`median_path` as a thick one
+    (what a reader should see of a 2-D path over seeds; an sd band of such a path can fold into a polygon
+    nowhere near any seed)."""
+    for x, y in zip(xs, ys):
+        axis.plot(x, y, linestyle, color=color, lw=0.5, alpha=0.3)
+    median_x, median_y = median_path(xs, ys)
+    axis.plot(median_x, median_y, linestyle, color=color, lw=1.8, label=label)
 
 
 def band_polygon(xs: np.ndarray, ys: np.ndarray, scale: tuple[float, float] = (1.0, 1.0)) -> np.ndarray | None:

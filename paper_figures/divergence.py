@@ -51,10 +51,12 @@ def compute(config: Config, cache_stem: str, device: str = "cpu", recompute: boo
         from . import markov_tradeoff
 
         tradeoff_config = markov_tradeoff.CONFIGS[config.transformer_overlay]
-        spec = dataclasses.replace(markov_tradeoff.case_runs(tradeoff_config, "paper_short_forget2"), seeds=(0,),
-                                   simulator_sources=())
-        for source, per_seed in scenario_runs(spec, os.path.dirname(cache_stem), device, recompute, jobs).items():
-            runs[source] = {m: t for m, t in per_seed[0][0].items() if m in METHODS}
+        for spec in markov_tradeoff.case_runs(tradeoff_config, "paper_short_forget2"):
+            if not spec.transformers:
+                continue
+            spec = dataclasses.replace(spec, seeds=spec.seeds[:1])  # the first seed (0)
+            for source, per_seed in scenario_runs(spec, os.path.dirname(cache_stem), device, recompute, jobs).items():
+                runs[source] = {m: t for m, t in per_seed[0][0].items() if m in METHODS}
     arrays, fits = {}, {}
     for source, trajectories in runs.items():
         for method, trajectory in trajectories.items():

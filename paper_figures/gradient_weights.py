@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from markovsim.losses import gradient_weights
+from markovsim.plotting import NPO_COLOR, SIMNPO_COLOR
 
 from .cache import load_cache, save_cache
 from .runs import cached_runs, simulator_runs
@@ -72,8 +73,8 @@ def plot(cache_stem: str, output_stem: str) -> list[str]:
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     grid = arrays["logp_per_token"]
     for style, length in zip(("--", "-"), config["lengths"]):
-        axes[0].plot(grid, arrays[f"npo/{length}"], style, color="#d62728", label=f"NPO, |y| = {length}")
-        axes[0].plot(grid, arrays[f"simnpo/{length}"] * length, style, color="#1f77b4",
+        axes[0].plot(grid, arrays[f"npo/{length}"], style, color=NPO_COLOR, label=f"NPO, |y| = {length}")
+        axes[0].plot(grid, arrays[f"simnpo/{length}"] * length, style, color=SIMNPO_COLOR,
                      label=f"SimNPO x |y|, |y| = {length}")
     axes[0].axvline(config["reference_logp_per_token"], color="k", lw=0.8, ls=":")
     axes[0].set_yscale("log")
@@ -82,7 +83,7 @@ def plot(cache_stem: str, output_stem: str) -> list[str]:
     axes[0].set_title(f"closed form (NPO: reference at {config['reference_logp_per_token']}/token)")
     axes[0].legend(fontsize=7)
     for axis, scenario in zip(axes[1:], ("paper_short_forget2", "paper_unseen_forget2")):
-        for method, color in (("NPO", "#d62728"), ("SimNPO", "#1f77b4")):
+        for method, color in (("NPO", NPO_COLOR), ("SimNPO", SIMNPO_COLOR)):
             steps = arrays[f"{scenario}/{method}/steps"]
             for name, style in (("forget1", "-"), ("forget2", "--")):
                 values = arrays[f"{scenario}/{method}/{name}"]

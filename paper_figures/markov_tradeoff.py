@@ -1,17 +1,23 @@
-"""SimNPO paper Fig. 5 reproduced: forget quality vs retain distance on the paper's Markov mixtures.
+"""SimNPO paper Fig. 5 reproduced over paired seeds and held to the paper's own numbers.
 
 Question: in case (a) (forget2 of length 5) and case (b) (forget2 never pre-trained), how do GA,
 NPO and SimNPO trade forget quality (KL from the true forget chain; higher = more forgotten, the
 target is the retrained model) against retain distance (KL from the true retain chain; lower is
 better), on the paper's own synthetic transformer, on a GPT-2 of the same size, and in the exact
-simulator - over seeds?
+simulator - over seeds, and where does the paper's single published seed fall among them?
 
 Layout: one column per source; rows (a) zoomed to the paper's window (x 0-0.25, y 0-0.5, linear
-axes), (a) whole trajectories, then the same for (b). Each line is the seed mean of a method on a
-forget component (solid forget1, dashed forget2) with a one-sd band; stars mark the initial
-(reference) and retrained models. The table (``<output>_table.md`` and the cache's ``table``): the
-retain KL at which each forget component's KL first reaches its retrained model's level, mean and
-sd over the seeds that reach it.
+axes), (a) whole trajectories, then the same for (b): every seed a thin line, the pointwise median
+over seeds a thick one (solid forget1, dashed forget2; NPO blue, SimNPO red, GA grey as in the
+paper); stars mark the initial (reference) and retrained models (seed medians); diamonds on the
+paper-synthetic panels the official figure's reach points (seed 42). The last row: the retain KL at
+reach of every seed (points), its median (bar), the official seed-42 value (diamond) and the official
+pipeline's re-run range (grey span, case (a)), per case and forget component.
+
+Outputs beside the figure: ``<output>_table.md`` (per cell median and 5-95% over seeds, the paired
+differences SimNPO - NPO and NPO - GA with bootstrap intervals and ordering fractions, the official
+values, every row with its optimiser, learning rate and batch size, and the README's claims checked) and
+``fig5_reach.csv`` (one row per case, source, method, component and seed: ``reach_statistics``).
 """
 
 from __future__ import annotations
@@ -21,148 +27,297 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from markovsim.analysis import crossing, interpolate_at
-from markovsim.plotting import method_color, seed_band_axes
+from markovsim.plotting import method_color, seed_lines_axes
 from markovsim.results import atomic_output
+from markovsim.scenarios import SCENARIOS
 
-from .runs import (
-    ScenarioRuns,
-    by_source,
-    flatten_seeds,
-    load_runs,
-    ordered_sources,
-    precompute_runs,
-    save_runs,
-    scenario_runs,
-)
+from . import official_fig5
+from .fig5_claims import CLAIMS
+from .fig5_claims import evaluate as evaluate_claim
+from .reach_statistics import FORGET, paired_difference, per_seed_rows, summarise, values_by_seed, write_csv
+from .runs import ScenarioRuns, by_source, load_runs, ordered_sources, precompute_runs, save_runs, scenario_runs
 from .style import apply_style, save_figure
 from .transformer_runs import TransformerSettings
 
-TITLE = "SimNPO Fig. 5 on the paper's Markov mixtures: forget quality vs retain distance, seed mean +- sd"
+TITLE = "SimNPO Fig. 5 on the paper's Markov mixtures over paired seeds: forget quality vs retain distance"
 CASES = {"paper_short_forget2": "(a) forget2 of length 5", "paper_unseen_forget2": "(b) forget2 never pre-trained"}
-FORGET = ("forget1", "forget2")
+CASE_LETTERS = {"paper_short_forget2": "a", "paper_unseen_forget2": "b"}
 COMPONENT_STYLES = {"forget1": "-", "forget2": "--"}
 WINDOW = (0.25, 0.5)  # the paper's axes: retain KL 0-0.25, forget KL 0-0.5
+OFFICIAL_SOURCE = "paper-synthetic"  # the official figure's model
+CSV_NAME = "fig5_reach.csv"
 
 
-def _transformers(steps: int = 50, epochs: float = 5.0, presets=("paper-synthetic", "gpt2-4x128"), diagnostics=256):
+def _transformers(steps: int = 50, epochs: float = 5.0, presets=("paper-synthetic", "gpt2-4x128"), diagnostics=256,
+                  evaluation_subsample=None):
     return tuple(TransformerSettings(preset=p, pretrain_epochs=epochs, unlearn_steps=steps,
-                                     diagnostics_max_sequences=diagnostics) for p in presets)
+                                     diagnostics_max_sequences=diagnostics, evaluation_subsample=evaluation_subsample)
+                 for p in presets)
 
 
 @dataclass(frozen=True)
 class Config:
+    """What the figure runs.
+
+    Attributes:
+        scale: fraction of the paper's sequence counts (1.0 = the paper's).
+        seeds: the seeds of every source not in ``seed_counts``.
+        seed_counts: ``(source, n)`` pairs: that source runs seeds 0..n-1 instead (paired with every other
+            source on the seeds they share: seed k is the same sampled data everywhere).
+        simulator_steps, simulator_sources: the exact runs (the scenario's optimiser otherwise).
+        transformers: one :class:`TransformerSettings` per transformer source.
+    """
+
     scale: float = 0.2
     seeds: tuple[int, ...] = (0, 1)
+    seed_counts: tuple[tuple[str, int], ...] = ()
     simulator_steps: int = 50
     simulator_sources: tuple[str, ...] = ("tabular", "mixture")
-    # quick: power share / weights on 64 sequences per component (256 at paper scale), to keep
-    # every-step evaluation of all runs inside make figures' budget
-    transformers: tuple[TransformerSettings, ...] = field(default_factory=lambda: _transformers(diagnostics=64))
+    # quick: the paper's transformer only, evaluated every step on 200 of the 800 test sequences, power share /
+    # weights on 16 sequences per component (paper scale: every test sequence, 256), to keep every-step
+    # evaluation inside make figures' budget on a slow 2-core CPU (the evaluation is most of a run's arithmetic)
+    transformers: tuple[TransformerSettings, ...] = field(
+        default_factory=lambda: _transformers(presets=("paper-synthetic",), diagnostics=16, evaluation_subsample=200))
+
+    def __post_init__(self) -> None:
+        if not self.seeds:
+            raise ValueError("seeds is empty: give at least one seed")
+        for source, count in self.seed_counts:
+            if not isinstance(count, int) or count < 1:
+                raise ValueError(f"seed_counts: {source!r} has {count!r} seeds; give an int >= 1")
+
+    def seeds_of(self, source: str) -> tuple[int, ...]:
+        """The seeds ``source`` runs."""
+        counts = dict(self.seed_counts)
+        return tuple(range(counts[source])) if source in counts else tuple(self.seeds)
 
 
 CONFIGS = {
-    "tiny": Config(scale=0.005, seeds=(0, 1), simulator_steps=3,
+    "tiny": Config(scale=0.005, seeds=(0, 1), seed_counts=(("tabular", 3),), simulator_steps=3,
                    transformers=_transformers(steps=2, epochs=1.0, presets=("tiny-synthetic", "tiny-gpt2"))),
-    "quick": Config(),
-    "paper": Config(scale=1.0, seeds=(0, 1, 2, 3, 4), transformers=_transformers()),
+    "quick": Config(seed_counts=(("tabular", 10), ("mixture", 10))),
+    "paper": Config(scale=1.0, seeds=tuple(range(10)), seed_counts=(("paper-synthetic", 20),),
+                    transformers=_transformers()),
 }
 
 
-def case_runs(config: Config, case: str) -> ScenarioRuns:
-    """The run sets of one case (shared with the power-share and divergence figures)."""
-    return ScenarioRuns(case, config.scale, tuple(config.seeds), config.simulator_steps, config.simulator_sources,
-                        tuple(config.transformers))
+def case_runs(config: Config, case: str) -> tuple[ScenarioRuns, ...]:
+    """The run sets of one case, one spec per group of sources with the same seeds (shared with the
+    power-share, divergence and tofu_bias figures)."""
+    specs = [ScenarioRuns(case, config.scale, config.seeds_of(source), config.simulator_steps, (source,), ())
+             for source in config.simulator_sources]
+    specs += [ScenarioRuns(case, config.scale, config.seeds_of(settings.preset), config.simulator_steps, (),
+                           (settings,)) for settings in config.transformers]
+    return tuple(specs)
 
 
-def reach_rows(case: str, source: str, per_seed, num_seeds: int) -> list[dict]:
-    """Table rows of one source: per method and forget component, the retain KL (and step) at the first
-    evaluation where the forget KL reaches the seed's retrained level, mean/sd over the seeds that reach it."""
-    rows = []
-    methods = list(per_seed[0][1])
-    for method in methods:
-        for component in FORGET:
-            retain_kls, steps, levels = [], [], []
-            for _, trajectories, retrained in per_seed:
-                trajectory = trajectories[method]
-                level = retrained[component]
-                position = crossing(trajectory.metric("kl_true", component), level, increasing=True)
-                levels.append(level)
-                if np.isfinite(position):
-                    retain_kls.append(interpolate_at(trajectory.metric("kl_true", "retain"), position))
-                    steps.append(interpolate_at(trajectory.steps.astype(np.float64), position))
-            rows.append({"case": case, "source": source, "method": method, "component": component,
-                         "seeds": num_seeds, "reached": len(retain_kls), "retrained_kl": float(np.mean(levels)),
-                         "retain_kl_mean": _mean(retain_kls), "retain_kl_sd": _sd(retain_kls),
-                         "step_mean": _mean(steps), "step_sd": _sd(steps)})
-    return rows
+def seeded_case_runs(config: Config, case: str, cache_dir: str, device: str = "cpu", recompute: bool = False,
+                     jobs: int = 1) -> dict[str, list[tuple[int, dict, dict]]]:
+    """``{source: [(seed, {method: Trajectory}, {component: retrained kl_true}), ...]}`` of one case."""
+    result = {}
+    for spec in case_runs(config, case):
+        for source, per_seed in scenario_runs(spec, cache_dir, device, recompute, jobs).items():
+            result[source] = [(seed, runs, levels) for seed, (runs, levels) in zip(spec.seeds, per_seed)]
+    return result
 
 
-def _mean(values) -> float | None:
-    return float(np.mean(values)) if values else None
-
-
-def _sd(values) -> float | None:
-    return float(np.std(values, ddof=1)) if len(values) > 1 else None
+def flat_case_runs(config: Config, cache_dir: str, device: str = "cpu", recompute: bool = False,
+                   jobs: int = 1) -> tuple[dict, dict]:
+    """Every case's runs for :func:`paper_figures.runs.save_runs`: keys ``"<case>:<source>/seed<k>"``."""
+    precompute_runs([spec for case in CASES for spec in case_runs(config, case)], cache_dir, device, recompute, jobs)
+    runs, retrained = {}, {}
+    for case in CASES:
+        for source, per_seed in seeded_case_runs(config, case, cache_dir, device, recompute, jobs).items():
+            for seed, trajectories, levels in per_seed:
+                runs[f"{case}:{source}/seed{seed}"], retrained[f"{case}:{source}/seed{seed}"] = trajectories, levels
+    return runs, retrained
 
 
 def compute(config: Config, cache_stem: str, device: str = "cpu", recompute: bool = False, jobs: int = 1) -> str:
-    runs, retrained, table = {}, {}, []
-    precompute_runs([case_runs(config, case) for case in CASES], os.path.dirname(cache_stem), device, recompute, jobs)
-    for case in CASES:
-        seeded = scenario_runs(case_runs(config, case), os.path.dirname(cache_stem), device, recompute, jobs)
-        flat_runs, flat_retrained = flatten_seeds(seeded, config.seeds)
-        runs |= {f"{case}:{key}": value for key, value in flat_runs.items()}
-        retrained |= {f"{case}:{key}": value for key, value in flat_retrained.items()}
-        for source, per_seed in seeded.items():
-            keyed = [(seed, trajectories, levels) for seed, (trajectories, levels) in zip(config.seeds, per_seed)]
-            table += reach_rows(case, source, keyed, len(config.seeds))
-    save_runs(cache_stem, runs, retrained, config, table=table)
+    runs, retrained = flat_case_runs(config, os.path.dirname(cache_stem), device, recompute, jobs)
+    save_runs(cache_stem, runs, retrained, config)
     return cache_stem
 
 
-def format_value(mean: float | None, sd: float | None) -> str:
-    if mean is None:
-        return "not reached"
-    return f"{mean:.3f}" if sd is None else f"{mean:.3f} +- {sd:.3f}"
+# ---------------------------------------------------------------------------------------------
+# Reach values: the per-seed rows, the tables
+# ---------------------------------------------------------------------------------------------
 
 
-def table_markdown(table: list[dict]) -> str:
-    """The reach table as Markdown (what the README and benchmarks/RESULTS.md quote)."""
-    lines = ["| case | source | method | component | retrained KL | retain KL at reach | step at reach "
-             "| seeds reached |",
-             "|---|---|---|---|---|---|---|---|"]
-    for row in table:
-        lines.append(f"| {CASES[row['case']].split(' ')[0]} | {row['source']} | {row['method']} | {row['component']} | "
-                     f"{row['retrained_kl']:.3f} | {format_value(row['retain_kl_mean'], row['retain_kl_sd'])} | "
-                     f"{format_value(row['step_mean'], row['step_sd'])} | {row['reached']}/{row['seeds']} |")
-    return "\n".join(lines) + "\n"
+def grouped_runs(runs: dict, retrained: dict) -> dict[tuple[str, str], list[tuple[int, dict, dict]]]:
+    """``{(case, source): [(seed, {method: Trajectory}, levels), ...]}`` of a cache, seeds in order."""
+    grouped = {}
+    for key, per_seed in by_source(runs, retrained).items():
+        case, source = key.split(":", 1)
+        seeded = [(int(seed_key.rsplit("/seed", 1)[1]), trajectories, levels)
+                  for seed_key, trajectories, levels in per_seed]
+        grouped[(case, source)] = sorted(seeded, key=lambda item: item[0])
+    return grouped
+
+
+def reach_rows(runs: dict, retrained: dict) -> list[dict]:
+    """Every per-seed reach row of a cache (the CSV's rows), cases in :data:`CASES` order, sources in plot order."""
+    grouped = grouped_runs(runs, retrained)
+    rows = []
+    for case in CASES:
+        for source in ordered_sources(s for c, s in grouped if c == case):
+            rows += per_seed_rows(CASE_LETTERS[case], source, grouped[(case, source)])
+    return rows
+
+
+def training_label(config: dict, case: str, source: str) -> str:
+    """The optimiser, learning rate and batch of a source's unlearning runs, from a cache's config."""
+    for settings in config.get("transformers", ()):
+        if settings["preset"] == source:
+            return (f"{settings['optimizer']} lr {settings['unlearn_learning_rate']:g}, batch "
+                    f"{settings['unlearn_batch_size']}, {settings['unlearn_steps']} steps")
+    dynamics = SCENARIOS[case].dynamics
+    batch = "full batch" if dynamics.batch_size is None else f"batch {dynamics.batch_size}"
+    return f"{dynamics.optimizer} lr {dynamics.learning_rate:g}, {batch}, {config['simulator_steps']} steps"
+
+
+def _number(value: float | None, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _official(case: str, method: str, component: str) -> tuple[str, str]:
+    value, spread = official_fig5.reach(case, method, component), official_fig5.rerun_range(case, method, component)
+    return (_number(value), "-" if spread is None else f"{spread[0]:.3f}-{spread[1]:.3f}")
+
+
+def reach_table(rows: list[dict], config: dict, levels: dict) -> list[str]:
+    """Markdown lines: per (case, source, method, component) the median [5%, 95%] over seeds, official values."""
+    lines = ["| case | source | unlearning | method | component | retrained KL | retain KL at reach: median "
+             "[5%, 95%] | step at reach: median | seeds reached | official (seed 42) | official re-runs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for (case, source, method, component) in dict.fromkeys((r["case"], r["source"], r["method"], r["component"])
+                                                          for r in rows):
+        scenario = next(name for name, letter in CASE_LETTERS.items() if letter == case)
+        reach = summarise(values_by_seed(rows, case, source, method, component))
+        step = summarise(values_by_seed(rows, case, source, method, component, "step_at_reach"))
+        official, spread = _official(case, method, component) if source == OFFICIAL_SOURCE else ("", "")
+        value = ("not reached" if reach.median is None
+                 else f"{reach.median:.3f} [{reach.low:.3f}, {reach.high:.3f}]")
+        lines.append(f"| ({case}) | {source} | {training_label(config, scenario, source)} | {method} | {component} | "
+                     f"{levels[(case, source, component)]:.3f} | {value} | {_number(step.median, 1)} | "
+                     f"{reach.reached}/{reach.seeds} | {official} | {spread} |")
+    return lines
+
+
+PAIRS = (("SimNPO", "NPO"), ("NPO", "GA"))
+
+
+def _difference_cell(difference) -> str:
+    if difference.mean is None:
+        return f"- (both reach on {difference.both_reached} seeds)"
+    return f"{difference.mean:+.3f} [{difference.low:+.3f}, {difference.high:+.3f}]"
+
+
+def difference_table(rows: list[dict]) -> list[str]:
+    """Markdown lines: per (case, source, component) the paired differences of :data:`PAIRS` (bootstrap 95%
+    interval of the mean over seeds) and the fraction of seeds on which the first is lower / tied / higher."""
+    header = "| case | source | component | seeds |"
+    rule = "|---|---|---|---|"
+    for a, b in PAIRS:
+        header += f" {a} - {b}: mean [95% CI] | {a} lower / tied / higher |"
+        rule += "---|---|"
+    lines = [header, rule]
+    cells = dict.fromkeys((r["case"], r["source"], r["component"]) for r in rows)
+    methods = {(r["case"], r["source"]): set() for r in rows}
+    for r in rows:
+        methods[(r["case"], r["source"])].add(r["method"])
+    for case, source, component in cells:
+        line, seeds = f"| ({case}) | {source} | {component} |", None
+        for a, b in PAIRS:
+            if not {a, b} <= methods[(case, source)]:
+                line += " | |"
+                continue
+            d = paired_difference(values_by_seed(rows, case, source, a, component),
+                                  values_by_seed(rows, case, source, b, component))
+            seeds = d.seeds
+            line += f" {_difference_cell(d)} | {d.a_lower:.2f} / {d.tied:.2f} / {d.a_higher:.2f} |"
+        lines.append(line.replace(f"| {component} |", f"| {component} | {seeds} |", 1))
+    return lines
+
+
+def claims_lines(rows: list[dict]) -> list[str]:
+    """The README's claims (:data:`fig5_claims.CLAIMS`) judged on ``rows``; only those whose sources are here."""
+    present = {(r["case"], r["source"]) for r in rows}
+    lines = []
+    for claim in CLAIMS:
+        if (claim.case, claim.source) not in present:
+            continue
+        holds, d = evaluate_claim(claim, rows)
+        lines.append(f"- {claim.text()}: {claim.lower} - {claim.higher} = {_difference_cell(d)}, "
+                     f"{claim.lower} lower on {d.a_lower:.0%} of {d.seeds} seeds: "
+                     f"{'holds' if holds else 'DOES NOT HOLD'}")
+    return lines
+
+
+def table_markdown(rows: list[dict], config: dict, levels: dict) -> str:
+    """The table file: reach values, paired differences, claims (what README and benchmarks/RESULTS.md quote)."""
+    seeds = sorted({(r["source"], len({x["seed"] for x in rows if x["source"] == r["source"]})) for r in rows})
+    parts = [f"Scale {config['scale']}; seeds per source: " + ", ".join(f"{s} {n}" for s, n in seeds) +
+             ". Retain KL at reach = the retain KL where the forget KL first reaches the seed's retrained level "
+             "(lower = cheaper forgetting); 5-95% over the seeds that reach; paired differences over seeds "
+             "(same data, initialisation and batch order for every method), 95% percentile bootstrap of the mean "
+             "(10,000 resamples). Official: the SimNPO repository's published figure (one seed, 42) and the "
+             "official pipeline re-run over five seeds (case (a)); see paper_figures/data/simnpo_official_fig5.json.",
+             "", *reach_table(rows, config, levels), "", "Paired differences of the retain KL at reach:", "",
+             *difference_table(rows)]
+    claims = claims_lines(rows)
+    if claims:
+        parts += ["", "The README's claims (paper_figures/fig5_claims.py), judged on these seeds:", "", *claims]
+    return "\n".join(parts) + "\n"
+
+
+def mean_levels(runs: dict, retrained: dict) -> dict[tuple[str, str, str], float]:
+    """``{(case letter, source, component): mean retrained kl_true over seeds}``."""
+    return {(CASE_LETTERS[case], source, component): float(np.mean([levels[component] for _, _, levels in per_seed]))
+            for (case, source), per_seed in grouped_runs(runs, retrained).items() for component in FORGET}
+
+
+# ---------------------------------------------------------------------------------------------
+# The figure
+# ---------------------------------------------------------------------------------------------
 
 
 def start_and_target(per_seed, method: str, component: str) -> tuple[tuple[float, float], tuple[float, float]]:
-    """The two stars of a trade-off panel, seed means of (retain KL, ``component`` KL): the reference (where
+    """The two stars of a trade-off panel, seed medians of (retain KL, ``component`` KL): the reference (where
     ``method``'s runs start) and the retrained model (the level of "forgotten")."""
     first = [trajectories[method] for _, trajectories, _ in per_seed]
-    initial = (np.mean([t.metric("kl_true", "retain")[0] for t in first]),
-               np.mean([t.metric("kl_true", component)[0] for t in first]))
-    target = (np.mean([levels["retain"] for _, _, levels in per_seed]),
-              np.mean([levels[component] for _, _, levels in per_seed]))
+    initial = (np.median([t.metric("kl_true", "retain")[0] for t in first]),
+               np.median([t.metric("kl_true", component)[0] for t in first]))
+    target = (np.median([levels["retain"] for _, _, levels in per_seed]),
+              np.median([levels[component] for _, _, levels in per_seed]))
     return initial, target
 
 
-def _draw(axis, per_seed, zoomed: bool) -> None:
+def _draw_official(axis, case: str, methods) -> None:
+    start = official_fig5.start_point(case)
+    for component, face in (("forget1", None), ("forget2", "white")):
+        for method in methods:
+            value = official_fig5.reach(case, method, component)
+            if value is not None:
+                axis.plot(value, start[f"retrained_{component}"], "D", color=method_color(method), ms=6,
+                          markeredgecolor="black", markerfacecolor=face or method_color(method), zorder=6)
+        axis.plot(start["retain"], start[component], "P", color="black", ms=6, markerfacecolor=face or "black",
+                  zorder=6)
+
+
+def _draw_paths(axis, per_seed, zoomed: bool, case_letter: str, official: bool) -> None:
     methods = list(per_seed[0][1])
-    scale = WINDOW if zoomed else (1.0, 1.0)
     for method in methods:
         for component in FORGET:
             xs = [trajectories[method].metric("kl_true", "retain") for _, trajectories, _ in per_seed]
             ys = [trajectories[method].metric("kl_true", component) for _, trajectories, _ in per_seed]
-            seed_band_axes(axis, xs, ys, method_color(method), COMPONENT_STYLES[component],
-                           f"{method} {component}", scale=scale)
+            seed_lines_axes(axis, xs, ys, method_color(method), COMPONENT_STYLES[component], f"{method} {component}")
     for component, face in (("forget1", None), ("forget2", "none")):
         initial, target = start_and_target(per_seed, methods[0], component)
         axis.plot(*initial, "*", color="black", ms=11, markerfacecolor=face or "black", zorder=5)
         axis.plot(*target, "*", color="#ff7f0e", ms=13, markerfacecolor=face or "#ff7f0e", zorder=5)
+    if official:
+        _draw_official(axis, case_letter, methods)
     if zoomed:
         axis.set_xlim(0, WINDOW[0])
         axis.set_ylim(0, WINDOW[1])
@@ -174,16 +329,49 @@ def _draw(axis, per_seed, zoomed: bool) -> None:
         axis.set_ylim(bottom=0)
 
 
+def _draw_reach_points(axis, rows: list[dict], case: str, component: str, sources: list[str], methods) -> None:
+    """Per-seed reach values of one case and component: a group of methods per source (log scale)."""
+    rng = np.random.default_rng(0)  # jitter only
+    ticks = []
+    for group, source in enumerate(sources):
+        for offset, method in enumerate(methods):
+            x = group * (len(methods) + 1) + offset
+            values = np.array(list(values_by_seed(rows, case, source, method, component).values()))
+            values = values[np.isfinite(values)]
+            if values.size:
+                axis.plot(x + rng.uniform(-0.25, 0.25, values.size), values, "o", color=method_color(method), ms=2.5,
+                          alpha=0.6, markeredgewidth=0)
+                axis.plot([x - 0.35, x + 0.35], [np.median(values)] * 2, color=method_color(method), lw=2)
+            if source == OFFICIAL_SOURCE:
+                spread = official_fig5.rerun_range(case, method, component)
+                if spread is not None:
+                    axis.fill_between([x - 0.45, x + 0.45], *spread, color="gray", alpha=0.25, lw=0)
+                value = official_fig5.reach(case, method, component)
+                if value is not None:
+                    axis.plot(x + 0.45, value, "D", color=method_color(method), markeredgecolor="black", ms=6,
+                              zorder=6)
+        ticks.append((group * (len(methods) + 1) + (len(methods) - 1) / 2, source))
+    axis.set_yscale("log")
+    axis.set_xticks([t for t, _ in ticks], [s for _, s in ticks], fontsize=7, rotation=15)
+    axis.grid(axis="x", visible=False)
+    axis.set_ylabel("retain KL at reach (log)")
+
+
 def _legend(figure, methods) -> None:
     from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
     handles = [Line2D([], [], color=method_color(m), lw=2, label=m) for m in methods]
-    handles += [Line2D([], [], color="k", ls=style, label=f"{c} (band: 1 sd over seeds)")
+    handles += [Line2D([], [], color="k", ls=style, label=f"{c}: median path; thin: each seed")
                 for c, style in COMPONENT_STYLES.items()]
     handles += [Line2D([], [], ls="", marker="*", color="black", ms=10, label="initial (reference): forget1 filled, "
                                                                                  "forget2 hollow"),
-                Line2D([], [], ls="", marker="*", color="#ff7f0e", ms=11, label="retrained model")]
-    figure.legend(handles=handles, loc="outside lower center", ncol=4, fontsize=8)
+                Line2D([], [], ls="", marker="*", color="#ff7f0e", ms=11, label="retrained model"),
+                Line2D([], [], ls="", marker="D", color="gray", markeredgecolor="black", ms=6,
+                       label="official figure, seed 42 (reach; + start)"),
+                Patch(color="gray", alpha=0.25, label="official pipeline re-runs, 5 seeds"),
+                Line2D([], [], ls="", marker="o", color="gray", ms=3, label="one seed's reach (bar: median)")]
+    figure.legend(handles=handles, loc="outside lower center", ncol=5, fontsize=8)
 
 
 def plot(cache_stem: str, output_stem: str) -> list[str]:
@@ -191,29 +379,44 @@ def plot(cache_stem: str, output_stem: str) -> list[str]:
     apply_style()
     import matplotlib.pyplot as plt
 
-    grouped = by_source(runs, retrained)  # {"case:source": [(key, runs, retrained) per seed]}
-    sources = ordered_sources(key.split(":", 1)[1] for key in grouped)
-    figure, axes = plt.subplots(2 * len(CASES), len(sources), figsize=(3.7 * len(sources), 3.1 * 2 * len(CASES)),
+    grouped = grouped_runs(runs, retrained)
+    sources = ordered_sources(source for _, source in grouped)
+    columns = max(len(sources), 2 * len(CASES))
+    figure, axes = plt.subplots(2 * len(CASES) + 1, columns, figsize=(3.7 * columns, 3.1 * (2 * len(CASES) + 1)),
                                 squeeze=False)
     methods = []
     for block, (case, label) in enumerate(CASES.items()):
-        for col, source in enumerate(sources):
-            per_seed = grouped.get(f"{case}:{source}")
+        for col in range(columns):
+            source = sources[col] if col < len(sources) else None
+            per_seed = grouped.get((case, source))
             for row, zoomed in ((2 * block, True), (2 * block + 1, False)):
                 axis = axes[row, col]
                 if per_seed is None:
                     axis.set_axis_off()
                     continue
-                _draw(axis, per_seed, zoomed)
+                _draw_paths(axis, per_seed, zoomed, CASE_LETTERS[case], zoomed and source == OFFICIAL_SOURCE)
                 methods = methods or list(per_seed[0][1])
                 axis.set_title(f"{label}\n{source}, {len(per_seed)} seeds" + ("" if zoomed else ": whole run"),
                                fontsize=8)
                 axis.set_xlabel("retain distance: KL on retain")
                 axis.set_ylabel("forget quality: KL on forget")
+    rows = reach_rows(runs, retrained)
+    panels = [(case, component) for case in CASES for component in FORGET]
+    for col in range(columns):
+        axis = axes[-1, col]
+        if col >= len(panels):
+            axis.set_axis_off()
+            continue
+        case, component = panels[col]
+        _draw_reach_points(axis, rows, CASE_LETTERS[case], component, sources, methods)
+        axis.set_title(f"{CASES[case]}: {component}\nretain KL at reach, per seed", fontsize=8)
     _legend(figure, methods)
     figure.suptitle(TITLE)
     paths = save_figure(figure, output_stem)
-    with atomic_output(output_stem + "_table.md") as temporary:
-        with open(temporary, "w") as file:
-            file.write(table_markdown(document["table"]))
-    return paths + [output_stem + "_table.md"]
+    table_path = output_stem + "_table.md"
+    with atomic_output(table_path) as temporary, open(temporary, "w") as file:
+        file.write(table_markdown(rows, document["config"], mean_levels(runs, retrained)))
+    csv_path = os.path.join(os.path.dirname(output_stem), CSV_NAME)
+    write_csv(csv_path, rows)
+    return paths + [table_path, csv_path]
+

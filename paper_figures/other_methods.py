@@ -44,6 +44,7 @@ from markovsim.plotting import method_color, seed_band_axes, stack_seeds
 from markovsim.results import atomic_output
 
 from . import markov_tradeoff
+from .reach_statistics import reach_point
 from .registry_runs import precompute, seeded_runs
 from .runs import by_source, load_runs, ordered_sources, save_runs
 from .style import apply_style, save_figure
@@ -203,13 +204,28 @@ def method_seeds(per_seed, method: str) -> list:
 
 
 def reach_rows(case: str, source: str, per_seed) -> list[dict]:
-    """``markov_tradeoff.reach_rows`` per method, over the seeds that ran it."""
+    """Per method and forget component, the retain KL (and step) at which the forget KL first reaches the seed's
+    retrained level (``reach_statistics.reach_point``), mean/sd over the seeds that ran the method and reach it."""
     methods = list(dict.fromkeys(m for trajectories, _ in per_seed for m in trajectories))
     rows = []
     for method in methods:
-        seeds = [(None, {method: t[method]}, levels) for t, levels in per_seed if method in t]
-        rows += markov_tradeoff.reach_rows(case, source, seeds, len(seeds))
+        seeds = [(t[method], levels) for t, levels in per_seed if method in t]
+        for component in FORGET:
+            points = [reach_point(trajectory, component, levels[component]) for trajectory, levels in seeds]
+            reached = [p for p in points if np.isfinite(p[0])]
+            retain_kl, step = _mean_sd([p[0] for p in reached]), _mean_sd([p[1] for p in reached])
+            rows.append({"case": case, "source": source, "method": method, "component": component,
+                         "seeds": len(seeds), "reached": len(reached),
+                         "retrained_kl": float(np.mean([levels[component] for _, levels in seeds])),
+                         "retain_kl_mean": retain_kl[0], "retain_kl_sd": retain_kl[1], "step_mean": step[0],
+                         "step_sd": step[1]})
     return rows
+
+
+def format_value(mean: float | None, sd: float | None) -> str:
+    if mean is None:
+        return "not reached"
+    return f"{mean:.3f}" if sd is None else f"{mean:.3f} +- {sd:.3f}"
 
 
 def bias_markdown(bias: list[dict]) -> str:
@@ -218,9 +234,9 @@ def bias_markdown(bias: list[dict]) -> str:
              "|---|---|---|---|---|---|---|"]
     for row in bias:
         lines.append(f"| {CASES[row['case']].split(' ')[0]} | {row['source']} | {row['method']} | "
-                     f"{markov_tradeoff.format_value(row['first_step_forget2_fraction'], row['first_step_sd'])} | "
+                     f"{format_value(row['first_step_forget2_fraction'], row['first_step_sd'])} | "
                      f"{row['first_step_closer_to'] or '-'} | "
-                     f"{markov_tradeoff.format_value(row['run_mean_forget2_fraction'], row['run_mean_sd'])} | "
+                     f"{format_value(row['run_mean_forget2_fraction'], row['run_mean_sd'])} | "
                      f"{row['run_mean_closer_to'] or '-'} |")
     return "\n".join(lines).replace("not reached", "no gradient") + "\n"
 

@@ -17,7 +17,7 @@ import numpy as np
 from markovsim.plotting import method_color, stack_seeds
 
 from . import markov_tradeoff
-from .runs import by_source, flatten_seeds, load_runs, ordered_sources, save_runs, scenario_runs
+from .runs import by_source, load_runs, ordered_sources, save_runs
 from .style import apply_style, save_figure
 
 TITLE = "Unlearning power: share of the gradient norm per forget component, NPO vs SimNPO (seed mean +- sd)"
@@ -34,14 +34,9 @@ CONFIGS = {name: Config(name) for name in ("tiny", "quick", "paper")}
 
 def compute(config: Config, cache_stem: str, device: str = "cpu", recompute: bool = False, jobs: int = 1) -> str:
     tradeoff_config = markov_tradeoff.CONFIGS[config.scale_name]
-    runs, retrained = {}, {}
-    for case in markov_tradeoff.CASES:
-        seeded = scenario_runs(markov_tradeoff.case_runs(tradeoff_config, case), os.path.dirname(cache_stem), device,
-                               recompute, jobs)
-        flat_runs, flat_retrained = flatten_seeds(seeded, tradeoff_config.seeds)
-        for key, trajectories in flat_runs.items():
-            runs[f"{case}:{key}"] = {m: t for m, t in trajectories.items() if m in METHODS}
-            retrained[f"{case}:{key}"] = flat_retrained[key]
+    flat_runs, retrained = markov_tradeoff.flat_case_runs(tradeoff_config, os.path.dirname(cache_stem), device,
+                                                          recompute, jobs)
+    runs = {key: {m: t for m, t in trajectories.items() if m in METHODS} for key, trajectories in flat_runs.items()}
     save_runs(cache_stem, runs, retrained, dataclasses.asdict(config))
     return cache_stem
 

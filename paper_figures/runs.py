@@ -284,16 +284,6 @@ def scenario_runs(spec: ScenarioRuns, cache_dir: str, device: str = "cpu", recom
     return result
 
 
-def flatten_seeds(seeded: dict[str, list[tuple[dict, dict]]], seeds) -> tuple[dict, dict]:
-    """``{source: [per seed]}`` -> ``({"source/seed<k>": runs}, {"source/seed<k>": retrained})`` for
-    :func:`save_runs`."""
-    runs, retrained = {}, {}
-    for source, per_seed in seeded.items():
-        for seed, (trajectories, levels) in zip(seeds, per_seed):
-            runs[f"{source}/seed{seed}"], retrained[f"{source}/seed{seed}"] = trajectories, levels
-    return runs, retrained
-
-
 def by_source(runs: dict[str, dict], retrained: dict[str, dict]) -> dict[str, list[tuple[str, dict, dict]]]:
     """Group ``"[prefix:]source/seed<k>"`` keys back: ``{[prefix:]source: [(seed key, runs, retrained), ...]}``."""
     grouped: dict[str, list] = {}

@@ -61,7 +61,8 @@ def seed_band_runs(scenario_name: str, scale: float, settings: TransformerSettin
                                       folders, "reference", recompute)
     retrained = _pretrained_replicas(settings.preset, [seed + RETRAINED_SEED_OFFSET for seed in seeds],
                                      [d.retain for d in data], configs, data[0], folders, "retrained", recompute)
-    setups = [finish_setup(d, reference, model, dataclasses.replace(unlearning_config, seed=seed))
+    setups = [finish_setup(d, reference, model, dataclasses.replace(unlearning_config, seed=seed),
+                           settings.evaluation_subsample)
               for d, reference, model, seed in zip(data, references, retrained, seeds)]
     objectives = data[0].scenario.with_methods(methods or list(data[0].scenario.methods))
     pairs = [(setup, name, objective) for setup in setups for name, objective in objectives.items()]

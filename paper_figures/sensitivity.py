@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from markovsim.plotting import NPO_COLOR, SIMNPO_COLOR
 from markovsim.scenarios import SCENARIOS
 from markovsim.sweeps import final_rows, grid, run_sweep
 
@@ -62,7 +63,7 @@ def plot(cache_stem: str, output_stem: str) -> list[str]:
     import matplotlib.pyplot as plt
 
     figure, axes = plt.subplots(1, 3, figsize=(13, 3.5))
-    panels = (("NPO", "beta", "#d62728"), ("SimNPO", "beta", "#1f77b4"))
+    panels = (("NPO", "beta", NPO_COLOR), ("SimNPO", "beta", SIMNPO_COLOR))
     for axis, column in zip(axes[:2], COLUMNS[:2] + ()):
         for method, axis_name, color in panels:
             _band(axis, arrays, method, axis_name, column, color, f"{method}")
@@ -73,7 +74,7 @@ def plot(cache_stem: str, output_stem: str) -> list[str]:
         axis.set_title(f"{column.split('/')[1]} (solid) and retain (dashed)")
         axis.legend(fontsize=7)
     for column, style in zip(COLUMNS, ("-", "-.", "--")):
-        _band(axes[2], arrays, "SimNPO", "gamma", column, "#1f77b4", column.split("/")[1], style=style)
+        _band(axes[2], arrays, "SimNPO", "gamma", column, SIMNPO_COLOR, column.split("/")[1], style=style)
     axes[2].set_xlabel("gamma (SimNPO, beta = 4)")
     axes[2].set_ylabel("final KL (true chain || model)")
     axes[2].set_title("SimNPO margin gamma")

@@ -61,7 +61,8 @@ def simulator_arrays(config: Config, cache_dir: str, device: str, recompute: boo
     tradeoff = markov_tradeoff.CONFIGS[config.scale_name]
     arrays = {}
     for case, _ in ROWS:
-        spec = ScenarioRuns(case, tradeoff.scale, tuple(tradeoff.seeds), tradeoff.simulator_steps, (config.source,), ())
+        spec = ScenarioRuns(case, tradeoff.scale, tradeoff.seeds_of(config.source), tradeoff.simulator_steps,
+                            (config.source,), ())
         per_seed = scenario_runs(spec, cache_dir, device, recompute, jobs)[config.source]
         for method in METHODS:
             trajectories = [runs[method] for runs, _ in per_seed]

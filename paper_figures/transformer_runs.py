@@ -32,8 +32,10 @@ class TransformerSettings:
     sequences, lr 5e-4, evaluated after every step. Optimiser: the legacy ``transformers.AdamW``
     (``adamw_legacy``, eps 1e-6, no weight decay), no gradient clipping. ``seed`` sets the data,
     the initialisations (reference: seed, retrained: seed + 1000) and the batch order.
-    ``diagnostics_max_sequences``: the forget-weight / power-share subsample per component. Runs are
-    float32 on every device (``mixed_precision="no"``).
+    ``diagnostics_max_sequences``: the forget-weight / power-share subsample per component.
+    ``evaluation_subsample``: None (the paper's: every test sequence) or a fixed seeded subset of that many
+    test sequences for the every-step metrics and the retrained levels (cheaper previews; the KLs are then
+    estimates). Runs are float32 on every device (``mixed_precision="no"``).
     """
 
     preset: str = "paper-synthetic"
@@ -49,6 +51,7 @@ class TransformerSettings:
     weight_decay: float = 0.0
     max_grad_norm: float | None = None
     diagnostics_max_sequences: int | None = 256
+    evaluation_subsample: int | None = None
     seed: int = 0
 
 
@@ -156,12 +159,15 @@ def model_folder(model_dir: str | None, scenario_name: str, scale: float, device
     return os.path.join(model_dir, hashlib.sha1(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12])
 
 
-def finish_setup(data: SeedData, reference, retrained, unlearning_config) -> TransformerSetup:
-    """The seed's evaluator (true chains, retrained and reference targets) and retrained levels."""
+def finish_setup(data: SeedData, reference, retrained, unlearning_config,
+                 evaluation_subsample: int | None = None) -> TransformerSetup:
+    """The seed's evaluator (true chains, retrained and reference targets; on ``evaluation_subsample`` test
+    sequences, None = all) and retrained levels."""
     from llm import Evaluator
 
     evaluator = Evaluator(data.test, true_chains={c.name: c.chain for c in data.spec.components},
-                          retrained=retrained, reference=reference, batch_size=unlearning_config.eval_batch_size)
+                          retrained=retrained, reference=reference, batch_size=unlearning_config.eval_batch_size,
+                          evaluation_subsample=evaluation_subsample, subsample_seed=data.spec.seed)
     retrained_kl = dict(zip(evaluator.component_names, np.asarray(evaluator.evaluate(retrained)["kl_true"]).tolist()))
     return TransformerSetup(data.scenario, data.forget, data.retain, reference, retrained, evaluator, retrained_kl,
                             unlearning_config)
@@ -183,7 +189,7 @@ def prepare_transformer(scenario_name: str, scale: float, settings: TransformerS
     retrained = _pretrained(settings.preset, settings.seed + RETRAINED_SEED_OFFSET, data.retain, pretraining_config,
                             data.vocab_size, data.max_length,
                             None if folder is None else os.path.join(folder, "retrained"), recompute)
-    return finish_setup(data, reference, retrained, unlearning_config)
+    return finish_setup(data, reference, retrained, unlearning_config, settings.evaluation_subsample)
 
 
 def transformer_runs(scenario_name: str, scale: float, settings: TransformerSettings, device: str = "cpu",

@@ -89,52 +89,75 @@ def _first_reach(retain, forget, level):
     return None, None
 
 
-def _check_table_against_cache(stem: str, table_path) -> int:
-    """Recompute every reach row of a markov_tradeoff cache from its trajectories; compare with the cached
-    table and the written markdown. Returns the number of rows checked."""
-    from paper_figures.markov_tradeoff import table_markdown
-    from paper_figures.runs import by_source, load_runs
+def _check_reach_files_against_cache(stem: str, table_path, csv_path) -> list[dict]:
+    """Recompute every per-seed reach value of a markov_tradeoff cache from its trajectories with an independent
+    walk (:func:`_first_reach`); compare with the written CSV (every case x source x method x component x seed
+    once), and the table file with the table the CSV's rows give. Returns the CSV's rows."""
+    from paper_figures.markov_tradeoff import CASE_LETTERS, mean_levels, table_markdown
+    from paper_figures.reach_statistics import read_csv
+    from paper_figures.runs import load_runs
 
     runs, retrained, document = load_runs(stem)
-    table = {(r["case"], r["source"], r["method"], r["component"]): r for r in document["table"]}
-    grouped = by_source(runs, retrained)
-    assert len(table) == sum(2 * len(per_seed[0][1]) for per_seed in grouped.values())
-    for key, per_seed in grouped.items():
-        case, source = key.split(":")
-        for method in per_seed[0][1]:
+    rows = read_csv(str(csv_path))
+    written = {(r["case"], r["source"], r["method"], r["component"], r["seed"]): r for r in rows}
+    assert len(written) == len(rows) == 2 * sum(len(trajectories) for trajectories in runs.values())
+    for key, trajectories in runs.items():
+        case, rest = key.split(":")
+        source, seed = rest.split("/seed")
+        for method, trajectory in trajectories.items():
             for component in ("forget1", "forget2"):
-                reached = [_first_reach(t[method].metric("kl_true", "retain"), t[method].metric("kl_true", component),
-                                        levels[component]) for _, t, levels in per_seed]
-                reached = [r for r in reached if r[0] is not None]
-                row = table[(case, source, method, component)]
-                assert row["reached"] == len(reached) and row["seeds"] == len(per_seed)
-                if reached:
-                    assert row["retain_kl_mean"] == pytest.approx(np.mean([r[0] for r in reached]), rel=1e-12)
-                    assert row["step_mean"] == pytest.approx(np.mean([r[1] for r in reached]), rel=1e-12, abs=1e-12)
+                retain_kl, step = _first_reach(trajectory.metric("kl_true", "retain"),
+                                               trajectory.metric("kl_true", component), retrained[key][component])
+                row = written[(CASE_LETTERS[case], source, method, component, int(seed))]
+                if retain_kl is None:
+                    assert np.isnan(row["retain_kl_at_reach"]) and np.isnan(row["step_at_reach"])
                 else:
-                    assert row["retain_kl_mean"] is None
-    assert open(table_path).read() == table_markdown(document["table"])
-    return len(table)
+                    assert row["retain_kl_at_reach"] == pytest.approx(retain_kl, rel=1e-12, abs=1e-15)
+                    assert row["step_at_reach"] == pytest.approx(step, rel=1e-12, abs=1e-12)
+    assert open(table_path).read() == table_markdown(rows, document["config"], mean_levels(runs, retrained))
+    return rows
 
 
-def test_tradeoff_table_holds_the_numbers_the_figure_plots(tiny_output):
-    _check_table_against_cache(str(tiny_output / "cache" / "markov_tradeoff_tiny"),
-                               tiny_output / "markov_tradeoff_table.md")
+def test_tradeoff_table_and_csv_hold_the_numbers_the_figure_plots(tiny_output):
+    rows = _check_reach_files_against_cache(str(tiny_output / "cache" / "markov_tradeoff_tiny"),
+                                            tiny_output / "markov_tradeoff_table.md", tiny_output / "fig5_reach.csv")
+    from paper_figures.markov_tradeoff import CONFIGS
+
+    config = CONFIGS["tiny"]
+    for source in ("tabular", "mixture", "tiny-synthetic", "tiny-gpt2"):  # each source its own seed count
+        assert {r["seed"] for r in rows if r["source"] == source} == set(config.seeds_of(source))
 
 
-def test_committed_paper_scale_table_holds_the_numbers_of_its_committed_cache():
-    """docs/figures/markov_tradeoff_table.md (the README's Fig. 5 table) against the paper-scale cache it came from."""
+def test_committed_fig5_table_and_csv_hold_the_numbers_of_their_committed_cache():
+    """docs/figures/markov_tradeoff_table.md and fig5_reach.csv (the README's Fig. 5 numbers) against the
+    paper-scale cache they came from."""
     docs = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "figures")
-    rows = _check_table_against_cache(os.path.join(docs, "cache", "markov_tradeoff_paper"),
-                                      os.path.join(docs, "markov_tradeoff_table.md"))
-    assert rows == 2 * 4 * 3 * 2  # cases x sources x methods x forget components
+    rows = _check_reach_files_against_cache(os.path.join(docs, "cache", "markov_tradeoff_paper"),
+                                            os.path.join(docs, "markov_tradeoff_table.md"),
+                                            os.path.join(docs, "fig5_reach.csv"))
+    seeds = {source: len({r["seed"] for r in rows if r["source"] == source}) for source in
+             ("tabular", "mixture", "paper-synthetic", "gpt2-4x128")}
+    assert len(rows) == 2 * 3 * 2 * sum(seeds.values())  # cases x methods x forget components x seeds
+    assert min(seeds.values()) >= 5
 
 
-def record_seed_bands(module, monkeypatch) -> list:
-    """Every ``(xs, ys)`` a figure module passes to ``seed_band_axes`` from now on (still drawn)."""
+def test_paper_scale_runs_enough_paired_seeds():
+    """The paper scale's seed counts: >= 20 for the paper's transformer, >= 10 for every other source."""
+    from paper_figures.markov_tradeoff import CONFIGS
+
+    config = CONFIGS["paper"]
+    assert config.scale == 1.0 and len(config.seeds_of("paper-synthetic")) >= 20
+    for source in (*config.simulator_sources, *(t.preset for t in config.transformers)):
+        assert len(config.seeds_of(source)) >= 10, source
+    seeds = [set(config.seeds_of(s)) for s in ("tabular", "mixture", "gpt2-4x128")]
+    assert all(s <= set(config.seeds_of("paper-synthetic")) for s in seeds)  # paired: shared seeds, same data
+
+
+def record_seed_bands(module, monkeypatch, function: str = "seed_band_axes") -> list:
+    """Every ``(xs, ys)`` a figure module passes to ``function`` (a seed-band drawer) from now on (still drawn)."""
     drawn = []
-    original = module.seed_band_axes
-    monkeypatch.setattr(module, "seed_band_axes",
+    original = getattr(module, function)
+    monkeypatch.setattr(module, function,
                         lambda axis, xs, ys, *a, **k: drawn.append((xs, ys)) or original(axis, xs, ys, *a, **k))
     return drawn
 
@@ -167,7 +190,7 @@ def test_tradeoff_plot_draws_exactly_the_cached_trajectories(tiny_output, tmp_pa
 
     stem = str(tiny_output / "cache" / "markov_tradeoff_tiny")
     runs, _, _ = load_runs(stem)
-    drawn = record_seed_bands(markov_tradeoff, monkeypatch)
+    drawn = record_seed_bands(markov_tradeoff, monkeypatch, "seed_lines_axes")
     markov_tradeoff.plot(stem, str(tmp_path / "again"))
     expected = []
     for key, trajectories in runs.items():
@@ -217,7 +240,8 @@ def test_tofu_bias_simulator_half_is_the_seed_mean_of_the_tradeoff_runs(tiny_out
 
     _, arrays = load_cache(str(tiny_output / "cache" / "tofu_bias_tiny"))
     runs, _, _ = load_runs(str(tiny_output / "cache" / "markov_tradeoff_tiny"))
-    seeds = markov_tradeoff.CONFIGS["tiny"].seeds
+    seeds = markov_tradeoff.CONFIGS["tiny"].seeds_of("tabular")
+    assert len(seeds) == 3  # the tabular source's own seed count, not the default seeds
     for case in ("paper_short_forget2", "paper_unseen_forget2"):
         for method in ("NPO", "SimNPO"):
             per_seed = [runs[f"{case}:tabular/seed{s}"][method] for s in seeds]
