@@ -248,9 +248,13 @@ def claims_lines(rows: list[dict]) -> list[str]:
         if (claim.case, claim.source) not in present:
             continue
         holds, d = evaluate_claim(claim, rows)
-        lines.append(f"- {claim.text()}: {claim.lower} - {claim.higher} = {_difference_cell(d)}, "
-                     f"{claim.lower} lower on {d.a_lower:.0%} of {d.seeds} seeds: "
-                     f"{'holds' if holds else 'DOES NOT HOLD'}")
+        verdict = "holds" if holds else "DOES NOT HOLD"
+        if claim.kind == "narrower spread":
+            lines.append(f"- {claim.text()}: sd {claim.higher} / sd {claim.lower} = {d[0]:.1f} [{d[1]:.1f}, "
+                         f"{d[2]:.1f}]: {verdict}")
+        else:
+            lines.append(f"- {claim.text()}: {claim.lower} - {claim.higher} = {_difference_cell(d)}, "
+                         f"{claim.lower} lower on {d.a_lower:.0%} of {d.seeds} seeds: {verdict}")
     return lines
 
 

@@ -137,10 +137,14 @@ class PairedDifference:
 
     @property
     def verdict(self) -> str:
-        """"lower" / "higher" when the interval excludes 0 on that side, else "not distinguishable"."""
-        if self.low is not None and self.high < 0:
+        """"lower" / "higher" when the interval excludes 0 on that side, else "not distinguishable". Without an
+        interval (fewer than two seeds where both reach) "lower" / "higher" only when every seed orders the two
+        that way (e.g. ``a`` reaches on every seed, ``b`` on none)."""
+        if self.low is not None:
+            return "lower" if self.high < 0 else "higher" if self.low > 0 else "not distinguishable"
+        if self.a_lower == 1.0:
             return "lower"
-        if self.low is not None and self.low > 0:
+        if self.a_higher == 1.0:
             return "higher"
         return "not distinguishable"
 
@@ -153,6 +157,24 @@ def bootstrap_interval(differences: np.ndarray, resamples: int = BOOTSTRAP_RESAM
     tail = 100.0 * (1.0 - confidence) / 2.0
     low, high = np.percentile(means, (tail, 100.0 - tail))
     return float(low), float(high)
+
+
+def spread_ratio(a: dict[int, float], b: dict[int, float], resamples: int = BOOTSTRAP_RESAMPLES,
+                 seed: int = 0) -> tuple[float, float, float]:
+    """``(ratio, low, high)``: sd over seeds of ``b`` / sd of ``a`` (seeds where both reach), with a percentile
+    bootstrap interval resampling seeds jointly (a resample whose sd of ``a`` is 0 is skipped)."""
+    seeds = [s for s in sorted(set(a) & set(b)) if np.isfinite(a[s]) and np.isfinite(b[s])]
+    if len(seeds) < 3:
+        raise ValueError(f"spread_ratio needs >= 3 seeds where both reach, got {len(seeds)}")
+    x, y = np.array([a[s] for s in seeds]), np.array([b[s] for s in seeds])
+    rng = np.random.default_rng(seed)
+    rows = rng.integers(0, len(seeds), size=(resamples, len(seeds)))
+    sd_x, sd_y = x[rows].std(axis=1, ddof=1), y[rows].std(axis=1, ddof=1)
+    keep = sd_x > 0
+    ratios = sd_y[keep] / sd_x[keep]
+    tail = 100.0 * (1.0 - CONFIDENCE) / 2.0
+    low, high = np.percentile(ratios, (tail, 100.0 - tail))
+    return float(y.std(ddof=1) / x.std(ddof=1)), float(low), float(high)
 
 
 def paired_difference(a: dict[int, float], b: dict[int, float], resamples: int = BOOTSTRAP_RESAMPLES,

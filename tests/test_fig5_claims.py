@@ -42,6 +42,31 @@ def test_every_seed_claims_are_checked_seed_by_seed(rows):
     assert evaluate(claim, rows)[0] and not evaluate(claim, flipped)[0]
 
 
+def test_the_readme_counterexample_seed(rows):
+    """The README's "not on every seed": on seed 0 of case (a) NPO is cheaper than SimNPO on forget1 on both
+    transformers."""
+    for source in ("paper-synthetic", "gpt2-4x128"):
+        npo = {r["seed"]: r["retain_kl_at_reach"] for r in rows if (r["case"], r["source"], r["method"],
+                                                                    r["component"]) == ("a", source, "NPO", "forget1")}
+        simnpo = {r["seed"]: r["retain_kl_at_reach"] for r in rows
+                  if (r["case"], r["source"], r["method"], r["component"]) == ("a", source, "SimNPO", "forget1")}
+        assert npo[0] < simnpo[0], source
+
+
+def test_spread_claims_compare_the_seed_spreads(rows):
+    """A spread claim fails when the wider method's values are shrunk toward their median."""
+    claim = next(c for c in CLAIMS if c.kind == "narrower spread")
+    holds, (ratio, low, high) = evaluate(claim, rows)
+    assert holds and low > 1.0 and low <= ratio <= high
+    shrunk = []
+    for row in rows:
+        if (row["case"], row["source"], row["component"], row["method"]) == (claim.case, claim.source,
+                                                                              claim.component, claim.higher):
+            row = dict(row, retain_kl_at_reach=0.1 + 1e-4 * row["seed"])
+        shrunk.append(row)
+    assert not evaluate(claim, shrunk)[0]
+
+
 def test_claims_name_methods_sources_and_kinds_that_exist(rows):
     present = {(r["case"], r["source"], r["method"], r["component"]) for r in rows}
     for claim in CLAIMS:

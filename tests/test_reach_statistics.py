@@ -58,6 +58,25 @@ def test_verdict_follows_the_interval(values, verdict):
     assert paired_difference(a, {seed: 0.0 for seed in a}).verdict == verdict
 
 
+def test_verdict_without_an_interval_needs_every_seed():
+    """Fewer than two seeds where both reach: no interval; a verdict only when every seed orders the pair."""
+    reaches, never = {0: 0.1, 1: 0.2, 2: 0.3}, {0: math.nan, 1: math.nan, 2: math.nan}
+    assert paired_difference(reaches, never).verdict == "lower"
+    assert paired_difference(never, reaches).verdict == "higher"
+    assert paired_difference({0: 0.1, 1: math.nan}, {0: math.nan, 1: 0.1}).verdict == "not distinguishable"
+
+
+def test_spread_ratio_by_hand_and_its_interval():
+    from paper_figures.reach_statistics import spread_ratio
+
+    narrow = {0: 1.0, 1: 2.0, 2: 3.0, 3: 4.0}
+    wide = {seed: 10 * value for seed, value in narrow.items()}  # exactly 10x the spread on every resample
+    ratio, low, high = spread_ratio(narrow, wide)
+    assert ratio == pytest.approx(10.0) and low == pytest.approx(10.0) and high == pytest.approx(10.0)
+    with pytest.raises(ValueError, match=">= 3 seeds"):
+        spread_ratio({0: 1.0, 1: 2.0}, {0: 1.0, 1: 2.0})
+
+
 def test_reach_point_interpolates_the_first_crossing():
     from markovsim.trajectory import Trajectory
 
