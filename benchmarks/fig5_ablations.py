@@ -38,7 +38,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 from markovsim.results import atomic_write_json, metadata_block  # noqa: E402
 from paper_figures import official_fig5  # noqa: E402
-from paper_figures.markov_tradeoff import CASE_LETTERS  # noqa: E402
+from paper_figures.official_fig5 import CASE_LETTERS  # noqa: E402
 from paper_figures.reach_statistics import FORGET, paired_difference, reach_point, summarise  # noqa: E402
 from paper_figures.transformer_runs import (  # noqa: E402
     RETRAINED_SEED_OFFSET,

@@ -27,7 +27,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from paper_figures.markov_tradeoff import CASE_LETTERS, grouped_runs  # noqa: E402
+from paper_figures.markov_tradeoff import grouped_runs  # noqa: E402
+from paper_figures.official_fig5 import CASE_LETTERS  # noqa: E402
 from paper_figures.reach_statistics import FORGET, reach_point  # noqa: E402
 from paper_figures.runs import load_runs  # noqa: E402
 

@@ -51,8 +51,8 @@ class Config:
 CONFIGS = {
     "tiny": Config(scale=0.005, simulator_steps=3, sweep_eps=(1e-8, 1e-4),
                    transformer=TransformerSettings(preset="tiny-synthetic", pretrain_epochs=1.0, unlearn_steps=2)),
-    # quick: the transformer's every-step KLs on 200 of the 800 test sequences (estimates; paper: all of them)
-    "quick": Config(transformer=TransformerSettings(diagnostics_max_sequences=16, evaluation_subsample=200),
+    # quick: the transformer's every-step KLs on 100 of the 800 test sequences (estimates; paper: all of them)
+    "quick": Config(transformer=TransformerSettings(diagnostics_max_sequences=8, evaluation_subsample=100),
                     sweep_eps=(1e-8, 1e-6, 1e-5, 1e-4)),
     "paper": Config(scale=1.0),
 }

@@ -13,6 +13,8 @@ import os
 from functools import lru_cache
 
 PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "simnpo_official_fig5.json")
+CASE_LETTERS = {"paper_short_forget2": "a", "paper_unseen_forget2": "b"}  # scenario -> the figure's case
+OFFICIAL_SOURCE = "paper-synthetic"  # the official figure's model
 
 
 @lru_cache(maxsize=1)

@@ -74,3 +74,14 @@ def test_claims_name_methods_sources_and_kinds_that_exist(rows):
         assert (claim.case, claim.source, claim.higher, claim.component) in present, claim.text()
     with pytest.raises(ValueError, match="kind"):
         Claim("a", "tabular", "forget1", "NPO", "GA", "always")
+
+
+def test_the_table_lists_claims_it_cannot_judge_instead_of_failing(rows):
+    """With two seeds (a quick-scale run) a spread claim cannot be judged: the table says so and goes on."""
+    from paper_figures.fig5_tables import claims_lines
+
+    two_seeds = [row for row in rows if row["seed"] < 2]
+    lines = claims_lines(two_seeds)
+    assert len(lines) == len(CLAIMS)
+    assert all("cannot be judged" in line for line, claim in zip(lines, CLAIMS) if claim.kind == "narrower spread")
+

@@ -93,7 +93,9 @@ def _check_reach_files_against_cache(stem: str, table_path, csv_path) -> list[di
     """Recompute every per-seed reach value of a markov_tradeoff cache from its trajectories with an independent
     walk (:func:`_first_reach`); compare with the written CSV (every case x source x method x component x seed
     once), and the table file with the table the CSV's rows give. Returns the CSV's rows."""
-    from paper_figures.markov_tradeoff import CASE_LETTERS, mean_levels, table_markdown
+    from paper_figures.fig5_tables import table_markdown
+    from paper_figures.markov_tradeoff import mean_levels
+    from paper_figures.official_fig5 import CASE_LETTERS
     from paper_figures.reach_statistics import read_csv
     from paper_figures.runs import load_runs
 
