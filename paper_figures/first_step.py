@@ -37,11 +37,13 @@ from .transformer_runs import TransformerSettings, prepare_transformer
 TITLE = "The first unlearning step (case a, SimNPO): Adam's step relative to each weight group's scale"
 SCENARIO = "paper_short_forget2"
 RULES = {"adamw": ("torch AdamW (eps 1e-8)", 1e-8), "adamw_legacy": ("legacy AdamW (eps 1e-6, paper)", 1e-6)}
-# Substrings of parameter names -> group (first match wins); covers GPT-2 and the paper's model.
-GROUPS = (("wte", "tokens (GPT-2: = output)"), ("token_embedding", "tokens (GPT-2: = output)"),
-          ("wpe", "positions"), ("position_embedding", "positions"),
+# Substrings of parameter names -> group (first match wins); covers GPT-2, Llama and the paper's model. Norms
+# come first: the paper's model names its MLP LayerNorm "mlp_norm" (and Llama "post_attention_layernorm").
+GROUPS = (("ln_", "LayerNorms"), ("norm", "LayerNorms"),
+          ("wte", "tokens (GPT-2: = output)"), ("token_embedding", "tokens (GPT-2: = output)"),
+          ("embed_tokens", "tokens (GPT-2: = output)"), ("wpe", "positions"), ("position_embedding", "positions"),
           ("attn", "attention"), ("query", "attention"), ("key", "attention"), ("value", "attention"),
-          ("mlp", "MLP"), ("ln_", "LayerNorms"), ("norm", "LayerNorms"), ("output", "output layer"))
+          ("mlp", "MLP"), ("output", "output layer"), ("lm_head", "output layer"))
 GROUP_ORDER = ("tokens (GPT-2: = output)", "positions", "attention", "MLP", "LayerNorms", "output layer")
 
 

@@ -572,3 +572,25 @@ def test_figures_with_worker_processes_give_the_numbers_of_one_process(tiny_outp
     for key, values in expected.items():
         np.testing.assert_array_equal(arrays[key], values, err_msg=key)
     assert document[extra] == expected_document[extra]
+
+
+@pytest.mark.parametrize("preset", ["paper-synthetic", "gpt2-4x128", "tiny-synthetic", "tiny-gpt2", "tiny-llama"])
+def test_first_step_groups_follow_the_module_types(preset):
+    """first_step's weight groups against the owning module's type: a norm layer's parameters (and only they) are
+    LayerNorms, an embedding's are tokens or positions, and no parameter is left in "other"."""
+    import torch
+
+    from llm import build_model
+    from paper_figures.first_step import group_of
+
+    model = build_model(preset, 11, 21, seed=0)
+    owners = {f"{module_name}.{name}" if module_name else name: module
+              for module_name, module in model.named_modules() for name, _ in module.named_parameters(recurse=False)}
+    for name, _ in model.named_parameters():
+        owner, group = owners[name], group_of(name)
+        is_norm = "norm" in type(owner).__name__.lower()
+        assert (group == "LayerNorms") == is_norm, (name, type(owner).__name__, group)
+        if isinstance(owner, torch.nn.Embedding):
+            assert group in ("tokens (GPT-2: = output)", "positions"), (name, group)
+        assert group != "other", name
+
