@@ -1,7 +1,7 @@
 """Benchmark: the complete ``paper_short_forget2`` scenario on ``paper-synthetic``, one seed and S seeds batched.
 
 The work of one seed of the paper's synthetic experiment (what ``paper_figures.transformer_runs``
-runs for a figure; the official pipeline needs ~8 minutes for it on the 2-core VM, issue 11):
+runs for a figure; the official pipeline needs ~8 minutes for it on the 2-core VM):
 
 1. pre-train the reference model on the pre-training sequences (``PAPER_PRETRAINING``: 5 epochs,
    batch 128, lr 5e-4, legacy AdamW), initialisation seed s, batch order seed s;
@@ -25,7 +25,7 @@ pre-trains, retrains, unlearns and is evaluated on seed s_k's sets (``pretrain_r
 (``--evaluation full``) and/or a fixed test subsample (``--evaluation subsample``:
 ``llm.evaluate.evaluation_subsample_of``, ``--subsample`` sequences of each seed's test set).
 
-Targets (issue 11, CPU): one seed <= 60 s; S = 5 seeds <= 2x one seed.
+Targets (CPU): one seed <= 60 s; S = 5 seeds <= 2x one seed.
 
 Run: ``python benchmarks/replica_scenario.py [--scale 1.0] [--seeds 5] [--threads 2]
 [--evaluation full subsample] [--subsample 400] [--pretrain-route loop]``.

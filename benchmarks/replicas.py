@@ -1,4 +1,4 @@
-"""Benchmark: N batched replicas of the paper-synthetic unlearning run vs N single runs (issue 11).
+"""Benchmark: N batched replicas of the paper-synthetic unlearning run vs N single runs.
 
 For N = 1, 4, 16 (and 64 with ``--with-64``) replicas of the ``paper_short_forget2`` SimNPO
 unlearning run on ``paper-synthetic`` (``llm.PAPER_UNLEARNING``: 50 steps, forget batch 4, lr 5e-4,

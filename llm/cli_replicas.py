@@ -1,7 +1,7 @@
 """``python -m llm unlearn ... --seeds 0 1 2 --betas 0.1 0.2``: a grid of unlearning runs as replicas.
 
 Every combination of the grid (seeds x betas, seeds outer) is one replica of
-:func:`llm.replica_training.unlearn_replicas` (issue 11): all start from ``--model`` (each its own
+:func:`llm.replica_training.unlearn_replicas`: all start from ``--model`` (each its own
 reference), replica i draws its batches with its seed (``TrainConfig.seed``) and unlearns with the
 objective's ``beta`` replaced by its beta. A grid axis left out takes the single run's value
 (``--seed``; the objective's beta). All replicas share one evaluator (the single run's, with the

@@ -1,4 +1,4 @@
-"""Every-step evaluation of N replicas in batched passes (issue 11, item 2).
+"""Every-step evaluation of N replicas in batched passes.
 
 The single run evaluates one model with ``llm.evaluate.Evaluator`` (test-set KLs, ``logp_per_token``)
 and ``llm.diagnostics.Diagnostics`` (forget weights, power share). Here all replicas of a

@@ -1,4 +1,4 @@
-"""Pre-training and unlearning of N same-architecture replicas as one computation (issue 11).
+"""Pre-training and unlearning of N same-architecture replicas as one computation.
 
 :func:`pretrain_replicas` and :func:`unlearn_replicas` run N copies of :func:`llm.train.pretrain` /
 :func:`llm.train.unlearn` at once: replica i has its own starting model, ``TrainConfig`` (seed =

@@ -1,4 +1,4 @@
-"""Issue 14: every bad input the fuzz sweep found is a clear error naming the argument, flag, key or file.
+"""Every bad input the fuzz sweep found is a clear error naming the argument, flag, key or file.
 
 One regression test per example of the issue (silently wrong, unclear, partial output). Each
 asserts a ValueError / TypeError (or a one-line ``error:`` with exit status 2 from a command line)

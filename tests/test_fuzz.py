@@ -1,4 +1,4 @@
-"""Property-based fuzz suite (issue 14): malformed inputs of every kind give a clear error or a valid result.
+"""Property-based fuzz suite: malformed inputs of every kind give a clear error or a valid result.
 
 Over the public API (every configuration dataclass field, the loss functions, chains, sequence
 sets, scenario dicts, files) and both command lines (in-process ``main(argv)``), the only allowed

@@ -1,4 +1,4 @@
-"""Replica checkpoints: a run killed after a checkpoint and resumed equals the uninterrupted run (issue 11).
+"""Replica checkpoints: a run killed after a checkpoint and resumed equals the uninterrupted run.
 
 Reference: the same ``unlearn_replicas`` / ``pretrain_replicas`` call run without interruption; the
 resumed run must give exactly (bit for bit on one machine) the same trajectories and final models.

@@ -1,4 +1,4 @@
-"""llm.replicas / llm.replica_training: every replica equals its own single run (issue 11).
+"""llm.replicas / llm.replica_training: every replica equals its own single run.
 
 References: ``llm.train.pretrain`` / ``llm.train.unlearn`` run once per replica with that replica's
 seed, objective and learning rate (float32, CPU, rtol 1e-5); ``torch.optim.AdamW`` and

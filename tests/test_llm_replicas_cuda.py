@@ -1,4 +1,4 @@
-"""CUDA: batched replicas (issue 11) on a GPU against their own single runs on the GPU (skipped without one).
+"""CUDA: batched replicas on a GPU against their own single runs on the GPU (skipped without one).
 
 Replicas run in float32 (``mixed_precision="auto"`` becomes ``"no"`` for them), so the single runs
 here are float32 too (``mixed_precision="no"``). The first GPU session compared them with single runs
