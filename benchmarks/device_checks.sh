@@ -9,7 +9,7 @@
 #   replicas   benchmarks/replicas.py --device cuda (REPLICAS_ARGS adds options, e.g. "--profile 256"): N = 1 .. 1024 replicas of the paper-synthetic
 #              unlearning run (50 steps) vs one run, training steps (REPLICA_COUNTS) and every-step evaluation
 #              (EVAL_COUNTS; EVAL_MODES="every-step" by default, "subsample" for the fixed test subsample);
-#   tofu       the full forget10 TOFU protocol for NPO and SimNPO on SmolLM2-135M (the README's GPU
+#   tofu       the full forget10 TOFU protocol for NPO and SimNPO on SmolLM2-135M (docs/tofu.md's GPU
 #              command with --methods NPO SimNPO), capped at TOFU_S seconds; the log (with results.md at
 #              its end) and tofu.tgz (results.json, results.md, config.json, stage records, training
 #              metrics) come back; a capped run returns the stages it finished;

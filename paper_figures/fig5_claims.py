@@ -1,16 +1,17 @@
-"""Every ordering of Fig. 5's reach values that the README states, in one place, with the test it must pass.
+"""Every ordering of Fig. 5's reach values that README.md and docs/results.md state, in one place, with the
+test it must pass.
 
 A claim names a case, a source and a forget component, and orders two methods by their retain KL at
 reach (lower = cheaper forgetting). Its ``kind`` says what the per-seed data (``fig5_reach.csv``) must show:
 
 - ``"interval"``: the paired bootstrap interval of ``lower - higher`` lies below 0;
 - ``"every seed"``: additionally ``lower`` is strictly lower on every seed (both reach, or only ``lower``);
-- ``"not distinguishable"``: the interval contains 0 (the README then says the two cannot be told apart);
+- ``"not distinguishable"``: the interval contains 0 (the docs then say the two cannot be told apart);
 - ``"narrower spread"``: ``lower``'s reach values vary less over seeds than ``higher``'s: the bootstrap
   interval of sd(higher) / sd(lower) lies above 1.
 
 ``tests/test_fig5_claims.py`` checks every claim against the committed CSV; ``markov_tradeoff``'s table file
-lists them with the measured numbers, so a README sentence quotes a number that a test holds.
+lists them with the measured numbers, so a sentence in the docs quotes a number that a test holds.
 """
 
 from __future__ import annotations
@@ -59,7 +60,8 @@ def evaluate(claim: Claim, rows: list[dict]) -> tuple[bool, PairedDifference | t
     return holds, difference
 
 
-# The README's Fig. 5 sentences, each backed by one of these (paper scale, the committed per-seed CSV).
+# The Fig. 5 sentences of README.md and docs/results.md, each backed by one of these (paper scale, the committed
+# per-seed CSV).
 CLAIMS = (
     # SimNPO pays less retain KL than NPO to reach the retrained level, on both transformers, in both cases
     # where the component is not already forgotten at the start

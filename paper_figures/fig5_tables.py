@@ -1,4 +1,4 @@
-"""The tables beside Fig. 5 (``markov_tradeoff``): reach values per cell, paired differences, the README's claims.
+"""The tables beside Fig. 5 (``markov_tradeoff``): reach values per cell, paired differences, the documented claims.
 
 Every table is computed from the per-seed rows (``reach_statistics.per_seed_rows``, the rows of
 ``fig5_reach.csv``) and the cache's config (each row names its optimiser, learning rate and batch).
@@ -91,7 +91,7 @@ def difference_table(rows: list[dict]) -> list[str]:
 
 
 def claims_lines(rows: list[dict]) -> list[str]:
-    """The README's claims (:data:`fig5_claims.CLAIMS`) judged on ``rows``; only those whose sources are here."""
+    """The documented claims (:data:`fig5_claims.CLAIMS`) judged on ``rows``; only those whose sources are here."""
     present = {(r["case"], r["source"]) for r in rows}
     lines = []
     for claim in CLAIMS:
@@ -113,7 +113,7 @@ def claims_lines(rows: list[dict]) -> list[str]:
 
 
 def table_markdown(rows: list[dict], config: dict, levels: dict) -> str:
-    """The table file: reach values, paired differences, claims (what README and benchmarks/RESULTS.md quote)."""
+    """The table file: reach values, paired differences, claims (what README.md and docs/results.md quote)."""
     seeds = sorted({(r["source"], len({x["seed"] for x in rows if x["source"] == r["source"]})) for r in rows})
     parts = [f"Scale {config['scale']}; seeds per source: " + ", ".join(f"{s} {n}" for s, n in seeds) +
              ". Retain KL at reach = the retain KL where the forget KL first reaches the seed's retrained level "
@@ -125,5 +125,6 @@ def table_markdown(rows: list[dict], config: dict, levels: dict) -> str:
              *difference_table(rows)]
     claims = claims_lines(rows)
     if claims:
-        parts += ["", "The README's claims (paper_figures/fig5_claims.py), judged on these seeds:", "", *claims]
+        heading = "The claims of README.md and docs/results.md (paper_figures/fig5_claims.py), judged on these seeds:"
+        parts += ["", heading, "", *claims]
     return "\n".join(parts) + "\n"

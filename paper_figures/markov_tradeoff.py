@@ -16,7 +16,7 @@ pipeline's re-run range (grey span, case (a)), per case and forget component.
 
 Outputs beside the figure: ``<output>_table.md`` (``fig5_tables``: per cell median and 5-95% over seeds, the paired
 differences SimNPO - NPO and NPO - GA with bootstrap intervals and ordering fractions, the official
-values, every row with its optimiser, learning rate and batch size, and the README's claims checked) and
+values, every row with its optimiser, learning rate and batch size, and the documented claims checked) and
 ``fig5_reach.csv`` (one row per case, source, method, component and seed: ``reach_statistics``).
 """
 

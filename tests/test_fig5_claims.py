@@ -1,4 +1,5 @@
-"""Every Fig. 5 ordering the README states (paper_figures/fig5_claims.py) holds on the committed per-seed data."""
+"""Every Fig. 5 ordering README.md and docs/results.md state (paper_figures/fig5_claims.py) holds on the committed
+per-seed data."""
 
 import os
 
@@ -43,7 +44,7 @@ def test_every_seed_claims_are_checked_seed_by_seed(rows):
 
 
 def test_the_readme_counterexample_seed(rows):
-    """The README's "not on every seed": on seed 0 of case (a) NPO is cheaper than SimNPO on forget1 on both
+    """The docs' "not on every seed": on seed 0 of case (a) NPO is cheaper than SimNPO on forget1 on both
     transformers."""
     for source in ("paper-synthetic", "gpt2-4x128"):
         npo = {r["seed"]: r["retain_kl_at_reach"] for r in rows if (r["case"], r["source"], r["method"],

@@ -131,7 +131,7 @@ def test_tradeoff_table_and_csv_hold_the_numbers_the_figure_plots(tiny_output):
 
 
 def test_committed_fig5_table_and_csv_hold_the_numbers_of_their_committed_cache():
-    """docs/figures/markov_tradeoff_table.md and fig5_reach.csv (the README's Fig. 5 numbers) against the
+    """docs/figures/markov_tradeoff_table.md and fig5_reach.csv (the Fig. 5 numbers of docs/results.md) against the
     paper-scale cache they came from."""
     docs = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "figures")
     rows = _check_reach_files_against_cache(os.path.join(docs, "cache", "markov_tradeoff_paper"),
