@@ -41,11 +41,10 @@ from paper_figures import official_fig5  # noqa: E402
 from paper_figures.official_fig5 import CASE_LETTERS  # noqa: E402
 from paper_figures.reach_statistics import FORGET, paired_difference, reach_point, summarise  # noqa: E402
 from paper_figures.transformer_runs import (  # noqa: E402
-    RETRAINED_SEED_OFFSET,
     TransformerSettings,
     _pretrained,
-    finish_setup,
     model_folder,
+    prepare_transformer,
     seed_data,
     train_configs,
 )
@@ -81,25 +80,23 @@ def parse_arguments(argv=None) -> argparse.Namespace:
 
 
 def seed_setup(scenario: str, scale: float, seed: int, model_dir: str, evaluation_subsample: int | None):
-    """The seed's figure setup (models loaded or pre-trained as ``prepare_transformer``), unlearning without
-    diagnostics, evaluated on ``evaluation_subsample`` test sequences (None = all)."""
+    """The seed's figure setup (``prepare_transformer``: models loaded or pre-trained and kept in ``model_dir``),
+    unlearning without diagnostics, evaluated on ``evaluation_subsample`` test sequences (None = all)."""
     settings = TransformerSettings(seed=seed, evaluation_subsample=evaluation_subsample)
+    setup = prepare_transformer(scenario, scale, settings, "cpu", progress=False, model_dir=model_dir)
+    unlearning = dataclasses.replace(setup.unlearning_config, track_power_share=False, track_forget_weights=False)
+    return dataclasses.replace(setup, unlearning_config=unlearning)
+
+
+def shared_init_levels(setup, scenario: str, scale: float, seed: int, model_dir: str) -> dict[str, float]:
+    """The retrained levels (kl_true per component) of a retrained model initialised like the reference (kept beside
+    the seed's models as ``retrained_shared_init``)."""
+    settings = TransformerSettings(seed=seed)
     data = seed_data(scenario, scale, seed)
-    pretraining, unlearning = train_configs(settings, "cpu", progress=False)
-    unlearning = dataclasses.replace(unlearning, track_power_share=False, track_forget_weights=False)
+    pretraining, _ = train_configs(settings, "cpu", progress=False)
     folder = model_folder(model_dir, scenario, scale, "cpu", settings.preset, seed, pretraining)
-    reference = _pretrained(settings.preset, seed, data.pretraining, pretraining, data.vocab_size, data.max_length,
-                            os.path.join(folder, "reference"))
-    retrained = _pretrained(settings.preset, seed + RETRAINED_SEED_OFFSET, data.retain, pretraining, data.vocab_size,
-                            data.max_length, os.path.join(folder, "retrained"))
-    setup = finish_setup(data, reference, retrained, unlearning, evaluation_subsample)
-    return setup, data, pretraining, folder
-
-
-def shared_init_levels(setup, data, pretraining, folder: str, seed: int) -> dict[str, float]:
-    """The retrained levels (kl_true per component) of a retrained model initialised like the reference."""
-    retrained = _pretrained(TransformerSettings().preset, seed, data.retain, pretraining, data.vocab_size,
-                            data.max_length, os.path.join(folder, "retrained_shared_init"))
+    retrained = _pretrained(settings.preset, seed, data.retain, pretraining, data.vocab_size, data.max_length,
+                            os.path.join(folder, "retrained_shared_init"))
     kl = np.asarray(setup.evaluator.evaluate(retrained)["kl_true"])
     return dict(zip(setup.evaluator.component_names, kl.tolist()))
 
@@ -110,7 +107,7 @@ def run_seed(variants, scenario: str, scale: float, seed: int, model_dir: str,
     the target level, so it reuses ``ours``' trajectories."""
     from llm import unlearn
 
-    setup, data, pretraining, folder = seed_setup(scenario, scale, seed, model_dir, evaluation_subsample)
+    setup = seed_setup(scenario, scale, seed, model_dir, evaluation_subsample)
     trajectories, result = {}, {}
     for variant in variants:
         if variant == "shared_init":
@@ -128,7 +125,7 @@ def run_seed(variants, scenario: str, scale: float, seed: int, model_dir: str,
     if "shared_init" in variants:
         if "ours" not in trajectories:
             raise ValueError("--variants: shared_init needs ours (it re-reads ours' runs against another level)")
-        levels = shared_init_levels(setup, data, pretraining, folder, seed)
+        levels = shared_init_levels(setup, scenario, scale, seed, model_dir)
         result["shared_init"] = _reach(trajectories["ours"], levels)
     return result
 

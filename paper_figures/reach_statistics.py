@@ -149,14 +149,19 @@ class PairedDifference:
         return "not distinguishable"
 
 
+def percentile_interval(statistics: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The central ``confidence`` interval of bootstrap ``statistics`` (percentile method)."""
+    tail = 100.0 * (1.0 - confidence) / 2.0
+    low, high = np.percentile(statistics, (tail, 100.0 - tail))
+    return float(low), float(high)
+
+
 def bootstrap_interval(differences: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
                        confidence: float = CONFIDENCE) -> tuple[float, float]:
     """Percentile bootstrap interval of the mean of ``differences`` (n,), resampling with replacement."""
     rng = np.random.default_rng(seed)
     means = differences[rng.integers(0, differences.size, size=(resamples, differences.size))].mean(axis=1)
-    tail = 100.0 * (1.0 - confidence) / 2.0
-    low, high = np.percentile(means, (tail, 100.0 - tail))
-    return float(low), float(high)
+    return percentile_interval(means, confidence)
 
 
 def spread_ratio(a: dict[int, float], b: dict[int, float], resamples: int = BOOTSTRAP_RESAMPLES,
@@ -171,10 +176,8 @@ def spread_ratio(a: dict[int, float], b: dict[int, float], resamples: int = BOOT
     rows = rng.integers(0, len(seeds), size=(resamples, len(seeds)))
     sd_x, sd_y = x[rows].std(axis=1, ddof=1), y[rows].std(axis=1, ddof=1)
     keep = sd_x > 0
-    ratios = sd_y[keep] / sd_x[keep]
-    tail = 100.0 * (1.0 - CONFIDENCE) / 2.0
-    low, high = np.percentile(ratios, (tail, 100.0 - tail))
-    return float(y.std(ddof=1) / x.std(ddof=1)), float(low), float(high)
+    low, high = percentile_interval(sd_y[keep] / sd_x[keep])
+    return float(y.std(ddof=1) / x.std(ddof=1)), low, high
 
 
 def paired_difference(a: dict[int, float], b: dict[int, float], resamples: int = BOOTSTRAP_RESAMPLES,
