@@ -12,7 +12,7 @@ loss lowers logps on forget data. Functions never change dtype or device: they c
 input dtype (float64 in the simulator, bf16/fp32 on GPU), following torch type promotion when
 inputs differ (an integer ``num_tokens`` keeps the dtype of ``logps``).
 
-For the sequence-level losses (ga, ga_sum, npo, simnpo) the gradient is a per-sequence weight
+For the sequence-level losses (ga, ga_sum, npo, simnpo, npo_ave, simnpo_sum) the gradient is a per-sequence weight
 times the gradient of logps, d loss / d theta = w(y) * d logp_theta(y) / d theta, and
 ``gradient_weights`` gives w in closed form. No model code here: ``llm`` imports this module.
 
@@ -45,6 +45,8 @@ __all__ = [
     "ga_sum",
     "npo",
     "simnpo",
+    "npo_ave",
+    "simnpo_sum",
     "dpo",
     "wga",
     "masked_ga",
@@ -58,6 +60,7 @@ __all__ = [
     "USES_BETA",
     "USES_GAMMA",
     "USES_ALPHA",
+    "INGREDIENTS",
 ]
 # Objective, OBJECTIVES and get_objective live in markovsim.objectives; re-exported lazily (module __getattr__).
 
@@ -178,6 +181,54 @@ def simnpo(logps: torch.Tensor, num_tokens: torch.Tensor, beta: float, gamma: fl
     gamma = check_number("gamma", gamma)
     margin = -beta * logps / num_tokens - gamma  # (B,) the reward -(beta/|y|) logp_theta - gamma
     return -(2.0 / beta) * F.logsigmoid(margin)  # (B,)
+
+
+def npo_ave(logps: torch.Tensor, ref_logps: torch.Tensor, num_tokens: torch.Tensor, beta: float) -> torch.Tensor:
+    """NPO on the length-normalised log-ratio: the reference kept, the length normalisation added.
+
+    L(y) = -(2/beta) log sigma( -(beta/|y|) (logp_theta(y) - logp_ref(y)) )
+    gradient weight w = (2/|y|) sigma( (beta/|y|) (logp_theta - logp_ref) ), so w = 1/|y| at theta = ref,
+    0 < |y| w < 2, and w -> 1/|y| (length-normalised GA) as beta -> 0. With |y| = 1 it is ``npo``.
+
+    The official SimNPO code carries it commented out as ``NPO_AVE``. With ``npo``, ``simnpo`` and
+    ``simnpo_sum`` it completes a 2x2 {reference, no reference} x {summed, length-normalised}
+    (docs/theory.md, "Which ingredient: the 2x2 of NPO and SimNPO").
+
+    Args:
+        logps: (B,) sequence log-likelihood under pi_theta.
+        ref_logps: (B,) the same under the reference model.
+        num_tokens: (B,) response lengths |y| > 0.
+        beta: inverse temperature > 0 (on the per-token scale, like SimNPO's).
+
+    Returns: (B,) per-sequence losses.
+    """
+    check_per_sequence("logps", logps)
+    check_per_sequence("ref_logps", ref_logps, like=logps)
+    check_num_tokens(num_tokens, logps)
+    beta = check_beta(beta)
+    mean_log_ratio = (logps - ref_logps) / num_tokens  # (B,)
+    return -(2.0 / beta) * F.logsigmoid(-beta * mean_log_ratio)  # (B,)
+
+
+def simnpo_sum(logps: torch.Tensor, beta: float, gamma: float = 0.0) -> torch.Tensor:
+    """SimNPO without the length normalisation: no reference, summed log-likelihood, margin gamma.
+
+    L(y) = -(2/beta) log sigma( -beta logp_theta(y) - gamma )
+    gradient weight w = 2 sigma( beta logp_theta(y) + gamma ), so 0 < w < 2, and with gamma = 0,
+    w -> 1 (GA on the summed log-likelihood, ``ga_sum``) as beta -> 0. It is ``npo`` with the
+    reference replaced by the constant logp_ref = -gamma/beta, and ``simnpo`` with |y| = 1.
+
+    Args:
+        logps: (B,) sequence log-likelihood under pi_theta.
+        beta: inverse temperature > 0 (on the sequence scale, like NPO's).
+        gamma: reward margin (any finite value).
+
+    Returns: (B,) per-sequence losses.
+    """
+    check_per_sequence("logps", logps)
+    beta = check_beta(beta)
+    gamma = check_number("gamma", gamma)
+    return -(2.0 / beta) * F.logsigmoid(-beta * logps - gamma)  # (B,)
 
 
 def dpo(
@@ -326,11 +377,21 @@ def _simnpo_weights(logps, num_tokens, beta, gamma):
     return 2.0 * torch.sigmoid(beta * logps / num_tokens + gamma) / num_tokens  # (B,)
 
 
+def _npo_ave_weights(logps, ref_logps, num_tokens, beta):
+    return 2.0 * torch.sigmoid(beta * (logps - ref_logps) / num_tokens) / num_tokens  # (B,)
+
+
+def _simnpo_sum_weights(logps, beta, gamma):
+    return 2.0 * torch.sigmoid(beta * logps + gamma)  # (B,)
+
+
 _WEIGHTS: dict[str, Callable[..., torch.Tensor]] = {
     "ga": _ga_weights,
     "ga_sum": _ga_sum_weights,
     "npo": _npo_weights,
     "simnpo": _simnpo_weights,
+    "npo_ave": _npo_ave_weights,
+    "simnpo_sum": _simnpo_sum_weights,
 }
 
 # The arguments (besides logps) each sequence-level loss and its weight take.
@@ -339,6 +400,8 @@ _SEQUENCE_ARGS: dict[str, tuple[str, ...]] = {
     "ga_sum": (),
     "npo": ("ref_logps", "beta"),
     "simnpo": ("num_tokens", "beta", "gamma"),
+    "npo_ave": ("ref_logps", "num_tokens", "beta"),
+    "simnpo_sum": ("beta", "gamma"),
 }
 
 
@@ -369,11 +432,12 @@ def gradient_weights(
     """Closed-form w(y) with d loss(y) / d theta = w(y) * d logp_theta(y) / d theta (docs/theory.md, loss table).
 
     ga: 1/|y|;  ga_sum: 1;  npo: 2 sigma(beta (logp_theta - logp_ref));
-    simnpo: (2/|y|) sigma((beta/|y|) logp_theta + gamma).
+    simnpo: (2/|y|) sigma((beta/|y|) logp_theta + gamma);
+    npo_ave: (2/|y|) sigma((beta/|y|) (logp_theta - logp_ref));  simnpo_sum: 2 sigma(beta logp_theta + gamma).
     dpo and wga have no sequence-level weight (ValueError).
 
-    Args: name (a key of LOSSES); logps (B,); num_tokens (B,) for ga/simnpo; ref_logps (B,) and
-        beta for npo; beta and gamma for simnpo. Arguments a loss does not use are ignored.
+    Args: name (a key of LOSSES); logps (B,); num_tokens (B,) for ga/simnpo/npo_ave; ref_logps (B,)
+        for npo/npo_ave; beta for npo/simnpo/npo_ave/simnpo_sum; gamma for simnpo/simnpo_sum. Arguments a loss does not use are ignored.
     Returns: (B,) weights, detached from the graph.
     """
     kwargs = _sequence_kwargs(
@@ -399,6 +463,8 @@ LOSSES: dict[str, Callable[..., torch.Tensor]] = {
     "ga_sum": ga_sum,
     "npo": npo,
     "simnpo": simnpo,
+    "npo_ave": npo_ave,
+    "simnpo_sum": simnpo_sum,
     "dpo": dpo,
     "wga": wga,
 }
@@ -410,10 +476,13 @@ RETAIN_TERMS: dict[str, Callable[..., torch.Tensor]] = {"nll": nll, "kl": kl}
 # SEQUENCE_LOSSES: gradient = a per-sequence weight w(y) times d logp(y) (``gradient_weights`` takes exactly
 #   these; dpo has two responses, wga a weight per token). NEEDS_REFERENCE: needs pi_ref (its logps, or for
 #   kl its next-token log_probs). USES_BETA / USES_GAMMA / USES_ALPHA: takes that hyperparameter.
-SEQUENCE_LOSSES: frozenset[str] = frozenset({"ga", "ga_sum", "npo", "simnpo"})
-NEEDS_REFERENCE: frozenset[str] = frozenset({"npo", "dpo", "kl"})
-USES_BETA: frozenset[str] = frozenset({"npo", "simnpo", "dpo"})
-USES_GAMMA: frozenset[str] = frozenset({"simnpo"})
+SEQUENCE_LOSSES: frozenset[str] = frozenset({"ga", "ga_sum", "npo", "simnpo", "npo_ave", "simnpo_sum"})
+NEEDS_REFERENCE: frozenset[str] = frozenset({"npo", "npo_ave", "dpo", "kl"})
+USES_BETA: frozenset[str] = frozenset({"npo", "simnpo", "npo_ave", "simnpo_sum", "dpo"})
+USES_GAMMA: frozenset[str] = frozenset({"simnpo", "simnpo_sum"})
+# The 2x2 that separates SimNPO's two changes to NPO: (uses the reference, length-normalised) -> loss.
+INGREDIENTS: dict[tuple[bool, bool], str] = {
+    (True, False): "npo", (True, True): "npo_ave", (False, False): "simnpo_sum", (False, True): "simnpo"}
 USES_ALPHA: frozenset[str] = frozenset({"wga"})
 
 

@@ -1,8 +1,9 @@
 """Unlearning objectives: forget_weight * forget loss + retain_weight * retain term, and the paper's named ones.
 
 The per-sequence losses themselves are in :mod:`markovsim.losses` (docs/theory.md, "Retain terms and
-objectives"). ``OBJECTIVES`` maps the paper's method names (GA, NPO, SimNPO, with retain terms) to
-:class:`Objective` values; :func:`get_objective` returns one with fields replaced.
+objectives"). ``OBJECTIVES`` maps the paper's method names (GA, NPO, SimNPO, with retain terms, and the
+2x2 cells NPO-ave and SimNPO-sum) to :class:`Objective` values; :func:`get_objective` returns one with
+fields replaced; :func:`ingredient_ladder` builds the 2x2 from one NPO and one SimNPO setting.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import torch
 from .losses import LOSSES, NEEDS_REFERENCE, RETAIN_TERMS, _sequence_kwargs, gradient_weights
 from .tensor_checks import check_beta, check_number, check_tensor
 
-__all__ = ["Objective", "OBJECTIVES", "get_objective"]
+__all__ = ["Objective", "OBJECTIVES", "LADDER", "get_objective", "ingredient_ladder"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,7 +60,7 @@ class Objective:
     def forget_losses(
         self, logps: torch.Tensor, num_tokens: torch.Tensor, ref_logps: torch.Tensor | None = None
     ) -> torch.Tensor:
-        """Per-sequence forget losses (B,) for ga, ga_sum, npo (needs ref_logps) and simnpo."""
+        """Per-sequence forget losses (B,) of a sequence-level loss (npo and npo_ave need ref_logps)."""
         available = dict(num_tokens=num_tokens, ref_logps=ref_logps, beta=self.beta, gamma=self.gamma)
         return LOSSES[self.forget](logps, **_sequence_kwargs(self.forget, available))
 
@@ -86,6 +87,9 @@ class Objective:
 
 # Paper names. NPO: beta 0.1 (official configs). SimNPO: TOFU forget05 (beta 2.5, gamma 0); with a
 # retain term the official forget05 weights (forget 0.1375, retain 1).
+# The two cells that separate SimNPO's changes (docs/theory.md, "Which ingredient"): NPO-ave is SimNPO's
+# settings with the reference kept, SimNPO-sum is NPO's settings with the reference dropped, so each pair
+# {NPO, SimNPO-sum} and {NPO-ave, SimNPO} differs in the reference alone.
 _SIMNPO = dict(beta=2.5, gamma=0.0)
 _SIMNPO_RETAIN = dict(_SIMNPO, forget_weight=0.1375, retain_weight=1.0)
 OBJECTIVES: dict[str, Objective] = {
@@ -97,7 +101,41 @@ OBJECTIVES: dict[str, Objective] = {
     "SimNPO": Objective("simnpo", **_SIMNPO),
     "SimNPO+RT": Objective("simnpo", "nll", **_SIMNPO_RETAIN),
     "SimNPO+KL": Objective("simnpo", "kl", **_SIMNPO_RETAIN),
+    "NPO-ave": Objective("npo_ave", beta=2.5),
+    "NPO-ave+RT": Objective("npo_ave", "nll", beta=2.5, forget_weight=0.1375, retain_weight=1.0),
+    "SimNPO-sum": Objective("simnpo_sum", beta=0.1, gamma=0.0),
+    "SimNPO-sum+RT": Objective("simnpo_sum", "nll", beta=0.1, gamma=0.0),
 }
+
+# The 2x2 of ingredients as method names, with GA as the baseline: (label, reference kept, length-normalised).
+LADDER: tuple[tuple[str, bool | None, bool | None], ...] = (
+    ("GA", None, None), ("NPO", True, False), ("SimNPO-sum", False, False), ("NPO-ave", True, True),
+    ("SimNPO", False, True))
+
+
+def ingredient_ladder(npo: Objective, simnpo: Objective, ga: Objective | None = None) -> dict[str, Objective]:
+    """GA and the 2x2 {reference kept, dropped} x {summed, length-normalised}, from one NPO and one SimNPO setting.
+
+    The summed cells take ``npo``'s beta, weights and retain term (SimNPO-sum adds ``simnpo``'s gamma); the
+    length-normalised cells take ``simnpo``'s (NPO-ave drops the gamma): so NPO vs SimNPO-sum and NPO-ave vs
+    SimNPO each differ in the reference alone, and NPO vs NPO-ave / SimNPO-sum vs SimNPO in the length
+    normalisation (with the beta that goes with it: beta on the sequence scale for the summed cells, on the
+    per-token scale for the normalised ones).
+
+    Args:
+        npo: an Objective with forget loss "npo"; simnpo: one with forget loss "simnpo"; ga: the baseline
+            (default: GA with ``npo``'s retain term and weights).
+    Returns: {"GA", "NPO", "SimNPO-sum", "NPO-ave", "SimNPO"} -> Objective, in :data:`LADDER` order.
+    """
+    for name, objective, forget in (("npo", npo, "npo"), ("simnpo", simnpo, "simnpo")):
+        if not isinstance(objective, Objective) or objective.forget != forget:
+            raise ValueError(f"{name} must be an Objective with forget loss {forget!r}, got {objective!r}")
+    if ga is None:
+        ga = dataclasses.replace(npo, forget="ga", beta=OBJECTIVES["GA"].beta)
+    elif not isinstance(ga, Objective):
+        raise TypeError(f"ga must be an Objective or None, got {type(ga).__name__}")
+    return {"GA": ga, "NPO": npo, "SimNPO-sum": dataclasses.replace(npo, forget="simnpo_sum", gamma=simnpo.gamma),
+            "NPO-ave": dataclasses.replace(simnpo, forget="npo_ave", gamma=0.0), "SimNPO": simnpo}
 
 
 def get_objective(name: str, **overrides) -> Objective:

@@ -27,8 +27,8 @@ def betas(min_value: float = 1e-4, max_value: float = 1e3):
 
 
 def gammas(max_value: float = 5.0):
-    """SimNPO reward margins in [0, max_value]."""
-    return st.floats(0.0, max_value)
+    """SimNPO reward margins in [-max_value, max_value] (the paper's are >= 0; any finite margin is accepted)."""
+    return st.floats(-max_value, max_value)
 
 
 @st.composite

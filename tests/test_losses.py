@@ -3,6 +3,7 @@ weights"), float64."""
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 
@@ -31,6 +32,8 @@ def loss_of_logps(name, ref_logps, num_tokens, beta, gamma):
         "ga_sum": lambda logps: losses.ga_sum(logps),
         "npo": lambda logps: losses.npo(logps, ref_logps, beta),
         "simnpo": lambda logps: losses.simnpo(logps, num_tokens, beta, gamma),
+        "npo_ave": lambda logps: losses.npo_ave(logps, ref_logps, num_tokens, beta),
+        "simnpo_sum": lambda logps: losses.simnpo_sum(logps, beta, gamma),
     }[name]
 
 
@@ -49,7 +52,8 @@ def autograd_weights(name, logps, ref_logps, num_tokens, beta, gamma):
 def curvature_scale(name, num_tokens, beta):
     """The scale of logps over which the loss bends (for finite-difference steps)."""
     ones = torch.ones_like(num_tokens)
-    return {"ga": ones, "ga_sum": ones, "npo": beta * ones, "simnpo": beta / num_tokens}[name]
+    return {"ga": ones, "ga_sum": ones, "npo": beta * ones, "simnpo": beta / num_tokens, "npo_ave": beta / num_tokens,
+            "simnpo_sum": beta * ones}[name]
 
 
 def unigram_logps(theta, tokens, mask):
@@ -203,11 +207,105 @@ def test_simnpo_takes_no_reference():
     assert torch.equal(w_ref, losses.gradient_weights("simnpo", logps, num_tokens, beta=2.5, gamma=0.3))
 
 
+# The 2x2 cells: each is another cell (or GA) under a substitution, and tends to its GA as beta -> 0.
+
+
+@FAST
+@given(batch=S.moderate_sequence_batches(), beta=S.betas(1e-2, 10.0), gamma=S.gammas())
+def test_the_two_by_two_cells_reduce_to_each_other(batch, beta, gamma):
+    logps, ref_logps, num_tokens = batch
+    ones = torch.ones_like(num_tokens)
+    close = dict(rtol=1e-12, atol=1e-300)
+    # npo_ave is simnpo (gamma 0) on the log-ratio, and npo at |y| = 1.
+    torch.testing.assert_close(losses.npo_ave(logps, ref_logps, num_tokens, beta),
+                               losses.simnpo(logps - ref_logps, num_tokens, beta, 0.0), **close)
+    torch.testing.assert_close(losses.npo_ave(logps, ref_logps, ones, beta), losses.npo(logps, ref_logps, beta),
+                               **close)
+    # simnpo_sum is simnpo at |y| = 1, and npo against the constant reference -gamma / beta.
+    torch.testing.assert_close(losses.simnpo_sum(logps, beta, gamma), losses.simnpo(logps, ones, beta, gamma),
+                               **close)
+    constant_reference = torch.full_like(logps, -gamma / beta)
+    torch.testing.assert_close(losses.simnpo_sum(logps, beta, gamma), losses.npo(logps, constant_reference, beta),
+                               rtol=1e-9, atol=1e-12)
+    # Their weights the same way.
+    torch.testing.assert_close(weights("npo_ave", logps, ref_logps, num_tokens, beta, gamma),
+                               weights("simnpo", logps - ref_logps, None, num_tokens, beta, 0.0), **close)
+    torch.testing.assert_close(weights("simnpo_sum", logps, None, num_tokens, beta, gamma),
+                               weights("simnpo", logps, None, ones, beta, gamma), **close)
+
+
+@FAST
+@given(batch=S.sequence_batches(), beta=S.betas())
+def test_npo_ave_weight_is_one_over_length_at_the_reference(batch, beta):
+    logps, _, num_tokens = batch
+    w = losses.gradient_weights("npo_ave", logps, num_tokens, ref_logps=logps.clone(), beta=beta)
+    torch.testing.assert_close(w, 1.0 / num_tokens, rtol=1e-15, atol=0)
+    value = losses.npo_ave(logps, logps.clone(), num_tokens, beta)
+    torch.testing.assert_close(value, torch.full_like(logps, 2 * math.log(2) / beta), rtol=1e-12, atol=0)
+
+
+@FAST
+@given(logp=st.floats(-1e3, 0.0), ref=st.floats(-1e3, 0.0), length=st.integers(1, 4096))
+def test_npo_ave_and_simnpo_sum_tend_to_their_ga(logp, ref, length):
+    """beta -> 0: npo_ave -> GA on the mean log-ratio (w |y| -> 1), simnpo_sum (gamma 0) -> ga_sum (w -> 1)."""
+    logps, ref_logps = torch.tensor([logp], dtype=DTYPE), torch.tensor([ref], dtype=DTYPE)
+    num_tokens = torch.tensor([length], dtype=DTYPE)
+    mean_ratio = (logp - ref) / length
+    for beta in SMALL_BETAS:
+        u = beta * mean_ratio / 2
+        w = losses.gradient_weights("npo_ave", logps, num_tokens, ref_logps, beta=beta).item()
+        assert abs(u) - abs(u) ** 3 / 3 - 4 * EPS <= abs(length * w - 1) <= abs(u) + 4 * EPS
+        loss = losses.npo_ave(logps, ref_logps, num_tokens, beta).item()
+        _log_cosh_sandwich(loss - 2 * math.log(2) / beta - mean_ratio, u, 2 / beta,
+                           8 * EPS * (2 / beta + abs(mean_ratio)))
+        u = beta * logp / 2
+        w = losses.gradient_weights("simnpo_sum", logps, beta=beta, gamma=0.0).item()
+        assert abs(u) - abs(u) ** 3 / 3 - 4 * EPS <= abs(w - 1) <= abs(u) + 4 * EPS
+        loss = losses.simnpo_sum(logps, beta, 0.0).item()
+        _log_cosh_sandwich(loss - 2 * math.log(2) / beta - logp, u, 2 / beta, 8 * EPS * (2 / beta + abs(logp)))
+
+
+def test_npo_ave_hand_computed():
+    """beta 2, logp -6, ref -2, |y| 4: mean ratio -1, L = -log sigma(2) = log(1 + e^-2), w = (1/2) sigma(-2)."""
+    logps, ref_logps, num_tokens = T(-6.0), T(-2.0), T(4.0)
+    assert math.isclose(losses.npo_ave(logps, ref_logps, num_tokens, 2.0).item(), math.log1p(math.exp(-2.0)),
+                        rel_tol=1e-15)
+    w = losses.gradient_weights("npo_ave", logps, num_tokens, ref_logps, beta=2.0).item()
+    assert math.isclose(w, 0.5 / (1 + math.exp(2.0)), rel_tol=1e-15)
+    # simnpo_sum, beta 0.5, gamma 1, logp -6: L = -4 log sigma(2) = 4 log(1 + e^-2), w = 2 sigma(-2).
+    assert math.isclose(losses.simnpo_sum(T(-6.0), 0.5, 1.0).item(), 4 * math.log1p(math.exp(-2.0)), rel_tol=1e-15)
+    w = losses.gradient_weights("simnpo_sum", T(-6.0), beta=0.5, gamma=1.0).item()
+    assert math.isclose(w, 2 / (1 + math.exp(2.0)), rel_tol=1e-15)
+
+
+def test_ingredient_ladder_changes_one_ingredient_per_pair():
+    from markovsim.objectives import LADDER, ingredient_ladder
+
+    npo, simnpo = losses.get_objective("NPO+RT", beta=0.2), losses.get_objective("SimNPO+RT", beta=4.0, gamma=0.5)
+    ladder = ingredient_ladder(npo, simnpo)
+    assert list(ladder) == [label for label, _, _ in LADDER]
+    for label, reference, normalised in LADDER[1:]:
+        assert ladder[label].forget == losses.INGREDIENTS[(reference, normalised)]
+        assert ladder[label].needs_reference is reference
+    fields = ("retain", "forget_weight", "retain_weight", "beta")
+    same = lambda a, b: all(getattr(a, f) == getattr(b, f) for f in fields)  # noqa: E731
+    assert same(ladder["NPO"], ladder["SimNPO-sum"]) and same(ladder["NPO-ave"], ladder["SimNPO"])
+    assert ladder["SimNPO-sum"].gamma == 0.5 and ladder["NPO-ave"].beta == 4.0 and ladder["SimNPO-sum"].beta == 0.2
+    assert ladder["GA"].forget == "ga" and same(ladder["GA"], dataclasses.replace(npo, beta=ladder["GA"].beta))
+    with pytest.raises(ValueError, match="npo"):
+        ingredient_ladder(simnpo, simnpo)
+    with pytest.raises(ValueError, match="simnpo"):
+        ingredient_ladder(npo, npo)
+
+
 @FAST
 @given(batch=S.moderate_sequence_batches(), beta=S.betas(1e-2, 10.0), shift=st.floats(-1e3, 1e3))
 def test_npo_invariant_to_a_common_shift(batch, beta, shift):
     logps, ref_logps, _ = batch
-    for fn in (losses.npo, lambda lp, r, b: losses.gradient_weights("npo", lp, ref_logps=r, beta=b)):
+    num_tokens = batch[2]
+    for fn in (losses.npo, lambda lp, r, b: losses.gradient_weights("npo", lp, ref_logps=r, beta=b),
+               lambda lp, r, b: losses.npo_ave(lp, r, num_tokens, b),
+               lambda lp, r, b: losses.gradient_weights("npo_ave", lp, num_tokens, r, beta=b)):
         shifted = fn(logps + shift, ref_logps + shift, beta)
         torch.testing.assert_close(shifted, fn(logps, ref_logps, beta), rtol=1e-9, atol=0)
 
@@ -218,12 +316,15 @@ def test_npo_invariant_to_a_common_shift(batch, beta, shift):
 
 
 def _scaled_weights(name, logps, ref_logps, num_tokens, beta, gamma):
-    """w_npo and |y| w_simnpo, both in (0, 2)."""
+    """w_npo, w_simnpo_sum, |y| w_simnpo and |y| w_npo_ave, all in (0, 2)."""
     w = weights(name, logps, ref_logps, num_tokens, beta, gamma)
-    return w * num_tokens if name == "simnpo" else w
+    return w * num_tokens if name in ("simnpo", "npo_ave") else w
 
 
-@pytest.mark.parametrize("name", ["npo", "simnpo"])
+SIGMOID_LOSSES = ["npo", "simnpo", "npo_ave", "simnpo_sum"]
+
+
+@pytest.mark.parametrize("name", SIGMOID_LOSSES)
 @FAST
 @given(
     batch=S.sequence_batches(min_logp=-1e4, max_logp=1e4),
@@ -239,7 +340,7 @@ def test_weights_bounded_losses_and_gradients_finite_at_extremes(name, batch, be
     assert torch.isfinite(autograd_weights(name, logps, ref_logps, num_tokens, beta, gamma)).all()
 
 
-@pytest.mark.parametrize("name", ["npo", "simnpo"])
+@pytest.mark.parametrize("name", SIGMOID_LOSSES)
 @FAST
 @given(batch=S.moderate_sequence_batches(), beta=S.betas(1e-2, 0.5), gamma=S.gammas())
 def test_weights_strictly_inside_bounds_on_moderate_inputs(name, batch, beta, gamma):
@@ -307,6 +408,10 @@ def naive(name, lp, r, n, beta, gamma):
         return -(2 / beta) * math.log(sigma(-beta * (lp - r)))
     if name == "simnpo":
         return -(2 / beta) * math.log(sigma(-(beta / n) * lp - gamma))
+    if name == "npo_ave":
+        return -(2 / beta) * math.log(sigma(-(beta / n) * (lp - r)))
+    if name == "simnpo_sum":
+        return -(2 / beta) * math.log(sigma(-beta * lp - gamma))
     raise AssertionError(name)
 
 
@@ -537,11 +642,15 @@ NEEDS_REFERENCE = {
     "SimNPO": False,
     "SimNPO+RT": False,
     "SimNPO+KL": True,
+    "NPO-ave": True,
+    "NPO-ave+RT": True,
+    "SimNPO-sum": False,
+    "SimNPO-sum+RT": False,
 }
 
 
 def test_registries():
-    assert set(losses.LOSSES) == {"ga", "ga_sum", "npo", "simnpo", "dpo", "wga"}
+    assert set(losses.LOSSES) == {"ga", "ga_sum", "npo", "simnpo", "npo_ave", "simnpo_sum", "dpo", "wga"}
     assert losses.RETAIN_TERMS == {"nll": losses.nll, "kl": losses.kl}
     assert set(losses.OBJECTIVES) == set(NEEDS_REFERENCE)
     assert losses.OBJECTIVES["NPO"].beta == 0.1
@@ -608,6 +717,8 @@ def test_dtype_is_preserved(dtype):
         losses.ga_sum(logps),
         losses.npo(logps, logps - 1, 0.1),
         losses.simnpo(logps, num_tokens, 2.5, 0.5),
+        losses.npo_ave(logps, logps - 1, num_tokens, 2.5),
+        losses.simnpo_sum(logps, 0.1, 0.5),
         losses.dpo(logps, logps - 1, logps, logps + 1, 0.1),
         losses.wga(token_logps, mask, 1.0),
         losses.nll(logps, num_tokens),
@@ -618,12 +729,13 @@ def test_dtype_is_preserved(dtype):
 
 def test_integer_num_tokens_keep_float64():
     logps = T(-3.0, -40.0)
-    for name in ("ga", "simnpo"):
-        as_int = loss_of_logps(name, None, torch.tensor([3, 7]), 2.5, 0.1)(logps)
-        as_float = loss_of_logps(name, None, T(3.0, 7.0), 2.5, 0.1)(logps)
+    for name in ("ga", "simnpo", "npo_ave"):
+        ref_logps = T(-1.0, -50.0)
+        as_int = loss_of_logps(name, ref_logps, torch.tensor([3, 7]), 2.5, 0.1)(logps)
+        as_float = loss_of_logps(name, ref_logps, T(3.0, 7.0), 2.5, 0.1)(logps)
         assert as_int.dtype == DTYPE and torch.equal(as_int, as_float)
-        w_int = losses.gradient_weights(name, logps, torch.tensor([3, 7]), beta=2.5, gamma=0.1)
-        assert w_int.dtype == DTYPE and torch.equal(w_int, weights(name, logps, None, T(3.0, 7.0), 2.5, 0.1))
+        w_int = losses.gradient_weights(name, logps, torch.tensor([3, 7]), ref_logps, beta=2.5, gamma=0.1)
+        assert w_int.dtype == DTYPE and torch.equal(w_int, weights(name, logps, ref_logps, T(3.0, 7.0), 2.5, 0.1))
 
 
 def test_moved_names_are_still_importable_from_their_old_modules():

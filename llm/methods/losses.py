@@ -30,7 +30,7 @@ from typing import Callable
 
 import torch
 
-from markovsim.losses import masked_ga, reduce_token_logps
+from markovsim.losses import NEEDS_REFERENCE, masked_ga, reduce_token_logps
 from markovsim.methods.kga import kga_loss
 from markovsim.methods.lau import adversarial_perturbation, autograd_ascent_direction
 from markovsim.methods.mismatch import ga_mismatch_loss
@@ -73,7 +73,7 @@ def required_batches(state: MethodState) -> tuple[str, ...]:
         return ("forget", "retain")
     if name in ("AdvGA", "AdvNPO"):
         extra = ("retain",) if config.objective.retain is not None else ()
-        ref = ("forget_ref_logps",) if config.objective.forget in ("npo", "dpo") else ()
+        ref = ("forget_ref_logps",) if config.objective.forget in NEEDS_REFERENCE else ()
         return ("forget",) + extra + ref
     return ("forget",)
 
