@@ -1,6 +1,7 @@
 """TOFU metrics on hand-computed inputs, and batched answer scoring against a per-item loop."""
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -33,6 +34,39 @@ REF = logps_of([0.5, 0.25], REF_N)
 
 def test_truth_ratio_known_answer():
     assert metrics.truth_ratio(PERT, PERT_N, REF, REF_N) == pytest.approx([0.2, 2.0])
+
+
+def test_truth_ratio_from_extreme_mean_log_likelihoods():
+    # per-token means (perturbed k = 1, 2 | reference):
+    #   (-800, -800 | -800)   -> log TR = 0               (exp(-800) = 0: the ratio of probabilities is 0 / 0)
+    #   (-1001, -999 | -1001) -> log TR = 1
+    #   (-800, -800 | -740)   -> log TR = -60             (exp(-740) is subnormal, exp(-800) = 0)
+    #   (-740, -740 | -800)   -> log TR = 60
+    pert_n = np.array([[3, 5], [3, 1], [1, 1], [2, 2]])
+    pert = np.array([[-2400.0, -4000.0], [-3003.0, -999.0], [-800.0, -800.0], [-1480.0, -1480.0]])
+    ref_n = np.array([4, 2, 1, 1])
+    ref = np.array([-3200.0, -2002.0, -740.0, -800.0])
+    assert metrics.log_truth_ratio(pert, pert_n, ref, ref_n) == pytest.approx([0.0, 1.0, -60.0, 60.0], abs=1e-12)
+    ratios = metrics.truth_ratio(pert, pert_n, ref, ref_n)
+    assert ratios == pytest.approx([1.0, math.e, math.exp(-60), math.exp(60)], rel=1e-12)
+    with np.errstate(divide="ignore", invalid="ignore"):  # what exponentiating first gives: NaN, NaN, 0, inf
+        naive = np.exp(np.log(np.exp(pert / pert_n)).mean(axis=1) - np.log(np.exp(ref / ref_n)))
+    assert np.isnan(naive[:2]).all() and naive[2] == 0 and naive[3] == np.inf
+
+
+def test_overflowing_truth_ratios_aggregate_without_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ratios = metrics.truth_ratio([[-1.0]], [[1]], [-900.0], [1])  # log TR = 899: exp overflows to inf
+        assert ratios.tolist() == [math.inf]
+        assert metrics.truth_ratio_aggregate([0.0, math.inf, 0.5], forget=True) == pytest.approx(0.5 / 3)
+        assert metrics.truth_ratio_aggregate([0.0, math.inf], forget=False) == pytest.approx(0.5)
+
+
+def test_normalised_probability_from_extreme_mean_log_likelihoods():
+    # means: true -800, perturbed -801 and -802 -> 1 / (1 + e^-1 + e^-2) (every probability underflows to 0)
+    value = metrics.normalised_probability([-1600.0], [2], [[-801.0, -2406.0]], [[1, 3]])
+    assert value == pytest.approx([1.0 / (1.0 + math.exp(-1) + math.exp(-2))], rel=1e-12)
 
 
 def test_truth_ratio_aggregates():

@@ -98,7 +98,7 @@ def test_results_schema_and_aucs_from_the_stored_scores(finished):
             wins = sum(1.0 if m > n else 0.5 if m == n else 0.0 for m in members for n in nonmembers)
             assert row[f"mia_auc/{attack}"] == pytest.approx(wins / 1600)
             retain_auc = mia.auc(retain_scores["forget"][attack], retain_scores["holdout"][attack])
-            expected = (row[f"mia_auc/{attack}"] - retain_auc) / retain_auc * 100
+            expected = (retain_auc - row[f"mia_auc/{attack}"]) / (1 - retain_auc) * 100  # MUSE's sign
             assert row[f"privleak/{attack}"] == pytest.approx(expected, abs=1e-9)
     assert all(results["models"]["retain"][f"privleak/{a}"] == 0 for a in mia.ATTACKS)
     table = (finished.out / "results.md").read_text()

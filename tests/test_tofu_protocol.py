@@ -8,7 +8,8 @@ import pytest
 
 from llm.tofu import __main__ as cli
 from llm.tofu.evaluate import evaluate_model, load_eval_sets
-from llm.tofu.protocol import Protocol, ProtocolConfig, method_objective
+from llm.tofu.protocol import Protocol, ProtocolConfig
+from llm.tofu.protocol_config import DEFAULT_METHODS, method_objective, official_settings
 
 TINY = ["--limit", "4", "--batch-size", "4", "--finetune-steps", "2", "--unlearn-steps", "1",
         "--max-new-tokens", "3", "--eval-batch-size", "64", "--no-progress", "--device", "cpu",
@@ -19,12 +20,50 @@ def _strict(path):
     return json.loads(open(path).read(), parse_constant=lambda c: pytest.fail(f"{path} holds {c}"))
 
 
-def test_official_simnpo_settings():
-    assert method_objective("SimNPO+RT", "forget05").beta == 2.5
-    assert method_objective("SimNPO+RT", "forget05").forget_weight == 0.1375
-    objective = method_objective("SimNPO+RT", "forget10")
-    assert (objective.beta, objective.gamma, objective.forget_weight, objective.retain_weight) == (4.5, 0, 0.125, 1)
-    assert method_objective("NPO", "forget10").beta == 0.1
+# Every number of the official TOFU settings (NPO / SimNPO papers' TOFU code), per (objective, split):
+# (forget loss, retain term, beta, gamma, forget weight, retain weight); None = the field is not set.
+OFFICIAL = {
+    ("NPO+RT", "forget05"): ("npo", "nll", 0.1, None, 1.0, 1.0),
+    ("NPO+RT", "forget10"): ("npo", "nll", 0.1, None, 1.0, 1.0),
+    ("SimNPO+RT", "forget05"): ("simnpo", "nll", 2.5, 0.0, 0.1375, 1.0),
+    ("SimNPO+RT", "forget10"): ("simnpo", "nll", 4.5, 0.0, 0.125, 1.0),
+    ("SimNPO+RT", "forget01"): ("simnpo", "nll", 2.5, 0.0, 0.1375, 1.0),  # no official forget01: forget05's
+    ("SimNPO+KL", "forget10"): ("simnpo", "kl", 4.5, 0.0, 0.125, 1.0),
+    ("NPO", "forget10"): ("npo", None, 0.1, None, 1.0, None),
+    ("NPO+KL", "forget05"): ("npo", "kl", 0.1, None, 1.0, 1.0),
+    ("SimNPO", "forget05"): ("simnpo", None, 2.5, 0.0, 1.0, None),
+    ("SimNPO", "forget10"): ("simnpo", None, 4.5, 0.0, 1.0, None),
+    ("GradDiff", "forget10"): ("ga", "nll", None, None, 1.0, 1.0),
+    ("GA", "forget05"): ("ga", None, None, None, 1.0, None),
+}
+
+
+@pytest.mark.parametrize("method, split", list(OFFICIAL))
+def test_official_tofu_settings(method, split):
+    forget, retain, beta, gamma, forget_weight, retain_weight = OFFICIAL[method, split]
+    expected = {"forget_weight": forget_weight, "retain_weight": retain_weight, "beta": beta, "gamma": gamma}
+    assert official_settings(method, split) == {k: v for k, v in expected.items() if v is not None}
+    objective = method_objective(method, split)
+    assert (objective.forget, objective.retain, objective.forget_weight) == (forget, retain, forget_weight)
+    for field in ("beta", "gamma", "retain_weight"):
+        if expected[field] is not None:
+            assert getattr(objective, field) == expected[field], field
+
+
+def test_the_protocol_defaults_are_the_papers_tofu_rows():
+    config = ProtocolConfig()
+    assert config.methods == DEFAULT_METHODS == ("GradDiff", "NPO+RT", "SimNPO+RT")
+    assert (config.split, config.unlearn_lr, config.unlearn_epochs, config.unlearn_steps, config.batch_size) == (
+        "forget10", 1e-5, 10.0, None, 32)
+    unlearn = config.train_config("unlearn", 400)  # forget10: 400 pairs, 12 steps per epoch at batch 32
+    assert (unlearn.learning_rate, unlearn.epochs, unlearn.batch_size, unlearn.weight_decay, unlearn.schedule,
+            unlearn.warmup_steps) == (1e-5, 10.0, 32, 0.01, "linear", 12)
+    assert ProtocolConfig(unlearn_steps=5).train_config("unlearn", 400).warmup_steps == 0  # a step count: no warm-up
+    assert cli.build_parser().parse_args(["run", "--out", "x"]).methods == list(DEFAULT_METHODS)
+    with pytest.raises(ValueError, match="registry method"):
+        official_settings("KGA", "forget10")
+    with pytest.raises(ValueError, match="unknown split"):
+        official_settings("NPO+RT", "forget20")
 
 
 def test_evaluate_model_gives_every_metric(base):

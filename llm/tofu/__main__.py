@@ -1,10 +1,12 @@
 """Command line of the TOFU protocol (:mod:`llm.tofu.protocol`).
 
-    python -m llm.tofu run   --split forget10 --methods NPO SimNPO --out DIR [--model smollm2|PATH] [flags]
+    python -m llm.tofu run   --split forget10 [--methods ...] --out DIR [--model smollm2|PATH] [flags]
     python -m llm.tofu stage NAME [NAME ...] --split ... --out DIR [flags]    (named stages, inputs done first)
     python -m llm.tofu stages --split ... --methods ... --out DIR             (list the stages and which are done)
 
-Methods: the objectives GA, GradDiff, NPO(+RT/+KL), SimNPO(+RT/+KL) and the registry methods
+Methods (default: the paper's TOFU rows GradDiff, NPO+RT, SimNPO+RT, with the official settings of
+the split, :func:`llm.tofu.protocol_config.official_settings`): the objectives GA, GradDiff,
+NPO(+RT/+KL), SimNPO(+RT/+KL) and the registry methods
 GA+Mismatch, WHP, TaskNegation, KGA, SeUL, AdvGA, AdvNPO (:mod:`llm.tofu.methods`: what each needs
 on TOFU; WHP, TaskNegation and KGA add auxiliary fine-tuning stages ``aux-*``). Their hyperparameters
 are the registry defaults, changed with ``--method-option Name.field=value`` (repeatable), e.g.
@@ -18,7 +20,7 @@ given: no relearning); see :mod:`llm.tofu.protocol` and :mod:`llm.tofu.relearn`.
 stage shows a progress bar (``--no-progress`` silences them). Bad input exits with status 2 and one
 ``error:`` line (``--debug`` shows the traceback). A CPU smoke run on SmolLM2-135M::
 
-    python -m llm.tofu run --split forget01 --methods NPO SimNPO --out runs/tofu-smoke --limit 20 \\
+    python -m llm.tofu run --split forget01 --out runs/tofu-smoke --limit 20 \\
         --batch-size 8 --finetune-epochs 5 --unlearn-steps 5 --max-new-tokens 48
 
 Every method of the library on the same run (the auxiliary models are fine-tuned like the target)::

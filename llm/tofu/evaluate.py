@@ -120,13 +120,15 @@ def forget_quality(result: Mapping, retain_result: Mapping) -> float:
 
 
 def membership_scores(model, tokenizer, items: Sequence[TofuItem], batch_size: int = 16,
-                      k: float = mia.MIN_K_FRACTION) -> dict[str, list[float]]:
+                      k: float = mia.MIN_K_FRACTION, convention: str = "open-unlearning") -> dict[str, list[float]]:
     """Per-item scores of every attack of :mod:`llm.mia` (higher = more likely a member) on the items' answers.
 
     Returns ``{"loss": [N floats], "zlib": [...], "min_k": [...], "min_k_plus_plus": [...]}``; the ZLib
-    denominator is the compressed answer text.
+    denominator is the compressed answer text; ``convention`` is Min-K's (:data:`llm.mia.MIN_K_CONVENTIONS`:
+    by default open-unlearning's, without the EOS token and with the variance clamped at 1e-6).
     """
     answers = [item.answer for item in items]
     stats = answer_token_statistics(model, tokenizer, [item.question for item in items], answers, batch_size)
-    scores = mia.attack_scores(stats["token_logps"], stats["mu"], stats["sigma"], stats["mask"], answers, k)
+    scores = mia.attack_scores(stats["token_logps"], stats["mu"], stats["sigma"], stats["mask"], answers, k,
+                               convention)
     return {name: values.tolist() for name, values in scores.items()}

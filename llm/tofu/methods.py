@@ -1,7 +1,8 @@
 """The unlearning methods of the TOFU protocol and what each needs on TOFU: names, settings, auxiliary models, data.
 
 Two families share ``--methods``: the ``markovsim`` objectives (:data:`markovsim.objectives.OBJECTIVES`: GA,
-GradDiff, NPO, SimNPO and their retain variants) and the registry methods
+GradDiff, NPO, SimNPO and their retain variants; on TOFU with the official settings of the split,
+:func:`llm.tofu.protocol_config.official_settings`) and the registry methods
 (:data:`markovsim.methods.METHODS`; docs/theory.md, "Other unlearning methods"). On TOFU the registry
 methods take these inputs (the unlearned model always starts at the target model A_D):
 

@@ -3,13 +3,17 @@
 Inputs are per-item answer log-likelihoods ``logps`` (summed over the answer tokens, EOS included)
 and token counts ``num_tokens`` from :mod:`llm.tofu.scoring`; ``p = exp(logps / num_tokens)`` is the
 length-normalised probability, i.e. exp(-mean NLL). Shapes: (N,) per item, (N, K) for K perturbed
-answers per item.
+answers per item. Ratios of probabilities are computed from the per-token mean log-likelihoods
+(TOFU's own formula), never from exponentiated probabilities: a mean log-likelihood below about -745
+underflows exp to 0, but a ratio of two such answers stays finite.
 
     probability         P_i = exp(logps_i / n_i)                                           (N,)
     truth ratio         TR_i = (prod_k P_pert[i, k])^(1/K) / P_ref_i                       (N,)
+                             = exp(mean_k logps_pert[i, k] / n_pert[i, k] - logps_ref_i / n_ref_i)
                         P_ref = paraphrased answer (forget/retain) or true answer (real_authors/world_facts)
     TR aggregate        forget: mean(min(TR, 1/TR));  others: mean(max(0, 1 - TR))
     normalised prob.    P_true / (P_true + sum_k P_pert)           (real_authors, world_facts)
+                        = 1 / (1 + sum_k exp(log P_pert[:, k] - log P_true))
     ROUGE-L recall      LCS(generation, answer) / |answer| (rouge_score, rougeL, Porter stemmer)
     forget quality      scipy.stats.ks_2samp(TR_unlearned, TR_retain_model).pvalue   over forget items
     model utility       harmonic mean of 9 numbers: (probability, ROUGE-L, TR aggregate) on retain,
@@ -22,46 +26,68 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 from scipy import stats
+from scipy.special import logsumexp
 
-__all__ = ["UTILITY_SETS", "probability", "truth_ratio", "truth_ratio_aggregate", "normalised_probability",
-           "rouge_l_recall", "forget_quality", "harmonic_mean", "utility_components", "model_utility"]
+__all__ = ["UTILITY_SETS", "probability", "mean_logps", "log_truth_ratio", "truth_ratio", "truth_ratio_aggregate",
+           "normalised_probability", "rouge_l_recall", "forget_quality", "harmonic_mean", "utility_components",
+           "model_utility"]
 
 UTILITY_SETS = ("retain", "real_authors", "world_facts")
 
 
-def probability(logps, num_tokens) -> np.ndarray:
-    """Length-normalised answer probability exp(logps / n) per item, (N,) or (N, K) like the inputs."""
+def mean_logps(logps, num_tokens) -> np.ndarray:
+    """Per-token mean log-likelihood logps / n per item, (N,) or (N, K) like the inputs (= log :func:`probability`)."""
     logps, num_tokens = np.asarray(logps, dtype=np.float64), np.asarray(num_tokens, dtype=np.float64)
     if np.any(num_tokens <= 0):
         raise ValueError("every answer needs at least one scored token")
-    return np.exp(logps / num_tokens)
+    return logps / num_tokens
+
+
+def probability(logps, num_tokens) -> np.ndarray:
+    """Length-normalised answer probability exp(logps / n) per item, (N,) or (N, K) like the inputs."""
+    return np.exp(mean_logps(logps, num_tokens))
+
+
+def log_truth_ratio(perturbed_logps, perturbed_tokens, reference_logps, reference_tokens) -> np.ndarray:
+    """log TR_i = mean_k logps_pert[i, k] / n_pert[i, k] - logps_ref[i] / n_ref[i]; (N, K), (N,) -> (N,)."""
+    log_pert = mean_logps(perturbed_logps, perturbed_tokens)  # (N, K)
+    log_ref = mean_logps(reference_logps, reference_tokens)  # (N,)
+    if log_pert.ndim != 2 or log_ref.shape != log_pert.shape[:1]:
+        raise ValueError(f"perturbed must be (N, K) and reference (N,); got {log_pert.shape} and {log_ref.shape}")
+    return log_pert.mean(axis=1) - log_ref
 
 
 def truth_ratio(perturbed_logps, perturbed_tokens, reference_logps, reference_tokens) -> np.ndarray:
     """TR_i = geometric mean over k of P_pert[i, k], divided by P_ref[i]; (N, K), (N,) -> (N,).
 
-    Computed in log space: exp(mean_k log P_pert[i, k] - log P_ref[i]).
+    exp(:func:`log_truth_ratio`), as TOFU computes it: finite whenever |log TR| < ~709, however low the
+    log-likelihoods themselves (0 or inf beyond that, where TOFU's exp overflows too).
     """
-    log_pert = np.log(probability(perturbed_logps, perturbed_tokens))  # (N, K)
-    log_ref = np.log(probability(reference_logps, reference_tokens))  # (N,)
-    if log_pert.ndim != 2 or log_ref.shape != log_pert.shape[:1]:
-        raise ValueError(f"perturbed must be (N, K) and reference (N,); got {log_pert.shape} and {log_ref.shape}")
-    return np.exp(log_pert.mean(axis=1) - log_ref)
+    with np.errstate(over="ignore"):
+        return np.exp(log_truth_ratio(perturbed_logps, perturbed_tokens, reference_logps, reference_tokens))
 
 
 def truth_ratio_aggregate(ratios, forget: bool) -> float:
-    """Forget set: mean(min(TR, 1/TR)) (1 = can't tell true from false); others: mean(max(0, 1 - TR))."""
+    """Forget set: mean(min(TR, 1/TR)) (1 = can't tell true from false); others: mean(max(0, 1 - TR)).
+
+    TR = 0 or inf (an overflowed ratio) counts as min(TR, 1/TR) = 0.
+    """
     ratios = np.asarray(ratios, dtype=np.float64)
     if forget:
-        return float(np.mean(np.minimum(ratios, 1.0 / ratios)))
+        with np.errstate(divide="ignore"):
+            return float(np.mean(np.minimum(ratios, 1.0 / ratios)))
     return float(np.mean(np.maximum(0.0, 1.0 - ratios)))
 
 
 def normalised_probability(true_logps, true_tokens, perturbed_logps, perturbed_tokens) -> np.ndarray:
-    """P_true / (P_true + sum_k P_pert[:, k]) per item, (N,) and (N, K) -> (N,)."""
-    p_true = probability(true_logps, true_tokens)  # (N,)
-    p_pert = probability(perturbed_logps, perturbed_tokens)  # (N, K)
-    return p_true / (p_true + p_pert.sum(axis=1))
+    """P_true / (P_true + sum_k P_pert[:, k]) per item, (N,) and (N, K) -> (N,), from log-probability gaps."""
+    log_true = mean_logps(true_logps, true_tokens)  # (N,)
+    log_pert = mean_logps(perturbed_logps, perturbed_tokens)  # (N, K)
+    if log_pert.ndim != 2 or log_true.shape != log_pert.shape[:1]:
+        raise ValueError(f"perturbed must be (N, K) and true (N,); got {log_pert.shape} and {log_true.shape}")
+    # 1 / (1 + sum_k exp(gap_k)) = exp(-logsumexp([0, gap_1..K])): no 0/0 when every P underflows
+    gaps = np.concatenate([np.zeros((len(log_true), 1)), log_pert - log_true[:, None]], axis=1)  # (N, K+1)
+    return np.exp(-logsumexp(gaps, axis=1))
 
 
 def rouge_l_recall(generations: Sequence[str], answers: Sequence[str]) -> np.ndarray:

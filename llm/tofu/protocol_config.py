@@ -17,27 +17,56 @@ from .evaluate import FORGET_SPLITS
 from .methods import check_method_name, is_registry_method, parse_method_options
 from .relearn import check_step_counts, split_forget
 
-__all__ = ["RETAIN_SPLITS", "SIMNPO_SETTINGS", "RUNTIME_FIELDS", "ProtocolConfig", "method_objective"]
+__all__ = ["RETAIN_SPLITS", "DEFAULT_METHODS", "NPO_BETA", "SIMNPO_SETTINGS", "RUNTIME_FIELDS", "ProtocolConfig",
+           "official_settings", "method_objective"]
 
 RETAIN_SPLITS = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
-# The official SimNPO TOFU settings (gamma 0): beta, and the forget weight beside a retain weight of 1.
-# forget01 has no official setting; it takes forget05's.
+# The paper's TOFU rows (SimNPO Table 3): its NPO and SimNPO carry a retain term (the official code's
+# npo_grad_diff / simnpo_grad_diff), beside GradDiff. Plain NPO / SimNPO stay available through --methods.
+DEFAULT_METHODS = ("GradDiff", "NPO+RT", "SimNPO+RT")
+# The official TOFU settings of the objectives (the NPO and SimNPO papers' TOFU code: forget.yaml and
+# the SimNPO README; its npo_coeff is our forget_weight, grad_diff_coeff / KL_coeff our retain_weight):
+#   GA, GradDiff        forget weight 1 (GradDiff: retain weight 1)
+#   NPO, NPO+RT, NPO+KL beta 0.1, forget weight 1 (+RT / +KL: retain weight 1)
+#   SimNPO              gamma 0, beta per split, forget weight 1
+#   SimNPO+RT, +KL      gamma 0, beta and forget weight per split, retain weight 1
+NPO_BETA = 0.1
+# SimNPO per split: (beta, forget weight beside a retain term). forget01 has no official setting: forget05's.
 SIMNPO_SETTINGS = {"forget01": (2.5, 0.1375), "forget05": (2.5, 0.1375), "forget10": (4.5, 0.125)}
 # Settings that do not change the numbers: a rerun may change them.
 RUNTIME_FIELDS = ("methods", "progress", "device", "num_threads", "checkpoint_every")
 _RETAIN90_AUTHORS = NUM_AUTHORS - FORGET_AUTHORS["forget10"]  # authors 0-179: in no forget split
 
 
-def method_objective(method: str, split: str) -> Objective:
-    """The ``markovsim`` objective of a method on a split (SimNPO's beta / weights per :data:`SIMNPO_SETTINGS`)."""
+def _objective_name(method: str) -> str:
     if check_method_name(method) not in OBJECTIVES:
         raise ValueError(f"{method!r} is a registry method (markovsim.methods), not an objective of "
                          f"{', '.join(OBJECTIVES)}: see llm.tofu.methods.method_config")
+    return method
+
+
+def official_settings(method: str, split: str) -> dict[str, float]:
+    """The :class:`~markovsim.objectives.Objective` fields the official TOFU code sets for an objective on a split.
+
+    ``{"forget_weight": ..., "retain_weight": ... (objectives with a retain term), "beta": ... (NPO, SimNPO),
+    "gamma": 0.0 (SimNPO)}``; e.g. ``official_settings("SimNPO+RT", "forget10")`` ->
+    ``{"forget_weight": 0.125, "retain_weight": 1.0, "beta": 4.5, "gamma": 0.0}``.
+    """
+    if split not in SIMNPO_SETTINGS:
+        raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SIMNPO_SETTINGS)}")
+    has_retain = OBJECTIVES[_objective_name(method)].retain is not None
+    fields = {"forget_weight": 1.0} | ({"retain_weight": 1.0} if has_retain else {})
     if method.startswith("SimNPO"):
         beta, forget_weight = SIMNPO_SETTINGS[split]
-        weights = {"forget_weight": forget_weight, "retain_weight": 1.0} if "+" in method else {}
-        return get_objective(method, beta=beta, gamma=0.0, **weights)
-    return get_objective(method)
+        fields |= {"forget_weight": forget_weight if has_retain else 1.0, "beta": beta, "gamma": 0.0}
+    elif method.startswith("NPO"):
+        fields["beta"] = NPO_BETA
+    return fields
+
+
+def method_objective(method: str, split: str) -> Objective:
+    """The objective ``method`` with the official TOFU settings of ``split`` (:func:`official_settings`)."""
+    return get_objective(method, **official_settings(method, split))
 
 
 def _positive(name: str, value, kind=int, optional: bool = False) -> None:
@@ -54,7 +83,10 @@ class ProtocolConfig:
     Fine-tuning defaults follow TOFU's (5 epochs, weight decay 0.01, linear decay after one warm-up
     epoch) at a learning rate of 1e-4, under which SmolLM2-135M memorises the pairs (TOFU's 1e-5 is for
     7B models); unlearning follows the official SimNPO / TOFU recipe (10 epochs, lr 1e-5, batch 32 on a
-    GPU; the CPU smoke run uses fewer steps and a smaller batch).
+    GPU, AdamW with weight decay 0.01, linear decay after one warm-up epoch; ``unlearn_steps`` replaces
+    the epochs and drops the warm-up; the CPU smoke run uses fewer steps and a smaller batch). The
+    default methods are the paper's TOFU rows, :data:`DEFAULT_METHODS` (GradDiff, NPO+RT, SimNPO+RT),
+    each objective with the official settings of the split (:func:`official_settings`).
 
     Membership inference holds out authors ``holdout_first_author`` .. + (2 / 10 / 20) - 1 (see the
     module docstring). The relearning attack (:mod:`llm.tofu.relearn`) fine-tunes each unlearned model
@@ -69,7 +101,7 @@ class ProtocolConfig:
     """
 
     split: str = "forget10"
-    methods: tuple[str, ...] = ("NPO", "SimNPO")
+    methods: tuple[str, ...] = DEFAULT_METHODS
     model: str = "smollm2"
     limit: int | None = None
     batch_size: int = 32
@@ -152,8 +184,10 @@ class ProtocolConfig:
             return TrainConfig(learning_rate=self.finetune_lr, epochs=self.finetune_epochs, steps=self.finetune_steps,
                                weight_decay=0.01, schedule="linear", warmup_steps=per_epoch if self.finetune_steps
                                is None else 0, divergence_logp_per_token=None, **common)
+        per_epoch = max(1, num_items // common["batch_size"])  # one warm-up epoch, as the official TOFU code
         return TrainConfig(learning_rate=self.unlearn_lr, epochs=self.unlearn_epochs, steps=self.unlearn_steps,
-                           weight_decay=0.01, schedule="linear", **common)
+                           weight_decay=0.01, schedule="linear", warmup_steps=per_epoch if self.unlearn_steps
+                           is None else 0, **common)
 
     def state(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}

@@ -6,13 +6,13 @@ package name and version, the full protocol config, each stage's wall time and o
 numbers, SeUL's sensitive memorisation accuracy on the forget set (``forget/s_ma``, on the tokens
 chosen at the target model; :mod:`llm.tofu.sensitive`; null for eval records made before it existed),
 the membership-inference AUCs (``mia_auc/<attack>``: forget pairs as members against the
-holdout authors' pairs) and PrivLeak against the retain model (``privleak/<attack>``, percent; the
-retain model itself scores 0); ``holdout`` says which authors were held out; ``relearning`` holds, per
-method, the relearning attack's curves ``{"steps", "forget_probability", "forget_rouge_l",
-"forget_truth_ratio", "forget_quality"}`` (one entry per step count) and ``relearning_setup`` how
-they were made. ``results.md`` has the same numbers as three tables for reading. Forget quality is
-the KS-test p-value of the model's forget truth ratios against the retain model's (the retain model
-itself scores 1).
+holdout authors' pairs) and PrivLeak against the retain model (``privleak/<attack>``, percent,
+MUSE's sign: negative = under-unlearned; the retain model itself scores 0); ``holdout`` says which
+authors were held out; ``relearning`` holds, per method, the relearning attack's curves ``{"steps",
+"forget_probability", "forget_rouge_l", "forget_truth_ratio", "forget_quality"}`` (one entry per step
+count) and ``relearning_setup`` how they were made. ``results.md`` has the same numbers as three tables
+for reading. Forget quality is the KS-test p-value of the model's forget truth ratios against the
+retain model's (the retain model itself scores 1).
 """
 
 from __future__ import annotations
@@ -57,12 +57,13 @@ def membership_row(scores: dict, retain_scores: dict) -> dict:
     """``{"mia_auc/<attack>": AUC, "privleak/<attack>": percent}`` of one model's eval-stage MIA scores.
 
     ``scores`` / ``retain_scores``: ``{"forget": {attack: [...]}, "holdout": {attack: [...]}}`` of the
-    model and of the retain model. PrivLeak is None (n/a) where the retain model's AUC is 0.
+    model and of the retain model. PrivLeak (:func:`llm.mia.privleak`) is None (n/a) where the retain model's
+    AUC is 1.
     """
     aucs, retain_aucs = (attack_aucs(s["forget"], s["holdout"]) for s in (scores, retain_scores))
     row = {f"mia_auc/{name}": aucs[name] for name in ATTACKS}
     for name in ATTACKS:
-        row[f"privleak/{name}"] = privleak(aucs[name], retain_aucs[name]) if retain_aucs[name] > 0 else None
+        row[f"privleak/{name}"] = privleak(aucs[name], retain_aucs[name]) if retain_aucs[name] < 1 else None
     return row
 
 
@@ -123,13 +124,15 @@ def _label(document: dict, name: str, row: dict) -> str:
 
 def _membership_table(document: dict) -> list[str]:
     holdout = document["holdout"]
-    header = ["model"] + [f"{_ATTACK_LABELS[a]} AUC" for a in ATTACKS] + [f"{_ATTACK_LABELS[a]} PrivLeak %"
-                                                                          for a in ATTACKS]
+    header = ["model"] + [f"{_ATTACK_LABELS[a]} AUC" for a in ATTACKS] + [
+        f"{_ATTACK_LABELS[a]} PrivLeak % (<0: under)" for a in ATTACKS]
     rows = [[_label(document, name, row)] + [_cell(row[f"{kind}/{a}"]) for kind in ("mia_auc", "privleak")
                                               for a in ATTACKS] for name, row in document["models"].items()]
     return [f"Membership inference: AUC of the forget pairs (members) against the pairs of the held-out authors "
             f"{holdout['authors'][0]}-{holdout['authors'][-1]} (non-members; 0.5 = indistinguishable); PrivLeak = "
-            f"(AUC - AUC of the retain model) / AUC of the retain model x 100 (0 = as private as the retain model).",
+            f"(AUC of the retain model - AUC) / (1 - AUC of the retain model) x 100, MUSE's sign convention: 0 = as "
+            f"private as the retain model, negative = under-unlearned (about -100: still memorised), positive = "
+            f"over-unlearned. Min-K% / Min-K%++ leave out the EOS token (open-unlearning's convention).",
             ""] + _table(header, rows) + [""]
 
 
