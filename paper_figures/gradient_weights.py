@@ -1,8 +1,10 @@
-"""Figure 1: gradient weights of NPO and SimNPO.
+"""Figure 1: gradient weights of NPO and SimNPO (and of the 2x2 cells between them).
 
 Question: how does each method weight a forget sequence as a function of its per-token
 log-likelihood and its length, and how do the weights of the forget components evolve during
-unlearning? (NPO starts at exactly 1 everywhere; docs/theory.md, "Reference-model bias".)
+unlearning? (NPO starts at exactly 1 everywhere; docs/theory.md, "Reference-model bias".) The
+closed-form panel also draws NPO-ave (the reference kept, length-normalised; SimNPO's beta) and
+SimNPO-sum (no reference, summed; NPO's beta), docs/theory.md, "Which ingredient".
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import numpy as np
 import torch
 
 from markovsim.losses import gradient_weights
-from markovsim.plotting import NPO_COLOR, SIMNPO_COLOR
+from markovsim.plotting import NPO_COLOR, SIMNPO_COLOR, method_color
 
 from .cache import load_cache, save_cache
 from .runs import cached_runs, simulator_runs
@@ -46,6 +48,9 @@ def weight_curves(config: Config) -> dict[str, np.ndarray]:
         ref_logps = torch.full_like(logps, config.reference_logp_per_token * length)
         curves[f"npo/{length}"] = gradient_weights("npo", logps, num_tokens, ref_logps, beta=config.npo_beta).numpy()
         curves[f"simnpo/{length}"] = gradient_weights("simnpo", logps, num_tokens, beta=config.simnpo_beta).numpy()
+        curves[f"npo_ave/{length}"] = gradient_weights("npo_ave", logps, num_tokens, ref_logps,
+                                                       beta=config.simnpo_beta).numpy()
+        curves[f"simnpo_sum/{length}"] = gradient_weights("simnpo_sum", logps, beta=config.npo_beta).numpy()
     return curves
 
 
@@ -76,12 +81,17 @@ def plot(cache_stem: str, output_stem: str) -> list[str]:
         axes[0].plot(grid, arrays[f"npo/{length}"], style, color=NPO_COLOR, label=f"NPO, |y| = {length}")
         axes[0].plot(grid, arrays[f"simnpo/{length}"] * length, style, color=SIMNPO_COLOR,
                      label=f"SimNPO x |y|, |y| = {length}")
+        if f"npo_ave/{length}" in arrays:  # caches made before the 2x2 cells existed lack them
+            axes[0].plot(grid, arrays[f"npo_ave/{length}"] * length, style, color=method_color("NPO-ave"), lw=0.9,
+                         label=f"NPO-ave x |y|, |y| = {length}")
+            axes[0].plot(grid, arrays[f"simnpo_sum/{length}"], style, color=method_color("SimNPO-sum"), lw=0.9,
+                         label=f"SimNPO-sum, |y| = {length}")
     axes[0].axvline(config["reference_logp_per_token"], color="k", lw=0.8, ls=":")
     axes[0].set_yscale("log")
     axes[0].set_xlabel("per-token log-likelihood logp / |y|")
     axes[0].set_ylabel("gradient weight")
     axes[0].set_title(f"closed form (NPO: reference at {config['reference_logp_per_token']}/token)")
-    axes[0].legend(fontsize=7)
+    axes[0].legend(fontsize=6, ncol=2)
     for axis, scenario in zip(axes[1:], ("paper_short_forget2", "paper_unseen_forget2")):
         for method, color in (("NPO", NPO_COLOR), ("SimNPO", SIMNPO_COLOR)):
             steps = arrays[f"{scenario}/{method}/steps"]
