@@ -30,6 +30,11 @@ OFFICIAL = {
     ("SimNPO+RT", "forget01"): ("simnpo", "nll", 2.5, 0.0, 0.1375, 1.0),  # no official forget01: forget05's
     ("SimNPO+KL", "forget10"): ("simnpo", "kl", 4.5, 0.0, 0.125, 1.0),
     ("NPO", "forget10"): ("npo", None, 0.1, None, 1.0, None),
+    # the 2x2 cells (no official rows): NPO-ave with SimNPO's settings, SimNPO-sum with NPO's
+    ("NPO-ave+RT", "forget05"): ("npo_ave", "nll", 2.5, 0.0, 0.1375, 1.0),
+    ("NPO-ave+RT", "forget10"): ("npo_ave", "nll", 4.5, 0.0, 0.125, 1.0),
+    ("SimNPO-sum+RT", "forget10"): ("simnpo_sum", "nll", 0.1, 0.0, 1.0, 1.0),
+    ("SimNPO-sum", "forget05"): ("simnpo_sum", None, 0.1, 0.0, 1.0, None),
     ("NPO+KL", "forget05"): ("npo", "kl", 0.1, None, 1.0, 1.0),
     ("SimNPO", "forget05"): ("simnpo", None, 2.5, 0.0, 1.0, None),
     ("SimNPO", "forget10"): ("simnpo", None, 4.5, 0.0, 1.0, None),

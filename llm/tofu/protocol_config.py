@@ -49,13 +49,18 @@ def official_settings(method: str, split: str) -> dict[str, float]:
     """The :class:`~markovsim.objectives.Objective` fields the official TOFU code sets for an objective on a split.
 
     ``{"forget_weight": ..., "retain_weight": ... (objectives with a retain term), "beta": ... (NPO, SimNPO),
-    "gamma": 0.0 (SimNPO)}``; e.g. ``official_settings("SimNPO+RT", "forget10")`` ->
+    "gamma": 0.0 (SimNPO)}``; the 2x2 cells as :func:`markovsim.objectives.ingredient_ladder` builds them
+    (NPO-ave with SimNPO's beta and weights, gamma dropped; SimNPO-sum with NPO's, gamma 0); e.g. ``official_settings("SimNPO+RT", "forget10")`` ->
     ``{"forget_weight": 0.125, "retain_weight": 1.0, "beta": 4.5, "gamma": 0.0}``.
     """
     if split not in SIMNPO_SETTINGS:
         raise ValueError(f"unknown split {split!r}; choose one of {', '.join(SIMNPO_SETTINGS)}")
     has_retain = OBJECTIVES[_objective_name(method)].retain is not None
     fields = {"forget_weight": 1.0} | ({"retain_weight": 1.0} if has_retain else {})
+    base, plus, suffix = method.partition("+")
+    if base in ("NPO-ave", "SimNPO-sum"):  # the 2x2 cells: NPO-ave takes SimNPO's settings, SimNPO-sum NPO's
+        like = official_settings(("SimNPO" if base == "NPO-ave" else "NPO") + plus + suffix, split)
+        return like | ({"gamma": 0.0} if base == "SimNPO-sum" else {})
     if method.startswith("SimNPO"):
         beta, forget_weight = SIMNPO_SETTINGS[split]
         fields |= {"forget_weight": forget_weight if has_retain else 1.0, "beta": beta, "gamma": 0.0}
