@@ -7,10 +7,12 @@
 """
 
 from . import (
+               ablation_ladder,
                adam_eps,
                divergence,
                first_step,
                gradient_weights,
+               hyperparameter_sweep,
                markov_mixture,
                markov_tradeoff,
                other_methods,
@@ -32,4 +34,6 @@ FIGURES = {
     "tofu_bias": tofu_bias,
     "relearning": relearning,
     "other_methods": other_methods,
+    "ablation_ladder": ablation_ladder,
+    "hyperparameter_sweep": hyperparameter_sweep,
 }
