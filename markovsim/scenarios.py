@@ -25,7 +25,7 @@ from .dynamics import DynamicsConfig
 from .evaluation import ExactEvaluator
 from .losses import USES_BETA, USES_GAMMA
 from .mixture import MixtureOfChains
-from .objectives import OBJECTIVES, Objective, get_objective
+from .objectives import OBJECTIVES, Objective, get_objective, ingredient_ladder
 from .runtime import torch_threads
 from .tabular import TabularMarkov
 
@@ -82,12 +82,16 @@ class Scenario:
     def with_methods(self, names, betas=None, gammas=None) -> dict[str, Objective]:
         """Objectives for method ``names`` (scenario defaults, else the registry), optionally overriding beta/gamma.
 
+        The 2x2 cells ``NPO-ave`` and ``SimNPO-sum`` (and their ``+RT`` forms), when the scenario does not list
+        them, come from its NPO and SimNPO settings (:func:`markovsim.objectives.ingredient_ladder`): NPO-ave with
+        SimNPO's beta and weights, SimNPO-sum with NPO's, so each pair differs in one ingredient.
+
         ``betas``: one number for every method that has a beta, or ``{method: beta}`` (methods left
         out keep their beta; naming a method not run, or one without a beta, is a ValueError).
         """
         if isinstance(names, str) or not all(isinstance(name, str) for name in names):
             raise TypeError(f"method names must be a list of strings, got {names!r}")
-        bases = {name: self.methods.get(name) or get_objective(name) for name in names}
+        bases = {name: self.methods.get(name) or self._ladder_cell(name) or get_objective(name) for name in names}
         if isinstance(betas, Mapping):
             wrong = [m for m in betas if m not in bases or bases[m].forget not in USES_BETA]
             if wrong:
@@ -103,6 +107,15 @@ class Scenario:
                 overrides["gamma"] = gammas
             result[name] = dataclasses.replace(base, **overrides)
         return result
+
+
+    def _ladder_cell(self, name) -> Objective | None:
+        """NPO-ave / SimNPO-sum (optionally +RT) built from this scenario's NPO and SimNPO; None otherwise."""
+        base, plus, suffix = str(name).partition("+")
+        npo, simnpo = self.methods.get("NPO" + plus + suffix), self.methods.get("SimNPO" + plus + suffix)
+        if base not in ("NPO-ave", "SimNPO-sum") or npo is None or simnpo is None:
+            return None
+        return ingredient_ladder(npo, simnpo)[base]
 
 
 def data_memory_bytes(spec: MixtureSpec) -> int:
