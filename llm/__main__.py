@@ -13,6 +13,9 @@ Everything of a run goes into its output folder (checked before any computing)::
     DIR/results.json     summary with config, package version, git commit, device (written last;
                          strict JSON: a NaN/inf is null, listed under "non_finite" with the reason)
 
+A command that fails leaves DIR as it found it (absent, or unchanged: :mod:`llm.run_folder`), unless it
+saved a checkpoint, which ``--resume`` continues.
+
 A JSON config has the sections ``data``, ``model``, ``train`` (``llm.config.TrainConfig`` fields),
 ``objective`` (``{"name": "NPO", "beta": 0.2, ...}``), ``method`` (a registry method of
 ``markovsim.methods`` instead of the objective: ``{"name": "WHP", "alpha": 2.0, "reinforce": {"steps": 10}}``,
@@ -46,6 +49,7 @@ from dataclasses import dataclass, field
 from llm.cli_replicas import ReplicaGrid, check_grid, unlearn_grid
 from llm.config import TrainConfig
 from llm.flags import add_dataclass_flags, given_values
+from llm.run_folder import restored_on_failure
 from markovsim.losses import OBJECTIVES, Objective
 from markovsim.methods import METHODS
 
@@ -229,14 +233,14 @@ def _train_config(config: RunConfig, defaults):
 
 def _scenario(config: RunConfig):
     from markovsim.data import MixtureSpec
-    from markovsim.scenarios import check_data_memory, load_scenario
+    from markovsim.scenarios import check_data_memory, data_memory_subject, load_scenario
 
     scenario = load_scenario(config.data.scenario)
     if config.data.scale != 1.0:
         scenario = scenario.scaled(config.data.scale)
     if config.data.seed is not None:
         scenario = dataclasses.replace(scenario, spec=MixtureSpec(scenario.spec.components, config.data.seed))
-    check_data_memory(scenario.spec, f"--scale {config.data.scale:g}")  # refused before sampling
+    check_data_memory(scenario.spec, data_memory_subject(config.data.scenario, config.data.scale))  # before sampling
     return scenario
 
 
@@ -329,18 +333,19 @@ def run(config: RunConfig) -> dict:
     train_config = _train_config(config, defaults)
     if config.replicas.active:
         check_grid(config, train_config, _objective(config, _scenario(config)))
-    check_output_folder(config.out, config.resume)
-    scenario = _scenario(config)
-    data = _data(scenario)
-    if _is_main_process():
-        atomic_write_json(os.path.join(config.out, "config.json"), metadata_block(config))
-    model = _model(config, data["train"].num_states, data["train"].max_length, train_config.progress)
-    summary = _COMMANDS[config.command](config, scenario, data, model, train_config)
-    document = metadata_block(config, command=config.command, device=resolve_device(train_config.device),
-                              train_config=dataclasses.asdict(train_config), **summary)
-    document = strict_json(document, summary.get("divergence_reason"))
-    if _is_main_process():
-        atomic_write_json(os.path.join(config.out, "results.json"), document)
+    with restored_on_failure(config.out, enabled=_is_main_process()):  # a failed run leaves --out as it was
+        check_output_folder(config.out, config.resume)
+        scenario = _scenario(config)
+        data = _data(scenario)
+        if _is_main_process():
+            atomic_write_json(os.path.join(config.out, "config.json"), metadata_block(config))
+        model = _model(config, data["train"].num_states, data["train"].max_length, train_config.progress)
+        summary = _COMMANDS[config.command](config, scenario, data, model, train_config)
+        document = metadata_block(config, command=config.command, device=resolve_device(train_config.device),
+                                  train_config=dataclasses.asdict(train_config), **summary)
+        document = strict_json(document, summary.get("divergence_reason"))
+        if _is_main_process():
+            atomic_write_json(os.path.join(config.out, "results.json"), document)
     return document
 
 

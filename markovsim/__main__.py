@@ -27,8 +27,8 @@ from .data import MixtureSpec, atomic_save_npz
 from .dynamics import DynamicsConfig, unlearn
 from .losses import USES_BETA
 from .objectives import OBJECTIVES
-from .results import atomic_output, atomic_write_json, metadata_block
-from .scenarios import MODEL_CLASSES, SCENARIOS, check_data_memory, load_scenario, prepare
+from .results import atomic_output, atomic_write_json, metadata_block, missing_folders, remove_empty_folders
+from .scenarios import MODEL_CLASSES, SCENARIOS, check_data_memory, data_memory_subject, load_scenario, prepare
 
 OUTPUT_FILES = ("results.json", "trajectories.npz", "plot.png", "divergence.png")
 
@@ -109,7 +109,7 @@ def _scenario(arguments):
     if arguments.seed is not None:
         spec = _flagged("--seed", MixtureSpec, scenario.spec.components, arguments.seed)
         scenario = dataclasses.replace(scenario, spec=spec)
-    check_data_memory(scenario.spec, f"--scale {arguments.scale:g}")
+    check_data_memory(scenario.spec, data_memory_subject(arguments.scenario, arguments.scale))
     return scenario
 
 
@@ -159,12 +159,13 @@ def check_output_folder(path: str) -> None:
 def staged_output(path: str):
     """Yield a temporary folder; on success its files move into ``path``, on failure it is removed.
 
-    A new ``path`` is a renamed sibling (complete or absent); an existing folder receives each
-    file by an atomic rename.
+    A new ``path`` is a renamed sibling (complete or absent; on failure the parent folders made for it
+    are removed too); an existing folder receives each file by an atomic rename.
     """
     path = os.path.abspath(path)
     exists = os.path.isdir(path)
     parent = path if exists else os.path.dirname(path)
+    created = missing_folders(parent)
     os.makedirs(parent, exist_ok=True)
     staging = tempfile.mkdtemp(prefix=f".{os.path.basename(path)}.tmp-", dir=parent)
     try:
@@ -175,6 +176,10 @@ def staged_output(path: str):
             os.rmdir(staging)
         else:
             os.rename(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        remove_empty_folders(created)  # the folders made for ``path`` go too: --out is left as it was
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
 

@@ -85,9 +85,12 @@ class MixtureSpec:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        if not isinstance(self.components, (list, tuple)):
+            raise TypeError(f"components must be a list or tuple of Component objects, "
+                            f"got {type(self.components).__name__}")
         components = tuple(self.components)
         if not components:
-            raise ValueError("MixtureSpec needs at least one component")
+            raise ValueError("components is empty: a MixtureSpec needs at least one Component")
         for component in components:
             if not isinstance(component, Component):
                 raise TypeError(f"components must be Component objects, got {type(component).__name__}")
@@ -187,8 +190,9 @@ class SequenceSet:
         if len(set(names)) != len(names):
             raise ValueError(f"component_names must be unique, got {list(names)}")
         tokens = np.asarray(self.tokens)
-        if tokens.ndim != 2:
-            raise ValueError(f"tokens must have shape (n, max_len), got {tokens.shape}")
+        if tokens.ndim != 2 or tokens.shape[1] < 2:
+            raise ValueError(f"tokens must have shape (n, max_len) with max_len >= 2 (a prompt state and at least "
+                             f"one response state), got {tokens.shape}")
         lengths = _check_index_array(self.lengths, "lengths", tokens.shape[0])
         component_ids = _check_index_array(self.component_ids, "component_ids", tokens.shape[0])
         if tokens.shape[0] and (lengths.min() < 2 or lengths.max() > tokens.shape[1]):
@@ -200,7 +204,11 @@ class SequenceSet:
         tokens = np.where(valid, tokens, 0)
         tokens = check_tokens(tokens, "tokens", num_states)
         tokens = np.where(valid, tokens, PAD_TOKEN)
-        onehots, counts = _sufficient_statistics(tokens, lengths, num_states)
+        try:
+            onehots, counts = _sufficient_statistics(tokens, lengths, num_states)
+        except (MemoryError, ValueError) as error:  # numpy: "Unable to allocate" / "Maximum allowed dimension"
+            raise ValueError(f"num_states {num_states} is too large: the (n, V, V) transition counts of "
+                             f"{tokens.shape[0]} sequences cannot be allocated ({error})") from None
         for name, value in [("tokens", tokens), ("lengths", lengths), ("component_ids", component_ids),
                             ("component_names", names), ("num_states", num_states),
                             ("first_state_onehots", onehots), ("transition_counts", counts)]:
@@ -262,8 +270,9 @@ class SequenceSet:
         return dict(zip(self.component_names, counts.tolist()))
 
     def subset(self, indices) -> "SequenceSet":
-        """The sequences at ``indices`` (an int array or boolean mask), keeping component names."""
-        indices = np.asarray(indices)
+        """The sequences at ``indices`` (row numbers in ``[0, n)``, repeats allowed, or an (n,) boolean mask),
+        keeping component names."""
+        indices = _check_row_indices(indices, len(self))
         lengths = self.lengths[indices]
         max_len = int(lengths.max()) if lengths.size else 2
         return SequenceSet(self.tokens[indices][:, :max_len], lengths, self.component_ids[indices],
@@ -293,7 +302,7 @@ class SequenceSet:
         try:
             with np.load(path, allow_pickle=False) as data:
                 return cls(data["tokens"], data["lengths"], data["component_ids"],
-                           tuple(json.loads(str(data["component_names"]))), int(data["num_states"]))
+                           _saved_component_names(data["component_names"]), _saved_num_states(data["num_states"]))
         except FileNotFoundError:
             raise
         except (KeyError, OSError, ValueError, TypeError, EOFError, zipfile.BadZipFile) as error:
@@ -335,6 +344,50 @@ def atomic_save_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> N
         raise ValueError(f"path must end in .npz, got {os.fspath(path)!r}")
     with atomic_output(path) as temporary, open(temporary, "wb") as file:
         np.savez(file, **arrays)
+
+
+def _check_row_indices(indices, num_rows: int) -> np.ndarray:
+    """``indices`` as (k,) int64 row numbers of a set of ``num_rows`` rows, or a clear error naming ``indices``.
+
+    Accepts integers in ``[0, num_rows)`` (any order, repeats allowed; a list, range or integer array) or
+    an (num_rows,) boolean mask; an empty sequence selects nothing.
+    """
+    if indices is None or isinstance(indices, (str, bytes, dict, set)):
+        raise TypeError(f"indices must be a 1-d array of row numbers or a boolean mask, got {type(indices).__name__}")
+    try:
+        array = np.asarray(indices)
+    except (TypeError, ValueError) as error:  # ragged nested lists
+        raise TypeError(f"indices must be a 1-d array of row numbers or a boolean mask: {error}") from None
+    if array.ndim != 1:
+        raise ValueError(f"indices must be 1-d (row numbers or a boolean mask), got shape {array.shape}; "
+                         f"wrap a single row number in a list")
+    if array.dtype == bool:
+        if array.shape != (num_rows,):
+            raise ValueError(f"a boolean mask as indices needs one entry per sequence ({num_rows}), got {array.size}")
+        return np.flatnonzero(array)
+    if array.size == 0:
+        return np.zeros(0, dtype=np.int64)
+    if not np.issubdtype(array.dtype, np.integer):
+        raise TypeError(f"indices must be integer row numbers or a boolean mask, got dtype {array.dtype}")
+    if array.min() < 0 or array.max() >= num_rows:
+        raise ValueError(f"indices must lie in [0, {num_rows}) (the set has {num_rows} sequences), "
+                         f"got min {array.min()}, max {array.max()}")
+    return array.astype(np.int64)
+
+
+def _saved_component_names(value: np.ndarray) -> tuple[str, ...]:
+    """The ``component_names`` entry of a saved set: a JSON list of names (ValueError otherwise)."""
+    names = json.loads(str(value))
+    if not isinstance(names, list):
+        raise ValueError(f"component_names must be a JSON list of names, got a JSON {type(names).__name__}")
+    return tuple(names)
+
+
+def _saved_num_states(value: np.ndarray) -> int:
+    """The ``num_states`` entry of a saved set: one integer (ValueError otherwise)."""
+    if value.shape != () or not np.issubdtype(value.dtype, np.integer):
+        raise ValueError(f"num_states must be one integer, got dtype {value.dtype} and shape {value.shape}")
+    return int(value)
 
 
 def _check_index_array(value, name: str, size: int) -> np.ndarray:

@@ -18,22 +18,28 @@ import numpy as np
 import torch
 
 from .config import OPTIMIZERS as OPTIMIZERS  # re-exported: the simulator's optimizer names
-from .config import RunSettings, check_integer, divergence_reason, setting
+from .config import RunSettings, check_boolean, check_integer, check_real, divergence_reason, setting
 from .data import SequenceSet
 from .diagnostics import global_norm
 from .diagnostics import gradient_diagnostics as gradient_diagnostics  # re-exported (moved to diagnostics)
+from .evaluation import Evaluator as EvaluatorProtocol
 from .evaluation import ExactEvaluator
 from .exact_gradients import ExactEvaluation, next_token_log_probs, objective_value, objective_value_and_gradient
 from .losses import NEEDS_REFERENCE
+from .mixture import MixtureOfChains
 from .objectives import Objective
 from .optimizers import AdamState, adam_update
 from .progress import progress_bar
 from .runtime import torch_threads
+from .tabular import TabularMarkov
 from .trajectory import Trajectory
+from .validation import as_float_array
 
 Evaluator = ExactEvaluator  # the old name of markovsim.evaluation.ExactEvaluator (evaluation.Evaluator is the protocol)
 
 GRADIENTS = ("closed_form", "autograd")
+FLOW_METHODS = ("RK45", "RK23", "DOP853", "Radau", "BDF", "LSODA")  # scipy.integrate.solve_ivp's solvers
+EXACT_MODELS = (TabularMarkov, MixtureOfChains)
 
 
 @dataclass(frozen=True)
@@ -152,6 +158,52 @@ def _divergence(evaluation: ExactEvaluation, num_tokens: torch.Tensor, threshold
     return divergence_reason(float(evaluation.value), logp_per_token, global_norm(evaluation.gradients), threshold)
 
 
+def _check_model(name: str, model, num_states: int) -> None:
+    """TypeError unless ``model`` is an exact model (TabularMarkov / MixtureOfChains); ValueError unless it has
+    ``num_states`` states."""
+    if not isinstance(model, EXACT_MODELS):
+        raise TypeError(f"{name} must be a markovsim TabularMarkov or MixtureOfChains, got {type(model).__name__}")
+    if model.num_states != num_states:
+        raise ValueError(f"{name} has {model.num_states} states but forget has {num_states}; use a model of the "
+                         f"data's chains")
+
+
+def _check_sequences(name: str, sequences, num_states: int | None = None) -> SequenceSet:
+    """TypeError unless ``sequences`` is a SequenceSet; ValueError if it is empty or has another ``num_states``."""
+    if not isinstance(sequences, SequenceSet):
+        raise TypeError(f"{name} must be a markovsim SequenceSet, got {type(sequences).__name__}")
+    if len(sequences) == 0:
+        raise ValueError(f"{name} is empty; it needs at least one sequence")
+    if num_states is not None and sequences.num_states != num_states:
+        raise ValueError(f"{name} has {sequences.num_states} states but forget has {num_states}")
+    return sequences
+
+
+def check_run_inputs(model, objective, forget, retain, reference, evaluator) -> None:
+    """The arguments every exact run shares (:func:`unlearn`, :func:`gradient_flow`), each checked with an error
+    naming it: ``objective`` an :class:`Objective`; ``forget`` a non-empty SequenceSet; ``retain`` None or a
+    non-empty SequenceSet of the same V (required when the objective has a retain term); ``model`` and
+    ``reference`` exact models of that V (``reference`` may be None when the objective does not need it);
+    ``evaluator`` None or a :class:`markovsim.evaluation.Evaluator`."""
+    if not isinstance(objective, Objective):
+        raise TypeError(f"objective must be a markovsim Objective (e.g. markovsim.objectives.get_objective('NPO')), "
+                        f"got {type(objective).__name__}")
+    num_states = _check_sequences("forget", forget).num_states
+    if retain is not None or objective.retain is not None:
+        if retain is None:
+            raise ValueError(f"objective has retain term {objective.retain!r}: pass a retain SequenceSet")
+        _check_sequences("retain", retain, num_states)
+    _check_model("model", model, num_states)
+    if reference is None and objective.needs_reference:
+        raise TypeError(f"reference is None, but objective {objective.forget!r}/{objective.retain!r} needs the "
+                        f"reference model: pass the model before unlearning")
+    if reference is not None:
+        _check_model("reference", reference, num_states)
+    if evaluator is not None and not isinstance(evaluator, EvaluatorProtocol):
+        raise TypeError(f"evaluator must be a markovsim.evaluation.Evaluator (e.g. ExactEvaluator) or None, "
+                        f"got {type(evaluator).__name__}")
+
+
 def unlearn(model, objective: Objective, forget: SequenceSet, retain: SequenceSet | None, reference,
             config: DynamicsConfig = DynamicsConfig(), evaluator: ExactEvaluator | None = None,
             progress: bool | None = None) -> Trajectory:
@@ -166,8 +218,11 @@ def unlearn(model, objective: Objective, forget: SequenceSet, retain: SequenceSe
     Returns:
         a :class:`Trajectory`; ``diverged_at`` is set if the run stopped early.
     """
+    check_run_inputs(model, objective, forget, retain, reference, evaluator)
     if not isinstance(config, DynamicsConfig):
         raise TypeError(f"config must be a DynamicsConfig, got {type(config).__name__}")
+    if progress is not None:
+        check_boolean("progress", progress)
     with torch_threads(1):
         progress = config.progress if progress is None else progress
         return _unlearn(model, objective, forget, retain, reference, config, evaluator, progress)
@@ -264,17 +319,42 @@ def gradient_flow(model, objective: Objective, forget: SequenceSet, retain: Sequ
 
     The trajectory's ``steps`` are the (float) times. Gradient descent with step ``eta`` for ``k`` steps
     approximates the flow at ``t = k eta`` when ``eta`` is small.
+
+    Args (besides those of :func:`unlearn`):
+        times: a non-empty, non-decreasing 1-d array of finite times >= 0.
+        method: a ``solve_ivp`` solver name, one of ``FLOW_METHODS``.
+        rtol, atol: its relative and absolute tolerances, finite and > 0.
     """
+    check_run_inputs(model, objective, forget, retain, reference, evaluator)
+    times = _check_times(times)
+    if not isinstance(method, str) or method not in FLOW_METHODS:
+        raise ValueError(f"method must be one of {FLOW_METHODS} (scipy.integrate.solve_ivp's solvers), got {method!r}")
+    check_real("rtol", rtol, minimum=0.0, exclusive=True)
+    check_real("atol", atol, minimum=0.0, exclusive=True)
     with torch_threads(1):
         return _gradient_flow(model, objective, forget, retain, reference, times, evaluator, method, rtol, atol)
+
+
+def _check_times(times) -> np.ndarray:
+    """The evaluation times of :func:`gradient_flow` as float64 (k,), or an error naming ``times``."""
+    if isinstance(times, (str, bytes)):
+        raise TypeError(f"times must be a 1-d array of numbers, got {type(times).__name__}")
+    times = as_float_array(times, "times", ndim=1)  # TypeError for non-numbers, ValueError for NaN/inf
+    if times.size == 0:
+        raise ValueError("times is empty; give at least one evaluation time >= 0")
+    if times.min() < 0:
+        raise ValueError(f"times must be >= 0 (the flow starts at t = 0), got {times.min():g}")
+    decreasing = np.flatnonzero(np.diff(times) < 0)
+    if decreasing.size:
+        index = int(decreasing[0]) + 1
+        raise ValueError(f"times must be non-decreasing; times[{index}] = {times[index]:g} follows "
+                         f"{times[index - 1]:g}")
+    return times
 
 
 def _gradient_flow(model, objective, forget, retain, reference, times, evaluator, method, rtol, atol) -> Trajectory:
     from scipy.integrate import solve_ivp
 
-    times = np.asarray(times, dtype=np.float64)
-    if times.ndim != 1 or times.size == 0 or times[0] < 0 or np.any(np.diff(times) < 0):
-        raise ValueError("times must be a non-empty, non-decreasing 1-d array of non-negative times")
     problem = Problem.build(objective, forget, retain, reference)
     shapes = [p.shape for p in model.parameters()]
     sizes = [int(np.prod(s)) for s in shapes]
@@ -289,15 +369,21 @@ def _gradient_flow(model, objective, forget, retain, reference, times, evaluator
         return -np.concatenate([g.reshape(-1).numpy() for g in gradients])
 
     start = np.concatenate([p.reshape(-1).numpy() for p in model.parameters()])
-    solution = solve_ivp(velocity, (0.0, float(times[-1])), start, t_eval=times, method=method, rtol=rtol, atol=atol)
-    if not solution.success:
-        raise RuntimeError(f"solve_ivp failed: {solution.message}")
+    distinct, at = np.unique(times, return_inverse=True)  # solve_ivp needs strictly increasing times
+    if distinct[-1] > 0:
+        solution = solve_ivp(velocity, (0.0, float(distinct[-1])), start, t_eval=distinct, method=method, rtol=rtol,
+                             atol=atol)
+        if not solution.success:
+            raise RuntimeError(f"solve_ivp failed: {solution.message}")
+        points = solution.y.T[at]  # (k, P)
+    else:  # every time is 0: nothing to integrate (solve_ivp needs a non-empty interval)
+        points = np.repeat(start[None, :], times.size, axis=0)  # (k, P)
     if evaluator is None:
         from .data import concatenate
 
         evaluator = ExactEvaluator(concatenate([s for s in (forget, retain) if s is not None]), reference=reference)
     records, losses, distances = [], [], []
-    for column in solution.y.T:
+    for column in points:
         point = model.with_parameters(*unflatten(column))
         records.append(_record(point, objective, problem, evaluator, evaluator.component_names, True))
         losses.append(float(objective_value(point, objective, *problem.batch(None, None))))

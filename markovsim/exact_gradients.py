@@ -19,6 +19,7 @@ import torch
 from .data import SequenceSet
 from .losses import NEEDS_REFERENCE, kl
 from .objectives import Objective
+from .tensor_checks import value_checks_skipped
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,13 @@ def _check_inputs(objective: Objective, forget: SequenceSet, retain, forget_ref_
                          f"(next_token_log_probs(reference, retain))")
 
 
+def combined_value(objective: Objective, forget_value: torch.Tensor, retain_value: torch.Tensor | None = None):
+    """``objective.total`` of terms computed here from checked inputs: a term that overflowed to inf is returned
+    for the divergence rule to report ("loss is inf"), not raised as a bad input."""
+    with value_checks_skipped():
+        return objective.total(forget_value, retain_value)
+
+
 def objective_value(model, objective: Objective, forget: SequenceSet, retain: SequenceSet | None = None,
                     forget_ref_logps: torch.Tensor | None = None,
                     retain_ref_log_probs: torch.Tensor | None = None) -> torch.Tensor:
@@ -83,12 +91,12 @@ def objective_value(model, objective: Objective, forget: SequenceSet, retain: Se
     forget_value = objective.forget_losses(model.response_logps(forget), num_tokens_tensor(forget),
                                            forget_ref_logps).mean()
     if objective.retain is None:
-        return objective.total(forget_value)
+        return combined_value(objective, forget_value)
     if objective.retain == "nll":
         retain_value = (-model.response_logps(retain) / num_tokens_tensor(retain)).mean()
     else:
         retain_value = retain_kl_value(model, retain, retain_ref_log_probs)
-    return objective.total(forget_value, retain_value)
+    return combined_value(objective, forget_value, retain_value)
 
 
 def objective_value_and_gradient(model, objective: Objective, forget: SequenceSet, retain: SequenceSet | None = None,
@@ -117,5 +125,5 @@ def objective_value_and_gradient(model, objective: Objective, forget: SequenceSe
             retain_gradients = model.predictive_kl_gradient(retain, reference_probs, token_weights)
         if objective.retain is not None:
             gradients = tuple(g + h for g, h in zip(gradients, retain_gradients))
-        value = objective.total(forget_value, retain_value)
+        value = combined_value(objective, forget_value, retain_value)
     return ExactEvaluation(value, gradients, logps, weights, forget_value, retain_value)

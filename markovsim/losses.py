@@ -437,7 +437,8 @@ def gradient_weights(
     dpo and wga have no sequence-level weight (ValueError).
 
     Args: name (a key of LOSSES); logps (B,); num_tokens (B,) for ga/simnpo/npo_ave; ref_logps (B,)
-        for npo/npo_ave; beta for npo/simnpo/npo_ave/simnpo_sum; gamma for simnpo/simnpo_sum. Arguments a loss does not use are ignored.
+        for npo/npo_ave; beta for npo/simnpo/npo_ave/simnpo_sum; gamma for simnpo/simnpo_sum.
+        Arguments a loss does not use are ignored.
     Returns: (B,) weights, detached from the graph.
     """
     kwargs = _sequence_kwargs(

@@ -13,7 +13,7 @@ import dataclasses
 import torch
 
 from .losses import LOSSES, NEEDS_REFERENCE, RETAIN_TERMS, _sequence_kwargs, gradient_weights
-from .tensor_checks import check_beta, check_number, check_tensor
+from .tensor_checks import check_beta, check_finite_tensor, check_number
 
 __all__ = ["Objective", "OBJECTIVES", "LADDER", "get_objective", "ingredient_ladder"]
 
@@ -73,15 +73,16 @@ class Objective:
         )
 
     def total(self, forget_loss_mean: torch.Tensor, retain_value: torch.Tensor | None = None) -> torch.Tensor:
-        """forget_weight * forget_loss_mean + retain_weight * retain_value (retain iff self.retain)."""
-        check_tensor("forget_loss_mean", forget_loss_mean)
+        """forget_weight * forget_loss_mean + retain_weight * retain_value (retain iff self.retain); both finite
+        tensors (ValueError naming the one with NaN/inf)."""
+        check_finite_tensor("forget_loss_mean", forget_loss_mean)
         if self.retain is None:
             if retain_value is not None:
                 raise ValueError("this objective has no retain term; pass retain_value=None")
             return self.forget_weight * forget_loss_mean
         if retain_value is None:
             raise ValueError(f"objective has retain term {self.retain!r}; pass its value as retain_value")
-        check_tensor("retain_value", retain_value)
+        check_finite_tensor("retain_value", retain_value)
         return self.forget_weight * forget_loss_mean + self.retain_weight * retain_value
 
 

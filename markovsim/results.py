@@ -101,6 +101,22 @@ def _restore_non_finite(document: dict) -> dict:
     return document
 
 
+def missing_folders(path: str | os.PathLike) -> list[str]:
+    """The folders that ``os.makedirs(path)`` would create, deepest first (absolute paths; [] if ``path`` exists)."""
+    missing, folder = [], os.path.abspath(path)
+    while not os.path.lexists(folder) and os.path.dirname(folder) != folder:
+        missing.append(folder)
+        folder = os.path.dirname(folder)
+    return missing
+
+
+def remove_empty_folders(folders: list[str]) -> None:
+    """Remove each folder of ``folders`` (deepest first) that exists and is empty; others are left alone."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+
+
 @contextlib.contextmanager
 def atomic_output(path: str | os.PathLike):
     """Yield a temporary path beside ``path``; on success it is renamed to ``path``, on error removed.

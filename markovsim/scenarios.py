@@ -130,12 +130,21 @@ def data_memory_bytes(spec: MixtureSpec) -> int:
 
 
 def check_data_memory(spec: MixtureSpec, what: str) -> None:
-    """ValueError naming ``what`` (e.g. ``"--scale 1e7"``) when :func:`data_memory_bytes` exceeds half the machine's
-    memory."""
+    """ValueError when :func:`data_memory_bytes` exceeds half the machine's memory, naming ``what`` (what the user
+    set: ``"--scale 1e7"``, or the scenario) and the largest component's ``num_train`` / ``num_test``."""
     needed, available = data_memory_bytes(spec), physical_memory()
     if available and needed > available // 2:
+        largest = max(spec.components, key=lambda component: component.num_train + component.num_test)
         raise ValueError(f"{what}: the data would need about {format_bytes(needed)} of memory (more than half of "
-                         f"this machine's {format_bytes(available)}); use a smaller scale")
+                         f"this machine's {format_bytes(available)}); the largest component, {largest.name!r}, has "
+                         f"num_train {largest.num_train} and num_test {largest.num_test}: use fewer sequences "
+                         f"(or a smaller scale)")
+
+
+def data_memory_subject(scenario: str, scale: float) -> str:
+    """What :func:`check_data_memory` blames on a command line: the ``--scale`` flag when it changes the scenario's
+    sizes, else the scenario (a name or a JSON file) itself."""
+    return f"--scale {scale:g}" if scale != 1.0 else f"scenario {scenario!r}"
 
 
 def physical_memory() -> int:
@@ -185,8 +194,12 @@ def prepare(scenario: Scenario, model_class: str = "tabular") -> Setup:
 
     The mixture model is fitted by EM with one latent chain per component, started at the true chains.
     """
+    if not isinstance(scenario, Scenario):
+        raise TypeError(f"scenario must be a markovsim Scenario (e.g. SCENARIOS['paper_short_forget2']), "
+                        f"got {type(scenario).__name__}")
     if model_class not in MODEL_CLASSES:
         raise ValueError(f"model_class must be one of {MODEL_CLASSES}, got {model_class!r}")
+    check_data_memory(scenario.spec, f"scenario {scenario.name!r}")
     with torch_threads(1):
         return _prepare(scenario, model_class)
 

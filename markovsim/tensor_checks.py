@@ -47,6 +47,14 @@ def check_tensor(name: str, x) -> torch.Tensor:
     return x
 
 
+def check_finite_tensor(name: str, x) -> torch.Tensor:
+    """A tensor without NaN/inf (any shape or dtype); the value read is skipped inside :func:`value_checks_skipped`."""
+    check_tensor(name, x)
+    if value_checks_on() and (x.is_floating_point() or x.is_complex()) and not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or inf; pass finite values (a diverged run stops before this)")
+    return x
+
+
 def check_float(name: str, x) -> torch.Tensor:
     check_tensor(name, x)
     if not x.is_floating_point():
@@ -112,8 +120,17 @@ def check_number(name: str, value, *, positive: bool = False, nonnegative: bool 
     return value
 
 
+MIN_BETA = 1e-38
+"""The smallest inverse temperature accepted: the losses scale by 2 / beta, which must stay finite also in
+float32 (largest value 3.4e38), the dtype transformer log-probs come in; 2 / 1e-38 = 2e38."""
+
+
 def check_beta(beta) -> float:
-    return check_number("beta", beta, positive=True)
+    """A finite beta >= ``MIN_BETA`` (so that the loss scale 2 / beta is finite)."""
+    beta = check_number("beta", beta, positive=True)
+    if beta < MIN_BETA:
+        raise ValueError(f"beta must be >= {MIN_BETA:g} so that the loss scale 2 / beta stays finite, got {beta:g}")
+    return beta
 
 
 def check_mask(mask, shape: torch.Size) -> torch.Tensor:

@@ -17,6 +17,8 @@ def as_float_array(value, name: str, ndim: int) -> np.ndarray:
     """Return ``value`` as a float64 array of ``ndim`` dimensions, or raise a clear error."""
     try:
         array = np.asarray(value, dtype=np.float64)
+    except OverflowError:
+        raise ValueError(f"{name} holds a number too large for a float; all entries must be finite") from None
     except (TypeError, ValueError) as error:
         raise TypeError(f"{name} must be a numeric array, got {type(value).__name__}") from error
     if array.ndim != ndim:

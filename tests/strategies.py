@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -145,3 +146,95 @@ def mixture_specs(draw, max_states: int = 4, max_components: int = 3, max_length
         for k in range(num_components)
     )
     return MixtureSpec(components, seed=draw(st.integers(0, 1000)))
+
+
+# ---- malformed arguments of the public entry points ----
+
+
+@st.composite
+def one_bad_argument(draw, valid: dict, bad: dict):
+    """``(arguments, name)``: the ``valid`` keyword arguments with at most one, ``name``, replaced by a draw from
+    the strategy ``bad[name]``; ``name`` is None when every argument is valid (so the call must succeed)."""
+    name = draw(st.sampled_from([None, *bad]))
+    arguments = dict(valid)
+    if name is not None:
+        arguments[name] = draw(bad[name])
+    return arguments, name
+
+
+def row_indices(num_rows: int):
+    """Valid ``SequenceSet.subset`` arguments for a set of ``num_rows`` rows: row numbers in [0, num_rows) (lists,
+    ranges or int arrays; any order, repeats, empty) or (num_rows,) boolean masks (lists or arrays)."""
+    rows = st.lists(st.integers(0, num_rows - 1), max_size=6)
+    mask = st.lists(st.booleans(), min_size=num_rows, max_size=num_rows)
+    return st.one_of(rows, rows.map(np.asarray), st.just(range(num_rows)), mask, mask.map(np.asarray))
+
+
+def bad_row_indices(num_rows: int):
+    """Malformed ``SequenceSet.subset`` arguments: out of range or negative row numbers, floats (integral too),
+    wrong-length masks, 2-d, ragged or complex arrays, scalars, strings, None, dicts and sets."""
+    wrong_mask = st.lists(st.booleans(), min_size=1, max_size=num_rows + 2).filter(lambda m: len(m) != num_rows)
+    out_of_range = st.lists(st.integers(-3, num_rows + 3), min_size=1, max_size=4).filter(
+        lambda rows: min(rows) < 0 or max(rows) >= num_rows)
+    floats = st.lists(st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.just(1.0)), min_size=1, max_size=3)
+    odd = st.sampled_from([None, "0", b"1", 1.5, 3, {0: 1}, {0}, [[0, 1]], [[0], [1, 2]], [1j], np.zeros((2, 2), int),
+                           np.array([0.0, 1.0]), 10**30, [10**30]])
+    return st.one_of(wrong_mask, out_of_range, floats, floats.map(np.asarray), odd)
+
+
+def saved_component_names():
+    """The JSON text stored as ``component_names`` in a SequenceSet file: a list of names, or a JSON object, string,
+    number, null, or a list holding non-strings / empty or repeated names."""
+    values = st.one_of(st.just(["a", "b"]), st.lists(st.text(max_size=2), max_size=3),
+                       st.dictionaries(st.sampled_from(["a", "b", "c"]), st.integers(), min_size=1, max_size=3),
+                       st.sampled_from(["ab", 5, None, 1.5, True, [1, 2], ["a", None], [["a"]]]))
+    return values.map(json.dumps)
+
+
+def saved_num_states():
+    """The array stored as ``num_states`` in a SequenceSet file: an integer, or a float, bool, 1-d array or string."""
+    return st.one_of(st.integers(3, 6).map(np.asarray),
+                     st.sampled_from([np.asarray(4.0), np.asarray(3.5), np.asarray(True), np.asarray([4, 4]),
+                                      np.asarray("4"), np.asarray(np.nan), np.zeros(0, dtype=np.int64)]))
+
+
+def flow_times():
+    """Valid ``gradient_flow`` times: short non-decreasing lists (or arrays) in [0, 0.2], 0 included."""
+    times = st.lists(st.one_of(st.floats(0.0, 0.2), st.just(0.0)), min_size=1, max_size=3).map(sorted)
+    return st.one_of(times, times.map(np.asarray))
+
+
+def bad_flow_times():
+    """Malformed ``gradient_flow`` times: NaN/inf, negative, decreasing, empty, 2-d, non-numeric, complex, scalar,
+    too large for a float."""
+    return st.sampled_from([[0.0, math.nan], [0.0, math.inf], [math.nan], [-math.inf, 0.0], [], [-1.0, 0.0],
+                            [0.2, 0.1], [[0.0, 0.1]], "ab", None, {0: 1}, ["a"], [10**400], 0.1, [0.0, 1j]])
+
+
+def bad_betas():
+    """Inverse temperatures that no loss accepts: too small for 2 / beta to be finite, <= 0, NaN/inf, too large for a
+    float, or not a real number."""
+    return st.one_of(st.floats(0.0, 1e-39), st.floats(max_value=0.0), st.sampled_from(
+        [1e-320, 5e-324, 1e-39, -1e-320, math.nan, math.inf, -math.inf, 10**400, "0.1", None, True, 1j, [0.1]]))
+
+
+def bad_weights():
+    """Objective weights (forget_weight, retain_weight, alpha) that are negative, non-finite or not numbers."""
+    return st.one_of(st.floats(max_value=-1e-300), st.sampled_from([math.nan, math.inf, 10**400, "1", None, True,
+                                                                    [1.0]]))
+
+
+def objective_terms():
+    """Values for ``Objective.total``'s ``forget_loss_mean`` / ``retain_value`` that are not finite tensors: tensors
+    holding NaN/inf (0-d or (B,)), and non-tensors."""
+    special = st.sampled_from([math.nan, math.inf, -math.inf])
+    return st.one_of(special.map(lambda v: torch.tensor(v, dtype=DTYPE)),
+                     st.lists(st.one_of(st.floats(-5, 5), special), min_size=1, max_size=3)
+                     .filter(lambda values: not all(math.isfinite(v) for v in values))
+                     .map(lambda values: torch.tensor(values, dtype=DTYPE)),
+                     st.sampled_from([1.0, None, "x", [1.0], np.float64(1.0), np.array([1.0])]))
+
+
+def scenario_sizes():
+    """``num_train`` / ``num_test`` of a scenario component: small, or far more sequences than memory holds."""
+    return st.one_of(st.integers(1, 20), st.integers(10**7, 10**15), st.sampled_from([10**11, 10**18]))

@@ -10,6 +10,7 @@ import json
 import math
 import os
 import stat
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -417,3 +418,220 @@ def test_out_under_an_unwritable_folder_is_refused_before_computing_as_any_user(
     assert markovsim_main(["run", "paper_short_forget2", "--out", str(folder)] + TINY) == 2
     _one_error_line(capsys, "--out")
     assert list(folder.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Public boundaries that passed bad values through to numpy / torch, and two silent failures
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("indices, exception", [([10**6], ValueError), ([0.5], TypeError), (np.array([1.0]), TypeError),
+                                                ([-1], ValueError), ([[0, 1]], ValueError), (None, TypeError),
+                                                (np.array([True, False]), ValueError)])
+def test_sequence_set_subset_checks_its_indices(data, indices, exception):
+    with pytest.raises(exception, match="indices"):
+        data["forget"].subset(indices)
+
+
+def test_a_sequence_set_from_a_0_by_0_token_array_names_tokens():
+    empty = np.zeros(0, dtype=np.int64)
+    with pytest.raises(ValueError, match="tokens must have shape"):
+        SequenceSet(np.zeros((0, 0), dtype=np.int64), empty, empty, ("a",), 3)
+
+
+def test_mixture_spec_of_none_names_components():
+    from markovsim.data import MixtureSpec
+
+    with pytest.raises(TypeError, match="components must be a list or tuple of Component"):
+        MixtureSpec(None)
+
+
+@pytest.fixture(scope="module")
+def exact_setup():
+    from markovsim.scenarios import SCENARIOS, prepare
+
+    return prepare(SCENARIOS["paper_short_forget2"].scaled(0.002))
+
+
+def _exact_unlearn(setup, **changes):
+    from markovsim.dynamics import unlearn
+    from markovsim.objectives import OBJECTIVES
+
+    arguments = {"model": setup.reference, "objective": OBJECTIVES["NPO"], "forget": setup.forget,
+                 "retain": setup.retain, "reference": setup.reference, "config": DynamicsConfig(steps=1),
+                 "evaluator": setup.evaluator} | changes
+    return unlearn(**arguments)
+
+
+@pytest.mark.parametrize("changes, exception, message", [
+    ({"objective": "NPO"}, TypeError, "objective must be a markovsim Objective"),
+    ({"evaluator": 5}, TypeError, "evaluator must be a markovsim.evaluation.Evaluator"),
+    ({"forget": "empty"}, ValueError, "forget is empty"),
+    ({"forget": "numpy"}, TypeError, "forget must be a markovsim SequenceSet, got ndarray"),
+    ({"model": None}, TypeError, "model must be"), ({"reference": None}, TypeError, "reference is None"),
+    ({"retain": 5}, TypeError, "retain must be"), ({"progress": "no"}, TypeError, "progress")])
+def test_exact_unlearn_checks_its_arguments(exact_setup, changes, exception, message):
+    if changes.get("forget") == "empty":
+        changes = {"forget": exact_setup.forget.subset([])}
+    elif changes.get("forget") == "numpy":
+        changes = {"forget": exact_setup.forget.tokens}
+    with pytest.raises(exception, match=message):
+        _exact_unlearn(exact_setup, **changes)
+
+
+@pytest.mark.parametrize("times", [[0, math.nan], [0, math.inf]])
+def test_gradient_flow_names_non_finite_times(exact_setup, times):
+    from markovsim.dynamics import gradient_flow
+    from markovsim.objectives import OBJECTIVES
+
+    with pytest.raises(ValueError, match="times contains NaN or inf"):
+        gradient_flow(exact_setup.reference, OBJECTIVES["NPO"], exact_setup.forget, None, exact_setup.reference,
+                      times)
+
+
+def test_gradient_flow_at_time_zero_and_repeated_times(exact_setup):
+    from markovsim.dynamics import gradient_flow
+    from markovsim.objectives import OBJECTIVES
+
+    flow = gradient_flow(exact_setup.reference, OBJECTIVES["NPO"], exact_setup.forget, None, exact_setup.reference,
+                         [0.0, 0.0, 0.05, 0.05])
+    assert list(flow.steps) == [0.0, 0.0, 0.05, 0.05]
+    losses_ = flow.step_metrics["loss"]
+    assert losses_[0] == losses_[1] and losses_[2] == losses_[3] and losses_[2] < losses_[0]
+
+
+def test_a_json_scenario_too_large_for_memory_names_its_sizes_not_scale(tmp_path, capsys):
+    spec = _spec()
+    spec["components"][1]["num_train"] = 10**11
+    path = tmp_path / "huge.json"
+    path.write_text(json.dumps(spec))
+    assert markovsim_main(["run", str(path), "--out", str(tmp_path / "run")] + TINY[2:]) == 2
+    line = _one_error_line(capsys, "num_train 100000000000")
+    assert str(path) in line and "'forget'" in line and "--scale" not in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_sequence_set_load_refuses_component_names_that_are_a_json_object(tmp_path, data):
+    path = tmp_path / "names.npz"
+    saved = data["forget"]
+    np.savez(path, tokens=saved.tokens, lengths=saved.lengths, component_ids=saved.component_ids,
+             component_names=np.asarray(json.dumps({"forget1": 0, "forget2": 1})), num_states=saved.num_states)
+    with pytest.raises(ValueError, match=r"names\.npz.*component_names must be a JSON list"):
+        SequenceSet.load(path)
+
+
+@pytest.mark.parametrize("beta", [1e-320, 5e-324, 1e-39])
+def test_a_beta_too_small_for_2_over_beta_is_refused_naming_the_minimum(beta):
+    from markovsim.objectives import Objective
+
+    with pytest.raises(ValueError, match=r"beta must be >= 1e-38"):
+        losses.npo(torch.tensor([-1.0]), torch.tensor([-2.0]), beta)
+    with pytest.raises(ValueError, match=r"beta must be >= 1e-38"):
+        Objective("npo", beta=beta)
+    assert torch.isfinite(losses.npo(torch.tensor([-1.0]), torch.tensor([-2.0]), 1e-38)).all()
+
+
+@pytest.mark.parametrize("forget, retain, named", [
+    (math.nan, 0.5, "forget_loss_mean"), (math.inf, 0.5, "forget_loss_mean"), (1.0, -math.inf, "retain_value"),
+    (1.0, math.nan, "retain_value")])
+def test_objective_total_refuses_non_finite_terms(forget, retain, named):
+    from markovsim.objectives import OBJECTIVES
+
+    with pytest.raises(ValueError, match=f"{named} contains NaN or inf"):
+        OBJECTIVES["NPO+RT"].total(torch.tensor(forget), torch.tensor(retain))
+
+
+def test_an_overflowing_exact_run_still_stops_cleanly(exact_setup):
+    """The package's own loss terms are combined unchecked, so an overflow is the divergence rule's to report."""
+    from markovsim.objectives import OBJECTIVES
+
+    trajectory = _exact_unlearn(exact_setup, objective=OBJECTIVES["GA"], reference=None, config=DynamicsConfig(
+        optimizer="gd", learning_rate=1e307, steps=40, divergence_logp_per_token=None))
+    assert trajectory.diverged_at is not None and "inf" in trajectory.divergence_reason.lower() + "nan"
+
+
+# ---------------------------------------------------------------------------------------------
+# A command line that fails after it started leaves --out as it found it
+# ---------------------------------------------------------------------------------------------
+
+
+def _folder_state(folder) -> dict:
+    """``{relative path: file bytes, or None for a folder}`` of everything below ``folder`` ({} when absent)."""
+    state = {}
+    for root, folders, files in os.walk(folder):
+        for name in folders:
+            state[os.path.relpath(os.path.join(root, name), folder)] = None
+        for name in files:
+            with open(os.path.join(root, name), "rb") as file:
+                state[os.path.relpath(os.path.join(root, name), folder)] = file.read()
+    return state
+
+
+def _failing_stage(config, *args, **kwargs):
+    """A command stage that writes what a run writes (a log, a model folder, a replaced file) and then fails."""
+    (Path(config.out) / "metrics.jsonl").write_text('{"kind": "train", "step": 0}\n')
+    (Path(config.out) / "model").mkdir(exist_ok=True)
+    (Path(config.out) / "model" / "config.json").write_text("{}")
+    (Path(config.out) / "notes.txt").unlink(missing_ok=True)
+    raise RuntimeError("the stage failed")
+
+
+@pytest.mark.parametrize("before", ["absent", "nested", "existing"])
+def test_a_failed_llm_run_leaves_the_output_folder_as_it_found_it(tmp_path, monkeypatch, before):
+    import llm.__main__ as cli
+
+    monkeypatch.setitem(cli._COMMANDS, "pretrain", _failing_stage)
+    out = tmp_path / "a" / "b" / "run" if before == "nested" else tmp_path / "run"
+    if before == "existing":
+        (out / "model").mkdir(parents=True)
+        (out / "notes.txt").write_text("the user's notes")
+        (out / "config.json").write_text('{"mine": true}')
+        (out / "model" / "weights.bin").write_bytes(b"\x00\x01")
+    listing, state = sorted(os.listdir(tmp_path)), _folder_state(out)
+    with pytest.raises(RuntimeError, match="the stage failed"):
+        cli.main(["pretrain", "--out", str(out), "--preset", "tiny-gpt2"] + LLM_COMMON)
+    assert sorted(os.listdir(tmp_path)) == listing and _folder_state(out) == state
+
+
+def test_a_failed_llm_run_that_saved_a_checkpoint_keeps_it_for_resume(tmp_path, monkeypatch):
+    import llm.results
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("writing the results failed")
+
+    monkeypatch.setattr(llm.results, "strict_json", broken)
+    out = tmp_path / "run"
+    from llm.__main__ import main
+
+    with pytest.raises(RuntimeError, match="writing the results failed"):
+        main(["pretrain", "--out", str(out), "--preset", "tiny-gpt2", "--steps", "2", "--checkpoint-every", "1"]
+             + LLM_COMMON)
+    assert (out / "checkpoints" / "step-0000001" / "state.pt").is_file() and (out / "config.json").is_file()
+
+
+def test_a_failed_llm_run_with_bad_input_after_start_leaves_no_folder(tmp_path, capsys):
+    """``unlearn`` without --model fails after config.json was written: exit 2, and no folder is left."""
+    from llm.__main__ import main
+
+    assert main(["unlearn", "--out", str(tmp_path / "run")] + LLM_COMMON) == 2
+    _one_error_line(capsys, "--model")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("before", ["nested", "existing"])
+def test_a_failed_markovsim_run_leaves_the_output_folder_as_it_found_it(tmp_path, capsys, monkeypatch, before):
+    import markovsim.__main__ as cli
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("the plot failed")
+
+    monkeypatch.setattr(cli, "_plot", broken)
+    out = tmp_path / "a" / "b" / "run" if before == "nested" else tmp_path / "run"
+    if before == "existing":
+        out.mkdir()
+        (out / "results.json").write_text('{"an earlier": "run"}')
+        (out / "notes.txt").write_text("the user's notes")
+    listing, state = sorted(os.listdir(tmp_path)), _folder_state(out)
+    with pytest.raises(RuntimeError, match="the plot failed"):
+        markovsim_main(["run", "paper_short_forget2", "--out", str(out)] + TINY)
+    assert sorted(os.listdir(tmp_path)) == listing and _folder_state(out) == state

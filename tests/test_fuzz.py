@@ -11,10 +11,12 @@ test (``EXAMPLES``), so the suite's cost is bounded (about a minute on one core)
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import json
 import math
 import os
+import re
 import tempfile
 
 import numpy as np
@@ -22,18 +24,40 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from strategies import (
+    bad_betas,
+    bad_flow_times,
+    bad_row_indices,
+    bad_weights,
+    betas,
+    flow_times,
+    gammas,
+    moderate_sequence_batches,
+    objective_terms,
+    one_bad_argument,
+    random_chain,
+    row_indices,
+    saved_component_names,
+    saved_num_states,
+    scenario_sizes,
+)
 
 from markovsim import losses
 from markovsim.chains import MarkovChain
 from markovsim.config import RunSettings
-from markovsim.data import SequenceSet
-from markovsim.dynamics import DynamicsConfig
+from markovsim.data import Component, MixtureSpec, SequenceSet
+from markovsim.dynamics import DynamicsConfig, gradient_flow, unlearn
+from markovsim.evaluation import ExactEvaluator
+from markovsim.objectives import OBJECTIVES, Objective
 from markovsim.scenarios import load_scenario, paper_mixture_spec, scenario_from_dict
+from markovsim.tabular import TabularMarkov
 
 EXAMPLES = {  # test -> max_examples (the suite's size: see benchmarks/RESULTS.md, "Fuzz suite")
     "config_fields": 2000, "model_preset": 600, "losses": 1500, "chains": 600, "sequence_sets": 800,
     "mixture_spec": 400, "scenario_dicts": 1000, "files": 300, "model_folders": 40,
-    "markovsim_cli": 600, "llm_cli": 300}
+    "markovsim_cli": 600, "llm_cli": 300, "unlearn": 60, "gradient_flow": 40, "sequence_subset": 200,
+    "empty_sequence_set": 50, "sequence_files": 60, "mixture_components": 100, "objective": 300,
+    "objective_total": 200, "scenario_memory": 30}
 
 
 def fuzz(name: str):
@@ -250,6 +274,205 @@ def test_random_config_json_in_a_model_folder_names_the_file(content):
 
 
 # ---------------------------------------------------------------------------------------------
+# Entry points, one bad argument at a time: the error names THAT argument, or the call succeeds
+# ---------------------------------------------------------------------------------------------
+
+
+def expect_named(call, name: str | None):
+    """``call()``'s result when ``name`` is None (every argument valid); otherwise ``call()`` must raise a
+    ValueError / TypeError whose message names ``name`` as a word (not just any argument)."""
+    if name is None:
+        return call()
+    with pytest.raises((ValueError, TypeError)) as raised:
+        call()
+    message = str(raised.value)
+    assert re.search(rf"(?<![\w-]){re.escape(name)}(?![\w-])", message), f"{message!r} does not name {name!r}"
+    return None
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_problem(num_states: int) -> dict:
+    """A tiny exact unlearning problem with V = ``num_states`` (built once): forget/retain sets, a fitted
+    reference model and a test-set evaluator."""
+    rng = np.random.default_rng(num_states)
+    spec = MixtureSpec((Component("retain", random_chain(rng, num_states), 4, 6, 2),
+                        Component("forget", random_chain(rng, num_states), 3, 6, 2, role="forget")), seed=0)
+    train, test = spec.sample()
+    reference = TabularMarkov.fit(train, smoothing=0.1)
+    return {"forget": train.select("forget"), "retain": train.select("retain"), "reference": reference,
+            "evaluator": ExactEvaluator(test, reference=reference)}
+
+
+def _run_arguments(problem: dict, other: dict) -> tuple[dict, dict]:
+    """Valid keyword arguments shared by ``unlearn`` and ``gradient_flow`` (NPO+RT on ``problem``), and strategies of
+    bad values for each (``other``: a problem with another number of states)."""
+    empty = problem["forget"].subset([])
+    valid = {"model": problem["reference"], "objective": OBJECTIVES["NPO+RT"], "forget": problem["forget"],
+             "retain": problem["retain"], "reference": problem["reference"], "evaluator": problem["evaluator"]}
+    bad = {"model": st.sampled_from([None, "tabular", 5, problem["forget"], other["reference"]]),
+           "objective": st.sampled_from(["NPO", None, 5, {"forget": "npo"}, OBJECTIVES]),
+           "forget": st.sampled_from([empty, problem["forget"].tokens, None, "forget", [problem["forget"]],
+                                      other["forget"]]),
+           "retain": st.sampled_from([None, 5, empty, other["retain"], problem["retain"].tokens]),
+           "reference": st.sampled_from([None, "reference", 5, other["reference"]]),
+           "evaluator": st.sampled_from([5, "evaluator", problem["forget"], object()])}
+    return valid, bad
+
+
+@fuzz("unlearn")
+@given(data=st.data())
+def test_exact_unlearn_names_the_bad_argument(data):
+    valid, bad = _run_arguments(_tiny_problem(3), _tiny_problem(4))
+    valid |= {"config": DynamicsConfig(steps=1), "progress": False}
+    bad |= {"config": st.sampled_from([None, {"steps": 1}, RunSettings(), "config"]),
+            "progress": st.sampled_from(["no", 1, 0.0, "True"])}
+    arguments, name = data.draw(one_bad_argument(valid, bad))
+    trajectory = expect_named(lambda: unlearn(**arguments), name)
+    if trajectory is not None:
+        assert list(trajectory.steps) == [0, 1] and trajectory.diverged_at is None
+        assert np.all(np.isfinite(trajectory.step_metrics["loss"]))
+
+
+@fuzz("gradient_flow")
+@given(data=st.data())
+def test_gradient_flow_names_the_bad_argument(data):
+    valid, bad = _run_arguments(_tiny_problem(3), _tiny_problem(4))
+    valid |= {"times": data.draw(flow_times()), "method": "RK45", "rtol": 1e-6, "atol": 1e-8}
+    bad |= {"times": bad_flow_times(), "method": st.sampled_from(["rk45", "", None, 5, "Euler"]),
+            "rtol": bad_values().filter(lambda v: not (_is_real(v) and 0 < v < math.inf)),
+            "atol": st.sampled_from([0.0, -1e-8, math.nan, math.inf, "1e-8", None, True])}
+    arguments, name = data.draw(one_bad_argument(valid, bad))
+    trajectory = expect_named(lambda: gradient_flow(**arguments), name)
+    if trajectory is not None:
+        np.testing.assert_array_equal(trajectory.steps, np.asarray(arguments["times"], dtype=np.float64))
+        assert np.all(np.isfinite(trajectory.step_metrics["loss"]))
+
+
+def _is_real(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+@fuzz("sequence_subset")
+@given(data=st.data())
+def test_sequence_set_subset_checks_its_indices(data):
+    sequences = _tiny_problem(3)["retain"]
+    if data.draw(st.booleans()):
+        indices = data.draw(row_indices(len(sequences)))
+        subset = sequences.subset(indices)
+        rows = np.flatnonzero(indices) if np.asarray(indices).dtype == bool else np.asarray(indices, dtype=np.int64)
+        np.testing.assert_array_equal(subset.lengths, sequences.lengths[rows])
+        np.testing.assert_array_equal(subset.component_ids, sequences.component_ids[rows])
+        np.testing.assert_array_equal(subset.transition_counts, sequences.transition_counts[rows])
+    else:
+        expect_named(lambda: sequences.subset(data.draw(bad_row_indices(len(sequences)))), "indices")
+
+
+@fuzz("empty_sequence_set")
+@given(width=st.integers(0, 3), num_states=st.one_of(st.integers(1, 4), bad_values()))
+def test_a_sequence_set_of_no_sequences(width, num_states):
+    empty = np.zeros(0, dtype=np.int64)
+    name = "tokens" if width < 2 else None
+    if not (isinstance(num_states, int) and not isinstance(num_states, bool) and num_states >= 1):
+        name = "num_states"
+    build = lambda: SequenceSet(np.zeros((0, width), dtype=np.int64), empty, empty, ("a",), num_states)  # noqa: E731
+    if name is None and num_states > 10**9:  # statistics too large to allocate may be refused, naming num_states
+        sequences, _ = expect_clear(build, "num_states")
+    else:
+        sequences = expect_named(build, name)
+    if sequences is not None:
+        assert len(sequences) == 0 and sequences.transition_counts.shape == (0, num_states, num_states)
+
+
+@fuzz("sequence_files")
+@given(names=saved_component_names(), num_states=saved_num_states())
+def test_sequence_set_load_checks_every_saved_field(names, num_states):
+    saved = _tiny_problem(3)["retain"]
+    with tempfile.TemporaryDirectory() as folder:
+        path = os.path.join(folder, "set.npz")
+        np.savez(path, tokens=saved.tokens, lengths=saved.lengths, component_ids=saved.component_ids,
+                 component_names=np.asarray(names), num_states=num_states)
+        try:
+            loaded = SequenceSet.load(path)
+        except ValueError as error:
+            assert path in str(error) and re.search(r"component_names|num_states|tokens|component_ids", str(error))
+            return
+        assert isinstance(json.loads(names), list) and loaded.component_names == tuple(json.loads(names))
+        assert num_states.shape == () and np.issubdtype(num_states.dtype, np.integer)
+        assert loaded.num_states == int(num_states)
+        np.testing.assert_array_equal(loaded.transition_counts[:, :3, :3], saved.transition_counts)
+
+
+@fuzz("mixture_components")
+@given(components=bad_values())
+def test_mixture_spec_components(components):
+    expect_named(lambda: MixtureSpec(components), "components")
+
+
+@fuzz("objective")
+@given(data=st.data())
+def test_objective_names_the_bad_field(data):
+    valid = {"forget": data.draw(st.sampled_from(sorted(losses.LOSSES))), "retain": data.draw(
+        st.sampled_from([None, "nll", "kl"])), "forget_weight": 0.5, "retain_weight": 1.0,
+        "beta": data.draw(betas(1e-38, 1e3)), "gamma": data.draw(gammas()), "alpha": 1.0}
+    bad = {"forget": st.sampled_from(["NPO", "xyz", None, 5]), "retain": st.sampled_from(["xyz", 5, "", "NPO"]),
+           "beta": bad_betas(), "gamma": st.sampled_from([math.nan, math.inf, "0", None, True, 10**400]),
+           "forget_weight": bad_weights(), "retain_weight": bad_weights(), "alpha": bad_weights()}
+    arguments, name = data.draw(one_bad_argument(valid, bad))
+    objective = expect_named(lambda: Objective(**arguments), name)
+    if objective is not None and objective.forget in ("ga", "npo", "simnpo"):
+        logps, ref_logps, num_tokens = data.draw(moderate_sequence_batches())
+        loss = objective.forget_losses(logps, num_tokens, ref_logps).mean()
+        retain = None if objective.retain is None else torch.tensor(0.5, dtype=torch.float64)
+        assert torch.isfinite(objective.total(loss, retain))
+
+
+@fuzz("objective_total")
+@given(data=st.data())
+def test_objective_total_names_the_term_that_is_not_finite(data):
+    objective = data.draw(st.sampled_from([OBJECTIVES["NPO"], OBJECTIVES["NPO+RT"]]))
+    valid = {"forget_loss_mean": torch.tensor(1.5, dtype=torch.float64)}
+    bad = {"forget_loss_mean": objective_terms()}
+    if objective.retain is not None:
+        valid["retain_value"] = torch.tensor(0.5, dtype=torch.float64)
+        bad["retain_value"] = objective_terms()
+    arguments, name = data.draw(one_bad_argument(valid, bad))
+    total = expect_named(lambda: objective.total(**arguments), name)
+    if total is not None:
+        assert torch.isfinite(total).all()
+
+
+@fuzz("scenario_memory")
+@given(sizes=st.lists(st.tuples(scenario_sizes(), scenario_sizes()), min_size=2, max_size=2),
+       scale=st.sampled_from([None, "0.5", "2"]))
+def test_a_huge_json_scenario_names_its_sizes_not_an_unpassed_flag(sizes, scale, tmp_path_factory, capsys,
+                                                                     monkeypatch):
+    import markovsim.__main__ as cli
+
+    def computed(*args, **kwargs):
+        raise Computed
+
+    monkeypatch.setattr(cli, "prepare", computed)
+    document = json.loads(json.dumps(VALID_SPEC))
+    for component, (num_train, num_test) in zip(document["components"], sizes):
+        component |= {"num_train": num_train, "num_test": num_test}
+    folder = tmp_path_factory.mktemp("s")
+    path = str(folder / "huge.json")
+    with open(path, "w") as file:
+        json.dump(document, file)
+    flags = [] if scale is None else ["--scale", scale]
+    capsys.readouterr()
+    try:
+        status = cli.main(["run", path, "--out", str(folder / "run"), "--no-progress"] + flags)
+    except Computed:
+        return
+    line = capsys.readouterr().err.strip()
+    assert status == 2 and line.startswith("error: ") and "num_train" in line, line
+    assert ("--scale" in line) == (scale is not None), line  # blames --scale only when it was passed
+    assert scale is not None or path in line, line
+    assert not os.path.exists(folder / "run")
+
+
+# ---------------------------------------------------------------------------------------------
 # Command lines, in-process
 # ---------------------------------------------------------------------------------------------
 
@@ -329,4 +552,4 @@ def test_llm_cli_bad_arguments_are_one_error_line(data, tmp_path_factory, capsys
 
 def test_the_fuzz_budget_is_recorded():
     """benchmarks/RESULTS.md ("Fuzz suite") reports these numbers."""
-    assert sum(EXAMPLES.values()) == 8140
+    assert sum(EXAMPLES.values()) == 9180

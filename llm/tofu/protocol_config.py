@@ -50,7 +50,8 @@ def official_settings(method: str, split: str) -> dict[str, float]:
 
     ``{"forget_weight": ..., "retain_weight": ... (objectives with a retain term), "beta": ... (NPO, SimNPO),
     "gamma": 0.0 (SimNPO)}``; the 2x2 cells as :func:`markovsim.objectives.ingredient_ladder` builds them
-    (NPO-ave with SimNPO's beta and weights, gamma dropped; SimNPO-sum with NPO's, gamma 0); e.g. ``official_settings("SimNPO+RT", "forget10")`` ->
+    (NPO-ave with SimNPO's beta and weights, gamma dropped; SimNPO-sum with NPO's, gamma 0); e.g.
+    ``official_settings("SimNPO+RT", "forget10")`` ->
     ``{"forget_weight": 0.125, "retain_weight": 1.0, "beta": 4.5, "gamma": 0.0}``.
     """
     if split not in SIMNPO_SETTINGS:
