@@ -52,6 +52,17 @@ def test_unlearn_then_resume_then_evaluate(models, capsys):
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["command"] == "evaluate"
 
 
+@pytest.mark.parametrize("name,forget,beta", [("NPO-ave", "npo_ave", 4.0), ("SimNPO-sum", "simnpo_sum", 0.2)])
+def test_the_two_by_two_cells_unlearn_with_the_scenarios_settings(models, name, forget, beta):
+    """NPO-ave takes the scenario's SimNPO beta (4), SimNPO-sum its NPO beta (0.2): markovsim.objectives.LADDER."""
+    out = models / name
+    assert main(["unlearn", "--out", str(out), "--model", str(models / "pre" / "model"), "--objective", name,
+                 "--steps", "1"] + COMMON) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert (results["objective"]["forget"], results["objective"]["beta"]) == (forget, beta)
+    assert math.isfinite(results["final_loss"])
+
+
 def test_flags_override_the_json_config(tmp_path):
     config = tmp_path / "c.json"
     config.write_text(json.dumps({"data": {"scale": 0.5}, "train": {"steps": 9}, "objective": {"name": "SimNPO"}}))
