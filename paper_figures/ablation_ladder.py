@@ -372,6 +372,30 @@ def ingredient_differences(rows: list[dict], document: dict, source: str, case: 
     return result
 
 
+@dataclass(frozen=True)
+class Claim:
+    """A sentence of the docs about one ingredient step: ``step`` (a label of :data:`INGREDIENT_STEPS`) moves the
+    reach value of ``component`` the way ``verdict`` says ("lower", "higher", "not distinguishable"; the
+    :class:`~paper_figures.reach_statistics.PairedDifference` verdict over the report seeds) on ``source`` in
+    ``case`` under ``optimizer``, at each method's best learning rate (``at="best"``) or the shared one."""
+
+    source: str
+    case: str
+    optimizer: str
+    component: str
+    step: str
+    verdict: str
+    at: str = "best"
+
+
+def judge(claim: Claim, document: dict, rows: list[dict]):
+    """``(holds, PairedDifference or None)`` of one claim against a ladder cache."""
+    found = dict(ingredient_differences(rows, document, claim.source, claim.case, claim.optimizer, claim.component,
+                                        claim.at))
+    difference = found.get(claim.step)
+    return (difference is not None and difference.verdict == claim.verdict), difference
+
+
 def config_grid(config: dict, source: str, optimizer: str) -> tuple[float, ...]:
     """:meth:`Config.grid` from a cached (JSON) config."""
     transformers = {t["preset"]: t for t in config["transformers"]}

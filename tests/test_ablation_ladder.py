@@ -161,3 +161,28 @@ def test_cpu_skips_the_transformer_sources_unless_asked(tmp_path, monkeypatch):
     document, _ = ladder.load_rows(stem)
     assert set(ran) == {"simulator"} and document["skipped_sources"] == ["tiny-synthetic"]
     assert document["config"]["transformers"]  # the requested config is recorded, the skip beside it
+
+
+def test_a_transformer_report_row_equals_the_figures_transformer_run(tmp_path):
+    """The ladder's transformer unit (its own unlearning config per optimiser and lr) against
+    paper_figures.transformer_runs (the settings' own optimiser and lr), from the same cached pre-trained models."""
+    from paper_figures.reach_statistics import reach_point
+    from paper_figures.transformer_runs import TransformerSettings, transformer_runs
+
+    settings = TransformerSettings(preset="tiny-synthetic", pretrain_epochs=1.0, unlearn_steps=3,
+                                   diagnostics_max_sequences=4)
+    config = ladder.Config(scale=0.005, steps=3, simulator_sources=(), transformers=(settings,),
+                           optimizers=("adamw_legacy",), multipliers=(("adamw_legacy", (1.0,)),),
+                           selection_seeds=(100,), report_seeds=(0,), methods=("NPO", "NPO-ave"),
+                           transformers_on_cpu=True)
+    stem = ladder.compute(config, str(tmp_path / "cache" / "ladder"), device="cpu")
+    _, rows = ladder.load_rows(stem)
+    case = "paper_short_forget2"
+    runs, levels = transformer_runs(case, 0.005, dataclasses.replace(settings, seed=0), "cpu", ["NPO-ave"], False,
+                                    str(tmp_path / "cache" / "models"))
+    for component in ("forget1", "forget2"):
+        expected, _ = reach_point(runs["NPO-ave"], component, levels[component])
+        (got,) = [r["retain_kl_at_reach"] for r in rows if (r["phase"], r["case"], r["method"], r["component"])
+                  == ("report", case, "NPO-ave", component)]
+        assert (math.isnan(got) and math.isnan(expected)) or math.isclose(got, expected, rel_tol=1e-6)
+    assert any(np.isfinite(r["retain_kl_at_reach"]) for r in rows)  # the comparison is not all n.r.
