@@ -7,8 +7,9 @@ beside TOFU's answer-length tertiles; (b) memorisation - ``paper_unseen_forget2`
 pre-trained: poorly learned by the reference) beside TOFU's tertiles of the target's log-likelihood
 per token. Columns: mean gradient weight and power share per component / group over the unlearning
 steps (simulator: seed mean of the ``markov_tradeoff`` run sets' exact diagnostics; TOFU:
-``llm.tofu.bias``), then TOFU's per-group probability after unlearning. Same colours (method) and
-line styles (role: solid = long / well learned, dashed = short / poorly learned, dotted = middle).
+``llm.tofu.bias``, with its 95% bootstrap bands over each group's items where the run has them), then
+TOFU's per-group probability after unlearning (with its interval as an error bar). Same colours (method)
+and line styles (role: solid = long / well learned, dashed = short / poorly learned, dotted = middle).
 
 The TOFU half needs a real model run (``make tofu-figures``, or ``python -m llm.tofu.bias --run RUN``
 then ``python -m paper_figures --only tofu_bias --tofu-run RUN``); without ``--tofu-run`` its panels
@@ -76,9 +77,10 @@ def simulator_arrays(config: Config, cache_dir: str, device: str, recompute: boo
 
 
 def tofu_arrays(document: dict) -> tuple[dict, dict]:
-    """``tofu/<grouping>/<method>/{steps (R,), mean_weight (R, G), power_share (R, G)}`` and
-    ``tofu/<grouping>/after/<model>/probability`` (G,) from an ``llm.tofu.bias`` results document; and the
-    group names."""
+    """``tofu/<grouping>/<method>/{steps (R,), mean_weight (R, G), power_share (R, G)}`` with
+    ``.../{mean_weight,power_share}_interval`` (R, G, 2) and ``tofu/<grouping>/after/<model>/probability`` (G,)
+    with ``.../probability_interval`` (G, 2) from an ``llm.tofu.bias`` results document (intervals NaN
+    for a document from before them); and the group names."""
     arrays, names = {}, {}
     for _, grouping in ROWS:
         names[grouping] = document["groups"][grouping]["names"]
@@ -88,11 +90,23 @@ def tofu_arrays(document: dict) -> tuple[dict, dict]:
             record = document["methods"][method]
             arrays[f"tofu/{grouping}/{method}/steps"] = np.asarray(record["steps"], dtype=np.float64)
             for metric in ("mean_weight", "power_share"):
-                arrays[f"tofu/{grouping}/{method}/{metric}"] = np.asarray(record["diagnostics"][grouping][metric],
-                                                                         dtype=np.float64)
+                values = np.asarray(record["diagnostics"][grouping][metric], dtype=np.float64)  # (R, G)
+                arrays[f"tofu/{grouping}/{method}/{metric}"] = values
+                arrays[f"tofu/{grouping}/{method}/{metric}_interval"] = _interval(
+                    record["diagnostics"][grouping].get(f"{metric}_interval"), values.shape)
         for model, after in document["after"].items():
-            arrays[f"tofu/{grouping}/after/{model}/probability"] = np.asarray(after[grouping]["probability"])
+            values = np.asarray(after[grouping]["probability"], dtype=np.float64)  # (G,)
+            arrays[f"tofu/{grouping}/after/{model}/probability"] = values
+            arrays[f"tofu/{grouping}/after/{model}/probability_interval"] = _interval(
+                after[grouping].get("probability_interval"), values.shape)
     return arrays, names
+
+
+def _interval(values, shape: tuple) -> np.ndarray:
+    """``shape + (2,)`` [low, high] from a results list (null -> NaN), all NaN when absent."""
+    if values is None:
+        return np.full(shape + (2,), np.nan)
+    return np.asarray(values, dtype=np.float64).reshape(shape + (2,))
 
 
 def compute(config: Config, cache_stem: str, device: str = "cpu", recompute: bool = False, jobs: int = 1) -> str:
@@ -154,8 +168,14 @@ def _tofu_panels(weight_axis, share_axis, arrays, grouping: str, names) -> None:
         for column, name in enumerate(names):
             style = GROUP_STYLES[column] if len(names) == 3 else "-"
             for axis, metric in ((weight_axis, "mean_weight"), (share_axis, "power_share")):
-                _line(axis, arrays, f"tofu/{grouping}/{method}/steps", f"tofu/{grouping}/{method}/{metric}", column,
-                      style, method_color(method), f"{method} {name}")
+                key = f"tofu/{grouping}/{method}/{metric}"
+                _line(axis, arrays, f"tofu/{grouping}/{method}/steps", key, column, style, method_color(method),
+                      f"{method} {name}")
+                band = arrays[f"{key}_interval"][:, column]  # (R, 2)
+                if np.isfinite(band).all():
+                    patch = axis.fill_between(arrays[f"tofu/{grouping}/{method}/steps"], band[:, 0], band[:, 1],
+                                              color=method_color(method), alpha=0.12, lw=0)
+                    patch.set_gid(f"{key}_interval#{column}")
     weight_axis.set(title=f"TOFU, {grouping} tertiles\nmean gradient weight", xlabel="unlearning step",
                     ylabel="mean weight w(y)", yscale="log")
     share_axis.set(title=f"TOFU, {grouping} tertiles\nshare of gradient norm", xlabel="unlearning step",
@@ -165,14 +185,18 @@ def _tofu_panels(weight_axis, share_axis, arrays, grouping: str, names) -> None:
 
 def _after_panel(axis, arrays, grouping: str, names) -> None:
     prefix = f"tofu/{grouping}/after/"
-    models = [key[len(prefix):].split("/")[0] for key in arrays if key.startswith(prefix)]
+    models = [key[len(prefix):].split("/")[0] for key in arrays if key.startswith(prefix)
+              and key.endswith("/probability")]
     width = 0.8 / max(1, len(models))
     for index, model in enumerate(models):
-        values = arrays[f"{prefix}{model}/probability"]
-        bars = axis.bar(np.arange(len(names)) + index * width, values, width,
-                        color=MODEL_COLORS.get(model, method_color(model)), label=model)
+        values, positions = arrays[f"{prefix}{model}/probability"], np.arange(len(names)) + index * width
+        bars = axis.bar(positions, values, width, color=MODEL_COLORS.get(model, method_color(model)), label=model)
         for group, patch in enumerate(bars):
             patch.set_gid(f"{prefix}{model}/probability#{group}")
+        interval = arrays[f"{prefix}{model}/probability_interval"]  # (G, 2)
+        if np.isfinite(interval).all():
+            axis.vlines(positions, interval[:, 0], interval[:, 1], color="gray", lw=0.8).set_gid(
+                f"{prefix}{model}/probability_interval")
     axis.set_xticks(np.arange(len(names)) + 0.4 - width / 2, names)
     axis.set(title=f"TOFU, {grouping} tertiles\nprobability after unlearning", ylabel="mean P(answer)^(1/|y|)")
     axis.legend(fontsize=6)

@@ -266,13 +266,17 @@ def tofu_run(tmp_path_factory):
         tiny_llama(len(tokenizer), seed=seed).save_pretrained(run / "models" / folder)
         tokenizer.save_pretrained(run / "models" / folder)
     config = bias.BiasConfig(split="forget01", steps=2, record_every=1, batch_size=4, limit_forget=6, max_items=2,
-                             device="cpu", progress=False, learning_rate=1e-3)
+                             device="cpu", progress=False, learning_rate=1e-3, num_threads=1)
     bias.measure_bias(run / "models" / "target", run / "models" / "retain", config, run / "bias")
-    metrics = ("forget_probability", "forget_rouge_l", "forget_truth_ratio", "forget_quality")
-    relearning = {method: {"steps": [0, 5, 10]} | {m: [0.1 * k, 0.2 * k + 0.05, 0.3 * k + 0.1]
-                                                   for k, m in enumerate(metrics, start=1)}
-                  for method in ("NPO", "SimNPO")}
-    atomic_write_json(run / "results.json", {"relearning": relearning})
+    from llm.tofu.relearn import RELEARN_METRICS, relearning_intervals
+
+    rng = np.random.default_rng(0)
+    curves = {}
+    for model in ("target", "retain", "NPO", "SimNPO"):
+        per_pair = {m: rng.uniform(size=(3, 16)) + [[0.0], [0.1], [0.2]] for m in RELEARN_METRICS[:3]}
+        curves[model] = {"steps": [0, 5, 10]} | {m: v.mean(1).tolist() for m, v in per_pair.items()} | {
+            "forget_quality": [0.1, 0.2, 0.3], "per_pair": {m: v.tolist() for m, v in per_pair.items()}}
+    atomic_write_json(run / "results.json", {"relearning": relearning_intervals(curves, num_resamples=200)})
     return run
 
 
@@ -295,18 +299,49 @@ def test_tofu_halves_draw_the_tofu_run_numbers(tofu_run, tmp_path, monkeypatch):
                     np.testing.assert_array_equal(line.get_ydata(), values[:, group])
                     np.testing.assert_array_equal(line.get_xdata(), record["steps"])
     figure = _drawn_figure(FIGURES["tofu_bias"], str(output / "cache" / "tofu_bias_tiny"), tmp_path, monkeypatch)
+    collections = {c.get_gid(): c for axis in figure.axes for c in axis.collections if c.get_gid()}
+    for grouping in ("length", "memorisation"):
+        for method in ("NPO", "SimNPO"):
+            for metric in ("mean_weight", "power_share"):  # each group's 95% bootstrap band, as the run wrote it
+                intervals = np.array(bias_document["methods"][method]["diagnostics"][grouping][f"{metric}_interval"])
+                for group in range(3):
+                    band = collections[f"tofu/{grouping}/{method}/{metric}_interval#{group}"]
+                    heights = band.get_paths()[0].vertices[:, 1]
+                    assert heights.min() == pytest.approx(intervals[:, group, 0].min())
+                    assert heights.max() == pytest.approx(intervals[:, group, 1].max())
+        for model, after in bias_document["after"].items():
+            segments = collections[f"tofu/{grouping}/after/{model}/probability_interval"].get_segments()
+            np.testing.assert_allclose([seg[:, 1] for seg in segments], after[grouping]["probability_interval"])
     bars = {patch.get_gid(): patch.get_height() for axis in figure.axes for patch in axis.patches if patch.get_gid()}
     expected = {f"tofu/{grouping}/after/{model}/probability#{group}": value
                 for model, after in bias_document["after"].items() for grouping in ("length", "memorisation")
                 for group, value in enumerate(after[grouping]["probability"])}
     assert bars == pytest.approx(expected, rel=1e-12) and len(expected) == 2 * 4 * 3  # target, retain, NPO, SimNPO
     relearning = read_json(tofu_run / "results.json")["relearning"]
-    lines = _lines_by_gid(_drawn_figure(FIGURES["relearning"], str(output / "cache" / "relearning_tiny"), tmp_path,
-                                        monkeypatch))
-    for method, record in relearning.items():
+    figure = _drawn_figure(FIGURES["relearning"], str(output / "cache" / "relearning_tiny"), tmp_path, monkeypatch)
+    lines = _lines_by_gid(figure)
+    bands = {c.get_gid(): c for axis in figure.axes for c in axis.collections if c.get_gid()}
+    assert len(bands) == 4 * 2  # every model (the two controls, two methods) and metric has its band
+    for model, record in relearning.items():  # the controls "target", "retain" beside each method
         for metric in ("forget_probability", "forget_truth_ratio"):
-            np.testing.assert_array_equal(lines[f"tofu/{method}/{metric}"].get_ydata(), record[metric])
-            np.testing.assert_array_equal(lines[f"tofu/{method}/{metric}"].get_xdata(), record["steps"])
+            line = lines[f"tofu/{model}/recovery/{metric}"]
+            np.testing.assert_array_equal(line.get_ydata(), record["recovery"][metric])
+            np.testing.assert_array_equal(line.get_xdata(), record["steps"])
+            low, high = np.array(record["recovery_interval"][metric]).T
+            band = bands[f"tofu/{model}/recovery_interval/{metric}"].get_paths()[0].vertices
+            assert band[:, 1].min() == pytest.approx(low.min()) and band[:, 1].max() == pytest.approx(high.max())
+    assert lines["tofu/retain/recovery/forget_probability"].get_linestyle() == "--"
+
+
+def test_relearning_reads_a_run_from_before_the_controls_and_intervals():
+    """An older results.json (methods only, levels only): recovery from the levels, NaN bands (none drawn)."""
+    from paper_figures.relearning import tofu_arrays
+
+    old = {"relearning": {"NPO": {"steps": [0, 10], "forget_probability": [0.48, 0.52],
+                                  "forget_truth_ratio": [0.6, 0.61]}}}
+    arrays = tofu_arrays(old, "results.json")
+    np.testing.assert_allclose(arrays["tofu/NPO/recovery/forget_probability"], [0.0, 0.04])
+    assert np.isnan(arrays["tofu/NPO/recovery_interval/forget_truth_ratio"]).all()
 
 
 def test_tofu_run_without_results_is_a_clear_error(tmp_path, capsys):
@@ -594,3 +629,179 @@ def test_first_step_groups_follow_the_module_types(preset):
             assert group in ("tokens (GPT-2: = output)", "positions"), (name, group)
         assert group != "other", name
 
+
+
+# ----- markov_mixture, gradient_weights, power_share, divergence, sensitivity: what each draws is its cache -----
+
+@pytest.fixture
+def plotted(monkeypatch):
+    """``plotted(name, stem)``: the figure ``FIGURES[name].plot`` draws from the cache ``stem`` (not saved; closed
+    at teardown)."""
+    import matplotlib.pyplot as plt
+
+    figures = []
+
+    def draw(name, stem):
+        module = FIGURES[name]
+        monkeypatch.setattr(module, "save_figure", lambda figure, out: figures.append(figure) or [])
+        module.plot(stem, "not written")
+        return figures[-1]
+
+    yield draw
+    for figure in figures:
+        plt.close(figure)
+
+
+def _lines_by_label(axis) -> dict:
+    """``{label: line}`` of an axis's labelled lines (each label once)."""
+    lines = [line for line in axis.lines if not line.get_label().startswith("_")]
+    labels = [line.get_label() for line in lines]
+    assert len(set(labels)) == len(labels), labels
+    return dict(zip(labels, lines))
+
+
+def _assert_line(line, xs, ys, message: str) -> None:
+    np.testing.assert_array_equal(line.get_xdata(), xs, err_msg=message)
+    np.testing.assert_allclose(line.get_ydata(), ys, rtol=1e-12, atol=0, err_msg=message)
+
+
+def test_markov_mixture_draws_the_cached_matrices_and_kls(tiny_output, plotted):
+    stem = str(tiny_output / "cache" / "markov_mixture_tiny")
+    document, matrices = load_cache(stem)
+    figure = plotted("markov_mixture", stem)
+    titles = {"true retain": "chain_retain", "true forget1": "chain_forget1", "true forget2": "chain_forget2",
+              "reference": "model_reference", "retrained": "model_retrained"}
+    drawn = {axis.get_title(): axis.images for axis in figure.axes if axis.images}
+    assert set(drawn) == set(titles)
+    for title, images in drawn.items():
+        assert len(images) == 1
+        np.testing.assert_array_equal(images[0].get_array(), matrices[titles[title]], err_msg=title)
+    bars = next(axis for axis in figure.axes if axis.containers)
+    names = [label.get_text() for label in bars.get_xticklabels()]
+    assert names == ["retain", "forget1", "forget2"]
+    kls = document["kl_to_true_chain"]
+    assert [container.get_label() for container in bars.containers] == list(kls) == [
+        "reference", "retrained", "reference (mixture)"]
+    for container in bars.containers:
+        heights = [patch.get_height() for patch in container.patches]
+        assert heights == [kls[container.get_label()][name] for name in names], container.get_label()
+
+
+def test_gradient_weights_draws_the_cached_curves(tiny_output, plotted):
+    stem = str(tiny_output / "cache" / "gradient_weights_tiny")
+    document, arrays = load_cache(stem)
+    figure = plotted("gradient_weights", stem)
+    closed, *scenarios = figure.axes[:3]
+    grid, lines = arrays["logp_per_token"], _lines_by_label(closed)
+    lengths = document["config"]["lengths"]
+    assert len(lines) == 4 * len(lengths)
+    for length in lengths:  # SimNPO's and NPO-ave's weights drawn times |y| (per-token normalised)
+        _assert_line(lines[f"NPO, |y| = {length}"], grid, arrays[f"npo/{length}"], "NPO")
+        _assert_line(lines[f"SimNPO x |y|, |y| = {length}"], grid, arrays[f"simnpo/{length}"] * length, "SimNPO")
+        _assert_line(lines[f"NPO-ave x |y|, |y| = {length}"], grid, arrays[f"npo_ave/{length}"] * length, "NPO-ave")
+        _assert_line(lines[f"SimNPO-sum, |y| = {length}"], grid, arrays[f"simnpo_sum/{length}"], "SimNPO-sum")
+    for axis, scenario in zip(scenarios, ("paper_short_forget2", "paper_unseen_forget2")):
+        assert axis.get_title().startswith(scenario)
+        lines = _lines_by_label(axis)
+        assert len(lines) == 4
+        for method in ("NPO", "SimNPO"):
+            for name in ("forget1", "forget2"):
+                values = arrays[f"{scenario}/{method}/{name}"]
+                _assert_line(lines[f"{method} {name}"], arrays[f"{scenario}/{method}/steps"], values / values[0],
+                             f"{scenario} {method} {name}")
+
+
+def test_power_share_draws_the_seed_mean_of_the_cached_runs(tiny_output, plotted):
+    from paper_figures import markov_tradeoff
+    from paper_figures.runs import load_runs
+
+    stem = str(tiny_output / "cache" / "power_share_tiny")
+    runs, _, _ = load_runs(stem)
+    figure = plotted("power_share", stem)
+    seeds = {}  # (case, source) -> [runs of each seed]
+    for key, trajectories in runs.items():
+        case, rest = key.split(":")
+        seeds.setdefault((case, rest.split("/seed")[0]), []).append(trajectories)
+    drawn = 0
+    for axis in figure.axes:
+        case_label, source_line = axis.get_title().split("\n")
+        case = next(c for c, label in markov_tradeoff.CASES.items() if label == case_label)
+        source = source_line.split(",")[0]
+        per_seed = seeds[(case, source)]
+        assert source_line == f"{source}, {len(per_seed)} seeds"
+        lines = _lines_by_label(axis)
+        for method in ("NPO", "SimNPO"):
+            for name in ("forget1", "forget2"):
+                curves = [trajectories[method].metric("power_share", name) for trajectories in per_seed]
+                assert len({len(c) for c in curves}) == 1  # no run stopped early at this scale
+                mean = np.mean(curves, axis=0)
+                _assert_line(lines.pop(f"{method} {name}"), per_seed[0][method].steps, mean, f"{case} {source}")
+                drawn += 1
+        assert not lines
+    assert drawn == 4 * len(seeds)
+
+
+def test_divergence_draws_the_cached_curves_and_their_fits(tiny_output, plotted):
+    from markovsim.analysis import fit_divergence_rates
+
+    stem = str(tiny_output / "cache" / "divergence_tiny")
+    document, arrays = load_cache(stem)
+    fits = document["fits"]
+    figure = plotted("divergence", stem)
+    columns = {"forget log-likelihood per token": "forget_logp", "||theta_t - theta_0||": "distance",
+               "retain damage": "retain_kl"}
+    checked = set()
+    for axis in figure.axes:
+        source, _, column = axis.get_title().partition(": ")
+        lines = _lines_by_label(axis)
+        for method in ("GA", "NPO"):
+            key, quantity = f"{source}/{method}", columns[column]
+            steps, values = arrays[f"{key}/steps"], arrays[f"{key}/{quantity}"]
+            if quantity == "retain_kl":
+                _assert_line(lines.pop(method), steps, values, key)
+                checked.add((key, quantity))
+                continue
+            fit = fits[key][quantity]
+            refit = fit_divergence_rates(steps, values)  # the cached fit is the fit of the cached curve
+            assert fit["better"] == refit["better"]
+            assert all(fit[kind] == pytest.approx(refit[kind], rel=1e-9) for kind in ("linear", "logarithmic"))
+            shown = steps > 0  # a log step axis
+            _assert_line(lines.pop(method), steps[shown], values[shown], key)
+            better = fit[fit["better"]]
+            line = lines.pop(f"{method} fit: {fit['better']} (R2 {better['r2']:.3f})")
+            t = steps[shown]
+            expected = (better["a"] + better["b"] * t if fit["better"] == "linear"
+                        else better["a"] + better["b"] * np.log(1 + t / better["tau"]))
+            _assert_line(line, t, expected, f"{key} fit")
+            checked.add((key, quantity))
+        assert not lines
+    keys = {key.rsplit("/", 1)[0] for key in arrays}
+    assert checked == {(key, q) for key in keys for q in ("forget_logp", "distance", "retain_kl")}
+    assert {key.split("/")[0] for key in keys} == {"tabular", "mixture", "tiny-synthetic", "tiny-gpt2"}
+
+
+def test_sensitivity_draws_the_seed_mean_of_the_cached_tables(tiny_output, plotted):
+    stem = str(tiny_output / "cache" / "sensitivity_tiny")
+    document, arrays = load_cache(stem)
+    config = document["config"]
+    figure = plotted("sensitivity", stem)
+    for method, axis_name, values in (("NPO", "beta", config["betas"]), ("SimNPO", "beta", config["betas"]),
+                                      ("SimNPO", "gamma", config["gammas"])):
+        np.testing.assert_array_equal(arrays[f"{method}/{axis_name}/values"], values)
+        for column in ("kl_true/forget1", "kl_true/forget2", "kl_true/retain"):
+            assert arrays[f"{method}/{axis_name}/{column}"].shape == (len(values), len(config["seeds"]))
+
+    def mean(method, axis_name, column):  # over seeds, by hand
+        table = arrays[f"{method}/{axis_name}/{column}"]
+        return np.array([sum(row) / len(row) for row in table])
+
+    for axis, component in zip(figure.axes[:2], ("forget1", "forget2")):
+        lines = _lines_by_label(axis)
+        assert len(lines) == 4
+        for method in ("NPO", "SimNPO"):
+            _assert_line(lines[method], config["betas"], mean(method, "beta", f"kl_true/{component}"), method)
+            _assert_line(lines[f"{method} retain"], config["betas"], mean(method, "beta", "kl_true/retain"), method)
+    lines = _lines_by_label(figure.axes[2])
+    assert set(lines) == {"forget1", "forget2", "retain"}
+    for component, line in lines.items():
+        _assert_line(line, config["gammas"], mean("SimNPO", "gamma", f"kl_true/{component}"), component)

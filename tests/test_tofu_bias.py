@@ -10,7 +10,7 @@ import torch
 from test_tofu_fixtures import tiny_llama, tiny_tokenizer
 
 from llm.logps import model_sequence_logps
-from llm.tofu import bias
+from llm.tofu import bias, bias_intervals
 from llm.tofu.data import load_split
 from llm.tofu.finetune import Examples
 from llm.tofu.protocol import method_objective
@@ -87,6 +87,72 @@ def test_group_diagnostics_equal_direct_computation(folders, method):
         assert weights[0] == pytest.approx(2 / (1 + np.exp(-beta * (logps[0] - ref_np[0]))), rel=1e-9)
 
 
+def _npo_setup(num_items: int = 9):
+    """A tiny Llama moved off its own reference log-likelihoods (NPO weights not all 1), its items and groups."""
+    tokenizer = tiny_tokenizer(chat=True)
+    model = tiny_llama(len(tokenizer), seed=0)
+    items = load_split("forget01_perturbed")[:num_items]
+    ref_np, num_tokens = answer_logps(model, tokenizer, [i.question for i in items], [i.answer for i in items])
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))
+    objective = method_objective("NPO", "forget01")
+    return model, objective, Examples.build(tokenizer, items), torch.as_tensor(ref_np, dtype=torch.float64), num_tokens
+
+
+def _item_gradients(model, objective, examples, ref, rows) -> np.ndarray:
+    """(m, P) float64: (forget_weight / n_f) d L_f(y_i) / d theta per row, one autograd call each (markovsim's loss)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    gradients = []
+    for row in rows:
+        logps, num_tokens = model_sequence_logps(model, examples.batch([row], "cpu"))
+        loss = objective.forget_losses(logps.double(), num_tokens.double(), ref[[row]]).sum()
+        grads = torch.autograd.grad(objective.forget_weight * loss / len(examples), params)
+        gradients.append(torch.cat([g.reshape(-1).double() for g in grads]).numpy())
+    return np.stack(gradients)
+
+
+def test_gram_matrix_is_the_inner_products_of_per_item_gradients():
+    model, objective, examples, ref, _ = _npo_setup()
+    rows = np.array([0, 2, 3, 7])
+    gradients = _item_gradients(model, objective, examples, ref, rows)  # (4, P)
+    gram, weights = bias_intervals.item_gradient_gram(model, objective, examples, ref, rows)
+    np.testing.assert_allclose(gram, gradients @ gradients.T, rtol=1e-4, atol=1e-12 * np.abs(gram).max())
+    # parameter blocks of 1000 coordinates (cutting across tensors): the same matrix
+    blocked, _ = bias_intervals.item_gradient_gram(model, objective, examples, ref, rows, max_bytes=4 * 4 * 1000)
+    np.testing.assert_allclose(blocked, gram, rtol=1e-6, atol=1e-12 * np.abs(gram).max())
+    logps, num_tokens = model_sequence_logps(model, examples.batch(rows, "cpu"))
+    expected = objective.forget_weights(logps.double(), num_tokens.double(), ref[rows]).numpy()
+    np.testing.assert_allclose(weights, expected, rtol=1e-5)
+    assert not np.allclose(weights, 1.0)
+
+
+@pytest.mark.parametrize("max_items", [None, 2])
+def test_gram_statistics_at_unit_counts_are_the_diagnostics_and_resamples_the_weighted_sums(max_items):
+    model, objective, examples, ref, num_tokens = _npo_setup()
+    groups = bias.forget_groups(ref.numpy(), num_tokens, 3)["length"]
+    result = bias.group_diagnostics(model, objective, examples, ref, groups, num_tokens, max_items=max_items,
+                                    batch_size=2)
+    parts = bias.group_rows(groups, num_tokens, max_items)
+    rows = np.unique(np.concatenate([chosen for _, chosen, _ in parts]))
+    gram, weights = bias_intervals.item_gradient_gram(model, objective, examples, ref, rows)
+    positions, scales = [np.searchsorted(rows, chosen) for _, chosen, _ in parts], [s for _, _, s in parts]
+    ones = [np.ones((1, len(p))) for p in positions]
+    means, shares = bias_intervals.group_statistics(gram, weights, positions, scales, ones)
+    np.testing.assert_allclose(shares[0], result["power_share"], rtol=1e-4)
+    np.testing.assert_allclose(means[0], result["mean_weight"], rtol=1e-5)
+    # one resample: the share of the count-weighted gradient sums, computed directly
+    counts = [np.random.default_rng(g).multinomial(len(p), np.full(len(p), 1 / len(p)))[None] for g, p in
+              enumerate(positions)]
+    gradients = _item_gradients(model, objective, examples, ref, rows)
+    norms = np.array([s * np.linalg.norm(c[0] @ gradients[p]) for c, p, s in zip(counts, positions, scales)])
+    _, resampled = bias_intervals.group_statistics(gram, weights, positions, scales, counts)
+    np.testing.assert_allclose(resampled[0], norms / norms.sum(), rtol=1e-4)
+    intervals = bias_intervals.group_intervals(gram, weights, positions, scales, num_resamples=500)
+    for key in ("mean_weight_interval", "power_share_interval"):
+        assert np.shape(intervals[key]) == (3, 2) and all(low <= high for low, high in intervals[key])
+
+
 def test_measure_bias_end_to_end(folders, tmp_path):
     config = bias.BiasConfig(split="forget01", steps=3, record_every=2, batch_size=4, limit_forget=9, max_items=2,
                              eval_batch_size=16, device="cpu", progress=False, learning_rate=1e-3)
@@ -103,10 +169,18 @@ def test_measure_bias_end_to_end(folders, tmp_path):
         for grouping in bias.GROUPINGS:
             shares = np.array(record["diagnostics"][grouping]["power_share"])  # (records, groups)
             np.testing.assert_allclose(shares.sum(1), 1.0, atol=1e-12)
-        if method == "NPO":  # at the target itself every NPO weight is exactly 1
+            for key in ("mean_weight_interval", "power_share_interval"):  # (records, groups, [low, high])
+                intervals = np.array(record["diagnostics"][grouping][key])
+                assert intervals.shape == (3, 3, 2) and np.all(intervals[..., 0] <= intervals[..., 1])
+            assert np.all(np.array(record["diagnostics"][grouping]["power_share_interval"]) <= 1)
+        if method == "NPO":  # at the target itself every NPO weight is exactly 1, and so is every resample's mean
             np.testing.assert_allclose(record["diagnostics"]["length"]["mean_weight"][0], 1.0, atol=1e-6)
+            np.testing.assert_allclose(record["diagnostics"]["length"]["mean_weight_interval"][0], 1.0, atol=1e-6)
         after = document["after"][method]["memorisation"]
         assert len(after["forget_quality"]) == 3 and all(0 <= q <= 1 for q in after["forget_quality"])
+        for name in ("probability", "truth_ratio"):
+            for value, (low, high) in zip(after[name], after[f"{name}_interval"]):
+                assert low <= value <= high  # 3 items per group: the 95% interval is [min, max]
     # the retain model compared with itself: every KS p-value is 1
     np.testing.assert_allclose(document["after"]["retain"]["length"]["forget_quality"], 1.0)
 
@@ -115,10 +189,18 @@ def test_measure_bias_end_to_end(folders, tmp_path):
     ({"split": "forget99"}, "split must be"), ({"methods": ("NPO+RT",)}, "retain term"),
     ({"methods": ("Nope",)}, "unknown method"), ({"steps": 0}, "steps must be"), ({"num_groups": 4}, "num_groups"),
     ({"learning_rate": -1.0}, "learning_rate"), ({"max_items": 0}, "max_items"),
+    ({"bootstrap_resamples": 0}, "bootstrap_resamples"), ({"gram_max_gb": 0}, "gram_max_gb"),
 ])
 def test_bad_config_raises(kwargs, message):
     with pytest.raises(ValueError, match=message):
         bias.BiasConfig(**kwargs)
+
+
+def test_the_measurement_uses_every_forget_item_and_10000_resamples_by_default():
+    config = bias.BiasConfig()
+    assert config.max_items is None and config.limit_forget is None and config.bootstrap_resamples == 10_000
+    arguments = bias.build_parser().parse_args(["--run", "RUN"])
+    assert arguments.max_items is None and arguments.bootstrap_resamples == 10_000 and arguments.gram_max_gb == 2.0
 
 
 def test_bad_input_raises(tmp_path, capsys):

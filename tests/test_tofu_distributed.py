@@ -148,8 +148,8 @@ def test_protocol_on_two_processes_writes_each_file_once_and_matches_one(tmp_pat
     outputs = launch("run_protocol_ranked", str(tmp_path / "writes"), "run", "--out", str(two), "--model", str(base),
                      *TINY)
     summaries = [json.loads(text.strip().splitlines()[-1]) for text in outputs]
-    stages = ["target", "retain", "unlearn-npo-rt", "eval-target", "eval-retain", "eval-npo-rt", "relearn-npo-rt",
-              "report"]
+    stages = ["target", "retain", "unlearn-npo-rt", "eval-target", "eval-retain", "eval-npo-rt", "relearn-target",
+              "relearn-retain", "relearn-npo-rt", "report"]
     assert summaries[0]["ran"] == summaries[1]["ran"] == stages  # the same view of what is done, on both
     assert not os.path.exists(tmp_path / "writes-1")  # process 1 wrote nothing
     written = sorted(open(tmp_path / "writes-0").read().split())

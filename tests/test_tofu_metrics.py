@@ -153,3 +153,62 @@ def test_greedy_generation_batched_equals_one_by_one():
     batched = generate_answers(model, tok, QUESTIONS, max_new_tokens=6, batch_size=3)
     single = [generate_answers(model, tok, [q], max_new_tokens=6)[0] for q in QUESTIONS]
     assert batched == single and all(isinstance(a, str) for a in batched)
+
+
+# ----- the percentile bootstrap over items -----
+
+def test_bootstrap_of_a_constant_sample_is_a_zero_width_interval():
+    for value in (0.1, -3.7, 1e-9):
+        assert metrics.bootstrap_interval(np.full(13, value)) == (value, value)
+
+
+def _exact_percentile(values: np.ndarray, probabilities: np.ndarray, level: float) -> float:
+    """The smallest value whose exact CDF reaches ``level``."""
+    order = np.argsort(values)
+    cdf = np.cumsum(probabilities[order])
+    return float(values[order][np.searchsorted(cdf, level - 1e-12)])
+
+
+def test_bootstrap_interval_matches_exact_enumeration_of_every_resample():
+    """n = 4, sample (0, 0, 0, 1): the 4^4 equally likely index tuples give the resampled mean k / 4 with
+    k ~ Binomial(4, 1/4), CDF 0.316, 0.738, 0.949, 0.996, 1: the exact 2.5% / 97.5% percentiles are 0 and 0.75,
+    far enough from the CDF's jumps that 10,000 Monte Carlo resamples land on them exactly."""
+    import itertools
+
+    sample = np.array([0.0, 0.0, 0.0, 1.0])
+    means = np.array([sample[list(picks)].mean() for picks in itertools.product(range(4), repeat=4)])
+    weights = np.full(len(means), 1 / len(means))
+    exact = (_exact_percentile(means, weights, 0.025), _exact_percentile(means, weights, 0.975))
+    assert exact == (0.0, 0.75)
+    assert metrics.bootstrap_interval(sample) == exact
+    assert metrics.bootstrap_interval(sample, seed=7) == exact  # not a property of one seed
+
+
+def test_bootstrap_counts_are_resamples_of_n_draws_and_reproducible():
+    counts = metrics.bootstrap_counts(5, 1000, seed=3)
+    assert counts.shape == (1000, 5) and np.all(counts.sum(1) == 5) and counts.min() >= 0
+    np.testing.assert_array_equal(counts, metrics.bootstrap_counts(5, 1000, seed=3))
+    assert counts.mean() == pytest.approx(1.0, abs=0.05)  # each item drawn once per resample on average
+    values = np.random.default_rng(0).normal(size=5)
+    low, high = metrics.bootstrap_interval(values, counts=counts)
+    assert low < values.mean() < high
+    assert metrics.bootstrap_interval(values, counts=counts) == metrics.bootstrap_interval(values, 1000, seed=3)
+    assert all(math.isnan(v) for v in metrics.bootstrap_interval([1.0, float("nan")]))
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: metrics.bootstrap_counts(0), "at least one item"),
+    (lambda: metrics.bootstrap_counts(3, 0), "num_resamples"),
+    (lambda: metrics.bootstrap_interval([[1.0, 2.0]]), r"\(N,\)"),
+    (lambda: metrics.bootstrap_interval([1.0, 2.0], counts=np.ones((4, 3))), r"counts must be \(B, 2\)"),
+    (lambda: metrics.percentile_interval([1.0], confidence=1.0), "confidence"),
+])
+def test_bad_bootstrap_input_raises(call, message):
+    with pytest.raises(ValueError, match=message):
+        call()
+
+
+def test_forget_truth_ratio_scores_are_the_aggregate_per_item():
+    ratios = np.array([0.5, 2.0, 1.0, 0.0, np.inf])
+    np.testing.assert_array_equal(metrics.forget_truth_ratio_scores(ratios), [0.5, 0.5, 1.0, 0.0, 0.0])
+    assert metrics.truth_ratio_aggregate(ratios, forget=True) == pytest.approx(0.4)

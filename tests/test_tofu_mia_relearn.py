@@ -15,10 +15,11 @@ from llm.tofu import metrics
 from llm.tofu.data import author_items, load_split
 from llm.tofu.evaluate import load_eval_sets
 from llm.tofu.protocol import Protocol, ProtocolConfig
-from llm.tofu.relearn import RELEARN_METRICS, split_forget
+from llm.tofu.relearn import PER_PAIR_METRICS, RELEARN_METRICS, relearning_intervals, split_forget
 
 TINY = dict(split="forget01", limit=4, batch_size=4, finetune_steps=2, unlearn_steps=1, max_new_tokens=2,
-            eval_batch_size=64, progress=False, device="cpu", relearn_lr=1e-3)
+            eval_batch_size=64, progress=False, device="cpu", relearn_lr=1e-3,
+            num_threads=1)  # the module fixture runs before conftest's one-thread fixture: say it here
 
 
 @pytest.fixture(scope="module")
@@ -84,10 +85,16 @@ def test_results_schema_and_aucs_from_the_stored_scores(finished):
     results = json.loads((finished.out / "results.json").read_text(),
                          parse_constant=lambda c: pytest.fail(f"results.json holds {c}"))
     assert results["holdout"]["authors"] == [90, 91] and results["holdout"]["full_items"] == [1800, 1840]
-    assert set(results["relearning"]) == {"NPO", "SimNPO"}
-    for curve in results["relearning"].values():
-        assert list(curve) == ["steps"] + list(RELEARN_METRICS) and curve["steps"] == [0, 1, 3]
-        assert all(len(curve[name]) == 3 for name in RELEARN_METRICS)
+    assert list(results["relearning"]) == ["target", "retain", "NPO", "SimNPO"]  # the controls, then each method
+    for name, curve in results["relearning"].items():
+        extra = [] if name == "retain" else ["beyond_fresh", "beyond_fresh_interval"]
+        assert list(curve) == ["steps"] + list(RELEARN_METRICS) + ["interval", "recovery", "recovery_interval"] + extra
+        assert curve["steps"] == [0, 1, 3] and all(len(curve[name]) == 3 for name in RELEARN_METRICS)
+        for key in ["interval", "recovery_interval"] + extra[1:]:
+            assert list(curve[key]) == list(PER_PAIR_METRICS)
+            assert all(low <= high for values in curve[key].values() for low, high in values)
+    assert results["relearning"]["retain"]["forget_quality"][0] == pytest.approx(1.0)  # the retain model vs itself
+    assert "controls" in results["relearning_setup"] and "bootstrap" in results["relearning_setup"]["intervals"]
     assert results["relearning_setup"]["num_relearn_pairs"] == 8 and results["relearning_setup"]["num_eval_pairs"] == 32
     retain_scores = finished.record("eval-retain")["mia"]
     for name, row in results["models"].items():
@@ -102,7 +109,8 @@ def test_results_schema_and_aucs_from_the_stored_scores(finished):
             assert row[f"privleak/{attack}"] == pytest.approx(expected, abs=1e-9)
     assert all(results["models"]["retain"][f"privleak/{a}"] == 0 for a in mia.ATTACKS)
     table = (finished.out / "results.md").read_text()
-    assert "| Min-K%++ AUC |" in table and "| SimNPO | 3 |" in table
+    assert "| Min-K%++ AUC |" in table and "| SimNPO | 3 |" in table and "| retain (learned fresh) | 3 |" in table
+    assert "| prob recovery | prob beyond fresh |" in table
 
 
 def test_relearning_step_zero_matches_the_eval_stage(finished):
@@ -118,15 +126,71 @@ def test_relearning_step_zero_matches_the_eval_stage(finished):
     assert curve["forget_probability"][1] != curve["forget_probability"][0]  # relearning moved the model
 
 
-def test_relearning_resumes_at_the_next_step_count(finished):
-    work = finished.out / "work" / "relearn-simnpo"
-    before = finished.record("relearn-simnpo")["relearning"]
-    kept = {s: os.path.getmtime(work / f"steps-{s}.json") for s in (0, 1)}
-    os.remove(finished.stage_path("relearn-simnpo"))  # killed during the last step count
+def test_relearning_intervals_are_the_bootstrap_of_the_stored_pairs(finished):
+    """Every interval of results.json recomputed from the stage records' per-pair values with the bootstrap helper:
+    levels, recoveries since step 0 and recoveries beyond the retain model's, paired over the same pairs."""
+    results = json.loads((finished.out / "results.json").read_text())
+    pairs = {name: finished.record(f"relearn-{slug}")["relearning"]["per_pair"] for name, slug in
+             (("target", "target"), ("retain", "retain"), ("NPO", "npo"), ("SimNPO", "simnpo"))}
+    counts = metrics.bootstrap_counts(32, metrics.BOOTSTRAP_RESAMPLES, 0)
+    for name, curve in results["relearning"].items():
+        for metric in PER_PAIR_METRICS:
+            values = np.asarray(pairs[name][metric])  # (step counts, 32 evaluation pairs)
+            fresh = np.asarray(pairs["retain"][metric])
+            assert values.shape == (3, 32)
+            np.testing.assert_allclose(values.mean(1), curve[metric], rtol=1e-12)
+            for i in range(3):
+                assert curve["interval"][metric][i] == list(metrics.bootstrap_interval(values[i], counts=counts))
+                gain = values[i] - values[0]
+                assert curve["recovery"][metric][i] == pytest.approx(gain.mean(), abs=1e-12)
+                assert curve["recovery_interval"][metric][i] == list(metrics.bootstrap_interval(gain, counts=counts))
+                if name != "retain":
+                    beyond = gain - (fresh[i] - fresh[0])
+                    assert curve["beyond_fresh"][metric][i] == pytest.approx(beyond.mean(), abs=1e-12)
+                    assert curve["beyond_fresh_interval"][metric][i] == list(
+                        metrics.bootstrap_interval(beyond, counts=counts))
+    # the retain control at step 0 is the retain model's own evaluation on the same pairs
+    _, rows = finished.relearn_rows()
+    evaluation = finished.record("eval-retain")["result"]["sets"]["forget"]
+    assert results["relearning"]["retain"]["forget_probability"][0] == pytest.approx(
+        np.mean(np.asarray(evaluation["probability_per_item"])[rows]))
+
+
+def test_relearning_without_per_pair_values_says_why_its_intervals_are_missing():
+    """A stage record from before per-pair values were kept: levels and recoveries, null intervals and the reason."""
+    old = {"steps": [0, 2], "forget_probability": [0.1, 0.3], "forget_rouge_l": [0.2, 0.2],
+           "forget_truth_ratio": [0.5, 0.6], "forget_quality": [0.01, 0.02]}
+    summary = relearning_intervals({"retain": old, "NPO": old | {"forget_probability": [0.2, 0.5]}})
+    assert summary["NPO"]["interval"]["forget_probability"] == [None, None]
+    assert summary["NPO"]["recovery"]["forget_probability"] == pytest.approx([0.0, 0.3])
+    assert summary["NPO"]["beyond_fresh"]["forget_probability"] == pytest.approx([0.0, 0.1])
+    assert "per-pair" in summary["NPO"]["missing"]["interval"]
+    no_start = relearning_intervals({"NPO": old | {"steps": [1, 2]}})["NPO"]
+    assert "recovery" not in no_start and "step count 0" in no_start["missing"]["recovery"]
+
+
+def test_relearning_resumes_at_the_next_step_count(finished, tmp_path, monkeypatch):
+    """On a copy of the finished run (the module's other tests read the original): what is measured and trained
+    again is seen by spying on the measuring and training functions."""
+    import shutil
+
+    from llm.tofu import finetune as training
+    from llm.tofu import relearn
+
+    run = Protocol(finished.config, shutil.copytree(finished.out, tmp_path / "run"))
+    work = run.out / "work" / "relearn-simnpo"
+    before = run.record("relearn-simnpo")["relearning"]
+    os.remove(run.stage_path("relearn-simnpo"))  # killed during the last step count
     os.remove(work / "steps-3.json")
-    assert finished.run() == ["relearn-simnpo"]  # only the killed stage: the report's record is still there
-    assert kept == {s: os.path.getmtime(work / f"steps-{s}.json") for s in (0, 1)}
-    assert finished.record("relearn-simnpo")["relearning"] == before  # same numbers: deterministic, resumed
+    measured, trained = [], []
+    measure, finetune = relearn.measure, training.finetune
+    monkeypatch.setattr(relearn, "measure", lambda *args, **kwargs: measured.append(1) or measure(*args, **kwargs))
+    monkeypatch.setattr(training, "finetune", lambda model, tokenizer, items, config, *args, **kwargs:
+                        trained.append(config.steps) or finetune(model, tokenizer, items, config, *args, **kwargs))
+    assert run.run() == ["relearn-simnpo"]  # only the killed stage: the report's record is still there
+    assert trained == [3] and len(measured) == 1  # only the killed step count; 0 and 1 are read back
+    assert run.record("relearn-simnpo")["relearning"] == before  # same numbers: deterministic, resumed
+    assert finished.done("relearn-simnpo") and (finished.out / "work" / "relearn-simnpo" / "steps-3.json").is_file()
 
 
 def test_no_relearn_steps_means_no_relearning_stages(base, tmp_path, capsys):

@@ -82,24 +82,36 @@ def test_evaluate_model_gives_every_metric(base):
     assert len(result["sets"]["forget"]["truth_ratios"]) == 3
 
 
-def test_run_all_stages_then_resume_after_a_kill(base, tmp_path, capsys):
+def test_run_all_stages_then_resume_after_a_kill(base, tmp_path, capsys, monkeypatch):
+    from scipy import stats
+
     out = tmp_path / "run"
     argv = ["run", "--split", "forget01", "--methods", "NPO", "SimNPO+RT", "--out", str(out), "--model", base] + TINY
     assert cli.main(argv) == 0
     results = _strict(out / "results.json")
     assert list(results["models"]) == ["target", "retain", "npo", "simnpo-rt"]
     assert results["models"]["retain"]["forget_quality"] == pytest.approx(1.0)
+    retain_ratios = _strict(out / "stages" / "eval-retain.json")["result"]["sets"]["forget"]["truth_ratios"]
+    for name in ("target", "npo", "simnpo-rt"):  # each model's own truth ratios against the retain model's
+        ratios = _strict(out / "stages" / f"eval-{name}.json")["result"]["sets"]["forget"]["truth_ratios"]
+        expected = stats.ks_2samp(ratios, retain_ratios).pvalue
+        assert results["models"][name]["forget_quality"] == pytest.approx(expected, rel=1e-12), name
     assert results["config"]["split"] == "forget01" and results["package"]["name"] == "simnpo-companion"
     assert results["stages"]["target"]["num_items"] == 44 and results["stages"]["unlearn-npo"]["steps"] == 1
     assert "| SimNPO+RT |" in (out / "results.md").read_text()
-    # a kill during the last stages: their records are gone; earlier stages must not be recomputed
-    times = {s: os.path.getmtime(out / "stages" / f"{s}.json") for s in ("target", "retain", "unlearn-npo")}
+    # a kill during the last stages: their records are gone; earlier stages must not be recomputed (every stage's
+    # work goes through one of these methods: a spy records which ran)
+    computed = []
+    for method in ("_finetune", "_unlearn", "_evaluate", "_relearn"):
+        original = getattr(Protocol, method)
+        monkeypatch.setattr(Protocol, method, lambda self, name, _original=original, _method=method:
+                            computed.append((_method, name)) or _original(self, name))
     for stage in ("eval-simnpo-rt", "report"):
         os.remove(out / "stages" / f"{stage}.json")
     capsys.readouterr()
     assert cli.main(argv) == 0
     assert json.loads(capsys.readouterr().out)["ran"] == ["eval-simnpo-rt", "report"]
-    assert times == {s: os.path.getmtime(out / "stages" / f"{s}.json") for s in times}
+    assert computed == [("_evaluate", "simnpo-rt")]
     assert _strict(out / "results.json")["models"].keys() == results["models"].keys()
 
 

@@ -18,12 +18,21 @@ step 0 (the target), every checkpoint and the end, per group g (rows R_g, n_f fo
     power_share[g]  = ||g_g|| / sum_g' ||g_g'||                 (:func:`markovsim.diagnostics.power_shares`)
 
 computed by :class:`llm.diagnostics.Diagnostics` (the Markov transformers' code, with groups as its
-components; ``max_items`` subsamples each group and scales its sum by n_g / |subsample|, as there).
-After unlearning, per group: mean probability exp(logps / n), the forget truth-ratio aggregate
-mean(min(TR, 1/TR)) and forget quality, the KS p-value of the group's truth ratios against the
-retain model's on the same items (:mod:`llm.tofu.metrics`). Results: ``OUT/results.json`` (strict
-JSON, config and package version); ``python -m llm.tofu.bias --run RUN`` reads ``RUN/models/target``
-and ``RUN/models/retain`` and writes ``RUN/bias/results.json``.
+components) over every forget item by default (``max_items`` subsamples each group and scales its sum
+by n_g / |subsample|, as there). After unlearning, per group: mean probability exp(logps / n), the
+forget truth-ratio aggregate mean(min(TR, 1/TR)) and forget quality, the KS p-value of the group's
+truth ratios against the retain model's on the same items (:mod:`llm.tofu.metrics`).
+
+Intervals: every mean weight and power share, and every probability and truth-ratio aggregate after
+unlearning, carries a 95% percentile-bootstrap interval over the group's items (``bootstrap_resamples``
+resamples, seeded; the groups fixed, their items resampled): the weights and the after-unlearning numbers
+are means of per-item values (:func:`llm.tofu.metrics.bootstrap_interval`); the power shares come
+from the Gram matrix of the per-item gradients (:mod:`llm.tofu.bias_intervals`: exact for every
+resample, one extra pass over the items per block of ``gram_max_gb`` GB of gradients). Forget
+quality, a KS p-value, has none.
+
+Results: ``OUT/results.json`` (strict JSON, config and package version); ``python -m llm.tofu.bias
+--run RUN`` reads ``RUN/models/target`` and ``RUN/models/retain`` and writes ``RUN/bias/results.json``.
 """
 
 from __future__ import annotations
@@ -43,15 +52,17 @@ from llm.config import TrainConfig
 from llm.diagnostics import Diagnostics, DiagnosticsPlan
 from markovsim.objectives import Objective
 from markovsim.results import atomic_write_json, metadata_block, read_json
+from markovsim.runtime import torch_threads
 
 from . import metrics
+from .bias_intervals import BOOTSTRAP_STREAM, group_intervals, item_gradient_gram
 from .data import TofuItem, load_split
 from .evaluate import FORGET_SPLITS
 from .finetune import Examples, unlearn
 from .scoring import answer_logps, perturbed_logps
 
-__all__ = ["GROUPINGS", "BiasConfig", "rank_groups", "forget_groups", "group_diagnostics", "group_metrics",
-           "measure_bias", "main"]
+__all__ = ["GROUPINGS", "BiasConfig", "rank_groups", "forget_groups", "group_rows", "group_diagnostics",
+           "group_metrics", "measure_bias", "main"]
 
 GROUP_NAMES = {"length": ("short", "medium", "long"), "memorisation": ("low", "mid", "high")}
 GROUPINGS = tuple(GROUP_NAMES)
@@ -62,7 +73,9 @@ class BiasConfig:
     """Settings of one bias measurement (recorded in the results file).
 
     Unlearning follows the protocol's stage (``llm.tofu.protocol.ProtocolConfig.train_config``: AdamW,
-    weight decay 0.01, linear decay), with ``steps`` steps of ``batch_size`` forget pairs.
+    weight decay 0.01, linear decay), with ``steps`` steps of ``batch_size`` forget pairs. ``max_items``:
+    None (every forget item) or the items per group behind each diagnostic; ``bootstrap_resamples``
+    and ``gram_max_gb``: the intervals' resamples and the per-item gradients held at once (module docstring).
     """
 
     split: str = "forget10"
@@ -73,7 +86,9 @@ class BiasConfig:
     learning_rate: float = 1e-5
     num_groups: int = 3
     limit_forget: int | None = None
-    max_items: int | None = 32
+    max_items: int | None = None
+    bootstrap_resamples: int = metrics.BOOTSTRAP_RESAMPLES
+    gram_max_gb: float = 2.0
     eval_batch_size: int = 16
     seed: int = 0
     device: str = "auto"
@@ -92,15 +107,16 @@ class BiasConfig:
             if objective.retain is not None:
                 raise ValueError(f"method {method!r} has a retain term; the bias measurement uses forget-only "
                                  f"methods (NPO, SimNPO, GA) so that the power shares split the forget gradient")
-        for name in ("steps", "record_every", "batch_size", "num_groups", "eval_batch_size"):
+        for name in ("steps", "record_every", "batch_size", "num_groups", "eval_batch_size", "bootstrap_resamples"):
             _check_int(name, getattr(self, name), 1)
         for name in ("limit_forget", "max_items", "num_threads"):
             if getattr(self, name) is not None:
                 _check_int(name, getattr(self, name), 1)
         _check_int("seed", self.seed, 0)
-        if isinstance(self.learning_rate, bool) or not isinstance(self.learning_rate, (int, float)) \
-                or not self.learning_rate > 0:
-            raise ValueError(f"learning_rate must be a number > 0, got {self.learning_rate!r}")
+        for name in ("learning_rate", "gram_max_gb"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"{name} must be a number > 0, got {value!r}")
         if self.num_groups > 3:
             raise ValueError(f"num_groups must be 1, 2 or 3 (tertiles by default), got {self.num_groups}")
         object.__setattr__(self, "methods", tuple(self.methods))
@@ -149,24 +165,30 @@ def group_names(grouping: str, num_groups: int) -> tuple[str, ...]:
     return names if num_groups == 3 else tuple(f"{grouping}{g}" for g in range(num_groups))
 
 
-def group_diagnostics(model, objective: Objective, examples: Examples, ref_logps: torch.Tensor | None,
-                      groups: np.ndarray, num_tokens: np.ndarray, max_items: int | None = None, seed: int = 0,
-                      batch_size: int = 16) -> dict[str, np.ndarray]:
-    """``{"mean_weight": (G,), "power_share": (G,)}`` of the forget groups ``groups`` (N,) at ``model``.
-
-    :class:`llm.diagnostics.Diagnostics` with one column per group: each group's rows (at most
-    ``max_items``, seeded; its gradient sum scaled by n_g / |rows|), sorted by length.
-    """
-    num_groups = int(groups.max()) + 1
+def group_rows(groups: np.ndarray, num_tokens: np.ndarray, max_items: int | None = None,
+               seed: int = 0) -> tuple[tuple[int, np.ndarray, float], ...]:
+    """``(group, rows, n_g / len(rows))`` per group: its rows (at most ``max_items``, seeded), sorted by length."""
     parts = []
-    for group in range(num_groups):
+    for group in range(int(groups.max()) + 1):
         rows = np.flatnonzero(groups == group)
         chosen = rows
         if max_items is not None and len(rows) > max_items:
             chosen = np.sort(np.random.default_rng([seed, group]).choice(rows, size=max_items, replace=False))
         chosen = chosen[np.argsort(num_tokens[chosen], kind="stable")]
         parts.append((group, chosen, len(rows) / len(chosen)))
-    plan = DiagnosticsPlan(tuple(parts), None, 1.0, (), np.ones(num_groups, dtype=bool))
+    return tuple(parts)
+
+
+def group_diagnostics(model, objective: Objective, examples: Examples, ref_logps: torch.Tensor | None,
+                      groups: np.ndarray, num_tokens: np.ndarray, max_items: int | None = None, seed: int = 0,
+                      batch_size: int = 16) -> dict[str, np.ndarray]:
+    """``{"mean_weight": (G,), "power_share": (G,)}`` of the forget groups ``groups`` (N,) at ``model``.
+
+    :class:`llm.diagnostics.Diagnostics` with one column per group, on :func:`group_rows`.
+    """
+    num_groups = int(groups.max()) + 1
+    parts = group_rows(groups, num_tokens, max_items, seed)
+    plan = DiagnosticsPlan(parts, None, 1.0, (), np.ones(num_groups, dtype=bool))
     diagnostics = Diagnostics(objective, tuple(str(g) for g in range(num_groups)), plan, examples, None, None,
                               ref_logps, None, None, batch_size, False)
     return diagnostics(model)
@@ -182,15 +204,21 @@ def item_scores(model, tokenizer, items: list[TofuItem], batch_size: int) -> dic
             "truth_ratio": metrics.truth_ratio(pert_lp, pert_n, para_lp, para_n)}
 
 
-def group_metrics(scores: dict[str, np.ndarray], groups: np.ndarray,
-                  retain_ratios: np.ndarray | None = None) -> dict[str, list[float]]:
-    """Per group: mean probability, the forget truth-ratio aggregate and (given the retain model's per-item
-    truth ratios) forget quality, the KS p-value of the group's ratios against the retain model's; (G,) lists."""
-    result = {"probability": [], "truth_ratio": [], "forget_quality": []}
+def group_metrics(scores: dict[str, np.ndarray], groups: np.ndarray, retain_ratios: np.ndarray | None = None,
+                  num_resamples: int = metrics.BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict[str, list]:
+    """Per group: mean probability, the forget truth-ratio aggregate mean(min(TR, 1/TR)), each with its bootstrap
+    interval over the group's items (``*_interval``, [low, high]; group g's resamples seeded by (seed, g)),
+    and (given the retain model's per-item truth ratios) forget quality, the KS p-value of the group's ratios
+    against the retain model's; (G,) lists."""
+    result = {"probability": [], "probability_interval": [], "truth_ratio": [], "truth_ratio_interval": [],
+              "forget_quality": []}
     for group in range(int(groups.max()) + 1):
         rows = groups == group
-        result["probability"].append(float(scores["probability"][rows].mean()))
-        result["truth_ratio"].append(metrics.truth_ratio_aggregate(scores["truth_ratio"][rows], forget=True))
+        counts = metrics.bootstrap_counts(int(rows.sum()), num_resamples, [seed, BOOTSTRAP_STREAM, group])
+        for name, values in (("probability", scores["probability"][rows]),
+                             ("truth_ratio", metrics.forget_truth_ratio_scores(scores["truth_ratio"][rows]))):
+            result[name].append(float(values.mean()))
+            result[f"{name}_interval"].append(list(metrics.bootstrap_interval(values, counts=counts)))
         result["forget_quality"].append(float("nan") if retain_ratios is None else
                                         metrics.forget_quality(scores["truth_ratio"][rows], retain_ratios[rows]))
     return result
@@ -202,9 +230,21 @@ def _load(path):
     return load_causal_lm(path)
 
 
+DIAGNOSTICS = ("mean_weight", "power_share", "mean_weight_interval", "power_share_interval")
+
+
 def _diagnose_all(model, objective, examples, ref, assignment, num_tokens, config) -> dict:
-    return {grouping: group_diagnostics(model, objective, examples, ref, ids, num_tokens, config.max_items,
-                                        config.seed, config.eval_batch_size) for grouping, ids in assignment.items()}
+    """Per grouping: :func:`group_diagnostics` and their intervals (one Gram matrix for both groupings)."""
+    result = {grouping: group_diagnostics(model, objective, examples, ref, ids, num_tokens, config.max_items,
+                                          config.seed, config.eval_batch_size) for grouping, ids in assignment.items()}
+    parts = {grouping: group_rows(ids, num_tokens, config.max_items, config.seed) for grouping, ids in
+             assignment.items()}
+    rows = np.unique(np.concatenate([chosen for part in parts.values() for _, chosen, _ in part]))  # (m,) sorted
+    gram, weights = item_gradient_gram(model, objective, examples, ref, rows, int(config.gram_max_gb * 2**30))
+    for grouping, part in parts.items():
+        result[grouping] |= group_intervals(gram, weights, [np.searchsorted(rows, chosen) for _, chosen, _ in part],
+                                            [scale for _, _, scale in part], config.bootstrap_resamples, config.seed)
+    return result
 
 
 def _unlearn_and_record(target_dir, method: str, items, tokenizer, assignment, num_tokens, ref_logps, config,
@@ -228,8 +268,8 @@ def _unlearn_and_record(target_dir, method: str, items, tokenizer, assignment, n
         records[step] = _diagnose_all(snapshot, objective, examples, ref, assignment, num_tokens, config)
     shutil.rmtree(work, ignore_errors=True)
     steps = sorted(records)
-    diagnostics = {grouping: {key: [records[s][grouping][key].tolist() for s in steps]
-                              for key in ("mean_weight", "power_share")} for grouping in assignment}
+    diagnostics = {grouping: {key: [np.asarray(records[s][grouping][key]).tolist() for s in steps]
+                              for key in DIAGNOSTICS} for grouping in assignment}
     return {"objective": dataclasses.asdict(objective), "steps": steps, "diagnostics": diagnostics,
             "diverged_at": outcome.diverged_at, "reason": outcome.reason, "scores": final_scores}
 
@@ -249,6 +289,11 @@ def measure_bias(target_dir, retain_dir, config: BiasConfig, out) -> dict:
         if path is not None and not os.path.isfile(os.path.join(os.fspath(path), "config.json")):
             raise ValueError(f"{name} {os.fspath(path)!r} is not a model folder (no config.json); pass e.g. "
                              f"RUN/models/{'target' if name == 'target_dir' else 'retain'} of a TOFU protocol run")
+    with torch_threads(config.num_threads):  # scoring and diagnostics too, not only the unlearning steps
+        return _measure(target_dir, retain_dir, config, out)
+
+
+def _measure(target_dir, retain_dir, config: BiasConfig, out) -> dict:
     items = load_split(f"{config.split}_perturbed")[:config.limit_forget]
     target, tokenizer = _load(target_dir)
     ref_logps, num_tokens = answer_logps(target, tokenizer, [i.question for i in items], [i.answer for i in items],
@@ -270,16 +315,19 @@ def measure_bias(target_dir, retain_dir, config: BiasConfig, out) -> dict:
         methods[method] = record
     if os.path.isdir(os.path.join(os.fspath(out), "work")) and not os.listdir(os.path.join(os.fspath(out), "work")):
         os.rmdir(os.path.join(os.fspath(out), "work"))
-    after = {model: {grouping: group_metrics(s, ids, retain_ratios) for grouping, ids in assignment.items()}
-             for model, s in scores.items()}
+    after = {model: {grouping: group_metrics(s, ids, retain_ratios, config.bootstrap_resamples, config.seed)
+                     for grouping, ids in assignment.items()} for model, s in scores.items()}
     groups = {grouping: {"names": list(group_names(grouping, config.num_groups)), "assignment": ids.tolist(),
                          "mean_num_tokens": [float(num_tokens[ids == g].mean()) for g in range(config.num_groups)],
                          "mean_logp_per_token": [float((ref_logps / num_tokens)[ids == g].mean())
                                                  for g in range(config.num_groups)]}
               for grouping, ids in assignment.items()}
+    intervals = (f"*_interval: 95% percentile bootstrap over each group's items ({config.bootstrap_resamples} "
+                 f"resamples per group, seeded by (seed, group); groups fixed); power shares from the Gram matrix "
+                 f"of the per-item gradients (llm.tofu.bias_intervals); forget quality has none")
     document = metadata_block(config, target_dir=os.fspath(target_dir),
                               retain_dir=None if retain_dir is None else os.fspath(retain_dir), num_items=len(items),
-                              groups=groups, methods=methods, after=after)
+                              groups=groups, methods=methods, after=after, intervals=intervals)
     atomic_write_json(os.path.join(os.fspath(out), "results.json"), document)
     return document
 
@@ -295,9 +343,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--split", choices=FORGET_SPLITS, help=f"forget split (default: the run's, else {d.split})")
     parser.add_argument("--methods", nargs="+", default=list(d.methods))
     for name in ("steps", "record_every", "batch_size", "num_groups", "limit_forget", "max_items", "eval_batch_size",
-                 "seed", "num_threads"):
+                 "seed", "num_threads", "bootstrap_resamples"):
         parser.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(d, name))
     parser.add_argument("--learning-rate", type=float, default=d.learning_rate)
+    parser.add_argument("--gram-max-gb", type=float, default=d.gram_max_gb,
+                        help="per-item gradients held at once for the power-share intervals (default "
+                             f"{d.gram_max_gb:g}; more memory, fewer passes over the items)")
     parser.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"))
     parser.add_argument("--no-progress", action="store_true")
     return parser
@@ -311,6 +362,7 @@ def main(argv=None) -> int:
                             record_every=arguments.record_every, batch_size=arguments.batch_size,
                             learning_rate=arguments.learning_rate, num_groups=arguments.num_groups,
                             limit_forget=arguments.limit_forget, max_items=arguments.max_items,
+                            bootstrap_resamples=arguments.bootstrap_resamples, gram_max_gb=arguments.gram_max_gb,
                             eval_batch_size=arguments.eval_batch_size, seed=arguments.seed, device=arguments.device,
                             num_threads=arguments.num_threads, progress=not arguments.no_progress)
         measure_bias(target, retain, config, out)

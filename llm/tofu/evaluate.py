@@ -59,7 +59,8 @@ def load_eval_sets(forget_split: str, limit: int | None = None, limit_forget: bo
 
 def evaluate_set(model, tokenizer, items: Sequence[TofuItem], kind: str, max_new_tokens: int = 200,
                  batch_size: int = 16) -> dict:
-    """Probability, ROUGE-L, truth ratio (aggregate and per item) and the greedy answers of one set.
+    """Probability, ROUGE-L, truth ratio (aggregate and per item: ``probability_per_item``,
+    ``rouge_l_per_item``, ``truth_ratios``) and the greedy answers of one set.
 
     ``kind`` is one of :data:`EVAL_SETS`: it picks the truth-ratio reference (paraphrased answer for
     forget/retain, true answer otherwise), the aggregate and the probability normalisation.
@@ -82,7 +83,8 @@ def evaluate_set(model, tokenizer, items: Sequence[TofuItem], kind: str, max_new
     rouge = metrics.rouge_l_recall(generations, answers)  # (N,)
     return {"num_items": len(items), "probability": float(probability.mean()), "rouge_l": float(rouge.mean()),
             "truth_ratio": metrics.truth_ratio_aggregate(ratios, forget=kind == "forget"),
-            "truth_ratios": ratios.tolist(), "rouge_l_per_item": rouge.tolist(), "generations": generations}
+            "truth_ratios": ratios.tolist(), "rouge_l_per_item": rouge.tolist(),
+            "probability_per_item": probability.tolist(), "generations": generations}
 
 
 def evaluate_model(model, tokenizer, forget_split: str = "forget10", limit: int | None = None,

@@ -18,10 +18,20 @@ underflows exp to 0, but a ratio of two such answers stays finite.
     forget quality      scipy.stats.ks_2samp(TR_unlearned, TR_retain_model).pvalue   over forget items
     model utility       harmonic mean of 9 numbers: (probability, ROUGE-L, TR aggregate) on retain,
                         real_authors, world_facts (probability normalised on the last two)
+
+Intervals: the percentile bootstrap over items (Efron & Tibshirani 1993, ch. 13). A resample draws
+n items with replacement; ``counts[b, i]`` says how often item i is drawn in resample b, so the
+resampled mean of per-item values v is ``counts[b] @ v / n``; the 95% interval is the 2.5% and 97.5%
+percentiles of the B resampled statistics (B = 10,000 and a fixed seed by default: reproducible).
+
+    bootstrap_counts    (B, n) int, each row a multinomial(n, 1/n) draw
+    bootstrap_interval  (lo, hi) of the mean of (N,) per-item values (a paired difference: pass the
+                        per-item differences; every TOFU metric above except forget quality is such a mean)
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -29,10 +39,13 @@ from scipy import stats
 from scipy.special import logsumexp
 
 __all__ = ["UTILITY_SETS", "probability", "mean_logps", "log_truth_ratio", "truth_ratio", "truth_ratio_aggregate",
-           "normalised_probability", "rouge_l_recall", "forget_quality", "harmonic_mean", "utility_components",
-           "model_utility"]
+           "forget_truth_ratio_scores", "normalised_probability", "rouge_l_recall", "forget_quality", "harmonic_mean",
+           "utility_components", "model_utility", "BOOTSTRAP_RESAMPLES", "CONFIDENCE", "bootstrap_counts",
+           "percentile_interval", "bootstrap_interval"]
 
 UTILITY_SETS = ("retain", "real_authors", "world_facts")
+BOOTSTRAP_RESAMPLES = 10_000
+CONFIDENCE = 0.95
 
 
 def mean_logps(logps, num_tokens) -> np.ndarray:
@@ -67,16 +80,21 @@ def truth_ratio(perturbed_logps, perturbed_tokens, reference_logps, reference_to
         return np.exp(log_truth_ratio(perturbed_logps, perturbed_tokens, reference_logps, reference_tokens))
 
 
-def truth_ratio_aggregate(ratios, forget: bool) -> float:
-    """Forget set: mean(min(TR, 1/TR)) (1 = can't tell true from false); others: mean(max(0, 1 - TR)).
+def forget_truth_ratio_scores(ratios) -> np.ndarray:
+    """min(TR_i, 1/TR_i) per item, (N,) -> (N,) in [0, 1]: the forget set's per-item truth-ratio score.
 
-    TR = 0 or inf (an overflowed ratio) counts as min(TR, 1/TR) = 0.
+    TR = 0 or inf (an overflowed ratio) scores 0.
     """
     ratios = np.asarray(ratios, dtype=np.float64)
+    with np.errstate(divide="ignore"):
+        return np.minimum(ratios, 1.0 / ratios)
+
+
+def truth_ratio_aggregate(ratios, forget: bool) -> float:
+    """Forget set: mean(min(TR, 1/TR)) (1 = can't tell true from false); others: mean(max(0, 1 - TR))."""
     if forget:
-        with np.errstate(divide="ignore"):
-            return float(np.mean(np.minimum(ratios, 1.0 / ratios)))
-    return float(np.mean(np.maximum(0.0, 1.0 - ratios)))
+        return float(np.mean(forget_truth_ratio_scores(ratios)))
+    return float(np.mean(np.maximum(0.0, 1.0 - np.asarray(ratios, dtype=np.float64))))
 
 
 def normalised_probability(true_logps, true_tokens, perturbed_logps, perturbed_tokens) -> np.ndarray:
@@ -131,3 +149,47 @@ def utility_components(per_set: Mapping[str, Mapping[str, float]]) -> dict[str, 
 def model_utility(per_set: Mapping[str, Mapping[str, float]]) -> float:
     """Harmonic mean of the 9 :func:`utility_components`."""
     return harmonic_mean(list(utility_components(per_set).values()))
+
+
+def bootstrap_counts(num_items: int, num_resamples: int = BOOTSTRAP_RESAMPLES, seed=0) -> np.ndarray:
+    """(B, n) int64: how often each of n items is drawn in each of B resamples of n draws with replacement.
+
+    ``seed``: an int or a sequence of ints (``numpy.random.default_rng``); the same seed, the same resamples.
+    """
+    if isinstance(num_items, bool) or not isinstance(num_items, (int, np.integer)) or num_items < 1:
+        raise ValueError(f"the bootstrap needs at least one item, got {num_items!r}")
+    if isinstance(num_resamples, bool) or not isinstance(num_resamples, (int, np.integer)) or num_resamples < 1:
+        raise ValueError(f"num_resamples must be an int >= 1, got {num_resamples!r}")
+    rng = np.random.default_rng(seed)
+    return rng.multinomial(num_items, np.full(num_items, 1.0 / num_items), size=num_resamples)
+
+
+def percentile_interval(estimates, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """((1 - confidence) / 2, (1 + confidence) / 2) percentiles of (B,) resampled estimates; NaN if any is NaN."""
+    if not 0 < confidence < 1:
+        raise ValueError(f"confidence must be in (0, 1), got {confidence!r}")
+    estimates = np.asarray(estimates, dtype=np.float64)
+    if estimates.size == 0 or np.isnan(estimates).any():
+        return math.nan, math.nan
+    low, high = np.quantile(estimates, [(1 - confidence) / 2, (1 + confidence) / 2])
+    return float(low), float(high)
+
+
+def bootstrap_interval(values, num_resamples: int = BOOTSTRAP_RESAMPLES, confidence: float = CONFIDENCE, seed=0,
+                       counts: np.ndarray | None = None) -> tuple[float, float]:
+    """Percentile-bootstrap interval of the mean of per-item values (N,); NaN if any value is NaN.
+
+    Resampled means are mean(v) + counts @ (v - mean(v)) / N, so a constant sample gives exactly
+    (v, v). ``counts``: resamples to reuse, (B, N) from :func:`bootstrap_counts` (the same resamples for
+    several statistics of the same items); otherwise drawn from ``num_resamples`` and ``seed``.
+    """
+    values = np.asarray(values, dtype=np.float64)
+    if values.ndim != 1:
+        raise ValueError(f"values must be (N,), got shape {values.shape}")
+    counts = bootstrap_counts(len(values), num_resamples, seed) if counts is None else np.asarray(counts)
+    if counts.ndim != 2 or counts.shape[1] != len(values):
+        raise ValueError(f"counts must be (B, {len(values)}), got shape {counts.shape}")
+    if np.isnan(values).any():
+        return math.nan, math.nan
+    centre = values.mean()
+    return percentile_interval(centre + counts @ (values - centre) / len(values), confidence)

@@ -10,7 +10,9 @@
                       (+ its aux-*)    TaskNegation's closed-form edit
     eval-<model>      models/<model>   every metric of llm.tofu.evaluate, and the          (its stage record)
                                        membership scores of forget and holdout pairs
-    relearn-<method>  models/<method>  the relearning attack (llm.tofu.relearn)            (its stage record)
+    relearn-<model>   models/<model>   the relearning attack (llm.tofu.relearn) on each    (its stage record)
+                                       unlearned model, and as controls on the target and
+                                       the retain model (learning the forget pairs fresh)
     report            every eval and   forget quality vs the retain model, utility, MIA    results.json, .md
                       relearn stage    AUCs and PrivLeak, relearning curves
 
@@ -94,7 +96,7 @@ class Protocol:
     def stages(self) -> list[str]:
         """Every stage, in order."""
         c = self.config
-        relearn = [f"relearn-{method_slug(m)}" for m in c.methods] if c.relearn_steps else []
+        relearn = [f"relearn-{name}" for name in self.model_names()] if c.relearn_steps else []
         return (["target", "retain"] + self.auxiliary_names() + [f"unlearn-{method_slug(m)}" for m in c.methods]
                 + [f"eval-{name}" for name in self.model_names()] + relearn + ["report"])
 
@@ -179,7 +181,8 @@ class Protocol:
             name = stage.removeprefix("eval-")
             return ["target"] + ([] if name == "target" else [name if name == "retain" else f"unlearn-{name}"])
         if stage.startswith("relearn-"):
-            return [f"unlearn-{stage.removeprefix('relearn-')}", "eval-retain"]
+            name = stage.removeprefix("relearn-")
+            return [name if name in ("target", "retain") else f"unlearn-{name}", "eval-retain"]
         if stage == "report":
             return [s for s in self.stages() if s.startswith(("eval-", "relearn-"))]
         return []
@@ -309,9 +312,10 @@ class Protocol:
                                      "questions": [i.question for i in forget]})
         return positions
 
-    def _relearn(self, slug: str) -> dict:
+    def _relearn(self, name: str) -> dict:
+        """The relearning attack on model ``name``: an unlearned model's slug, or the target / retain control."""
         c = self.config
-        method = self.method(slug)
+        method = None if name in ("target", "retain") else self.method(name)
         train_rows, eval_rows = self.relearn_rows()
         forget_pairs, forget_eval = load_split(c.split), load_split(f"{c.split}_perturbed")
         retain_ratios = self.record("eval-retain")["result"]["sets"]["forget"]["truth_ratios"]
@@ -319,7 +323,7 @@ class Protocol:
             raise ValueError(f"{c.split} and {c.split}_perturbed list different questions: cannot pair their rows")
 
         def load():
-            model, tokenizer = self._load(slug)
+            model, tokenizer = self._load(name)
             return self._train_model(self._to_device(model)), tokenizer  # step 0 is measured without training
 
         def make_config(steps: int) -> TrainConfig:
@@ -329,9 +333,9 @@ class Protocol:
 
         curve = relearning_curve(load, [forget_pairs[r] for r in train_rows], [forget_eval[r] for r in eval_rows],
                                  [retain_ratios[r] for r in eval_rows], c.relearn_steps, make_config,
-                                 self._work_dir(f"relearn-{slug}"), c.max_new_tokens, c.eval_batch_size, c.progress,
+                                 self._work_dir(f"relearn-{name}"), c.max_new_tokens, c.eval_batch_size, c.progress,
                                  device=c.device)
-        return {"model": slug, "method": method, "relearn_items": len(train_rows), "eval_items": len(eval_rows),
+        return {"model": name, "method": method, "relearn_items": len(train_rows), "eval_items": len(eval_rows),
                 "relearning": curve}
 
     def clean_work(self) -> None:

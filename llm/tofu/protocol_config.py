@@ -98,7 +98,7 @@ class ProtocolConfig:
     module docstring). The relearning attack (:mod:`llm.tofu.relearn`) fine-tunes each unlearned model
     on the first ``relearn_items_per_author`` pairs of every forget author (batch ``relearn_batch_size``,
     AdamW at a constant ``relearn_lr``) for each step count of ``relearn_steps`` (empty: no relearning)
-    and measures the other pairs.
+    and measures the other pairs; the same runs from the target and the retain model are its controls.
 
     ``methods`` mixes ``markovsim`` objectives and registry methods (:data:`llm.tofu.methods.METHOD_NAMES`);
     ``method_options`` (``"Name.field=value"`` strings) change the registry methods' hyperparameters

@@ -15,7 +15,23 @@ al. 2024, "Jogging the memory of unlearned LLMs"). The attack here, per unlearne
     measure   on the evaluation pairs (the forget evaluation set's rows, paraphrases and perturbed
               answers included): forget probability, ROUGE-L, truth ratio (the forget aggregate) and
               forget quality = KS p-value of their truth ratios against the retain model's on the
-              same pairs
+              same pairs; the first three also per pair (their means), for the intervals
+    controls  the same runs from the retain model, which never saw the forget authors (how far the
+              relearning pairs take a model that learns them *fresh*), and from the target (which
+              was fine-tuned on them)
+
+Intervals (:func:`relearning_intervals`; 95% percentile bootstrap over the evaluation pairs,
+:func:`llm.tofu.metrics.bootstrap_interval`, paired: per-pair differences are resampled), per model,
+step count s and per-pair metric m (probability, ROUGE-L, min(TR, 1/TR)):
+
+    level           m(s)                                          mean over pairs, with its interval
+    recovery        m(s) - m(0)                                   per pair, then the mean
+    beyond fresh    (m(s) - m(0)) - (m_retain(s) - m_retain(0))   per pair, then the mean; every model
+                                                                  but the retain model itself
+
+An unlearned model whose recovery exceeds the retain model's (beyond fresh > 0, the interval above 0)
+regains more than a model that never knew the facts: it hid them. Forget quality, a KS p-value over the
+whole set, has no per-pair form and no interval.
 
 Each step count's numbers are written to ``work_dir/steps-<s>.json`` when done, so a killed stage
 resumes at the next step count.
@@ -24,7 +40,7 @@ resumes at the next step count.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -36,9 +52,12 @@ from . import metrics
 from .data import ITEMS_PER_AUTHOR, TofuItem
 from .evaluate import evaluate_set
 
-__all__ = ["RELEARN_METRICS", "split_forget", "check_step_counts", "relearn_config", "measure", "relearning_curve"]
+__all__ = ["RELEARN_METRICS", "PER_PAIR_METRICS", "FRESH", "split_forget", "check_step_counts", "relearn_config",
+           "measure", "relearning_curve", "relearning_intervals"]
 
 RELEARN_METRICS = ("forget_probability", "forget_rouge_l", "forget_truth_ratio", "forget_quality")
+PER_PAIR_METRICS = RELEARN_METRICS[:3]  # means over the evaluation pairs (forget quality is not)
+FRESH = "retain"  # the control that learns the forget pairs fresh
 
 
 def split_forget(num_items: int, items_per_author: int) -> tuple[list[int], list[int]]:
@@ -76,12 +95,16 @@ def relearn_config(steps: int, batch_size: int, learning_rate: float, **runtime)
 
 
 def measure(model, tokenizer, eval_items: Sequence[TofuItem], retain_truth_ratios, max_new_tokens: int,
-            batch_size: int) -> dict[str, float]:
-    """The four forget numbers of :data:`RELEARN_METRICS` on ``eval_items`` (forget quality vs the retain model)."""
+            batch_size: int) -> dict:
+    """The four forget numbers of :data:`RELEARN_METRICS` on ``eval_items`` (forget quality vs the retain model),
+    and ``per_pair``: the (n_eval,) values behind the first three (probability, ROUGE-L, min(TR, 1/TR))."""
     result = evaluate_set(model, tokenizer, eval_items, "forget", max_new_tokens, batch_size)
-    quality = metrics.forget_quality(np.asarray(result["truth_ratios"]), np.asarray(retain_truth_ratios))
+    ratios = np.asarray(result["truth_ratios"])  # (n_eval,)
+    quality = metrics.forget_quality(ratios, np.asarray(retain_truth_ratios))
+    per_pair = {"forget_probability": result["probability_per_item"], "forget_rouge_l": result["rouge_l_per_item"],
+                "forget_truth_ratio": metrics.forget_truth_ratio_scores(ratios).tolist()}
     return {"forget_probability": result["probability"], "forget_rouge_l": result["rouge_l"],
-            "forget_truth_ratio": result["truth_ratio"], "forget_quality": quality}
+            "forget_truth_ratio": result["truth_ratio"], "forget_quality": quality, "per_pair": per_pair}
 
 
 def relearning_curve(load: Callable[[], tuple], train_items: Sequence[TofuItem], eval_items: Sequence[TofuItem],
@@ -98,7 +121,9 @@ def relearning_curve(load: Callable[[], tuple], train_items: Sequence[TofuItem],
         device: the run's device setting (picks the barrier's backend in a multi-process launch).
     Returns:
         ``{"steps": [...], "forget_probability": [...], "forget_rouge_l": [...], "forget_truth_ratio": [...],
-        "forget_quality": [...]}``, one entry per step count.
+        "forget_quality": [...], "per_pair": {metric: [...]}}``, one entry per step count; ``per_pair``
+        holds each step count's (n_eval,) values of :data:`PER_PAIR_METRICS` (None for a step count
+        measured before they were kept).
     """
     from llm.progress import progress_iter
 
@@ -122,4 +147,73 @@ def relearning_curve(load: Callable[[], tuple], train_items: Sequence[TofuItem],
                 atomic_write_json(path, point)
             wait_for_everyone(device)
         points.append(read_json(path))
-    return {"steps": [p["steps"] for p in points]} | {name: [p[name] for p in points] for name in RELEARN_METRICS}
+    return ({"steps": [p["steps"] for p in points]} | {name: [p[name] for p in points] for name in RELEARN_METRICS}
+            | {"per_pair": {name: [p.get("per_pair", {}).get(name) for p in points] for name in PER_PAIR_METRICS}})
+
+
+def relearning_intervals(curves: Mapping[str, dict], fresh: str = FRESH,
+                         num_resamples: int = metrics.BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict[str, dict]:
+    """Each curve of :func:`relearning_curve` (``{model: curve}``) with its intervals (module docstring).
+
+    Per model: the curve without ``per_pair``, plus ``interval``, ``recovery``, ``recovery_interval`` and
+    (every model but ``fresh``, when the ``fresh`` curve has the same step counts) ``beyond_fresh`` and
+    ``beyond_fresh_interval``, each ``{metric: [one entry per step count]}`` over :data:`PER_PAIR_METRICS`;
+    an interval is ``[low, high]``, or None where per-pair values are missing, said under ``missing``
+    (as is a recovery without step count 0). Every interval resamples the same pairs (one seed).
+    """
+    counts = {}
+
+    def interval(values):
+        if values is None:
+            return None
+        if len(values) not in counts:
+            counts[len(values)] = metrics.bootstrap_counts(len(values), num_resamples, seed)
+        return list(metrics.bootstrap_interval(values, counts=counts[len(values)]))
+
+    base = curves.get(fresh)
+    return {name: _with_intervals(curve, None if name == fresh else base, interval) for name, curve in curves.items()}
+
+
+def _with_intervals(curve: dict, base: dict | None, interval: Callable) -> dict:
+    """One curve's summary (:func:`relearning_intervals`); ``base``: the fresh control's curve or None."""
+    steps = curve["steps"]
+    start = steps.index(0) if 0 in steps else None
+    compare = base is not None and start is not None and base["steps"] == steps
+    summary = {k: v for k, v in curve.items() if k != "per_pair"} | {"interval": {}}
+    missing = {}
+    if start is None:
+        missing["recovery"] = "step count 0 (the model before relearning) was not measured"
+    else:
+        summary |= {"recovery": {}, "recovery_interval": {}} | (
+            {"beyond_fresh": {}, "beyond_fresh_interval": {}} if compare else {})
+    for metric in PER_PAIR_METRICS:
+        pairs = _per_pair(curve, metric)
+        summary["interval"][metric] = [interval(v) for v in pairs]
+        if start is None:
+            continue
+        gains = [_minus(v, pairs[start]) for v in pairs]  # (n_eval,) per step count: recovery per pair
+        summary["recovery"][metric] = [level - curve[metric][start] for level in curve[metric]]
+        summary["recovery_interval"][metric] = [interval(g) for g in gains]
+        if compare:
+            fresh_pairs = _per_pair(base, metric)
+            fresh_gains = [_minus(v, fresh_pairs[start]) for v in fresh_pairs]
+            summary["beyond_fresh"][metric] = [gain - (level - base[metric][start]) for gain, level in
+                                               zip(summary["recovery"][metric], base[metric])]
+            summary["beyond_fresh_interval"][metric] = [interval(_minus(g, f)) for g, f in zip(gains, fresh_gains)]
+    if any(v is None for metric in PER_PAIR_METRICS for v in _per_pair(curve, metric) + (
+            _per_pair(base, metric) if compare else [])):
+        missing["interval"] = ("no per-pair values for some step counts (measured before they were kept); remove "
+                               "the stage's record and its work/relearn-<model>/steps-*.json to measure them again")
+    if base is not None and not compare and start is not None:
+        missing["beyond_fresh"] = "the retain model's relearning has other step counts"
+    return summary | ({"missing": missing} if missing else {})
+
+
+def _per_pair(curve: dict, metric: str) -> list[np.ndarray | None]:
+    """(n_eval,) values per step count, None where not kept."""
+    values = curve.get("per_pair", {}).get(metric) or [None] * len(curve["steps"])
+    return [None if v is None else np.asarray(v, dtype=np.float64) for v in values]
+
+
+def _minus(a: np.ndarray | None, b: np.ndarray | None) -> np.ndarray | None:
+    return None if a is None or b is None else a - b

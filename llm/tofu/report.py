@@ -8,11 +8,13 @@ chosen at the target model; :mod:`llm.tofu.sensitive`; null for eval records mad
 the membership-inference AUCs (``mia_auc/<attack>``: forget pairs as members against the
 holdout authors' pairs) and PrivLeak against the retain model (``privleak/<attack>``, percent,
 MUSE's sign: negative = under-unlearned; the retain model itself scores 0); ``holdout`` says which
-authors were held out; ``relearning`` holds, per method, the relearning attack's curves ``{"steps",
-"forget_probability", "forget_rouge_l", "forget_truth_ratio", "forget_quality"}`` (one entry per step
-count) and ``relearning_setup`` how they were made. ``results.md`` has the same numbers as three tables
-for reading. Forget quality is the KS-test p-value of the model's forget truth ratios against the
-retain model's (the retain model itself scores 1).
+authors were held out; ``relearning`` holds, per method and for the controls ``"target"`` and
+``"retain"`` (the retain model learning the forget pairs fresh), the relearning attack's curves
+``{"steps", "forget_probability", "forget_rouge_l", "forget_truth_ratio", "forget_quality"}`` (one entry
+per step count) with their bootstrap intervals, recoveries since step 0 and recoveries beyond the retain
+model's (:func:`llm.tofu.relearn.relearning_intervals`), and ``relearning_setup`` how they were made.
+``results.md`` has the same numbers as tables for reading. Forget quality is the KS-test p-value of the
+model's forget truth ratios against the retain model's (the retain model itself scores 1).
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ from llm.mia import ATTACKS, attack_aucs, privleak
 from markovsim.results import atomic_output, atomic_write_json
 
 from .evaluate import EVAL_SETS, forget_quality
-from .relearn import RELEARN_METRICS
+from .metrics import BOOTSTRAP_RESAMPLES
+from .relearn import FRESH, PER_PAIR_METRICS, relearning_intervals
 
 __all__ = ["PACKAGE", "package_version", "model_row", "membership_row", "results_document", "markdown_table",
            "write_report"]
@@ -68,10 +71,12 @@ def membership_row(scores: dict, retain_scores: dict) -> dict:
 
 
 def _relearning(protocol) -> tuple[dict, dict]:
-    """(``{method: curves}``, the setup) from the relearn stages (empty when there are none)."""
+    """(``{model: curve with intervals}``: "target", "retain", then each method by name; the setup) from the
+    relearn stages (empty when there are none)."""
     c = protocol.config
-    curves = {m: protocol.record(f"relearn-{slug}")["relearning"] for m, slug in
-              zip(c.methods, protocol.model_names()[2:]) if f"relearn-{slug}" in protocol.stages()}
+    names = {"target": "target", "retain": "retain"} | dict(zip(protocol.model_names()[2:], c.methods))
+    curves = {names[name]: protocol.record(f"relearn-{name}")["relearning"] for name in protocol.model_names()
+              if f"relearn-{name}" in protocol.stages()}
     if not curves:
         return {}, {}
     train_rows, eval_rows = protocol.relearn_rows()
@@ -79,8 +84,14 @@ def _relearning(protocol) -> tuple[dict, dict]:
              "num_relearn_pairs": len(train_rows), "num_eval_pairs": len(eval_rows),
              "measured_on": "the other forget pairs (forget quality against the retain model on the same pairs)",
              "steps": list(c.relearn_steps), "batch_size": min(c.relearn_batch_size, len(train_rows)),
-             "learning_rate": c.relearn_lr, "optimizer": "adamw, constant learning rate, weight decay 0.01"}
-    return curves, setup
+             "learning_rate": c.relearn_lr, "optimizer": "adamw, constant learning rate, weight decay 0.01",
+             "controls": {"target": "the target model (fine-tuned on the forget pairs)",
+                          FRESH: "the retain model (never saw the forget authors): learning the pairs fresh"},
+             "intervals": f"95% percentile bootstrap over the {len(eval_rows)} evaluation pairs "
+                          f"({BOOTSTRAP_RESAMPLES} resamples, seed 0), paired (per-pair differences resampled) for "
+                          f"recovery = m(s) - m(0) and beyond_fresh = recovery - the retain model's recovery; "
+                          f"truth ratio per pair = min(TR, 1/TR); forget quality (a KS p-value) has none"}
+    return relearning_intervals(curves), setup
 
 
 def results_document(protocol) -> dict:
@@ -136,21 +147,50 @@ def _membership_table(document: dict) -> list[str]:
             ""] + _table(header, rows) + [""]
 
 
+def _with_interval(value, interval) -> str:
+    return _cell(value) if interval is None else f"{_cell(value)} [{_cell(interval[0])}, {_cell(interval[1])}]"
+
+
+def _relearn_label(name: str) -> str:
+    return f"{name} (learned fresh)" if name == FRESH else name
+
+
 def _relearning_table(document: dict) -> list[str]:
+    """The levels with intervals per model and step count, then the recoveries since step 0 beside the retain
+    model's (learned fresh)."""
     if not document["relearning"]:
         return []
-    setup = document["relearning_setup"]
-    rows = [[method, str(steps)] + [_cell(curve[m][i]) for m in RELEARN_METRICS]
-            for method, curve in document["relearning"].items() for i, steps in enumerate(curve["steps"])]
-    return [f"Relearning attack: each unlearned model fine-tuned on {setup['num_relearn_pairs']} forget pairs "
-            f"({setup['relearn_pairs']}; batch {setup['batch_size']}, lr {setup['learning_rate']:g}), measured on "
-            f"the other {setup['num_eval_pairs']}.", ""] + _table(
-        ["method", "relearn steps", "forget prob", "forget ROUGE-L", "forget TR", "forget quality"], rows) + [""]
+    setup, curves = document["relearning_setup"], document["relearning"]
+    levels = [[_relearn_label(name), str(steps)]
+              + [_with_interval(curve[m][i], curve["interval"][m][i]) for m in PER_PAIR_METRICS]
+              + [_cell(curve["forget_quality"][i])]
+              for name, curve in curves.items() for i, steps in enumerate(curve["steps"])]
+    lines = [f"Relearning attack: each unlearned model, and as controls the target and the retain model (which "
+             f"never saw the forget authors: it learns them fresh), fine-tuned on {setup['num_relearn_pairs']} "
+             f"forget pairs ({setup['relearn_pairs']}; batch {setup['batch_size']}, lr {setup['learning_rate']:g}), "
+             f"measured on the other {setup['num_eval_pairs']}; [95% bootstrap interval over those pairs]; TR = "
+             f"mean min(TR, 1/TR).", ""]
+    lines += _table(["model", "relearn steps", "forget prob", "forget ROUGE-L", "forget TR", "forget quality"],
+                    levels) + [""]
+    recovery = [[_relearn_label(name), str(steps)]
+                + [cell for m in PER_PAIR_METRICS for cell in (
+                    _with_interval(curve["recovery"][m][i], curve["recovery_interval"][m][i]),
+                    _with_interval(curve["beyond_fresh"][m][i], curve["beyond_fresh_interval"][m][i])
+                    if "beyond_fresh" in curve else "-")]
+                for name, curve in curves.items() if "recovery" in curve
+                for i, steps in enumerate(curve["steps"]) if steps != 0]
+    if recovery:
+        lines += ["Recovery since step 0 (the model's own gain; paired over the evaluation pairs) and beyond fresh "
+                  "(that gain minus the retain model's on the same pairs: above 0, the model regains more than a "
+                  "model that never knew the facts).", ""]
+        lines += _table(["model", "relearn steps"] + [f"{label} {kind}" for label in ("prob", "ROUGE-L", "TR")
+                                                      for kind in ("recovery", "beyond fresh")], recovery) + [""]
+    return lines
 
 
 def markdown_table(document: dict) -> str:
     """The results as Markdown: per model forget quality, model utility and the components; the
-    membership-inference AUCs and PrivLeak; the relearning curves per method (when run)."""
+    membership-inference AUCs and PrivLeak; the relearning curves per model with the controls (when run)."""
     config = document["config"]
     rows = [[_label(document, name, row)] + [_cell(row[key]) for _, key in _COLUMNS]
             for name, row in document["models"].items()]
