@@ -28,7 +28,7 @@ TOFU_RUN ?= runs/tofu-smoke
 tofu-figures: $(STAMP)
 	$(VPY) -m llm.tofu run --split forget01 --methods NPO SimNPO --out $(TOFU_RUN) --limit 20 \
 		--batch-size 8 --finetune-epochs 5 --unlearn-steps 5 --unlearn-lr 5e-5 --max-new-tokens 48 --relearn-steps 0 10
-	$(VPY) -m llm.tofu.bias --run $(TOFU_RUN) --steps 10 --record-every 5 --batch-size 8 --max-items 8 \
+	$(VPY) -m llm.tofu.bias --run $(TOFU_RUN) --steps 10 --record-every 5 --batch-size 8 \
 		--learning-rate 5e-5
 	$(VPY) -m paper_figures --scale quick --device cpu --only tofu_bias relearning --tofu-run $(TOFU_RUN)
 
