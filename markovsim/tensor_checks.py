@@ -163,4 +163,5 @@ def check_nonempty(mask: torch.Tensor) -> None:
     if mask.shape[0] == 0:
         raise ValueError("mask has no sequences (a batch of 0): the mean loss would be NaN; pass B >= 1")
     if value_checks_on() and not mask.any(-1).all():
-        raise ValueError("every sequence needs at least one unmasked token; drop empty sequences")
+        raise ValueError("mask has a row with no True entry: every sequence needs at least one unmasked token; "
+                         "drop empty sequences")

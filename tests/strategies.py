@@ -148,6 +148,34 @@ def mixture_specs(draw, max_states: int = 4, max_components: int = 3, max_length
     return MixtureSpec(components, seed=draw(st.integers(0, 1000)))
 
 
+@st.composite
+def exact_problems(draw, max_states: int = 5, max_length: int = 7, max_sequences: int = 5, max_chains: int = 3):
+    """``(forget, retain, models, reference)`` with every shape drawn: V states; one or two retain components and
+    two forget components (forget1, forget2), each its own length (2 = a single response token) and count (the
+    retain set holds >= 2 sequences); random chains and model parameters from a drawn seed.
+
+    ``models``: ``{"tabular": TabularMarkov, "mixture": MixtureOfChains with K chains}``, K drawn in
+    [1, max_chains]; ``reference``: the mixture of the components' true chains (one chain each).
+    """
+    from markovsim.models import MixtureOfChains, TabularMarkov
+
+    num_states, num_chains = draw(st.integers(2, max_states)), draw(st.integers(1, max_chains))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    names = ["retain", "retain2"][:draw(st.integers(1, 2))] + ["forget1", "forget2"]
+    components = tuple(
+        Component(name, random_chain(rng, num_states), draw(st.integers(2, max_length)),
+                  draw(st.integers(2 if name == "retain" else 1, max_sequences)), 0,
+                  role="retain" if name.startswith("retain") else "forget")
+        for name in names)
+    train, _ = MixtureSpec(components, seed=draw(st.integers(0, 1000))).sample()
+    models = {"tabular": TabularMarkov(rng.normal(size=num_states), rng.normal(size=(num_states, num_states))),
+              "mixture": MixtureOfChains(rng.normal(size=num_chains), rng.normal(size=(num_chains, num_states)),
+                                         rng.normal(size=(num_chains, num_states, num_states)))}
+    reference = MixtureOfChains.from_components(components)
+    retain = train.select(*(name for name in names if name.startswith("retain")))
+    return train.select("forget1", "forget2"), retain, models, reference
+
+
 # ---- malformed arguments of the public entry points ----
 
 

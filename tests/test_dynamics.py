@@ -48,10 +48,19 @@ def test_step_zero_matches_metrics_and_npo_weights_are_one(setup):
 
 
 def test_simnpo_weights_differ_between_lengths(setup):
-    trajectory = run(setup, get_objective("SimNPO", beta=4.0), steps=0)
-    long_weight = trajectory.metric("mean_weight", "forget1")[0]  # length 20
-    short_weight = trajectory.metric("mean_weight", "forget2")[0]  # length 5
-    assert not np.isclose(long_weight, short_weight, rtol=1e-3)
+    """Each forget component's mean weight against SimNPO's formula, w(y) = (2/|y|) sigmoid(beta logp(y)/|y| + gamma)
+    (docs/theory.md, loss table), averaged by hand over the component's sequences."""
+    objective = get_objective("SimNPO", beta=4.0, gamma=0.5)
+    trajectory = run(setup, objective, steps=0)
+    expected = {}
+    for name, length in (("forget1", 20), ("forget2", 5)):
+        sequences = setup.forget.select(name)
+        assert set(sequences.lengths.tolist()) == {length}
+        logps = setup.reference.response_logps(sequences).numpy()
+        weights = 2 / (length - 1) / (1 + np.exp(-(4.0 * logps / (length - 1) + 0.5)))
+        expected[name] = weights.mean()
+        assert trajectory.metric("mean_weight", name)[0] == pytest.approx(expected[name], rel=1e-12), name
+    assert expected["forget2"] > 2 * expected["forget1"]  # the short responses weigh more (1/|y|)
 
 
 @pytest.mark.parametrize("optimizer", ["gd", "adamw", "adamw_legacy"])

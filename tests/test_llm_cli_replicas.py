@@ -34,20 +34,25 @@ def test_seeds_times_betas_run_as_replicas_equal_to_single_runs(pretrained, caps
     assert "NaN" not in text and index["num_replicas"] == 4 and index["route"] == "stacked"
     assert [(r["seed"], r["beta"]) for r in index["replicas"]] == [(0, 0.1), (0, 0.2), (1, 0.1), (1, 0.2)]
     assert index["config"]["replicas"] == {"seeds": [0, 1], "betas": [0.1, 0.2]}
+    singles = []
     for i, entry in enumerate(index["replicas"]):
         folder = pretrained / "grid" / entry["folder"]
         results = json.loads((folder / "results.json").read_text())
         assert results["replica"] == i and results["objective"]["beta"] == entry["beta"]
         assert results["train_config"]["seed"] == entry["seed"] and results["final"]["kl_true"]
-        # replica 3 (seed 1, beta 0.2) equals the single run with those settings
-        if i == 3:
-            assert main(unlearn_arguments(pretrained, "single", "--seed", "1", "--beta", "0.2")) == 0
-            single = Trajectory.load(pretrained / "single" / "trajectory")
-            batched = Trajectory.load(folder / "trajectory")
-            assert list(batched.steps) == list(single.steps)
-            for name, values in single.component_metrics.items():
-                np.testing.assert_allclose(batched.component_metrics[name], values, rtol=1e-5, atol=1e-7,
-                                           err_msg=name)
+        # every replica equals the single run with its (seed, beta)
+        out = f"single-{i}"
+        assert main(unlearn_arguments(pretrained, out, "--seed", str(entry["seed"]), "--beta", str(entry["beta"]))) == 0
+        single = Trajectory.load(pretrained / out / "trajectory")
+        batched = Trajectory.load(folder / "trajectory")
+        assert list(batched.steps) == list(single.steps)
+        for name, values in single.component_metrics.items():
+            np.testing.assert_allclose(batched.component_metrics[name], values, rtol=1e-5, atol=1e-7,
+                                       err_msg=f"replica {i} {name}")
+        singles.append(single.component_metrics["kl_true"])
+    for i in range(len(singles)):  # the grid's runs differ pairwise, so a replica run with another's settings fails
+        for j in range(i):
+            assert not np.allclose(singles[i], singles[j], rtol=1e-4, atol=0), (i, j)
 
 
 def test_a_grid_checkpoints_and_resumes_to_the_same_results(pretrained, capsys):

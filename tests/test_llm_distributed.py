@@ -38,7 +38,7 @@ def run_pretrain_and_unlearn(output: str, run_dir: str | None = None) -> None:
 
 
 def launch_two_processes(output: str, run_dir: str) -> None:
-    launch_two("test_llm_distributed", "run_pretrain_and_unlearn", output, run_dir, timeout=180)
+    launch_two("test_llm_distributed", "run_pretrain_and_unlearn", output, run_dir)
 
 
 @pytest.mark.slow

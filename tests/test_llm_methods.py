@@ -641,7 +641,7 @@ def test_two_cpu_processes_match_one_process(tmp_path):
 
     one, two = str(tmp_path / "one.json"), str(tmp_path / "two.json")
     run_methods_for_distributed_test(one)
-    launch_two("test_llm_methods", "run_methods_for_distributed_test", two, timeout=240)
+    launch_two("test_llm_methods", "run_methods_for_distributed_test", two)
     single, double = (json.load(open(path)) for path in (one, two))
     for name in single:
         assert single[name]["num_processes"] == 1 and double[name]["num_processes"] == 2

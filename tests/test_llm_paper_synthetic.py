@@ -17,11 +17,36 @@ def model():
 
 
 def test_paper_size_has_exactly_336267_parameters(model):
-    # tokens 11*128 + positions 21*128 + 4 * (QKV 3*128^2 + MLP 2*(128^2+128) + 2 LayerNorms 2*256)
-    # + output 128*11 + 11
-    expected = 11 * 128 + 21 * 128 + 4 * (3 * 128 ** 2 + 2 * (128 ** 2 + 128) + 2 * 256) + 128 * 11 + 11
-    assert expected == 336_267
+    """Each group of parameters, read off the model's own tensors, against the paper's description (width d = 128,
+    4 blocks; built here for 11 tokens and 21 positions), and the total."""
+    d, vocab, positions = 128, 11, 21
+    sizes = {name: parameter.numel() for name, parameter in model.named_parameters()}
+    groups = {"token_embedding.": vocab * d, "position_embedding.": positions * d,
+              "output.": d * vocab + vocab}  # the output layer: weight and bias, untied
+    # a block: query, key, value d x d without bias; MLP d -> d -> d with biases; two LayerNorms (weight, bias)
+    groups |= {f"blocks.{i}.": 3 * d * d + 2 * (d * d + d) + 2 * 2 * d for i in range(4)}
+    for prefix, expected in groups.items():
+        assert sum(n for name, n in sizes.items() if name.startswith(prefix)) == expected, prefix
+    assert all(any(name.startswith(prefix) for prefix in groups) for name in sizes)  # nothing else
+    assert sum(groups.values()) == 336_267
     assert count_parameters(model) == count_parameters(model, trainable_only=False) == 336_267
+
+
+def test_count_parameters_counts_tied_weights_once_and_frozen_ones_only_when_asked():
+    """Against the tensors themselves: GPT-2 ties its output layer to the token embedding (one tensor, listed
+    twice by ``named_parameters(remove_duplicate=False)``); a frozen group drops out of the trainable count."""
+    model = build_model("tiny-gpt2", 11, 21, seed=0)
+    tokens = model.get_input_embeddings().weight
+    assert model.get_output_embeddings().weight is tokens
+    listed = [p for _, p in model.named_parameters(remove_duplicate=False)]
+    assert sum(p is tokens for p in listed) == 2
+    total = sum(p.numel() for p in listed) - tokens.numel()
+    assert count_parameters(model) == count_parameters(model, trainable_only=False) == total
+    frozen = model.transformer.h[0]
+    frozen.requires_grad_(False)
+    frozen_size = sum(p.numel() for p in frozen.parameters())
+    assert frozen_size > 0 and count_parameters(model) == total - frozen_size
+    assert count_parameters(model, trainable_only=False) == total
 
 
 def test_architecture_is_post_ln_single_head_without_dropout_or_output_projection(model):

@@ -8,6 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from strategies import exact_problems
 from test_exact_gradients import small_problem
 
 from markovsim.data import SequenceSet
@@ -113,9 +114,9 @@ def test_closed_form_gradient_equals_autograd(problem, name, model_name):
 
 
 @settings(max_examples=4, deadline=None)
-@given(st.integers(0, 10**6), st.sampled_from(["tabular", "mixture"]))
-def test_closed_form_equals_autograd_on_random_problems(seed, model_name):
-    forget, retain, models, reference = small_problem(seed)
+@given(exact_problems(), st.sampled_from(["tabular", "mixture"]))
+def test_closed_form_equals_autograd_on_random_problems(problem, model_name):
+    forget, retain, models, reference = problem
     configs = small_configs() | {"KGA": get_config("KGA", auxiliary_from="reference", auxiliary=FAST),
                                  "WHP": get_config("WHP", reinforce=FAST, target="hard", alpha=2.0)}
     for name in GRADIENT_METHODS:

@@ -6,6 +6,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 from test_tofu_fixtures import save_tiny_checkpoint
+from two_processes import HANG_TIMEOUT
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 NOTEBOOKS = os.path.join(HERE, "..", "notebooks")
@@ -46,7 +47,8 @@ def test_notebook_executes(name, tmp_path, monkeypatch):
     repository = os.path.dirname(HERE)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [repository, os.environ.get("PYTHONPATH")])))
     resources = {"metadata": {"path": str(tmp_path)}}
-    NotebookClient(notebook, timeout=300, kernel_name="python3", resources=resources).execute()
+    # per cell; a hang guard only (tests/two_processes.py, HANG_TIMEOUT)
+    NotebookClient(notebook, timeout=HANG_TIMEOUT, kernel_name="python3", resources=resources).execute()
     errors = [output for cell in notebook.cells for output in cell.get("outputs", []) if output.output_type == "error"]
     assert not errors
     plotting = [cell for cell in notebook.cells if cell.cell_type == "code" and "plt.show()" in cell.source]

@@ -10,6 +10,10 @@ import pytest
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(TESTS)
+# A guard against a hung child (a deadlocked collective, a stuck kernel), not a speed limit: on a busy 2-core machine
+# a launch that takes a minute alone can take several, so the limit is generous (seconds; override with the
+# environment variable SIMNPO_TEST_HANG_TIMEOUT).
+HANG_TIMEOUT = float(os.environ.get("SIMNPO_TEST_HANG_TIMEOUT", "1800"))
 
 
 def free_port() -> int:
@@ -18,7 +22,7 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def launch_two(module: str, function: str, *args: str, timeout: float = 300) -> list[str]:
+def launch_two(module: str, function: str, *args: str, timeout: float = HANG_TIMEOUT) -> list[str]:
     """Run ``<module>.<function>(*args)`` (a test module's function) in 2 processes; their outputs, or fail with them.
 
     A port taken by another program between :func:`free_port` and gloo's bind is retried once on a new port.
