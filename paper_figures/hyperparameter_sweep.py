@@ -157,12 +157,12 @@ def plot(cache_stem: str, output_stem: str) -> list[str]:
         for row_index, (case, component) in enumerate(panels):
             axis = axes[row_index, column]
             highest, missing = [], []
-            for method, gamma, betas, color, label in _curves(config):
+            for index, (method, gamma, betas, color, label) in enumerate(_curves(config)):
                 medians, lows, highs, xs = [], [], [], []
                 for beta in betas:
                     summary = summarise(cell_values(rows, source, case, method, beta, gamma, component))
                     if summary.median is None:
-                        missing.append((beta, color))
+                        missing.append((beta * 1.07 ** index, color))  # side by side where several miss
                         continue
                     xs.append(beta)
                     medians.append(summary.median)
