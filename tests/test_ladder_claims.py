@@ -87,3 +87,34 @@ def test_the_committed_table_is_the_committed_cache(committed):
     document, rows = committed
     table = open(os.path.join(os.path.dirname(CACHE), os.pardir, "ablation_ladder_table.md")).read()
     assert table == ladder.table_markdown(document, rows) + "\n"
+
+
+TRANSFORMER_CACHE = os.path.join(os.path.dirname(CACHE), "ablation_ladder_transformer_cpu")
+
+
+def test_the_cpu_transformer_ladder_sentences():
+    """docs/results.md on benchmarks/ablation_ladder_transformer_cpu.py (paper-synthetic, scale 0.2, 10 seeds)."""
+    document, rows = ladder.load_rows(TRANSFORMER_CACHE)
+    assert document["config"]["scale"] == 0.2 and len(document["config"]["report_seeds"]) == 10
+    cells = [("paper-synthetic", c, o) for c in (CASE_A, CASE_B) for o in ladder.OPTIMIZERS]
+
+    def found(step, component="forget1"):
+        return {cell: dict(ladder.ingredient_differences(rows, document, *cell, component)).get(step)
+                for cell in cells}
+
+    choices = ladder.chosen(document)
+    assert all(choices[("paper-synthetic", CASE_B, o, "SimNPO-sum")]["best_learning_rate"] is None
+               for o in ladder.OPTIMIZERS)
+    summed = found("drop the reference (summed)")
+    assert all(summed[("paper-synthetic", CASE_A, o)].verdict == "higher" for o in ("adamw_legacy", "adamw"))
+    normalised = found("drop the reference (normalised)")
+    assert {cell for cell, d in normalised.items() if d.verdict == "lower"} == set(cells) - {
+        ("paper-synthetic", CASE_A, "gd")}
+    assert all(d.verdict != "lower" for d in found("normalise (with reference)").values())
+    both = found("both (SimNPO - NPO)")
+    assert {cell for cell, d in both.items() if d.verdict != "lower"} == {("paper-synthetic", CASE_A, "adamw_legacy")}
+    d = both[("paper-synthetic", CASE_A, "adamw_legacy")]
+    assert f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]" == "+0.0214 [+0.0045, +0.0374]"
+    assert all(d.verdict == "lower" for cell, d in found("both (SimNPO - NPO)", "forget2").items() if cell[1] == CASE_A)
+    table = open(os.path.join(os.path.dirname(CACHE), os.pardir, "ablation_ladder_transformer_cpu_table.md")).read()
+    assert table == ladder.table_markdown(document, rows) + "\n"
