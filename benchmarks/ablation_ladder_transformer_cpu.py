@@ -8,7 +8,7 @@ matched": the paper-synthetic transformer (the paper's pre-training: 5 epochs, l
 of the ladder (legacy AdamW and torch AdamW over 5e-5 .. 5e-3 around the paper's 5e-4; gradient descent over
 0.1 .. 1000 around 1), best learning rate chosen on three selection seeds, reported on ten paired seeds;
 evaluated every step on 100 test sequences (as the quick Fig. 5). Writes the figure, ``_table.md``,
-``_reach.csv`` and the cache under the output stem.
+``_reach.csv``, ``_summary.json`` under the output stem and the cache in ``cache/`` beside it.
 
     python benchmarks/ablation_ladder_transformer_cpu.py docs/figures/ablation_ladder_transformer_cpu --jobs 2
 """

@@ -22,8 +22,9 @@ Layout: one column per source; one row per case and forget component: for each m
 (marker), the median reach value over the report seeds with its 5-95% range at the method's best learning rate
 (filled) and at the shared one (hollow); a method that reaches on no report seed is drawn as an x at the top.
 Outputs beside the figure: ``<output>_table.md`` (every cell's best learning rate and reach values, and the four
-ingredient differences per case with bootstrap intervals over the report seeds) and ``<output>_reach.csv``
-(one row per source, case, optimiser, learning rate, method, component and seed).
+ingredient differences per case with bootstrap intervals over the report seeds), ``<output>_reach.csv``
+(one row per source, case, optimiser, learning rate, method, component and seed) and ``<output>_summary.json``
+(config and learning-rate choices; with the CSV it replaces the cache: :func:`load_outputs`).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ import numpy as np
 from markovsim.objectives import LADDER
 from markovsim.optimizers import ADAM_DEFAULTS
 from markovsim.plotting import method_color
-from markovsim.results import atomic_output
+from markovsim.results import atomic_output, atomic_write_json, read_json
 
 from .cache import load_cache, save_cache
 from .markov_tradeoff import CASES
@@ -554,4 +555,23 @@ def plot(cache_stem: str, output_stem: str) -> list[str]:
         file.write(table_markdown(document, rows) + "\n")
     csv_path = output_stem + "_reach.csv"
     write_csv(csv_path, rows)
-    return paths + [table_path, csv_path]
+    summary_path = output_stem + "_summary.json"
+    atomic_write_json(summary_path, {key: value for key, value in document.items() if key != "rows"})
+    return paths + [table_path, csv_path, summary_path]
+
+
+def read_csv(path: str) -> list[dict]:
+    """The rows :func:`write_csv` wrote (empty cell -> NaN), typed as in the cache."""
+    with open(path, newline="") as file:
+        reader = csv.DictReader(file)
+        if tuple(reader.fieldnames or ()) != CSV_COLUMNS:
+            raise ValueError(f"{path}: columns {reader.fieldnames}, expected {list(CSV_COLUMNS)}")
+        return [{**row, "seed": int(row["seed"]), "learning_rate": float(row["learning_rate"]),
+                 "retain_kl_at_reach": float(row["retain_kl_at_reach"] or "nan"),
+                 "step_at_reach": float(row["step_at_reach"] or "nan")} for row in reader]
+
+
+def load_outputs(output_stem: str) -> tuple[dict, list[dict]]:
+    """``(document, rows)`` from a plot's outputs (``_summary.json`` and ``_reach.csv``), the form committed
+    under docs/figures: the same numbers as the cache without its copy of the rows."""
+    return read_json(output_stem + "_summary.json"), read_csv(output_stem + "_reach.csv")

@@ -1,6 +1,7 @@
 """The README's and docs/results.md's sentences about the ablation ladder, each checked against the committed
-paper-scale cache (docs/figures/cache/ablation_ladder_paper.*: exact tabular and mixture models, 10 paired report
-seeds, best learning rates chosen on 5 other seeds). A regenerated cache that changes a verdict fails here."""
+paper-scale outputs (docs/figures/ablation_ladder_{reach.csv,summary.json}: exact tabular and mixture models, 10
+paired report seeds, best learning rates chosen on 5 other seeds). Regenerated outputs that change a verdict fail
+here."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 
 from paper_figures import ablation_ladder as ladder
 
-CACHE = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "figures", "cache", "ablation_ladder_paper")
+FIGURES = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "figures")
 SOURCES = ("tabular", "mixture")
 CASE_A, CASE_B = "paper_short_forget2", "paper_unseen_forget2"
 CELLS = [(s, c, o) for s in SOURCES for c in (CASE_A, CASE_B) for o in ladder.OPTIMIZERS]
@@ -18,7 +19,7 @@ CELLS = [(s, c, o) for s in SOURCES for c in (CASE_A, CASE_B) for o in ladder.OP
 
 @pytest.fixture(scope="module")
 def committed():
-    return ladder.load_rows(CACHE)
+    return ladder.load_outputs(os.path.join(FIGURES, "ablation_ladder"))
 
 
 def verdicts(committed, step: str, component: str = "forget1") -> dict:
@@ -85,16 +86,13 @@ def test_simnpo_beats_npo_under_legacy_adamw_everywhere_but_not_under_every_opti
 
 def test_the_committed_table_is_the_committed_cache(committed):
     document, rows = committed
-    table = open(os.path.join(os.path.dirname(CACHE), os.pardir, "ablation_ladder_table.md")).read()
+    table = open(os.path.join(FIGURES, "ablation_ladder_table.md")).read()
     assert table == ladder.table_markdown(document, rows) + "\n"
-
-
-TRANSFORMER_CACHE = os.path.join(os.path.dirname(CACHE), "ablation_ladder_transformer_cpu")
 
 
 def test_the_cpu_transformer_ladder_sentences():
     """docs/results.md on benchmarks/ablation_ladder_transformer_cpu.py (paper-synthetic, scale 0.2, 10 seeds)."""
-    document, rows = ladder.load_rows(TRANSFORMER_CACHE)
+    document, rows = ladder.load_outputs(os.path.join(FIGURES, "ablation_ladder_transformer_cpu"))
     assert document["config"]["scale"] == 0.2 and len(document["config"]["report_seeds"]) == 10
     cells = [("paper-synthetic", c, o) for c in (CASE_A, CASE_B) for o in ladder.OPTIMIZERS]
 
@@ -116,5 +114,5 @@ def test_the_cpu_transformer_ladder_sentences():
     d = both[("paper-synthetic", CASE_A, "adamw_legacy")]
     assert f"{d.mean:+.4f} [{d.low:+.4f}, {d.high:+.4f}]" == "+0.0214 [+0.0045, +0.0374]"
     assert all(d.verdict == "lower" for cell, d in found("both (SimNPO - NPO)", "forget2").items() if cell[1] == CASE_A)
-    table = open(os.path.join(os.path.dirname(CACHE), os.pardir, "ablation_ladder_transformer_cpu_table.md")).read()
+    table = open(os.path.join(FIGURES, "ablation_ladder_transformer_cpu_table.md")).read()
     assert table == ladder.table_markdown(document, rows) + "\n"
