@@ -32,9 +32,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import os
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
-from multiprocessing import get_context
 
 import numpy as np
 
@@ -46,7 +44,7 @@ from markovsim.results import atomic_output, atomic_write_json, read_json
 from .cache import load_cache, save_cache
 from .markov_tradeoff import CASES
 from .reach_statistics import FORGET, paired_difference, reach_point, summarise
-from .runs import SIMULATOR_SOURCES, ordered_sources
+from .runs import SIMULATOR_SOURCES, map_in_workers, ordered_sources
 from .style import apply_style, save_figure
 from .transformer_runs import TransformerSettings
 
@@ -312,18 +310,8 @@ def compute(config: Config, cache_stem: str, device: str = "cpu", recompute: boo
 
 
 def _run_all(tasks: list[dict], jobs: int, label: str) -> list[dict]:
-    """Every unit's rows, in task order; in ``jobs`` spawned workers when ``jobs > 1``, with a progress bar."""
-    from markovsim.progress import progress_iter
-
-    if jobs <= 1 or len(tasks) <= 1:
-        results = [_run_unit(task) for task in progress_iter(tasks, len(tasks), label, unit="unit")]
-    else:
-        with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=get_context("spawn")) as pool:
-            futures = {pool.submit(_run_unit, task): index for index, task in enumerate(tasks)}
-            results = [None] * len(tasks)
-            for future in progress_iter(as_completed(futures), len(futures), label, unit="unit"):
-                results[futures[future]] = future.result()
-    return [row for rows in results for row in rows]
+    """Every unit's rows, in task order (in ``jobs`` spawned workers when ``jobs > 1``), with a progress bar."""
+    return [row for rows in map_in_workers(_run_unit, tasks, jobs, label) for row in rows]
 
 
 def _strict(row: dict) -> dict:
@@ -397,15 +385,13 @@ def judge(claim: Claim, document: dict, rows: list[dict]):
     return (difference is not None and difference.verdict == claim.verdict), difference
 
 
-def config_grid(config: dict, source: str, optimizer: str) -> tuple[float, ...]:
-    """:meth:`Config.grid` from a cached (JSON) config."""
-    transformers = {t["preset"]: t for t in config["transformers"]}
-    if source in transformers:
-        base = config["transformer_gd_learning_rate"] if optimizer == "gd" else \
-            transformers[source]["unlearn_learning_rate"]
-    else:
-        base = dict(config["default_learning_rates"])[optimizer]
-    return tuple(float(base * m) for m in dict(config["multipliers"])[optimizer])
+def config_of(document: dict) -> Config:
+    """The :class:`Config` a cache or summary records (JSON lists back to tuples)."""
+    fields = dict(document["config"])
+    fields["transformers"] = tuple(TransformerSettings(**t) for t in fields["transformers"])
+    fields["multipliers"] = tuple((o, tuple(m)) for o, m in fields["multipliers"])
+    fields["default_learning_rates"] = tuple(tuple(pair) for pair in fields["default_learning_rates"])
+    return Config(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
 def _best_cell(best: float | None, grid: tuple[float, ...]) -> str:
@@ -435,7 +421,7 @@ def _difference_cell(difference) -> str:
 def table_markdown(document: dict, rows: list[dict]) -> str:
     """Per source and case: each method's best lr and reach values (median [5-95%] over the report seeds) at the
     shared and the best lr, then the ingredient differences with 95% bootstrap intervals."""
-    config = document["config"]
+    config, recorded = document["config"], config_of(document)
     choices = chosen(document)
     lines = [f"# {TITLE}", "",
              f"Scale {config['scale']}, {config['steps']} steps evaluated after each, selection seeds "
@@ -458,7 +444,7 @@ def table_markdown(document: dict, rows: list[dict]) -> str:
                         continue
                     cells = [_summary_cell(report_values(rows, source, case, optimizer, method, choice[k], component))
                              for component in FORGET for k in ("shared_learning_rate", "best_learning_rate")]
-                    best = _best_cell(choice["best_learning_rate"], config_grid(config, source, optimizer))
+                    best = _best_cell(choice["best_learning_rate"], recorded.grid(source, optimizer))
                     lines.append(f"| {optimizer} | {method} | {choice['shared_learning_rate']:g} | {best} | "
                                  + " | ".join(cells) + " |")
             lines += ["", "Ingredient steps, paired difference a - b of reach values at each method's best lr "

@@ -259,13 +259,21 @@ def precompute_jobs(all_jobs: list[dict], cache_dir: str, recompute: bool, jobs:
             _RECOMPUTED.add(future.result())  # a worker's recompute counts for this process too
 
 
-def map_in_workers(function, tasks: list, jobs: int) -> list:
+def map_in_workers(function, tasks: list, jobs: int, label: str | None = None) -> list:
     """``[function(task) for task in tasks]``, in ``min(jobs, len(tasks))`` spawned worker processes when
-    ``jobs > 1`` (``function`` at module level, tasks picklable), in order."""
+    ``jobs > 1`` (``function`` at module level, tasks picklable), in order; with ``label``, a progress bar
+    counting finished tasks."""
     if jobs <= 1 or len(tasks) <= 1:
-        return [function(task) for task in tasks]
+        ordered = tasks if label is None else progress_iter(tasks, len(tasks), label, unit="task")
+        return [function(task) for task in ordered]
     with ProcessPoolExecutor(min(jobs, len(tasks)), mp_context=get_context("spawn")) as pool:
-        return list(pool.map(function, tasks))
+        if label is None:
+            return list(pool.map(function, tasks))
+        futures = {pool.submit(function, task): index for index, task in enumerate(tasks)}
+        results = [None] * len(tasks)
+        for future in progress_iter(as_completed(futures), len(futures), label, unit="task"):
+            results[futures[future]] = future.result()
+        return results
 
 
 def scenario_runs(spec: ScenarioRuns, cache_dir: str, device: str = "cpu", recompute: bool = False,

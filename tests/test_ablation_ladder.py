@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+from reach_scan import reach_by_scan  # tests/reach_scan.py
 
 from markovsim.optimizers import ADAM_DEFAULTS
 from markovsim.sweeps import SweepPoint, run_point
@@ -101,17 +102,8 @@ def test_a_report_row_equals_the_same_run_through_the_sweep_driver(small_run):
 
     level = retrained_levels(prepare(scenario, "tabular"))
     for component in ("forget1", "forget2"):
-        forget = np.array([r[f"kl_true/{component}"] for r in sweep_rows])
-        retain = np.array([r["kl_true/retain"] for r in sweep_rows])
-        above = np.nonzero(forget >= level[component])[0]
-        if above.size == 0:
-            expected = math.nan
-        elif above[0] == 0:
-            expected = retain[0]
-        else:
-            i = above[0]
-            t = (level[component] - forget[i - 1]) / (forget[i] - forget[i - 1])
-            expected = retain[i - 1] + t * (retain[i] - retain[i - 1])
+        forget = [r[f"kl_true/{component}"] for r in sweep_rows]
+        expected = reach_by_scan(forget, [r["kl_true/retain"] for r in sweep_rows], level[component])
         (got,) = [r["retain_kl_at_reach"] for r in rows if (r["phase"], r["case"], r["seed"], r["method"],
                   r["optimizer"], r["component"]) == ("report", case, seed, method, optimizer, component)
                   and math.isclose(r["learning_rate"], lr)]

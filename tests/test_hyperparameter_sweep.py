@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
 import pytest
+from reach_scan import reach_by_scan  # tests/reach_scan.py
 
 from markovsim.scenarios import prepare
 from markovsim.sweeps import SweepPoint, run_point
@@ -48,16 +48,8 @@ def test_a_cell_equals_the_sweep_driver_and_the_table_prints_its_median(small_ru
     assert sweep_rows[0]["beta"] == beta and (gamma is None or sweep_rows[0]["gamma"] == gamma)
     level = retrained_levels(prepare(scenario, "tabular"))
     for component in ("forget1", "forget2"):
-        forget = np.array([r[f"kl_true/{component}"] for r in sweep_rows])
-        retain = np.array([r["kl_true/retain"] for r in sweep_rows])
-        above = np.nonzero(forget >= level[component])[0]
-        expected = math.nan
-        if above.size and above[0] == 0:
-            expected = retain[0]
-        elif above.size:
-            i = above[0]
-            t = (level[component] - forget[i - 1]) / (forget[i] - forget[i - 1])
-            expected = retain[i - 1] + t * (retain[i] - retain[i - 1])
+        forget = [r[f"kl_true/{component}"] for r in sweep_rows]
+        expected = reach_by_scan(forget, [r["kl_true/retain"] for r in sweep_rows], level[component])
         got = sweep.cell_values(rows, "tabular", case, method, beta, gamma, component)[seed]
         assert (math.isnan(got) and math.isnan(expected)) or math.isclose(got, expected, rel_tol=1e-9)
     table = open(next(p for p in paths if p.endswith("_table.md"))).read()
