@@ -149,7 +149,8 @@ class FixedProtocol:
     """The parts of :class:`llm.tofu.protocol.Protocol` that :func:`report.results_document` reads: eval records
     built from RATIOS, MIA and UTILITY (every other set number a distinct constant), no relearning stages."""
 
-    config = types.SimpleNamespace(methods=("NPO",), state=lambda: {"split": "forget01"})
+    config = types.SimpleNamespace(methods=("NPO",), state=lambda: {"split": "forget01", "model": "fixed",
+                                                                     "limit": None, "lora": False})
 
     def model_names(self):
         return ["target", "retain", "npo"]
@@ -165,6 +166,11 @@ class FixedProtocol:
         offset = self.model_names().index(name) / 100
         sets = {kind: {"probability": 0.1 + offset + k / 10, "rouge_l": 0.2 + offset + k / 10,
                        "truth_ratio": 0.3 + offset + k / 10} for k, kind in enumerate(evaluate.EVAL_SETS)}
+        for kind, numbers in sets.items():  # per-item values: constant, their means the set's numbers
+            n = len(RATIOS[name]) if kind == "forget" else 3
+            numbers |= {"probability_per_item": [numbers["probability"]] * n,
+                        "rouge_l_per_item": [numbers["rouge_l"]] * n,
+                        "truth_ratios": [1 - numbers["truth_ratio"]] * n}  # max(0, 1 - TR) = the aggregate
         sets["forget"]["truth_ratios"] = RATIOS[name]
         forget, holdout = MIA[name]
         scores = {"forget": dict.fromkeys(report.ATTACKS, forget), "holdout": dict.fromkeys(report.ATTACKS, holdout)}
@@ -187,3 +193,10 @@ def test_report_gives_each_model_its_own_forget_quality_utility_auc_and_privleak
             assert row[f"mia_auc/{attack}"] == pytest.approx(AUC[name], abs=1e-12), (name, attack)
             assert row[f"privleak/{attack}"] == pytest.approx(PRIVLEAK[name], abs=1e-9), (name, attack)
     assert math.isclose(document["forget_rouge_l_before_unlearning"], 0.2)  # the target's forget ROUGE-L
+    # constant per-item values: every interval of a mean has zero width; the gap closed from the forget
+    # probabilities 0.10 (target), 0.11 (retain), 0.12 (npo): (0.10 - 0.12) / (0.10 - 0.11) = 2
+    npo = document["models"]["npo"]
+    assert npo["intervals"]["retain/rouge_l"] == pytest.approx([0.32, 0.32], abs=1e-12)
+    assert npo["forget_gap_closed"] == pytest.approx(2.0) and npo["intervals"]["forget_gap_closed"] == \
+        pytest.approx([2.0, 2.0])
+    assert "forget gap closed" in report.markdown_table(document)

@@ -124,6 +124,9 @@ def test_relearning_step_zero_matches_the_eval_stage(finished):
     expected = metrics.forget_quality(ratios, np.asarray(retain["truth_ratios"])[rows])
     assert curve["forget_quality"][0] == pytest.approx(expected)
     assert curve["forget_probability"][1] != curve["forget_probability"][0]  # relearning moved the model
+    # step 0 is the eval stage's own per-pair values on the evaluation pairs (no second pass), to the last bit
+    assert curve["per_pair"]["forget_probability"][0] == np.asarray(evaluation["probability_per_item"])[rows].tolist()
+    assert curve["per_pair"]["forget_truth_ratio"][0] == metrics.forget_truth_ratio_scores(ratios).tolist()
 
 
 def test_relearning_intervals_are_the_bootstrap_of_the_stored_pairs(finished):
@@ -191,6 +194,23 @@ def test_relearning_resumes_at_the_next_step_count(finished, tmp_path, monkeypat
     assert trained == [3] and len(measured) == 1  # only the killed step count; 0 and 1 are read back
     assert run.record("relearn-simnpo")["relearning"] == before  # same numbers: deterministic, resumed
     assert finished.done("relearn-simnpo") and (finished.out / "work" / "relearn-simnpo" / "steps-3.json").is_file()
+
+
+def test_relearning_takes_step_zero_from_the_eval_stage_without_measuring_it(finished, tmp_path, monkeypatch):
+    import shutil
+
+    from llm.tofu import relearn
+
+    run = Protocol(finished.config, shutil.copytree(finished.out, tmp_path / "run"))
+    before = run.record("relearn-npo")["relearning"]
+    os.remove(run.stage_path("relearn-npo"))
+    shutil.rmtree(run.out / "work" / "relearn-npo")
+    measured = []
+    measure = relearn.measure
+    monkeypatch.setattr(relearn, "measure", lambda *args, **kwargs: measured.append(1) or measure(*args, **kwargs))
+    assert run.run() == ["relearn-npo"]
+    assert len(measured) == 2  # steps 1 and 3; step 0 read from eval-npo
+    assert run.record("relearn-npo")["relearning"] == before
 
 
 def test_no_relearn_steps_means_no_relearning_stages(base, tmp_path, capsys):

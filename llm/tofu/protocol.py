@@ -68,7 +68,7 @@ from .methods import (
     method_slug,
 )
 from .protocol_config import RETAIN_SPLITS, RUNTIME_FIELDS, SIMNPO_SETTINGS, ProtocolConfig, method_objective
-from .relearn import relearn_config, relearning_curve, split_forget
+from .relearn import point_from_result, relearn_config, relearning_curve, split_forget, subset_result
 from .sensitive import sensitive_memorisation, sensitive_positions
 
 __all__ = ["RETAIN_SPLITS", "SIMNPO_SETTINGS", "ProtocolConfig", "method_objective", "method_slug", "Protocol"]
@@ -182,7 +182,8 @@ class Protocol:
             return ["target"] + ([] if name == "target" else [name if name == "retain" else f"unlearn-{name}"])
         if stage.startswith("relearn-"):
             name = stage.removeprefix("relearn-")
-            return [name if name in ("target", "retain") else f"unlearn-{name}", "eval-retain"]
+            model = name if name in ("target", "retain") else f"unlearn-{name}"
+            return list(dict.fromkeys([model, "eval-retain", f"eval-{name}"]))  # step 0 is the model's eval
         if stage == "report":
             return [s for s in self.stages() if s.startswith(("eval-", "relearn-"))]
         return []
@@ -331,10 +332,12 @@ class Protocol:
                                   device=c.device, num_threads=c.num_threads, progress=c.progress,
                                   eval_batch_size=c.eval_batch_size)
 
+        retain_rows = [retain_ratios[r] for r in eval_rows]
+        evaluated = self.record(f"eval-{name}")["result"]["sets"]["forget"]  # step 0: the model's own evaluation
+        initial = point_from_result(subset_result(evaluated, eval_rows), retain_rows)
         curve = relearning_curve(load, [forget_pairs[r] for r in train_rows], [forget_eval[r] for r in eval_rows],
-                                 [retain_ratios[r] for r in eval_rows], c.relearn_steps, make_config,
-                                 self._work_dir(f"relearn-{name}"), c.max_new_tokens, c.eval_batch_size, c.progress,
-                                 device=c.device)
+                                 retain_rows, c.relearn_steps, make_config, self._work_dir(f"relearn-{name}"),
+                                 c.max_new_tokens, c.eval_batch_size, c.progress, device=c.device, initial=initial)
         return {"model": name, "method": method, "relearn_items": len(train_rows), "eval_items": len(eval_rows),
                 "relearning": curve}
 

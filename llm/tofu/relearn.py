@@ -94,11 +94,9 @@ def relearn_config(steps: int, batch_size: int, learning_rate: float, **runtime)
                        track_forget_weights=False, track_power_share=False, **runtime)
 
 
-def measure(model, tokenizer, eval_items: Sequence[TofuItem], retain_truth_ratios, max_new_tokens: int,
-            batch_size: int) -> dict:
-    """The four forget numbers of :data:`RELEARN_METRICS` on ``eval_items`` (forget quality vs the retain model),
-    and ``per_pair``: the (n_eval,) values behind the first three (probability, ROUGE-L, min(TR, 1/TR))."""
-    result = evaluate_set(model, tokenizer, eval_items, "forget", max_new_tokens, batch_size)
+def point_from_result(result: dict, retain_truth_ratios) -> dict:
+    """The four forget numbers of :data:`RELEARN_METRICS` and ``per_pair`` from a forget-set result of
+    :func:`llm.tofu.evaluate.evaluate_set` (forget quality against ``retain_truth_ratios``, (n_eval,))."""
     ratios = np.asarray(result["truth_ratios"])  # (n_eval,)
     quality = metrics.forget_quality(ratios, np.asarray(retain_truth_ratios))
     per_pair = {"forget_probability": result["probability_per_item"], "forget_rouge_l": result["rouge_l_per_item"],
@@ -107,10 +105,34 @@ def measure(model, tokenizer, eval_items: Sequence[TofuItem], retain_truth_ratio
             "forget_truth_ratio": result["truth_ratio"], "forget_quality": quality, "per_pair": per_pair}
 
 
+def subset_result(result: dict, rows: Sequence[int]) -> dict:
+    """A forget-set result of :func:`llm.tofu.evaluate.evaluate_set` restricted to ``rows``: the per-item values
+    of those rows and their aggregates (mean probability, mean ROUGE-L, mean min(TR, 1/TR)).
+
+    Step 0 of the relearning attack is the unlearned model itself, already scored on every forget pair by
+    its eval stage: its numbers on the evaluation pairs are these rows, with no second pass.
+    """
+    rows = list(rows)
+    values = {key: np.asarray(result[key], dtype=np.float64)[rows]
+              for key in ("probability_per_item", "rouge_l_per_item", "truth_ratios")}
+    return {"probability": float(values["probability_per_item"].mean()),
+            "rouge_l": float(values["rouge_l_per_item"].mean()),
+            "truth_ratio": metrics.truth_ratio_aggregate(values["truth_ratios"], forget=True)} | {
+        key: value.tolist() for key, value in values.items()}
+
+
+def measure(model, tokenizer, eval_items: Sequence[TofuItem], retain_truth_ratios, max_new_tokens: int,
+            batch_size: int) -> dict:
+    """The four forget numbers of :data:`RELEARN_METRICS` on ``eval_items`` (forget quality vs the retain model),
+    and ``per_pair``: the (n_eval,) values behind the first three (probability, ROUGE-L, min(TR, 1/TR))."""
+    result = evaluate_set(model, tokenizer, eval_items, "forget", max_new_tokens, batch_size)
+    return point_from_result(result, retain_truth_ratios)
+
+
 def relearning_curve(load: Callable[[], tuple], train_items: Sequence[TofuItem], eval_items: Sequence[TofuItem],
                      retain_truth_ratios, step_counts: Sequence[int], make_config: Callable[[int], TrainConfig],
                      work_dir: str | os.PathLike, max_new_tokens: int, batch_size: int,
-                     progress: bool = False, device: str = "auto") -> dict[str, list]:
+                     progress: bool = False, device: str = "auto", initial: dict | None = None) -> dict[str, list]:
     """Relearn and measure at every step count (see the module docstring); resumes from ``work_dir``.
 
     Args:
@@ -119,6 +141,8 @@ def relearning_curve(load: Callable[[], tuple], train_items: Sequence[TofuItem],
         retain_truth_ratios: the retain model's forget truth ratios on ``eval_items``, (n_eval,).
         step_counts: strictly increasing step counts; make_config(s): the TrainConfig of s steps.
         device: the run's device setting (picks the barrier's backend in a multi-process launch).
+        initial: the step-0 point when it is known already (:func:`point_from_result` of the unlearned model's
+            eval-stage result on ``eval_items``); otherwise step 0 is measured like the others.
     Returns:
         ``{"steps": [...], "forget_probability": [...], "forget_rouge_l": [...], "forget_truth_ratio": [...],
         "forget_quality": [...], "per_pair": {metric: [...]}}``, one entry per step count; ``per_pair``
@@ -136,7 +160,11 @@ def relearning_curve(load: Callable[[], tuple], train_items: Sequence[TofuItem],
     points = []
     for steps in progress_iter(check_step_counts(step_counts), len(step_counts), "relearn", progress, unit="run"):
         path = work / f"steps-{steps}.json"
-        if not path.is_file():
+        if not path.is_file() and steps == 0 and initial is not None:
+            if is_main_process():
+                atomic_write_json(path, {"steps": 0} | initial)
+            wait_for_everyone(device)
+        elif not path.is_file():
             model, tokenizer = load()
             if steps > 0:
                 finetune(model, tokenizer, train_items, make_config(steps), work / f"steps-{steps}",

@@ -28,6 +28,7 @@ from markovsim.results import atomic_output, atomic_write_json
 from .evaluate import EVAL_SETS, forget_quality
 from .metrics import BOOTSTRAP_RESAMPLES
 from .relearn import FRESH, PER_PAIR_METRICS, relearning_intervals
+from .result_intervals import model_intervals
 
 __all__ = ["PACKAGE", "package_version", "model_row", "membership_row", "results_document", "markdown_table",
            "write_report"]
@@ -37,6 +38,14 @@ _COLUMNS = [("forget quality", "forget_quality"), ("model utility", "model_utili
     (f"{s} {label}", f"{s}/{metric}") for s in EVAL_SETS
     for label, metric in (("prob", "probability"), ("ROUGE-L", "rouge_l"), ("TR", "truth_ratio"))] + [
     ("forget S-MA", "forget/s_ma")]
+_INTERVALS = (f"models.<model>.intervals: 95% percentile bootstrap over the evaluation items ({BOOTSTRAP_RESAMPLES} "
+              f"resamples per set, the same for every model, so gap closed and PrivLeak are paired; "
+              f"llm.tofu.result_intervals); forget quality (a KS p-value) has none")
+_INTERVAL_COLUMNS = [("forget gap closed", "forget_gap_closed"), ("forget prob", "forget/probability"),
+                     ("forget ROUGE-L", "forget/rouge_l"), ("forget TR", "forget/truth_ratio"),
+                     ("model utility", "model_utility"), ("retain prob", "retain/probability"),
+                     ("retain ROUGE-L", "retain/rouge_l"), ("LOSS AUC", "mia_auc/loss"),
+                     ("LOSS PrivLeak %", "privleak/loss")]
 _ATTACK_LABELS = {"loss": "LOSS", "zlib": "ZLib", "min_k": "Min-K%", "min_k_plus_plus": "Min-K%++"}
 
 
@@ -102,6 +111,9 @@ def results_document(protocol) -> dict:
               | {"forget/s_ma": records[name].get("sensitive", {}).get("s_ma")}
               | membership_row(records[name]["mia"], records["retain"]["mia"])
               for name, result in evaluations.items()}
+    intervals = model_intervals(evaluations, {name: record["mia"] for name, record in records.items()})
+    for name, row in models.items():
+        row.update(intervals[name])
     stages = {}
     for stage in protocol.stages()[:-1]:
         record = protocol.record(stage)
@@ -112,6 +124,7 @@ def results_document(protocol) -> dict:
     return {"package": {"name": PACKAGE, "version": package_version()}, "config": protocol.config.state(),
             "models": {name: {"method": methods.get(name), **row} for name, row in models.items()},
             "forget_rouge_l_before_unlearning": evaluations["target"]["sets"]["forget"]["rouge_l"],
+            "intervals": _INTERVALS,
             "holdout": protocol.holdout_record(), "relearning": relearning, "relearning_setup": setup,
             "stages": stages}
 
@@ -149,6 +162,19 @@ def _membership_table(document: dict) -> list[str]:
 
 def _with_interval(value, interval) -> str:
     return _cell(value) if interval is None else f"{_cell(value)} [{_cell(interval[0])}, {_cell(interval[1])}]"
+
+
+def _interval_table(document: dict) -> list[str]:
+    """The headline numbers of each model with their bootstrap intervals (models without intervals: none)."""
+    rows = [[_label(document, name, row)] + [_with_interval(row[key], row["intervals"][key])
+                                             for _, key in _INTERVAL_COLUMNS]
+            for name, row in document["models"].items() if "intervals" in row]
+    if not rows:
+        return []
+    return ["With 95% bootstrap intervals over the items (the same resamples for every model; forget gap closed "
+            "= (P_target - P) / (P_target - P_retain) of the mean forget probability: 0 = the target, 1 = the "
+            "retain model; PrivLeak < 0: under-unlearned).", ""] + _table(
+        ["model"] + [label for label, _ in _INTERVAL_COLUMNS], rows) + [""]
 
 
 def _relearn_label(name: str) -> str:
@@ -199,7 +225,7 @@ def markdown_table(document: dict) -> str:
     lines += _table(["model"] + [label for label, _ in _COLUMNS], rows)
     lines += ["", f"Forget-set ROUGE-L of the target before unlearning: "
                   f"{_cell(document['forget_rouge_l_before_unlearning'])}", ""]
-    return "\n".join(lines + _membership_table(document) + _relearning_table(document))
+    return "\n".join(lines + _interval_table(document) + _membership_table(document) + _relearning_table(document))
 
 
 def write_report(protocol) -> dict:
