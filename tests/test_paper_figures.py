@@ -333,6 +333,61 @@ def test_tofu_halves_draw_the_tofu_run_numbers(tofu_run, tmp_path, monkeypatch):
     assert lines["tofu/retain/recovery/forget_probability"].get_linestyle() == "--"
 
 
+def _protocol_results(path, with_intervals=True):
+    """A protocol results.json of three models: every panel value and interval distinct (None for one interval)."""
+    from markovsim.results import atomic_write_json
+    from paper_figures.tofu_protocol import PANELS
+
+    models = {}
+    for m, (name, method) in enumerate((("target", None), ("retain", None), ("npo-rt", "NPO+RT"))):
+        row = {"method": method, "forget_quality": 0.01 * (m + 1)}
+        intervals = {}
+        for k, key in enumerate(PANELS):
+            row[key] = 0.1 * m + 0.01 * k
+            intervals[key] = [row[key] - 0.05, row[key] + 0.07]
+        intervals["mia_auc/loss"] = None if name == "retain" else intervals["mia_auc/loss"]
+        models[name] = row | ({"intervals": intervals} if with_intervals else {})
+    config = {"split": "forget01", "limit": 20, "model": "smollm2"}
+    atomic_write_json(path / "results.json", {"config": config, "models": models})
+    return models
+
+
+def test_tofu_protocol_draws_each_models_numbers_and_intervals(tmp_path, monkeypatch):
+    from paper_figures.tofu_protocol import PANELS
+
+    run = tmp_path / "run"
+    run.mkdir()
+    models = _protocol_results(run)
+    output = tmp_path / "figures"
+    assert main(["--scale", "tiny", "--device", "cpu", "--output", str(output), "--only", "tofu_protocol",
+                 "--tofu-run", str(run)]) == 0
+    figure = _drawn_figure(FIGURES["tofu_protocol"], str(output / "cache" / "tofu_protocol_tiny"), tmp_path,
+                           monkeypatch)
+    points = _lines_by_gid(figure)
+    bars = {c.get_gid(): c for axis in figure.axes for c in axis.collections if c.get_gid()}
+    assert len(points) == 3 * len(PANELS) and len(bars) == 3 * len(PANELS) - 1  # the retain AUC has no interval
+    for name, row in models.items():
+        for position, key in enumerate(PANELS):
+            assert points[f"{name}/{key}"].get_ydata()[0] == row[key]
+            if row["intervals"][key] is not None:
+                segment = bars[f"{name}/{key}/interval"].get_segments()[0]
+                np.testing.assert_array_equal(segment[:, 1], row["intervals"][key])
+    labels = [tick.get_text() for tick in figure.axes[0].get_xticklabels()]
+    assert labels == ["target\nFQ 0.01", "retain\nFQ 0.02", "NPO+RT\nFQ 0.03"]
+
+
+def test_tofu_protocol_without_a_run_reads_the_committed_cpu_run_and_refuses_old_runs(tmp_path):
+    from paper_figures import tofu_protocol
+
+    assert tofu_protocol.results_path(tofu_protocol.Config()) == os.path.join(tofu_protocol.COMMITTED_RUN,
+                                                                              "results.json")
+    assert os.path.isfile(tofu_protocol.results_path(tofu_protocol.Config()))
+    _protocol_results(tmp_path, with_intervals=False)
+    with pytest.raises(SystemExit, match="no intervals.*stage report"):
+        main(["--scale", "tiny", "--device", "cpu", "--output", str(tmp_path / "out"), "--only", "tofu_protocol",
+              "--tofu-run", str(tmp_path)])
+
+
 def test_relearning_reads_a_run_from_before_the_controls_and_intervals():
     """An older results.json (methods only, levels only): recovery from the levels, NaN bands (none drawn)."""
     from paper_figures.relearning import tofu_arrays

@@ -200,3 +200,4 @@ def test_report_gives_each_model_its_own_forget_quality_utility_auc_and_privleak
     assert npo["forget_gap_closed"] == pytest.approx(2.0) and npo["intervals"]["forget_gap_closed"] == \
         pytest.approx([2.0, 2.0])
     assert "forget gap closed" in report.markdown_table(document)
+    assert list(document["differences"]) == []  # one method: no pair to compare

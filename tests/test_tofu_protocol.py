@@ -71,6 +71,28 @@ def test_the_protocol_defaults_are_the_papers_tofu_rows():
         official_settings("NPO+RT", "forget20")
 
 
+def test_the_cpu_preset_sets_its_settings_and_flags_beside_it_win(tmp_path, capsys):
+    from llm.tofu.protocol_config import PRESETS
+
+    args = cli.build_parser("cpu").parse_args(["run", "--out", "x"])
+    config = cli.config_from_args(args)
+    for field, value in PRESETS["cpu"].items():
+        assert getattr(config, field) == value, field
+    assert config.methods == DEFAULT_METHODS and config.finetune_lr == ProtocolConfig().finetune_lr  # the rest
+    # through main: the preset is found first, then an explicit flag overrides it
+    out = tmp_path / "run"
+    assert cli.main(["stages", "--preset", "cpu", "--unlearn-lr", "2e-5", "--out", str(out)]) == 0
+    saved = _strict(out / "config.json")
+    assert (saved["split"], saved["limit"], saved["unlearn_lr"], saved["relearn_steps"]) == ("forget01", 20, 2e-5,
+                                                                                          [0, 10])
+    capsys.readouterr()
+    with pytest.raises(SystemExit):  # argparse refuses the name, listing the choices
+        cli.main(["stages", "--preset", "gpu", "--out", str(tmp_path / "y")])
+    assert "invalid choice: 'gpu'" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="unknown preset"):
+        cli.build_parser("gpu")
+
+
 def test_evaluate_model_gives_every_metric(base):
     from llm.tofu.model import load_causal_lm
 
@@ -90,6 +112,10 @@ def test_run_all_stages_then_resume_after_a_kill(base, tmp_path, capsys, monkeyp
     assert cli.main(argv) == 0
     results = _strict(out / "results.json")
     assert list(results["models"]) == ["target", "retain", "npo", "simnpo-rt"]
+    assert list(results["differences"]) == ["SimNPO+RT - NPO"]  # each later method minus each earlier one
+    difference = results["differences"]["SimNPO+RT - NPO"]["forget_gap_closed"]
+    assert difference["difference"] == pytest.approx(results["models"]["simnpo-rt"]["forget_gap_closed"]
+                                                     - results["models"]["npo"]["forget_gap_closed"])
     assert results["models"]["retain"]["forget_quality"] == pytest.approx(1.0)
     retain_ratios = _strict(out / "stages" / "eval-retain.json")["result"]["sets"]["forget"]["truth_ratios"]
     for name in ("target", "npo", "simnpo-rt"):  # each model's own truth ratios against the retain model's

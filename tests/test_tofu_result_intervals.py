@@ -13,8 +13,10 @@ from llm.tofu.result_intervals import (
     forget_gap_closed,
     item_values,
     model_intervals,
+    paired_differences,
     resample_counts,
     resampled_aucs,
+    resampled_statistics,
 )
 
 SIZES = {"forget": 9, "retain": 6, "real_authors": 5, "world_facts": 4, MEMBERS: 20, HOLDOUT: 16}
@@ -94,6 +96,28 @@ def test_every_interval_matches_the_brute_force_bootstrap(data):
             expected = metrics.percentile_interval(estimates)
             assert not np.isnan(expected[0]), (m, key)  # the data keep every statistic defined
             assert got[m]["intervals"][key] == pytest.approx(list(expected), abs=1e-12), (m, key)
+
+
+def test_paired_differences_match_the_brute_force_bootstrap_of_the_differences(data):
+    evaluations, memberships = data
+    statistics = resampled_statistics(evaluations, memberships, num_resamples=RESAMPLES, seed=5)
+    keys = ["forget_gap_closed", "model_utility", "forget/truth_ratio", "mia_auc/zlib"]
+    got = paired_differences(statistics, [("target", "npo"), ("npo", "retain")], keys)
+    reference = brute_force(evaluations, memberships, resample_counts(SIZES, RESAMPLES, seed=5))
+    rows = model_intervals(evaluations, memberships, num_resamples=RESAMPLES, seed=5)
+    assert list(got) == ["npo - target", "retain - npo"]
+    for a, b in (("target", "npo"), ("npo", "retain")):
+        for key in keys:
+            estimates = np.asarray(reference[b][key]) - np.asarray(reference[a][key])
+            assert got[f"{b} - {a}"][key]["interval"] == pytest.approx(list(metrics.percentile_interval(estimates)),
+                                                                       abs=1e-12), (a, b, key)
+    # the point difference: the two samples' own statistics (row 0 of the resampled statistics)
+    assert got["npo - target"]["forget_gap_closed"]["difference"] == pytest.approx(rows["npo"]["forget_gap_closed"])
+    scores = {m: metrics.truth_ratio_aggregate(evaluations[m]["sets"]["forget"]["truth_ratios"], forget=True)
+              for m in ("target", "npo")}
+    assert got["npo - target"]["forget/truth_ratio"]["difference"] == pytest.approx(scores["npo"] - scores["target"])
+    with pytest.raises(ValueError, match="no statistics"):
+        paired_differences(statistics, [("npo", "simnpo")], keys)
 
 
 def test_point_values_and_paired_identities(data):

@@ -16,6 +16,12 @@ Every run also scores membership inference (forget pairs against the held-out au
 ``--holdout-first-author``) and runs the relearning attack after each of ``--relearn-steps`` (none
 given: no relearning); see :mod:`llm.tofu.protocol` and :mod:`llm.tofu.relearn`.
 
+``--preset cpu`` sets the CPU protocol's settings (``make tofu-figures``; forget01, 20 items per other set,
+batch 8, 5 unlearning epochs at lr 5e-5, relearning after 0 and 10 steps; :data:`PRESETS`); flags given
+beside it override it::
+
+    python -m llm.tofu run --preset cpu --out runs/tofu-cpu
+
 ``run`` skips the stages already done in DIR, so the same command continues a killed run. Every
 stage shows a progress bar (``--no-progress`` silences them). Bad input exits with status 2 and one
 ``error:`` line (``--debug`` shows the traceback). A CPU smoke run on SmolLM2-135M::
@@ -39,6 +45,7 @@ import sys
 from .evaluate import FORGET_SPLITS
 from .methods import METHOD_NAMES
 from .protocol import Protocol, ProtocolConfig
+from .protocol_config import PRESETS
 
 __all__ = ["build_parser", "config_from_args", "main"]
 
@@ -50,9 +57,13 @@ def _none_or(kind):
     return parse
 
 
-def _add_settings(parser: argparse.ArgumentParser) -> None:
-    d = ProtocolConfig()
+def _add_settings(parser: argparse.ArgumentParser, preset: str = "paper") -> None:
+    d = ProtocolConfig(**PRESETS[preset])
     add = parser.add_argument
+    add("--preset", default=preset, choices=sorted(PRESETS),
+        help="a named set of defaults: 'paper' (the full split, TOFU's recipe, for a GPU) or 'cpu' (the CPU protocol "
+             "of make tofu-figures: forget01, 20 items per other set, batch 8, 5 unlearning epochs at lr 5e-5; "
+             "under an hour on 2 cores); the flags below override it (default paper)")
     add("--out", required=True, help="run folder (created; a rerun with the same settings continues it)")
     add("--split", default=d.split, choices=FORGET_SPLITS, help=f"forget split (default {d.split})")
     add("--methods", nargs="+", default=list(d.methods), metavar="METHOD",
@@ -97,15 +108,26 @@ def _add_settings(parser: argparse.ArgumentParser) -> None:
     add("--debug", action="store_true", help="show the traceback of an error")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(preset: str = "paper") -> argparse.ArgumentParser:
+    """The parser, its setting defaults those of ``preset`` (:data:`llm.tofu.protocol_config.PRESETS`)."""
+    if preset not in PRESETS:
+        raise ValueError(f"unknown preset {preset!r}; choose one of {', '.join(sorted(PRESETS))}")
     parser = argparse.ArgumentParser(prog="python -m llm.tofu", description="The TOFU unlearning protocol.")
     commands = parser.add_subparsers(dest="command", required=True)
-    _add_settings(commands.add_parser("run", help="run every stage not done yet"))
+    _add_settings(commands.add_parser("run", help="run every stage not done yet"), preset)
     stage = commands.add_parser("stage", help="run the named stages (their inputs must be done)")
     stage.add_argument("names", nargs="+", metavar="NAME")
-    _add_settings(stage)
-    _add_settings(commands.add_parser("stages", help="list the stages and whether each is done"))
+    _add_settings(stage, preset)
+    _add_settings(commands.add_parser("stages", help="list the stages and whether each is done"), preset)
     return parser
+
+
+def _preset(argv: list[str]) -> str:
+    """The ``--preset`` of ``argv`` (default paper); an unknown name is left for the full parser to refuse."""
+    finder = argparse.ArgumentParser(add_help=False)
+    finder.add_argument("--preset", default="paper")
+    preset = finder.parse_known_args(argv)[0].preset
+    return preset if preset in PRESETS else "paper"
 
 
 def config_from_args(args: argparse.Namespace) -> ProtocolConfig:
@@ -140,7 +162,7 @@ def _execute(args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; 0 on success, 2 (one ``error:`` line on stderr) on bad input."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    args = build_parser().parse_args(argv)
+    args = build_parser(_preset(argv)).parse_args(argv)
     try:
         summary = _execute(args)
     except (ValueError, TypeError, OSError, ImportError) as error:

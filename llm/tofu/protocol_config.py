@@ -17,8 +17,8 @@ from .evaluate import FORGET_SPLITS
 from .methods import check_method_name, is_registry_method, parse_method_options
 from .relearn import check_step_counts, split_forget
 
-__all__ = ["RETAIN_SPLITS", "DEFAULT_METHODS", "NPO_BETA", "SIMNPO_SETTINGS", "RUNTIME_FIELDS", "ProtocolConfig",
-           "official_settings", "method_objective"]
+__all__ = ["RETAIN_SPLITS", "DEFAULT_METHODS", "NPO_BETA", "SIMNPO_SETTINGS", "RUNTIME_FIELDS", "PRESETS",
+           "ProtocolConfig", "official_settings", "method_objective"]
 
 RETAIN_SPLITS = {"forget01": "retain99", "forget05": "retain95", "forget10": "retain90"}
 # The paper's TOFU rows (SimNPO Table 3): its NPO and SimNPO carry a retain term (the official code's
@@ -35,6 +35,16 @@ NPO_BETA = 0.1
 SIMNPO_SETTINGS = {"forget01": (2.5, 0.1375), "forget05": (2.5, 0.1375), "forget10": (4.5, 0.125)}
 # Settings that do not change the numbers: a rerun may change them.
 RUNTIME_FIELDS = ("methods", "progress", "device", "num_threads", "checkpoint_every")
+# Named sets of settings (``python -m llm.tofu run --preset NAME``; explicit flags override them):
+#   paper  the ProtocolConfig defaults: the full split, TOFU's recipe (for a GPU)
+#   cpu    the CPU protocol (``make tofu-figures``): forget01 (2 authors, 40 pairs) and the first 20 pairs of
+#          the retain / real_authors / world_facts sets, batch 8, 48-token answers, unlearning long enough
+#          that every default method closes at least half of the forget-probability gap between target and
+#          retain model, relearning after 0 and 10 steps; under 60 minutes on a 2-core VM
+#          (docs/tofu.md, "The CPU protocol": the time per stage and the machine)
+PRESETS = {"paper": {},
+           "cpu": {"split": "forget01", "limit": 20, "batch_size": 8, "finetune_epochs": 5.0, "unlearn_epochs": 5.0,
+                   "unlearn_lr": 5e-5, "max_new_tokens": 48, "device": "cpu", "relearn_steps": (0, 10)}}
 _RETAIN90_AUTHORS = NUM_AUTHORS - FORGET_AUTHORS["forget10"]  # authors 0-179: in no forget split
 
 

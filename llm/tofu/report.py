@@ -28,7 +28,7 @@ from markovsim.results import atomic_output, atomic_write_json
 from .evaluate import EVAL_SETS, forget_quality
 from .metrics import BOOTSTRAP_RESAMPLES
 from .relearn import FRESH, PER_PAIR_METRICS, relearning_intervals
-from .result_intervals import model_intervals
+from .result_intervals import interval_or_none, paired_differences, resampled_statistics
 
 __all__ = ["PACKAGE", "package_version", "model_row", "membership_row", "results_document", "markdown_table",
            "write_report"]
@@ -40,12 +40,17 @@ _COLUMNS = [("forget quality", "forget_quality"), ("model utility", "model_utili
     ("forget S-MA", "forget/s_ma")]
 _INTERVALS = (f"models.<model>.intervals: 95% percentile bootstrap over the evaluation items ({BOOTSTRAP_RESAMPLES} "
               f"resamples per set, the same for every model, so gap closed and PrivLeak are paired; "
-              f"llm.tofu.result_intervals); forget quality (a KS p-value) has none")
+              f"llm.tofu.result_intervals); differences.'<b> - <a>': each later method minus each earlier one, with "
+              f"the interval of the paired resamples; forget quality (a KS p-value) has none")
 _INTERVAL_COLUMNS = [("forget gap closed", "forget_gap_closed"), ("forget prob", "forget/probability"),
                      ("forget ROUGE-L", "forget/rouge_l"), ("forget TR", "forget/truth_ratio"),
                      ("model utility", "model_utility"), ("retain prob", "retain/probability"),
                      ("retain ROUGE-L", "retain/rouge_l"), ("LOSS AUC", "mia_auc/loss"),
                      ("LOSS PrivLeak %", "privleak/loss")]
+_DIFFERENCE_COLUMNS = [("forget gap closed", "forget_gap_closed"), ("forget ROUGE-L", "forget/rouge_l"),
+                       ("forget TR", "forget/truth_ratio"), ("model utility", "model_utility"),
+                       ("real_authors ROUGE-L", "real_authors/rouge_l"), ("world_facts ROUGE-L", "world_facts/rouge_l"),
+                       ("LOSS AUC", "mia_auc/loss")]
 _ATTACK_LABELS = {"loss": "LOSS", "zlib": "ZLib", "min_k": "Min-K%", "min_k_plus_plus": "Min-K%++"}
 
 
@@ -111,20 +116,26 @@ def results_document(protocol) -> dict:
               | {"forget/s_ma": records[name].get("sensitive", {}).get("s_ma")}
               | membership_row(records[name]["mia"], records["retain"]["mia"])
               for name, result in evaluations.items()}
-    intervals = model_intervals(evaluations, {name: record["mia"] for name, record in records.items()})
+    statistics = resampled_statistics(evaluations, {name: record["mia"] for name, record in records.items()})
     for name, row in models.items():
-        row.update(intervals[name])
+        row |= {"forget_gap_closed": float(statistics[name]["forget_gap_closed"][0]),
+                "intervals": {key: interval_or_none(estimates[1:]) for key, estimates in statistics[name].items()}}
     stages = {}
     for stage in protocol.stages()[:-1]:
         record = protocol.record(stage)
         stages[stage] = {k: v for k, v in record.items()
                          if k not in ("stage", "result", "mia", "relearning", "sensitive")}
     methods = dict(zip([n for n in protocol.model_names()[2:]], protocol.config.methods))
+    slugs = list(methods)
+    differences = paired_differences(statistics, [(a, b) for i, a in enumerate(slugs) for b in slugs[i + 1:]],
+                                     [key for _, key in _DIFFERENCE_COLUMNS])
+    differences = {f"{methods[b]} - {methods[a]}": differences[f"{b} - {a}"]
+                   for i, a in enumerate(slugs) for b in slugs[i + 1:]}
     relearning, setup = _relearning(protocol)
     return {"package": {"name": PACKAGE, "version": package_version()}, "config": protocol.config.state(),
             "models": {name: {"method": methods.get(name), **row} for name, row in models.items()},
             "forget_rouge_l_before_unlearning": evaluations["target"]["sets"]["forget"]["rouge_l"],
-            "intervals": _INTERVALS,
+            "intervals": _INTERVALS, "differences": differences,
             "holdout": protocol.holdout_record(), "relearning": relearning, "relearning_setup": setup,
             "stages": stages}
 
@@ -162,6 +173,17 @@ def _membership_table(document: dict) -> list[str]:
 
 def _with_interval(value, interval) -> str:
     return _cell(value) if interval is None else f"{_cell(value)} [{_cell(interval[0])}, {_cell(interval[1])}]"
+
+
+def _difference_table(document: dict) -> list[str]:
+    """Each pair of methods: later minus earlier, with the paired interval (none when the run has one method)."""
+    rows = [[pair] + [_with_interval(d[key]["difference"], d[key]["interval"]) for _, key in _DIFFERENCE_COLUMNS]
+            for pair, d in document.get("differences", {}).items()]
+    if not rows:
+        return []
+    return ["Paired differences between methods (the same item resamples for both; an interval that excludes 0 "
+            "separates the two methods at this run's items, one seed).", ""] + _table(
+        ["methods"] + [label for label, _ in _DIFFERENCE_COLUMNS], rows) + [""]
 
 
 def _interval_table(document: dict) -> list[str]:
@@ -225,7 +247,8 @@ def markdown_table(document: dict) -> str:
     lines += _table(["model"] + [label for label, _ in _COLUMNS], rows)
     lines += ["", f"Forget-set ROUGE-L of the target before unlearning: "
                   f"{_cell(document['forget_rouge_l_before_unlearning'])}", ""]
-    return "\n".join(lines + _interval_table(document) + _membership_table(document) + _relearning_table(document))
+    return "\n".join(lines + _interval_table(document) + _difference_table(document) + _membership_table(document)
+                     + _relearning_table(document))
 
 
 def write_report(protocol) -> dict:

@@ -20,7 +20,8 @@ is resampled *paired*: the same items for both. Per model and set s (n_s items, 
     privleak/<attack>            (AUC_retain - AUC) / (1 - AUC_retain) x 100 with both AUCs from the same
                                  resamples (NaN where a resample gives AUC_retain = 1)
 
-Forget quality (a KS p-value over the whole forget set) has no interval.
+Between two models, :func:`paired_differences` gives the difference of any of these statistics with the
+interval of its paired resamples. Forget quality (a KS p-value over the whole forget set) has no interval.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from .evaluate import EVAL_SETS
 from .metrics import BOOTSTRAP_RESAMPLES, UTILITY_SETS, bootstrap_counts, forget_truth_ratio_scores, percentile_interval
 
 __all__ = ["MEMBERS", "HOLDOUT", "PER_ITEM_METRICS", "item_values", "resample_counts", "resampled_means",
-           "forget_gap_closed", "resampled_aucs", "model_intervals"]
+           "forget_gap_closed", "resampled_aucs", "resampled_statistics", "interval_or_none", "model_intervals",
+           "paired_differences"]
 
 MEMBERS, HOLDOUT = "members", "holdout"  # the membership-inference scores of the forget and holdout pairs
 PER_ITEM_METRICS = ("probability", "rouge_l", "truth_ratio")
@@ -105,7 +107,8 @@ def resampled_aucs(members, nonmembers, member_counts: np.ndarray, nonmember_cou
     return np.einsum("bm,bm->b", member_counts @ comparison, nonmember_counts) / (len(members) * len(nonmembers))
 
 
-def _interval(estimates: np.ndarray) -> list[float] | None:
+def interval_or_none(estimates: np.ndarray) -> list[float] | None:
+    """[lo, hi] percentile interval of (B,) resampled estimates; None where any is NaN (undefined)."""
     low, high = percentile_interval(estimates)
     return None if math.isnan(low) else [low, high]
 
@@ -115,15 +118,15 @@ def _privleaks(aucs: np.ndarray, retain_aucs: np.ndarray) -> np.ndarray:
         return np.where(retain_aucs < 1, (retain_aucs - aucs) / (1.0 - retain_aucs) * 100.0, np.nan)
 
 
-def model_intervals(evaluations: Mapping[str, Mapping], memberships: Mapping[str, Mapping] | None = None,
-                    num_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict[str, dict]:
-    """``{model: {"forget_gap_closed": value, "intervals": {key: [lo, hi] or None}}}`` for every model.
+def resampled_statistics(evaluations: Mapping[str, Mapping], memberships: Mapping[str, Mapping] | None = None,
+                         num_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict[str, dict[str, np.ndarray]]:
+    """``{model: {key: (1 + B,) estimates}}``: row 0 the statistic of the sample itself, rows 1.. its B resamples.
 
     ``evaluations``: ``{model: eval-stage result}`` with ``"target"`` and ``"retain"`` among the models;
     ``memberships``: ``{model: {"forget": {attack: scores}, "holdout": {attack: scores}}}`` (optional).
-    Keys of ``intervals``: ``<set>/<metric>``, ``model_utility``, ``forget_gap_closed`` and, with
-    ``memberships``, ``mia_auc/<attack>`` and ``privleak/<attack>``. An interval is None where a resample
-    is undefined (e.g. a NaN value).
+    Keys: ``<set>/<metric>``, ``model_utility``, ``forget_gap_closed`` and, with ``memberships``,
+    ``mia_auc/<attack>`` and ``privleak/<attack>`` (NaN where undefined). Every model uses the same resamples,
+    so the difference of two models' rows is the paired bootstrap of their difference.
     """
     for name in ("target", "retain"):
         if name not in evaluations:
@@ -139,26 +142,47 @@ def model_intervals(evaluations: Mapping[str, Mapping], memberships: Mapping[str
     if memberships is not None:
         for side, name in (("forget", MEMBERS), ("holdout", HOLDOUT)):
             sizes[name] = len(next(iter(memberships["target"][side].values())))
-    counts = resample_counts(sizes, num_resamples, seed)
-    means = {model: {f"{kind}/{metric}": resampled_means(v, counts[kind]) for kind, per_metric in per_set.items()
-                     for metric, v in per_metric.items()} for model, per_set in values.items()}
-    target, retain = means["target"]["forget/probability"], means["retain"]["forget/probability"]
-    aucs = {}
+    counts = {name: np.vstack([np.ones((1, c.shape[1]), dtype=c.dtype), c])  # row 0: every item once
+              for name, c in resample_counts(sizes, num_resamples, seed).items()}
+    out = {model: {f"{kind}/{metric}": resampled_means(v, counts[kind]) for kind, per_metric in per_set.items()
+                   for metric, v in per_metric.items()} for model, per_set in values.items()}
+    target, retain = out["target"]["forget/probability"], out["retain"]["forget/probability"]
+    for model, statistics in out.items():
+        utility = np.stack([statistics[f"{s}/{m}"] for s in UTILITY_SETS for m in PER_ITEM_METRICS], axis=1)
+        statistics["model_utility"] = _harmonic(utility)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            closed = (target - statistics["forget/probability"]) / (target - retain)
+        statistics["forget_gap_closed"] = np.where(np.isfinite(closed), closed, np.nan)
     if memberships is not None:
         aucs = {model: {a: resampled_aucs(scores["forget"][a], scores["holdout"][a], counts[MEMBERS],
                                           counts[HOLDOUT]) for a in ATTACKS} for model, scores in memberships.items()}
+        for model in out:
+            for attack in ATTACKS:
+                out[model][f"mia_auc/{attack}"] = aucs[model][attack]
+                out[model][f"privleak/{attack}"] = _privleaks(aucs[model][attack], aucs["retain"][attack])
+    return out
+
+
+def model_intervals(evaluations: Mapping[str, Mapping], memberships: Mapping[str, Mapping] | None = None,
+                    num_resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0) -> dict[str, dict]:
+    """``{model: {"forget_gap_closed": value, "intervals": {key: [lo, hi] or None}}}`` for every model, from
+    :func:`resampled_statistics` (same arguments); an interval is None where a resample is undefined."""
+    statistics = resampled_statistics(evaluations, memberships, num_resamples, seed)
+    return {model: {"forget_gap_closed": float(rows["forget_gap_closed"][0]),
+                    "intervals": {key: interval_or_none(estimates[1:]) for key, estimates in rows.items()}}
+            for model, rows in statistics.items()}
+
+
+def paired_differences(statistics: Mapping[str, Mapping[str, np.ndarray]], pairs, keys) -> dict[str, dict]:
+    """``{"<b> - <a>": {key: {"difference": value, "interval": [lo, hi] or None}}}`` for each (a, b) of ``pairs``:
+    the statistic of model b minus model a, its 95% interval from the paired resamples of
+    :func:`resampled_statistics` (every model resampled on the same items)."""
     out = {}
-    for model, resampled in means.items():
-        intervals = {key: _interval(estimates) for key, estimates in resampled.items()}
-        utility = np.stack([resampled[f"{s}/{m}"] for s in UTILITY_SETS for m in PER_ITEM_METRICS], axis=1)
-        intervals["model_utility"] = _interval(_harmonic(utility))
-        with np.errstate(divide="ignore", invalid="ignore"):
-            closed = (target - resampled["forget/probability"]) / (target - retain)
-        intervals["forget_gap_closed"] = _interval(np.where(np.isfinite(closed), closed, np.nan))
-        for attack in ATTACKS if model in aucs else ():
-            intervals[f"mia_auc/{attack}"] = _interval(aucs[model][attack])
-            intervals[f"privleak/{attack}"] = _interval(_privleaks(aucs[model][attack], aucs["retain"][attack]))
-        point = forget_gap_closed(*(float(values[m]["forget"]["probability"].mean()) for m in (model, "target",
-                                                                                                  "retain")))
-        out[model] = {"forget_gap_closed": point, "intervals": intervals}
+    for a, b in pairs:
+        missing = [m for m in (a, b) if m not in statistics]
+        if missing:
+            raise ValueError(f"no statistics for model(s) {missing}; models: {list(statistics)}")
+        differences = {key: statistics[b][key] - statistics[a][key] for key in keys}
+        out[f"{b} - {a}"] = {key: {"difference": float(d[0]), "interval": interval_or_none(d[1:])}
+                             for key, d in differences.items()}
     return out

@@ -1,0 +1,136 @@
+"""The sentences of docs/tofu.md ("The CPU protocol's results"), README and docs/results.md about the committed
+CPU protocol run (docs/results/tofu-cpu/results.json: ``make tofu-figures``, ``--preset cpu``, SmolLM2-135M,
+forget01, one seed), each checked against that file. A rerun that changes a verdict fails here."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from llm.tofu.protocol_config import DEFAULT_METHODS, PRESETS
+from markovsim.results import read_json
+
+RUN = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "results", "tofu-cpu", "results.json")
+METHODS = {"GradDiff": "graddiff", "NPO+RT": "npo-rt", "SimNPO+RT": "simnpo-rt"}
+
+
+@pytest.fixture(scope="module")
+def run():
+    return read_json(RUN)
+
+
+def row(run, name):
+    return run["models"][METHODS.get(name, name)]
+
+
+def interval(run, name, key):
+    return row(run, name)["intervals"][key]
+
+
+def difference(run, pair, key):
+    entry = run["differences"][pair][key]
+    return entry["difference"], entry["interval"]
+
+
+def test_the_committed_run_is_the_cpu_preset_with_the_default_methods(run):
+    config = run["config"]
+    for field, value in PRESETS["cpu"].items():
+        assert config[field] == (list(value) if isinstance(value, tuple) else value), field
+    assert tuple(config["methods"]) == DEFAULT_METHODS and config["seed"] == 0 and config["model"] == "smollm2"
+    assert [row(run, m)["method"] for m in METHODS] == list(METHODS)
+
+
+def test_every_method_closes_at_least_half_of_the_forget_probability_gap(run):
+    """The CPU protocol's bar: the forget probability falls at least halfway from the target's to the retain
+    model's, for every default method (and the whole interval above one half)."""
+    for method in METHODS:
+        assert row(run, method)["forget_gap_closed"] >= 0.5, method
+        assert interval(run, method, "forget_gap_closed")[0] > 0.5, method
+
+
+def test_npo_rt_and_graddiff_go_past_the_retain_model_simnpo_rt_stops_short(run):
+    assert interval(run, "GradDiff", "forget_gap_closed")[0] > 1.2
+    assert interval(run, "NPO+RT", "forget_gap_closed")[0] > 1.0
+    low, high = interval(run, "SimNPO+RT", "forget_gap_closed")
+    assert 0.5 < low and high < 0.75
+    value, (low, high) = difference(run, "SimNPO+RT - NPO+RT", "forget_gap_closed")
+    assert high < -0.4 and value == pytest.approx(-0.497, abs=0.0005)
+
+
+def test_membership_inference_npo_rt_at_the_retain_model_simnpo_rt_recognised_graddiff_over_unlearned(run):
+    retain_auc = row(run, "retain")["mia_auc/loss"]
+    low, high = interval(run, "NPO+RT", "mia_auc/loss")
+    assert low < retain_auc < high and low < 0.5 < high  # indistinguishable from the retain model and from chance
+    assert interval(run, "SimNPO+RT", "mia_auc/loss")[0] > 0.9  # still recognised
+    assert interval(run, "target", "mia_auc/loss")[0] > 0.95
+    assert interval(run, "GradDiff", "mia_auc/loss")[1] < 0.25  # the forget pairs look less familiar than unseen
+    low, high = interval(run, "NPO+RT", "privleak/loss")
+    assert low < 0 < high
+    assert interval(run, "SimNPO+RT", "privleak/loss")[1] < -80 and interval(run, "GradDiff", "privleak/loss")[0] > 40
+
+
+def test_forget_quality_ordering_and_simnpo_rt_below_the_target(run):
+    quality = {m: row(run, m)["forget_quality"] for m in (*METHODS, "target")}
+    assert quality["GradDiff"] > quality["NPO+RT"] > quality["target"] > quality["SimNPO+RT"]
+    assert quality["GradDiff"] < 0.2 and quality["NPO+RT"] < 0.05 and quality["SimNPO+RT"] < 0.001
+
+
+def test_model_utility_does_not_separate_the_methods(run):
+    for pair in run["differences"]:
+        low, high = difference(run, pair, "model_utility")[1]
+        assert low < 0 < high, pair
+
+
+def test_the_retain_term_memorises_the_retain_pairs_it_trains_on(run):
+    """At this scale the retain term trains on the 20 retain pairs that are also the retain evaluation items."""
+    assert interval(run, "SimNPO+RT", "retain/probability")[0] > 0.95
+    assert interval(run, "SimNPO+RT", "retain/probability")[0] > interval(run, "target", "retain/probability")[1]
+    assert interval(run, "NPO+RT", "retain/probability")[1] < 0.6
+
+
+def test_relearning_brings_back_more_than_a_model_learning_fresh_after_npo_rt_and_simnpo_rt(run):
+    curves = run["relearning"]
+    assert curves["retain"]["steps"] == [0, 10]
+    for method in ("NPO+RT", "SimNPO+RT"):
+        assert curves[method]["beyond_fresh_interval"]["forget_probability"][1][0] > 0.05, method
+    assert curves["SimNPO+RT"]["recovery"]["forget_probability"][1] > curves["NPO+RT"]["recovery"][
+        "forget_probability"][1]
+    low, high = curves["GradDiff"]["beyond_fresh_interval"]["forget_probability"][1]
+    assert low < 0 < high  # GradDiff's probability stays near 0 ...
+    assert curves["GradDiff"]["beyond_fresh_interval"]["forget_rouge_l"][1][0] > 0  # ... its ROUGE-L returns
+    low, high = curves["retain"]["recovery_interval"]["forget_probability"][1]
+    assert 0 < low and high < 0.02  # learning fresh: the retain model gains little in 10 steps
+
+
+DOC = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "tofu.md")
+TABLE_KEYS = ("forget_gap_closed", "forget/probability", "forget/rouge_l", "forget_quality", "model_utility",
+              "mia_auc/loss", "privleak/loss")
+
+
+def _numbers(cell: str) -> list[str]:
+    import re
+
+    return re.findall(r"[-+]?\d+(?:\.\d+)?", cell)
+
+
+def _matches(printed: str, value: float) -> bool:
+    """``printed`` is ``value`` rounded to the printed digits (half a unit of the last digit)."""
+    digits = len(printed.split(".")[1]) if "." in printed else 0
+    return abs(float(printed) - value) <= 0.5 * 10 ** -digits + 1e-12
+
+
+def test_the_docs_table_prints_the_committed_numbers_and_intervals(run):
+    text = open(DOC).read()
+    section = text[text.index("### The CPU protocol's results"):]
+    rows = [line for line in section.splitlines()[:40] if line.startswith("| ") and not line.startswith("| model")]
+    assert [r.split("|")[1].strip() for r in rows] == ["target", "retain", *METHODS]
+    for line in rows:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        entry = row(run, cells[0])
+        for key, cell in zip(TABLE_KEYS, cells[1:]):
+            printed = _numbers(cell)
+            assert _matches(printed[0], entry[key]), (cells[0], key, cell)
+            if len(printed) == 3:  # value [low, high]
+                low, high = entry["intervals"][key]
+                assert _matches(printed[1], low) and _matches(printed[2], high), (cells[0], key, cell)
