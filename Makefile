@@ -29,7 +29,7 @@ TOFU_RUN ?= runs/tofu-cpu
 tofu-figures: $(STAMP)
 	$(VPY) -m llm.tofu run --preset cpu --out $(TOFU_RUN) --num-threads 2
 	$(VPY) -m llm.tofu.bias --run $(TOFU_RUN) --steps 10 --record-every 5 --batch-size 8 \
-		--learning-rate 5e-5
+		--learning-rate 5e-5 --gram-max-gb 4
 	$(VPY) -m paper_figures --scale quick --device cpu --only tofu_bias relearning tofu_protocol \
 		--tofu-run $(TOFU_RUN)
 
