@@ -101,7 +101,9 @@ def plot(cache_stem: str, output_stem: str) -> list[str]:
         for position, name, label in zip(positions, names, labels):
             color = MODEL_COLORS.get(name) or method_color(label)
             value, (low, high) = arrays[f"{name}/{key}"][0], arrays[f"{name}/{key}/interval"]
-            point, = axis.plot([position], [value], "o", color=color, ms=5)
+            control = name in MODEL_COLORS  # target / retain model: hollow squares, methods filled circles
+            point, = axis.plot([position], [value], "s" if control else "o", color=color, ms=5,
+                               markerfacecolor="none" if control else color)
             point.set_gid(f"{name}/{key}")
             if np.isfinite([low, high]).all():
                 bar = axis.vlines(position, low, high, color=color, lw=2)
@@ -111,7 +113,9 @@ def plot(cache_stem: str, output_stem: str) -> list[str]:
         quality = [f"{label}\nFQ {arrays[f'{name}/forget_quality'][0]:.2g}" for name, label in zip(names, labels)]
         axis.set_xticks(positions, quality, rotation=45, ha="right", fontsize=7)
         axis.set_title(title, fontsize=9)
-    where = "committed CPU run" if source["results"].startswith(COMMITTED_RUN) else "run " + source["results"]
+    run = os.path.dirname(source["results"])
+    where = ("the committed CPU run (docs/results/tofu-cpu)" if os.path.samefile(run, COMMITTED_RUN)
+             else f"run {os.path.basename(run)}") if os.path.isdir(run) else f"run {os.path.basename(run)}"
     figure.suptitle(f"{TITLE}\nTOFU {source['split']} (limit {source['limit']}) on {source['model']}, {where}; "
                     f"95% bootstrap intervals over items; FQ = forget quality (KS p-value, no interval)", fontsize=9)
     return save_figure(figure, output_stem)

@@ -134,3 +134,62 @@ def test_the_docs_table_prints_the_committed_numbers_and_intervals(run):
             if len(printed) == 3:  # value [low, high]
                 low, high = entry["intervals"][key]
                 assert _matches(printed[1], low) and _matches(printed[2], high), (cells[0], key, cell)
+
+
+BIAS = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "results", "tofu-cpu", "bias", "results.json")
+SHORT, MEDIUM, LONG = LOW, MID, HIGH = 0, 1, 2  # group order of llm.tofu.bias: short / low first
+
+
+@pytest.fixture(scope="module")
+def bias():
+    return read_json(BIAS)
+
+
+def share(bias, method, grouping, record, group):
+    diagnostics = bias["methods"][method]["diagnostics"][grouping]
+    return diagnostics["power_share"][record][group], diagnostics["power_share_interval"][record][group]
+
+
+def weight(bias, method, grouping, record, group):
+    diagnostics = bias["methods"][method]["diagnostics"][grouping]
+    return diagnostics["mean_weight"][record][group], diagnostics["mean_weight_interval"][record][group]
+
+
+def separate(a, b) -> bool:
+    """Interval a lies wholly above interval b."""
+    return a[1][0] > b[1][1]
+
+
+def test_the_bias_run_is_the_documented_one(bias):
+    config = bias["config"]
+    assert (config["methods"], config["steps"], config["record_every"], config["batch_size"],
+            config["learning_rate"], config["max_items"]) == (["NPO", "SimNPO"], 10, 5, 8, 5e-5, None)
+    assert bias["methods"]["NPO"]["steps"] == [0, 5, 10] and bias["num_items"] == 40
+
+
+def test_npo_first_step_power_goes_to_long_and_poorly_learned_answers(bias):
+    assert separate(share(bias, "NPO", "length", 0, LONG), share(bias, "NPO", "length", 0, SHORT))
+    assert separate(share(bias, "NPO", "memorisation", 0, LOW), share(bias, "NPO", "memorisation", 0, HIGH))
+    assert round(share(bias, "NPO", "length", 0, LONG)[0], 2) == 0.45
+    assert round(share(bias, "NPO", "memorisation", 0, LOW)[0], 2) == 0.47
+
+
+def test_simnpo_puts_less_power_on_long_answers_than_npo_but_no_ordering_within(bias):
+    assert separate(share(bias, "NPO", "length", 0, LONG), share(bias, "SimNPO", "length", 0, LONG))
+    short, long = share(bias, "SimNPO", "length", 0, SHORT), share(bias, "SimNPO", "length", 0, LONG)
+    assert short[0] > long[0] and not separate(short, long)
+
+
+def test_npo_weight_decays_where_it_pushed_and_its_power_swings(bias):
+    assert separate(weight(bias, "NPO", "memorisation", 2, HIGH), weight(bias, "NPO", "memorisation", 2, LOW))
+    short, long = weight(bias, "NPO", "length", 2, SHORT), weight(bias, "NPO", "length", 2, LONG)
+    assert short[0] > long[0] and not separate(short, long)  # overlapping
+    assert separate(share(bias, "NPO", "memorisation", 2, HIGH), share(bias, "NPO", "memorisation", 2, LOW))
+    assert separate(share(bias, "NPO", "length", 2, SHORT), share(bias, "NPO", "length", 2, LONG))
+
+
+def test_after_unlearning_simnpo_takes_the_best_memorised_answers_lower_than_npo(bias):
+    after = {m: (bias["after"][m]["memorisation"]["probability"][HIGH],
+                 bias["after"][m]["memorisation"]["probability_interval"][HIGH]) for m in bias["after"]}
+    assert separate(after["target"], after["NPO"]) and separate(after["NPO"], after["SimNPO"])
+    assert after["retain"][1][0] < after["NPO"][0] < after["retain"][1][1]  # NPO within the retain model's interval
