@@ -103,7 +103,6 @@ def test_relearning_brings_back_more_than_a_model_learning_fresh_after_npo_rt_an
     assert 0 < low and high < 0.02  # learning fresh: the retain model gains little in 10 steps
 
 
-DOC = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "tofu.md")
 TABLE_KEYS = ("forget_gap_closed", "forget/probability", "forget/rouge_l", "forget_quality", "model_utility",
               "mia_auc/loss", "privleak/loss")
 
@@ -120,20 +119,32 @@ def _matches(printed: str, value: float) -> bool:
     return abs(float(printed) - value) <= 0.5 * 10 ** -digits + 1e-12
 
 
-def test_the_docs_table_prints_the_committed_numbers_and_intervals(run):
-    text = open(DOC).read()
-    section = text[text.index("### The CPU protocol's results"):]
-    rows = [line for line in section.splitlines()[:40] if line.startswith("| ") and not line.startswith("| model")]
+ROOT = os.path.join(os.path.dirname(__file__), os.pardir)
+README_KEYS = ("forget_gap_closed", "forget_quality", "model_utility", "mia_auc/loss")
+TABLES = [("docs/tofu.md", "| model | forget gap closed | forget prob |", TABLE_KEYS),
+          ("benchmarks/RESULTS.md", "| model | forget gap closed | forget prob |", TABLE_KEYS),
+          ("README.md", "| model | forget gap closed | forget quality |", README_KEYS)]
+
+
+@pytest.mark.parametrize("path, header, keys", TABLES, ids=[t[0] for t in TABLES])
+def test_each_results_table_prints_the_committed_numbers_and_intervals(run, path, header, keys):
+    lines = open(os.path.join(ROOT, path)).read().splitlines()
+    start = lines.index(next(line for line in lines if line.startswith(header)))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("| "):
+            break
+        rows.append(line)
     assert [r.split("|")[1].strip() for r in rows] == ["target", "retain", *METHODS]
     for line in rows:
         cells = [c.strip() for c in line.strip("|").split("|")]
         entry = row(run, cells[0])
-        for key, cell in zip(TABLE_KEYS, cells[1:]):
+        for key, cell in zip(keys, cells[1:], strict=True):
             printed = _numbers(cell)
-            assert _matches(printed[0], entry[key]), (cells[0], key, cell)
+            assert _matches(printed[0], entry[key]), (path, cells[0], key, cell)
             if len(printed) == 3:  # value [low, high]
                 low, high = entry["intervals"][key]
-                assert _matches(printed[1], low) and _matches(printed[2], high), (cells[0], key, cell)
+                assert _matches(printed[1], low) and _matches(printed[2], high), (path, cells[0], key, cell)
 
 
 BIAS = os.path.join(os.path.dirname(__file__), os.pardir, "docs", "results", "tofu-cpu", "bias", "results.json")
