@@ -160,10 +160,13 @@ def relearning_curve(load: Callable[[], tuple], train_items: Sequence[TofuItem],
     points = []
     for steps in progress_iter(check_step_counts(step_counts), len(step_counts), "relearn", progress, unit="run"):
         path = work / f"steps-{steps}.json"
-        if not path.is_file() and steps == 0 and initial is not None:
-            if is_main_process():
-                atomic_write_json(path, {"steps": 0} | initial)
-            wait_for_everyone(device)
+        if steps == 0 and initial is not None:
+            exists = path.is_file()
+            wait_for_everyone(device)  # every process has looked before the main one writes: all take one branch
+            if not exists:
+                if is_main_process():
+                    atomic_write_json(path, {"steps": 0} | initial)
+                wait_for_everyone(device)
         elif not path.is_file():
             model, tokenizer = load()
             if steps > 0:
