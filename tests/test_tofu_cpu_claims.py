@@ -204,3 +204,53 @@ def test_after_unlearning_simnpo_takes_the_best_memorised_answers_lower_than_npo
                  bias["after"][m]["memorisation"]["probability_interval"][HIGH]) for m in bias["after"]}
     assert separate(after["target"], after["NPO"]) and separate(after["NPO"], after["SimNPO"])
     assert after["retain"][1][0] < after["NPO"][0] < after["retain"][1][1]  # NPO within the retain model's interval
+
+
+LADDER_RUN = os.path.join(ROOT, "docs", "results", "tofu-cpu-2x2", "results.json")
+CELLS = ("NPO+RT", "SimNPO-sum+RT", "NPO-ave+RT", "SimNPO+RT")
+
+
+@pytest.fixture(scope="module")
+def ladder():
+    return read_json(LADDER_RUN)
+
+
+def cell_difference(ladder, later, earlier, key):
+    """later - earlier with its paired interval, whichever order the run lists the pair in."""
+    if f"{later} - {earlier}" in ladder["differences"]:
+        entry = ladder["differences"][f"{later} - {earlier}"][key]
+        return entry["difference"], entry["interval"]
+    entry = ladder["differences"][f"{earlier} - {later}"][key]
+    return -entry["difference"], [-entry["interval"][1], -entry["interval"][0]]
+
+
+def test_the_2x2_run_extends_the_committed_run_with_the_official_cell_settings(run, ladder):
+    assert ladder["config"]["methods"] == ["GradDiff", *CELLS[:1], "SimNPO+RT", "NPO-ave+RT", "SimNPO-sum+RT"]
+    assert ladder["config"]["relearn_steps"] == [] and ladder["relearning"] == {}
+    for name in ("target", "retain", "npo-rt", "simnpo-rt", "graddiff"):  # the same models and numbers
+        for key in ("forget_gap_closed", "model_utility", "mia_auc/loss"):
+            assert ladder["models"][name][key] == run["models"][name][key], (name, key)
+    assert ladder["stages"]["unlearn-npo-ave-rt"]["objective"]["forget_weight"] == 0.1375
+    assert ladder["stages"]["unlearn-simnpo-sum-rt"]["objective"]["beta"] == 0.1
+
+
+def test_dropping_the_reference_matters_only_on_the_normalised_scale(ladder):
+    value, (low, high) = cell_difference(ladder, "SimNPO-sum+RT", "NPO+RT", "forget_gap_closed")
+    assert low < 0 < high and round(value, 3) == 0.013
+    assert cell_difference(ladder, "SimNPO-sum+RT", "NPO+RT", "mia_auc/loss")[1][0] < 0
+    value, (low, high) = cell_difference(ladder, "SimNPO+RT", "NPO-ave+RT", "forget_gap_closed")
+    assert high < -0.25 and round(value, 2) == -0.30
+    assert cell_difference(ladder, "SimNPO+RT", "NPO-ave+RT", "mia_auc/loss")[1][0] > 0
+
+
+def test_normalising_closes_less_and_keeps_the_pairs_recognisable_with_and_without_the_reference(ladder):
+    for normalised, summed, bound in (("NPO-ave+RT", "NPO+RT", -0.15), ("SimNPO+RT", "SimNPO-sum+RT", -0.4)):
+        assert cell_difference(ladder, normalised, summed, "forget_gap_closed")[1][1] < bound
+        assert cell_difference(ladder, normalised, summed, "mia_auc/loss")[1][0] > 0.2
+
+
+def test_utility_separates_no_two_cells(ladder):
+    for i, a in enumerate(CELLS):
+        for b in CELLS[i + 1:]:
+            low, high = cell_difference(ladder, b, a, "model_utility")[1]
+            assert low < 0 < high, (a, b)
