@@ -23,8 +23,8 @@ figures: $(STAMP)
 	$(VPY) -m paper_figures --scale quick --device cpu --jobs 2
 
 # The CPU TOFU protocol on SmolLM2-135M (`--preset cpu`: forget01, GradDiff / NPO+RT / SimNPO+RT, every
-# evaluation, membership inference, relearning with its controls; under 60 min on a 2-core VM; stages already in
-# TOFU_RUN are skipped), the bias measurement, then the TOFU panels of tofu_bias and relearning and tofu_protocol.
+# evaluation, membership inference, relearning with its controls; 27-37 min on a 343 GFLOP/s 2-core VM; stages in
+# TOFU_RUN already done are skipped), the bias measurement, then the TOFU panels of tofu_bias and relearning and tofu_protocol.
 TOFU_RUN ?= runs/tofu-cpu
 tofu-figures: $(STAMP)
 	$(VPY) -m llm.tofu run --preset cpu --out $(TOFU_RUN) --num-threads 2

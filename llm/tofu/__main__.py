@@ -63,7 +63,7 @@ def _add_settings(parser: argparse.ArgumentParser, preset: str = "paper") -> Non
     add("--preset", default=preset, choices=sorted(PRESETS),
         help="a named set of defaults: 'paper' (the full split, TOFU's recipe, for a GPU) or 'cpu' (the CPU protocol "
              "of make tofu-figures: forget01, 20 items per other set, batch 8, 5 unlearning epochs at lr 5e-5; "
-             "under an hour on 2 cores); the flags below override it (default paper)")
+             "half an hour on a fast 2-core VM); the flags below override it (default paper)")
     add("--out", required=True, help="run folder (created; a rerun with the same settings continues it)")
     add("--split", default=d.split, choices=FORGET_SPLITS, help=f"forget split (default {d.split})")
     add("--methods", nargs="+", default=list(d.methods), metavar="METHOD",

@@ -40,7 +40,7 @@ RUNTIME_FIELDS = ("methods", "progress", "device", "num_threads", "checkpoint_ev
 #   cpu    the CPU protocol (``make tofu-figures``): forget01 (2 authors, 40 pairs) and the first 20 pairs of
 #          the retain / real_authors / world_facts sets, batch 8, 48-token answers, unlearning long enough
 #          that every default method closes at least half of the forget-probability gap between target and
-#          retain model, relearning after 0 and 10 steps; under 60 minutes on a 2-core VM
+#          retain model, relearning after 0 and 10 steps; 27-37 min on a 343 GFLOP/s 2-core VM
 #          (docs/tofu.md, "The CPU protocol": the time per stage and the machine)
 PRESETS = {"paper": {},
            "cpu": {"split": "forget01", "limit": 20, "batch_size": 8, "finetune_epochs": 5.0, "unlearn_epochs": 5.0,
