@@ -12,7 +12,8 @@ import dataclasses
 
 import torch
 
-from .losses import LOSSES, NEEDS_REFERENCE, RETAIN_TERMS, _sequence_kwargs, gradient_weights
+from .loss_weights import gradient_weights, sequence_kwargs
+from .losses import LOSSES, NEEDS_REFERENCE, RETAIN_TERMS
 from .tensor_checks import check_beta, check_finite_tensor, check_number
 
 __all__ = ["Objective", "OBJECTIVES", "LADDER", "get_objective", "ingredient_ladder"]
@@ -62,7 +63,7 @@ class Objective:
     ) -> torch.Tensor:
         """Per-sequence forget losses (B,) of a sequence-level loss (npo and npo_ave need ref_logps)."""
         available = dict(num_tokens=num_tokens, ref_logps=ref_logps, beta=self.beta, gamma=self.gamma)
-        return LOSSES[self.forget](logps, **_sequence_kwargs(self.forget, available))
+        return LOSSES[self.forget](logps, **sequence_kwargs(self.forget, available))
 
     def forget_weights(
         self, logps: torch.Tensor, num_tokens: torch.Tensor, ref_logps: torch.Tensor | None = None

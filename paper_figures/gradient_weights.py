@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from markovsim.losses import gradient_weights
+from markovsim.loss_weights import gradient_weights
 from markovsim.plotting import NPO_COLOR, SIMNPO_COLOR, method_color
 
 from .cache import load_cache, save_cache

@@ -13,7 +13,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from markovsim import losses
+from markovsim import loss_weights, losses
 
 DTYPE = torch.float64
 SEQUENCE_LOSSES = sorted(losses.SEQUENCE_LOSSES)
@@ -38,7 +38,7 @@ def loss_of_logps(name, ref_logps, num_tokens, beta, gamma):
 
 
 def weights(name, logps, ref_logps, num_tokens, beta, gamma):
-    return losses.gradient_weights(
+    return loss_weights.gradient_weights(
         name, logps, num_tokens=num_tokens, ref_logps=ref_logps, beta=beta, gamma=gamma
     )
 
@@ -145,7 +145,7 @@ def test_dpo_gradient_closed_form():
 @given(batch=S.sequence_batches(), beta=S.betas())
 def test_npo_weight_is_one_at_the_reference(batch, beta):
     logps, _, _ = batch
-    w = losses.gradient_weights("npo", logps, ref_logps=logps.clone(), beta=beta)
+    w = loss_weights.gradient_weights("npo", logps, ref_logps=logps.clone(), beta=beta)
     assert torch.equal(w, torch.ones_like(logps))
     got = autograd_weights("npo", logps, logps.clone(), None, beta, 0.0)
     torch.testing.assert_close(got, torch.ones_like(logps), rtol=1e-12, atol=0)
@@ -172,7 +172,7 @@ def test_npo_tends_to_ga_linearly_in_beta(ref, diff):
     for beta in SMALL_BETAS:
         u = beta * d / 2
         # w - 1 = tanh(u), |u| - |u|^3/3 <= |tanh u| <= |u|
-        w_err = abs(losses.gradient_weights("npo", logps, ref_logps=ref_logps, beta=beta).item() - 1)
+        w_err = abs(loss_weights.gradient_weights("npo", logps, ref_logps=ref_logps, beta=beta).item() - 1)
         assert abs(u) - abs(u) ** 3 / 3 - 4 * EPS <= w_err <= abs(u) + 4 * EPS
         # L - (2/beta) log 2 - d = (2/beta) log cosh(u), between beta d^2/4 - O(beta^3) and beta d^2/4
         loss = losses.npo(logps, ref_logps, beta).item()
@@ -187,7 +187,7 @@ def test_simnpo_tends_to_length_normalised_ga(logp, length):
     mean = logp / length
     for beta in SMALL_BETAS:
         u = beta * mean / 2
-        w = losses.gradient_weights("simnpo", logps, num_tokens, beta=beta, gamma=0.0).item()
+        w = loss_weights.gradient_weights("simnpo", logps, num_tokens, beta=beta, gamma=0.0).item()
         assert abs(u) - abs(u) ** 3 / 3 - 4 * EPS <= abs(length * w - 1) <= abs(u) + 4 * EPS
         loss = losses.simnpo(logps, num_tokens, beta, 0.0).item()
         tol = 8 * EPS * (2 / beta + abs(mean))
@@ -203,8 +203,8 @@ def test_simnpo_takes_no_reference():
     assert not objective.needs_reference
     with_ref = objective.forget_losses(logps, num_tokens, ref_logps=torch.tensor([-1e3, 5.0], dtype=DTYPE))
     assert torch.equal(with_ref, objective.forget_losses(logps, num_tokens))
-    w_ref = losses.gradient_weights("simnpo", logps, num_tokens, ref_logps=-logps, beta=2.5, gamma=0.3)
-    assert torch.equal(w_ref, losses.gradient_weights("simnpo", logps, num_tokens, beta=2.5, gamma=0.3))
+    w_ref = loss_weights.gradient_weights("simnpo", logps, num_tokens, ref_logps=-logps, beta=2.5, gamma=0.3)
+    assert torch.equal(w_ref, loss_weights.gradient_weights("simnpo", logps, num_tokens, beta=2.5, gamma=0.3))
 
 
 # The 2x2 cells: each is another cell (or GA) under a substitution, and tends to its GA as beta -> 0.
@@ -238,7 +238,7 @@ def test_the_two_by_two_cells_reduce_to_each_other(batch, beta, gamma):
 @given(batch=S.sequence_batches(), beta=S.betas())
 def test_npo_ave_weight_is_one_over_length_at_the_reference(batch, beta):
     logps, _, num_tokens = batch
-    w = losses.gradient_weights("npo_ave", logps, num_tokens, ref_logps=logps.clone(), beta=beta)
+    w = loss_weights.gradient_weights("npo_ave", logps, num_tokens, ref_logps=logps.clone(), beta=beta)
     torch.testing.assert_close(w, 1.0 / num_tokens, rtol=1e-15, atol=0)
     value = losses.npo_ave(logps, logps.clone(), num_tokens, beta)
     torch.testing.assert_close(value, torch.full_like(logps, 2 * math.log(2) / beta), rtol=1e-12, atol=0)
@@ -253,13 +253,13 @@ def test_npo_ave_and_simnpo_sum_tend_to_their_ga(logp, ref, length):
     mean_ratio = (logp - ref) / length
     for beta in SMALL_BETAS:
         u = beta * mean_ratio / 2
-        w = losses.gradient_weights("npo_ave", logps, num_tokens, ref_logps, beta=beta).item()
+        w = loss_weights.gradient_weights("npo_ave", logps, num_tokens, ref_logps, beta=beta).item()
         assert abs(u) - abs(u) ** 3 / 3 - 4 * EPS <= abs(length * w - 1) <= abs(u) + 4 * EPS
         loss = losses.npo_ave(logps, ref_logps, num_tokens, beta).item()
         _log_cosh_sandwich(loss - 2 * math.log(2) / beta - mean_ratio, u, 2 / beta,
                            8 * EPS * (2 / beta + abs(mean_ratio)))
         u = beta * logp / 2
-        w = losses.gradient_weights("simnpo_sum", logps, beta=beta, gamma=0.0).item()
+        w = loss_weights.gradient_weights("simnpo_sum", logps, beta=beta, gamma=0.0).item()
         assert abs(u) - abs(u) ** 3 / 3 - 4 * EPS <= abs(w - 1) <= abs(u) + 4 * EPS
         loss = losses.simnpo_sum(logps, beta, 0.0).item()
         _log_cosh_sandwich(loss - 2 * math.log(2) / beta - logp, u, 2 / beta, 8 * EPS * (2 / beta + abs(logp)))
@@ -270,11 +270,11 @@ def test_npo_ave_hand_computed():
     logps, ref_logps, num_tokens = T(-6.0), T(-2.0), T(4.0)
     assert math.isclose(losses.npo_ave(logps, ref_logps, num_tokens, 2.0).item(), math.log1p(math.exp(-2.0)),
                         rel_tol=1e-15)
-    w = losses.gradient_weights("npo_ave", logps, num_tokens, ref_logps, beta=2.0).item()
+    w = loss_weights.gradient_weights("npo_ave", logps, num_tokens, ref_logps, beta=2.0).item()
     assert math.isclose(w, 0.5 / (1 + math.exp(2.0)), rel_tol=1e-15)
     # simnpo_sum, beta 0.5, gamma 1, logp -6: L = -4 log sigma(2) = 4 log(1 + e^-2), w = 2 sigma(-2).
     assert math.isclose(losses.simnpo_sum(T(-6.0), 0.5, 1.0).item(), 4 * math.log1p(math.exp(-2.0)), rel_tol=1e-15)
-    w = losses.gradient_weights("simnpo_sum", T(-6.0), beta=0.5, gamma=1.0).item()
+    w = loss_weights.gradient_weights("simnpo_sum", T(-6.0), beta=0.5, gamma=1.0).item()
     assert math.isclose(w, 2 / (1 + math.exp(2.0)), rel_tol=1e-15)
 
 
@@ -303,9 +303,9 @@ def test_ingredient_ladder_changes_one_ingredient_per_pair():
 def test_npo_invariant_to_a_common_shift(batch, beta, shift):
     logps, ref_logps, _ = batch
     num_tokens = batch[2]
-    for fn in (losses.npo, lambda lp, r, b: losses.gradient_weights("npo", lp, ref_logps=r, beta=b),
+    for fn in (losses.npo, lambda lp, r, b: loss_weights.gradient_weights("npo", lp, ref_logps=r, beta=b),
                lambda lp, r, b: losses.npo_ave(lp, r, num_tokens, b),
-               lambda lp, r, b: losses.gradient_weights("npo_ave", lp, num_tokens, r, beta=b)):
+               lambda lp, r, b: loss_weights.gradient_weights("npo_ave", lp, num_tokens, r, beta=b)):
         shifted = fn(logps + shift, ref_logps + shift, beta)
         torch.testing.assert_close(shifted, fn(logps, ref_logps, beta), rtol=1e-9, atol=0)
 
@@ -559,11 +559,11 @@ BAD_CALLS = {
     "kl +inf": (lambda: losses.kl(Z2, torch.full_like(Z2, math.inf), ONE), ValueError, "log_probs"),
     "kl shapes": (lambda: losses.kl(Z2, torch.zeros(1, 1, 3, dtype=DTYPE), ONE), ValueError, "shape"),
     "kl empty row": (lambda: losses.kl(Z2, Z2, ~ONE), ValueError, "unmasked"),
-    "unknown loss": (lambda: losses.gradient_weights("simpo", L, N, beta=1.0), ValueError, "simnpo"),
-    "dpo weights": (lambda: losses.gradient_weights("dpo", L, N, R, beta=1.0), ValueError, "LLM-side"),
-    "wga weights": (lambda: losses.gradient_weights("wga", L, N), ValueError, "LLM-side"),
-    "npo weights no ref": (lambda: losses.gradient_weights("npo", L, N, beta=1.0), ValueError, "ref_logps"),
-    "simnpo weights no beta": (lambda: losses.gradient_weights("simnpo", L, N), ValueError, "beta"),
+    "unknown loss": (lambda: loss_weights.gradient_weights("simpo", L, N, beta=1.0), ValueError, "simnpo"),
+    "dpo weights": (lambda: loss_weights.gradient_weights("dpo", L, N, R, beta=1.0), ValueError, "LLM-side"),
+    "wga weights": (lambda: loss_weights.gradient_weights("wga", L, N), ValueError, "LLM-side"),
+    "npo weights no ref": (lambda: loss_weights.gradient_weights("npo", L, N, beta=1.0), ValueError, "ref_logps"),
+    "simnpo weights no beta": (lambda: loss_weights.gradient_weights("simnpo", L, N), ValueError, "beta"),
     "unknown objective": (lambda: losses.get_objective("SimPO"), ValueError, "SimNPO\\+KL"),
     "unknown override": (lambda: losses.get_objective("NPO", temperature=1.0), ValueError, "beta"),
     "override invalid": (lambda: losses.get_objective("NPO", beta=-0.1), ValueError, "beta"),
@@ -693,7 +693,7 @@ def test_every_objective_gives_a_finite_scalar_with_gradient(name):
     total.backward()
     assert torch.isfinite(theta.grad).all() and theta.grad.abs().sum() > 0
     w = objective.forget_weights(logps, num_tokens, ref_logps)
-    expected = losses.gradient_weights(
+    expected = loss_weights.gradient_weights(
         objective.forget, logps, num_tokens, ref_logps, beta=objective.beta, gamma=objective.gamma
     )
     assert torch.equal(w, expected)
@@ -723,7 +723,7 @@ def test_dtype_is_preserved(dtype):
         losses.wga(token_logps, mask, 1.0),
         losses.nll(logps, num_tokens),
         losses.kl(vocab.log_softmax(-1), torch.zeros_like(vocab).log_softmax(-1), mask),
-    ] + [losses.gradient_weights(n, logps, num_tokens, logps - 1, beta=0.5) for n in SEQUENCE_LOSSES]
+    ] + [loss_weights.gradient_weights(n, logps, num_tokens, logps - 1, beta=0.5) for n in SEQUENCE_LOSSES]
     assert all(out.dtype == dtype and out.shape == (2,) for out in outputs)
 
 
@@ -734,7 +734,7 @@ def test_integer_num_tokens_keep_float64():
         as_int = loss_of_logps(name, ref_logps, torch.tensor([3, 7]), 2.5, 0.1)(logps)
         as_float = loss_of_logps(name, ref_logps, T(3.0, 7.0), 2.5, 0.1)(logps)
         assert as_int.dtype == DTYPE and torch.equal(as_int, as_float)
-        w_int = losses.gradient_weights(name, logps, torch.tensor([3, 7]), ref_logps, beta=2.5, gamma=0.1)
+        w_int = loss_weights.gradient_weights(name, logps, torch.tensor([3, 7]), ref_logps, beta=2.5, gamma=0.1)
         assert w_int.dtype == DTYPE and torch.equal(w_int, weights(name, logps, ref_logps, T(3.0, 7.0), 2.5, 0.1))
 
 
@@ -807,7 +807,7 @@ def test_sequence_losses_are_exactly_those_with_a_gradient_weight(name):
     arguments = dict(num_tokens=inputs["num_tokens"], ref_logps=inputs["ref_logps"], beta=0.5, gamma=0.3)
     if name not in losses.SEQUENCE_LOSSES:
         with pytest.raises(ValueError):
-            losses.gradient_weights(name, inputs["logps"], **arguments)
+            loss_weights.gradient_weights(name, inputs["logps"], **arguments)
         return
     expected = autograd_weights(name, inputs["logps"], inputs["ref_logps"], inputs["num_tokens"], 0.5, 0.3)
-    assert torch.allclose(losses.gradient_weights(name, inputs["logps"], **arguments), expected)
+    assert torch.allclose(loss_weights.gradient_weights(name, inputs["logps"], **arguments), expected)
