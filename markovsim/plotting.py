@@ -19,7 +19,7 @@ from .trajectory import Trajectory
 # The paper's colours: NPO blue, SimNPO red, GA grey (their +RT / +KL forms in lighter shades of the same hue);
 # the 2x2 cells between them: NPO-ave purple (blue + normalisation), SimNPO-sum orange (red - normalisation).
 NPO_COLOR, SIMNPO_COLOR, GA_COLOR = "#1f77b4", "#d62728", "#7f7f7f"
-METHOD_COLORS = {"GA": GA_COLOR, "GradDiff": "#2ca02c", "NPO": NPO_COLOR, "NPO+RT": "#aec7e8", "NPO+KL": "#17becf",
+METHOD_COLORS = {"GA": GA_COLOR, "GradDiff": "#8c564b", "NPO": NPO_COLOR, "NPO+RT": "#aec7e8", "NPO+KL": "#17becf",
                  "SimNPO": SIMNPO_COLOR, "SimNPO+RT": "#ff9896", "SimNPO+KL": "#e377c2",
                  "NPO-ave": "#9467bd", "NPO-ave+RT": "#c5b0d5", "SimNPO-sum": "#ff7f0e", "SimNPO-sum+RT": "#ffbb78"}
 LINESTYLES = ("-", "--", ":", "-.")
